@@ -1,0 +1,152 @@
+"""Key types, the 12-byte key header H and key check values (PROTOCOL.md §2, §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import MalformedData, Unsupported
+from .primitives import Buf, aes_cmac, hmac_sha256
+
+HEADER_VERSION = 0x01
+HEADER_LEN = 12
+FLAG_DIVERSIFIED = 0x01
+FLAG_ED25519 = 0x02
+
+MODES = frozenset("BEDGVCNX")
+EXPORTABILITY = frozenset("NES")
+
+
+class KeyType(IntEnum):
+    AES128 = 0x01
+    AES192 = 0x02
+    AES256 = 0x03
+    HMAC_SHA256 = 0x10
+
+    @property
+    def is_aes(self) -> bool:
+        return self in (KeyType.AES128, KeyType.AES192, KeyType.AES256)
+
+    @property
+    def label(self) -> str:
+        return _TYPE_LABEL[self]
+
+    @classmethod
+    def parse(cls, text: str) -> KeyType:
+        """``aes128``, ``aes-256``, ``hmac-sha256``, ``0x03``, ``3`` …"""
+        t = text.strip().lower().replace("-", "").replace("_", "")
+        for kt, name in _TYPE_LABEL.items():
+            if t == name.replace("-", ""):
+                return kt
+        if t == "hmac":
+            return cls.HMAC_SHA256
+        try:
+            return cls(int(t, 0))
+        except ValueError:
+            raise ValueError(f"unknown key type {text!r} (aes128, aes192, aes256, hmac-sha256)")\
+                from None
+
+    def check_length(self, n: int) -> None:
+        """Raise ValueError when ``n`` bytes is not a valid length for this type."""
+        if self.is_aes:
+            if n != _AES_LEN[self]:
+                raise ValueError(f"{self.label} needs {_AES_LEN[self]} bytes, got {n}")
+        elif not 16 <= n <= 64:
+            raise ValueError(f"{self.label} keys are 16 to 64 bytes, got {n}")
+
+    @property
+    def default_length(self) -> int:
+        return _AES_LEN.get(self, 32)
+
+
+_AES_LEN = {KeyType.AES128: 16, KeyType.AES192: 24, KeyType.AES256: 32}
+_TYPE_LABEL = {
+    KeyType.AES128: "aes128",
+    KeyType.AES192: "aes192",
+    KeyType.AES256: "aes256",
+    KeyType.HMAC_SHA256: "hmac-sha256",
+}
+
+
+def kcv(key_type: KeyType | int, key: Buf) -> bytes:
+    """Key check value: 5 bytes of AES-CMAC(key, 0^16), or of HMAC-SHA256 for HMAC keys."""
+    if key_type == KeyType.HMAC_SHA256:
+        return hmac_sha256(key, bytes(16))[:5]
+    return aes_cmac(key, bytes(16))[:5]
+
+
+def aes_kcv(key: Buf) -> bytes:
+    return aes_cmac(key, bytes(16))[:5]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAttributes:
+    """What X9.143 says of a key: usage (2 chars), mode of use (1), exportability (1).
+
+    Always explicit: keyload has no permissive defaults.
+    """
+
+    usage: str
+    mode: str
+    exportability: str
+
+    def __post_init__(self) -> None:
+        if len(self.usage) != 2 or not self.usage.isascii() or not self.usage.isalnum():
+            raise ValueError(f"key usage must be 2 ASCII letters or digits (X9.143), got "
+                             f"{self.usage!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode of use must be one of {''.join(sorted(MODES))}, got "
+                             f"{self.mode!r}")
+        if self.exportability not in EXPORTABILITY:
+            raise ValueError(f"exportability must be N, E or S, got {self.exportability!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHeader:
+    """The 12-byte key header H (PROTOCOL.md §3)."""
+
+    suite: int
+    key_type: int
+    key_length: int
+    usage: str
+    mode: str
+    version: int
+    exportability: str
+    flags: int
+    header_version: int = HEADER_VERSION
+
+    @property
+    def diversified(self) -> bool:
+        return bool(self.flags & FLAG_DIVERSIFIED)
+
+    @property
+    def ed25519(self) -> bool:
+        return bool(self.flags & FLAG_ED25519)
+
+    def encode(self) -> bytes:
+        return bytes((self.header_version, self.suite, self.key_type, self.key_length)) + \
+            self.usage.encode("ascii") + self.mode.encode("ascii") + \
+            self.version.to_bytes(2, "big") + self.exportability.encode("ascii") + \
+            bytes((self.flags, 0))
+
+    @classmethod
+    def decode(cls, h: bytes) -> KeyHeader:
+        """Parse H without judging its content (the unit decides what it accepts)."""
+        if len(h) != HEADER_LEN:
+            raise MalformedData("key header must be 12 bytes")
+        return cls(
+            header_version=h[0],
+            suite=h[1],
+            key_type=h[2],
+            key_length=h[3],
+            usage=h[4:6].decode("latin-1"),
+            mode=h[6:7].decode("latin-1"),
+            version=int.from_bytes(h[7:9], "big"),
+            exportability=h[9:10].decode("latin-1"),
+            flags=h[10],
+        )
+
+    def check_supported(self, suites: frozenset[int] | tuple[int, ...]) -> None:
+        """Header version 1 and a supported suite, else 6A81 (PROTOCOL.md §7 step 4)."""
+        if self.header_version != HEADER_VERSION or self.suite not in suites:
+            raise Unsupported("header version or suite not supported")

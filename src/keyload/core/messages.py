@@ -1,0 +1,182 @@
+"""KLP1 messages (PROTOCOL.md §5): strict TLV encode/decode with length checks.
+
+Each ``decode`` raises :class:`MalformedData` (6A80) on any structural fault: wrong
+tags, order, duplicates, trailing data, or a field of the wrong length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import tlv
+from .errors import MalformedData
+
+PROTOCOL_VERSION = 0x01
+
+T_VERSION, T_SN, T_R, T_SET, T_SUITE = 0xC0, 0xC1, 0xC2, 0xC3, 0xC4
+T_REF1, T_REF2, T_H, T_W, T_SAS, T_CAS = 0xC6, 0xC7, 0xC8, 0xC9, 0xCA, 0xCB
+T_KCV, T_STATE, T_RCT, T_E0 = 0xCD, 0xCE, 0xCF, 0xE0
+
+SLOT_EMPTY, SLOT_LOADED, SLOT_LOCKED = 0x00, 0x01, 0x02
+
+
+def check_sn(sn: bytes) -> bytes:
+    if not 1 <= len(sn) <= 32:
+        raise MalformedData("SN must be 1 to 32 bytes")
+    return sn
+
+
+def check_ref1(ref1: bytes) -> bytes:
+    if not 1 <= len(ref1) <= 32:
+        raise MalformedData("REF1 must be 1 to 32 bytes")
+    return ref1
+
+
+def check_ref2(ref2: int) -> int:
+    if not 1 <= ref2 <= 254:
+        raise MalformedData("REF2 must be in 1..254")
+    return ref2
+
+
+def _ref2(v: bytes) -> int:
+    if len(v) != 1:
+        raise MalformedData("REF2 must be one byte")
+    return check_ref2(v[0])
+
+
+def _fixed(v: bytes, n: int, what: str) -> bytes:
+    if len(v) != n:
+        raise MalformedData(f"{what} must be {n} bytes")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class InitResponse:
+    """INITIALIZE DOWNLOAD response: ``C0 C1 C2 C3 C4``."""
+
+    sn: bytes
+    r: bytes
+    set_id: bytes
+    suites: bytes
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return tlv.encode([(T_VERSION, bytes((self.version,))), (T_SN, self.sn), (T_R, self.r),
+                           (T_SET, self.set_id), (T_SUITE, self.suites)])
+
+    @classmethod
+    def decode(cls, data: bytes) -> InitResponse:
+        v, sn, r, set_id, suites = tlv.decode(data, (T_VERSION, T_SN, T_R, T_SET, T_SUITE))
+        if v != bytes((PROTOCOL_VERSION,)):
+            raise MalformedData("protocol version must be 01")
+        if not suites:
+            raise MalformedData("no suite listed")
+        return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"), suites)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRequest:
+    """EXPORTKEY command data: ``C1 C2 C3 C4 C6 C7``."""
+
+    sn: bytes
+    r: bytes
+    set_id: bytes
+    suite: int
+    ref1: bytes
+    ref2: int
+
+    def encode(self) -> bytes:
+        return tlv.encode([(T_SN, self.sn), (T_R, self.r), (T_SET, self.set_id),
+                           (T_SUITE, bytes((self.suite,))), (T_REF1, self.ref1),
+                           (T_REF2, bytes((self.ref2,)))])
+
+    @classmethod
+    def decode(cls, data: bytes) -> ExportRequest:
+        sn, r, set_id, suite, ref1, ref2 = tlv.decode(
+            data, (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2))
+        return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"),
+                   _fixed(suite, 1, "suite id")[0], check_ref1(ref1), _ref2(ref2))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportData:
+    """IMPORTKEY command data, also the content of E0: ``C7 C8 C9 CA CB``."""
+
+    ref2: int
+    h: bytes
+    w: bytes
+    sas: bytes
+    cas: bytes
+
+    def encode(self) -> bytes:
+        return tlv.encode([(T_REF2, bytes((self.ref2,))), (T_H, self.h), (T_W, self.w),
+                           (T_SAS, self.sas), (T_CAS, self.cas)])
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImportData:
+        ref2, h, w, sas, cas = tlv.decode(data, (T_REF2, T_H, T_W, T_SAS, T_CAS))
+        return cls(_ref2(ref2), _fixed(h, 12, "H"), w, sas, _fixed(cas, 16, "CAS"))
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResponse:
+    """EXPORTKEY response data: ``E0{C7 C8 C9 CA CB} CD``."""
+
+    import_data: bytes  # the content of E0, sent as it stands in IMPORTKEY
+    kcv: bytes
+
+    def encode(self) -> bytes:
+        return tlv.tlv(T_E0, self.import_data) + tlv.tlv(T_KCV, self.kcv)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ExportResponse:
+        e0, kcv = tlv.decode(data, (T_E0, T_KCV))
+        ImportData.decode(e0)
+        return cls(e0, _fixed(kcv, 5, "KCV"))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResponse:
+    """IMPORTKEY response data: ``CD CF``."""
+
+    kcv: bytes
+    rct: bytes
+
+    def encode(self) -> bytes:
+        return tlv.encode([(T_KCV, self.kcv), (T_RCT, self.rct)])
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImportResponse:
+        kcv, rct = tlv.decode(data, (T_KCV, T_RCT))
+        return cls(_fixed(kcv, 5, "KCV"), _fixed(rct, 16, "RCT"))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    """GET SLOT STATUS response: ``C7 CE [C8 CD]``."""
+
+    ref2: int
+    state: int
+    h: bytes | None = None
+    kcv: bytes | None = None
+
+    def encode(self) -> bytes:
+        items = [(T_REF2, bytes((self.ref2,))), (T_STATE, bytes((self.state,)))]
+        if self.h is not None and self.kcv is not None:
+            items += [(T_H, self.h), (T_KCV, self.kcv)]
+        return tlv.encode(items)
+
+    @classmethod
+    def decode(cls, data: bytes) -> SlotStatus:
+        items = tlv.iter_tlv(data)
+        if len(items) == 2:
+            ref2, state = tlv.decode(data, (T_REF2, T_STATE))
+            h = kcv = None
+        else:
+            ref2, state, h, kcv = tlv.decode(data, (T_REF2, T_STATE, T_H, T_KCV))
+            _fixed(h, 12, "H")
+            _fixed(kcv, 5, "KCV")
+        st = _fixed(state, 1, "slot state")[0]
+        if st not in (SLOT_EMPTY, SLOT_LOADED, SLOT_LOCKED):
+            raise MalformedData("unknown slot state")
+        return cls(_ref2(ref2), st, h, kcv)
