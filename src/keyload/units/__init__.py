@@ -1,0 +1,1 @@
+"""The two KLP1 roles, authority (AS) and unit (EI), over small store interfaces."""

@@ -1,0 +1,290 @@
+"""The software authority: a keystore of transport keys, application keys and an
+optional Ed25519 signing key, sealed at rest in a vault (see :mod:`keyload.units.storage`).
+
+Transport keys are found by set id (= KCV(T), PROTOCOL.md §1), application keys by REF1.
+Values are held as :class:`~keyload.core.secret.Secret` and wiped by :meth:`close`.
+Every change is written atomically; a wrong passphrase or a damaged file is a clear
+:class:`~keyload.core.errors.StoreError` and the previous file stays readable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ..core import klp1
+from ..core import messages as msg
+from ..core.errors import NoSuchKey, StoreError, UnknownSet
+from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
+from ..core.klp1 import Exported, Scratch
+from ..core.secret import Secret, scrub
+from ..core.suites import SUITES, get_suite
+from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo
+from .storage import KekSource, Vault
+
+KEYSTORE_FILE = "keystore.sealed"
+KIND = "authority-keystore"
+
+
+@dataclass
+class _AppKey:
+    info: KeyInfo
+    value: Secret
+
+
+@dataclass
+class _TransportKey:
+    info: SetInfo
+    value: Secret
+
+
+class SoftwareKeystore:
+    """An :class:`~keyload.units.authority.AuthorityBackend` in software."""
+
+    def __init__(self, vault: Vault | None = None) -> None:
+        self.vault = vault
+        self._sets: dict[bytes, _TransportKey] = {}
+        self._keys: dict[bytes, _AppKey] = {}
+        self._signing: Secret | None = None
+        self._signer: Ed25519PrivateKey | None = None
+        self._scratch = Scratch()
+
+    # -- construction -----------------------------------------------------------
+    @classmethod
+    def ephemeral(cls) -> SoftwareKeystore:
+        """A keystore in memory only (tests, benchmarks, conformance)."""
+        return cls(None)
+
+    @classmethod
+    def create(cls, directory: Path, source: KekSource | None = None, *,
+               scrypt_n: int | None = None) -> SoftwareKeystore:
+        if (directory / KEYSTORE_FILE).exists():
+            raise StoreError(f"an authority already exists in {directory}")
+        vault = Vault.create(directory, source, **({} if scrypt_n is None
+                                                   else {"scrypt_n": scrypt_n}))
+        ks = cls(vault)
+        ks.save()
+        return ks
+
+    @classmethod
+    def open(cls, directory: Path, source: KekSource | None = None) -> SoftwareKeystore:
+        if not (directory / KEYSTORE_FILE).exists() and not Vault.exists(directory):
+            raise StoreError(f"no authority in {directory} (run `keyload authority init`)")
+        vault = Vault.open(directory, source)
+        ks = cls(vault)
+        meta, secrets = vault.read_packed(KEYSTORE_FILE, KIND)
+        try:
+            ks._load(meta, secrets)
+        except (KeyError, ValueError, TypeError, IndexError):
+            from ..core.errors import DamagedStore
+
+            raise DamagedStore(f"{directory / KEYSTORE_FILE} is damaged") from None
+        return ks
+
+    def _load(self, meta: dict[str, Any], secrets: list[Secret]) -> None:
+        for s in meta["sets"]:
+            value = secrets[s["secret"]]
+            set_id = aes_kcv(value.buffer)
+            if set_id.hex() != s["set_id"]:
+                raise ValueError("set id does not match its key")
+            self._sets[set_id] = _TransportKey(
+                SetInfo(set_id, s["name"], bool(s.get("signed", False))), value)
+        for k in meta["keys"]:
+            value = secrets[k["secret"]]
+            kt = KeyType(k["type"])
+            info = KeyInfo(
+                ref1=bytes.fromhex(k["ref1"]), key_type=kt, length=len(value),
+                attrs=KeyAttributes(k["usage"], k["mode"], k["exportability"]),
+                version=int(k["version"]), diversify=bool(k["diversify"]),
+                policy=ExportPolicy.from_json(k["policy"]), kcv=kcv(kt, value.buffer),
+                label=k.get("label", ""))
+            self._keys[info.ref1] = _AppKey(info, value)
+        if meta.get("signing_key") is not None:
+            self._set_signing(secrets[meta["signing_key"]])
+
+    def save(self) -> None:
+        if self.vault is None:
+            return
+        secrets: list[Secret] = []
+        sets, keys = [], []
+        for t in self._sets.values():
+            sets.append({"set_id": t.info.set_id.hex(), "name": t.info.name,
+                         "signed": t.info.signed, "secret": len(secrets)})
+            secrets.append(t.value)
+        for k in self._keys.values():
+            i = k.info
+            keys.append({"ref1": i.ref1.hex(), "type": int(i.key_type), "usage": i.attrs.usage,
+                         "mode": i.attrs.mode, "exportability": i.attrs.exportability,
+                         "version": i.version, "diversify": i.diversify,
+                         "policy": i.policy.to_json(), "label": i.label,
+                         "secret": len(secrets)})
+            secrets.append(k.value)
+        meta: dict[str, Any] = {"format": "keyload-keystore-1", "sets": sets, "keys": keys,
+                                "signing_key": None}
+        if self._signing is not None:
+            meta["signing_key"] = len(secrets)
+            secrets.append(self._signing)
+        self.vault.write_packed(KEYSTORE_FILE, KIND, meta, secrets)
+
+    def close(self) -> None:
+        for t in self._sets.values():
+            t.value.wipe()
+        for k in self._keys.values():
+            k.value.wipe()
+        if self._signing is not None:
+            self._signing.wipe()
+        self._signer = None
+        if self.vault is not None:
+            self.vault.close()
+
+    # -- management ------------------------------------------------------------
+    def add_set(self, value: Secret, name: str, *, signed: bool = False) -> SetInfo:
+        """Install a transport key T (AES-256). Returns its set id = KCV(T).
+
+        ``signed``: exports to this set carry an Ed25519 SAS (units hold the public key).
+        """
+        if len(value) != 32:
+            raise ValueError("a transport key is AES-256 (32 bytes)")
+        if signed and self._signer is None:
+            raise ValueError("a signed set needs the authority's signing key first")
+        set_id = aes_kcv(value.buffer)
+        if set_id in self._sets:
+            raise ValueError(f"set {set_id.hex()} already exists")
+        info = SetInfo(set_id, name, signed)
+        self._sets[set_id] = _TransportKey(info, value)
+        try:
+            self.save()
+        except BaseException:
+            del self._sets[set_id]
+            raise
+        return info
+
+    def generate_set(self, name: str, *, signed: bool = False) -> SetInfo:
+        return self.add_set(Secret.take(os.urandom(32)), name, signed=signed)
+
+    def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
+                version: int, diversify: bool, policy: ExportPolicy, label: str = "",
+                replace: bool = False) -> KeyInfo:
+        msg.check_ref1(ref1)
+        key_type.check_length(len(value))
+        if not 0 <= version <= 0xFFFF:
+            raise ValueError("key version must be in 0..65535")
+        if diversify and not key_type.is_aes:
+            raise ValueError("only AES keys can be diversified (PROTOCOL.md §4)")
+        if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
+            raise ValueError("an HMAC key must have a MAC usage (M…)")
+        old = self._keys.get(ref1)
+        if old is not None:
+            if not replace:
+                raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
+            if version <= old.info.version:
+                raise ValueError("a replacing key needs a higher version")
+        info = KeyInfo(ref1, key_type, len(value), attrs, version, diversify, policy,
+                       kcv(key_type, value.buffer), label)
+        self._keys[ref1] = _AppKey(info, value)
+        try:
+            self.save()
+        except BaseException:
+            if old is None:
+                del self._keys[ref1]
+            else:
+                self._keys[ref1] = old
+            raise
+        if old is not None:
+            old.value.wipe()
+        return info
+
+    def generate_key(self, ref1: bytes, key_type: KeyType, attrs: KeyAttributes, *,
+                     version: int, diversify: bool, policy: ExportPolicy,
+                     length: int | None = None, label: str = "") -> KeyInfo:
+        n = length or key_type.default_length
+        return self.add_key(ref1, key_type, Secret.take(os.urandom(n)), attrs, version=version,
+                            diversify=diversify, policy=policy, label=label)
+
+    def set_signing_key(self, value: Secret | None = None) -> bytes:
+        """Install (or generate) the Ed25519 SAS key; returns the public key."""
+        self._set_signing(value if value is not None else Secret.take(os.urandom(32)))
+        self.save()
+        return self.public_key() or b""
+
+    def _set_signing(self, value: Secret) -> None:
+        if len(value) != 32:
+            raise ValueError("an Ed25519 private key is 32 bytes")
+        raw = bytes(value.buffer)
+        self._signing = value
+        self._signer = Ed25519PrivateKey.from_private_bytes(raw)
+        scrub(raw)
+
+    def public_key(self) -> bytes | None:
+        if self._signer is None:
+            return None
+        return self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sets(self) -> list[SetInfo]:
+        return [t.info for t in self._sets.values()]
+
+    def keys(self) -> list[KeyInfo]:
+        return [k.info for k in self._keys.values()]
+
+    def transport_key_copy(self, set_id: bytes) -> Secret:
+        """A copy of T, for personalizing an emulated unit of the set. Wipe it after use."""
+        return Secret(self._transport(set_id).value.buffer)
+
+    # -- AuthorityBackend ------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        return Capabilities(frozenset(SUITES), True, "software")
+
+    def _transport(self, set_id: bytes) -> _TransportKey:
+        try:
+            return self._sets[set_id]
+        except KeyError:
+            raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+
+    def set_info(self, set_id: bytes) -> SetInfo:
+        return self._transport(set_id).info
+
+    def key_info(self, ref1: bytes) -> KeyInfo:
+        try:
+            return self._keys[ref1].info
+        except KeyError:
+            raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
+
+    def export(self, req: msg.ExportRequest) -> Exported:
+        t = self._transport(req.set_id)
+        k = self._keys[req.ref1]
+        i = k.info
+        return klp1.export_key(
+            get_suite(req.suite), t.value.buffer, req.sn, req.r, req.ref2,
+            key_type=i.key_type, key=k.value.buffer, usage=i.attrs.usage, mode=i.attrs.mode,
+            version=i.version, exportability=i.attrs.exportability, diversify=i.diversify,
+            signer=self._signer if t.info.signed else None, scratch=self._scratch)
+
+    def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
+                kcv_: bytes) -> bytes:
+        t = self._transport(set_id)
+        return klp1.receipt(get_suite(suite), t.value.buffer, sn, r, ref2, h, kcv_,
+                            scratch=self._scratch)
+
+
+def display_ref1(ref1: bytes) -> str:
+    """REF1 as text when it is printable ASCII, else ``0x…``."""
+    if ref1.isascii() and all(0x21 <= c < 0x7F for c in ref1) and not ref1.startswith(b"0x"):
+        return ref1.decode()
+    return "0x" + ref1.hex()
+
+
+def parse_ref1(text: str) -> bytes:
+    """``0x3175`` is hex; anything else is its ASCII bytes."""
+    if text.startswith("0x"):
+        try:
+            return msg.check_ref1(bytes.fromhex(text[2:]))
+        except ValueError:
+            raise ValueError(f"bad hex REF1 {text!r}") from None
+    if not text.isascii():
+        raise ValueError("REF1 must be ASCII or 0x-hex")
+    return msg.check_ref1(text.encode())
