@@ -1,0 +1,148 @@
+"""One KLP1 download: SELECT, INITIALIZE DOWNLOAD, EXPORTKEY, IMPORTKEY (PROTOCOL.md §5).
+
+The status word is checked in one place (:meth:`ResponseAPDU.check`) and becomes a typed
+error; :class:`LoadFailed` says at which step, on which side, and keeps that error.
+
+>>> # see tests/integration/test_station.py for a runnable end-to-end example
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core import messages as msg
+from ..core.apdu import CommandAPDU, ResponseAPDU
+from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
+from ..core.keys import KeyHeader
+from ..core.primitives import ct_equal
+from ..core.suites import PREFERENCE
+from ..transports import Connection
+from ..units.authority import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
+
+
+class LoadFailed(KeyloadError):
+    """A download failed at ``step``; ``cause`` is the typed error (with its SW if any)."""
+
+    def __init__(self, step: str, cause: KeyloadError) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(f"{step}: {cause}")
+
+    @property
+    def sw(self) -> int | None:
+        return int(self.cause.sw) if isinstance(self.cause, StatusError) else None
+
+    @property
+    def reason(self) -> str:
+        if isinstance(self.cause, StatusError):
+            return self.cause.detail
+        return str(self.cause)
+
+
+def _select(conn: Connection, aid: bytes) -> None:
+    ResponseAPDU.decode(conn.transmit(CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid).encode())).check()
+
+
+def _ne(data: bytes) -> int:
+    return 256 if len(data) <= 255 else 65536
+
+
+class UnitClient:
+    """The station's side of a unit: typed calls over a connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def select(self) -> None:
+        _select(self.conn, AID_UNIT)
+
+    def initialize(self) -> msg.InitResponse:
+        r = self.conn.transmit(CommandAPDU(0x80, INS_INIT, 0, 0, b"", ne=256).encode())
+        return msg.InitResponse.decode(ResponseAPDU.decode(r).check())
+
+    def import_key(self, data: bytes) -> msg.ImportResponse:
+        r = self.conn.transmit(CommandAPDU(0x80, INS_IMPORT, 0, 0, data, ne=_ne(data)).encode())
+        return msg.ImportResponse.decode(ResponseAPDU.decode(r).check())
+
+    def slot_status(self, ref2: int) -> msg.SlotStatus:
+        msg.check_ref2(ref2)
+        r = self.conn.transmit(CommandAPDU(0x80, INS_STATUS, 0, ref2, b"", ne=256).encode())
+        return msg.SlotStatus.decode(ResponseAPDU.decode(r).check())
+
+
+class AuthorityClient:
+    """The station's side of an authority. ``suites``: what it offers, when known."""
+
+    def __init__(self, conn: Connection, *, suites: frozenset[int] | None = None,
+                 select: bool = True) -> None:
+        self.conn = conn
+        self.suites = suites
+        if select:
+            _select(conn, AID_AUTHORITY)
+
+    def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
+        data = req.encode()
+        r = self.conn.transmit(CommandAPDU(0x80, INS_EXPORT, 0, 0, data, ne=_ne(data)).encode())
+        return msg.ExportResponse.decode(ResponseAPDU.decode(r).check())
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """A successful download, with the evidence the authority can check later."""
+
+    sn: bytes
+    set_id: bytes
+    ref1: bytes
+    ref2: int
+    suite: int
+    r: bytes
+    header: bytes
+    kcv: bytes
+    rct: bytes
+
+    @property
+    def key_version(self) -> int:
+        return KeyHeader.decode(self.header).version
+
+
+def _step(step: str, e: KeyloadError) -> LoadFailed:
+    return LoadFailed(step, e)
+
+
+def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
+             select: bool = True) -> LoadResult:
+    """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed."""
+    msg.check_ref1(ref1)
+    msg.check_ref2(ref2)
+    try:
+        if select:
+            unit.select()
+        init = unit.initialize()
+    except KeyloadError as e:
+        raise _step("unit INITIALIZE DOWNLOAD", e) from None
+    candidates = [s for s in PREFERENCE if s in init.suites and
+                  (authority.suites is None or s in authority.suites)]
+    if not candidates:
+        raise _step("suite negotiation", Unsupported("no suite in common between unit and "
+                                                     "authority"))
+    resp: msg.ExportResponse | None = None
+    suite = candidates[0]
+    for suite in candidates:  # with an authority of unknown suites, 6A81 moves on
+        try:
+            resp = authority.export(msg.ExportRequest(init.sn, init.r, init.set_id, suite,
+                                                      ref1, ref2))
+            break
+        except Unsupported as e:
+            if authority.suites is not None or suite == candidates[-1]:
+                raise _step("authority EXPORTKEY", e) from None
+        except KeyloadError as e:
+            raise _step("authority EXPORTKEY", e) from None
+    assert resp is not None
+    try:
+        ans = unit.import_key(resp.import_data)
+    except KeyloadError as e:
+        raise _step("unit IMPORTKEY", e) from None
+    if not ct_equal(ans.kcv, resp.kcv):
+        raise _step("KCV check", KcvMismatch("the unit's KCV differs from the authority's"))
+    header = msg.ImportData.decode(resp.import_data).h
+    return LoadResult(init.sn, init.set_id, ref1, ref2, suite, init.r, header, ans.kcv, ans.rct)

@@ -1,0 +1,53 @@
+"""The authority's export records in SQLite (PROTOCOL.md §8): never key material."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from .authority import ExportRecord
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    set_id TEXT NOT NULL,
+    sn TEXT NOT NULL,
+    ref1 TEXT NOT NULL,
+    ref2 INTEGER NOT NULL,
+    suite INTEGER NOT NULL,
+    key_version INTEGER NOT NULL,
+    kcv TEXT NOT NULL
+);
+"""
+
+
+class SqliteExportLog:
+    """Append-only table of exports; each append is committed before the answer leaves."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        path.chmod(0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def append(self, record: ExportRecord) -> None:
+        self.db.execute(
+            "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.time, record.set_id.hex(), record.sn.hex(), record.ref1.hex(), record.ref2,
+             record.suite, record.key_version, record.kcv.hex()))
+
+    def records(self) -> list[ExportRecord]:
+        rows = self.db.execute("SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv "
+                               "FROM exports ORDER BY id").fetchall()
+        return [ExportRecord(t, bytes.fromhex(s), bytes.fromhex(sn), bytes.fromhex(r1), r2, su,
+                             v, bytes.fromhex(k)) for t, s, sn, r1, r2, su, v, k in rows]
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM exports").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
