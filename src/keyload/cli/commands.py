@@ -1,0 +1,447 @@
+"""The handlers behind ``keyload`` subcommands: parse, call, print. No logic of their own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import KeyloadError, StoreError
+from ..core.keys import KeyAttributes, KeyType, kcv
+from ..core.messages import check_ref2, check_sn
+from ..core.suites import get_suite
+from ..station.fleet import EmulatedFleet
+from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
+from ..station.records import LoadRecords
+from ..transports.local import LocalConnection
+from ..units.authority import ExportPolicy, KeyInfo
+from ..units.conformance import run_files
+from ..units.exportlog import SqliteExportLog
+from ..units.keystore import SoftwareKeystore, display_ref1, parse_ref1
+from ..units.unit import Slot
+from .context import Home, read_components, read_secret_hex
+from .output import emit_json, kv, table
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home.resolve(args.home)
+
+
+def parse_hex(text: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raise ValueError(f"{what} must be hex, got {text!r}") from None
+
+
+def parse_ranges(text: str, what: str) -> frozenset[int] | None:
+    """``any`` -> None; ``1,2,10-12`` -> {1, 2, 10, 11, 12}, each in 1..254."""
+    if text.strip().lower() == "any":
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"{what}: {part!r} is not a number or range") from None
+    for x in out:
+        check_ref2(x)
+    if not out:
+        raise ValueError(f"{what}: empty list")
+    return frozenset(out)
+
+
+def parse_sets(text: str) -> frozenset[bytes] | None:
+    if text.strip().lower() == "any":
+        return None
+    sets = frozenset(parse_hex(x.strip(), "set id") for x in text.split(",") if x.strip())
+    if not sets or any(len(s) != 5 for s in sets):
+        raise ValueError("set ids are 5 bytes (10 hex digits), comma separated, or 'any'")
+    return sets
+
+
+def key_json(i: KeyInfo) -> dict[str, Any]:
+    return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
+            "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
+            "exportability": i.attrs.exportability, "version": i.version,
+            "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
+            "label": i.label}
+
+
+# -- authority -------------------------------------------------------------------------
+def authority_init(args: argparse.Namespace) -> int:
+    home = _home(args)
+    home.ensure()
+    ks = SoftwareKeystore.create(home.authority_dir, home.source)
+    try:
+        pub = ks.set_signing_key() if args.signing_key else None
+        if args.json:
+            emit_json({"authority": str(home.authority_dir),
+                       "signing_public_key": None if pub is None else pub.hex()})
+        else:
+            print(f"authority created in {home.authority_dir}")
+            if pub is not None:
+                print(f"Ed25519 SAS public key: {pub.hex()}")
+    finally:
+        ks.close()
+    return 0
+
+
+def authority_show(args: argparse.Namespace) -> int:
+    home = _home(args)
+    ks = home.open_keystore()
+    try:
+        pub = ks.public_key()
+        caps = ks.capabilities()
+        info = {"backend": caps.backend, "suites": sorted(caps.suites),
+                "signing_public_key": None if pub is None else pub.hex(),
+                "sets": [{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
+                         for s in ks.sets()],
+                "keys": [key_json(k) for k in ks.keys()]}
+    finally:
+        ks.close()
+    if args.json:
+        emit_json(info)
+    else:
+        kv([("backend", info["backend"]), ("suites", ", ".join(f"{s:#04x}" for s in
+                                                               info["suites"])),
+            ("signing key", info["signing_public_key"] or "none"),
+            ("sets", len(info["sets"])), ("application keys", len(info["keys"]))])
+    return 0
+
+
+def authority_exports(args: argparse.Namespace) -> int:
+    home = _home(args)
+    path = home.authority_dir / "exports.db"
+    if not path.exists():
+        raise StoreError(f"no export records at {path}")
+    log = SqliteExportLog(path)
+    try:
+        recs = log.records()
+    finally:
+        log.close()
+    shown = recs[-args.limit:] if args.limit > 0 else recs
+    rows = [{"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
+             "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
+             "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
+    if args.json:
+        emit_json({"total": len(recs), "records": rows})
+    else:
+        table(["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
+              [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
+                r["kcv"]] for r in rows])
+        print(f"{len(recs)} exports recorded")
+    return 0
+
+
+# -- sets ----------------------------------------------------------------------------
+def set_create(args: argparse.Namespace) -> int:
+    home = _home(args)
+    ks = home.open_keystore()
+    try:
+        kcvs: list[bytes] = []
+        if args.components:
+            value, kcvs = read_components(args.components, 32)
+            info = ks.add_set(value, args.name, signed=args.signed)
+        else:
+            info = ks.generate_set(args.name, signed=args.signed)
+    finally:
+        ks.close()
+    if args.json:
+        emit_json({"set_id": info.set_id.hex(), "name": info.name, "signed": info.signed,
+                   "component_kcvs": [k.hex().upper() for k in kcvs]})
+    else:
+        for i, k in enumerate(kcvs, 1):
+            print(f"component {i} KCV  {k.hex().upper()}")
+        print(f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
+    return 0
+
+
+def set_list(args: argparse.Namespace) -> int:
+    ks = _home(args).open_keystore()
+    try:
+        sets = ks.sets()
+    finally:
+        ks.close()
+    if args.json:
+        emit_json([{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
+                   for s in sets])
+    else:
+        table(["set id", "name", "SAS"],
+              [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
+    return 0
+
+
+# -- keys ----------------------------------------------------------------------------
+def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes,
+                                                   ExportPolicy]:
+    ref1 = parse_ref1(args.ref1)
+    kt = KeyType.parse(args.type)
+    attrs = KeyAttributes(args.usage, args.mode, args.exportability)
+    policy = ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
+    return ref1, kt, attrs, policy
+
+
+def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes] | None = None) -> None:
+    if args.json:
+        d = key_json(info)
+        if kcvs:
+            d["component_kcvs"] = [k.hex().upper() for k in kcvs]
+        emit_json(d)
+    else:
+        for i, k in enumerate(kcvs or [], 1):
+            print(f"component {i} KCV  {k.hex().upper()}")
+        print(f"key {display_ref1(info.ref1)}: {info.key_type.label}, {info.attrs.usage}/"
+              f"{info.attrs.mode}/{info.attrs.exportability}, version {info.version}, "
+              f"KCV {info.kcv.hex().upper()}")
+
+
+def key_generate(args: argparse.Namespace) -> int:
+    ref1, kt, attrs, policy = _key_common(args)
+    ks = _home(args).open_keystore()
+    try:
+        info = ks.generate_key(ref1, kt, attrs, version=args.key_version,
+                               diversify=args.diversify, policy=policy, length=args.length,
+                               label=args.label)
+    finally:
+        ks.close()
+    _print_key(args, info)
+    return 0
+
+
+def key_import(args: argparse.Namespace) -> int:
+    ref1, kt, attrs, policy = _key_common(args)
+    ks = _home(args).open_keystore()
+    try:
+        length = kt.default_length if kt.is_aes else None
+        if args.components > 1:
+            value, kcvs = read_components(args.components, length,
+                                          kcv_of=lambda b: kcv(kt, b))
+        else:
+            value, kcvs = read_secret_hex("key value (hex): ", length=length), []
+        info = ks.add_key(ref1, kt, value, attrs, version=args.key_version,
+                          diversify=args.diversify, policy=policy, label=args.label)
+    finally:
+        ks.close()
+    _print_key(args, info, kcvs)
+    return 0
+
+
+def key_list(args: argparse.Namespace) -> int:
+    ks = _home(args).open_keystore()
+    try:
+        keys = ks.keys()
+    finally:
+        ks.close()
+    if args.json:
+        emit_json([key_json(k) for k in keys])
+    else:
+        table(["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
+              [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
+                k.attrs.exportability, k.version, "yes" if k.diversify else "no",
+                k.kcv.hex().upper(), k.policy.describe()] for k in keys])
+    return 0
+
+
+# -- units ---------------------------------------------------------------------------
+def parse_slots(specs: list[str], locked: list[int]) -> dict[int, Slot]:
+    slots: dict[int, Slot] = {}
+    for spec in specs or ["1=aes256"]:
+        ref2_text, _, types = spec.partition("=")
+        try:
+            ref2 = int(ref2_text)
+        except ValueError:
+            raise ValueError(f"--slot {spec!r}: expected REF2=TYPES") from None
+        check_ref2(ref2)
+        if ref2 in slots:
+            raise ValueError(f"slot {ref2} given twice")
+        accepts = frozenset(int(KeyType.parse(t)) for t in types.split(",") if t.strip())
+        if not accepts:
+            raise ValueError(f"--slot {spec!r}: no key type")
+        slots[ref2] = Slot(ref2, accepts)
+    for ref2 in locked:
+        if ref2 not in slots:
+            raise ValueError(f"--lock {ref2}: no such slot")
+        s = slots[ref2]
+        slots[ref2] = Slot(ref2, s.accepts, True)
+    return slots
+
+
+def unit_create(args: argparse.Namespace) -> int:
+    home = _home(args)
+    set_id = parse_hex(args.set_id, "set id")
+    sn = check_sn(parse_hex(args.sn, "SN"))
+    slots = parse_slots(args.slot, args.lock)
+    suites = tuple(int(x) for x in args.suites.split(","))
+    for s in suites:
+        get_suite(s)
+    ks = home.open_keystore()
+    try:
+        info = ks.set_info(set_id)
+        t = ks.transport_key_copy(set_id)
+        vk = ks.public_key() if info.signed else None
+    finally:
+        ks.close()
+    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+    try:
+        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites)
+    finally:
+        t.wipe()
+        fleet.close()
+    if args.json:
+        emit_json({"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)})
+    else:
+        print(f"unit {sn.hex()} created in set {set_id.hex()} with slots "
+              f"{', '.join(map(str, sorted(slots)))}")
+    return 0
+
+
+def unit_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+    sn = parse_hex(args.sn, "SN")
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    try:
+        unit = fleet.open_unit(sn)
+        try:
+            client = UnitClient(LocalConnection(unit))
+            client.select()
+            sts = [client.slot_status(r) for r in sorted(unit.state.slots)]
+            accepts = {r: sorted(KeyType(t).label for t in s.accepts)
+                       for r, s in unit.state.slots.items()}
+            set_id = unit.state.set_id
+        finally:
+            unit.close()
+    finally:
+        fleet.close()
+    from ..core.keys import KeyHeader
+
+    rows = []
+    for st in sts:
+        h = KeyHeader.decode(st.h) if st.h else None
+        rows.append({"ref2": st.ref2, "state": ["empty", "loaded", "locked"][st.state],
+                     "accepts": accepts[st.ref2],
+                     "type": None if h is None else KeyType(h.key_type).label,
+                     "usage": None if h is None else h.usage,
+                     "version": None if h is None else h.version,
+                     "kcv": None if st.kcv is None else st.kcv.hex().upper()})
+    if args.json:
+        emit_json({"sn": sn.hex(), "set_id": set_id.hex(), "slots": rows})
+    else:
+        print(f"unit {sn.hex()}, set {set_id.hex()}")
+        table(["REF2", "state", "accepts", "type", "usage", "version", "KCV"],
+              [[r["ref2"], r["state"], ",".join(r["accepts"]), r["type"] or "-",
+                r["usage"] or "-", "-" if r["version"] is None else r["version"],
+                r["kcv"] or "-"] for r in rows])
+    return 0
+
+
+def unit_list(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not (home.units_dir / "vault.json").exists():
+        serials: list[bytes] = []
+    else:
+        serials = sorted(bytes.fromhex(p.stem) for p in home.units_dir.glob("*.unit"))
+    if args.json:
+        emit_json([s.hex() for s in serials])
+    else:
+        for s in serials:
+            print(s.hex())
+        print(f"{len(serials)} units")
+    return 0
+
+
+# -- loads ---------------------------------------------------------------------------
+def load(args: argparse.Namespace) -> int:
+    home = _home(args)
+    sn = parse_hex(args.unit, "SN")
+    ref1 = parse_ref1(args.ref1)
+    check_ref2(args.ref2)
+    ks = home.open_keystore()
+    fleet = None
+    try:
+        authority = home.authority(ks)
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        unit = fleet.open_unit(sn)
+        try:
+            ac = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
+            records = LoadRecords(home.station_db)
+            try:
+                try:
+                    res = load_key(UnitClient(LocalConnection(unit)), ac, ref1, args.ref2)
+                except LoadFailed as e:
+                    records.add_failure(sn, ref1, args.ref2, e)
+                    raise
+                records.add(res)
+            finally:
+                records.close()
+        finally:
+            unit.close()
+    finally:
+        ks.close()
+        if fleet is not None:
+            fleet.close()
+    out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
+           "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
+           "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex()}
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
+              f"{out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
+              f"{out['receipt']}")
+    return 0
+
+
+def receipts_verify(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not home.station_db.exists():
+        raise StoreError(f"no station records at {home.station_db}")
+    ks = home.open_keystore()
+    records = LoadRecords(home.station_db)
+    try:
+        from .demo import verify_receipts
+
+        ok, bad, invalid = verify_receipts(home.authority(ks), records)
+    finally:
+        records.close()
+        ks.close()
+    if args.json:
+        emit_json({"verified": ok, "invalid": bad, "invalid_rows": invalid})
+    else:
+        for row in invalid:
+            print(f"INVALID receipt: unit {row['sn']} slot {row['ref2']} {row['ref1']}")
+        print(f"{ok} receipts verified, {bad} invalid")
+    return 0 if bad == 0 else 1
+
+
+# -- conformance ---------------------------------------------------------------------
+def conformance(args: argparse.Namespace) -> int:
+    paths = [Path(f) for f in args.files]
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"{p}: no such file")
+    passed = failed = 0
+    failures = []
+    for r in run_files(paths):
+        if r.passed:
+            passed += 1
+        else:
+            failed += 1
+            failures.append({"file": r.file, "case": r.name, "reason": r.reason})
+            if not args.json:
+                print(f"FAIL {r.name} ({Path(r.file).name}): {r.reason}")
+    if args.json:
+        emit_json({"passed": passed, "failed": failed, "failures": failures})
+    else:
+        print(f"{passed} passed, {failed} failed")
+    sys.stdout.flush()
+    return 0 if failed == 0 else 1
+
+
+__all__ = ["KeyloadError"]

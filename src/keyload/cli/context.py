@@ -1,0 +1,112 @@
+"""Where things live under a keyload home directory, and how secrets are read."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import StoreError
+from ..core.keys import aes_kcv
+from ..core.secret import Secret
+from ..units.authority import Authority
+from ..units.exportlog import SqliteExportLog
+from ..units.keystore import SoftwareKeystore
+from ..units.storage import KekSource, ensure_private_dir
+
+ENV_HOME = "KEYLOAD_HOME"
+DEFAULT_HOME = "keyload-home"
+
+
+@dataclass(frozen=True)
+class Home:
+    """``authority/`` (keystore, export records), ``units/`` (emulated units),
+    ``station.db`` (download records with receipts)."""
+
+    root: Path
+    source: KekSource
+
+    @classmethod
+    def resolve(cls, home: str | None, source: KekSource | None = None) -> Home:
+        root = Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME)
+        return cls(root, source or KekSource.from_env())
+
+    @property
+    def authority_dir(self) -> Path:
+        return self.root / "authority"
+
+    @property
+    def units_dir(self) -> Path:
+        return self.root / "units"
+
+    @property
+    def station_db(self) -> Path:
+        return self.root / "station.db"
+
+    def ensure(self) -> None:
+        ensure_private_dir(self.root)
+
+    def open_keystore(self) -> SoftwareKeystore:
+        return SoftwareKeystore.open(self.authority_dir, self.source)
+
+    def authority(self, ks: SoftwareKeystore) -> Authority:
+        return Authority(ks, log=SqliteExportLog(self.authority_dir / "exports.db"))
+
+
+def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:
+    """One hex value from the terminal (not echoed) or one line of stdin."""
+    if sys.stdin.isatty():
+        text = getpass.getpass(prompt)
+    else:
+        text = sys.stdin.readline()
+        if not text:
+            raise ValueError(f"no input for: {prompt.strip()}")
+    text = text.strip().replace(" ", "")
+    try:
+        raw = bytearray.fromhex(text)
+    except ValueError:
+        raise ValueError("a key value must be hex digits") from None
+    finally:
+        text = ""
+    if length is not None and len(raw) != length:
+        n = len(raw)
+        raw[:] = bytes(n)
+        raise ValueError(f"expected {length} bytes, got {n}")
+    s = Secret(raw)
+    raw[:] = bytes(len(raw))
+    return s
+
+
+def read_components(count: int, length: int | None, *,
+                    kcv_of: Callable[[bytearray], bytes] = aes_kcv,
+                    show: bool = True) -> tuple[Secret, list[bytes]]:
+    """XOR of ``count`` hex components, each shown with its KCV (a key ceremony)."""
+    if count < 1:
+        raise ValueError("at least one component")
+    total: Secret | None = None
+    kcvs: list[bytes] = []
+    for i in range(1, count + 1):
+        c = read_secret_hex(f"component {i} of {count} (hex): ", length=length)
+        if total is None:
+            total = Secret(len(c))
+        if len(c) != len(total):
+            c.wipe()
+            total.wipe()
+            raise ValueError("components must have the same length")
+        k = kcv_of(c.buffer)
+        kcvs.append(k)
+        if show:
+            sys.stderr.write(f"component {i} KCV: {k.hex().upper()}\n")
+        for j in range(len(c)):
+            total.buffer[j] ^= c.buffer[j]
+        c.wipe()
+    assert total is not None
+    return total, kcvs
+
+
+def require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise StoreError(f"no {what} at {path}")
