@@ -99,11 +99,11 @@ def authority_show(args: argparse.Namespace) -> int:
     try:
         pub = ks.public_key()
         caps = ks.capabilities()
-        info = {"backend": caps.backend, "suites": sorted(caps.suites),
+        info: dict[str, Any] = {"backend": caps.backend, "suites": sorted(caps.suites),
                 "signing_public_key": None if pub is None else pub.hex(),
                 "sets": [{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
-                         for s in ks.sets()],
-                "keys": [key_json(k) for k in ks.keys()]}
+                         for s in ks.set_infos()],
+                "keys": [key_json(k) for k in ks.key_infos()]}
     finally:
         ks.close()
     if args.json:
@@ -166,7 +166,7 @@ def set_create(args: argparse.Namespace) -> int:
 def set_list(args: argparse.Namespace) -> int:
     ks = _home(args).open_keystore()
     try:
-        sets = ks.sets()
+        sets = ks.set_infos()
     finally:
         ks.close()
     if args.json:
@@ -236,7 +236,7 @@ def key_import(args: argparse.Namespace) -> int:
 def key_list(args: argparse.Namespace) -> int:
     ks = _home(args).open_keystore()
     try:
-        keys = ks.keys()
+        keys = ks.key_infos()
     finally:
         ks.close()
     if args.json:
@@ -321,7 +321,7 @@ def unit_status(args: argparse.Namespace) -> int:
         fleet.close()
     from ..core.keys import KeyHeader
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for st in sts:
         h = KeyHeader.decode(st.h) if st.h else None
         rows.append({"ref2": st.ref2, "state": ["empty", "loaded", "locked"][st.state],

@@ -31,7 +31,7 @@ from ..units.unit import Slot
 from .context import Home
 from .output import emit_json, kv, table
 
-DEMO_PASSPHRASE = "keyload-demo"  # noqa: S105 - announced in the output, demo only
+DEMO_PASSPHRASE = "keyload-demo"
 
 # (REF1, type, usage, mode, exportability, diversify, slot)
 DEMO_KEYS = [
@@ -83,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     source, demo_pass = _source()
     home = Home(root, source)
     home.ensure()
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+    def say(text: str) -> None:
+        if not args.json:
+            print(text, flush=True)
+
     err = sys.stderr
     say(f"workdir: {root}")
     if demo_pass:
@@ -107,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
         ks.generate_key(b"PIN-B", KeyType.AES128, KeyAttributes("P0", "E", "N"), version=1,
                         diversify=False,
                         policy=ExportPolicy(frozenset({set_b.set_id}), frozenset({3})))
+        names = ", ".join(display_ref1(k.ref1) for k in ks.key_infos())
         say(f"authority: sets operator-a {set_a.set_id.hex()} (Ed25519 SAS), operator-b "
-            f"{set_b.set_id.hex()}; keys " + ", ".join(display_ref1(k.ref1) for k in ks.keys()))
+            f"{set_b.set_id.hex()}; keys {names}")
 
         # the set's units, as a card manufacturer would deliver them: SN, T, slots
         slots = {1: Slot(1, frozenset({KeyType.AES256})),

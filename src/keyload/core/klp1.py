@@ -54,7 +54,7 @@ class Scratch:
     every one of them is zero after an operation, and a hot loop allocates nothing.
     """
 
-    __slots__ = ("t1", "session", "ta")
+    __slots__ = ("session", "t1", "ta")
 
     def __init__(self) -> None:
         self.t1 = bytearray(32)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import cmac, hashes
 from cryptography.hazmat.primitives import hmac as _chmac
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.kbkdf import CounterLocation, KBKDFCMAC, Mode
+from cryptography.hazmat.primitives.kdf.kbkdf import KBKDFCMAC, CounterLocation, Mode
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap,
@@ -56,7 +56,7 @@ def ct_equal(a: bytes | bytearray, b: bytes | bytearray) -> bool:
 def aes_cmac(key: Buf, data: Buf) -> bytes:
     """AES-CMAC (SP 800-38B), full 16-byte tag."""
     c = cmac.CMAC(algorithms.AES(key))
-    c.update(data)
+    c.update(data)  # type: ignore[arg-type]  # any bytes-like is accepted
     return c.finalize()
 
 
@@ -64,7 +64,7 @@ def aes_cmac_verify(key: Buf, data: Buf, tag: Buf) -> None:
     """Verify a full or truncated CMAC tag in constant time; raise IntegrityError."""
     if not 1 <= len(tag) <= 16:
         raise IntegrityError()
-    if not ct_equal(aes_cmac(key, data)[: len(tag)], tag):
+    if not ct_equal(aes_cmac(key, data)[: len(tag)], bytes(tag)):
         raise IntegrityError()
 
 

@@ -173,8 +173,9 @@ class Authority:
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
         self.backend.set_info(req.set_id)
         if req.suite not in self._caps.suites:
+            offers = ", ".join(f"{s:#04x}" for s in sorted(self._caps.suites))
             raise Unsupported(f"authority does not offer suite {req.suite:#04x} "
-                              f"(offers {', '.join(f'{s:#04x}' for s in sorted(self._caps.suites))})")
+                              f"(offers {offers})")
         info = self.backend.key_info(req.ref1)
         info.policy.check(req.set_id, req.ref2)
         out = self.backend.export(req)

@@ -225,10 +225,10 @@ class SoftwareKeystore:
             return None
         return self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
-    def sets(self) -> list[SetInfo]:
+    def set_infos(self) -> list[SetInfo]:
         return [t.info for t in self._sets.values()]
 
-    def keys(self) -> list[KeyInfo]:
+    def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
 
     def transport_key_copy(self, set_id: bytes) -> Secret:

@@ -103,8 +103,8 @@ class UnitState:
                 raise ValueError("slot number mismatch")
         if self.verify_key is not None and len(self.verify_key) != 32:
             raise ValueError("an Ed25519 public key is 32 bytes")
-        for s in self.suites:
-            get_suite(s)
+        for suite_id in self.suites:
+            get_suite(suite_id)
         self.set_id = aes_kcv(self.t.buffer)
 
     @classmethod
