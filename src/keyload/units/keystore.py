@@ -65,8 +65,7 @@ class SoftwareKeystore:
                scrypt_n: int | None = None) -> SoftwareKeystore:
         if (directory / KEYSTORE_FILE).exists():
             raise StoreError(f"an authority already exists in {directory}")
-        vault = Vault.create(directory, source, **({} if scrypt_n is None
-                                                   else {"scrypt_n": scrypt_n}))
+        vault = Vault.create(directory, source, scrypt_n=scrypt_n)
         ks = cls(vault)
         ks.save()
         return ks

@@ -160,7 +160,7 @@ class Vault:
 
     @classmethod
     def create(cls, directory: Path, source: KekSource | None = None, *,
-               scrypt_n: int = SCRYPT_N) -> Vault:
+               scrypt_n: int | None = None) -> Vault:
         src = source or KekSource.from_env()
         ensure_private_dir(directory)
         if cls.exists(directory):
@@ -170,9 +170,10 @@ class Vault:
             meta: dict[str, Any] = {"format": "keyload-vault-1", "kdf": "raw"}
         else:
             salt = os.urandom(16)
-            kek = _scrypt(src.get_passphrase(confirm=True), salt, scrypt_n, 8, 1)
+            n = scrypt_n or SCRYPT_N
+            kek = _scrypt(src.get_passphrase(confirm=True), salt, n, 8, 1)
             meta = {"format": "keyload-vault-1", "kdf": "scrypt", "salt": salt.hex(),
-                    "n": scrypt_n, "r": 8, "p": 1}
+                    "n": n, "r": 8, "p": 1}
         meta["check"] = aes_kcv(kek.buffer).hex()
         atomic_write(directory / VAULT_FILE, json.dumps(meta, indent=1).encode())
         return cls(directory, kek)
