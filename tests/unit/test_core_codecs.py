@@ -368,13 +368,14 @@ def test_response_check_unexpected_sw(sw: int) -> None:
         ResponseAPDU(b"", sw).check()
     assert info.value.raw == sw
     assert str(info.value) == f"{sw:04X} unexpected status word"
+    assert info.value.code == sw
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UnexpectedStatus inherits StatusError.sw = 6A80 "
-                   "(errors.py UnexpectedStatus never sets sw), so an unknown SW is reported "
-                   "as MALFORMED by anything that maps errors back to status words")
-def test_unexpected_status_does_not_claim_malformed() -> None:
-    assert error_for_sw(0x6F00).sw != SW.MALFORMED
+def test_unexpected_status_keeps_its_own_code() -> None:
+    """An SW outside §6 is reported as itself (``code``), never as a known refusal."""
+    e = error_for_sw(0x6F00)
+    assert e.code == 0x6F00
+    assert error_for_sw(0x6A80).code == SW.MALFORMED
 
 
 # =========================================================================================

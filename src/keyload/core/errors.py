@@ -70,6 +70,11 @@ class StatusError(KeyloadError):
         self.detail = detail or self.sw.meaning
         super().__init__(f"{self.sw.hex} {self.sw.name}: {self.detail}")
 
+    @property
+    def code(self) -> int:
+        """The status word as an integer (also for words outside §6)."""
+        return int(self.sw)
+
 
 class WrongLength(StatusError):
     sw = SW.WRONG_LENGTH
@@ -159,7 +164,11 @@ class UnexpectedStatus(StatusError):
     def __init__(self, raw: int) -> None:
         self.raw = raw
         KeyloadError.__init__(self, f"{raw:04X} unexpected status word")
-        self.detail = "unexpected status word"
+        self.detail = f"unexpected status word {raw:04X}"
+
+    @property
+    def code(self) -> int:
+        return self.raw
 
 
 def error_for_sw(sw: int, context: str = "") -> StatusError:

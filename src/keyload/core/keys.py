@@ -14,6 +14,7 @@ FLAG_DIVERSIFIED = 0x01
 FLAG_ED25519 = 0x02
 
 MODES = frozenset("BEDGVCNX")
+_USAGE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 EXPORTABILITY = frozenset("NES")
 
 
@@ -91,8 +92,8 @@ class KeyAttributes:
     exportability: str
 
     def __post_init__(self) -> None:
-        if len(self.usage) != 2 or not self.usage.isascii() or not self.usage.isalnum():
-            raise ValueError(f"key usage must be 2 ASCII letters or digits (X9.143), got "
+        if len(self.usage) != 2 or not all(c in _USAGE_CHARS for c in self.usage):
+            raise ValueError(f"key usage must be 2 capital letters or digits (X9.143), got "
                              f"{self.usage!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode of use must be one of {''.join(sorted(MODES))}, got "

@@ -179,4 +179,6 @@ class SlotStatus:
         st = _fixed(state, 1, "slot state")[0]
         if st not in (SLOT_EMPTY, SLOT_LOADED, SLOT_LOCKED):
             raise MalformedData("unknown slot state")
+        if (st == SLOT_LOADED and h is None) or (st == SLOT_EMPTY and h is not None):
+            raise MalformedData("H and KCV go with a loaded slot, and only with one")
         return cls(_ref2(ref2), st, h, kcv)

@@ -116,7 +116,7 @@ def aes_ecb_encrypt_into(key: Buf, data: Buf, out: bytearray) -> None:
     try:
         n = enc.update_into(data, tmp)
         enc.finalize()
-        out[:] = tmp[:n]
+        out[:] = memoryview(tmp)[:n]
     finally:
         tmp[:] = bytes(len(tmp))
 
@@ -135,7 +135,7 @@ def ecbdiv_into(key: Buf, out: bytearray, *, label: bytes, context: bytes) -> No
     tmp = bytearray(16 * n)
     try:
         aes_ecb_encrypt_into(key, blocks, tmp)
-        out[:] = tmp[: len(out)]
+        out[:] = memoryview(tmp)[: len(out)]
     finally:
         tmp[:] = bytes(len(tmp))
 

@@ -30,7 +30,7 @@ class LoadFailed(KeyloadError):
 
     @property
     def sw(self) -> int | None:
-        return int(self.cause.sw) if isinstance(self.cause, StatusError) else None
+        return self.cause.code if isinstance(self.cause, StatusError) else None
 
     @property
     def reason(self) -> str:
