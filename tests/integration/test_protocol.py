@@ -298,7 +298,8 @@ def test_every_single_bit_flip_is_refused(
     assert 0x6982 in seen and 0x6A80 in seen
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bit=st.integers(min_value=0), extra=st.binary(max_size=3))
 def test_bit_flip_property(tamper_setup: tuple[World, bytes, bytes, bytes], bit: int,
                            extra: bytes) -> None:
