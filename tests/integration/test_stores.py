@@ -29,7 +29,7 @@ ATTRS = KeyAttributes("K0", "B", "E")
 def _keystore(path: Path, src: KekSource) -> tuple[SoftwareKeystore, bytes, bytes]:
     ks = SoftwareKeystore.create(path, src)
     t = os.urandom(32)
-    set_id = ks.add_set(Secret(t), "A").set_id
+    ks.add_set(Secret(t), "A")
     value = os.urandom(32)
     ks.add_key(b"K1", KeyType.AES256, Secret(value), ATTRS, version=1, diversify=False,
                policy=ANY)
@@ -38,7 +38,7 @@ def _keystore(path: Path, src: KekSource) -> tuple[SoftwareKeystore, bytes, byte
 
 
 def test_keystore_round_trip(tmp_path: Path, kek_source: KekSource) -> None:
-    ks, t, value = _keystore(tmp_path / "a", kek_source)
+    ks, t, _ = _keystore(tmp_path / "a", kek_source)
     pub, sets, infos = ks.public_key(), ks.set_infos(), ks.key_infos()
     ks.close()
     again = SoftwareKeystore.open(tmp_path / "a", kek_source)
