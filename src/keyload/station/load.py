@@ -39,8 +39,38 @@ class LoadFailed(KeyloadError):
         return str(self.cause)
 
 
+# What each status word means on each side (PROTOCOL.md §6), for operators' messages.
+UNIT_MEANING = {
+    0x6A80: "malformed data",
+    0x6A81: "suite or header version not supported by the unit",
+    0x6A88: "the unit has no such slot (REF2)",
+    0x6982: "integrity check failed (CAS, unwrap or length; or data meant for another unit, "
+            "set or challenge)",
+    0x6985: "no pending challenge (out of order, or replay)",
+    0x6986: "slot policy refuses (slot locked, key type not accepted, or key version not "
+            "higher than the loaded one)",
+    0x6988: "authenticity check failed (SAS wrong, or a symmetric SAS sent to a unit that "
+            "requires the authority's signature)",
+    0x6581: "memory failure in the unit: nothing was stored",
+}
+AUTHORITY_MEANING = {
+    0x6A80: "malformed request",
+    0x6A81: "suite not offered by the authority",
+    0x6A82: "the authority holds no transport key for this set",
+    0x6A88: "the authority holds no key with this REF1",
+    0x6986: "export policy refuses (set or slot not allowed for this key)",
+    0x6581: "the authority could not record the export: nothing was sent",
+}
+
+
+def _check(rapdu: bytes, meanings: dict[int, str]) -> bytes:
+    r = ResponseAPDU.decode(rapdu)
+    return r.check(meanings.get(r.sw, ""))
+
+
 def _select(conn: Connection, aid: bytes) -> None:
-    ResponseAPDU.decode(conn.transmit(CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid).encode())).check()
+    _check(conn.transmit(CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid).encode()), {
+        0x6A82: "application not found on the card"})
 
 
 def _ne(data: bytes) -> int:
@@ -58,16 +88,16 @@ class UnitClient:
 
     def initialize(self) -> msg.InitResponse:
         r = self.conn.transmit(CommandAPDU(0x80, INS_INIT, 0, 0, b"", ne=256).encode())
-        return msg.InitResponse.decode(ResponseAPDU.decode(r).check())
+        return msg.InitResponse.decode(_check(r, UNIT_MEANING))
 
     def import_key(self, data: bytes) -> msg.ImportResponse:
         r = self.conn.transmit(CommandAPDU(0x80, INS_IMPORT, 0, 0, data, ne=_ne(data)).encode())
-        return msg.ImportResponse.decode(ResponseAPDU.decode(r).check())
+        return msg.ImportResponse.decode(_check(r, UNIT_MEANING))
 
     def slot_status(self, ref2: int) -> msg.SlotStatus:
         msg.check_ref2(ref2)
         r = self.conn.transmit(CommandAPDU(0x80, INS_STATUS, 0, ref2, b"", ne=256).encode())
-        return msg.SlotStatus.decode(ResponseAPDU.decode(r).check())
+        return msg.SlotStatus.decode(_check(r, UNIT_MEANING))
 
 
 class AuthorityClient:
@@ -83,7 +113,7 @@ class AuthorityClient:
     def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
         data = req.encode()
         r = self.conn.transmit(CommandAPDU(0x80, INS_EXPORT, 0, 0, data, ne=_ne(data)).encode())
-        return msg.ExportResponse.decode(ResponseAPDU.decode(r).check())
+        return msg.ExportResponse.decode(_check(r, AUTHORITY_MEANING))
 
 
 @dataclass(frozen=True, slots=True)
