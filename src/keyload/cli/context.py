@@ -82,10 +82,12 @@ def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:
 
 def read_components(count: int, length: int | None, *,
                     kcv_of: Callable[[bytearray], bytes] = aes_kcv,
-                    show: bool = True) -> tuple[Secret, list[bytes]]:
+                    show: bool | None = None) -> tuple[Secret, list[bytes]]:
     """XOR of ``count`` hex components, each shown with its KCV (a key ceremony)."""
     if count < 1:
         raise ValueError("at least one component")
+    if show is None:  # at a terminal, each KCV right after its component is typed
+        show = sys.stdin.isatty()
     total: Secret | None = None
     kcvs: list[bytes] = []
     for i in range(1, count + 1):

@@ -27,6 +27,7 @@ from ..core.errors import (
     IntegrityError,
     KcvMismatch,
     KeyloadError,
+    MalformedData,
     StatusError,
     StoreError,
     WrongPassphrase,
@@ -39,10 +40,16 @@ EXIT_REFUSED, EXIT_INTEGRITY = 6, 7
 
 
 def exit_code(e: BaseException) -> int:
-    if isinstance(e, LoadFailed):
+    if isinstance(e, LoadFailed):  # a unit or the authority answered
+        if isinstance(e.cause, (IntegrityError, AuthenticityError, KcvMismatch)):
+            return EXIT_INTEGRITY
+        if isinstance(e.cause, StatusError):
+            return EXIT_REFUSED
         return exit_code(e.cause)
     if isinstance(e, (IntegrityError, AuthenticityError, KcvMismatch)):
         return EXIT_INTEGRITY
+    if isinstance(e, MalformedData):  # raised here, not by a card: a bad value given to us
+        return EXIT_INPUT
     if isinstance(e, StatusError):
         return EXIT_REFUSED
     if isinstance(e, WrongPassphrase):
