@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 UNITS ?= 1000
 WORKDIR ?=
 
-.PHONY: venv demo test lint typecheck unit-tests bench conformance clean
+SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc
+
+.PHONY: venv demo test lint typecheck unit-tests bench conformance clean system-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +16,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Debian packages for the hardware paths (SoftHSM2 + pkcs11-tool, pcscd + vpcd, and what
+# pyscard needs to build). Run as root. Without them those tests skip (and fail in CI).
+system-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "system-deps installs Debian packages: run it as root"; exit 1; fi
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_DEPS)
 
 demo: venv
 	$(BIN)/keyload demo --units $(UNITS) $(if $(WORKDIR),--workdir $(WORKDIR))
