@@ -4,18 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UNITS ?= 1000
 WORKDIR ?=
+# Extras for `make test`: the hardware extras are added when their system parts are here.
+EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/winscard.h ] && echo ,pcsc)$(shell [ -e /usr/lib/softhsm/libsofthsm2.so ] && echo ,pkcs11)
 
+comma := ,
 SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc
 
 .PHONY: venv demo test lint typecheck unit-tests bench conformance clean system-deps
 
-$(VENV)/.installed: pyproject.toml
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(STAMP)
 
 # Debian packages for the hardware paths (SoftHSM2 + pkcs11-tool, pcscd + vpcd, and what
 # pyscard needs to build). Run as root. Without them those tests skip (and fail in CI).

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..core.errors import KeyloadError, TransportError
 from ..transports import Connection
 from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
 from .progress import Progress
@@ -84,6 +85,7 @@ def customize(
     for src in units:
         s.units += 1
         ok = True
+        done = 0
         try:
             with src.connect() as conn:
                 client = UnitClient(conn)
@@ -93,22 +95,32 @@ def customize(
                         res = load_key(client, authority, ref1, ref2, select=first)
                     except LoadFailed as e:
                         ok = False
+                        done += 1
                         s.loads_failed += 1
                         sw = None if e.sw is None else f"{e.sw:04X}"
-                        s.failures.append(Failure(src.label, ref1, ref2, e.step, sw, e.reason))
+                        label = e.sn.hex() if e.sn is not None else src.label
+                        s.failures.append(Failure(label, ref1, ref2, e.step, sw, e.reason))
                         if on_failure is not None:
-                            on_failure(bytes.fromhex(src.label) if _is_hex(src.label) else
-                                       src.label.encode(), ref1, ref2, e)
+                            on_failure(e.sn if e.sn is not None else _label_bytes(src.label),
+                                       ref1, ref2, e)
+                        if isinstance(e.cause, TransportError):
+                            break  # the unit is gone: the rest of its plan cannot run
                         continue
                     first = False
+                    done += 1
                     s.loads_ok += 1
                     s.by_suite[res.suite] += 1
                     if on_result is not None:
                         on_result(res)
-        except LoadFailed as e:  # the unit could not be reached at all
+        except KeyloadError as e:  # the unit could not be reached, or was lost
             ok = False
-            s.loads_failed += len(plan)
-            s.failures.append(Failure(src.label, b"", 0, e.step, None, e.reason))
+            cause = e.cause if isinstance(e, LoadFailed) else e
+            step = e.step if isinstance(e, LoadFailed) else "connect"
+            s.loads_failed += len(plan) - done
+            s.failures.append(Failure(src.label, b"", 0, step, None, str(cause)))
+        else:
+            if done < len(plan):  # broke off after a transport failure
+                s.loads_failed += len(plan) - done
         if ok:
             s.customized += 1
         if progress is not None:
@@ -119,9 +131,8 @@ def customize(
     return s
 
 
-def _is_hex(x: str) -> bool:
+def _label_bytes(label: str) -> bytes:
     try:
-        bytes.fromhex(x)
+        return bytes.fromhex(label) if label else b""
     except ValueError:
-        return False
-    return len(x) > 0
+        return label.encode()

@@ -23,9 +23,10 @@ from ..units.authority import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, I
 class LoadFailed(KeyloadError):
     """A download failed at ``step``; ``cause`` is the typed error (with its SW if any)."""
 
-    def __init__(self, step: str, cause: KeyloadError) -> None:
+    def __init__(self, step: str, cause: KeyloadError, *, sn: bytes | None = None) -> None:
         self.step = step
         self.cause = cause
+        self.sn = sn  # known once INITIALIZE DOWNLOAD has answered
         super().__init__(f"{step}: {cause}")
 
     @property
@@ -135,8 +136,8 @@ class LoadResult:
         return KeyHeader.decode(self.header).version
 
 
-def _step(step: str, e: KeyloadError) -> LoadFailed:
-    return LoadFailed(step, e)
+def _step(step: str, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
+    return LoadFailed(step, e, sn=sn)
 
 
 def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
@@ -154,7 +155,7 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
                   (authority.suites is None or s in authority.suites)]
     if not candidates:
         raise _step("suite negotiation", Unsupported("no suite in common between unit and "
-                                                     "authority"))
+                                                     "authority"), init.sn)
     resp: msg.ExportResponse | None = None
     suite = candidates[0]
     for suite in candidates:  # with an authority of unknown suites, 6A81 moves on
@@ -164,15 +165,16 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
             break
         except Unsupported as e:
             if authority.suites is not None or suite == candidates[-1]:
-                raise _step("authority EXPORTKEY", e) from None
+                raise _step("authority EXPORTKEY", e, init.sn) from None
         except KeyloadError as e:
-            raise _step("authority EXPORTKEY", e) from None
+            raise _step("authority EXPORTKEY", e, init.sn) from None
     assert resp is not None
     try:
         ans = unit.import_key(resp.import_data)
     except KeyloadError as e:
-        raise _step("unit IMPORTKEY", e) from None
+        raise _step("unit IMPORTKEY", e, init.sn) from None
     if not ct_equal(ans.kcv, resp.kcv):
-        raise _step("KCV check", KcvMismatch("the unit's KCV differs from the authority's"))
+        raise _step("KCV check", KcvMismatch("the unit's KCV differs from the authority's"),
+                    init.sn)
     header = msg.ImportData.decode(resp.import_data).h
     return LoadResult(init.sn, init.set_id, ref1, ref2, suite, init.r, header, ans.kcv, ans.rct)
