@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UNITS ?= 1000
 WORKDIR ?=
-# Extras for `make test`: the hardware extras are added when their system parts are here.
-EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/winscard.h ] && echo ,pcsc)$(shell [ -e /usr/lib/softhsm/libsofthsm2.so ] && echo ,pkcs11)
+# Extras for `make test`: pcsc (pyscard builds from source) when swig and the PC/SC headers
+# are here (`make system-deps`); python-pkcs11 comes with the test extra (a wheel).
+EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/winscard.h ] && echo ,pcsc)
 
 comma := ,
 SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyloadError, StoreError
-from ..core.keys import KeyAttributes, KeyType, kcv
+from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.messages import check_ref2, check_sn
+from ..core.primitives import ct_equal
 from ..core.suites import get_suite
 from ..station.fleet import EmulatedFleet
 from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
@@ -20,7 +22,7 @@ from ..units.conformance import run_files
 from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore, display_ref1, parse_ref1
 from ..units.unit import Slot
-from .context import Home, read_components, read_secret_hex
+from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
 from .output import emit_json, kv, table
 
 
@@ -78,14 +80,34 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
 def authority_init(args: argparse.Namespace) -> int:
     home = _home(args)
     home.ensure()
-    ks = SoftwareKeystore.create(home.authority_dir, home.source)
+    ks: Keystore
+    if args.pkcs11:
+        if not args.token:
+            raise ValueError("--pkcs11 needs --token LABEL")
+        if (home.authority_dir / "backend.json").exists() or \
+                (home.authority_dir / "vault.json").exists():
+            raise StoreError(f"an authority already exists in {home.authority_dir}")
+        cfg: dict[str, Any] = {"backend": "pkcs11", "module": args.pkcs11,
+                               "token": args.token, "clear_sas": args.clear_sas}
+        conf = os.environ.get("SOFTHSM2_CONF")
+        if conf and "softhsm" in args.pkcs11:
+            cfg["softhsm2_conf"] = str(Path(conf).resolve())
+        ks = open_pkcs11(cfg)  # checks module, token and PIN before anything is written
+        home.write_backend_config(cfg)
+        where = f"token {args.token!r} of {args.pkcs11}"
+    else:
+        ks = SoftwareKeystore.create(home.authority_dir, home.source)
+        where = str(home.authority_dir)
     try:
         pub = ks.set_signing_key() if args.signing_key else None
+        caps = ks.capabilities()
         if args.json:
-            emit_json({"authority": str(home.authority_dir),
+            emit_json({"authority": where, "backend": caps.backend,
+                       "suites": sorted(caps.suites),
                        "signing_public_key": None if pub is None else pub.hex()})
         else:
-            print(f"authority created in {home.authority_dir}")
+            print(f"authority created in {where} ({caps.backend}; suites "
+                  f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))})")
             if pub is not None:
                 print(f"Ed25519 SAS public key: {pub.hex()}")
     finally:
@@ -284,8 +306,18 @@ def unit_create(args: argparse.Namespace) -> int:
     ks = home.open_keystore()
     try:
         info = ks.set_info(set_id)
-        t = ks.transport_key_copy(set_id)
         vk = ks.public_key() if info.signed else None
+        if args.components:  # T as the card manufacturer receives it: in components
+            t, _ = read_components(args.components, 32)
+            if not ct_equal(aes_kcv(t.buffer), set_id):
+                t.wipe()
+                raise ValueError("the components do not make this set's transport key "
+                                 "(KCV differs)")
+        elif isinstance(ks, SoftwareKeystore):
+            t = ks.transport_key_copy(set_id)
+        else:
+            raise ValueError("T never leaves this token: give the set's components with "
+                             "--components N")
     finally:
         ks.close()
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import StoreError
 from ..core.keys import aes_kcv
 from ..core.secret import Secret
-from ..units.authority import Authority
+from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore
-from ..units.storage import KekSource, ensure_private_dir
+from ..units.storage import KekSource, atomic_write, ensure_private_dir
+
+if TYPE_CHECKING:
+    from ..units.pkcs11 import Pkcs11Keystore
+
+    Keystore = SoftwareKeystore | Pkcs11Keystore
+else:
+    Keystore = Any
+
+BACKEND_FILE = "backend.json"
 
 ENV_HOME = "KEYLOAD_HOME"
 DEFAULT_HOME = "keyload-home"
@@ -49,11 +60,48 @@ class Home:
     def ensure(self) -> None:
         ensure_private_dir(self.root)
 
-    def open_keystore(self) -> SoftwareKeystore:
+    def backend_config(self) -> dict[str, Any]:
+        """``authority/backend.json``: which backend holds the keys (software by default)."""
+        path = self.authority_dir / BACKEND_FILE
+        if not path.exists():
+            return {"backend": "software"}
+        try:
+            cfg = json.loads(path.read_text())
+            if not isinstance(cfg, dict) or cfg.get("backend") not in ("software", "pkcs11"):
+                raise ValueError("backend")
+        except ValueError:
+            from ..core.errors import DamagedStore
+
+            raise DamagedStore(f"{path} is damaged") from None
+        return cfg
+
+    def write_backend_config(self, cfg: dict[str, Any]) -> None:
+        ensure_private_dir(self.authority_dir)
+        atomic_write(self.authority_dir / BACKEND_FILE, json.dumps(cfg, indent=1).encode())
+
+    def open_keystore(self) -> Keystore:
+        cfg = self.backend_config()
+        if cfg["backend"] == "pkcs11":
+            return open_pkcs11(cfg)
         return SoftwareKeystore.open(self.authority_dir, self.source)
 
-    def authority(self, ks: SoftwareKeystore) -> Authority:
+    def authority(self, ks: AuthorityBackend) -> Authority:
         return Authority(ks, log=SqliteExportLog(self.authority_dir / "exports.db"))
+
+
+def open_pkcs11(cfg: dict[str, Any], *, pin: str | None = None) -> Pkcs11Keystore:
+    """Open the PKCS#11 keystore a ``backend.json`` names (PIN: ``$KEYLOAD_PKCS11_PIN``)."""
+    try:
+        from ..units.pkcs11 import Pkcs11Keystore
+    except ImportError:
+        from ..core.errors import StoreError
+
+        raise StoreError("the PKCS#11 backend needs python-pkcs11: pip install "
+                         "'keyload[pkcs11]'") from None
+    if cfg.get("softhsm2_conf"):  # a private SoftHSM2 token: its config must be known
+        os.environ.setdefault("SOFTHSM2_CONF", str(cfg["softhsm2_conf"]))
+    return Pkcs11Keystore.open(str(cfg["module"]), str(cfg["token"]), pin=pin,
+                               clear_sas=bool(cfg.get("clear_sas", False)))
 
 
 def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:

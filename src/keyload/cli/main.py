@@ -89,9 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     # authority
     a = sub.add_parser("authority", help="the software authority (first security unit)")
     asub = a.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(asub, "init", commands.authority_init, "create the authority's sealed keystore")
+    p = add(asub, "init", commands.authority_init,
+            "create the authority: a sealed software keystore, or a PKCS#11 token")
     p.add_argument("--signing-key", action="store_true",
                    help="also generate an Ed25519 SAS signing key")
+    p.add_argument("--pkcs11", metavar="MODULE",
+                   help="keep the keys in a PKCS#11 token (path of the module); the PIN "
+                        "comes from $KEYLOAD_PKCS11_PIN")
+    p.add_argument("--token", metavar="LABEL", help="the token's label (with --pkcs11)")
+    p.add_argument("--clear-sas", action="store_true",
+                   help="(PKCS#11) allow exports to unsigned sets: the symmetric SAS needs "
+                        "the key in clear outside the token for an instant")
     add(asub, "show", commands.authority_show, "what the authority holds (never key values)")
     p = add(asub, "exports", commands.authority_exports, "the authority's export records")
     p.add_argument("--limit", type=int, default=20)
@@ -145,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock", action="append", type=int, default=[], metavar="REF2",
                    help="lock this slot")
     p.add_argument("--suites", default="1,2", help="suites the unit speaks (default 1,2)")
+    p.add_argument("--components", type=int, default=0, metavar="N",
+                   help="give the set's transport key as N components (needed when T "
+                        "lives in a token)")
     p = add(usub, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)")
     p.add_argument("--sn", required=True)
     add(usub, "list", commands.unit_list, "list emulated units")
@@ -164,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", type=int, default=1000)
     p.add_argument("--workdir", help="keep everything in this directory (default: a temporary "
                                      "one)")
+    p.add_argument("--authority", choices=["software", "pkcs11", "card"], default="software",
+                   help="software keystore, a PKCS#11 token (SoftHSM2), or the authority "
+                        "as a smart card over PC/SC")
+    p.add_argument("--transport", choices=["local", "pcsc"], default="local",
+                   help="reach the units in-process, or as cards fed through a PC/SC reader")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     # conformance

@@ -49,7 +49,7 @@ from ..core.errors import TransportError, WrongLength
 from . import Connection
 
 try:
-    from smartcard import scard as _scard  # type: ignore[import-untyped]
+    from smartcard import scard as _scard  # type: ignore[import-untyped,unused-ignore]
 except ImportError:  # reported by keyload.transports.pcscd.pcsc_available()
     _scard = None
 

@@ -76,7 +76,7 @@ def pcscd_binary() -> str | None:
 
 def _pyscard_missing() -> str | None:
     try:
-        import smartcard.scard  # type: ignore[import-untyped]  # noqa: F401
+        import smartcard.scard  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
     except ImportError as e:
         return f"pyscard is not installed ({e}); pip install pyscard (needs swig, gcc, " \
                "libpcsclite-dev)"

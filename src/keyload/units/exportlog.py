@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
+from ..core.errors import StoreError
 from .authority import ExportRecord
 
 _SCHEMA = """
@@ -23,17 +25,28 @@ CREATE TABLE IF NOT EXISTS exports (
 
 
 class SqliteExportLog:
-    """Append-only table of exports; each append is committed before the answer leaves."""
+    """Append-only table of exports; each append is committed before the answer leaves.
+
+    Usable from any thread (an authority served as a card answers on the card's thread).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         path.chmod(0o600)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
 
     def append(self, record: ExportRecord) -> None:
+        try:
+            with self._lock:
+                self._append(record)
+        except sqlite3.Error as e:
+            raise StoreError(f"the export record could not be written ({e})") from None
+
+    def _append(self, record: ExportRecord) -> None:
         self.db.execute(
             "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
