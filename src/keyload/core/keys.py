@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -9,6 +10,7 @@ from .errors import MalformedData, Unsupported
 from .primitives import Buf, aes_cmac, hmac_sha256
 
 HEADER_VERSION = 0x01
+_HEADER = struct.Struct(">BBBB2s1sH1sBx")  # H (PROTOCOL.md §3); the last byte is ignored
 HEADER_LEN = 12
 FLAG_DIVERSIFIED = 0x01
 FLAG_ED25519 = 0x02
@@ -135,17 +137,9 @@ class KeyHeader:
         """Parse H without judging its content (the unit decides what it accepts)."""
         if len(h) != HEADER_LEN:
             raise MalformedData("key header must be 12 bytes")
-        return cls(
-            header_version=h[0],
-            suite=h[1],
-            key_type=h[2],
-            key_length=h[3],
-            usage=h[4:6].decode("latin-1"),
-            mode=h[6:7].decode("latin-1"),
-            version=int.from_bytes(h[7:9], "big"),
-            exportability=h[9:10].decode("latin-1"),
-            flags=h[10],
-        )
+        hv, suite, kt, kl, usage, mode, version, exp, flags = _HEADER.unpack(h)
+        return cls(suite, kt, kl, usage.decode("latin-1"), mode.decode("latin-1"), version,
+                   exp.decode("latin-1"), flags, hv)
 
     def check_supported(self, suites: frozenset[int] | tuple[int, ...]) -> None:
         """Header version 1 and a supported suite, else 6A81 (PROTOCOL.md §7 step 4)."""

@@ -10,6 +10,7 @@ Randomness and time never enter here: R comes in as an argument.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +21,7 @@ from .messages import ImportData
 from .primitives import (
     Buf,
     aes_cmac,
+    aes_cmac_parts,
     aes_kwp_unwrap,
     aes_kwp_wrap,
     ct_equal,
@@ -47,6 +49,26 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> bytes: ...
 
 
+_ZERO32 = bytes(32)
+_ZERO96 = bytes(96)
+_HEADER = struct.Struct(">BBBB2s1sH1sBB")
+
+
+def encode_header(suite: int, key_type: int, key_length: int, usage: str, mode: str,
+                  version: int, exportability: str, flags: int) -> bytes:
+    """H (PROTOCOL.md §3) without building a KeyHeader; same bytes as KeyHeader.encode."""
+    return _HEADER.pack(1, suite, key_type, key_length, usage.encode("ascii"),
+                        mode.encode("ascii"), version, exportability.encode("ascii"), flags, 0)
+
+
+def encode_import_data(ref2: int, h: bytes, w: bytes, sas: bytes, cas: bytes) -> bytes:
+    """ImportData(ref2, h, w, sas, cas).encode() for W and SAS shorter than 128 bytes."""
+    if len(w) >= 0x80 or len(sas) >= 0x80 or len(h) != 12 or len(cas) != 16:
+        return ImportData(ref2, h, w, sas, cas).encode()
+    return b"".join((bytes((0xC7, 1, ref2, 0xC8, 12)), h, bytes((0xC9, len(w))), w,
+                     bytes((0xCA, len(sas))), sas, b"\xcb\x10", cas))
+
+
 class Scratch:
     """Volatile buffers for one operation; :meth:`wipe` zeroes them all.
 
@@ -65,8 +87,10 @@ class Scratch:
         return [self.t1, self.session, self.ta]
 
     def wipe(self) -> None:
-        for b in self.buffers():
-            b[:] = bytes(len(b))
+        self.t1[:] = _ZERO32
+        self.session[:] = _ZERO96
+        if self.ta:
+            self.ta[:] = bytes(len(self.ta))
 
     @property
     def wiped(self) -> bool:
@@ -99,12 +123,7 @@ def sas_message_ed25519(h: bytes, sn: bytes, ref2: int, ta: Buf) -> bytes:
 
 def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
     """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA'); the message buffer is wiped."""
-    msg = bytearray(LABEL_SAS + h)
-    msg += ta
-    try:
-        return aes_cmac(ksas, msg)
-    finally:
-        msg[:] = bytes(len(msg))
+    return aes_cmac_parts(ksas, LABEL_SAS + h, ta)  # no copy of TA' to wipe
 
 
 def cas_message(sn: bytes, r: bytes, ref2: int, h: bytes, w: bytes, sas: bytes) -> bytes:
@@ -140,16 +159,16 @@ def export_key(
     diversify: bool,
     signer: Signer | None = None,
     scratch: Scratch | None = None,
+    kcv_: bytes | None = None,
 ) -> Exported:
     """Build the IMPORTKEY data for one unit (PROTOCOL.md §4, §8). Wipes its buffers."""
     sc = scratch if scratch is not None else Scratch()
     try:
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, ref2, sc.session)
-        sc.t1[:] = bytes(32)  # T1 is no longer needed
-        kenc = memoryview(sc.session)[0:32]
-        kmac = memoryview(sc.session)[32:64]
-        ksas = memoryview(sc.session)[64:96]
+        sc.t1[:] = _ZERO32  # T1 is no longer needed
+        session = memoryview(sc.session)
+        kenc, kmac, ksas = session[0:32], session[32:64], session[64:96]
         flags = 0
         if diversify:
             if not key_type.is_aes:
@@ -163,17 +182,15 @@ def export_key(
             ta = key
         if signer is not None:
             flags |= FLAG_ED25519
-        h = KeyHeader(suite=suite.id, key_type=key_type, key_length=len(ta), usage=usage,
-                      mode=mode, version=version, exportability=exportability,
-                      flags=flags).encode()
+        h = encode_header(suite.id, key_type, len(ta), usage, mode, version, exportability, flags)
         w = aes_kwp_wrap(kenc, ta)
         if signer is not None:
             sas = signer.sign(sas_message_ed25519(h, sn, ref2, ta))
         else:
             sas = symmetric_sas(ksas, h, ta)
         cas = aes_cmac(kmac, cas_message(sn, r, ref2, h, w, sas))
-        check = kcv(key_type, ta)
-        data = ImportData(ref2, h, w, sas, cas).encode()
+        check = kcv_ if kcv_ is not None and not diversify else kcv(key_type, ta)
+        data = encode_import_data(ref2, h, w, sas, cas)
         return Exported(data, h, check)
     finally:
         sc.wipe()
@@ -211,10 +228,9 @@ def open_import(
     try:
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, data.ref2, sc.session)
-        sc.t1[:] = bytes(32)
-        kenc = memoryview(sc.session)[0:32]
-        kmac = memoryview(sc.session)[32:64]
-        ksas = memoryview(sc.session)[64:96]
+        sc.t1[:] = _ZERO32
+        session = memoryview(sc.session)
+        kenc, kmac, ksas = session[0:32], session[32:64], session[64:96]
         # 5. CAS before any decryption
         want = aes_cmac(kmac, cas_message(sn, r, data.ref2, data.h, data.w, data.sas))
         if not ct_equal(want, data.cas):

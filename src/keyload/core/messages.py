@@ -71,6 +71,8 @@ class InitResponse:
             raise MalformedData("protocol version must be 01")
         if not suites:
             raise MalformedData("no suite listed")
+        if 0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5:
+            return cls(sn, r, set_id, suites)
         return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"), suites)
 
 
@@ -94,6 +96,9 @@ class ExportRequest:
     def decode(cls, data: bytes) -> ExportRequest:
         sn, r, set_id, suite, ref1, ref2 = tlv.decode(
             data, (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2))
+        if (0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5 and len(suite) == 1
+                and 0 < len(ref1) <= 32 and len(ref2) == 1 and 0 < ref2[0] < 255):
+            return cls(sn, r, set_id, suite[0], ref1, ref2[0])  # fast path: all valid
         return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"),
                    _fixed(suite, 1, "suite id")[0], check_ref1(ref1), _ref2(ref2))
 
@@ -115,6 +120,8 @@ class ImportData:
     @classmethod
     def decode(cls, data: bytes) -> ImportData:
         ref2, h, w, sas, cas = tlv.decode(data, (T_REF2, T_H, T_W, T_SAS, T_CAS))
+        if len(ref2) == 1 and 0 < ref2[0] < 255 and len(h) == 12 and len(cas) == 16:
+            return cls(ref2[0], h, w, sas, cas)  # fast path: all valid
         return cls(_ref2(ref2), _fixed(h, 12, "H"), w, sas, _fixed(cas, 16, "CAS"))
 
 
@@ -124,15 +131,18 @@ class ExportResponse:
 
     import_data: bytes  # the content of E0, sent as it stands in IMPORTKEY
     kcv: bytes
+    header: bytes = b""  # H, as found in E0 by decode (not part of the encoding)
 
     def encode(self) -> bytes:
+        if len(self.import_data) < 0x80 and len(self.kcv) < 0x80:
+            return b"".join((bytes((T_E0, len(self.import_data))), self.import_data,
+                             bytes((T_KCV, len(self.kcv))), self.kcv))
         return tlv.tlv(T_E0, self.import_data) + tlv.tlv(T_KCV, self.kcv)
 
     @classmethod
     def decode(cls, data: bytes) -> ExportResponse:
         e0, kcv = tlv.decode(data, (T_E0, T_KCV))
-        ImportData.decode(e0)
-        return cls(e0, _fixed(kcv, 5, "KCV"))
+        return cls(e0, _fixed(kcv, 5, "KCV"), ImportData.decode(e0).h)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +158,8 @@ class ImportResponse:
     @classmethod
     def decode(cls, data: bytes) -> ImportResponse:
         kcv, rct = tlv.decode(data, (T_KCV, T_RCT))
+        if len(kcv) == 5 and len(rct) == 16:
+            return cls(kcv, rct)
         return cls(_fixed(kcv, 5, "KCV"), _fixed(rct, 16, "RCT"))
 
 

@@ -31,6 +31,7 @@ Buf = bytes | bytearray | memoryview
 
 __all__ = [
     "aes_cmac",
+    "aes_cmac_parts",
     "aes_cmac_verify",
     "aes_ecb_encrypt_into",
     "aes_kw_unwrap",
@@ -57,6 +58,14 @@ def aes_cmac(key: Buf, data: Buf) -> bytes:
     """AES-CMAC (SP 800-38B), full 16-byte tag."""
     c = cmac.CMAC(algorithms.AES(key))
     c.update(data)  # type: ignore[arg-type]  # any bytes-like is accepted
+    return c.finalize()
+
+
+def aes_cmac_parts(key: Buf, head: Buf, tail: Buf) -> bytes:
+    """AES-CMAC over ``head || tail`` without building the concatenation."""
+    c = cmac.CMAC(algorithms.AES(key))
+    c.update(head)  # type: ignore[arg-type]
+    c.update(tail)  # type: ignore[arg-type]
     return c.finalize()
 
 
@@ -105,6 +114,17 @@ def kbkdf_cmac_into(
         fixed=fixed,
     )
     kdf.derive_into(key, out)
+
+
+_AES = algorithms.AES
+_COUNTER = Mode.CounterMode
+_BEFORE = CounterLocation.BeforeFixed
+
+
+def kbkdf_klp1_into(key: Buf, out: bytearray, label: bytes, context: bytes) -> None:
+    """:func:`kbkdf_cmac_into` with KLP1 suite 0x01's parameters, positional (hot path)."""
+    KBKDFCMAC(algorithm=_AES, mode=_COUNTER, length=len(out), rlen=1, llen=2,
+              location=_BEFORE, label=label, context=context, fixed=None).derive_into(key, out)
 
 
 def aes_ecb_encrypt_into(key: Buf, data: Buf, out: bytearray) -> None:

@@ -15,17 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import Unsupported
-from .primitives import Buf, ecbdiv_into, kbkdf_cmac_into
+from .primitives import Buf, ecbdiv_into, kbkdf_klp1_into
 
 KdfInto = Callable[[Buf, bytearray, bytes, bytes], None]
 
 SUITE_KBKDF = 0x01
 SUITE_ECBDIV = 0x02
 PREFERENCE = (SUITE_KBKDF, SUITE_ECBDIV)  # the station's order (PROTOCOL.md §5)
-
-
-def _kbkdf(key: Buf, out: bytearray, label: bytes, context: bytes) -> None:
-    kbkdf_cmac_into(key, out, label=label, context=context)
 
 
 def _ecbdiv(key: Buf, out: bytearray, label: bytes, context: bytes) -> None:
@@ -40,7 +36,7 @@ class Suite:
 
 
 SUITES: dict[int, Suite] = {
-    SUITE_KBKDF: Suite(SUITE_KBKDF, "KBKDF", _kbkdf),
+    SUITE_KBKDF: Suite(SUITE_KBKDF, "KBKDF", kbkdf_klp1_into),
     SUITE_ECBDIV: Suite(SUITE_ECBDIV, "ECBDIV", _ecbdiv),
 }
 

@@ -30,11 +30,14 @@ def encode_length(n: int) -> bytes:
 
 def tlv(tag: int, value: bytes) -> bytes:
     """One TLV: tag, length, value."""
-    return bytes((tag,)) + encode_length(len(value)) + value
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    return bytes((tag,)) + encode_length(n) + value
 
 
 def encode(items: Iterable[tuple[int, bytes]]) -> bytes:
-    return b"".join(tlv(t, v) for t, v in items)
+    return b"".join([tlv(t, v) for t, v in items])
 
 
 def iter_tlv(data: bytes) -> list[tuple[int, bytes]]:
@@ -74,6 +77,24 @@ def iter_tlv(data: bytes) -> list[tuple[int, bytes]]:
 
 def decode(data: bytes, tags: Sequence[int]) -> list[bytes]:
     """Values of exactly ``tags``, in that order, each once, nothing else."""
+    # fast path: well-formed data with one-byte lengths; anything else takes the
+    # strict path below, which gives the exact error
+    values: list[bytes] = []
+    i, n = 0, len(data)
+    for want in tags:
+        if i + 2 > n or data[i] != want or data[i + 1] >= 0x80:
+            return _decode_strict(data, tags)
+        end = i + 2 + data[i + 1]
+        if end > n:
+            return _decode_strict(data, tags)
+        values.append(data[i + 2:end])
+        i = end
+    if i != n:
+        return _decode_strict(data, tags)
+    return values
+
+
+def _decode_strict(data: bytes, tags: Sequence[int]) -> list[bytes]:
     items = iter_tlv(data)
     if len(items) != len(tags):
         raise MalformedData("unexpected number of TLV objects")

@@ -65,6 +65,8 @@ AUTHORITY_MEANING = {
 
 
 def _check(rapdu: bytes, meanings: dict[int, str]) -> bytes:
+    if rapdu[-2:] == b"\x90\x00":  # fast path: success
+        return rapdu[:-2]
     r = ResponseAPDU.decode(rapdu)
     return r.check(meanings.get(r.sw, ""))
 
@@ -176,5 +178,5 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
     if not ct_equal(ans.kcv, resp.kcv):
         raise _step("KCV check", KcvMismatch("the unit's KCV differs from the authority's"),
                     init.sn)
-    header = msg.ImportData.decode(resp.import_data).h
+    header = resp.header or msg.ImportData.decode(resp.import_data).h
     return LoadResult(init.sn, init.set_id, ref1, ref2, suite, init.r, header, ans.kcv, ans.rct)

@@ -261,7 +261,8 @@ class SoftwareKeystore:
             get_suite(req.suite), t.value.buffer, req.sn, req.r, req.ref2,
             key_type=i.key_type, key=k.value.buffer, usage=i.attrs.usage, mode=i.attrs.mode,
             version=i.version, exportability=i.attrs.exportability, diversify=i.diversify,
-            signer=self._signer if t.info.signed else None, scratch=self._scratch)
+            signer=self._signer if t.info.signed else None, scratch=self._scratch,
+            kcv_=i.kcv)
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
                 kcv_: bytes) -> bytes:
