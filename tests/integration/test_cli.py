@@ -600,7 +600,7 @@ def test_demo_customizes_all_units(demo20: tuple[Path, Result]) -> None:
 def test_demo_files_on_disk(demo20: tuple[Path, Result]) -> None:
     workdir, _ = demo20
     assert (workdir / "authority").is_dir() and (workdir / "units").is_dir()
-    assert (workdir / "station.db").is_file()
+    assert (workdir / "journal.db").is_file() and (workdir / "audit.db").is_file()
     units = sorted((workdir / "units").glob("*.unit"))
     assert len(units) == 20
     assert [u.stem for u in units] == [(b"KL" + i.to_bytes(6, "big")).hex()

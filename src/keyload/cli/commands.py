@@ -431,17 +431,36 @@ def load(args: argparse.Namespace) -> int:
 
 
 def receipts_verify(args: argparse.Namespace) -> int:
+    """Single loads (``station.db``) and every campaign's ledger (``journal.db``)."""
     home = _home(args)
-    if not home.station_db.exists():
-        raise StoreError(f"no station records at {home.station_db}")
+    if not home.station_db.exists() and not home.journal_path.exists():
+        raise StoreError(f"no station records or campaign journal in {home.root}")
     ks = home.open_keystore()
-    records = LoadRecords(home.station_db)
+    ok = bad = 0
+    invalid: list[dict[str, Any]] = []
     try:
-        from .demo import verify_receipts
+        authority = home.authority(ks)
+        if home.station_db.exists():
+            from .demo import verify_receipts
 
-        ok, bad, invalid = verify_receipts(home.authority(ks), records)
+            records = LoadRecords(home.station_db)
+            try:
+                ok, bad, invalid = verify_receipts(authority, records)
+            finally:
+                records.close()
+        if home.journal_path.exists():
+            from ..station.journal import open_journal
+            from ..station.report import verify_ledger
+
+            journal = open_journal(home.journal_path)
+            try:
+                for name in journal.campaigns():
+                    chk = verify_ledger(journal, name, authority)
+                    ok, bad = ok + chk.verified, bad + chk.invalid
+                    invalid += chk.invalid_rows or []
+            finally:
+                journal.close()
     finally:
-        records.close()
         ks.close()
     if args.json:
         emit_json({"verified": ok, "invalid": bad, "invalid_rows": invalid})

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.errors import StoreError
 from ..core.keys import aes_kcv
 from ..core.secret import Secret
+from ..station.audit import AuditedExportLog, AuditLog
 from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore
@@ -85,8 +86,22 @@ class Home:
             return open_pkcs11(cfg)
         return SoftwareKeystore.open(self.authority_dir, self.source)
 
-    def authority(self, ks: AuthorityBackend) -> Authority:
-        return Authority(ks, log=SqliteExportLog(self.authority_dir / "exports.db"))
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "journal.db"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.root / "audit.db"
+
+    def audit(self) -> AuditLog:
+        self.ensure()
+        return AuditLog(self.audit_path, actor="station")
+
+    def authority(self, ks: AuthorityBackend, audit: AuditLog | None = None) -> Authority:
+        """The authority role over ``ks``: exports recorded, and chained into the audit log."""
+        log = SqliteExportLog(self.authority_dir / "exports.db")
+        return Authority(ks, log=AuditedExportLog(audit or self.audit(), log))
 
 
 def open_pkcs11(cfg: dict[str, Any], *, pin: str | None = None) -> Pkcs11Keystore:

@@ -15,7 +15,9 @@ production. The demo token's PIN is ``$KEYLOAD_PKCS11_PIN`` or a demo PIN, likew
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,16 +29,19 @@ from typing import Any
 from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyType
 from ..core.secret import Secret
-from ..station.customize import UnitSource, customize
-from ..station.fleet import EmulatedFleet
+from ..station.campaign import RunOptions, run_campaign
+from ..station.customize import Failure, Summary, customize
+from ..station.fleet import EmulatedFleet, EmulatedUnitSource
+from ..station.journal import open_journal
 from ..station.load import AuthorityClient
 from ..station.progress import Progress
 from ..station.records import LoadRecords
+from ..station.report import verify_ledger
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.authority import Authority, ExportPolicy
 from ..units.keystore import SoftwareKeystore, display_ref1
-from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource
+from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource, atomic_write
 from ..units.unit import Slot, Unit
 from .context import Home, Keystore, open_pkcs11
 from .output import emit_json, kv, table
@@ -118,15 +123,103 @@ def _pcscd(stack: ExitStack) -> Any:
     return stack.enter_context(running_pcscd())
 
 
+MARKER = "demo.json"
+SETUP_PARTS = ("authority", "units", "softhsm", "journal.db", "audit.db", "station.db")
+
+
+def _prepare_workdir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The workdir, and whether a finished setup is there to resume.
+
+    A workdir holding a demo made with the same arguments is resumed; one whose setup
+    was interrupted (no load has run yet) is set up again; anything else is refused.
+    """
+    if not args.workdir:
+        return Path(tempfile.mkdtemp(prefix="keyload-demo-")), False
+    root = Path(args.workdir)
+    if not root.exists() or not any(root.iterdir()):
+        return root, False
+    want = {"units": args.units, "authority": args.authority, "transport": args.transport}
+    try:
+        marker = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{root} is not empty: give a new or empty --workdir") from None
+    if {k: marker.get(k) for k in want} != want:
+        raise ValueError(f"{root} holds a demo made with other arguments "
+                         f"({', '.join(f'--{k} {v}' for k, v in marker.items() if k in want)})")
+    if marker.get("state") == "ready":
+        return root, True
+    for part in SETUP_PARTS:  # an interrupted setup: nothing was loaded yet, start over
+        path = root / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            for p in root.glob(part + "*"):
+                p.unlink()
+    return root, False
+
+
+def _write_marker(root: Path, args: argparse.Namespace, state: str) -> None:
+    atomic_write(root / MARKER, json.dumps(
+        {"units": args.units, "authority": args.authority, "transport": args.transport,
+         "state": state}).encode())
+
+
+def _setup(args: argparse.Namespace, home: Home, stack: ExitStack,
+           say: Callable[[str], None], show: bool) -> list[bytes]:
+    """Authority, sets, keys, the set's units and the planned campaign."""
+    ks = _make_authority(args.authority, home, stack, say)
+    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+    stack.callback(fleet.close)
+    pub = ks.set_signing_key()
+    # T as the key ceremony makes it: generated once, installed in the authority and
+    # handed to the card manufacturer for the units (then wiped)
+    t = Secret.take(os.urandom(32))
+    stack.callback(t.wipe)
+    set_a = ks.add_set(Secret(t.buffer), "operator-a", signed=True)
+    set_b = ks.generate_set("operator-b", signed=True)
+    for ref1, kt, usage, mode, exp, div, slot in DEMO_KEYS:
+        ks.generate_key(ref1, kt, KeyAttributes(usage, mode, exp), version=1, diversify=div,
+                        policy=ExportPolicy(frozenset({set_a.set_id}), frozenset({slot})))
+    ks.generate_key(b"PIN-B", KeyType.AES128, KeyAttributes("P0", "E", "N"), version=1,
+                    diversify=False,
+                    policy=ExportPolicy(frozenset({set_b.set_id}), frozenset({3})))
+    caps = ks.capabilities()
+    names = ", ".join(display_ref1(k.ref1) for k in ks.key_infos())
+    say(f"authority ({caps.backend}, suites "
+        f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))}): sets operator-a "
+        f"{set_a.set_id.hex()}, operator-b {set_b.set_id.hex()} (Ed25519 SAS); keys {names}")
+    # the set's units, as a card manufacturer delivers them: SN, T, slots
+    slots = {1: Slot(1, frozenset({KeyType.AES256})),
+             2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
+             3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
+             4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
+    serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, args.units + 1)]
+    prog = Progress(len(serials), label="units created", stream=sys.stderr, enabled=show)
+    for sn in serials:
+        fleet.create_unit(sn, t, dict(slots), verify_key=pub)
+        prog.update(ok=True)
+    prog.close()
+    t.wipe()
+    ks.close()
+    journal = open_journal(home.journal_path)
+    try:
+        from .campaigns import create_campaign
+
+        create_campaign(home, journal, CAMPAIGN, set_a.set_id,
+                        [(ref1, slot) for ref1, *_, slot in DEMO_KEYS], serials,
+                        {"demo": args.units})
+    finally:
+        journal.close()
+    return serials
+
+
+CAMPAIGN = "demo"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.units < 1:
         raise ValueError("--units must be at least 1")
-    if args.workdir:
-        root = Path(args.workdir)
-        if root.exists() and any(root.iterdir()):
-            raise ValueError(f"{root} is not empty: give a new or empty --workdir")
-    else:
-        root = Path(tempfile.mkdtemp(prefix="keyload-demo-"))
+    root, resume = _prepare_workdir(args)
     source, demo_pass = _source()
     home = Home(root, source)
     home.ensure()
@@ -135,133 +228,172 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(text, flush=True)
 
-    err = sys.stderr
     show = not args.quiet and not args.json
     say(f"workdir: {root}")
     say(f"authority: {args.authority}, transport: {args.transport}")
     if demo_pass:
         say(f"vaults sealed with the demo passphrase (set {ENV_PASSPHRASE} or {ENV_KEK} "
             "for your own)")
-
+    if args.authority == "pkcs11" and not os.environ.get(PIN_ENV):
+        os.environ[PIN_ENV] = DEMO_PIN
     t_setup = time.monotonic()
-    with ExitStack() as stack:
-        ks = _make_authority(args.authority, home, stack, say)
-        fleet = EmulatedFleet.open(home.units_dir, source, create=True)
-        stack.callback(fleet.close)
-        records = LoadRecords(home.station_db, station=f"demo@{os.uname().nodename}")
-        stack.callback(records.close)
+    if resume:
+        say("resuming the campaign in this workdir")
+    else:
+        _write_marker(root, args, "setup")
+        with ExitStack() as stack:
+            _setup(args, home, stack, say, show)
+        _write_marker(root, args, "ready")
+    setup_s = time.monotonic() - t_setup
 
-        pub = ks.set_signing_key()
-        # T as the key ceremony makes it: generated once, installed in the authority and
-        # handed to the card manufacturer for the units (then wiped)
-        t = Secret.take(os.urandom(32))
-        stack.callback(t.wipe)
-        set_a = ks.add_set(Secret(t.buffer), "operator-a", signed=True)
-        set_b = ks.generate_set("operator-b", signed=True)
-        for ref1, kt, usage, mode, exp, div, slot in DEMO_KEYS:
-            ks.generate_key(ref1, kt, KeyAttributes(usage, mode, exp), version=1,
-                            diversify=div,
-                            policy=ExportPolicy(frozenset({set_a.set_id}), frozenset({slot})))
-        ks.generate_key(b"PIN-B", KeyType.AES128, KeyAttributes("P0", "E", "N"), version=1,
-                        diversify=False,
-                        policy=ExportPolicy(frozenset({set_b.set_id}), frozenset({3})))
-        caps = ks.capabilities()
-        names = ", ".join(display_ref1(k.ref1) for k in ks.key_infos())
-        say(f"authority ({caps.backend}, suites "
-            f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))}): sets operator-a "
-            f"{set_a.set_id.hex()}, operator-b {set_b.set_id.hex()} (Ed25519 SAS); "
-            f"keys {names}")
-
-        # the set's units, as a card manufacturer delivers them: SN, T, slots
-        slots = {1: Slot(1, frozenset({KeyType.AES256})),
-                 2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
-                 3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
-                 4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
-        serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, args.units + 1)]
-        prog = Progress(len(serials), label="units created", stream=err, enabled=show)
-        for sn in serials:
-            fleet.create_unit(sn, t, dict(slots), verify_key=pub)
-            prog.update(ok=True)
-        prog.close()
-        t.wipe()
-        setup_s = time.monotonic() - t_setup
-
-        authority = home.authority(ks)
-        pcscd: Any = None
-        if args.transport == "pcsc" or args.authority == "card":
-            pcscd = _pcscd(stack)
-        auth_conn: Connection
-        if args.authority == "card":
-            from ..transports.pcsc import PcscConnection
-            from ..transports.vcard import VirtualCard
-
-            card = VirtualCard(authority, AUTHORITY_PORT).start()
-            stack.callback(card.stop)
-            reader = pcscd.reader_for_port(AUTHORITY_PORT)
-            from ..transports.pcsc import wait_for_card
-
-            wait_for_card(reader, timeout=10)
-            pconn = PcscConnection(reader)
-            stack.callback(pconn.close)
-            auth_conn = pconn
-        else:
-            auth_conn = LocalConnection(authority)
-        client = AuthorityClient(auth_conn, suites=caps.suites)
-
-        units: Iterator[UnitSource] | list[UnitSource]
+    if args.transport == "pcsc":
+        summary = _run_pcsc(args, home, show)
+        run_s, reconciled, this_run = summary.elapsed, 0, summary.loads_ok
+    else:
+        summary, run_s, reconciled, this_run = _run_campaign(args, home, show)
+    ks = home.open_keystore()
+    journal = open_journal(home.journal_path)
+    try:
+        chk = verify_ledger(journal, CAMPAIGN, home.authority(ks)) \
+            if args.transport != "pcsc" else None
+        ok = chk.verified if chk else 0
+        bad = chk.invalid if chk else 0
         if args.transport == "pcsc":
-            from ..transports.pcsc import cards_in_reader
-            from ..transports.vcard import CardFeeder
+            records = LoadRecords(home.station_db)
+            ok, bad, _ = verify_receipts(home.authority(ks), records)
+            records.close()
+    finally:
+        journal.close()
+        ks.close()
 
-            def unit_apps() -> Iterator[Unit]:
-                for sn in serials:
-                    u = fleet.open_unit(sn)
-                    try:
-                        yield u
-                    finally:
-                        u.close()
-
-            feeder = CardFeeder(unit_apps(), UNIT_PORT).start()
-            stack.callback(feeder.stop)
-            units = cards_in_reader(pcscd.reader_for_port(UNIT_PORT), count=len(serials),
-                                    timeout=15)
-            say("units are fed through the reader one after another (pcscd polls a "
-                "virtual reader every 400 ms: about 1 unit/s)")
-        else:
-            units = list(fleet.sources(serials))
-
-        plan = [(ref1, slot) for ref1, *_, slot in DEMO_KEYS]
-        prog = Progress(len(serials), label="units customized", stream=err, enabled=show)
-        summary = customize(units, plan, client, total=len(serials),
-                            on_result=records.add, on_failure=records.add_failure,
-                            progress=prog)
-        ok, bad, _ = verify_receipts(authority, records)
-
-    rate = summary.units / summary.elapsed if summary.elapsed else 0.0
     if args.json:
         out = summary.to_json()
         out.update(workdir=str(root), authority=args.authority, transport=args.transport,
-                   receipts_verified=ok, receipts_invalid=bad, setup_s=round(setup_s, 3))
+                   receipts_verified=ok, receipts_invalid=bad, reconciled=reconciled,
+                   loads_this_run=this_run, run_s=round(run_s, 3), setup_s=round(setup_s, 3))
         emit_json(out)
     else:
         print()
         kv([("units", summary.units), ("customized", summary.customized),
             ("failed", summary.failed_units), ("loads", f"{summary.loads_ok} ok, "
                                                         f"{summary.loads_failed} failed"),
-            ("receipts", f"{ok} verified by the authority, {bad} invalid"),
+            ("receipts", f"{ok} verified by the authority, {bad} invalid"
+                         + (f", {reconciled} loads reconciled after an interruption"
+                            if reconciled else "")),
             ("suites", ", ".join(f"{k:#04x}: {v}" for k, v in sorted(summary.by_suite.items()))),
-            ("time", f"{summary.elapsed:.2f} s ({rate:,.0f} units/s, "
-                     f"{summary.loads_ok / summary.elapsed if summary.elapsed else 0:,.0f} "
-                     f"loads/s)")])
+            ("this run", f"{this_run} loads in {run_s:.2f} s"
+                         + (f" ({this_run / run_s:,.0f} loads/s)" if run_s and this_run else
+                            ""))])
         if summary.failures:
             print()
             table(["SW", "step", "count"],
                   [[sw, step, n] for (sw, step), n in summary.failures_by_sw().most_common()])
         print()
-        table(["REF1", "slot", "loaded"],
-              [[display_ref1(r1), r2, summary.units - sum(
-                  1 for f in summary.failures if f.ref1 in (r1, b""))] for r1, r2 in plan])
-        print()
         print(f"customized {summary.customized} of {summary.units} units, "
               f"{summary.failed_units} failed")
     return 0 if summary.failed_units == 0 and bad == 0 else 1
+
+
+def _authority_conn(args: argparse.Namespace, authority: Authority, stack: ExitStack
+                    ) -> Connection:
+    if args.authority != "card":
+        return LocalConnection(authority)
+    from ..transports.pcsc import PcscConnection, wait_for_card
+    from ..transports.vcard import VirtualCard
+
+    pcscd = _pcscd(stack)
+    card = VirtualCard(authority, AUTHORITY_PORT).start()
+    stack.callback(card.stop)
+    reader = pcscd.reader_for_port(AUTHORITY_PORT)
+    wait_for_card(reader, timeout=10)
+    pconn = PcscConnection(reader)
+    stack.callback(pconn.close)
+    return pconn
+
+
+def _run_campaign(args: argparse.Namespace, home: Home, show: bool
+                  ) -> tuple[Summary, float, int, int]:
+    """The demo's campaign (resumable): run, then read the outcome from the journal."""
+    with ExitStack() as stack:
+        journal = open_journal(home.journal_path)
+        stack.callback(journal.close)
+        journal.lock_station(CAMPAIGN, "demo")
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        stack.callback(fleet.close)
+        audit = home.audit()
+        stack.callback(audit.close)
+        authority = home.authority(ks, audit)
+        client = AuthorityClient(_authority_conn(args, authority, stack),
+                                 suites=ks.capabilities().suites)
+        camp = journal.campaign(CAMPAIGN)
+        counts = journal.counts(CAMPAIGN)
+        open_units = -(-(counts["planned"] + counts["claimed"] + counts["exported"])
+                       // len(camp.plan))
+        prog = Progress(max(open_units, 1), label="units customized", stream=sys.stderr,
+                        enabled=show and open_units > 0)
+        audit.append("campaign run", {"campaign": CAMPAIGN, "station": "demo"})
+        run = run_campaign(journal, CAMPAIGN, client,
+                           lambda sn: EmulatedUnitSource(fleet, sn).connect(),
+                           RunOptions(station="demo", batch_units=32, lease_s=30.0),
+                           progress=prog)
+        if run.interrupted:
+            raise KeyboardInterrupt
+        s = Summary(units=camp.units)
+        bad_units: set[bytes] = set()
+        for row in journal.rows(CAMPAIGN):
+            if row.state == "imported":
+                s.loads_ok += 1
+                if row.suite is not None:
+                    s.by_suite[row.suite] += 1
+            else:
+                s.loads_failed += 1
+                bad_units.add(row.sn)
+                step, _, reason = (row.reason or "").partition(": ")
+                s.failures.append(Failure(row.sn.hex(), row.ref1, row.ref2, step or row.state,
+                                          row.sw, reason or row.state))
+        s.customized = camp.units - len(bad_units)
+        s.elapsed = run.elapsed
+        return s, run.elapsed, run.reconciled, run.loads_done
+
+
+def _run_pcsc(args: argparse.Namespace, home: Home, show: bool) -> Summary:
+    """Units fed through a PC/SC reader one after another (not a resumable campaign: the
+    feeder presents cards in its own order)."""
+    from ..transports.pcsc import cards_in_reader
+    from ..transports.vcard import CardFeeder
+
+    with ExitStack() as stack:
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        stack.callback(fleet.close)
+        records = LoadRecords(home.station_db, station=f"demo@{os.uname().nodename}")
+        stack.callback(records.close)
+        authority = home.authority(ks)
+        client = AuthorityClient(_authority_conn(args, authority, stack),
+                                 suites=ks.capabilities().suites)
+        pcscd = _pcscd(stack)
+        serials = fleet.serials()
+
+        def unit_apps() -> Iterator[Unit]:
+            for sn in serials:
+                u = fleet.open_unit(sn)
+                try:
+                    yield u
+                finally:
+                    u.close()
+
+        feeder = CardFeeder(unit_apps(), UNIT_PORT).start()
+        stack.callback(feeder.stop)
+        units = cards_in_reader(pcscd.reader_for_port(UNIT_PORT), count=len(serials),
+                                timeout=15)
+        if show:
+            print("units are fed through the reader one after another (pcscd polls a "
+                  "virtual reader every 400 ms: about 1 unit/s)", flush=True)
+        plan = [(ref1, slot) for ref1, *_, slot in DEMO_KEYS]
+        prog = Progress(len(serials), label="units customized", stream=sys.stderr,
+                        enabled=show)
+        return customize(units, plan, client, total=len(serials), on_result=records.add,
+                         on_failure=records.add_failure, progress=prog)

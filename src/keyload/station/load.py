@@ -8,6 +8,7 @@ error; :class:`LoadFailed` says at which step, on which side, and keeps that err
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import messages as msg
@@ -142,9 +143,16 @@ def _step(step: str, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
     return LoadFailed(step, e, sn=sn)
 
 
+ExportHook = Callable[[msg.InitResponse, int, msg.ExportResponse], None]
+
+
 def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
-             select: bool = True) -> LoadResult:
-    """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed."""
+             select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
+    """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed.
+
+    ``on_export(init, suite, response)`` runs after EXPORTKEY and before IMPORTKEY (a
+    journal records the export there); if it raises, nothing is sent to the unit.
+    """
     msg.check_ref1(ref1)
     msg.check_ref2(ref2)
     try:
@@ -171,6 +179,8 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
         except KeyloadError as e:
             raise _step("authority EXPORTKEY", e, init.sn) from None
     assert resp is not None
+    if on_export is not None:
+        on_export(init, suite, resp)
     try:
         ans = unit.import_key(resp.import_data)
     except KeyloadError as e:

@@ -1,0 +1,355 @@
+"""``keyload campaign …``, ``keyload ledger …``, ``keyload audit verify``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..core.errors import StoreError
+from ..station.campaign import RunOptions, run_campaign
+from ..station.fleet import EmulatedFleet, EmulatedUnitSource
+from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
+from ..station.load import AuthorityClient
+from ..station.progress import Progress
+from ..station.report import (
+    build_report,
+    ledger,
+    status,
+    verify_ledger,
+    write_ledger_csv,
+    write_report,
+)
+from ..transports.local import LocalConnection
+from ..units.keystore import display_ref1, parse_ref1
+from .context import Home
+from .output import emit_json, kv
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home.resolve(args.home)
+
+
+def _journal(args: argparse.Namespace, home: Home) -> Journal:
+    home.ensure()
+    return open_journal(args.journal or home.journal_path)
+
+
+def parse_load(text: str) -> tuple[bytes, int]:
+    ref1, sep, ref2 = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"--load {text!r}: expected REF1:REF2")
+    try:
+        r2 = int(ref2)
+    except ValueError:
+        raise ValueError(f"--load {text!r}: REF2 must be a number") from None
+    if not 1 <= r2 <= 254:
+        raise ValueError(f"--load {text!r}: REF2 must be in 1..254")
+    return parse_ref1(ref1), r2
+
+
+def read_manifest(path: Path) -> list[bytes]:
+    """SNs in hex: a JSON list (of strings, or of objects with ``sn``), or a CSV with an
+    ``sn`` column (or one SN per line)."""
+    text = path.read_text()
+    items: list[str]
+    if path.suffix.lower() == ".json":
+        doc = json.loads(text)
+        items = [d["sn"] if isinstance(d, dict) else d for d in doc]
+    else:
+        rows = list(csv.reader(text.splitlines()))
+        if rows and rows[0] and rows[0][0].strip().lower() == "sn":
+            rows = rows[1:]
+        items = [r[0].strip() for r in rows if r and r[0].strip()]
+    out = []
+    seen = set()
+    for x in items:
+        try:
+            sn = bytes.fromhex(str(x))
+        except ValueError:
+            raise ValueError(f"{path}: {x!r} is not a hex SN") from None
+        if not 1 <= len(sn) <= 32:
+            raise ValueError(f"{path}: SN {x!r} must be 1 to 32 bytes")
+        if sn in seen:
+            raise ValueError(f"{path}: SN {x} is listed twice")
+        seen.add(sn)
+        out.append(sn)
+    return out
+
+
+def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
+                    loads: list[tuple[bytes, int]], serials: list[bytes],
+                    source: dict[str, object]) -> Campaign:
+    """Resolve each REF1's current version at the authority, then plan every load."""
+    ks = home.open_keystore()
+    try:
+        ks.set_info(set_id)
+        plan = tuple(PlannedLoad(r1, r2, ks.key_info(r1).version) for r1, r2 in loads)
+    finally:
+        ks.close()
+    if len({p.ref2 for p in plan}) != len(plan):
+        raise ValueError("two loads go to the same slot")
+    camp = Campaign(name, set_id, time.time(), plan, source, len(serials))
+    journal.create_campaign(camp, serials)
+    audit = home.audit()
+    audit.append("campaign create", {"campaign": name, "set_id": set_id.hex(),
+                                     "units": len(serials),
+                                     "plan": [[p.ref1.hex(), p.ref2, p.version] for p in plan]})
+    audit.close()
+    return camp
+
+
+def campaign_create(args: argparse.Namespace) -> int:
+    home = _home(args)
+    set_id = bytes.fromhex(args.set_id)
+    loads = [parse_load(x) for x in args.load]
+    if args.manifest:
+        serials = read_manifest(Path(args.manifest))
+        source: dict[str, object] = {"manifest": str(args.manifest)}
+    else:
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        serials = fleet.serials()
+        fleet.close()
+        source = {"emulated": str(home.units_dir)}
+    if not serials:
+        raise ValueError("no units to customize")
+    journal = _journal(args, home)
+    try:
+        camp = create_campaign(home, journal, args.name, set_id, loads, serials, source)
+    finally:
+        journal.close()
+    if args.json:
+        emit_json({"campaign": camp.id, "units": camp.units, "loads": camp.units * len(loads)})
+    else:
+        print(f"campaign {camp.id}: {camp.units:,} units x {len(loads)} loads planned")
+    return 0
+
+
+def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
+                 show: bool) -> tuple[dict[str, object], int]:
+    """Run (or resume) a campaign over the home's emulated units, in-process."""
+    camp = journal.campaign(name)
+    journal.lock_station(name, opts.station)
+    ks = home.open_keystore()
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    audit = home.audit()
+    try:
+        authority = home.authority(ks, audit)
+        client = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
+        counts = journal.counts(name)
+        left_units = camp.units if not counts["imported"] else None
+        todo = counts["planned"] + counts["claimed"] + counts["exported"]
+        total_units = left_units if left_units is not None else \
+            -(-todo // max(len(camp.plan), 1))
+        prog = Progress(max(total_units, 1), label="units", enabled=show)
+        audit.append("campaign run", {"campaign": name, "station": opts.station,
+                                      "open_loads": todo})
+
+        def connect(sn: bytes) -> EmulatedUnitSource:
+            return EmulatedUnitSource(fleet, sn)
+
+        summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(), opts,
+                               progress=prog)
+        audit.append("campaign stop", {"campaign": name, "station": opts.station,
+                                       **{k: v for k, v in summary.to_json().items()
+                                          if k != "failures"}})
+    finally:
+        audit.close()
+        fleet.close()
+        ks.close()
+    st = status(journal, name)
+    return {"run": summary.to_json(), "status": st}, (130 if summary.interrupted else 0)
+
+
+def _station_name(args: argparse.Namespace) -> str:
+    return str(args.station or socket.gethostname())
+
+
+def _opts(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(station=_station_name(args), batch_units=args.batch,
+                      lease_s=args.lease, retries=args.retries, workers=args.workers)
+
+
+def campaign_run(args: argparse.Namespace) -> int:
+    home = _home(args)
+    journal = _journal(args, home)
+    try:
+        out, rc = run_emulated(home, journal, args.name, _opts(args),
+                               show=not args.json and not args.quiet)
+    finally:
+        journal.close()
+    st = out["status"]
+    assert isinstance(st, dict)
+    if args.json:
+        emit_json(out)
+    else:
+        _print_status(st)
+    if rc:
+        return rc
+    return 0 if st["states"]["failed"] == 0 else 1
+
+
+def _print_status(st: dict[str, object]) -> None:
+    states = st["states"]
+    assert isinstance(states, dict)
+    kv([("campaign", st["campaign"]), ("set", st["set_id"]), ("units", st["units"]),
+        ("loads", st["loads"])] + [(k, f"{v:,}") for k, v in states.items()])
+    print(f"{states['imported']:,} of {st['loads']:,} loads imported, {states['failed']:,} "
+          "failed")
+
+
+def campaign_status(args: argparse.Namespace) -> int:
+    home = _home(args)
+    journal = _journal(args, home)
+    try:
+        names = [args.name] if args.name else journal.campaigns()
+        sts = [status(journal, n) for n in names]
+    finally:
+        journal.close()
+    if args.json:
+        emit_json(sts if not args.name else sts[0])
+    else:
+        for st in sts:
+            _print_status(st)
+    return 0
+
+
+def campaign_report(args: argparse.Namespace) -> int:
+    home = _home(args)
+    journal = _journal(args, home)
+    try:
+        rep = build_report(journal, args.name)
+    finally:
+        journal.close()
+    paths = write_report(rep, Path(args.out))
+    if args.json:
+        emit_json({"files": [str(p) for p in paths]})
+    else:
+        for p in paths:
+            print(f"wrote {p}")
+    return 0
+
+
+def ledger_verify(args: argparse.Namespace) -> int:
+    home = _home(args)
+    journal = _journal(args, home)
+    ks = home.open_keystore()
+    try:
+        authority = home.authority(ks)
+        names = [args.campaign] if args.campaign else journal.campaigns()
+        ok = bad = lost = 0
+        invalid: list[dict[str, object]] = []
+        for n in names:
+            chk = verify_ledger(journal, n, authority)
+            ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.without_receipt
+            invalid += [{"campaign": n, **r} for r in chk.invalid_rows or []]
+    finally:
+        ks.close()
+        journal.close()
+    if args.json:
+        emit_json({"verified": ok, "invalid": bad, "reconciled_without_receipt": lost,
+                   "invalid_rows": invalid})
+    else:
+        for r in invalid:
+            print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}")
+        if lost:
+            print(f"{lost} loads reconciled with the unit after a crash: receipt lost, "
+                  "slot status recorded")
+        print(f"{ok} receipts verified, {bad} invalid")
+    return 0 if bad == 0 else 1
+
+
+def ledger_export(args: argparse.Namespace) -> int:
+    home = _home(args)
+    journal = _journal(args, home)
+    try:
+        names = [args.campaign] if args.campaign else journal.campaigns()
+        out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
+        try:
+            if args.format == "csv":
+                n = sum(write_ledger_csv(ledger(journal, c), out) for c in names)
+            else:
+                entries = [e for c in names for e in ledger(journal, c)]
+                out.write(json.dumps(entries, indent=1) + "\n")
+                n = len(entries)
+        finally:
+            if args.out:
+                out.close()
+    finally:
+        journal.close()
+    if args.out:
+        print(f"{n} ledger entries written to {args.out}")
+    return 0
+
+
+def audit_verify(args: argparse.Namespace) -> int:
+    home = _home(args)
+    if not home.audit_path.exists():
+        raise StoreError(f"no audit log at {home.audit_path}")
+    audit = home.audit()
+    try:
+        n, problems = audit.verify()
+    finally:
+        audit.close()
+    if args.json:
+        emit_json({"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
+                                              for p in problems]})
+    else:
+        for p in problems:
+            print(f"record {p.seq}: {p.problem}")
+        print(f"{n} audit records checked, {len(problems)} problems")
+    return 0 if not problems else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+            fn: object, help_: str) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        sp.add_argument("--journal", help="journal: a SQLite file (default HOME/journal.db) "
+                                          "or a postgresql:// URL shared by stations")
+        return sp
+
+    c = sub.add_parser("campaign", help="customize a whole set, crash-safe and resumable")
+    csub = c.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    p = add(csub, "create", campaign_create, "plan a campaign")
+    p.add_argument("name")
+    p.add_argument("--set", required=True, dest="set_id", help="set id (hex)")
+    p.add_argument("--load", action="append", required=True, metavar="REF1:REF2",
+                   help="a load per unit (repeatable); the key's current version is planned")
+    p.add_argument("--manifest", help="units: a CSV (sn column) or JSON list of hex SNs; "
+                                      "default: every emulated unit of the home")
+    p = add(csub, "run", campaign_run, "run or resume a campaign")
+    p.add_argument("name")
+    p.add_argument("--station", help="this station's name (default: the host name)")
+    p.add_argument("--workers", type=int, default=1, help="units served at once")
+    p.add_argument("--batch", type=int, default=32, help="units claimed per transaction")
+    p.add_argument("--lease", type=float, default=60.0, help="seconds a claim is held")
+    p.add_argument("--retries", type=int, default=3, help="attempts on transport errors")
+    p.add_argument("--quiet", action="store_true")
+    p = add(csub, "status", campaign_status, "a campaign's progress")
+    p.add_argument("name", nargs="?")
+    p = add(csub, "report", campaign_report, "JSON, CSV and HTML report")
+    p.add_argument("name")
+    p.add_argument("--out", default="reports", help="output directory")
+
+    g = sub.add_parser("ledger", help="which unit holds which key, with receipts")
+    gsub = g.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    p = add(gsub, "verify", ledger_verify, "the authority verifies every receipt")
+    p.add_argument("--campaign")
+    p = add(gsub, "export", ledger_export, "the ledger as CSV or JSON")
+    p.add_argument("--campaign")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("--out", help="file (default: standard output)")
+
+    a = sub.add_parser("audit", help="the hash-chained audit log")
+    asub = a.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    add(asub, "verify", audit_verify, "find edited, removed or reordered records")
+
+
+__all__ = ["add_parsers", "display_ref1"]

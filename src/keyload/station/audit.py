@@ -1,0 +1,150 @@
+"""An append-only, hash-chained audit log of authority and station actions.
+
+Each record holds its sequence number, time, actor, action and details (never key
+material) and ``hash = SHA-256(prev_hash || canonical JSON of the record)``. Verifying
+recomputes the chain: an edited record breaks its own hash, a removed or reordered one
+breaks the link of the next. The chain's head (last sequence number and hash) is also
+kept in a separate file, ``<log>.head``, written atomically after each append, so that
+cutting records off the end is found too (an attacker who can rewrite both files can
+rewrite history: anchor the head elsewhere, e.g. in the ledger export, for that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import StoreError
+from ..units.authority import ExportRecord
+from ..units.storage import atomic_write
+
+GENESIS = bytes(32)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+def record_hash(prev: bytes, seq: int, t: float, actor: str, action: str, detail: str) -> bytes:
+    body = json.dumps([seq, repr(t), actor, action, detail], separators=(",", ":"))
+    return hashlib.sha256(prev + body.encode()).digest()
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    seq: int
+    problem: str
+
+
+class AuditLog:
+    """Append-only audit records in SQLite, chained by SHA-256."""
+
+    def __init__(self, path: Path, *, actor: str = "keyload") -> None:
+        self.path = path
+        self.actor = actor
+        self._lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                                      check_same_thread=False)
+            path.chmod(0o600)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"audit log {path}: {e}") from None
+
+    @property
+    def head_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".head")
+
+    def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
+        d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        who = actor or self.actor
+        try:
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    last = self.db.execute(
+                        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                    seq = 1 if last is None else int(last[0]) + 1
+                    prev = GENESIS if last is None else bytes.fromhex(last[1])
+                    t = time.time()
+                    h = record_hash(prev, seq, t, who, action, d)
+                    self.db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                    (seq, t, who, action, d, prev.hex(), h.hex()))
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                atomic_write(self.head_path, json.dumps({"seq": seq, "hash": h.hex()}).encode(),
+                             durable=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"audit log {self.path}: {e}") from None
+        return seq
+
+    def verify(self) -> tuple[int, list[AuditProblem]]:
+        """(records checked, problems found): edits, removals, reorders, a cut tail."""
+        problems: list[AuditProblem] = []
+        prev = GENESIS
+        expect = 1
+        n = 0
+        last_hash = GENESIS
+        for seq, t, actor, action, detail, prev_hex, h_hex in self.db.execute(
+                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"):
+            n += 1
+            if seq != expect:
+                problems.append(AuditProblem(seq, f"records {expect}..{seq - 1} are missing"))
+            if prev_hex != prev.hex():
+                problems.append(AuditProblem(seq, "does not follow the record before it "
+                                                  "(removed or reordered records)"))
+            want = record_hash(bytes.fromhex(prev_hex), seq, t, actor, action, detail)
+            if want.hex() != h_hex:
+                problems.append(AuditProblem(seq, "edited: its hash does not match"))
+            prev = bytes.fromhex(h_hex)
+            last_hash = prev
+            expect = seq + 1
+        try:
+            head = json.loads(self.head_path.read_text())
+            if int(head["seq"]) != expect - 1 or head["hash"] != last_hash.hex():
+                problems.append(AuditProblem(int(head["seq"]),
+                                             "the chain's head differs: records were cut off "
+                                             "the end or the head was changed"))
+        except FileNotFoundError:
+            if n:
+                problems.append(AuditProblem(0, "the head file is missing"))
+        except (ValueError, KeyError, TypeError):
+            problems.append(AuditProblem(0, "the head file is damaged"))
+        return n, problems
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class AuditedExportLog:
+    """An authority ExportLog that writes each export to the audit chain too."""
+
+    def __init__(self, audit: AuditLog, inner: Any = None) -> None:
+        self.audit = audit
+        self.inner = inner
+
+    def append(self, record: ExportRecord) -> None:
+        if self.inner is not None:
+            self.inner.append(record)
+        self.audit.append("export", {
+            "set_id": record.set_id.hex(), "sn": record.sn.hex(), "ref1": record.ref1.hex(),
+            "ref2": record.ref2, "suite": record.suite, "key_version": record.key_version,
+            "kcv": record.kcv.hex()}, actor="authority")

@@ -1,0 +1,252 @@
+"""Campaigns: customize a whole set, crash-safe and resumable, on one or many stations.
+
+A campaign is a set, its units (SNs) and the loads per unit (REF1 -> REF2 at a key
+version). :func:`run_campaign` claims units in batches from the journal, reconciles any
+load whose outcome was not journaled with the unit itself (GET SLOT STATUS), then runs
+the remaining loads, journaling ``exported`` before IMPORTKEY is sent and ``imported``
+with the unit's receipt after. Security refusals are final; transport errors and memory
+failures are retried a bounded number of times. Ctrl-C stops after the loads in flight;
+running again resumes.
+
+Guarantee (checked by the fault tests): a load the unit already imported is never
+exported again, whatever moment the station was killed at.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from ..core import messages as msg
+from ..core.errors import KeyloadError, MemoryFailure, StatusError, TransportError
+from ..core.keys import KeyHeader
+from ..transports import Connection
+from .journal import CLAIMED, EXPORTED, Journal, LoadRow
+from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from .progress import Progress
+
+Connector = Callable[[bytes], AbstractContextManager[Connection]]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    station: str = "station"
+    batch_units: int = 32
+    lease_s: float = 60.0
+    retries: int = 3
+    workers: int = 1
+
+
+@dataclass
+class RunSummary:
+    loads_done: int = 0
+    loads_failed: int = 0
+    loads_retried: int = 0
+    reconciled: int = 0
+    units_seen: int = 0
+    elapsed: float = 0.0
+    interrupted: bool = False
+    failures: list[tuple[str, int, str | None, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return {"loads_done": self.loads_done, "loads_failed": self.loads_failed,
+                "loads_retried": self.loads_retried, "reconciled": self.reconciled,
+                "units": self.units_seen, "elapsed_s": round(self.elapsed, 3),
+                "interrupted": self.interrupted,
+                "failures": [{"sn": sn, "ref2": r2, "sw": sw, "reason": why}
+                             for sn, r2, sw, why in self.failures]}
+
+
+def is_transient(e: LoadFailed) -> bool:
+    """Retry transport errors and unit memory failures; never security refusals."""
+    return isinstance(e.cause, (TransportError, MemoryFailure)) or \
+        (not isinstance(e.cause, StatusError) and not e.step.startswith(("KCV",)))
+
+
+class _Shared:
+    """What worker threads share: the authority (serialized), counters, the journal."""
+
+    def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
+                 progress: Progress | None) -> None:
+        self.journal = journal
+        self.authority = authority
+        self.summary = summary
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+
+class _LockedAuthority(AuthorityClient):
+    """One EXPORTKEY at a time: an authority backend may not be thread-safe."""
+
+    def __init__(self, inner: AuthorityClient, lock: threading.Lock) -> None:
+        self.conn = inner.conn
+        self.suites = inner.suites
+        self._inner = inner
+        self._lock = lock
+
+    def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
+        with self._lock:
+            return self._inner.export(req)
+
+
+def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
+    """The unit's word on a load whose outcome was not journaled: (H, KCV) when the slot
+    already holds the planned version, else None (the load must run)."""
+    st = client.slot_status(row.ref2)
+    if st.h is None or st.kcv is None:
+        return None
+    held = KeyHeader.decode(st.h)
+    if row.state == EXPORTED and row.header is not None and row.kcv is not None:
+        if st.h == row.header and st.kcv == row.kcv:
+            return st.h, st.kcv
+        if row.version is not None and held.version >= row.version:
+            return st.h, st.kcv
+        return None
+    if row.version is not None and held.version >= row.version:
+        return st.h, st.kcv
+    return None
+
+
+def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
+                  opts: RunOptions) -> None:
+    j, s = sh.journal, sh.summary
+    sn = rows[0].sn
+    done = failed = 0
+    try:
+        with connect(sn) as conn:
+            client = UnitClient(conn)
+            client.select()
+            for row in rows:
+                if sh.stop.is_set():
+                    return
+                if row.state in (CLAIMED, EXPORTED):
+                    held = _reconcile(client, row)
+                    if held is not None:
+                        same = row.state == EXPORTED and held == (row.header, row.kcv)
+                        j.imported(row, suite=row.suite if same else None,
+                                   r=row.r if same else None, header=held[0], kcv=held[1],
+                                   rct=None, reconciled=True, now=time.time())
+                        with sh.lock:
+                            s.reconciled += 1
+                            s.loads_done += 1
+                        done += 1
+                        continue
+
+                def journal_export(init: msg.InitResponse, suite: int,
+                                   resp: msg.ExportResponse, row: LoadRow = row) -> None:
+                    j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
+
+                try:
+                    res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2,
+                                               select=False, on_export=journal_export)
+                except LoadFailed as e:
+                    transient = is_transient(e) and row.attempts + 1 < opts.retries
+                    sw = None if e.sw is None else f"{e.sw:04X}"
+                    j.failed(row, sw, f"{e.step}: {e.reason}", time.time(), final=not transient)
+                    with sh.lock:
+                        if transient:
+                            s.loads_retried += 1
+                        else:
+                            s.loads_failed += 1
+                            s.failures.append((sn.hex(), row.ref2, sw, f"{e.step}: {e.reason}"))
+                    failed += 0 if transient else 1
+                    if isinstance(e.cause, TransportError):
+                        return  # the unit is gone; the rest of its loads stay claimed
+                    continue
+                j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv,
+                           rct=res.rct, reconciled=False, now=time.time())
+                with sh.lock:
+                    s.loads_done += 1
+                done += 1
+    except KeyloadError as e:  # the unit could not be reached: its claims expire and retry
+        with sh.lock:
+            s.failures.append((sn.hex(), 0, None, f"connect: {e}"))
+    finally:
+        with sh.lock:
+            s.units_seen += 1
+            if sh.progress is not None:
+                sh.progress.update(ok=failed == 0 and done == len(rows))
+
+
+def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
+             stop: threading.Event) -> Iterator[list[list[LoadRow]]]:
+    while not stop.is_set():
+        rows = journal.claim(campaign_id, opts.station, opts.batch_units, opts.lease_s,
+                             time.time())
+        if not rows:
+            return
+        yield [list(g) for _, g in groupby(rows, key=lambda r: r.seq)]
+
+
+def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
+                 connect: Connector, opts: RunOptions, *,
+                 progress: Progress | None = None) -> RunSummary:
+    """Run (or resume) a campaign until no load is left to claim, or Ctrl-C."""
+    summary = RunSummary()
+    t0 = time.monotonic()
+    sh = _Shared(journal, authority, summary, progress)
+    if opts.workers > 1:
+        sh.authority = _LockedAuthority(authority, threading.Lock())
+    last_event = time.monotonic()
+    try:
+        for batch in _batches(journal, campaign_id, opts, sh.stop):
+            if opts.workers <= 1:
+                for rows in batch:
+                    _process_unit(sh, rows, connect, opts)
+            else:
+                _run_threads(sh, batch, connect, opts)
+            now = time.monotonic()
+            if now - last_event >= 1.0:
+                last_event = now
+                journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
+                              summary.loads_failed)
+    except KeyboardInterrupt:
+        sh.stop.set()
+        summary.interrupted = True
+    finally:
+        journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
+                      summary.loads_failed)
+        summary.elapsed = time.monotonic() - t0
+        if progress is not None:
+            progress.close()
+    return summary
+
+
+def _run_threads(sh: _Shared, batch: list[list[LoadRow]], connect: Connector,
+                 opts: RunOptions) -> None:
+    it = iter(batch)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not sh.stop.is_set():
+            with lock:
+                rows = next(it, None)
+            if rows is None:
+                return
+            try:
+                _process_unit(sh, rows, connect, opts)
+            except BaseException as e:  # surfaced in the main thread
+                errors.append(e)
+                sh.stop.set()
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(opts.workers)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        sh.stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]

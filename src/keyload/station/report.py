@@ -1,0 +1,190 @@
+"""Campaign status, the ledger (who holds which key, with the unit's receipt) and reports
+for people (HTML with a chart, tables) and programs (JSON, CSV)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import KeyloadError
+from ..core.keys import KeyHeader
+from ..units.authority import Authority
+from ..units.keystore import display_ref1
+from ..units.storage import atomic_write
+from .journal import FAILED, IMPORTED, Journal, LoadRow
+
+LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
+                 "header", "receipt", "reconciled", "station", "time"]
+
+
+def ledger_entry(row: LoadRow) -> dict[str, Any]:
+    version = KeyHeader.decode(row.header).version if row.header else row.version
+    return {"campaign": row.campaign, "sn": row.sn.hex(), "ref2": row.ref2,
+            "ref1": display_ref1(row.ref1), "key_version": version,
+            "kcv": None if row.kcv is None else row.kcv.hex().upper(), "suite": row.suite,
+            "r": None if row.r is None else row.r.hex(),
+            "header": None if row.header is None else row.header.hex(),
+            "receipt": None if row.rct is None else row.rct.hex(),
+            "reconciled": row.reconciled, "station": row.station, "time": row.updated}
+
+
+def ledger(journal: Journal, campaign: str) -> Iterator[dict[str, Any]]:
+    for row in journal.rows(campaign, [IMPORTED]):
+        yield ledger_entry(row)
+
+
+@dataclass
+class LedgerCheck:
+    verified: int = 0
+    invalid: int = 0
+    without_receipt: int = 0
+    invalid_rows: list[dict[str, Any]] | None = None
+
+
+def verify_ledger(journal: Journal, campaign: str, authority: Authority) -> LedgerCheck:
+    """The authority verifies every receipt (PROTOCOL.md §8). Reconciled loads whose
+    receipt was lost in a crash are counted apart: the unit's slot status backs them."""
+    out = LedgerCheck(invalid_rows=[])
+    camp = journal.campaign(campaign)
+    for row in journal.rows(campaign, [IMPORTED]):
+        if row.rct is None:
+            out.without_receipt += 1
+            continue
+        try:
+            if row.suite is None or row.r is None or row.header is None or row.kcv is None:
+                raise KeyloadError("incomplete ledger row")
+            authority.verify_receipt(suite=row.suite, set_id=camp.set_id, sn=row.sn, r=row.r,
+                                     ref2=row.ref2, h=row.header, kcv=row.kcv, rct=row.rct)
+            out.verified += 1
+        except KeyloadError:
+            out.invalid += 1
+            assert out.invalid_rows is not None
+            out.invalid_rows.append({"sn": row.sn.hex(), "ref2": row.ref2,
+                                     "ref1": display_ref1(row.ref1)})
+    return out
+
+
+def write_ledger_csv(entries: Iterator[dict[str, Any]], stream: io.TextIOBase | Any) -> int:
+    w = csv.DictWriter(stream, fieldnames=LEDGER_FIELDS)
+    w.writeheader()
+    n = 0
+    for e in entries:
+        w.writerow(e)
+        n += 1
+    return n
+
+
+def status(journal: Journal, campaign: str) -> dict[str, Any]:
+    camp = journal.campaign(campaign)
+    counts = journal.counts(campaign)
+    total = sum(counts.values())
+    return {"campaign": campaign, "set_id": camp.set_id.hex(), "units": camp.units,
+            "loads": total, "states": counts,
+            "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
+                     for p in camp.plan],
+            "done": counts[IMPORTED] == total}
+
+
+def build_report(journal: Journal, campaign: str) -> dict[str, Any]:
+    st = status(journal, campaign)
+    by_sw: Counter[tuple[str, str]] = Counter()
+    failures = []
+    reconciled = 0
+    by_station: Counter[str] = Counter()
+    for row in journal.rows(campaign, [IMPORTED, FAILED]):
+        if row.state == FAILED:
+            by_sw[(row.sw or "-", (row.reason or "").split(":")[0])] += 1
+            failures.append({"sn": row.sn.hex(), "ref2": row.ref2, "ref1": display_ref1(row.ref1),
+                             "sw": row.sw, "reason": row.reason})
+        else:
+            reconciled += int(row.reconciled)
+            by_station[row.station or "-"] += 1
+    events = journal.events(campaign)
+    series = _throughput(events)
+    return {**st, "reconciled": reconciled, "by_station": dict(by_station),
+            "failures_by_sw": [{"sw": sw, "step": step, "count": n}
+                               for (sw, step), n in by_sw.most_common()],
+            "failures": failures[:1000], "throughput": series}
+
+
+def _throughput(events: list[tuple[float, str, int, int]]) -> list[dict[str, float]]:
+    """Loads/s over time, from each station's cumulative counters (per run)."""
+    out: list[dict[str, float]] = []
+    last: dict[str, tuple[float, int]] = {}
+    t0 = events[0][0] if events else 0.0
+    for t, station, done, _ in events:
+        prev = last.get(station)
+        if prev is not None and done >= prev[1] and t > prev[0]:
+            out.append({"t": round(t - t0, 3), "rate": (done - prev[1]) / (t - prev[0])})
+        last[station] = (t, done)
+    return out
+
+
+def _svg_chart(series: list[dict[str, float]], width: int = 720, height: int = 220) -> str:
+    if not series:
+        return "<p>No throughput samples yet.</p>"
+    tmax = max(p["t"] for p in series) or 1.0
+    rmax = max(p["rate"] for p in series) or 1.0
+    pad = 40
+    pts = " ".join(f"{pad + (width - 2 * pad) * p['t'] / tmax:.1f},"
+                   f"{height - pad - (height - 2 * pad) * p['rate'] / rmax:.1f}" for p in series)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'role="img" aria-label="loads per second over time">'
+            f'<rect width="100%" height="100%" fill="#fff"/>'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+            f'stroke="#444"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" '
+            f'stroke="#444"/><polyline fill="none" stroke="#1f6feb" stroke-width="2" '
+            f'points="{pts}"/><text x="{pad}" y="{pad - 8}" font-size="12">'
+            f'{rmax:,.0f} loads/s</text><text x="{width - pad}" y="{height - pad + 16}" '
+            f'font-size="12" text-anchor="end">{tmax:,.0f} s</text></svg>')
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    e = html.escape
+    states = "".join(f"<tr><td>{e(k)}</td><td>{v:,}</td></tr>" for k, v in rep["states"].items())
+    fails = "".join(f"<tr><td>{e(str(f['sw']))}</td><td>{e(f['step'])}</td>"
+                    f"<td>{f['count']:,}</td></tr>" for f in rep["failures_by_sw"]) or \
+        "<tr><td colspan=3>none</td></tr>"
+    plan = "".join(f"<tr><td>{e(p['ref1'])}</td><td>{p['ref2']}</td><td>{p['version']}</td></tr>"
+                   for p in rep["plan"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>keyload campaign {e(rep['campaign'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;
+text-align:left}}th{{background:#f4f4f4}}</style></head><body>
+<h1>Campaign {e(rep['campaign'])}</h1>
+<p>Set {e(rep['set_id'])}: {rep['units']:,} units, {rep['loads']:,} planned loads;
+{rep['states']['imported']:,} imported ({rep['reconciled']:,} reconciled with the unit after
+an interruption), {rep['states']['failed']:,} failed. {'Complete.' if rep['done'] else ''}</p>
+<h2>Plan</h2><table><tr><th>REF1</th><th>REF2</th><th>version</th></tr>{plan}</table>
+<h2>Loads by state</h2><table><tr><th>state</th><th>loads</th></tr>{states}</table>
+<h2>Failures by status word</h2><table><tr><th>SW</th><th>step</th><th>count</th></tr>{fails}
+</table><h2>Throughput</h2>{_svg_chart(rep['throughput'])}
+</body></html>
+"""
+
+
+def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = rep["campaign"]
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.html"]
+    atomic_write(paths[0], json.dumps(rep, indent=1).encode(), mode=0o644)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["state", "loads"])
+    for k, v in rep["states"].items():
+        w.writerow([k, v])
+    w.writerow([])
+    w.writerow(["sw", "step", "count"])
+    for f in rep["failures_by_sw"]:
+        w.writerow([f["sw"], f["step"], f["count"]])
+    atomic_write(paths[1], buf.getvalue().encode(), mode=0o644)
+    atomic_write(paths[2], render_html(rep).encode(), mode=0o644)
+    return paths
