@@ -114,7 +114,7 @@ def open_pkcs11(cfg: dict[str, Any], *, pin: str | None = None) -> Pkcs11Keystor
         raise StoreError("the PKCS#11 backend needs python-pkcs11: pip install "
                          "'keyload[pkcs11]'") from None
     if cfg.get("softhsm2_conf"):  # a private SoftHSM2 token: its config must be known
-        os.environ.setdefault("SOFTHSM2_CONF", str(cfg["softhsm2_conf"]))
+        os.environ["SOFTHSM2_CONF"] = str(cfg["softhsm2_conf"])
     return Pkcs11Keystore.open(str(cfg["module"]), str(cfg["token"]), pin=pin,
                                clear_sas=bool(cfg.get("clear_sas", False)))
 

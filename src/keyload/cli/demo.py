@@ -98,8 +98,6 @@ def _make_authority(kind: str, home: Home, stack: ExitStack,
         raise KeyloadError(f"--authority pkcs11: {softhsm_missing_reason()} (as root: "
                            "make system-deps)")
     pin = os.environ.get(PIN_ENV) or DEMO_PIN
-    if not os.environ.get(PIN_ENV):
-        say(f"demo token PIN in use (set {PIN_ENV} for your own)")
     if "SOFTHSM2_CONF" in os.environ and os.environ["SOFTHSM2_CONF"] != \
             str(home.root / "softhsm" / "softhsm2.conf"):
         os.environ.pop("SOFTHSM2_CONF")  # this process talks to the demo token only
@@ -236,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
             "for your own)")
     if args.authority == "pkcs11" and not os.environ.get(PIN_ENV):
         os.environ[PIN_ENV] = DEMO_PIN
+        say(f"demo token PIN in use (set {PIN_ENV} for your own)")
     t_setup = time.monotonic()
     if resume:
         say("resuming the campaign in this workdir")

@@ -53,6 +53,7 @@ class SoftwareKeystore:
         self._signing: Secret | None = None
         self._signer: Ed25519PrivateKey | None = None
         self._scratch = Scratch()
+        self._closed = False
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -131,10 +132,14 @@ class SoftwareKeystore:
         self.vault.write_packed(KEYSTORE_FILE, KIND, meta, secrets)
 
     def close(self) -> None:
+        """Wipe every key and forget them: a closed keystore answers nothing."""
         for t in self._sets.values():
             t.value.wipe()
         for k in self._keys.values():
             k.value.wipe()
+        self._sets.clear()
+        self._keys.clear()
+        self._closed = True
         if self._signing is not None:
             self._signing.wipe()
         self._signer = None
@@ -239,6 +244,8 @@ class SoftwareKeystore:
         return Capabilities(frozenset(SUITES), True, "software")
 
     def _transport(self, set_id: bytes) -> _TransportKey:
+        if self._closed:
+            raise StoreError("the keystore is closed")
         try:
             return self._sets[set_id]
         except KeyError:
@@ -248,6 +255,8 @@ class SoftwareKeystore:
         return self._transport(set_id).info
 
     def key_info(self, ref1: bytes) -> KeyInfo:
+        if self._closed:
+            raise StoreError("the keystore is closed")
         try:
             return self._keys[ref1].info
         except KeyError:

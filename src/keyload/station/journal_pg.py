@@ -1,0 +1,364 @@
+"""The campaign journal on PostgreSQL: several stations on several machines, one campaign.
+
+Same schema, states and semantics as :class:`~keyload.station.journal.SqliteJournal` (the
+reference); what differs is how a claim stays exclusive when stations claim at the same
+time without a database-wide write lock.
+
+*Claims.* Every unit has a fixed **head row**: its load with the lowest REF2 (rows are
+never deleted, so the head never changes). A claim transaction (READ COMMITTED) works in
+pages of candidate units, in ``seq`` order:
+
+1. read candidate units (first this station's own unfinished claims and expired leases of
+   other stations, then units with a planned load);
+2. lock their head rows ``FOR UPDATE SKIP LOCKED``: a unit another station is claiming
+   right now is skipped, never waited for, so stations spread over the campaign;
+3. re-read every open load of the locked units ``FOR UPDATE`` (a new statement, so a new
+   snapshot: it sees any claim committed before the head lock was granted) and keep only
+   the units that are still claimable, exactly by the SQLite rules;
+4. mark their open loads claimed by this station with ``lease = now + lease_s``.
+
+The head lock makes claim transactions mutually exclusive per unit, and step 3 makes the
+decision on the latest committed state, so a unit is given to one station at a time and
+all its loads go together. Claims are committed before :meth:`PostgresJournal.claim`
+returns and come back with their state *before* the claim, as in SQLite, so the caller
+reconciles loads that were claimed or exported. A dead station's claims are taken over
+once ``lease < now``. A claim that finds nothing but skipped locked heads waits a little
+and looks again, so it answers "nothing left" only when nothing is left to claim now.
+
+*Station guard.* :meth:`PostgresJournal.lock_station` takes a session advisory lock keyed
+on (campaign, station) for the life of the connection: a second live process running as
+the same station is refused (it would treat the first one's live claims as its own).
+
+*Planning.* :meth:`PostgresJournal.create_campaign` streams the loads with ``COPY`` in one
+transaction: memory stays flat however many units the campaign has.
+
+Single statements run in autocommit; one connection per journal, shared by the worker
+threads of a station under a lock. :meth:`PostgresJournal.rows` streams through a
+server-side cursor on a connection of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
+
+from ..core.errors import StoreError
+from .journal import (
+    _COLS,
+    FAILED,
+    PLANNED,
+    SCHEMA,
+    STATES,
+    Campaign,
+    LoadRow,
+    campaign_from_row,
+    campaign_to_row,
+    row_of,
+)
+
+OPEN = ("planned", "claimed", "exported")
+_SCHEMA_LOCK = 0x6B6C_6A6E_6C00_0001  # advisory lock: one process creates the tables
+_HEAD = ("ref2 = (SELECT min(m.ref2) FROM loads m WHERE m.campaign = h.campaign "
+         "AND m.sn = h.sn)")
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password (for messages)."""
+    try:
+        d = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql journal"
+    host = d.get("host") or "localhost"
+    port = f":{d['port']}" if d.get("port") else ""
+    return f"postgresql://{d.get('user') or ''}@{host}{port}/{d.get('dbname') or ''}"
+
+
+def station_key(campaign_id: str, station: str) -> int:
+    """The advisory-lock key of (campaign, station): a signed 64-bit integer."""
+    h = hashlib.blake2b(f"keyload-station\0{campaign_id}\0{station}".encode(),
+                        digest_size=8).digest()
+    return int.from_bytes(h, "big", signed=True)
+
+
+def schema_statements() -> list[str]:
+    return [s.strip() for s in SCHEMA.split(";") if s.strip()]
+
+
+class PostgresJournal:
+    """The shared journal: a PostgreSQL database reached by ``url`` (``postgresql://…``)."""
+
+    BATCH = 5000
+    CLAIM_RETRIES = 50  # deadlocks and serialization failures (rare): the claim starts over
+    SKIP_WAIT_S = 0.05  # a claim that only met locked units looks again after this
+    SKIP_PATIENCE_S = 10.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.where = describe_url(url)
+        self._lock = threading.Lock()
+        self._stations: set[int] = set()
+        try:
+            self.db = psycopg.connect(url, autocommit=True, application_name="keyload")
+        except psycopg.Error as e:
+            raise StoreError(f"journal {self.where}: cannot connect ({_msg(e)})") from None
+        try:
+            with self._lock, self.db.transaction():
+                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                for stmt in schema_statements():
+                    self.db.execute(stmt)
+        except psycopg.Error as e:
+            self.db.close()
+            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+
+    # -- plumbing ------------------------------------------------------------------
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.Error as e:
+            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+
+    def _x(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._errors(), self._lock:
+            cur = self.db.execute(sql, args)
+            return cur.fetchall() if cur.description is not None else []
+
+    # -- the station guard -----------------------------------------------------------
+    def lock_station(self, campaign_id: str, station: str) -> None:
+        """Be the only live process running ``station`` on this campaign (until close).
+
+        Raise StoreError when another live connection holds it. Idempotent."""
+        key = station_key(campaign_id, station)
+        if key in self._stations:
+            return
+        (ok,), = self._x("SELECT pg_try_advisory_lock(%s)", (key,))
+        if not ok:
+            raise StoreError(f"station {station!r} is already running campaign "
+                             f"{campaign_id!r} (another live process holds its lock in "
+                             f"{self.where}); give this station another name")
+        self._stations.add(key)
+
+    # -- planning --------------------------------------------------------------------
+    def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
+        """Write the campaign and every planned load in one transaction (COPY, flat memory)."""
+        plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
+        try:
+            with self._lock, self.db.transaction():
+                self.db.execute("INSERT INTO campaigns (id, set_id, created, plan, source, "
+                                "units) VALUES (%s, %s, %s, %s, %s, %s)", campaign_to_row(c))
+                with self.db.cursor() as cur, cur.copy(
+                        "COPY loads (campaign, seq, sn, ref2, ref1, version, state) "
+                        "FROM STDIN") as cp:
+                    for seq, sn in enumerate(serials):
+                        h = sn.hex()
+                        for ref2, ref1, version in plan:
+                            cp.write_row((c.id, seq, h, ref2, ref1, version, PLANNED))
+        except pgerrors.UniqueViolation:
+            raise StoreError(f"campaign {c.id!r} exists already, or a unit is listed twice")\
+                from None
+        except psycopg.Error as e:
+            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+
+    def campaign(self, campaign_id: str) -> Campaign:
+        rows = self._x("SELECT id, set_id, created, plan, source, units FROM campaigns "
+                       "WHERE id = %s", (campaign_id,))
+        if not rows:
+            raise StoreError(f"no campaign {campaign_id!r} in {self.where}")
+        return campaign_from_row(rows[0])
+
+    def campaigns(self) -> list[str]:
+        return [t[0] for t in self._x("SELECT id FROM campaigns ORDER BY created, id")]
+
+    # -- running ---------------------------------------------------------------------
+    def claim(self, campaign_id: str, station: str, units: int, lease_s: float,
+              now: float) -> list[LoadRow]:
+        """Claim up to ``units`` units (all their open loads), committed before returning.
+
+        First this station's own unfinished claims (a resume), then claims of stations
+        whose lease expired (a take-over), then planned units. Rows come back with their
+        state before the claim, so the caller reconciles loads claimed or exported before.
+        """
+        if units <= 0:
+            return []
+        give_up = time.monotonic() + self.SKIP_PATIENCE_S
+        attempt = 0
+        while True:
+            try:
+                with self._lock:
+                    rows, skipped = self._claim_tx(campaign_id, station, units, lease_s, now)
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
+                attempt += 1
+                if attempt >= self.CLAIM_RETRIES:
+                    raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                time.sleep(0.01 * attempt)
+                continue
+            except psycopg.Error as e:
+                raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+            if rows or not skipped or time.monotonic() > give_up:
+                return rows
+            time.sleep(self.SKIP_WAIT_S)  # units were being claimed by others: look again
+
+    def _claim_tx(self, campaign_id: str, station: str, units: int, lease_s: float,
+                  now: float) -> tuple[list[LoadRow], int]:
+        out: list[LoadRow] = []
+        skipped = 0
+        with self.db.transaction():
+            # 1. own unfinished claims and expired leases; 2. planned units
+            for phase in ("resume", "planned"):
+                after = -1
+                while self._units(out) < units:
+                    want = units - self._units(out)
+                    if phase == "resume":
+                        cands = self.db.execute(
+                            "SELECT seq, sn FROM loads WHERE campaign = %s AND state IN "
+                            "('claimed', 'exported') AND (station = %s OR lease < %s) AND "
+                            "seq > %s GROUP BY seq, sn ORDER BY seq LIMIT %s",
+                            (campaign_id, station, now, after, want)).fetchall()
+                    else:
+                        cands = self.db.execute(
+                            "SELECT seq, sn FROM loads WHERE campaign = %s AND state = "
+                            "'planned' AND seq > %s GROUP BY seq, sn ORDER BY seq LIMIT %s",
+                            (campaign_id, after, want)).fetchall()
+                    if not cands:
+                        break
+                    after = int(cands[-1][0])
+                    sns = [t[1] for t in cands]
+                    heads = self.db.execute(
+                        f"SELECT h.sn FROM loads h WHERE h.campaign = %s AND h.sn = ANY(%s) "  # noqa: S608
+                        f"AND h.{_HEAD} FOR UPDATE OF h SKIP LOCKED",
+                        (campaign_id, sns)).fetchall()
+                    skipped += len(sns) - len(heads)
+                    if not heads:
+                        continue
+                    locked = [t[0] for t in heads]
+                    current = [row_of(t) for t in self.db.execute(
+                        f"SELECT {_COLS} FROM loads WHERE campaign = %s AND sn = ANY(%s) "  # noqa: S608
+                        "AND state IN ('planned', 'claimed', 'exported') "
+                        "ORDER BY seq, ref2 FOR UPDATE",
+                        (campaign_id, locked)).fetchall()]
+                    take = _claimable(current, station, now, units - self._units(out))
+                    if not take:
+                        continue
+                    mine = [r for r in current if r.sn.hex() in take]
+                    self.db.execute(
+                        "UPDATE loads SET state = CASE state WHEN 'planned' THEN 'claimed' "
+                        "ELSE state END, station = %s, lease = %s, updated = %s "
+                        "WHERE campaign = %s AND sn = ANY(%s) AND state IN "
+                        "('planned', 'claimed', 'exported')",
+                        (station, now + lease_s, now, campaign_id, sorted(take)))
+                    out += mine
+        out.sort(key=lambda r: (r.seq, r.ref2))
+        return out, skipped
+
+    @staticmethod
+    def _units(rows: list[LoadRow]) -> int:
+        return len({r.seq for r in rows})
+
+    def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None:
+        self._x("UPDATE loads SET lease = %s WHERE campaign = %s AND station = %s AND state IN "
+                "('claimed', 'exported')", (now + lease_s, campaign_id, station))
+
+    def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
+                 now: float) -> None:
+        self._x("UPDATE loads SET state = 'exported', attempts = attempts + 1, suite = %s, "
+                "r = %s, header = %s, kcv = %s, updated = %s WHERE campaign = %s AND sn = %s "
+                "AND ref2 = %s", (suite, r.hex(), header.hex(), kcv.hex(), now, row.campaign,
+                                  row.sn.hex(), row.ref2))
+
+    def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
+                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
+        self._x("UPDATE loads SET state = 'imported', suite = %s, r = %s, header = %s, "
+                "kcv = %s, rct = %s, reconciled = %s, sw = NULL, reason = NULL, updated = %s "
+                "WHERE campaign = %s AND sn = %s AND ref2 = %s",
+                (suite, None if r is None else r.hex(), header.hex(), kcv.hex(),
+                 None if rct is None else rct.hex(), int(reconciled), now, row.campaign,
+                 row.sn.hex(), row.ref2))
+
+    def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
+               final: bool) -> None:
+        """Record a failure; ``final`` False puts the load back to planned (retry later)."""
+        self._x("UPDATE loads SET state = %s, sw = %s, reason = %s, attempts = attempts + 1, "
+                "station = NULL, lease = NULL, updated = %s WHERE campaign = %s AND sn = %s "
+                "AND ref2 = %s", (FAILED if final else PLANNED, sw, reason, now,
+                                  row.campaign, row.sn.hex(), row.ref2))
+
+    def counts(self, campaign_id: str) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for state, n in self._x("SELECT state, count(*) FROM loads WHERE campaign = %s "
+                                "GROUP BY state", (campaign_id,)):
+            out[state] = int(n)
+        return out
+
+    def rows(self, campaign_id: str, states: Sequence[str] | None = None) -> Iterator[LoadRow]:
+        """Every load of the campaign (optionally in ``states``), by (seq, REF2), streamed
+        through a server-side cursor on a connection of its own (flat memory)."""
+        sql = f"SELECT {_COLS} FROM loads WHERE campaign = %s"  # noqa: S608
+        args: list[Any] = [campaign_id]
+        if states:
+            sql += " AND state = ANY(%s)"
+            args.append(list(states))
+        sql += " ORDER BY seq, ref2"
+        try:
+            conn = psycopg.connect(self.url, application_name="keyload-rows")
+        except psycopg.Error as e:
+            raise StoreError(f"journal {self.where}: cannot connect ({_msg(e)})") from None
+        try:
+            with conn, conn.cursor(name="keyload_rows") as cur:
+                cur.itersize = self.BATCH
+                try:
+                    cur.execute(sql, args)
+                    while True:
+                        batch = cur.fetchmany(self.BATCH)
+                        if not batch:
+                            return
+                        for t in batch:
+                            yield row_of(t)
+                except psycopg.Error as e:
+                    raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+        finally:
+            conn.close()
+
+    def event(self, campaign_id: str, station: str, now: float, done: int,
+              failed: int) -> None:
+        self._x("INSERT INTO events (campaign, time, station, loads_done, loads_failed) "
+                "VALUES (%s, %s, %s, %s, %s)", (campaign_id, now, station, done, failed))
+
+    def events(self, campaign_id: str) -> list[tuple[float, str, int, int]]:
+        return [(float(t), s, int(d), int(f)) for t, s, d, f in self._x(
+            "SELECT time, station, loads_done, loads_failed FROM events WHERE campaign = %s "
+            "ORDER BY time", (campaign_id,))]
+
+    def close(self) -> None:
+        """Close the connection (and so release the station locks)."""
+        with self._lock:
+            self._stations.clear()
+            self.db.close()
+
+
+def _claimable(current: list[LoadRow], station: str, now: float, limit: int) -> set[str]:
+    """The SNs (hex) of units to claim among ``current`` (their open loads, locked), by the
+    rules of SqliteJournal: a planned load, or a claim of this station or an expired one."""
+    take: list[str] = []
+    seen: set[str] = set()
+    for r in current:  # ordered by seq
+        h = r.sn.hex()
+        if h in seen:
+            continue
+        if r.state == PLANNED or r.station == station or \
+                (r.lease is not None and r.lease < now):
+            seen.add(h)
+            take.append(h)
+    return set(take[:limit])
+
+
+def _msg(e: psycopg.Error) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

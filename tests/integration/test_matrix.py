@@ -1,0 +1,405 @@
+"""The interop matrix: authority {software, pkcs11, card} x transport {local, pcsc}.
+
+Every cell builds its authority, installs the same kind of set (T generated here, on the
+host, imported with ``add_set`` and given to the units, as a key ceremony does), two
+application keys with values known to the test (an AES-256 key diversified per unit and
+an HMAC-SHA256 key), and customizes four units through the cell's transport:
+
+- authority ``software``: :meth:`SoftwareKeystore.ephemeral`, reached in process;
+- authority ``pkcs11``: a :class:`Pkcs11Keystore` on a fresh SoftHSM2 token (one token
+  per cell, all made before the module is reinitialized), a signed set: suite 0x02 and
+  the Ed25519 SAS run in the token;
+- authority ``card``: the software authority served as a virtual card on vpcd port
+  35964 and reached over PC/SC;
+- transport ``local``: ``LocalConnection(unit)``; ``pcsc``: the units are virtual cards
+  fed one after another through the first vpcd reader (``CardFeeder`` +
+  ``cards_in_reader``), as a personalization machine feeds cards.
+
+What each load must show, computed here with ``cryptography`` and hashlib only (not with
+keyload): the key the unit stored is KLP1's TA' (KBKDF for suite 0x01, ECBDIV for 0x02,
+PROTOCOL.md §4), its KCV (§2) is the one the authority answered in EXPORTKEY and the one
+the unit answered, the header says what was loaded, and the unit's receipt is the RCT of
+§4 and verifies with :meth:`Authority.verify_receipt` (a forged one does not). Each unit
+also gets one tampered IMPORTKEY (a station on the unit side flips one bit of W, SAS, CAS
+or H): 6982, and its slots are as they were.
+
+SoftHSM2 and PC/SC: skipped with the reason on a laptop without them, a failure in CI.
+SoftHSM2 reads ``SOFTHSM2_CONF`` at C_Initialize: the module fixture makes its tokens,
+then :func:`keyload.units.pkcs11.reinitialize` (as test_pkcs11.py does, so that both
+modules run in one process in either order), and gives the previous configuration back
+at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import cmac
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from keyload.core.apdu import CommandAPDU
+from keyload.core.errors import IntegrityError
+from keyload.core.keys import KeyAttributes, KeyType
+from keyload.core.secret import Secret
+from keyload.station.load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from keyload.transports import Connection
+from keyload.transports.local import LocalConnection
+from keyload.transports.pcsc import (
+    PcscConnection,
+    cards_in_reader,
+    wait_for_card,
+    wait_for_removal,
+)
+from keyload.transports.pcscd import VPCD_PORTS, Pcscd, pcsc_available, running_pcscd
+from keyload.transports.vcard import CardFeeder, VirtualCard
+from keyload.units.authority import INS_EXPORT, INS_IMPORT, Authority, ExportPolicy
+from keyload.units.keystore import SoftwareKeystore
+from keyload.units.softhsm import make_token, softhsm_available, softhsm_missing_reason
+from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
+
+from ..conftest import require
+
+HAVE_PYTHON_PKCS11 = importlib.util.find_spec("pkcs11") is not None
+
+UNIT_PORT, AUTHORITY_PORT = VPCD_PORTS  # 35963: units; 35964: the authority card
+AUTHORITIES = ("software", "pkcs11", "card")
+TRANSPORTS = ("local", "pcsc")
+CELLS = [(a, t) for a in AUTHORITIES for t in TRANSPORTS]
+PIN = "13572468"
+N_UNITS = 4
+TMK, MAC = b"TMK", b"MAC"  # REF1 of the AES-256 diversified key and of the HMAC key
+TMK_SLOT, MAC_SLOT = 1, 2
+MAC_LENGTH = 48
+SW_INTEGRITY = 0x6982
+
+# the bit flipped by the tampering station, per unit: (field, tag, byte index in the value)
+FLIPS = [("W", 0xC9, 17), ("SAS", 0xCA, 40), ("CAS", 0xCB, 15),
+         ("H key version", 0xC8, 8)]
+
+
+# -- KLP1 computed independently (PROTOCOL.md §2, §4), cryptography + hashlib only ------
+def _cmac(key: bytes, data: bytes) -> bytes:
+    c = cmac.CMAC(algorithms.AES(key))
+    c.update(data)
+    return c.finalize()
+
+
+def _ecb(key: bytes, data: bytes) -> bytes:
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 (ECBDIV is ECB)
+    return enc.update(data) + enc.finalize()
+
+
+def kbkdf(key: bytes, label: bytes, context: bytes, nbytes: int) -> bytes:
+    """Suite 0x01: SP 800-108 counter mode, PRF AES-CMAC, 8-bit counter first."""
+    fixed = label + b"\x00" + context + (8 * nbytes).to_bytes(2, "big")
+    out = b"".join(_cmac(key, bytes((i,)) + fixed) for i in range(1, -(-nbytes // 16) + 1))
+    return out[:nbytes]
+
+
+def ecbdiv(key: bytes, label: bytes, context: bytes, nbytes: int) -> bytes:
+    """Suite 0x02: AES-ECB_K(h || 1, h || 2, ...), h = SHA-256(label || 0 || context)[:15]."""
+    h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
+    blocks = b"".join(h + bytes((i,)) for i in range(1, -(-nbytes // 16) + 1))
+    return _ecb(key, blocks)[:nbytes]
+
+
+KDF = {1: kbkdf, 2: ecbdiv}
+
+
+def lv(x: bytes) -> bytes:
+    return bytes((len(x),)) + x
+
+
+def aes_kcv(key: bytes) -> bytes:
+    return _cmac(key, bytes(16))[:5]
+
+
+def hmac_kcv(key: bytes) -> bytes:
+    return hmac.new(key, bytes(16), hashlib.sha256).digest()[:5]
+
+
+def expected_rct(suite: int, t: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
+                 kcv: bytes) -> bytes:
+    kdf = KDF[suite]
+    t1 = kdf(t, b"KLP1-T1", sn, 32)
+    kmac = kdf(t1, b"KLP1-DL", lv(sn) + r + bytes((ref2,)), 96)[32:64]
+    return _cmac(kmac, b"KLP1-RCT" + lv(sn) + r + bytes((ref2,)) + h + kcv)
+
+
+def tlv_values(data: bytes) -> dict[int, tuple[int, int]]:
+    """tag -> (offset, length) of each value in a run of one-byte-tag BER-TLVs."""
+    out: dict[int, tuple[int, int]] = {}
+    i = 0
+    while i < len(data):
+        tag, n = data[i], data[i + 1]
+        i += 2
+        if n == 0x81:
+            n, i = data[i], i + 1
+        elif n == 0x82:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        out[tag] = (i, n)
+        i += n
+    assert i == len(data)
+    return out
+
+
+# -- connection wrappers ----------------------------------------------------------------
+@dataclass
+class TamperImport:
+    """A malicious station on the unit side: flips one bit of one field of IMPORTKEY."""
+
+    inner: Connection
+    tag: int
+    index: int
+    flipped: int = 0
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if len(apdu) > 4 and apdu[1] == INS_IMPORT:
+            cmd = CommandAPDU.decode(apdu)
+            data = bytearray(cmd.data)
+            off, n = tlv_values(bytes(data))[self.tag]
+            assert 0 <= self.index < n
+            data[off + self.index] ^= 0x04
+            apdu = CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, bytes(data),
+                               ne=cmd.ne).encode()
+            self.flipped += 1
+        return self.inner.transmit(apdu)
+
+
+@dataclass
+class AuthorityKcvs:
+    """Keeps the KCV of TA' from every successful EXPORTKEY answer (``... CD 05 kcv``)."""
+
+    inner: Connection
+    kcvs: list[bytes] = field(default_factory=list)
+
+    def transmit(self, apdu: bytes) -> bytes:
+        r = self.inner.transmit(apdu)
+        if len(apdu) > 1 and apdu[1] == INS_EXPORT and r[-2:] == b"\x90\x00":
+            assert r[-9:-7] == b"\xcd\x05", r.hex()
+            self.kcvs.append(r[-7:-2])
+        return r
+
+
+# -- fixtures ----------------------------------------------------------------------------
+@dataclass
+class SoftHsm:
+    module: str
+    labels: dict[str, str]
+    opened: list[Any] = field(default_factory=list)
+
+    def open(self, transport: str) -> Any:
+        from keyload.units import pkcs11 as p11
+
+        ks = p11.Pkcs11Keystore.open(self.module, self.labels[transport], pin=PIN)
+        self.opened.append(ks)
+        return ks
+
+
+@pytest.fixture(scope="module")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """One fresh token per pkcs11 cell, all made before the module is (re)initialized."""
+    require(HAVE_PYTHON_PKCS11, "python-pkcs11 is not installed (pip install python-pkcs11)")
+    require(softhsm_available(), f"SoftHSM2: {softhsm_missing_reason()}")
+    from keyload.units import pkcs11 as p11
+
+    old_conf = os.environ.get("SOFTHSM2_CONF")
+    d = tmp_path_factory.mktemp("matrix-softhsm")
+    labels = {t: f"matrix-{t}" for t in TRANSPORTS}
+    tokens = [make_token(d, label=label, user_pin=PIN) for label in labels.values()]
+    module = tokens[0].module
+    p11.reinitialize(module)  # SoftHSM reads SOFTHSM2_CONF now (keyload.units.softhsm)
+    hsm = SoftHsm(module, labels)
+    try:
+        yield hsm
+    finally:
+        for ks in hsm.opened:
+            ks.close()
+        if old_conf is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:  # give the module back the tokens another fixture made
+            os.environ["SOFTHSM2_CONF"] = old_conf
+            p11.reinitialize(module)
+
+
+@pytest.fixture(scope="module")
+def pcscd() -> Iterator[Pcscd]:
+    avail = pcsc_available()
+    require(avail.ok, f"PC/SC with vpcd: {avail.reason}")
+    with running_pcscd() as d:
+        yield d
+
+
+# -- one cell ----------------------------------------------------------------------------
+@dataclass
+class Cell:
+    authority: Authority  # the in-process authority object (receipts are checked on it)
+    client: AuthorityClient
+    kcvs: AuthorityKcvs
+    suite: int
+    t: bytes
+    set_id: bytes
+    tmk: bytes
+    mac: bytes
+    verify_key: bytes
+
+    def unit(self, sn: bytes) -> Unit:
+        slots = {TMK_SLOT: Slot(TMK_SLOT, frozenset({KeyType.AES256})),
+                 MAC_SLOT: Slot(MAC_SLOT, frozenset({KeyType.HMAC_SHA256}))}
+        return Unit(MemoryUnitStore(UnitState.new(sn, Secret(self.t), slots,
+                                                  verify_key=self.verify_key)))
+
+
+def _build_cell(kind: str, transport: str, request: pytest.FixtureRequest,
+                stack: ExitStack) -> Cell:
+    if kind == "pkcs11":
+        ks: Any = request.getfixturevalue("softhsm").open(transport)
+    else:
+        ks = SoftwareKeystore.ephemeral()
+        stack.callback(ks.close)
+    pub = ks.set_signing_key()
+    # the key ceremony: T generated on the host, installed in the authority, given to units
+    t, tmk, mac = os.urandom(32), os.urandom(32), os.urandom(MAC_LENGTH)
+    set_id = ks.add_set(Secret(t), "matrix", signed=True).set_id
+    assert set_id == aes_kcv(t)
+    ks.add_key(TMK, KeyType.AES256, Secret(tmk), KeyAttributes("K0", "B", "E"), version=1,
+               diversify=True, policy=ExportPolicy(frozenset({set_id}), frozenset({TMK_SLOT})))
+    ks.add_key(MAC, KeyType.HMAC_SHA256, Secret(mac), KeyAttributes("M7", "C", "N"),
+               version=1, diversify=False,
+               policy=ExportPolicy(frozenset({set_id}), frozenset({MAC_SLOT})))
+    authority = Authority(ks)
+    suites = authority.capabilities().suites
+    conn: Connection
+    if kind == "card":
+        reader = request.getfixturevalue("pcscd").reader_for_port(AUTHORITY_PORT)
+        card = VirtualCard(authority, AUTHORITY_PORT).start()
+
+        def remove() -> None:
+            card.stop()
+            wait_for_removal(reader, 5)
+
+        stack.callback(remove)
+        wait_for_card(reader, 5)
+        conn = stack.enter_context(PcscConnection(reader))
+    else:
+        conn = LocalConnection(authority)
+    kcvs = AuthorityKcvs(conn)
+    client = AuthorityClient(kcvs, suites=suites)  # SELECT (over PC/SC for the card)
+    suite = min(suites)  # the station's preference among (1, 2) the unit also speaks
+    assert suite == (2 if kind == "pkcs11" else 1)
+    return Cell(authority, client, kcvs, suite, t, set_id, tmk, mac, pub)
+
+
+def _snapshot(unit: Unit) -> list[tuple[int, bytes | None, bytes | None, bytes | None]]:
+    return [(s.ref2, s.header, s.kcv, None if s.key is None else bytes(s.key.buffer))
+            for s in sorted(unit.state.slots.values(), key=lambda s: s.ref2)]
+
+
+def _load(cell: Cell, uc: UnitClient, ref1: bytes, ref2: int, *, select: bool
+          ) -> tuple[LoadResult, bytes]:
+    before = len(cell.kcvs.kcvs)
+    res = load_key(uc, cell.client, ref1, ref2, select=select)
+    assert len(cell.kcvs.kcvs) == before + 1
+    return res, cell.kcvs.kcvs[-1]
+
+
+def _customize_unit(cell: Cell, conn: Connection, unit: Unit, flip: tuple[str, int, int]
+                    ) -> list[tuple[LoadResult, bytes]]:
+    """TMK into slot 1, a tampered MAC (refused, nothing changes), then MAC into slot 2."""
+    uc = UnitClient(conn)
+    done = [_load(cell, uc, TMK, TMK_SLOT, select=True)]
+    before = _snapshot(unit)
+    name, tag, index = flip
+    tamper = TamperImport(conn, tag, index)
+    with pytest.raises(LoadFailed) as ei:
+        load_key(UnitClient(tamper), cell.client, MAC, MAC_SLOT, select=False)
+    assert tamper.flipped == 1
+    assert ei.value.step == "unit IMPORTKEY", name
+    assert ei.value.sw == SW_INTEGRITY, f"{name}: SW {ei.value.sw}"
+    assert ei.value.sn == unit.sn
+    assert _snapshot(unit) == before and unit.state.slots[MAC_SLOT].key is None
+    assert unit.pending is None  # the challenge was consumed
+    done.append(_load(cell, uc, MAC, MAC_SLOT, select=False))
+    return done
+
+
+def _check(cell: Cell, unit: Unit, res: LoadResult, authority_kcv: bytes) -> None:
+    sn = unit.sn
+    assert res.sn == sn and res.set_id == cell.set_id and res.suite == cell.suite
+    slot = unit.state.slots[res.ref2]
+    assert slot.key is not None
+    stored = bytes(slot.key.buffer)
+    h = res.header
+    if res.ref1 == TMK:
+        want = KDF[cell.suite](cell.tmk, b"KLP1-TA", lv(sn), 32)
+        independent = aes_kcv(stored)
+        assert (h[2], h[3], h[4:7], h[10]) == (0x03, 32, b"K0B", 0b11)  # diversified, Ed25519
+    else:
+        want = cell.mac
+        independent = hmac_kcv(stored)
+        assert (h[2], h[3], h[4:7], h[10]) == (0x10, MAC_LENGTH, b"M7C", 0b10)
+    assert (h[0], h[1], h[7:9], h[11]) == (1, cell.suite, b"\x00\x01", 0)
+    assert stored == want, "the unit holds KLP1's TA'"
+    assert authority_kcv == independent == res.kcv == slot.kcv
+    assert slot.header == h
+    assert res.rct == expected_rct(cell.suite, cell.t, sn, res.r, res.ref2, h, res.kcv)
+    cell.authority.verify_receipt(suite=res.suite, set_id=res.set_id, sn=sn, r=res.r,
+                                  ref2=res.ref2, h=h, kcv=res.kcv, rct=res.rct)
+    forged = bytes((res.rct[0] ^ 1,)) + res.rct[1:]
+    with pytest.raises(IntegrityError):
+        cell.authority.verify_receipt(suite=res.suite, set_id=res.set_id, sn=sn, r=res.r,
+                                      ref2=res.ref2, h=h, kcv=res.kcv, rct=forged)
+
+
+@pytest.mark.parametrize(("kind", "transport"), CELLS, ids=[f"{a}-{t}" for a, t in CELLS])
+def test_matrix(kind: str, transport: str, request: pytest.FixtureRequest) -> None:
+    if kind == "pkcs11":
+        request.getfixturevalue("softhsm")  # skip (or fail in CI) before anything starts
+    if kind == "card" or transport == "pcsc":
+        request.getfixturevalue("pcscd")
+    with ExitStack() as stack:
+        cell = _build_cell(kind, transport, request, stack)
+        units = [cell.unit(b"MX-%s-%s-%d" % (kind.encode(), transport.encode(), i))
+                 for i in range(N_UNITS)]
+        loads: list[tuple[Unit, LoadResult, bytes]] = []
+        if transport == "local":
+            for i, unit in enumerate(units):
+                for res, akcv in _customize_unit(cell, LocalConnection(unit), unit,
+                                                 FLIPS[i % len(FLIPS)]):
+                    loads.append((unit, res, akcv))
+        else:
+            reader = request.getfixturevalue("pcscd").reader_for_port(UNIT_PORT)
+            seen: list[bytes] = []
+            with CardFeeder(units, UNIT_PORT) as feeder:
+                for i, src in enumerate(cards_in_reader(reader, len(units), 10)):
+                    unit = feeder.in_reader
+                    assert isinstance(unit, Unit)
+                    seen.append(unit.sn)
+                    with src.connect() as conn:
+                        for res, akcv in _customize_unit(cell, conn, unit,
+                                                         FLIPS[i % len(FLIPS)]):
+                            loads.append((unit, res, akcv))
+                assert feeder.wait(10), "the feeder did not finish"
+                assert feeder.error is None
+            wait_for_removal(reader, 5)
+            assert seen == [u.sn for u in units] and feeder.fed == seen
+            assert feeder.finished == len(units)
+        # checked before the stack closes the software keystore (close wipes T)
+        assert len(loads) == 2 * N_UNITS
+        for unit, res, akcv in loads:
+            _check(cell, unit, res, akcv)
+        for unit in units:
+            assert {r.ref2 for u, r, _ in loads if u is unit} == {TMK_SLOT, MAC_SLOT}
+        # three EXPORTKEYs per unit went through (the tampered one too), each KCV once
+        assert len(cell.kcvs.kcvs) == 3 * N_UNITS
+        if kind == "pkcs11":
+            ks = cell.authority.backend
+            assert ks.session_object_count() == 0  # type: ignore[attr-defined]
