@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.errors import StoreError
 from ..units.authority import ExportRecord
-from ..units.storage import atomic_write
+from ..units.storage import atomic_write, open_sqlite
 
 GENESIS = bytes(32)
 
@@ -57,15 +57,7 @@ class AuditLog:
         self.path = path
         self.actor = actor
         self._lock = threading.Lock()
-        try:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
-                                      check_same_thread=False)
-            path.chmod(0o600)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise StoreError(f"audit log {path}: {e}") from None
+        self.db = open_sqlite(path, _SCHEMA)
 
     @property
     def head_path(self) -> Path:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
+from ..units.storage import open_sqlite
 
 PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = (
     "planned", "claimed", "exported", "imported", "failed")
@@ -177,15 +178,7 @@ class SqliteJournal:
         self.path = path
         self._lock = threading.Lock()
         self._station_fds: list[int] = []
-        try:
-            self.db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
-                                      check_same_thread=False)
-            path.chmod(0o600)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error as e:
-            raise StoreError(f"journal {path}: {e}") from None
+        self.db = open_sqlite(path, SCHEMA)
 
     def _x(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:

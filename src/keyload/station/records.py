@@ -6,12 +6,12 @@ SQLite (WAL). A row holds what the authority needs to verify the unit's receipt 
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..units.storage import open_sqlite
 from .load import LoadFailed, LoadResult
 
 _SCHEMA = """
@@ -66,11 +66,7 @@ class LoadRecords:
     def __init__(self, path: Path, *, station: str = "local") -> None:
         self.path = path
         self.station = station
-        self.db = sqlite3.connect(path, isolation_level=None)
-        path.chmod(0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_sqlite(path, _SCHEMA)
 
     def add(self, result: LoadResult) -> None:
         self.db.execute(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..core.errors import StoreError
 from .authority import ExportRecord
+from .storage import open_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (
@@ -33,11 +34,7 @@ class SqliteExportLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        path.chmod(0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_sqlite(path, _SCHEMA)
 
     def append(self, record: ExportRecord) -> None:
         try:

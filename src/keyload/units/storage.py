@@ -22,6 +22,7 @@ import contextlib
 import getpass
 import json
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,22 @@ VAULT_FILE = "vault.json"
 ENV_PASSPHRASE = "KEYLOAD_PASSPHRASE"
 ENV_KEK = "KEYLOAD_KEK"
 SCRYPT_N = 2**15
+
+
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A record database: autocommit, WAL, ``synchronous=NORMAL`` (a committed write
+    survives a crash of the process), usable from any thread, mode 0600; ``schema`` is
+    applied. Raises StoreError when the file cannot be opened as a database."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                             check_same_thread=False)
+        path.chmod(0o600)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(schema)
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: {e}") from None
+    return db
 
 
 def ensure_private_dir(path: Path) -> Path:
