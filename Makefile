@@ -9,7 +9,7 @@ WORKDIR ?=
 EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/winscard.h ] && echo ,pcsc)
 
 comma := ,
-SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc
+SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql
 
 .PHONY: venv demo test lint typecheck unit-tests bench conformance clean system-deps
 
