@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -25,6 +25,7 @@ from ..core import messages as msg
 from ..core.errors import KeyloadError, MemoryFailure, StatusError, TransportError
 from ..core.keys import KeyHeader
 from ..transports import Connection
+from .customize import UnitSource
 from .journal import CLAIMED, EXPORTED, Journal, LoadRow
 from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
 from .progress import Progress
@@ -114,63 +115,122 @@ def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
 
 def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
                   opts: RunOptions) -> None:
-    j, s = sh.journal, sh.summary
     sn = rows[0].sn
-    done = failed = 0
+    counted = False
     try:
         with connect(sn) as conn:
             client = UnitClient(conn)
             client.select()
-            for row in rows:
-                if sh.stop.is_set():
-                    return
-                if row.state in (CLAIMED, EXPORTED):
-                    held = _reconcile(client, row)
-                    if held is not None:
-                        same = row.state == EXPORTED and held == (row.header, row.kcv)
-                        j.imported(row, suite=row.suite if same else None,
-                                   r=row.r if same else None, header=held[0], kcv=held[1],
-                                   rct=None, reconciled=True, now=time.time())
-                        with sh.lock:
-                            s.reconciled += 1
-                            s.loads_done += 1
-                        done += 1
-                        continue
-
-                def journal_export(init: msg.InitResponse, suite: int,
-                                   resp: msg.ExportResponse, row: LoadRow = row) -> None:
-                    j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
-
-                try:
-                    res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2,
-                                               select=False, on_export=journal_export)
-                except LoadFailed as e:
-                    transient = is_transient(e) and row.attempts + 1 < opts.retries
-                    sw = None if e.sw is None else f"{e.sw:04X}"
-                    j.failed(row, sw, f"{e.step}: {e.reason}", time.time(), final=not transient)
-                    with sh.lock:
-                        if transient:
-                            s.loads_retried += 1
-                        else:
-                            s.loads_failed += 1
-                            s.failures.append((sn.hex(), row.ref2, sw, f"{e.step}: {e.reason}"))
-                    failed += 0 if transient else 1
-                    if isinstance(e.cause, TransportError):
-                        return  # the unit is gone; the rest of its loads stay claimed
-                    continue
-                j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv,
-                           rct=res.rct, reconciled=False, now=time.time())
-                with sh.lock:
-                    s.loads_done += 1
-                done += 1
+            counted = True
+            _process_rows(sh, client, rows, opts)
     except KeyloadError as e:  # the unit could not be reached: its claims expire and retry
         with sh.lock:
-            s.failures.append((sn.hex(), 0, None, f"connect: {e}"))
+            sh.summary.failures.append((sn.hex(), 0, None, f"connect: {e}"))
     finally:
-        with sh.lock:
-            s.units_seen += 1
-            if sh.progress is not None:
-                sh.progress.update(ok=failed == 0 and done == len(rows))
+        if not counted:
+            _count_unit(sh, ok=False)
+
+
+def _count_unit(sh: _Shared, *, ok: bool) -> None:
+    with sh.lock:
+        sh.summary.units_seen += 1
+        if sh.progress is not None:
+            sh.progress.update(ok=ok)
+
+
+def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
+                  opts: RunOptions) -> None:
+    """Reconcile, then load, each of one unit's claimed rows over a selected client."""
+    j, s = sh.journal, sh.summary
+    sn = rows[0].sn
+    done = failed = 0
+    try:
+        for row in rows:
+            if sh.stop.is_set():
+                return
+            if row.state in (CLAIMED, EXPORTED):
+                held = _reconcile(client, row)
+                if held is not None:
+                    same = row.state == EXPORTED and held == (row.header, row.kcv)
+                    j.imported(row, suite=row.suite if same else None,
+                               r=row.r if same else None, header=held[0], kcv=held[1],
+                               rct=None, reconciled=True, now=time.time())
+                    with sh.lock:
+                        s.reconciled += 1
+                        s.loads_done += 1
+                    done += 1
+                    continue
+
+            def journal_export(init: msg.InitResponse, suite: int,
+                               resp: msg.ExportResponse, row: LoadRow = row) -> None:
+                j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
+
+            try:
+                res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2,
+                                           select=False, on_export=journal_export)
+            except LoadFailed as e:
+                transient = is_transient(e) and row.attempts + 1 < opts.retries
+                sw = None if e.sw is None else f"{e.sw:04X}"
+                j.failed(row, sw, f"{e.step}: {e.reason}", time.time(), final=not transient)
+                with sh.lock:
+                    if transient:
+                        s.loads_retried += 1
+                    else:
+                        s.loads_failed += 1
+                        s.failures.append((sn.hex(), row.ref2, sw, f"{e.step}: {e.reason}"))
+                failed += 0 if transient else 1
+                if isinstance(e.cause, TransportError):
+                    return  # the unit is gone; the rest of its loads stay claimed
+                continue
+            j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv,
+                       rct=res.rct, reconciled=False, now=time.time())
+            with sh.lock:
+                s.loads_done += 1
+            done += 1
+    finally:
+        _count_unit(sh, ok=failed == 0 and done == len(rows))
+
+
+def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityClient,
+                       cards: Iterable[UnitSource], opts: RunOptions, *,
+                       progress: Progress | None = None) -> RunSummary:
+    """Run a campaign over whatever cards the readers present (a feeder's order).
+
+    Each card is asked who it is (INITIALIZE DOWNLOAD gives its SN; the challenge it
+    makes is simply replaced by the next one), then that unit's open loads are claimed
+    and run as in :func:`run_campaign`. A card that is not in the campaign, or already
+    done, is left untouched and reported.
+    """
+    summary = RunSummary()
+    t0 = time.monotonic()
+    sh = _Shared(journal, authority, summary, progress)
+    try:
+        for src in cards:
+            try:
+                with src.connect() as conn:
+                    client = UnitClient(conn)
+                    client.select()
+                    sn = client.initialize().sn
+                    rows = journal.claim_unit(campaign_id, sn, opts.station, opts.lease_s,
+                                              time.time())
+                    if not rows:
+                        summary.failures.append((sn.hex(), 0, None,
+                                                 "not in this campaign, or already done"))
+                        _count_unit(sh, ok=False)
+                        continue
+                    _process_rows(sh, client, rows, opts)
+            except KeyloadError as e:
+                summary.failures.append((src.label, 0, None, f"card: {e}"))
+                _count_unit(sh, ok=False)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
+                      summary.loads_failed)
+        summary.elapsed = time.monotonic() - t0
+        if progress is not None:
+            progress.close()
+    return summary
 
 
 def _batches(journal: Journal, campaign_id: str, opts: RunOptions,

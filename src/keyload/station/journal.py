@@ -142,6 +142,8 @@ class Journal(Protocol):
     def campaigns(self) -> list[str]: ...
     def claim(self, campaign_id: str, station: str, units: int, lease_s: float,
               now: float) -> list[LoadRow]: ...
+    def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
+                   now: float) -> list[LoadRow]: ...
     def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None: ...
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None: ...
@@ -263,6 +265,35 @@ class SqliteJournal:
                         f"WHERE campaign = ? AND seq IN ({marks}) AND state IN "
                         "('planned', 'claimed', 'exported')",
                         (station, now + lease_s, now, campaign_id, *seqs))
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as e:
+            raise StoreError(f"journal {self.path}: {e}") from None
+        return rows
+
+    def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
+                   now: float) -> list[LoadRow]:
+        """Claim one unit's open loads (a card that came into a reader), as :meth:`claim`
+        would: planned ones, this station's own, or another's whose lease expired."""
+        try:
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = [row_of(t) for t in self.db.execute(
+                        f"SELECT {_COLS} FROM loads WHERE campaign = ? AND sn = ? AND "  # noqa: S608
+                        "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
+                        "(station = ? OR lease < ?))) ORDER BY ref2",
+                        (campaign_id, sn.hex(), station, now))]
+                    if rows:
+                        self.db.execute(
+                            "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
+                            "'claimed' ELSE state END, station = ?, lease = ?, updated = ? "
+                            "WHERE campaign = ? AND sn = ? AND (state = 'planned' OR "
+                            "(state IN ('claimed', 'exported') AND (station = ? OR "
+                            "lease < ?)))",
+                            (station, now + lease_s, now, campaign_id, sn.hex(), station, now))
                     self.db.execute("COMMIT")
                 except BaseException:
                     self.db.execute("ROLLBACK")
