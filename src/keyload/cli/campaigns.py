@@ -174,12 +174,45 @@ def _opts(args: argparse.Namespace) -> RunOptions:
                       lease_s=args.lease, retries=args.retries, workers=args.workers)
 
 
+def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader: str,
+               cards: int | None, *, show: bool) -> tuple[dict[str, object], int]:
+    """Run a campaign over the cards presented in a PC/SC reader, in any order."""
+    from ..station.campaign import run_campaign_cards
+    from ..transports.pcsc import cards_in_reader
+
+    journal.campaign(name)
+    journal.lock_station(name, opts.station)
+    ks = home.open_keystore()
+    audit = home.audit()
+    try:
+        authority = home.authority(ks, audit)
+        client = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
+        audit.append("campaign run", {"campaign": name, "station": opts.station,
+                                      "reader": reader})
+        prog = Progress(cards or 1, label="cards", enabled=show and cards is not None)
+        summary = run_campaign_cards(journal, name, client,
+                                     cards_in_reader(reader, count=cards, timeout=30.0),
+                                     opts, progress=prog)
+        audit.append("campaign stop", {"campaign": name, "station": opts.station,
+                                       **{k: v for k, v in summary.to_json().items()
+                                          if k != "failures"}})
+    finally:
+        audit.close()
+        ks.close()
+    return {"run": summary.to_json(), "status": status(journal, name)}, \
+        (130 if summary.interrupted else 0)
+
+
 def campaign_run(args: argparse.Namespace) -> int:
     home = _home(args)
     journal = _journal(args, home)
     try:
-        out, rc = run_emulated(home, journal, args.name, _opts(args),
-                               show=not args.json and not args.quiet)
+        if args.reader:
+            out, rc = run_reader(home, journal, args.name, _opts(args), args.reader,
+                                 args.cards, show=not args.json and not args.quiet)
+        else:
+            out, rc = run_emulated(home, journal, args.name, _opts(args),
+                                   show=not args.json and not args.quiet)
     finally:
         journal.close()
     st = out["status"]
@@ -331,6 +364,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--batch", type=int, default=32, help="units claimed per transaction")
     p.add_argument("--lease", type=float, default=60.0, help="seconds a claim is held")
     p.add_argument("--retries", type=int, default=3, help="attempts on transport errors")
+    p.add_argument("--reader", help="customize the cards presented in this PC/SC reader "
+                                    "(default: the home's emulated units, in-process)")
+    p.add_argument("--cards", type=int, help="with --reader: stop after this many cards "
+                                             "(default: until the reader stays empty 30 s)")
     p.add_argument("--quiet", action="store_true")
     p = add(csub, "status", campaign_status, "a campaign's progress")
     p.add_argument("name", nargs="?")

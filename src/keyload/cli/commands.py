@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +386,40 @@ def unit_list(args: argparse.Namespace) -> int:
         for s in serials:
             print(s.hex())
         print(f"{len(serials)} units")
+    return 0
+
+
+def unit_serve_card(args: argparse.Namespace) -> int:
+    """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
+    from ..transports.vcard import CardFeeder
+
+    home = _home(args)
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    try:
+        serials = [parse_hex(x, "SN") for x in args.sn] if args.sn else fleet.serials()
+        for sn in serials:
+            fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
+
+        def apps() -> Iterator[Any]:
+            for sn in serials:
+                unit = fleet.open_unit(sn)
+                try:
+                    yield unit
+                finally:
+                    unit.close()
+
+        feeder = CardFeeder(apps(), args.port, remove=True).start()
+        print(f"feeding {len(serials)} units to the vpcd reader on port {args.port} "
+              "(Ctrl-C stops)", flush=True)
+        try:
+            feeder.wait()
+        finally:
+            feeder.stop()
+        if feeder.error is not None:
+            raise KeyloadError(f"the card feeder stopped: {feeder.error}")
+    finally:
+        fleet.close()
+    print(f"{feeder.finished} units served")
     return 0
 
 

@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(usub, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)")
     p.add_argument("--sn", required=True)
     add(usub, "list", commands.unit_list, "list emulated units")
+    p = add(usub, "serve-card", commands.unit_serve_card,
+            "serve emulated units as virtual cards to pcscd (vpcd), one after another")
+    p.add_argument("--sn", action="append", default=[], help="a unit (repeatable; default all)")
+    p.add_argument("--port", type=int, default=35963, help="vpcd port (35963: first reader)")
 
     # load
     p = add(sub, "load", commands.load, "load one key into one unit")
