@@ -11,7 +11,7 @@ EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/
 comma := ,
 SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql
 
-.PHONY: venv demo test lint typecheck unit-tests bench conformance clean system-deps
+.PHONY: venv demo test lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps
 
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -49,6 +49,14 @@ conformance: venv
 
 bench: venv
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/campaign.py
+
+bench-hardware: venv
+	$(BIN)/python benchmarks/pkcs11_export.py
+	$(BIN)/python benchmarks/pcsc.py
+
+bench-service: venv
+	$(BIN)/python benchmarks/service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -33,7 +33,7 @@ from ..core.errors import (
     WrongPassphrase,
 )
 from ..station.load import LoadFailed
-from . import campaigns, commands, demo
+from . import campaigns, commands, demo, service_cmds
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY = 6, 7
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     campaigns.add_parsers(sub, common)
+    service_cmds.add_parsers(sub, common)
 
     # conformance
     p = add(sub, "conformance", commands.conformance,

@@ -1,0 +1,212 @@
+"""``keyload pki …``, ``keyload serve``, ``keyload fetch``: remote download over HTTPS."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..core.errors import KeyloadError, TransportError
+from ..core.messages import check_ref2
+from ..station.fleet import EmulatedFleet
+from ..station.load import UnitClient, load_key
+from ..transports import Connection
+from ..transports.local import LocalConnection
+from ..units.keystore import display_ref1, parse_ref1
+from .context import Home
+from .output import emit_json, table
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home.resolve(args.home)
+
+
+# -- pki -----------------------------------------------------------------------------
+def pki_init(args: argparse.Namespace) -> int:
+    from ..service.pki import init_pki
+
+    issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
+                      hosts=tuple(args.host or ()))
+    rows = [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued]
+    if args.json:
+        emit_json([{"name": i.name, "cert": str(i.cert), "key": str(i.key),
+                    "sha256": i.sha256} for i in issued])
+    else:
+        table(["name", "certificate", "key (0600)", "sha256"], rows)
+    return 0
+
+
+def pki_client(args: argparse.Namespace) -> int:
+    from ..service.pki import issue
+
+    i = issue(Path(args.dir), args.name, server=False)
+    if args.json:
+        emit_json({"name": i.name, "cert": str(i.cert), "key": str(i.key), "sha256": i.sha256})
+    else:
+        print(f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..service.policy import Policy
+    from ..service.runtime import open_instance
+    from ..service.server import bind, make_config, server_context
+
+    home = _home(args)
+    policy = Policy.load(Path(args.policy))
+    ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
+    home.ensure()
+    ks = home.open_keystore()
+    try:
+        inst = open_instance(ks, policy, home_root=home.root,
+                             authority_dir=home.authority_dir, audit_path=home.audit_path,
+                             state=args.state, instance=args.instance or socket.gethostname())
+        try:
+            sock = bind(args.host, args.port)
+            port = sock.getsockname()[1]
+            config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http)
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"keyload service listening on https://{host}:{port}", flush=True)
+            uvicorn.Server(config).run(sockets=[sock])
+            sock.close()
+        finally:
+            inst.close()
+    finally:
+        ks.close()
+    return 0
+
+
+# -- fetch ---------------------------------------------------------------------------
+def fetch(args: argparse.Namespace) -> int:
+    from ..service.client import HttpsAuthority, ServiceClient
+
+    sn = bytes.fromhex(args.unit.removeprefix("0x")) if not args.reader else None
+    ref1 = parse_ref1(args.ref1)
+    check_ref2(args.ref2)
+    client = ServiceClient(args.server, ca=Path(args.ca), cert=Path(args.cert),
+                           key=Path(args.key))
+    home = _home(args)
+    fleet = None
+    closer: list[object] = []
+    try:
+        conn: Connection
+        if args.reader:
+            from ..transports.pcsc import PcscConnection
+
+            pc = PcscConnection(args.reader)
+            closer.append(pc)
+            conn = pc
+        else:
+            assert sn is not None
+            fleet = EmulatedFleet.open(home.units_dir, home.source)
+            unit = fleet.open_unit(sn)
+            closer.append(unit)
+            conn = LocalConnection(unit)
+        res = load_key(UnitClient(conn), HttpsAuthority(client), ref1, args.ref2)
+        recorded = None
+        for attempt in range(3):  # the key is in the unit: the receipt must get through
+            try:
+                recorded = client.post_receipt(res)
+                break
+            except TransportError:
+                if attempt == 2:
+                    raise
+    finally:
+        for c in closer:
+            c.close()  # type: ignore[attr-defined]
+        if fleet is not None:
+            fleet.close()
+        client.close()
+    out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
+           "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
+           "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex(),
+           "ledger": bool(recorded and recorded.get("status") == "recorded")}
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
+              f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
+              f"agree), receipt {out['receipt']} recorded by the service")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
+    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+            fn: object, help_: str) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    k = sub.add_parser("pki", help="a test CA, server and client certificates (mTLS)")
+    ksub = k.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    p = add(ksub, "init", pki_init, "create a CA, a server certificate and client certificates")
+    p.add_argument("--dir", required=True, help="where to write them (created, mode 0700)")
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="a client certificate with this CN (repeatable; default 'client')")
+    p.add_argument("--host", action="append", metavar="NAME",
+                   help="a DNS name or IP of the server (repeatable; default localhost, "
+                        "127.0.0.1, ::1)")
+    p = add(ksub, "client", pki_client, "issue one more client certificate")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--name", required=True, help="the client's name (certificate CN)")
+
+    p = add(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS")
+    p.add_argument("--cert", required=True, help="the server's certificate (PEM)")
+    p.add_argument("--key", required=True, help="the server's private key (PEM)")
+    p.add_argument("--ca", required=True, help="the CA that issues client certificates")
+    p.add_argument("--policy", required=True, help="authorization policy and limits (JSON)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443, help="0: any free port (printed)")
+    p.add_argument("--state", help="shared state: a SQLite file (default HOME/service.db) "
+                                   "or a postgresql:// URL shared by several instances")
+    p.add_argument("--http", choices=["h11", "httptools"], default="h11",
+                   help="HTTP parser (default h11)")
+    p.add_argument("--instance", help="this instance's name in audit and metrics "
+                                      "(default: the host name)")
+
+    p = add(sub, "fetch", fetch,
+            "load a key into a local unit from a remote keyload service")
+    p.add_argument("--server", required=True, metavar="URL", help="https://host:port")
+    p.add_argument("--unit", required=True, metavar="SN",
+                   help="the unit's SN (hex): an emulated unit of the home")
+    p.add_argument("--reader", help="reach the unit through this PC/SC reader instead")
+    p.add_argument("--ref1", required=True)
+    p.add_argument("--ref2", required=True, type=int)
+    p.add_argument("--ca", required=True, help="the CA that issued the server certificate")
+    p.add_argument("--cert", required=True, help="this client's certificate (PEM)")
+    p.add_argument("--key", required=True, help="this client's private key (PEM)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry (``python -m keyload.cli.service_cmds``), same conventions as
+    ``keyload``: one error line on stderr and the exit code of its class."""
+    from .main import _common, _one_line, exit_code
+
+    common = _common()
+    parser = argparse.ArgumentParser(prog="keyload", parents=[common])
+    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+                common)
+    args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.home = getattr(args, "home", None)
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("keyload: interrupted\n")
+        return 130
+    except (KeyloadError, ValueError, OSError) as e:
+        sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
+        return exit_code(e)
+    return rc
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

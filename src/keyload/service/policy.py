@@ -1,0 +1,158 @@
+"""The service's authorization policy and limits: which client may ask for what.
+
+A JSON file (``keyload serve --policy FILE``)::
+
+    {
+      "limits": {"max_body": 4096,
+                 "per_client": {"limit": 100, "window_s": 1},
+                 "per_sn": {"limit": 10, "window_s": 60}},
+      "clients": {
+        "terminal-0042": {"sets": ["7b568eb721"], "ref1": ["TMK-1", "0x504e"],
+                          "sha256": "…optional fingerprint pin…",
+                          "per_client": {"limit": 20, "window_s": 1}},
+        "monitoring":    {"sets": [], "ref1": [], "metrics": true}
+      }
+    }
+
+A client is named by the CN of its (CA-verified) TLS client certificate; ``sha256``, when
+given, also pins that exact certificate. ``sets`` and ``ref1`` list what it may ask the
+authority for (``"any"`` must be written out: there is no default). REF1 uses the CLI's
+notation: ASCII text or ``0x``-hex. ``metrics``: may read ``/v1/metrics``.
+The authority's own export policy (per key: sets, slots) applies on top of this.
+Unknown fields are refused, so that a typo never widens access silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..units.keystore import parse_ref1
+
+ANY = "any"
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most ``limit`` requests per fixed window of ``window_s`` seconds."""
+
+    limit: int
+    window_s: float
+
+    @classmethod
+    def parse(cls, d: Any, where: str) -> Rate:
+        if not isinstance(d, dict) or set(d) != {"limit", "window_s"}:
+            raise ValueError(f"{where}: expected {{\"limit\": N, \"window_s\": S}}")
+        limit, window = d["limit"], d["window_s"]
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"{where}.limit: a positive integer")
+        if not isinstance(window, int | float) or isinstance(window, bool) or \
+                not 0.001 <= window <= 86400:
+            raise ValueError(f"{where}.window_s: seconds in 0.001..86400")
+        return cls(limit, float(window))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body: int = 4096
+    per_client: Rate = Rate(100, 1.0)
+    per_sn: Rate = Rate(10, 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRule:
+    name: str
+    sets: frozenset[bytes] | None  # None: any set
+    ref1s: frozenset[bytes] | None  # None: any REF1
+    sha256: str | None = None
+    metrics: bool = False
+    per_client: Rate | None = None
+
+    def allows_set(self, set_id: bytes) -> bool:
+        return self.sets is None or set_id in self.sets
+
+    def allows_ref1(self, ref1: bytes) -> bool:
+        return self.ref1s is None or ref1 in self.ref1s
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    clients: dict[str, ClientRule] = field(default_factory=dict)
+    limits: Limits = Limits()
+
+    def client(self, name: str, sha256: str) -> ClientRule | None:
+        """The rule for a verified certificate, or None when it is not authorized."""
+        rule = self.clients.get(name)
+        if rule is None:
+            return None
+        if rule.sha256 is not None and rule.sha256 != sha256:
+            return None
+        return rule
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+        return cls.from_json(doc, where=str(path))
+
+    @classmethod
+    def from_json(cls, doc: Any, *, where: str = "policy") -> Policy:
+        if not isinstance(doc, dict) or not set(doc) <= {"clients", "limits"}:
+            raise ValueError(f"{where}: expected an object with 'clients' and 'limits'")
+        lim = doc.get("limits", {})
+        if not isinstance(lim, dict) or not set(lim) <= {"max_body", "per_client", "per_sn"}:
+            raise ValueError(f"{where}.limits: only max_body, per_client, per_sn")
+        d = Limits()
+        max_body = lim.get("max_body", d.max_body)
+        if not isinstance(max_body, int) or isinstance(max_body, bool) or \
+                not 256 <= max_body <= 1 << 20:
+            raise ValueError(f"{where}.limits.max_body: bytes in 256..1048576")
+        limits = Limits(
+            max_body,
+            Rate.parse(lim["per_client"], f"{where}.limits.per_client")
+            if "per_client" in lim else d.per_client,
+            Rate.parse(lim["per_sn"], f"{where}.limits.per_sn") if "per_sn" in lim else d.per_sn)
+        clients = doc.get("clients", {})
+        if not isinstance(clients, dict):
+            raise ValueError(f"{where}.clients: an object, client CN -> rule")
+        rules = {name: _rule(name, c, f"{where}.clients.{name}") for name, c in clients.items()}
+        return cls(rules, limits)
+
+
+def _rule(name: str, c: Any, where: str) -> ClientRule:
+    allowed = {"sets", "ref1", "sha256", "metrics", "per_client"}
+    if not isinstance(c, dict) or not set(c) <= allowed or "sets" not in c or "ref1" not in c:
+        raise ValueError(f"{where}: needs 'sets' and 'ref1' (lists, or \"any\"); "
+                         f"optional 'sha256', 'metrics', 'per_client'")
+    sets: frozenset[bytes] | None
+    if c["sets"] == ANY:
+        sets = None
+    elif isinstance(c["sets"], list):
+        try:
+            sets = frozenset(bytes.fromhex(str(s)) for s in c["sets"])
+        except ValueError:
+            raise ValueError(f"{where}.sets: set ids in hex") from None
+        if any(len(s) != 5 for s in sets):
+            raise ValueError(f"{where}.sets: a set id is 5 bytes (10 hex digits)")
+    else:
+        raise ValueError(f"{where}.sets: a list of set ids, or \"any\"")
+    ref1s: frozenset[bytes] | None
+    if c["ref1"] == ANY:
+        ref1s = None
+    elif isinstance(c["ref1"], list) and all(isinstance(x, str) for x in c["ref1"]):
+        ref1s = frozenset(parse_ref1(x) for x in c["ref1"])
+    else:
+        raise ValueError(f"{where}.ref1: a list of REF1s (text or 0x-hex), or \"any\"")
+    sha = c.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or
+                            any(ch not in "0123456789abcdef" for ch in sha.lower())):
+        raise ValueError(f"{where}.sha256: 64 hex digits")
+    metrics = c.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ValueError(f"{where}.metrics: true or false")
+    rate = Rate.parse(c["per_client"], f"{where}.per_client") if "per_client" in c else None
+    return ClientRule(name, sets, ref1s, None if sha is None else sha.lower(), metrics, rate)

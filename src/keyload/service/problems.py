@@ -1,0 +1,73 @@
+"""Structured errors (RFC 9457 ``application/problem+json``) for every refusal.
+
+A :class:`Problem` names a ``type`` (``urn:keyload:problem:<slug>``), an HTTP status and
+a one-line detail that never holds key material or message bytes. Refusals by the
+authority carry their status word in ``sw`` (PROTOCOL.md §6), so a client can turn a
+problem back into the same typed error a local authority would have raised.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..core.errors import SW, StatusError
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(Exception):
+    """An HTTP refusal; raised inside the app, turned into a response at one place."""
+
+    def __init__(self, status: int, slug: str, title: str, detail: str | None = None, *,
+                 sw: int | None = None, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail or title
+        self.sw = sw
+        self.headers = headers or {}
+        super().__init__(f"{status} {slug}: {self.detail}")
+
+    @property
+    def type(self) -> str:
+        return f"urn:keyload:problem:{self.slug}"
+
+    def body(self, instance: str) -> bytes:
+        doc: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status,
+                               "detail": self.detail, "instance": instance}
+        if self.sw is not None:
+            doc["sw"] = f"{self.sw:04X}"
+        return json.dumps(doc).encode()
+
+
+# How the authority's status words (PROTOCOL.md §8) map to HTTP.
+_SW_STATUS: dict[int, tuple[int, str, str]] = {
+    SW.MALFORMED: (400, "malformed", "malformed EXPORTKEY request"),
+    SW.WRONG_LENGTH: (400, "malformed", "malformed EXPORTKEY request"),
+    SW.UNSUPPORTED: (422, "suite-unsupported", "suite not offered by the authority"),
+    SW.UNKNOWN_SET: (404, "unknown-set", "the authority holds no transport key for this set"),
+    SW.NOT_FOUND: (404, "unknown-ref1", "the authority holds no key with this REF1"),
+    SW.POLICY: (403, "export-policy", "the authority's export policy refuses"),
+    SW.INTEGRITY: (422, "integrity", "integrity check failed"),
+    SW.AUTHENTICITY: (422, "authenticity", "authenticity check failed"),
+    SW.MEMORY_FAILURE: (503, "authority-unavailable",
+                        "the authority could not record the export: nothing was sent"),
+}
+
+
+def from_status_error(e: StatusError) -> Problem:
+    status, slug, title = _SW_STATUS.get(e.code, (422, "refused", "the authority refuses"))
+    return Problem(status, slug, title, e.detail, sw=e.code)
+
+
+def malformed(detail: str, *, sw: bool = True) -> Problem:
+    return Problem(400, "malformed", "malformed request", detail,
+                   sw=int(SW.MALFORMED) if sw else None)
+
+
+UNAUTHENTICATED = Problem(401, "unauthenticated", "a client certificate is required",
+                          "present a client certificate issued by the service's CA")
+FORBIDDEN_CLIENT = Problem(403, "client-not-authorized", "client not authorized",
+                           "this client certificate is not in the service's policy")
+NOT_FOUND = Problem(404, "not-found", "no such resource")

@@ -1,0 +1,398 @@
+"""The service's shared state: replay cache, exports served, ledger, rate counters, audit.
+
+Two implementations of one small interface:
+
+- :class:`SqliteServiceStore` (the default, one instance; several worker processes may
+  share the file): ``HOME/service.db``, and the audit records go to the home's
+  hash-chained audit log (``HOME/audit.db``, checked by ``keyload audit verify``);
+- :class:`PostgresServiceStore` (``--state postgresql://…``): several ``keyload serve``
+  instances behind one address share every table, the audit chain included, so that a
+  challenge served by one instance is refused by every other.
+
+The replay cache is the ``challenges`` table, keyed by (SN, R): a request claims its
+challenge with one ``INSERT … ON CONFLICT DO NOTHING`` before the authority is asked,
+so of two concurrent requests with the same (SN, R), on any instance, exactly one wins.
+A claimed challenge is never released (not even when the authority then refuses):
+a unit answers each INITIALIZE DOWNLOAD with a fresh R, so a legitimate client never
+needs one twice. Rows hold SN, R, set id, REF1, REF2, suite, H, KCV, version and the
+receipt: never key material.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..core.errors import StoreError
+from ..station.audit import GENESIS, AuditLog, record_hash
+from ..units.storage import open_sqlite
+from .policy import Rate
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS challenges (
+    sn TEXT NOT NULL,
+    r TEXT NOT NULL,
+    client TEXT NOT NULL,
+    set_id TEXT NOT NULL,
+    ref1 TEXT NOT NULL,
+    ref2 INTEGER NOT NULL,
+    suite INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    time DOUBLE PRECISION NOT NULL,
+    header TEXT,
+    kcv TEXT,
+    key_version INTEGER,
+    sw TEXT,
+    PRIMARY KEY (sn, r)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    sn TEXT NOT NULL,
+    r TEXT NOT NULL,
+    set_id TEXT NOT NULL,
+    ref1 TEXT NOT NULL,
+    ref2 INTEGER NOT NULL,
+    suite INTEGER NOT NULL,
+    header TEXT NOT NULL,
+    key_version INTEGER NOT NULL,
+    kcv TEXT NOT NULL,
+    rct TEXT NOT NULL,
+    client TEXT NOT NULL,
+    time DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (sn, r)
+);
+CREATE TABLE IF NOT EXISTS rate (
+    key TEXT NOT NULL,
+    win BIGINT NOT NULL,
+    n INTEGER NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (key, win)
+);
+"""
+
+PG_AUDIT = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY,
+    time DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """One (SN, R) served, or being served, to one client."""
+
+    sn: bytes
+    r: bytes
+    client: str
+    set_id: bytes
+    ref1: bytes
+    ref2: int
+    suite: int
+    state: str = CLAIMED
+    header: bytes | None = None
+    kcv: bytes | None = None
+    key_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    sn: bytes
+    r: bytes
+    set_id: bytes
+    ref1: bytes
+    ref2: int
+    suite: int
+    header: bytes
+    key_version: int
+    kcv: bytes
+    rct: bytes
+    client: str
+    time: float
+
+
+class ServiceStore(Protocol):
+    """What the service keeps; every method is atomic on its own."""
+
+    def hit(self, key: str, rate: Rate, now: float) -> bool:
+        """Count one request against ``key``; False when over the limit."""
+        ...
+
+    def claim(self, c: Challenge, now: float) -> bool:
+        """Claim (SN, R) for this export; False when it was ever claimed before."""
+        ...
+
+    def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
+                 key_version: int) -> None: ...
+
+    def refused(self, sn: bytes, r: bytes, sw: str) -> None: ...
+
+    def challenge(self, sn: bytes, r: bytes) -> Challenge | None: ...
+
+    def add_receipt(self, c: Challenge, rct: bytes, now: float) -> bool:
+        """Ledger entry for an exported challenge; False when it already has one."""
+        ...
+
+    def ledger(self) -> list[LedgerEntry]: ...
+
+    def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
+        """One audit record (hash-chained)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+
+
+def _ch(t: Any) -> Challenge:
+    sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, ver = t
+    return Challenge(bytes.fromhex(sn), bytes.fromhex(r), client, bytes.fromhex(set_id),
+                     bytes.fromhex(ref1), int(ref2), int(suite), state,
+                     None if header is None else bytes.fromhex(header),
+                     None if kcv is None else bytes.fromhex(kcv),
+                     None if ver is None else int(ver))
+
+
+def _le(t: Any) -> LedgerEntry:
+    sn, r, set_id, ref1, ref2, suite, header, ver, kcv, rct, client, tm = t
+    return LedgerEntry(bytes.fromhex(sn), bytes.fromhex(r), bytes.fromhex(set_id),
+                       bytes.fromhex(ref1), int(ref2), int(suite), bytes.fromhex(header),
+                       int(ver), bytes.fromhex(kcv), bytes.fromhex(rct), client, float(tm))
+
+
+class _SqlStore(ABC):
+    """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style)."""
+
+    _hits = 0
+
+    @abstractmethod
+    def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        """Run one statement, return its rows (none for a statement without)."""
+
+    @abstractmethod
+    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
+        """Run one statement, return how many rows it changed."""
+
+    @abstractmethod
+    def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
+        """Mark the challenge receipted and add its ledger entry, in one transaction."""
+
+    def hit(self, key: str, rate: Rate, now: float) -> bool:
+        win = int(now // rate.window_s)
+        rows = self._x("INSERT INTO rate (key, win, n, expires) VALUES (?, ?, 1, ?) "
+                       "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + 1 RETURNING n",
+                       (key, win, (win + 1) * rate.window_s))
+        self._hits += 1
+        if self._hits % 4096 == 0:
+            self._x("DELETE FROM rate WHERE expires < ?", (now,))
+        return int(rows[0][0]) <= rate.limit
+
+    def claim(self, c: Challenge, now: float) -> bool:
+        return self._rowcount(
+            "INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sn, r) DO NOTHING",
+            (c.sn.hex(), c.r.hex(), c.client, c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite,
+             CLAIMED, now)) == 1
+
+    def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
+                 key_version: int) -> None:
+        self._x("UPDATE challenges SET state = ?, header = ?, kcv = ?, key_version = ? "
+                "WHERE sn = ? AND r = ? AND state = ?",
+                (EXPORTED, header.hex(), kcv.hex(), key_version, sn.hex(), r.hex(), CLAIMED))
+
+    def refused(self, sn: bytes, r: bytes, sw: str) -> None:
+        self._x("UPDATE challenges SET state = ?, sw = ? WHERE sn = ? AND r = ? AND state = ?",
+                (REFUSED, sw, sn.hex(), r.hex(), CLAIMED))
+
+    def challenge(self, sn: bytes, r: bytes) -> Challenge | None:
+        rows = self._x("SELECT sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, "
+                       "key_version FROM challenges WHERE sn = ? AND r = ?",
+                       (sn.hex(), r.hex()))
+        return _ch(rows[0]) if rows else None
+
+    def ledger(self) -> list[LedgerEntry]:
+        return [_le(t) for t in self._x(
+            "SELECT sn, r, set_id, ref1, ref2, suite, header, key_version, kcv, rct, client, "
+            "time FROM ledger ORDER BY time")]
+
+    @staticmethod
+    def _ledger_args(c: Challenge, rct: bytes, now: float) -> tuple[Any, ...]:
+        assert c.header is not None and c.kcv is not None and c.key_version is not None
+        return (c.sn.hex(), c.r.hex(), c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite,
+                c.header.hex(), c.key_version, c.kcv.hex(), rct.hex(), c.client, now)
+
+    _UPDATE_RECEIPTED = "UPDATE challenges SET state = ? WHERE sn = ? AND r = ? AND state = ?"
+    _INSERT_LEDGER = ("INSERT INTO ledger (sn, r, set_id, ref1, ref2, suite, header, "
+                      "key_version, kcv, rct, client, time) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+    def add_receipt(self, c: Challenge, rct: bytes, now: float) -> bool:
+        return self._receipt_tx(c, rct, now)
+
+
+class SqliteServiceStore(_SqlStore):
+    """``HOME/service.db`` (WAL) and the home's audit log."""
+
+    def __init__(self, path: Path, audit: AuditLog) -> None:
+        self.path = path
+        self.db = open_sqlite(path, SCHEMA)
+        self.audit = audit
+        self._lock = threading.Lock()
+
+    def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            with self._lock:
+                return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"service state: {e.__class__.__name__}") from None
+
+    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
+        try:
+            with self._lock:
+                return self.db.execute(sql, args).rowcount
+        except sqlite3.Error as e:
+            raise StoreError(f"service state: {e.__class__.__name__}") from None
+
+    def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
+        try:
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    n = self.db.execute(self._UPDATE_RECEIPTED,
+                                        (RECEIPTED, c.sn.hex(), c.r.hex(), EXPORTED)).rowcount
+                    if n == 1:
+                        self.db.execute(self._INSERT_LEDGER, self._ledger_args(c, rct, now))
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                return n == 1
+        except sqlite3.Error as e:
+            raise StoreError(f"service state: {e.__class__.__name__}") from None
+
+    def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
+        return self.audit.append(action, detail, actor=actor)
+
+    def close(self) -> None:
+        self.db.close()
+        self.audit.close()
+
+
+class PostgresServiceStore(_SqlStore):
+    """The same tables in PostgreSQL (psycopg 3), plus the audit chain as a table.
+
+    Audit appends take a transaction-scoped advisory lock, so the chain stays linear with
+    any number of instances writing; ``verify_audit`` recomputes it.
+    """
+
+    AUDIT_LOCK = 0x4B4C5031  # "KLP1"
+
+    def __init__(self, url: str, *, actor: str = "service") -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError("PostgreSQL state needs psycopg: pip install 'psycopg[binary]'") \
+                from None
+        self._psycopg = psycopg
+        self.actor = actor
+        self._lock = threading.Lock()
+        try:
+            self.conn = psycopg.connect(url, autocommit=True)
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
+                for stmt in (SCHEMA + PG_AUDIT).split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+        except psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    @staticmethod
+    def _pg(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            with self._lock:
+                cur = self.conn.execute(self._pg(sql), args)
+                return cur.fetchall() if cur.description is not None else []
+        except self._psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
+        try:
+            with self._lock:
+                return int(self.conn.execute(self._pg(sql), args).rowcount)
+        except self._psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
+        try:
+            with self._lock, self.conn.transaction():
+                n = self.conn.execute(self._pg(self._UPDATE_RECEIPTED),
+                                      (RECEIPTED, c.sn.hex(), c.r.hex(), EXPORTED)).rowcount
+                if n == 1:
+                    self.conn.execute(self._pg(self._INSERT_LEDGER),
+                                      self._ledger_args(c, rct, now))
+                return n == 1
+        except self._psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
+        d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        who = actor or self.actor
+        try:
+            with self._lock, self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
+                last = self.conn.execute(
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                seq = 1 if last is None else int(last[0]) + 1
+                prev = GENESIS if last is None else bytes.fromhex(last[1])
+                t = time.time()
+                h = record_hash(prev, seq, t, who, action, d)
+                self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                                  (seq, t, who, action, d, prev.hex(), h.hex()))
+        except self._psycopg.Error as e:
+            raise StoreError(f"audit (PostgreSQL): {e.__class__.__name__}") from None
+        return seq
+
+    def verify_audit(self) -> tuple[int, list[int]]:
+        """(records, sequence numbers whose hash or link is wrong)."""
+        bad: list[int] = []
+        prev = GENESIS
+        n = 0
+        for seq, t, actor, action, detail, prev_hex, h in self._x(
+                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"):
+            n += 1
+            if seq != n or prev_hex != prev.hex() or \
+                    record_hash(prev, seq, t, actor, action, detail).hex() != h:
+                bad.append(int(seq))
+            prev = bytes.fromhex(h)
+        return n, bad
+
+    def audit_records(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(a, act, json.loads(d)) for a, act, d in
+                self._x("SELECT actor, action, detail FROM audit ORDER BY seq")]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_store(state: str | None, home_root: Path, audit: AuditLog | None) -> ServiceStore:
+    """``postgresql://…`` -> PostgreSQL; else a SQLite file (default ``HOME/service.db``)."""
+    if state and state.startswith(("postgresql://", "postgres://")):
+        return PostgresServiceStore(state)
+    if audit is None:
+        raise StoreError("a SQLite service state needs the home's audit log")
+    return SqliteServiceStore(Path(state) if state else home_root / "service.db", audit)
