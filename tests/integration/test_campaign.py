@@ -131,10 +131,14 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
             raise TransportError("reader jammed")
         yield LocalConnection(units[sn])
 
-    s = run_campaign(j, "c", w.client(), connect, RunOptions(station="s", lease_s=0.01))
+    first = run_campaign(j, "c", w.client(), connect, RunOptions(station="s", lease_s=0.01))
+    assert first.loads_failed == 1  # the locked slot: refused once, for good
+    assert any("reader jammed" in f[3] for f in first.failures)
     if j.counts("c")[IMPORTED] < 3:  # the jammed unit's claim waits for its lease
         time.sleep(0.05)
-        s = run_campaign(j, "c", w.client(), connect, RunOptions(station="s", lease_s=0.01))
+        again = run_campaign(j, "c", w.client(), connect, RunOptions(station="s",
+                                                                      lease_s=0.01))
+        assert again.loads_failed == 0  # the final refusal is not tried again
     counts = j.counts("c")
     assert counts["failed"] == 1 and counts[IMPORTED] == 3
     failed = next(r for r in j.rows("c", ["failed"]))
