@@ -72,13 +72,24 @@ class _Shared:
     """What worker threads share: the authority (serialized), counters, the journal."""
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, opts: RunOptions) -> None:
         self.journal = journal
         self.authority = authority
         self.summary = summary
         self.progress = progress
+        self.opts = opts
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.renewed = time.monotonic()
+
+    def keep_lease(self, campaign_id: str) -> None:
+        """Renew this station's claims once a third of the lease has passed, so that a
+        long batch is never taken over while it is still being worked on."""
+        with self.lock:
+            if time.monotonic() - self.renewed < self.opts.lease_s / 3:
+                return
+            self.renewed = time.monotonic()
+        self.journal.renew(campaign_id, self.opts.station, self.opts.lease_s, time.time())
 
 
 class _LockedAuthority(AuthorityClient):
@@ -144,6 +155,7 @@ def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
     j, s = sh.journal, sh.summary
     sn = rows[0].sn
     done = failed = 0
+    sh.keep_lease(rows[0].campaign)
     try:
         for row in rows:
             if sh.stop.is_set():
@@ -203,7 +215,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     """
     summary = RunSummary()
     t0 = time.monotonic()
-    sh = _Shared(journal, authority, summary, progress)
+    sh = _Shared(journal, authority, summary, progress, opts)
     try:
         for src in cards:
             try:
@@ -249,7 +261,7 @@ def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
     """Run (or resume) a campaign until no load is left to claim, or Ctrl-C."""
     summary = RunSummary()
     t0 = time.monotonic()
-    sh = _Shared(journal, authority, summary, progress)
+    sh = _Shared(journal, authority, summary, progress, opts)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = time.monotonic()

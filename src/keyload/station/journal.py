@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS loads (
     PRIMARY KEY (campaign, sn, ref2)
 );
 CREATE INDEX IF NOT EXISTS loads_claim ON loads (campaign, state, seq);
+CREATE INDEX IF NOT EXISTS loads_seq ON loads (campaign, seq, ref2);
 CREATE TABLE IF NOT EXISTS events (
     campaign TEXT NOT NULL,
     time DOUBLE PRECISION NOT NULL,
@@ -179,7 +180,7 @@ class SqliteJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._station_fds: list[int] = []
+        self._station_locks: dict[tuple[str, str], int] = {}
         self.db = open_sqlite(path, SCHEMA)
 
     def _x(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
@@ -367,6 +368,8 @@ class SqliteJournal:
         import fcntl
         import hashlib
 
+        if (campaign_id, station) in self._station_locks:
+            return
         tag = hashlib.sha256(f"{campaign_id}\x00{station}".encode()).hexdigest()[:16]
         path = self.path.with_name(f".{self.path.name}.{tag}.lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -377,14 +380,14 @@ class SqliteJournal:
             raise StoreError(f"station {station!r} is already running campaign "
                              f"{campaign_id!r}: give each station its own --station name")\
                 from None
-        self._station_fds.append(fd)
+        self._station_locks[(campaign_id, station)] = fd
 
     def close(self) -> None:
         with self._lock:
             self.db.close()
-        for fd in self._station_fds:
+        for fd in self._station_locks.values():
             os.close(fd)
-        self._station_fds.clear()
+        self._station_locks.clear()
 
 
 def open_journal(where: str | Path) -> Journal:

@@ -25,6 +25,9 @@ reconciles loads that were claimed or exported. A dead station's claims are take
 once ``lease < now``. A claim that finds nothing but skipped locked heads waits a little
 and looks again, so it answers "nothing left" only when nothing is left to claim now.
 
+:meth:`PostgresJournal.claim_unit` (a card that came into a reader) locks the head of
+that one unit, waiting rather than skipping, then claims by the same rules.
+
 *Station guard.* :meth:`PostgresJournal.lock_station` takes a session advisory lock keyed
 on (campaign, station) for the life of the connection: a second live process running as
 the same station is refused (it would treat the first one's live claims as its own).
@@ -110,10 +113,16 @@ class PostgresJournal:
         except psycopg.Error as e:
             raise StoreError(f"journal {self.where}: cannot connect ({_msg(e)})") from None
         try:
-            with self._lock, self.db.transaction():
-                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                for stmt in schema_statements():
-                    self.db.execute(stmt)
+            with self._lock:
+                have = self.db.execute(
+                    "SELECT to_regclass('campaigns') IS NOT NULL AND to_regclass('loads') "
+                    "IS NOT NULL AND to_regclass('loads_claim') IS NOT NULL AND "
+                    "to_regclass('events') IS NOT NULL").fetchone()
+                if not (have and have[0]):  # a station's role may lack CREATE: only if needed
+                    with self.db.transaction():
+                        self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                        for stmt in schema_statements():
+                            self.db.execute(stmt)
         except psycopg.Error as e:
             self.db.close()
             raise StoreError(f"journal {self.where}: {_msg(e)}") from None
@@ -188,23 +197,27 @@ class PostgresJournal:
         """
         if units <= 0:
             return []
-        give_up = time.monotonic() + self.SKIP_PATIENCE_S
+        t0 = time.monotonic()
+        waited = 0.0  # a claim that had to wait grants its lease from the time it is made
         attempt = 0
         while True:
             try:
                 with self._lock:
-                    rows, skipped = self._claim_tx(campaign_id, station, units, lease_s, now)
+                    rows, skipped = self._claim_tx(campaign_id, station, units, lease_s,
+                                                   now + waited)
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
                 attempt += 1
                 if attempt >= self.CLAIM_RETRIES:
                     raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
                 time.sleep(0.01 * attempt)
+                waited = time.monotonic() - t0
                 continue
             except psycopg.Error as e:
                 raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
-            if rows or not skipped or time.monotonic() > give_up:
+            if rows or not skipped or waited > self.SKIP_PATIENCE_S:
                 return rows
             time.sleep(self.SKIP_WAIT_S)  # units were being claimed by others: look again
+            waited = time.monotonic() - t0
 
     def _claim_tx(self, campaign_id: str, station: str, units: int, lease_s: float,
                   now: float) -> tuple[list[LoadRow], int]:
@@ -258,13 +271,64 @@ class PostgresJournal:
         out.sort(key=lambda r: (r.seq, r.ref2))
         return out, skipped
 
+    def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
+                   now: float) -> list[LoadRow]:
+        """Claim one unit's open loads (a card that came into a reader), as :meth:`claim`
+        would: planned ones, this station's own, or another's whose lease expired.
+
+        The unit's head row is locked first (waiting, not skipping: a card is in the
+        reader), then the loads are read again and claimed on the latest committed state.
+        """
+        for attempt in range(1, self.CLAIM_RETRIES + 1):
+            try:
+                with self._lock, self.db.transaction():
+                    head = self.db.execute(
+                        f"SELECT h.sn FROM loads h WHERE h.campaign = %s AND h.sn = %s "  # noqa: S608
+                        f"AND h.{_HEAD} FOR UPDATE OF h", (campaign_id, sn.hex())).fetchall()
+                    if not head:
+                        return []
+                    rows = [row_of(t) for t in self.db.execute(
+                        f"SELECT {_COLS} FROM loads WHERE campaign = %s AND sn = %s AND "  # noqa: S608
+                        "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
+                        "(station = %s OR lease < %s))) ORDER BY ref2 FOR UPDATE",
+                        (campaign_id, sn.hex(), station, now)).fetchall()]
+                    if rows:
+                        self.db.execute(
+                            "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
+                            "'claimed' ELSE state END, station = %s, lease = %s, updated = %s "
+                            "WHERE campaign = %s AND sn = %s AND ref2 = ANY(%s)",
+                            (station, now + lease_s, now, campaign_id, sn.hex(),
+                             [r.ref2 for r in rows]))
+                    return rows
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
+                if attempt == self.CLAIM_RETRIES:
+                    raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                time.sleep(0.01 * attempt)
+            except psycopg.Error as e:
+                raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+        return []  # not reached
+
     @staticmethod
     def _units(rows: list[LoadRow]) -> int:
         return len({r.seq for r in rows})
 
     def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None:
-        self._x("UPDATE loads SET lease = %s WHERE campaign = %s AND station = %s AND state IN "
-                "('claimed', 'exported')", (now + lease_s, campaign_id, station))
+        """Extend this station's open claims. It locks many rows at once, so it can meet a
+        take-over of an expired claim in a deadlock: PostgreSQL breaks it, and it retries."""
+        for attempt in range(1, self.CLAIM_RETRIES + 1):
+            try:
+                with self._lock:
+                    self.db.execute(
+                        "UPDATE loads SET lease = %s WHERE campaign = %s AND station = %s "
+                        "AND state IN ('claimed', 'exported')",
+                        (now + lease_s, campaign_id, station))
+                return
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
+                if attempt == self.CLAIM_RETRIES:
+                    raise StoreError(f"journal {self.where}: renew: {_msg(e)}") from None
+                time.sleep(0.01 * attempt)
+            except psycopg.Error as e:
+                raise StoreError(f"journal {self.where}: renew: {_msg(e)}") from None
 
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None:
