@@ -18,6 +18,26 @@ from dataclasses import dataclass
 from .errors import SW, WrongLength, error_for_sw
 
 
+def encode_command(cla: int, ins: int, p1: int, p2: int, data: bytes = b"", ne: int = 0) -> bytes:
+    """A C-APDU's bytes: short form when the data fit in 255 bytes and Ne in 256,
+    extended form otherwise (what :meth:`CommandAPDU.encode` does, without the object)."""
+    nc = len(data)
+    head = bytes((cla, ins, p1, p2))
+    if nc > 65535 or ne > 65536:
+        raise ValueError("APDU too long")
+    if nc <= 255 and ne <= 256:
+        body = (bytes((nc,)) + data) if nc else b""
+        if ne:
+            body += bytes((ne & 0xFF,))
+        return head + body
+    # extended
+    body = (b"\x00" + nc.to_bytes(2, "big") + data) if nc else b""
+    if ne:
+        le = (ne & 0xFFFF).to_bytes(2, "big")
+        body += le if nc else b"\x00" + le
+    return head + body
+
+
 @dataclass(frozen=True, slots=True)
 class CommandAPDU:
     cla: int
@@ -28,21 +48,7 @@ class CommandAPDU:
     ne: int = 0  # expected response length; 0 = no response data expected
 
     def encode(self) -> bytes:
-        nc, ne = len(self.data), self.ne
-        head = bytes((self.cla, self.ins, self.p1, self.p2))
-        if nc > 65535 or ne > 65536:
-            raise ValueError("APDU too long")
-        if nc <= 255 and ne <= 256:
-            body = (bytes((nc,)) + self.data) if nc else b""
-            if ne:
-                body += bytes((ne & 0xFF,))
-            return head + body
-        # extended
-        body = (b"\x00" + nc.to_bytes(2, "big") + self.data) if nc else b""
-        if ne:
-            le = (ne & 0xFFFF).to_bytes(2, "big")
-            body += le if nc else b"\x00" + le
-        return head + body
+        return encode_command(self.cla, self.ins, self.p1, self.p2, self.data, self.ne)
 
     @classmethod
     def decode(cls, apdu: bytes) -> CommandAPDU:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core import messages as msg
-from ..core.apdu import CommandAPDU, ResponseAPDU
+from ..core.apdu import ResponseAPDU, encode_command
 from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
 from ..core.keys import KeyHeader
 from ..core.primitives import ct_equal
@@ -73,7 +73,7 @@ def _check(rapdu: bytes, meanings: dict[int, str]) -> bytes:
 
 
 def _select(conn: Connection, aid: bytes) -> None:
-    _check(conn.transmit(CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid).encode()), {
+    _check(conn.transmit(encode_command(0x00, 0xA4, 0x04, 0x00, aid)), {
         0x6A82: "application not found on the card"})
 
 
@@ -91,16 +91,16 @@ class UnitClient:
         _select(self.conn, AID_UNIT)
 
     def initialize(self) -> msg.InitResponse:
-        r = self.conn.transmit(CommandAPDU(0x80, INS_INIT, 0, 0, b"", ne=256).encode())
+        r = self.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"", 256))
         return msg.InitResponse.decode(_check(r, UNIT_MEANING))
 
     def import_key(self, data: bytes) -> msg.ImportResponse:
-        r = self.conn.transmit(CommandAPDU(0x80, INS_IMPORT, 0, 0, data, ne=_ne(data)).encode())
+        r = self.conn.transmit(encode_command(0x80, INS_IMPORT, 0, 0, data, _ne(data)))
         return msg.ImportResponse.decode(_check(r, UNIT_MEANING))
 
     def slot_status(self, ref2: int) -> msg.SlotStatus:
         msg.check_ref2(ref2)
-        r = self.conn.transmit(CommandAPDU(0x80, INS_STATUS, 0, ref2, b"", ne=256).encode())
+        r = self.conn.transmit(encode_command(0x80, INS_STATUS, 0, ref2, b"", 256))
         return msg.SlotStatus.decode(_check(r, UNIT_MEANING))
 
 
@@ -116,7 +116,7 @@ class AuthorityClient:
 
     def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
         data = req.encode()
-        r = self.conn.transmit(CommandAPDU(0x80, INS_EXPORT, 0, 0, data, ne=_ne(data)).encode())
+        r = self.conn.transmit(encode_command(0x80, INS_EXPORT, 0, 0, data, _ne(data)))
         return msg.ExportResponse.decode(_check(r, AUTHORITY_MEANING))
 
 
