@@ -27,6 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -183,6 +184,24 @@ class SqliteJournal:
         self._station_locks: dict[tuple[str, str], int] = {}
         self.db = open_sqlite(path, SCHEMA)
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE), rolled back on error;
+        a database error other than an integrity error becomes a StoreError."""
+        try:
+            with self._lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as e:
+            raise StoreError(f"journal {self.path}: {e}") from None
+
     def _x(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         try:
             with self._lock:
@@ -193,32 +212,22 @@ class SqliteJournal:
     # -- planning ----------------------------------------------------------------
     def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
         """Write the campaign and every planned load in one transaction (flat memory)."""
+        plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for seq, sn in enumerate(serials):
+                h = sn.hex()
+                for ref2, ref1, version in plan:
+                    yield (c.id, seq, h, ref2, ref1, version, PLANNED)
+
         try:
-            with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    self.db.execute("INSERT INTO campaigns VALUES (?, ?, ?, ?, ?, ?)",
-                                    campaign_to_row(c))
-                    plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
-
-                    def rows() -> Iterator[tuple[Any, ...]]:
-                        for seq, sn in enumerate(serials):
-                            h = sn.hex()
-                            for ref2, ref1, version in plan:
-                                yield (c.id, seq, h, ref2, ref1, version, PLANNED)
-
-                    self.db.executemany(
-                        "INSERT INTO loads (campaign, seq, sn, ref2, ref1, version, state) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows())
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
+            with self._transaction() as db:
+                db.execute("INSERT INTO campaigns VALUES (?, ?, ?, ?, ?, ?)", campaign_to_row(c))
+                db.executemany("INSERT INTO loads (campaign, seq, sn, ref2, ref1, version, "
+                               "state) VALUES (?, ?, ?, ?, ?, ?, ?)", rows())
         except sqlite3.IntegrityError:
             raise StoreError(f"campaign {c.id!r} exists already, or a unit is listed twice")\
                 from None
-        except sqlite3.Error as e:
-            raise StoreError(f"journal {self.path}: {e}") from None
 
     def campaign(self, campaign_id: str) -> Campaign:
         t = self._x("SELECT id, set_id, created, plan, source, units FROM campaigns "
@@ -239,68 +248,47 @@ class SqliteJournal:
         whose lease expired (a take-over), then planned units. Rows that were claimed or
         exported before are returned with their state, so the caller reconciles them.
         """
-        try:
-            with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    seqs = [t[0] for t in self.db.execute(
-                        "SELECT DISTINCT seq FROM loads WHERE campaign = ? AND state IN "
-                        "('claimed', 'exported') AND (station = ? OR lease < ?) "
-                        "ORDER BY seq LIMIT ?", (campaign_id, station, now, units))]
-                    if len(seqs) < units:
-                        seqs += [t[0] for t in self.db.execute(
-                            "SELECT DISTINCT seq FROM loads WHERE campaign = ? AND state = "
-                            "'planned' ORDER BY seq LIMIT ?",
-                            (campaign_id, units - len(seqs)))]
-                    if not seqs:
-                        self.db.execute("COMMIT")
-                        return []
-                    marks = ",".join("?" * len(seqs))
-                    rows = [row_of(t) for t in self.db.execute(
-                        f"SELECT {_COLS} FROM loads WHERE campaign = ? AND seq IN ({marks}) "  # noqa: S608
-                        "AND state IN ('planned', 'claimed', 'exported') ORDER BY seq, ref2",
-                        (campaign_id, *seqs))]
-                    self.db.execute(
-                        f"UPDATE loads SET state = CASE state WHEN 'planned' THEN 'claimed' "  # noqa: S608
-                        f"ELSE state END, station = ?, lease = ?, updated = ? "
-                        f"WHERE campaign = ? AND seq IN ({marks}) AND state IN "
-                        "('planned', 'claimed', 'exported')",
-                        (station, now + lease_s, now, campaign_id, *seqs))
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as e:
-            raise StoreError(f"journal {self.path}: {e}") from None
+        with self._transaction() as db:
+            seqs = [t[0] for t in db.execute(
+                "SELECT DISTINCT seq FROM loads WHERE campaign = ? AND state IN "
+                "('claimed', 'exported') AND (station = ? OR lease < ?) "
+                "ORDER BY seq LIMIT ?", (campaign_id, station, now, units))]
+            if len(seqs) < units:
+                seqs += [t[0] for t in db.execute(
+                    "SELECT DISTINCT seq FROM loads WHERE campaign = ? AND state = "
+                    "'planned' ORDER BY seq LIMIT ?", (campaign_id, units - len(seqs)))]
+            if not seqs:
+                return []
+            marks = ",".join("?" * len(seqs))
+            rows = [row_of(t) for t in db.execute(
+                f"SELECT {_COLS} FROM loads WHERE campaign = ? AND seq IN ({marks}) "  # noqa: S608
+                "AND state IN ('planned', 'claimed', 'exported') ORDER BY seq, ref2",
+                (campaign_id, *seqs))]
+            db.execute(
+                f"UPDATE loads SET state = CASE state WHEN 'planned' THEN 'claimed' "  # noqa: S608
+                f"ELSE state END, station = ?, lease = ?, updated = ? "
+                f"WHERE campaign = ? AND seq IN ({marks}) AND state IN "
+                "('planned', 'claimed', 'exported')",
+                (station, now + lease_s, now, campaign_id, *seqs))
         return rows
 
     def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
                    now: float) -> list[LoadRow]:
         """Claim one unit's open loads (a card that came into a reader), as :meth:`claim`
         would: planned ones, this station's own, or another's whose lease expired."""
-        try:
-            with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    rows = [row_of(t) for t in self.db.execute(
-                        f"SELECT {_COLS} FROM loads WHERE campaign = ? AND sn = ? AND "  # noqa: S608
-                        "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
-                        "(station = ? OR lease < ?))) ORDER BY ref2",
-                        (campaign_id, sn.hex(), station, now))]
-                    if rows:
-                        self.db.execute(
-                            "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
-                            "'claimed' ELSE state END, station = ?, lease = ?, updated = ? "
-                            "WHERE campaign = ? AND sn = ? AND (state = 'planned' OR "
-                            "(state IN ('claimed', 'exported') AND (station = ? OR "
-                            "lease < ?)))",
-                            (station, now + lease_s, now, campaign_id, sn.hex(), station, now))
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as e:
-            raise StoreError(f"journal {self.path}: {e}") from None
+        with self._transaction() as db:
+            rows = [row_of(t) for t in db.execute(
+                f"SELECT {_COLS} FROM loads WHERE campaign = ? AND sn = ? AND "  # noqa: S608
+                "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
+                "(station = ? OR lease < ?))) ORDER BY ref2",
+                (campaign_id, sn.hex(), station, now))]
+            if rows:
+                db.execute(
+                    "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
+                    "'claimed' ELSE state END, station = ?, lease = ?, updated = ? "
+                    "WHERE campaign = ? AND sn = ? AND (state = 'planned' OR "
+                    "(state IN ('claimed', 'exported') AND (station = ? OR lease < ?)))",
+                    (station, now + lease_s, now, campaign_id, sn.hex(), station, now))
         return rows
 
     def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None:
