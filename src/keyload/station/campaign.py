@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -214,9 +214,8 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    t0 = time.monotonic()
     sh = _Shared(journal, authority, summary, progress, opts)
-    try:
+    with _running(sh, campaign_id):
         for src in cards:
             try:
                 with src.connect() as conn:
@@ -234,15 +233,26 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
             except KeyloadError as e:
                 summary.failures.append((src.label, 0, None, f"card: {e}"))
                 _count_unit(sh, ok=False)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
-                      summary.loads_failed)
-        summary.elapsed = time.monotonic() - t0
-        if progress is not None:
-            progress.close()
     return summary
+
+
+@contextmanager
+def _running(sh: _Shared, campaign_id: str) -> Iterator[None]:
+    """A run's frame: Ctrl-C stops it cleanly (what is in flight stays claimed, to be
+    reconciled), and its counters and elapsed time are recorded however it ends."""
+    t0 = time.monotonic()
+    s = sh.summary
+    try:
+        yield
+    except KeyboardInterrupt:
+        sh.stop.set()
+        s.interrupted = True
+    finally:
+        sh.journal.event(campaign_id, sh.opts.station, time.time(), s.loads_done,
+                         s.loads_failed)
+        s.elapsed = time.monotonic() - t0
+        if sh.progress is not None:
+            sh.progress.close()
 
 
 def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
@@ -260,12 +270,11 @@ def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  progress: Progress | None = None) -> RunSummary:
     """Run (or resume) a campaign until no load is left to claim, or Ctrl-C."""
     summary = RunSummary()
-    t0 = time.monotonic()
     sh = _Shared(journal, authority, summary, progress, opts)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = time.monotonic()
-    try:
+    with _running(sh, campaign_id):
         for batch in _batches(journal, campaign_id, opts, sh.stop):
             if opts.workers <= 1:
                 for rows in batch:
@@ -277,15 +286,6 @@ def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                 last_event = now
                 journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
                               summary.loads_failed)
-    except KeyboardInterrupt:
-        sh.stop.set()
-        summary.interrupted = True
-    finally:
-        journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
-                      summary.loads_failed)
-        summary.elapsed = time.monotonic() - t0
-        if progress is not None:
-            progress.close()
     return summary
 
 
