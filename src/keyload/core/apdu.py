@@ -13,7 +13,7 @@ inconsistency.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import SW, WrongLength, error_for_sw
 
@@ -38,8 +38,7 @@ def encode_command(cla: int, ins: int, p1: int, p2: int, data: bytes = b"", ne: 
     return head + body
 
 
-@dataclass(frozen=True, slots=True)
-class CommandAPDU:
+class CommandAPDU(NamedTuple):
     cla: int
     ins: int
     p1: int
@@ -86,8 +85,7 @@ class CommandAPDU:
         raise WrongLength("extended Lc does not match the data")
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseAPDU:
+class ResponseAPDU(NamedTuple):
     data: bytes
     sw: int
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .errors import MalformedData, Unsupported
 from .primitives import Buf, aes_cmac, hmac_sha256
@@ -104,8 +105,7 @@ class KeyAttributes:
             raise ValueError(f"exportability must be N, E or S, got {self.exportability!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class KeyHeader:
+class KeyHeader(NamedTuple):
     """The 12-byte key header H (PROTOCOL.md §3)."""
 
     suite: int

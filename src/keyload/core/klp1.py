@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .errors import AuthenticityError, IntegrityError
 from .keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyHeader, KeyType, kcv
@@ -134,8 +133,7 @@ def rct_message(sn: bytes, r: bytes, ref2: int, h: bytes, kcv_: bytes) -> bytes:
     return LABEL_RCT + lv(sn) + r + bytes((ref2,)) + h + kcv_
 
 
-@dataclass(frozen=True, slots=True)
-class Exported:
+class Exported(NamedTuple):
     """The authority's answer: the E0 content (IMPORTKEY data), H and KCV(TA')."""
 
     import_data: bytes
@@ -196,8 +194,7 @@ def export_key(
         sc.wipe()
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(NamedTuple):
     """What the unit stores and answers after a successful IMPORTKEY check."""
 
     header: KeyHeader

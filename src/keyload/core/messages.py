@@ -6,7 +6,7 @@ tags, order, duplicates, trailing data, or a field of the wrong length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import tlv
 from .errors import MalformedData
@@ -50,8 +50,7 @@ def _fixed(v: bytes, n: int, what: str) -> bytes:
     return v
 
 
-@dataclass(frozen=True, slots=True)
-class InitResponse:
+class InitResponse(NamedTuple):
     """INITIALIZE DOWNLOAD response: ``C0 C1 C2 C3 C4``."""
 
     sn: bytes
@@ -76,8 +75,7 @@ class InitResponse:
         return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"), suites)
 
 
-@dataclass(frozen=True, slots=True)
-class ExportRequest:
+class ExportRequest(NamedTuple):
     """EXPORTKEY command data: ``C1 C2 C3 C4 C6 C7``."""
 
     sn: bytes
@@ -103,8 +101,7 @@ class ExportRequest:
                    _fixed(suite, 1, "suite id")[0], check_ref1(ref1), _ref2(ref2))
 
 
-@dataclass(frozen=True, slots=True)
-class ImportData:
+class ImportData(NamedTuple):
     """IMPORTKEY command data, also the content of E0: ``C7 C8 C9 CA CB``."""
 
     ref2: int
@@ -125,8 +122,7 @@ class ImportData:
         return cls(_ref2(ref2), _fixed(h, 12, "H"), w, sas, _fixed(cas, 16, "CAS"))
 
 
-@dataclass(frozen=True, slots=True)
-class ExportResponse:
+class ExportResponse(NamedTuple):
     """EXPORTKEY response data: ``E0{C7 C8 C9 CA CB} CD``."""
 
     import_data: bytes  # the content of E0, sent as it stands in IMPORTKEY
@@ -145,8 +141,7 @@ class ExportResponse:
         return cls(e0, _fixed(kcv, 5, "KCV"), ImportData.decode(e0).h)
 
 
-@dataclass(frozen=True, slots=True)
-class ImportResponse:
+class ImportResponse(NamedTuple):
     """IMPORTKEY response data: ``CD CF``."""
 
     kcv: bytes
@@ -163,8 +158,7 @@ class ImportResponse:
         return cls(_fixed(kcv, 5, "KCV"), _fixed(rct, 16, "RCT"))
 
 
-@dataclass(frozen=True, slots=True)
-class SlotStatus:
+class SlotStatus(NamedTuple):
     """GET SLOT STATUS response: ``C7 CE [C8 CD]``."""
 
     ref2: int

@@ -9,7 +9,7 @@ error; :class:`LoadFailed` says at which step, on which side, and keeps that err
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..core import messages as msg
 from ..core.apdu import ResponseAPDU, encode_command
@@ -120,8 +120,7 @@ class AuthorityClient:
         return msg.ExportResponse.decode(_check(r, AUTHORITY_MEANING))
 
 
-@dataclass(frozen=True, slots=True)
-class LoadResult:
+class LoadResult(NamedTuple):
     """A successful download, with the evidence the authority can check later."""
 
     sn: bytes
