@@ -126,11 +126,11 @@ def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
 
 
 def cas_message(sn: bytes, r: bytes, ref2: int, h: bytes, w: bytes, sas: bytes) -> bytes:
-    return LABEL_CAS + lv(sn) + r + bytes((ref2,)) + h + w + sas
+    return b"".join((LABEL_CAS, bytes((len(sn),)), sn, r, bytes((ref2,)), h, w, sas))
 
 
 def rct_message(sn: bytes, r: bytes, ref2: int, h: bytes, kcv_: bytes) -> bytes:
-    return LABEL_RCT + lv(sn) + r + bytes((ref2,)) + h + kcv_
+    return b"".join((LABEL_RCT, bytes((len(sn),)), sn, r, bytes((ref2,)), h, kcv_))
 
 
 class Exported(NamedTuple):
