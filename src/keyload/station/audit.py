@@ -4,15 +4,19 @@ Each record holds its sequence number, time, actor, action and details (never ke
 material) and ``hash = SHA-256(prev_hash || canonical JSON of the record)``. Verifying
 recomputes the chain: an edited record breaks its own hash, a removed or reordered one
 breaks the link of the next. The chain's head (last sequence number and hash) is also
-kept in a separate file, ``<log>.head``, written atomically after each append, so that
-cutting records off the end is found too (an attacker who can rewrite both files can
+kept in a separate file, ``<log>.head``, rewritten in place after each append (one small
+write at offset 0, under a file lock, never moving backwards when several processes
+append), so that cutting records off the end is found too; a head torn by a crash is
+reported as damaged, never taken as good (an attacker who can rewrite both files can
 rewrite history: anchor the head elsewhere, e.g. in the ledger export, for that).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -22,9 +26,10 @@ from typing import Any
 
 from ..core.errors import StoreError
 from ..units.authority import ExportRecord
-from ..units.storage import atomic_write, open_sqlite
+from ..units.storage import open_sqlite
 
 GENESIS = bytes(32)
+HEAD_SIZE = 128  # the head file: one JSON object, padded to a fixed size
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -57,11 +62,29 @@ class AuditLog:
         self.path = path
         self.actor = actor
         self._lock = threading.Lock()
+        self._head_fd: int | None = None
         self.db = open_sqlite(path, _SCHEMA)
 
     @property
     def head_path(self) -> Path:
         return self.path.with_name(self.path.name + ".head")
+
+    def _write_head(self, seq: int, h: bytes) -> None:
+        """Record the chain's head, unless another process already recorded a later one."""
+        if self._head_fd is None:
+            self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._head_fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            try:
+                current = int(json.loads(os.pread(fd, HEAD_SIZE, 0).rstrip(b" \n\x00"))["seq"])
+            except (ValueError, KeyError, TypeError):
+                current = 0
+            if seq > current:
+                body = json.dumps({"seq": seq, "hash": h.hex()}).encode()
+                os.pwrite(fd, body.ljust(HEAD_SIZE - 1) + b"\n", 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
         d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
@@ -82,8 +105,7 @@ class AuditLog:
                 except BaseException:
                     self.db.execute("ROLLBACK")
                     raise
-                atomic_write(self.head_path, json.dumps({"seq": seq, "hash": h.hex()}).encode(),
-                             durable=False)
+                self._write_head(seq, h)
         except sqlite3.Error as e:
             raise StoreError(f"audit log {self.path}: {e}") from None
         return seq
@@ -110,7 +132,7 @@ class AuditLog:
             last_hash = prev
             expect = seq + 1
         try:
-            head = json.loads(self.head_path.read_text())
+            head = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
             if int(head["seq"]) != expect - 1 or head["hash"] != last_hash.hex():
                 problems.append(AuditProblem(int(head["seq"]),
                                              "the chain's head differs: records were cut off "
@@ -124,6 +146,9 @@ class AuditLog:
 
     def close(self) -> None:
         self.db.close()
+        if self._head_fd is not None:
+            os.close(self._head_fd)
+            self._head_fd = None
 
 
 class AuditedExportLog:
