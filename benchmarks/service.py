@@ -126,6 +126,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--http", choices=["h11", "httptools"], default="httptools")
     ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--workers", type=int, default=1, help="keyload serve --workers")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -135,13 +136,15 @@ def main() -> int:
             [sys.executable, "-m", "keyload.cli.service_cmds", "serve", "--home",
              str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
              str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
-             str(d / "policy.json"), "--port", "0", "--http", args.http],
+             str(d / "policy.json"), "--port", "0", "--http", args.http,
+             "--workers", str(args.workers)],
             stdout=subprocess.PIPE, text=True, env=env)
         try:
             assert srv.stdout is not None
             line = srv.stdout.readline()
-            url = line.strip().rsplit(" ", 1)[-1]
-            print(f"service: {url} ({args.http}), {os.cpu_count()} CPUs")
+            url = next(t for t in line.split() if t.startswith("https://"))
+            print(f"service: {url} ({args.http}, {args.workers} worker"
+                  f"{'s' if args.workers > 1 else ''}), {os.cpu_count()} CPUs")
             rate = in_process_rate(d, set_id, min(args.seconds, 3.0))
             print(f"in-process EXPORTKEY: {rate:,.0f}/s")
             print("clients  downloads/s  p50 ms  p99 ms  errors")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import KeyloadError, TransportError
 from ..core.messages import check_ref2
@@ -52,34 +55,84 @@ def pki_client(args: argparse.Namespace) -> int:
 
 # -- serve ---------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    """Serve until stopped. ``--workers N`` forks N-1 more processes that accept on the
+    same listening socket; each opens its own keystore and store after the fork, so they
+    share only what is meant to be shared: the state database (replay cache, rate
+    counters, ledger) and the audit chain."""
     from ..service.policy import Policy
-    from ..service.runtime import open_instance
-    from ..service.server import bind, make_config, server_context
+    from ..service.server import bind, server_context
 
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
     home = _home(args)
     policy = Policy.load(Path(args.policy))
     ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
     home.ensure()
+    home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
+    sock = bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"keyload service listening on https://{host}:{port}"
+          + (f" ({args.workers} workers)" if args.workers > 1 else ""), flush=True)
+    children: list[int] = []
+    parent = os.getpid()
+    try:
+        for _ in range(args.workers - 1):
+            pid = os.fork()
+            if pid == 0:  # a worker: serve, then leave without running the parent's cleanup
+                code = 1
+                try:
+                    _die_with(parent)
+                    _serve_one(args, home, policy, ctx, sock, port)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        _serve_one(args, home, policy, ctx, sock, port)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        sock.close()
+    return 0
+
+
+def _die_with(parent: int) -> None:
+    """A worker ends when the process that started it ends, however it ends (the server
+    re-raises SIGTERM after its shutdown, so the parent may not get to stop its workers)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
+               sock: socket.socket, port: int) -> None:
+    import uvicorn
+
+    from ..service.runtime import open_instance
+    from ..service.server import make_config
+
     ks = home.open_keystore()
     try:
         inst = open_instance(ks, policy, home_root=home.root,
                              authority_dir=home.authority_dir, audit_path=home.audit_path,
                              state=args.state, instance=args.instance or socket.gethostname())
         try:
-            sock = bind(args.host, args.port)
-            port = sock.getsockname()[1]
             config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http)
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"keyload service listening on https://{host}:{port}", flush=True)
             uvicorn.Server(config).run(sockets=[sock])
-            sock.close()
         finally:
             inst.close()
     finally:
         ks.close()
-    return 0
 
 
 # -- fetch ---------------------------------------------------------------------------
@@ -170,6 +223,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="HTTP parser (default h11)")
     p.add_argument("--instance", help="this instance's name in audit and metrics "
                                       "(default: the host name)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes accepting on the same socket (they share the state)")
 
     p = add(sub, "fetch", fetch,
             "load a key into a local unit from a remote keyload service")
