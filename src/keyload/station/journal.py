@@ -173,6 +173,40 @@ def campaign_from_row(t: Sequence[Any]) -> Campaign:
     return Campaign(t[0], bytes.fromhex(t[1]), float(t[2]), plan, json.loads(t[4]), int(t[5]))
 
 
+# The outcome writes, the same on every backend (``?`` placeholders; PostgreSQL's
+# journal turns them into ``%s`` with :func:`pg_params`).
+def exported_write(row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
+                   now: float) -> tuple[str, tuple[Any, ...]]:
+    return ("UPDATE loads SET state = 'exported', attempts = attempts + 1, suite = ?, r = ?, "
+            "header = ?, kcv = ?, updated = ? WHERE campaign = ? AND sn = ? AND ref2 = ?",
+            (suite, r.hex(), header.hex(), kcv.hex(), now, row.campaign, row.sn.hex(),
+             row.ref2))
+
+
+def imported_write(row: LoadRow, suite: int | None, r: bytes | None, header: bytes,
+                   kcv: bytes, rct: bytes | None, reconciled: bool,
+                   now: float) -> tuple[str, tuple[Any, ...]]:
+    return ("UPDATE loads SET state = 'imported', suite = ?, r = ?, header = ?, kcv = ?, "
+            "rct = ?, reconciled = ?, sw = NULL, reason = NULL, updated = ? "
+            "WHERE campaign = ? AND sn = ? AND ref2 = ?",
+            (suite, None if r is None else r.hex(), header.hex(), kcv.hex(),
+             None if rct is None else rct.hex(), int(reconciled), now, row.campaign,
+             row.sn.hex(), row.ref2))
+
+
+def failed_write(row: LoadRow, sw: str | None, reason: str, now: float,
+                 final: bool) -> tuple[str, tuple[Any, ...]]:
+    return ("UPDATE loads SET state = ?, sw = ?, reason = ?, attempts = attempts + 1, "
+            "station = NULL, lease = NULL, updated = ? WHERE campaign = ? AND sn = ? "
+            "AND ref2 = ?", (FAILED if final else PLANNED, sw, reason, now, row.campaign,
+                             row.sn.hex(), row.ref2))
+
+
+def pg_params(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``%s`` (the statements above hold no literal ?)."""
+    return sql.replace("?", "%s")
+
+
 class SqliteJournal:
     """The default journal: one SQLite file (WAL), shared by processes on one machine."""
 
@@ -297,27 +331,16 @@ class SqliteJournal:
 
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None:
-        self._x("UPDATE loads SET state = 'exported', attempts = attempts + 1, suite = ?, "
-                "r = ?, header = ?, kcv = ?, updated = ? WHERE campaign = ? AND sn = ? AND "
-                "ref2 = ?", (suite, r.hex(), header.hex(), kcv.hex(), now, row.campaign,
-                             row.sn.hex(), row.ref2))
+        self._x(*exported_write(row, suite, r, header, kcv, now))
 
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
                  kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
-        self._x("UPDATE loads SET state = 'imported', suite = ?, r = ?, header = ?, kcv = ?, "
-                "rct = ?, reconciled = ?, sw = NULL, reason = NULL, updated = ? "
-                "WHERE campaign = ? AND sn = ? AND ref2 = ?",
-                (suite, None if r is None else r.hex(), header.hex(), kcv.hex(),
-                 None if rct is None else rct.hex(), int(reconciled), now, row.campaign,
-                 row.sn.hex(), row.ref2))
+        self._x(*imported_write(row, suite, r, header, kcv, rct, reconciled, now))
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
                final: bool) -> None:
         """Record a failure; ``final`` False puts the load back to planned (retry later)."""
-        self._x("UPDATE loads SET state = ?, sw = ?, reason = ?, attempts = attempts + 1, "
-                "station = NULL, lease = NULL, updated = ? WHERE campaign = ? AND sn = ? "
-                "AND ref2 = ?", (FAILED if final else PLANNED, sw, reason, now, row.campaign,
-                                 row.sn.hex(), row.ref2))
+        self._x(*failed_write(row, sw, reason, now, final))
 
     def counts(self, campaign_id: str) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)

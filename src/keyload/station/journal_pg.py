@@ -56,7 +56,6 @@ from psycopg.conninfo import conninfo_to_dict
 from ..core.errors import StoreError
 from .journal import (
     _COLS,
-    FAILED,
     PLANNED,
     SCHEMA,
     STATES,
@@ -64,6 +63,10 @@ from .journal import (
     LoadRow,
     campaign_from_row,
     campaign_to_row,
+    exported_write,
+    failed_write,
+    imported_write,
+    pg_params,
     row_of,
 )
 
@@ -332,27 +335,19 @@ class PostgresJournal:
 
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None:
-        self._x("UPDATE loads SET state = 'exported', attempts = attempts + 1, suite = %s, "
-                "r = %s, header = %s, kcv = %s, updated = %s WHERE campaign = %s AND sn = %s "
-                "AND ref2 = %s", (suite, r.hex(), header.hex(), kcv.hex(), now, row.campaign,
-                                  row.sn.hex(), row.ref2))
+        sql, args = exported_write(row, suite, r, header, kcv, now)
+        self._x(pg_params(sql), args)
 
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
                  kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
-        self._x("UPDATE loads SET state = 'imported', suite = %s, r = %s, header = %s, "
-                "kcv = %s, rct = %s, reconciled = %s, sw = NULL, reason = NULL, updated = %s "
-                "WHERE campaign = %s AND sn = %s AND ref2 = %s",
-                (suite, None if r is None else r.hex(), header.hex(), kcv.hex(),
-                 None if rct is None else rct.hex(), int(reconciled), now, row.campaign,
-                 row.sn.hex(), row.ref2))
+        sql, args = imported_write(row, suite, r, header, kcv, rct, reconciled, now)
+        self._x(pg_params(sql), args)
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
                final: bool) -> None:
         """Record a failure; ``final`` False puts the load back to planned (retry later)."""
-        self._x("UPDATE loads SET state = %s, sw = %s, reason = %s, attempts = attempts + 1, "
-                "station = NULL, lease = NULL, updated = %s WHERE campaign = %s AND sn = %s "
-                "AND ref2 = %s", (FAILED if final else PLANNED, sw, reason, now,
-                                  row.campaign, row.sn.hex(), row.ref2))
+        sql, args = failed_write(row, sw, reason, now, final)
+        self._x(pg_params(sql), args)
 
     def counts(self, campaign_id: str) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
