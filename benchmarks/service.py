@@ -133,7 +133,7 @@ def main() -> int:
         set_id = setup(d)
         env = dict(os.environ, KEYLOAD_PASSPHRASE=PASS)
         srv = subprocess.Popen(
-            [sys.executable, "-m", "keyload.cli.service_cmds", "serve", "--home",
+            [sys.executable, "-m", "keyload.cli.main", "serve", "--home",
              str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
              str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
              str(d / "policy.json"), "--port", "0", "--http", args.http,

@@ -221,7 +221,7 @@ def slot_state(w: World, sn: bytes, ref2: int) -> msg.SlotStatus:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KEYLOAD_PASSPHRASE=PASSPHRASE)
     env.pop("KEYLOAD_HOME", None)
-    return subprocess.run([sys.executable, "-m", "keyload.cli.service_cmds", *args],
+    return subprocess.run([sys.executable, "-m", "keyload.cli.main", *args],
                           capture_output=True, text=True, env=env, timeout=120, check=False)
 
 

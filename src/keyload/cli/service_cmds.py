@@ -7,12 +7,10 @@ import contextlib
 import os
 import signal
 import socket
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import KeyloadError, TransportError
+from ..core.errors import TransportError
 from ..core.messages import check_ref2
 from ..station.fleet import EmulatedFleet
 from ..station.load import UnitClient, load_key
@@ -237,31 +235,3 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--ca", required=True, help="the CA that issued the server certificate")
     p.add_argument("--cert", required=True, help="this client's certificate (PEM)")
     p.add_argument("--key", required=True, help="this client's private key (PEM)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m keyload.cli.service_cmds``), same conventions as
-    ``keyload``: one error line on stderr and the exit code of its class."""
-    from .main import _common, _one_line, exit_code
-
-    common = _common()
-    parser = argparse.ArgumentParser(prog="keyload", parents=[common])
-    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
-                common)
-    args = parser.parse_args(argv)
-    args.json = getattr(args, "json", False)
-    args.home = getattr(args, "home", None)
-    try:
-        rc: int = args.func(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("keyload: interrupted\n")
-        return 130
-    except (KeyloadError, ValueError, OSError) as e:
-        sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
-        return exit_code(e)
-    return rc
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
