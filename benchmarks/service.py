@@ -16,6 +16,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -23,10 +25,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
-from keyload.service.client import ServiceClient
+from keyload.service.client import ServiceClient, client_context
 from keyload.service.pki import init_pki
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
@@ -62,31 +65,85 @@ def in_process_rate(d: Path, set_id: bytes, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def client_proc(url: str, d: str, set_id: bytes, threads: int, seconds: float,
-                q: mp.Queue[tuple[list[float], int]]) -> None:
+class LeanClient:
+    """A load generator's HTTP/1.1 client: one keep-alive TLS socket, the request built
+    from a fixed head and the body, the answer read by Content-Length. It checks each
+    answer (status 200, an EXPORTKEY response that decodes) but spends far less CPU than
+    ``http.client``: server and load generator share the same cores here."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
+        raw = socket.create_connection((host, port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(raw, server_hostname=host)
+        self.host = host
+        self.buf = b""
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.sock.sendall(head + body)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            buf += chunk
+        lines = buf[:end].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:])
+                      if k.strip().lower() == b"content-length")
+        buf = buf[end + 4:]
+        while len(buf) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            buf += chunk
+        self.buf = buf[length:]
+        return status, buf[:length]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def client_proc(url: str, d: str, set_id: bytes, threads: int, seconds: float, lean: bool,
+                q: mp.Queue[tuple[list[float], int, float]]) -> None:
+    cpu0 = time.process_time()
     lat: list[float] = []
     errors = [0]
     lock = threading.Lock()
     start = threading.Barrier(threads)
+    pki = Path(d) / "pki"
+    u = urlsplit(url)
+    ctx = client_context(pki / "ca.pem", pki / "clients" / "bench.pem",
+                         pki / "clients" / "bench.key")
 
     def run() -> None:
-        c = ServiceClient(url, ca=Path(d) / "pki" / "ca.pem",
-                          cert=Path(d) / "pki" / "clients" / "bench.pem",
-                          key=Path(d) / "pki" / "clients" / "bench.key")
         mine: list[float] = []
         bad = 0
-        c.request("GET", "/v1/health")  # handshake outside the timed loop
+        if lean:
+            lc = LeanClient(str(u.hostname), int(u.port or 443), ctx)
+
+            def export(er: msg.ExportRequest) -> None:
+                status, body = lc.post("/v1/exportkey", er.encode())
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}")
+                msg.ExportResponse.decode(body)
+            close = lc.close
+        else:
+            c = ServiceClient(url, ca=pki / "ca.pem", context=ctx)
+            c.request("GET", "/v1/health")  # handshake outside the timed loop
+            export, close = c.export, c.close  # type: ignore[assignment]
         start.wait()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t = time.perf_counter()
             try:
-                c.export(msg.ExportRequest(os.urandom(8), os.urandom(16), set_id, 1, b"TMK-1",
-                                           1))
+                export(msg.ExportRequest(os.urandom(8), os.urandom(16), set_id, 1, b"TMK-1", 1))
                 mine.append(time.perf_counter() - t)
             except Exception:
                 bad += 1
-        c.close()
+        close()
         with lock:
             lat.extend(mine)
             errors[0] += bad
@@ -96,27 +153,53 @@ def client_proc(url: str, d: str, set_id: bytes, threads: int, seconds: float,
         t.start()
     for t in ts:
         t.join()
-    q.put((lat, errors[0]))
+    q.put((lat, errors[0], time.process_time() - cpu0))
 
 
-def measure(url: str, d: Path, set_id: bytes, conc: int, seconds: float) -> dict[str, float]:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live children (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return float("nan")
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure(url: str, d: Path, set_id: bytes, conc: int, seconds: float,
+            server_pid: int, lean: bool) -> dict[str, float]:
     procs_n = min(conc, 4)
-    q: mp.Queue[tuple[list[float], int]] = mp.Queue()
+    q: mp.Queue[tuple[list[float], int, float]] = mp.Queue()
     per = [conc // procs_n + (1 if i < conc % procs_n else 0) for i in range(procs_n)]
-    ps = [mp.Process(target=client_proc, args=(url, str(d), set_id, n, seconds, q))
+    ps = [mp.Process(target=client_proc, args=(url, str(d), set_id, n, seconds, lean, q))
           for n in per]
     for p in ps:
         p.start()
     lat: list[float] = []
     errors = 0
+    client_cpu = 0.0
+    srv0 = process_cpu(server_pid)
     for _ in ps:
-        ls, e = q.get(timeout=seconds + 120)
+        ls, e, cpu = q.get(timeout=seconds + 120)
         lat += ls
         errors += e
+        client_cpu += cpu
+    srv_cpu = process_cpu(server_pid) - srv0
     for p in ps:
         p.join()
     lat.sort()
+    n = max(1, len(lat))
     return {"clients": conc, "downloads_per_s": len(lat) / seconds,
+            "server_cpu_us": 1e6 * srv_cpu / n, "client_cpu_us": 1e6 * client_cpu / n,
             "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "errors": errors}
 
@@ -125,6 +208,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--http", choices=["h11", "httptools"], default="httptools")
+    ap.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    ap.add_argument("--client", choices=["lean", "stdlib"], default="lean",
+                    help="load generator: a minimal HTTP/1.1 client over ssl sockets (lean), "
+                         "or keyload's ServiceClient on http.client (stdlib)")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--workers", type=int, default=1, help="keyload serve --workers")
     args = ap.parse_args()
@@ -136,7 +223,7 @@ def main() -> int:
             [sys.executable, "-m", "keyload.cli.main", "serve", "--home",
              str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
              str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
-             str(d / "policy.json"), "--port", "0", "--http", args.http,
+             str(d / "policy.json"), "--port", "0", "--http", args.http, "--loop", args.loop,
              "--workers", str(args.workers)],
             stdout=subprocess.PIPE, text=True, env=env)
         try:
@@ -147,11 +234,13 @@ def main() -> int:
                   f"{'s' if args.workers > 1 else ''}), {os.cpu_count()} CPUs")
             rate = in_process_rate(d, set_id, min(args.seconds, 3.0))
             print(f"in-process EXPORTKEY: {rate:,.0f}/s")
-            print("clients  downloads/s  p50 ms  p99 ms  errors")
+            print("clients  downloads/s  p50 ms  p99 ms  errors  server CPU µs  client CPU µs")
             for c in (int(x) for x in args.concurrency.split(",")):
-                r = measure(url, d, set_id, c, args.seconds)
+                r = measure(url, d, set_id, c, args.seconds, srv.pid,
+                            args.client == "lean")
                 print(f"{c:>7}  {r['downloads_per_s']:>11,.0f}  {r['p50_ms']:>6.1f}  "
-                      f"{r['p99_ms']:>6.1f}  {r['errors']:>6}")
+                      f"{r['p99_ms']:>6.1f}  {r['errors']:>6}  {r['server_cpu_us']:>13,.0f}"
+                      f"  {r['client_cpu_us']:>13,.0f}")
         finally:
             srv.terminate()
             srv.wait(10)

@@ -123,9 +123,11 @@ def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
     try:
         inst = open_instance(ks, policy, home_root=home.root,
                              authority_dir=home.authority_dir, audit_path=home.audit_path,
-                             state=args.state, instance=args.instance or socket.gethostname())
+                             state=args.state, instance=args.instance or socket.gethostname(),
+                             processes=args.workers)
         try:
-            config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http)
+            config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http,
+                                 loop=args.loop)
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             inst.close()
@@ -218,7 +220,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--state", help="shared state: a SQLite file (default HOME/service.db) "
                                    "or a postgresql:// URL shared by several instances")
     p.add_argument("--http", choices=["h11", "httptools"], default="h11",
-                   help="HTTP parser (default h11)")
+                   help="HTTP parser (default h11; httptools is faster)")
+    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                   help="event loop (default auto: uvloop when installed)")
     p.add_argument("--instance", help="this instance's name in audit and metrics "
                                       "(default: the host name)")
     p.add_argument("--workers", type=int, default=1,

@@ -15,11 +15,14 @@ Endpoints (``docs/openapi.json``):
 What each request goes through, in order: client identity from the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``, set by :mod:`.server` from the
 verified TLS session) -> policy lookup (401 without a certificate, 403 when its CN or
-pin is not in the policy) -> per-client rate limit (429) -> body size limit (413,
-before reading when Content-Length says so, else while reading) -> media type (415)
+pin is not in the policy) -> body size limit (413, before reading when Content-Length
+says so, else while reading) -> per-client rate limit (429) -> media type (415)
 -> strict parsing (400, with SW 6A80) -> policy on set and REF1 (403) -> per-SN rate
 limit (429) -> replay cache claim of (SN, R) (409) -> the authority (its status word
-in the problem) -> the export recorded -> an audit record -> the response.
+in the problem) -> the export recorded -> an audit record -> the commit -> the response.
+
+The writes of a request happen after its last ``await`` (the body), in the batch of
+:class:`~.commit.GroupCommit` when the app has one; the response waits for the commit.
 
 Every refusal is ``application/problem+json`` (:mod:`.problems`); an unexpected error
 is a 500 problem with no detail and is logged by class name only: no traceback, no
@@ -29,6 +32,7 @@ few indexed writes): they run on the event loop, one at a time per process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -48,6 +52,7 @@ from ..core.primitives import ct_equal
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
 from . import problems as P
+from .commit import GroupCommit
 from .openapi import openapi_document
 from .pki import fingerprint
 from .policy import ClientRule, Policy
@@ -137,6 +142,7 @@ class _Req:
     path: str
     client: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    tx: asyncio.Future[None] | None = None  # the batch its writes are in
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -188,10 +194,12 @@ class ServiceApp:
     """The ASGI application over one authority, one store and one policy."""
 
     def __init__(self, authority: Authority, store: ServiceStore, policy: Policy, *,
-                 instance: str = "keyload", clock: Callable[[], float] = time.time) -> None:
+                 instance: str = "keyload", clock: Callable[[], float] = time.time,
+                 commits: GroupCommit | None = None) -> None:
         self.authority = authority
         self.store = store
         self.policy = policy
+        self.commits = commits
         self.instance = instance
         self.clock = clock
         self.metrics = Metrics()
@@ -211,14 +219,18 @@ class ServiceApp:
         route = req.path if req.path in ROUTES else "other"
         status, headers, body = await self._handle(scope, receive, req, rid)
         try:
+            self._join(req)
             self.store.append("request", {
                 "id": rid, "instance": self.instance, "client": req.client,
                 "method": req.method[:16], "route": route, "status": status, **req.detail})
+            if req.tx is not None:
+                await req.tx
         except KeyloadError as e:  # no audit record: nothing is answered but a 503
             log.error("audit record failed: %s", e.__class__.__name__)
             p = P.Problem(503, "unavailable", "service temporarily unavailable",
                           "the audit record could not be written")
-            status, headers, body = p.status, [(b"content-type", P.PROBLEM_JSON.encode())], \
+            status, headers, body = p.status, [(b"content-type", P.PROBLEM_JSON.encode()),
+                                               (b"retry-after", b"1")], \
                 p.body(f"urn:keyload:request:{rid}")
         self.metrics.observe(route, status, time.perf_counter() - t0)
         await send({"type": "http.response.start", "status": status,
@@ -226,6 +238,12 @@ class ServiceApp:
                                 (b"cache-control", b"no-store"),
                                 (b"x-request-id", rid.encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def _join(self, req: _Req) -> None:
+        """Put the request's writes from here on in the open batch (no await may follow
+        before its response waits for ``req.tx``)."""
+        if self.commits is not None and req.tx is None:
+            req.tx = self.commits.join()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -279,13 +297,16 @@ class ServiceApp:
         if req.path == "/v1/metrics":
             if not rule.metrics:
                 raise P.Problem(403, "forbidden", "not authorized for metrics")
-            return 200, [(b"content-type", b"text/plain; version=0.0.4")], \
-                self.metrics.render(self.instance).encode()
+            text = self.metrics.render(self.instance)
+            if self.commits is not None:
+                text += _commit_metrics(self.instance, self.commits)
+            return 200, [(b"content-type", b"text/plain; version=0.0.4")], text.encode()
+        body = await self._body(scope, receive)
+        self._join(req)  # the last await is behind: every write below is in one batch
         rate = rule.per_client or self.policy.limits.per_client
         if not self.store.hit(f"client:{rule.name}", rate, self.clock()):
             self.metrics.count("rate_limited")
             raise _too_many("per-client rate limit", rate.window_s)
-        body = await self._body(scope, receive)
         ctype = _media_type(_header(scope, b"content-type"))
         if req.path == "/v1/exportkey":
             return self._export(rule, body, ctype, req)
@@ -433,6 +454,16 @@ class ServiceApp:
             "status": "recorded", "sn": sn.hex(), "set_id": c.set_id.hex(),
             "ref1": display_ref1(c.ref1), "ref2": ref2, "key_version": c.key_version,
             "kcv": kcv.hex()}).encode()
+
+
+def _commit_metrics(instance: str, gc: GroupCommit) -> str:
+    return (
+        "# HELP keyload_commit_batches_total Group commits (one transaction per database).\n"
+        "# TYPE keyload_commit_batches_total counter\n"
+        f'keyload_commit_batches_total{{instance="{instance}"}} {gc.batches}\n'
+        "# HELP keyload_commit_requests_total Requests whose writes were group-committed.\n"
+        "# TYPE keyload_commit_requests_total counter\n"
+        f'keyload_commit_requests_total{{instance="{instance}"}} {gc.requests}\n')
 
 
 def _too_many(what: str, window_s: float) -> P.Problem:

@@ -8,7 +8,9 @@ from pathlib import Path
 from ..station.audit import AuditLog
 from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
+from ..units.storage import SqliteBatch
 from .app import ServiceApp
+from .commit import Batched, GroupCommit
 from .policy import Policy
 from .store import ServiceStore, open_store
 
@@ -22,20 +24,36 @@ class Instance:
     exports: SqliteExportLog
 
     def close(self) -> None:
+        if self.app.commits is not None:
+            self.app.commits.close()
         self.store.close()
         self.exports.close()
 
 
 def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
                   authority_dir: Path, audit_path: Path, state: str | None = None,
-                  instance: str = "keyload") -> Instance:
+                  instance: str = "keyload", group_commit: bool = True,
+                  processes: int = 1) -> Instance:
     """The authority records each export in ``authority_dir/exports.db`` (as ``keyload
     load`` does, so ``keyload authority exports`` lists them); the service records the
     request, the challenge and the ledger in its store (SQLite ``HOME/service.db`` with
-    the home's audit chain, or PostgreSQL for several instances)."""
+    the home's audit chain, or PostgreSQL for several instances).
+
+    With ``group_commit`` (the default) the SQLite databases — export records, and with
+    a SQLite state the service's tables and the audit chain — are written in batches
+    (:class:`~.commit.GroupCommit`); PostgreSQL state is written statement by statement.
+    ``processes``: how many processes serve from this state here (``--workers``); with
+    one and SQLite, the rate counters are kept in memory, else in the shared state."""
     pg = bool(state and state.startswith(("postgresql://", "postgres://")))
     audit = None if pg else AuditLog(audit_path, actor="service")
-    store = open_store(state, home_root, audit)
+    store = open_store(state, home_root, audit, shared_rates=processes > 1)
     exports = SqliteExportLog(authority_dir / "exports.db")
     authority = Authority(backend, log=exports)
-    return Instance(ServiceApp(authority, store, policy, instance=instance), store, exports)
+    parts: list[Batched] = [exports]
+    if isinstance(store, SqliteBatch):
+        parts.append(store)
+    if audit is not None:
+        parts.append(audit)
+    commits = GroupCommit(parts) if group_commit else None
+    return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits),
+                    store, exports)

@@ -124,13 +124,27 @@ def protocol_class(http: str) -> type[asyncio.Protocol]:
     return MtlsH11Protocol
 
 
+def event_loop(loop: str) -> str:
+    """``auto`` (uvloop when installed, else asyncio), ``asyncio`` or ``uvloop``."""
+    if loop not in ("auto", "asyncio", "uvloop"):
+        raise ValueError("--loop: auto, asyncio or uvloop")
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ValueError("--loop uvloop needs the uvloop package") from None
+    return loop
+
+
 def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 8443,
-                http: str = "h11", log_level: str = "warning") -> uvicorn.Config:
+                http: str = "h11", loop: str = "auto",
+                log_level: str = "warning") -> uvicorn.Config:
     def factory(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return ctx
 
     return uvicorn.Config(
-        app, host=host, port=port, http=protocol_class(http), ssl_context_factory=factory,
+        app, host=host, port=port, http=protocol_class(http), loop=event_loop(loop),
+        ssl_context_factory=factory,
         lifespan="on", proxy_headers=False, server_header=False, access_log=False,
         log_level=log_level, timeout_keep_alive=15, limit_concurrency=1024,
         h11_max_incomplete_event_size=16 * 1024, ws="none")

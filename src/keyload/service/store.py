@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..station.audit import GENESIS, AuditLog, record_hash
-from ..units.storage import open_sqlite
+from ..units.storage import SqliteBatch, open_sqlite
 from .policy import Rate
 
 SCHEMA = """
@@ -242,14 +242,42 @@ class _SqlStore(ABC):
         return self._receipt_tx(c, rct, now)
 
 
-class SqliteServiceStore(_SqlStore):
-    """``HOME/service.db`` (WAL) and the home's audit log."""
+class MemoryRates:
+    """Fixed-window counters in this process (one process owns the state: nothing to
+    share). Each key keeps its current window only; ended ones are dropped once a second."""
 
-    def __init__(self, path: Path, audit: AuditLog) -> None:
+    def __init__(self) -> None:
+        self._n: dict[str, tuple[int, int, float]] = {}  # key -> (window, count, its end)
+        self._purge_at = 0.0
+
+    def hit(self, key: str, rate: Rate, now: float) -> bool:
+        if now >= self._purge_at:
+            self._n = {k: v for k, v in self._n.items() if v[2] > now}
+            self._purge_at = now + 1.0
+        win = int(now // rate.window_s)
+        cur = self._n.get(key)
+        n = cur[1] + 1 if cur is not None and cur[0] == win else 1
+        self._n[key] = (win, n, (win + 1) * rate.window_s)
+        return n <= rate.limit
+
+
+class SqliteServiceStore(_SqlStore, SqliteBatch):
+    """``HOME/service.db`` (WAL) and the home's audit log; batches group-commit both.
+
+    ``shared_rates=False`` (one process serves from this file) keeps the rate counters in
+    memory; worker processes sharing the file count in its ``rate`` table."""
+
+    def __init__(self, path: Path, audit: AuditLog, *, shared_rates: bool = True) -> None:
         self.path = path
         self.db = open_sqlite(path, SCHEMA)
         self.audit = audit
         self._lock = threading.Lock()
+        self._rates = None if shared_rates else MemoryRates()
+
+    def hit(self, key: str, rate: Rate, now: float) -> bool:
+        if self._rates is not None:
+            return self._rates.hit(key, rate, now)
+        return super().hit(key, rate, now)
 
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
@@ -268,15 +296,18 @@ class SqliteServiceStore(_SqlStore):
     def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
         try:
             with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
+                nested = self.db.in_transaction  # inside a batch: a savepoint
+                self.db.execute("SAVEPOINT receipt" if nested else "BEGIN IMMEDIATE")
                 try:
                     n = self.db.execute(self._UPDATE_RECEIPTED,
                                         (RECEIPTED, c.sn.hex(), c.r.hex(), EXPORTED)).rowcount
                     if n == 1:
                         self.db.execute(self._INSERT_LEDGER, self._ledger_args(c, rct, now))
-                    self.db.execute("COMMIT")
+                    self.db.execute("RELEASE receipt" if nested else "COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    self.db.execute("ROLLBACK TO receipt" if nested else "ROLLBACK")
+                    if nested:
+                        self.db.execute("RELEASE receipt")
                     raise
                 return n == 1
         except sqlite3.Error as e:
@@ -389,10 +420,13 @@ class PostgresServiceStore(_SqlStore):
         self.conn.close()
 
 
-def open_store(state: str | None, home_root: Path, audit: AuditLog | None) -> ServiceStore:
-    """``postgresql://…`` -> PostgreSQL; else a SQLite file (default ``HOME/service.db``)."""
+def open_store(state: str | None, home_root: Path, audit: AuditLog | None, *,
+               shared_rates: bool = True) -> ServiceStore:
+    """``postgresql://…`` -> PostgreSQL; else a SQLite file (default ``HOME/service.db``),
+    with the rate counters in memory unless ``shared_rates``."""
     if state and state.startswith(("postgresql://", "postgres://")):
         return PostgresServiceStore(state)
     if audit is None:
         raise StoreError("a SQLite service state needs the home's audit log")
-    return SqliteServiceStore(Path(state) if state else home_root / "service.db", audit)
+    return SqliteServiceStore(Path(state) if state else home_root / "service.db", audit,
+                              shared_rates=shared_rates)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..core.errors import StoreError
 from ..units.authority import ExportRecord
-from ..units.storage import open_sqlite
+from ..units.storage import SqliteBatch, open_sqlite
 
 GENESIS = bytes(32)
 HEAD_SIZE = 128  # the head file: one JSON object, padded to a fixed size
@@ -55,15 +55,43 @@ class AuditProblem:
     problem: str
 
 
-class AuditLog:
-    """Append-only audit records in SQLite, chained by SHA-256."""
+class AuditLog(SqliteBatch):
+    """Append-only audit records in SQLite, chained by SHA-256.
+
+    In a batch (:meth:`begin_batch`) appends join one transaction and the head file is
+    written once, after the commit.
+    """
 
     def __init__(self, path: Path, *, actor: str = "keyload") -> None:
         self.path = path
         self.actor = actor
         self._lock = threading.Lock()
         self._head_fd: int | None = None
+        self._batch_head: tuple[int, bytes] | None = None
+        self._in_batch = False
         self.db = open_sqlite(path, _SCHEMA)
+
+    def begin_batch(self) -> None:
+        super().begin_batch()
+        self._in_batch = True
+        self._batch_head = None
+
+    def commit_batch(self) -> None:
+        try:
+            super().commit_batch()
+        except sqlite3.Error as e:
+            raise StoreError(f"audit log {self.path}: {e}") from None
+        finally:
+            self._in_batch = False
+        head, self._batch_head = self._batch_head, None
+        if head is not None:
+            with self._lock:
+                self._write_head(*head)
+
+    def rollback_batch(self) -> None:
+        self._in_batch = False
+        self._batch_head = None
+        super().rollback_batch()
 
     @property
     def head_path(self) -> Path:
@@ -91,16 +119,13 @@ class AuditLog:
         who = actor or self.actor
         try:
             with self._lock:
+                if self._in_batch:  # the batch's transaction; the head after its commit
+                    seq, h = self._insert(who, action, d)
+                    self._batch_head = (seq, h)
+                    return seq
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
-                    last = self.db.execute(
-                        "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                    seq = 1 if last is None else int(last[0]) + 1
-                    prev = GENESIS if last is None else bytes.fromhex(last[1])
-                    t = time.time()
-                    h = record_hash(prev, seq, t, who, action, d)
-                    self.db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                    (seq, t, who, action, d, prev.hex(), h.hex()))
+                    seq, h = self._insert(who, action, d)
                     self.db.execute("COMMIT")
                 except BaseException:
                     self.db.execute("ROLLBACK")
@@ -109,6 +134,20 @@ class AuditLog:
         except sqlite3.Error as e:
             raise StoreError(f"audit log {self.path}: {e}") from None
         return seq
+
+    def _insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
+        if self._batch_head is not None:  # the batch holds the write lock: ours is the last
+            seq, prev = self._batch_head[0] + 1, self._batch_head[1]
+        else:
+            last = self.db.execute(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq = 1 if last is None else int(last[0]) + 1
+            prev = GENESIS if last is None else bytes.fromhex(last[1])
+        t = time.time()
+        h = record_hash(prev, seq, t, who, action, d)
+        self.db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seq, t, who, action, d, prev.hex(), h.hex()))
+        return seq, h
 
     def verify(self) -> tuple[int, list[AuditProblem]]:
         """(records checked, problems found): edits, removals, reorders, a cut tail."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core.errors import StoreError
 from .authority import ExportRecord
-from .storage import open_sqlite
+from .storage import SqliteBatch, open_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (
@@ -25,8 +25,9 @@ CREATE TABLE IF NOT EXISTS exports (
 """
 
 
-class SqliteExportLog:
-    """Append-only table of exports; each append is committed before the answer leaves.
+class SqliteExportLog(SqliteBatch):
+    """Append-only table of exports; each append is committed before the answer leaves
+    (on its own, or in a batch whose answers wait for its commit).
 
     Usable from any thread (an authority served as a card answers on the card's thread).
     """

@@ -24,6 +24,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,32 @@ def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     except sqlite3.Error as e:
         raise StoreError(f"{path}: {e}") from None
     return db
+
+
+class SqliteBatch:
+    """Group commit for a record database (``db`` from :func:`open_sqlite`, ``_lock``).
+
+    Between :meth:`begin_batch` and :meth:`commit_batch` every statement on the
+    connection, from any caller, is part of one ``BEGIN IMMEDIATE`` transaction: one
+    commit for many records. A caller that answers after a write must wait for the
+    commit (the service's :class:`~keyload.service.commit.GroupCommit` does).
+    """
+
+    db: sqlite3.Connection
+    _lock: threading.Lock
+
+    def begin_batch(self) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+
+    def commit_batch(self) -> None:
+        with self._lock:
+            self.db.execute("COMMIT")
+
+    def rollback_batch(self) -> None:
+        with self._lock:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
 
 
 def ensure_private_dir(path: Path) -> Path:
