@@ -289,8 +289,7 @@ class ServiceApp:
                             f"{req.path} accepts {', '.join(allowed)}",
                             headers={"Allow": ", ".join(allowed)})
         if req.path == "/v1/health":
-            return 200, [(b"content-type", JSON.encode())], json.dumps(
-                {"status": "ok", "instance": self.instance}).encode()
+            return self._health(req)
         if req.path == "/openapi.json":
             return 200, [(b"content-type", JSON.encode())], self._openapi
         rule = self._client(scope, req)
@@ -311,6 +310,25 @@ class ServiceApp:
         if req.path == "/v1/exportkey":
             return self._export(rule, body, ctype, req)
         return self._receipt(rule, body, ctype, req)
+
+    def _health(self, req: _Req) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Up only when the state can be read and the authority answers."""
+        checks: dict[str, str] = {}
+        for name, probe in (("state", self.store.ping),
+                            ("authority", self.authority.capabilities)):
+            try:
+                probe()
+                checks[name] = "ok"
+            except Exception as e:  # a failed probe is the answer, not an error
+                log.error("health: %s unavailable (%s)", name, e.__class__.__name__)
+                checks[name] = "unavailable"
+        down = sorted(k for k, v in checks.items() if v != "ok")
+        if down:
+            req.detail["down"] = down
+            raise P.Problem(503, "unavailable", "service temporarily unavailable",
+                            f"not available: {', '.join(down)}", headers={"Retry-After": "1"})
+        return 200, [(b"content-type", JSON.encode())], json.dumps(
+            {"status": "ok", "instance": self.instance, "checks": checks}).encode()
 
     def _client(self, scope: Scope, req: _Req) -> ClientRule:
         tls = scope.get("extensions", {}).get("tls") or {}

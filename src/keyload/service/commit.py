@@ -9,6 +9,11 @@ the next callback of the loop, before any new input is read; each request's answ
 waits for it. Nothing is answered before its records are committed, exactly as with one
 transaction per write: a crash loses only requests that were never answered.
 
+Worker processes sharing the files (``keyload serve --workers N``) take turns through an
+exclusive ``flock`` on a lock file, held from the batch's begin to its commit: a waiting
+worker is woken the moment the lock is free, instead of polling SQLite's busy handler
+(which sleeps up to 100 ms between tries).
+
 When a commit fails, every database of the batch is rolled back and every request in it
 is answered 503 (no key leaves without its records). Commits go in a fixed order, the
 authority's export records first: if a later one fails, an export is recorded that was
@@ -18,8 +23,11 @@ never delivered, never the other way round.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from ..core.errors import StoreError
@@ -40,9 +48,11 @@ class Batched(Protocol):
 class GroupCommit:
     """One open batch at a time over ``parts`` (begun and committed in this order)."""
 
-    def __init__(self, parts: Sequence[Batched]) -> None:
+    def __init__(self, parts: Sequence[Batched], *, lock_path: Path | None = None) -> None:
         self.parts = tuple(parts)
         self._waiting: list[asyncio.Future[None]] | None = None
+        self._lock_fd = None if lock_path is None else \
+            os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.batches = 0
         self.requests = 0
 
@@ -55,6 +65,7 @@ class GroupCommit:
         (or fails with :class:`StoreError`). Call before the request's first write."""
         if self._waiting is None:
             begun: list[Batched] = []
+            self._take_turn()
             try:
                 for p in self.parts:
                     p.begin_batch()
@@ -62,6 +73,7 @@ class GroupCommit:
             except Exception as e:
                 for p in reversed(begun):
                     _quietly_rollback(p)
+                self._end_turn()
                 raise StoreError(f"cannot begin a batch ({e.__class__.__name__})") from None
             self._waiting = []
             asyncio.get_running_loop().call_soon(self._commit)
@@ -84,6 +96,7 @@ class GroupCommit:
             for p in self.parts[done:]:
                 _quietly_rollback(p)
             error = StoreError("the batch could not be committed")
+        self._end_turn()
         for f in waiting:
             if not f.done():
                 if error is None:
@@ -91,12 +104,24 @@ class GroupCommit:
                 else:
                     f.set_exception(error)
 
+    def _take_turn(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+
+    def _end_turn(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
     def close(self) -> None:
         """Roll back a batch still open (the loop stopped before its commit)."""
         if self._waiting is not None:
             for p in self.parts:
                 _quietly_rollback(p)
             self._waiting = None
+            self._end_turn()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _quietly_rollback(p: Batched) -> None:

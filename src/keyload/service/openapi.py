@@ -92,9 +92,10 @@ def openapi_document() -> dict[str, Any]:
             }},
             "/v1/health": {"get": {
                 "operationId": "health", "security": [],
-                "summary": "liveness",
+                "summary": "readiness: the state can be read and the authority answers",
                 "responses": {"200": {"description": "up", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Health"}}}}},
+                    "schema": {"$ref": "#/components/schemas/Health"}}}},
+                    "503": _problem("the state or the authority is not available")},
             }},
             "/v1/metrics": {"get": {
                 "operationId": "metrics",
@@ -161,7 +162,9 @@ def openapi_document() -> dict[str, Any]:
                         "ref2": {"type": "integer"}, "key_version": {"type": "integer"},
                         "kcv": {"type": "string"}}},
                 "Health": {"type": "object", "required": ["status"], "properties": {
-                    "status": {"const": "ok"}, "instance": {"type": "string"}}},
+                    "status": {"const": "ok"}, "instance": {"type": "string"},
+                    "checks": {"type": "object", "additionalProperties": {
+                        "enum": ["ok", "unavailable"]}}}},
                 "Problem": {
                     "type": "object", "required": ["type", "title", "status"],
                     "properties": {

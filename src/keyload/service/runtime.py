@@ -54,6 +54,7 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
         parts.append(store)
     if audit is not None:
         parts.append(audit)
-    commits = GroupCommit(parts) if group_commit else None
+    lock = home_root / "service.lock" if processes > 1 else None
+    commits = GroupCommit(parts, lock_path=lock) if group_commit else None
     return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits),
                     store, exports)

@@ -147,6 +147,10 @@ class ServiceStore(Protocol):
 
     def ledger(self) -> list[LedgerEntry]: ...
 
+    def ping(self) -> None:
+        """Read from every database the service writes; StoreError when one cannot be."""
+        ...
+
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
         """One audit record (hash-chained)."""
         ...
@@ -316,6 +320,10 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
         return self.audit.append(action, detail, actor=actor)
 
+    def ping(self) -> None:
+        self._x("SELECT 1 FROM challenges LIMIT 1")
+        self.audit.ping()
+
     def close(self) -> None:
         self.db.close()
         self.audit.close()
@@ -397,6 +405,9 @@ class PostgresServiceStore(_SqlStore):
         except self._psycopg.Error as e:
             raise StoreError(f"audit (PostgreSQL): {e.__class__.__name__}") from None
         return seq
+
+    def ping(self) -> None:
+        self._x("SELECT 1 FROM audit LIMIT 1")
 
     def verify_audit(self) -> tuple[int, list[int]]:
         """(records, sequence numbers whose hash or link is wrong)."""

@@ -149,6 +149,14 @@ class AuditLog(SqliteBatch):
                         (seq, t, who, action, d, prev.hex(), h.hex()))
         return seq, h
 
+    def ping(self) -> None:
+        """A read of the log; StoreError when it cannot be read."""
+        try:
+            with self._lock:
+                self.db.execute("SELECT 1 FROM audit LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"audit log {self.path}: {e.__class__.__name__}") from None
+
     def verify(self) -> tuple[int, list[AuditProblem]]:
         """(records checked, problems found): edits, removals, reorders, a cut tail."""
         problems: list[AuditProblem] = []
