@@ -25,12 +25,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.service.client import ServiceClient, client_context
 from keyload.service.pki import init_pki
+from keyload.station.pgserver import postgres_available, private_postgres
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.storage import KekSource
@@ -175,25 +177,26 @@ def process_cpu(pid: int) -> float:
     return total
 
 
-def measure(url: str, d: Path, set_id: bytes, conc: int, seconds: float,
-            server_pid: int, lean: bool) -> dict[str, float]:
+def measure(urls: list[str], d: Path, set_id: bytes, conc: int, seconds: float,
+            server_pids: list[int], lean: bool) -> dict[str, float]:
     procs_n = min(conc, 4)
     q: mp.Queue[tuple[list[float], int, float]] = mp.Queue()
     per = [conc // procs_n + (1 if i < conc % procs_n else 0) for i in range(procs_n)]
-    ps = [mp.Process(target=client_proc, args=(url, str(d), set_id, n, seconds, lean, q))
-          for n in per]
+    ps = [mp.Process(target=client_proc,
+                     args=(urls[i % len(urls)], str(d), set_id, n, seconds, lean, q))
+          for i, n in enumerate(per)]
     for p in ps:
         p.start()
     lat: list[float] = []
     errors = 0
     client_cpu = 0.0
-    srv0 = process_cpu(server_pid)
+    srv0 = sum(process_cpu(p) for p in server_pids)
     for _ in ps:
         ls, e, cpu = q.get(timeout=seconds + 120)
         lat += ls
         errors += e
         client_cpu += cpu
-    srv_cpu = process_cpu(server_pid) - srv0
+    srv_cpu = sum(process_cpu(p) for p in server_pids) - srv0
     for p in ps:
         p.join()
     lat.sort()
@@ -202,6 +205,54 @@ def measure(url: str, d: Path, set_id: bytes, conc: int, seconds: float,
             "server_cpu_us": 1e6 * srv_cpu / n, "client_cpu_us": 1e6 * client_cpu / n,
             "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], "errors": errors}
+
+
+def start_servers(d: Path, args: argparse.Namespace, state: str | None,
+                  n: int) -> list[tuple[subprocess.Popen[str], str]]:
+    env = dict(os.environ, KEYLOAD_PASSPHRASE=PASS)
+    out = []
+    for i in range(n):
+        srv = subprocess.Popen(
+            [sys.executable, "-m", "keyload.cli.main", "serve", "--home",
+             str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
+             str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
+             str(d / "policy.json"), "--port", "0", "--http", args.http, "--loop", args.loop,
+             "--workers", str(args.workers), "--instance", f"bench-{i}",
+             *(["--state", state] if state else [])],
+            stdout=subprocess.PIPE, text=True, env=env)
+        assert srv.stdout is not None
+        line = srv.stdout.readline()
+        out.append((srv, next(t for t in line.split() if t.startswith("https://"))))
+    return out
+
+
+def run(d: Path, args: argparse.Namespace, state: str | None) -> dict[str, Any]:
+    set_id = setup(d)
+    servers = start_servers(d, args, state, args.instances)
+    try:
+        urls = [u for _, u in servers]
+        where = "PostgreSQL" if state else "SQLite"
+        print(f"service: {len(urls)} instance{'s' if len(urls) > 1 else ''} ({args.http}, "
+              f"{args.workers} worker{'s' if args.workers > 1 else ''} each, {where} state), "
+              f"{os.cpu_count()} CPUs")
+        rate = in_process_rate(d, set_id, min(args.seconds, 3.0))
+        print(f"in-process EXPORTKEY: {rate:,.0f}/s")
+        print("clients  downloads/s  p50 ms  p99 ms  errors  server CPU µs  client CPU µs")
+        rows = []
+        for c in (int(x) for x in args.concurrency.split(",")):
+            r = measure(urls, d, set_id, c, args.seconds, [s.pid for s, _ in servers],
+                        args.client == "lean")
+            rows.append(r)
+            print(f"{c:>7}  {r['downloads_per_s']:>11,.0f}  {r['p50_ms']:>6.1f}  "
+                  f"{r['p99_ms']:>6.1f}  {r['errors']:>6}  {r['server_cpu_us']:>13,.0f}"
+                  f"  {r['client_cpu_us']:>13,.0f}")
+        return {"in_process_exports_per_s": rate, "state": where.lower(),
+                "instances": len(urls), "workers": args.workers, "rows": rows}
+    finally:
+        for srv, _ in servers:
+            srv.terminate()
+        for srv, _ in servers:
+            srv.wait(10)
 
 
 def main() -> int:
@@ -214,36 +265,27 @@ def main() -> int:
                          "or keyload's ServiceClient on http.client (stdlib)")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--workers", type=int, default=1, help="keyload serve --workers")
+    ap.add_argument("--state", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="postgresql: a private server (fsync on) shared by the instances")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="keyload serve processes (clients spread over them)")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
+    if args.instances > 1 and args.state == "sqlite":
+        ap.error("several instances share PostgreSQL: --state postgresql")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        set_id = setup(d)
-        env = dict(os.environ, KEYLOAD_PASSPHRASE=PASS)
-        srv = subprocess.Popen(
-            [sys.executable, "-m", "keyload.cli.main", "serve", "--home",
-             str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
-             str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
-             str(d / "policy.json"), "--port", "0", "--http", args.http, "--loop", args.loop,
-             "--workers", str(args.workers)],
-            stdout=subprocess.PIPE, text=True, env=env)
-        try:
-            assert srv.stdout is not None
-            line = srv.stdout.readline()
-            url = next(t for t in line.split() if t.startswith("https://"))
-            print(f"service: {url} ({args.http}, {args.workers} worker"
-                  f"{'s' if args.workers > 1 else ''}), {os.cpu_count()} CPUs")
-            rate = in_process_rate(d, set_id, min(args.seconds, 3.0))
-            print(f"in-process EXPORTKEY: {rate:,.0f}/s")
-            print("clients  downloads/s  p50 ms  p99 ms  errors  server CPU µs  client CPU µs")
-            for c in (int(x) for x in args.concurrency.split(",")):
-                r = measure(url, d, set_id, c, args.seconds, srv.pid,
-                            args.client == "lean")
-                print(f"{c:>7}  {r['downloads_per_s']:>11,.0f}  {r['p50_ms']:>6.1f}  "
-                      f"{r['p99_ms']:>6.1f}  {r['errors']:>6}  {r['server_cpu_us']:>13,.0f}"
-                      f"  {r['client_cpu_us']:>13,.0f}")
-        finally:
-            srv.terminate()
-            srv.wait(10)
+        if args.state == "postgresql":
+            ok, why = postgres_available()
+            if not ok:
+                print(f"skipped: no PostgreSQL here ({why})")
+                return 0
+            with private_postgres(d / "pg", durable=True) as url:
+                out = run(d, args, url)
+        else:
+            out = run(d, args, None)
+    if args.json:
+        print(json.dumps(out))
     return 0
 
 

@@ -4,6 +4,7 @@ refused by the other; receipts, rate limits and the audit chain are shared too."
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from keyload.station.pgserver import postgres_available, private_postgres
 from ..conftest import require
 from .test_service import (
     Running,
+    World,
     build_world,
     export_json,
     init,
@@ -83,5 +85,75 @@ def test_service_two_instances_share_ledger_and_limits(pair: tuple[Running, Runn
         instances = {d.get("instance") for _, act, d in store.audit_records() if act == "request"}
         assert instances == {"one", "two"}
         assert json.dumps(store.audit_records()).find("import_data") < 0
+    finally:
+        store.close()
+
+
+def test_service_two_instances_batch_concurrently_on_one_chain(
+        pair: tuple[Running, Running, str]) -> None:
+    """Both instances group-commit at once: every request answered, a challenge sent to
+    both at the same moment served exactly once, the audit chain linear and whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    one, two, url = pair
+    w = one.world
+    fresh = [_body(w, f"0C0C{k:04X}", os.urandom(16)) for k in range(40)]
+    same = _body(w, "0D0D0001", os.urandom(16))  # one challenge, sent 8 times at once
+    jobs = [(one if k % 2 else two, body) for k, body in enumerate([*fresh, *[same] * 8])]
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(
+            lambda j: raw(j[0], "POST", "/v1/exportkey", j[1], client="other")[0], jobs))
+    assert codes[:40] == [200] * 40, codes
+    # per-SN limit 5: five reach the replay cache, one of them is served, four are replays
+    assert sorted(codes[40:]) == [200, 409, 409, 409, 409, 429, 429, 429], codes
+    store = PostgresServiceStore(url)
+    try:
+        n, bad = store.verify_audit()
+        assert bad == [] and n >= 48
+        served = [d for _, act, d in store.audit_records()
+                  if act == "request" and d.get("sn") == "0d0d0001" and d["status"] == 200]
+        assert len(served) == 1
+    finally:
+        store.close()
+    for run in (one, two):
+        s, _, b = raw(run, "GET", "/v1/metrics", client="monitor")
+        assert s == 200 and b"keyload_commit_batches_total" in b
+
+
+def _body(w: World, sn: str, r: bytes) -> bytes:
+    return json.dumps({"sn": sn, "r": r.hex(), "set_id": w.set_a.hex(), "suite": 1,
+                       "ref1": b"TMK-1".hex(), "ref2": 1}).encode()
+
+
+def test_service_postgres_batch_commits_or_rolls_back_whole(
+        pair: tuple[Running, Running, str]) -> None:
+    from keyload.service.policy import Rate
+    from keyload.service.store import Challenge
+
+    _, _, url = pair
+    store = PostgresServiceStore(url)
+    try:
+        def counts() -> tuple[int, int]:
+            return (store._x("SELECT COUNT(*) FROM challenges")[0][0],
+                    store._x("SELECT COUNT(*) FROM audit")[0][0])
+
+        def work(tag: bytes) -> None:
+            assert store.hit("client:batch-test", Rate(1000, 60), 1.0)
+            assert store.claim(Challenge(b"\x0e" + tag, os.urandom(16), "other", b"\x01" * 5,
+                                         b"TMK-1", 1, 1), 1.0)
+            store.append("request", {"batch": tag.hex()})
+
+        before = counts()
+        store.begin_batch()
+        work(b"\x01")
+        work(b"\x02")
+        store.rollback_batch()
+        assert counts() == before  # nothing of a rolled-back batch remains
+        store.begin_batch()
+        work(b"\x03")
+        work(b"\x04")
+        store.commit_batch()
+        assert counts() == (before[0] + 2, before[1] + 2)
+        assert store.verify_audit()[1] == []
     finally:
         store.close()

@@ -9,10 +9,10 @@ the next callback of the loop, before any new input is read; each request's answ
 waits for it. Nothing is answered before its records are committed, exactly as with one
 transaction per write: a crash loses only requests that were never answered.
 
-Worker processes sharing the files (``keyload serve --workers N``) take turns through an
-exclusive ``flock`` on a lock file, held from the batch's begin to its commit: a waiting
-worker is woken the moment the lock is free, instead of polling SQLite's busy handler
-(which sleeps up to 100 ms between tries).
+Processes sharing the files (``keyload serve --workers N``, or instances started on one
+home) take turns through an exclusive ``flock`` on a lock file, held from the batch's
+begin to its commit: a waiting process is woken the moment the lock is free, instead of
+polling SQLite's busy handler (which sleeps up to 100 ms between tries).
 
 When a commit fails, every database of the batch is rolled back and every request in it
 is answered 503 (no key leaves without its records). Commits go in a fixed order, the

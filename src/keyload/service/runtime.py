@@ -12,7 +12,7 @@ from ..units.storage import SqliteBatch
 from .app import ServiceApp
 from .commit import Batched, GroupCommit
 from .policy import Policy
-from .store import ServiceStore, open_store
+from .store import PostgresServiceStore, ServiceStore, open_store
 
 
 @dataclass
@@ -41,7 +41,8 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
 
     With ``group_commit`` (the default) the SQLite databases — export records, and with
     a SQLite state the service's tables and the audit chain — are written in batches
-    (:class:`~.commit.GroupCommit`); PostgreSQL state is written statement by statement.
+    (:class:`~.commit.GroupCommit`), and so is a PostgreSQL state (one transaction per
+    batch, holding the audit chain's lock).
     ``processes``: how many processes serve from this state here (``--workers``); with
     one and SQLite, the rate counters are kept in memory, else in the shared state."""
     pg = bool(state and state.startswith(("postgresql://", "postgres://")))
@@ -50,11 +51,12 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     exports = SqliteExportLog(authority_dir / "exports.db")
     authority = Authority(backend, log=exports)
     parts: list[Batched] = [exports]
-    if isinstance(store, SqliteBatch):
+    if isinstance(store, SqliteBatch | PostgresServiceStore):
         parts.append(store)
     if audit is not None:
         parts.append(audit)
-    lock = home_root / "service.lock" if processes > 1 else None
-    commits = GroupCommit(parts, lock_path=lock) if group_commit else None
+    # every process serving from this home (workers, or instances sharing it) takes turns
+    commits = GroupCommit(parts, lock_path=home_root / "service.lock") if group_commit \
+        else None
     return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits),
                     store, exports)

@@ -334,7 +334,14 @@ class PostgresServiceStore(_SqlStore):
 
     Audit appends take a transaction-scoped advisory lock, so the chain stays linear with
     any number of instances writing; ``verify_audit`` recomputes it.
+
+    Batches (:class:`~.commit.GroupCommit`): one transaction for the requests of a pass,
+    which takes the audit lock first — so two instances' batches never wait on each other
+    in opposite orders — and holds it to the commit.
     """
+
+    _in_batch = False
+    _batch_head: tuple[int, bytes] | None = None
 
     AUDIT_LOCK = 0x4B4C5031  # "KLP1"
 
@@ -388,23 +395,58 @@ class PostgresServiceStore(_SqlStore):
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
 
+    def begin_batch(self) -> None:
+        try:
+            with self._lock:
+                self.conn.execute("BEGIN")
+                self._in_batch, self._batch_head = True, None
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
+        except self._psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def commit_batch(self) -> None:
+        try:
+            with self._lock:
+                self._in_batch, self._batch_head = False, None
+                self.conn.execute("COMMIT")
+        except self._psycopg.Error as e:
+            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def rollback_batch(self) -> None:
+        with self._lock:
+            self._in_batch, self._batch_head = False, None
+            if self.conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+                self.conn.execute("ROLLBACK")
+
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
         d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
         who = actor or self.actor
         try:
-            with self._lock, self.conn.transaction():
-                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
-                last = self.conn.execute(
-                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                seq = 1 if last is None else int(last[0]) + 1
-                prev = GENESIS if last is None else bytes.fromhex(last[1])
-                t = time.time()
-                h = record_hash(prev, seq, t, who, action, d)
-                self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                                  (seq, t, who, action, d, prev.hex(), h.hex()))
+            with self._lock:
+                if self._in_batch:  # the batch holds the audit lock
+                    seq, h = self._audit_insert(who, action, d)
+                    self._batch_head = (seq, h)
+                    return seq
+                with self.conn.transaction():
+                    self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
+                    seq, h = self._audit_insert(who, action, d)
         except self._psycopg.Error as e:
             raise StoreError(f"audit (PostgreSQL): {e.__class__.__name__}") from None
         return seq
+
+    def _audit_insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
+        if self._batch_head is not None:
+            seq, prev = self._batch_head[0] + 1, self._batch_head[1]
+        else:
+            last = self.conn.execute(
+                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq = 1 if last is None else int(last[0]) + 1
+            prev = GENESIS if last is None else bytes.fromhex(last[1])
+        t = time.time()
+        h = record_hash(prev, seq, t, who, action, d)
+        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                          (seq, t, who, action, d, prev.hex(), h.hex()))
+        return seq, h
 
     def ping(self) -> None:
         self._x("SELECT 1 FROM audit LIMIT 1")
