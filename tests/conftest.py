@@ -8,10 +8,12 @@ A test that needs a real external part (SoftHSM2, pcscd, PostgreSQL) calls
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from keyload.transports.pcscd import Pcscd, pcsc_available, running_pcscd
 from keyload.units.storage import KekSource
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -25,6 +27,15 @@ def require(ok: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def pcscd() -> Iterator[Pcscd]:
+    """pcscd with the vpcd readers, for one module (reused when one already runs)."""
+    avail = pcsc_available()
+    require(avail.ok, f"PC/SC with vpcd: {avail.reason}")
+    with running_pcscd() as d:
+        yield d
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
-from keyload.transports.pcscd import VPCD_PORTS, Pcscd, pcsc_available, running_pcscd
+from keyload.transports.pcscd import VPCD_PORTS
 from keyload.transports.vcard import CardFeeder, VirtualCard
 from keyload.units.authority import INS_EXPORT, INS_IMPORT, Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
@@ -228,14 +228,6 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
         else:  # give the module back the tokens another fixture made
             os.environ["SOFTHSM2_CONF"] = old_conf
             p11.reinitialize(module)
-
-
-@pytest.fixture(scope="module")
-def pcscd() -> Iterator[Pcscd]:
-    avail = pcsc_available()
-    require(avail.ok, f"PC/SC with vpcd: {avail.reason}")
-    with running_pcscd() as d:
-        yield d
 
 
 # -- one cell ----------------------------------------------------------------------------

@@ -36,12 +36,11 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
-from keyload.transports.pcscd import VPCD_PORTS, Pcscd, pcsc_available, running_pcscd
+from keyload.transports.pcscd import VPCD_PORTS, Pcscd, running_pcscd
 from keyload.transports.vcard import CardFeeder, CardOS, LongApdus, VirtualCard, make_atr
 from keyload.units.authority import INS_IMPORT
 from keyload.units.unit import Unit
 
-from ..conftest import require
 from .fixtures import World, make_world, slots_snapshot
 
 PORT_A, PORT_B = VPCD_PORTS
@@ -145,14 +144,6 @@ def _verify(world: World, res: LoadResult) -> None:
 
 
 # -- fixtures ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pcscd() -> Iterator[Pcscd]:
-    avail = pcsc_available()
-    require(avail.ok, f"PC/SC with vpcd: {avail.reason}")
-    with running_pcscd() as d:
-        yield d
-
-
 @pytest.fixture
 def world() -> World:
     return make_world()

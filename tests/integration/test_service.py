@@ -488,7 +488,7 @@ def test_service_every_request_is_audited_without_secrets(svc: Running) -> None:
         assert [d["status"] for d in details] == [200, 400, 403]
         assert details[1]["client"] == "terminal-1" and details[1]["problem"] == "malformed"
         n, problems_ = audit.verify()
-        assert n > 3 and not problems_
+        assert n >= before + 3 and not problems_
         # never key material: no wrapped key, MAC or receipt field in any record
         for (d,) in audit.db.execute("SELECT detail FROM audit WHERE actor = 'service'"):
             assert not {"import_data", "w", "sas", "cas", "rct"} & set(json.loads(d))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import TransportError
-from ..core.messages import check_ref2
+from ..core.messages import InitResponse, check_ref2
 from ..station.fleet import EmulatedFleet
 from ..station.load import UnitClient, load_key
 from ..transports import Connection
@@ -136,10 +136,31 @@ def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
 
 
 # -- fetch ---------------------------------------------------------------------------
+class _ExpectedUnit(UnitClient):
+    """A unit in a reader that must be the one ``--unit`` names: stops before EXPORTKEY."""
+
+    def __init__(self, conn: Connection, sn: bytes, reader: str) -> None:
+        super().__init__(conn)
+        self.expected, self.reader = sn, reader
+
+    def initialize(self) -> InitResponse:
+        init = super().initialize()
+        if init.sn != self.expected:
+            raise ValueError(f"the card in reader {self.reader!r} is unit {init.sn.hex()}, "
+                             f"not {self.expected.hex()} (--unit)")
+        return init
+
+
 def fetch(args: argparse.Namespace) -> int:
+    """Load one key into one unit from the service. The unit: ``--unit SN``, an emulated
+    unit of the home; or ``--reader READER``, the card in that PC/SC reader (its SN comes
+    from INITIALIZE DOWNLOAD; with ``--unit`` too, the card must be that unit)."""
     from ..service.client import HttpsAuthority, ServiceClient
 
-    sn = bytes.fromhex(args.unit.removeprefix("0x")) if not args.reader else None
+    if not args.unit and not args.reader:
+        args.usage_error("give --unit SN (an emulated unit of the home) or --reader READER "
+                         "(the unit in a PC/SC reader)")
+    sn = bytes.fromhex(args.unit.removeprefix("0x")) if args.unit else None
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
     client = ServiceClient(args.server, ca=Path(args.ca), cert=Path(args.cert),
@@ -161,7 +182,9 @@ def fetch(args: argparse.Namespace) -> int:
             unit = fleet.open_unit(sn)
             closer.append(unit)
             conn = LocalConnection(unit)
-        res = load_key(UnitClient(conn), HttpsAuthority(client), ref1, args.ref2)
+        unit_client = _ExpectedUnit(conn, sn, args.reader) if args.reader and sn is not None \
+            else UnitClient(conn)
+        res = load_key(unit_client, HttpsAuthority(client), ref1, args.ref2)
         recorded = None
         for attempt in range(3):  # the key is in the unit: the receipt must get through
             try:
@@ -230,10 +253,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     p = add(sub, "fetch", fetch,
             "load a key into a local unit from a remote keyload service")
+    p.set_defaults(usage_error=p.error)  # --unit or --reader: checked by fetch()
     p.add_argument("--server", required=True, metavar="URL", help="https://host:port")
-    p.add_argument("--unit", required=True, metavar="SN",
-                   help="the unit's SN (hex): an emulated unit of the home")
-    p.add_argument("--reader", help="reach the unit through this PC/SC reader instead")
+    p.add_argument("--unit", metavar="SN",
+                   help="the unit's SN (hex): an emulated unit of the home; with --reader "
+                        "(optional there), the SN the card in the reader must have")
+    p.add_argument("--reader", help="reach the unit through this PC/SC reader instead (the "
+                                    "SN comes from the card)")
     p.add_argument("--ref1", required=True)
     p.add_argument("--ref2", required=True, type=int)
     p.add_argument("--ca", required=True, help="the CA that issued the server certificate")

@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
-from ..station.audit import GENESIS, AuditLog, record_hash
+from ..station.audit import GENESIS, AuditLog, chain_row, last_record, record_hash
 from ..units.storage import SqliteBatch, open_sqlite
 from .policy import Rate
 
@@ -435,18 +434,9 @@ class PostgresServiceStore(_SqlStore):
         return seq
 
     def _audit_insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
-        if self._batch_head is not None:
-            seq, prev = self._batch_head[0] + 1, self._batch_head[1]
-        else:
-            last = self.conn.execute(
-                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            seq = 1 if last is None else int(last[0]) + 1
-            prev = GENESIS if last is None else bytes.fromhex(last[1])
-        t = time.time()
-        h = record_hash(prev, seq, t, who, action, d)
-        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                          (seq, t, who, action, d, prev.hex(), h.hex()))
-        return seq, h
+        row = chain_row(self._batch_head or last_record(self.conn), who, action, d)
+        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
+        return row[0], bytes.fromhex(row[6])
 
     def ping(self) -> None:
         self._x("SELECT 1 FROM audit LIMIT 1")

@@ -49,6 +49,25 @@ def record_hash(prev: bytes, seq: int, t: float, actor: str, action: str, detail
     return hashlib.sha256(prev + body.encode()).digest()
 
 
+LAST_RECORD = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+
+
+def last_record(db: Any) -> tuple[int, bytes] | None:
+    """(seq, hash) of the chain's last record in ``db`` (SQLite or psycopg), if any."""
+    last = db.execute(LAST_RECORD).fetchone()
+    return None if last is None else (int(last[0]), bytes.fromhex(last[1]))
+
+
+def chain_row(head: tuple[int, bytes] | None, actor: str, action: str,
+              detail: str) -> tuple[int, float, str, str, str, str, str]:
+    """The audit table's row for the record after ``head``: (seq, time, actor, action,
+    detail, prev hash, hash)."""
+    seq, prev = (1, GENESIS) if head is None else (head[0] + 1, head[1])
+    t = time.time()
+    return (seq, t, actor, action, detail, prev.hex(),
+            record_hash(prev, seq, t, actor, action, detail).hex())
+
+
 @dataclass(frozen=True)
 class AuditProblem:
     seq: int
@@ -136,18 +155,10 @@ class AuditLog(SqliteBatch):
         return seq
 
     def _insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
-        if self._batch_head is not None:  # the batch holds the write lock: ours is the last
-            seq, prev = self._batch_head[0] + 1, self._batch_head[1]
-        else:
-            last = self.db.execute(
-                "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            seq = 1 if last is None else int(last[0]) + 1
-            prev = GENESIS if last is None else bytes.fromhex(last[1])
-        t = time.time()
-        h = record_hash(prev, seq, t, who, action, d)
-        self.db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (seq, t, who, action, d, prev.hex(), h.hex()))
-        return seq, h
+        # in a batch, which holds the write lock, the batch's last record is the chain's
+        row = chain_row(self._batch_head or last_record(self.db), who, action, d)
+        self.db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        return row[0], bytes.fromhex(row[6])
 
     def ping(self) -> None:
         """A read of the log; StoreError when it cannot be read."""
