@@ -412,6 +412,54 @@ def test_service_oversized_bodies_are_413(svc: Running) -> None:
     assert ledger_count(svc) == n
 
 
+def _send_head(port: int, ca: Path, parts: list[bytes], pause: float) -> bytes:
+    import socket
+    import time
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_s, \
+            ctx.wrap_socket(raw_s, server_hostname="127.0.0.1") as tls:
+        try:
+            for part in parts:
+                tls.sendall(part)
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # closed while we were still sending
+        answer = b""
+        try:
+            while chunk := tls.recv(4096):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.startswith(b"HTTP/1.1 431"):
+                    break  # a problem answer on a connection kept open
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_service_oversized_request_heads_are_refused_with_either_parser(
+        svc: Running, http: str) -> None:
+    """Headers are read before any certificate check: both parsers bound a head that
+    arrives slowly (400, connection closed), the app one that arrives whole (431)."""
+    run = start_service(svc.world, policy_doc(svc.world), http=http, instance=http)
+    ca = svc.world.pki / "ca.pem"
+    start = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+    try:
+        whole = _send_head(run.server.port, ca,
+                           [start + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n"], 0)
+        assert whole.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), whole[:80]
+        if whole.startswith(b"HTTP/1.1 431 "):
+            assert b"application/problem+json" in whole
+        slow = _send_head(run.server.port, ca,
+                          [start] + [b"X-P%d: %s\r\n" % (i, b"b" * 1000) for i in range(40)],
+                          0.005)
+        assert slow.startswith(b"HTTP/1.1 400 "), slow[:80]
+        status, _, body = raw(run, "GET", "/v1/health", client=None)  # still serving
+        assert status == 200, body
+    finally:
+        run.stop()
+
+
 @pytest.mark.parametrize("body,ctype,status,slug", [
     (b"\xc1\x01", "application/octet-stream", 400, "malformed"),
     (b"", "application/octet-stream", 400, "malformed"),

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import itertools
 import json
 import socket
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import StoreError
+from ..service.ledger import (
+    SERVICE_DB,
+    ServiceLedgerCheck,
+    describe_state,
+    open_service_state,
+    service_ledger,
+    verify_service_ledger,
+)
+from ..service.store import ServiceStore
 from ..station.campaign import RunOptions, run_campaign
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
@@ -267,55 +280,101 @@ def campaign_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_state(args: argparse.Namespace, home: Home) -> ServiceStore | None:
+    """The service's state, when the ledger commands include it: ``--state`` given, or
+    no ``--campaign`` and the home has a ``service.db`` (never created here)."""
+    if args.campaign and args.state is None:
+        return None
+    if args.state is not None:
+        home.ensure()
+    return open_service_state(args.state, home.root, home.audit_path)
+
+
+def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
+             home: Home) -> tuple[ServiceStore | None, Journal]:
+    """The service's state (if included) and the journal, closed with ``stack``."""
+    store = _service_state(args, home)
+    if store is not None:
+        stack.callback(store.close)
+    journal = _journal(args, home)
+    stack.callback(journal.close)
+    return store, journal
+
+
 def ledger_verify(args: argparse.Namespace) -> int:
     home = _home(args)
-    journal = _journal(args, home)
-    ks = home.open_keystore()
-    try:
-        authority = home.authority(ks)
+    with contextlib.ExitStack() as stack:
+        store, journal = _ledgers(stack, args, home)
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        audit = home.audit()
+        stack.callback(audit.close)
+        authority = home.authority(ks, audit)
         names = [args.campaign] if args.campaign else journal.campaigns()
         ok = bad = lost = 0
         invalid: list[dict[str, object]] = []
         for n in names:
             chk = verify_ledger(journal, n, authority)
             ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.without_receipt
-            invalid += [{"campaign": n, **r} for r in chk.invalid_rows or []]
-    finally:
-        ks.close()
-        journal.close()
+            invalid += [{"source": "campaign", "campaign": n, **r}
+                        for r in chk.invalid_rows or []]
+        svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
+            store, authority, state=describe_state(args.state, home.root))
+    svc_rows = [{"source": "service", "campaign": None, **r} for r in svc.invalid_rows]
     if args.json:
-        emit_json({"verified": ok, "invalid": bad, "reconciled_without_receipt": lost,
-                   "invalid_rows": invalid})
+        emit_json({"verified": ok + svc.verified, "invalid": bad + svc.invalid,
+                   "reconciled_without_receipt": lost, "invalid_rows": invalid + svc_rows,
+                   "campaigns": {"verified": ok, "invalid": bad,
+                                 "reconciled_without_receipt": lost, "invalid_rows": invalid},
+                   "service": svc.to_json()})
     else:
         for r in invalid:
             print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}")
+        for r in svc.invalid_rows:
+            print(f"INVALID receipt: service client {r['client']} unit {r['sn']} slot "
+                  f"{r['ref2']}: {r['reason']}")
         if lost:
             print(f"{lost} loads reconciled with the unit after a crash: receipt lost, "
                   "slot status recorded")
-        print(f"{ok} receipts verified, {bad} invalid")
-    return 0 if bad == 0 else 1
+        print(f"campaign ledger: {ok} receipts verified, {bad} invalid")
+        if svc.state is None:
+            why = "--campaign given" if args.campaign else \
+                f"no {home.root / SERVICE_DB}"
+            print(f"service ledger: not checked ({why})")
+        else:
+            print(f"service ledger ({svc.state}): {svc.verified} receipts verified, "
+                  f"{svc.invalid} invalid")
+        print(f"{ok + svc.verified} receipts verified, {bad + svc.invalid} invalid")
+    return 0 if bad + svc.invalid == 0 else 1
+
+
+def _counted(entries: Iterable[dict[str, Any]], n: list[int]) -> Iterator[dict[str, Any]]:
+    for e in entries:
+        n[0] += 1
+        yield e
 
 
 def ledger_export(args: argparse.Namespace) -> int:
     home = _home(args)
-    journal = _journal(args, home)
-    try:
+    n_camp, n_svc = [0], [0]
+    with contextlib.ExitStack() as stack:
+        store, journal = _ledgers(stack, args, home)
         names = [args.campaign] if args.campaign else journal.campaigns()
+        entries = itertools.chain(
+            _counted((e for c in names for e in ledger(journal, c)), n_camp),
+            _counted(service_ledger(store) if store is not None else (), n_svc))
         out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
         try:
             if args.format == "csv":
-                n = sum(write_ledger_csv(ledger(journal, c), out) for c in names)
+                write_ledger_csv(entries, out)
             else:
-                entries = [e for c in names for e in ledger(journal, c)]
-                out.write(json.dumps(entries, indent=1) + "\n")
-                n = len(entries)
+                out.write(json.dumps(list(entries), indent=1) + "\n")
         finally:
             if args.out:
                 out.close()
-    finally:
-        journal.close()
     if args.out:
-        print(f"{n} ledger entries written to {args.out}")
+        print(f"{n_camp[0] + n_svc[0]} ledger entries written to {args.out} "
+              f"({n_camp[0]} from campaigns, {n_svc[0]} from the service)")
     return 0
 
 
@@ -377,10 +436,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     g = sub.add_parser("ledger", help="which unit holds which key, with receipts")
     gsub = g.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(gsub, "verify", ledger_verify, "the authority verifies every receipt")
-    p.add_argument("--campaign")
-    p = add(gsub, "export", ledger_export, "the ledger as CSV or JSON")
-    p.add_argument("--campaign")
+    state_help = ("the service's state (keyload serve --state): a SQLite file or a "
+                  "postgresql:// URL; default HOME/service.db when it exists. Without it, "
+                  "--campaign leaves the service's ledger out")
+    p = add(gsub, "verify", ledger_verify,
+            "the authority verifies every receipt (campaigns' and the service's)")
+    p.add_argument("--campaign", help="only this campaign")
+    p.add_argument("--state", help=state_help)
+    p = add(gsub, "export", ledger_export,
+            "the ledger as CSV or JSON (campaigns' and the service's)")
+    p.add_argument("--campaign", help="only this campaign")
+    p.add_argument("--state", help=state_help)
     p.add_argument("--format", choices=["csv", "json"], default="csv")
     p.add_argument("--out", help="file (default: standard output)")
 

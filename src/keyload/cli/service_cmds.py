@@ -242,8 +242,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--port", type=int, default=8443, help="0: any free port (printed)")
     p.add_argument("--state", help="shared state: a SQLite file (default HOME/service.db) "
                                    "or a postgresql:// URL shared by several instances")
-    p.add_argument("--http", choices=["h11", "httptools"], default="h11",
-                   help="HTTP parser (default h11; httptools is faster)")
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="HTTP parser (default auto: httptools when installed, else h11)")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
                    help="event loop (default auto: uvloop when installed)")
     p.add_argument("--instance", help="this instance's name in audit and metrics "

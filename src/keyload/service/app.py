@@ -68,6 +68,7 @@ Send = Callable[[Message], Awaitable[None]]
 OCTETS = "application/octet-stream"
 JSON = "application/json"
 _HEX = re.compile(r"\A[0-9a-fA-F]*\Z")
+MAX_HEAD = 16 * 1024  # request line and headers, bytes (the HTTP parsers bound them too)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -281,6 +282,11 @@ class ServiceApp:
     # -- routing -------------------------------------------------------------------
     async def _route(self, scope: Scope, receive: Receive,
                      req: _Req) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        head = len(req.path) + len(scope.get("query_string", b"")) + sum(
+            len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+        if head > MAX_HEAD:
+            raise P.Problem(431, "head-too-large", "request header fields too large",
+                            f"the request line and headers must be at most {MAX_HEAD} bytes")
         allowed = ROUTES.get(req.path)
         if allowed is None:
             raise P.NOT_FOUND

@@ -31,6 +31,7 @@ _REFUSALS = {
     "413": _problem("body too large"),
     "415": _problem("unsupported media type"),
     "429": _problem("rate limit (per client or per SN); see Retry-After"),
+    "431": _problem("request line and headers over 16 KiB"),
     "503": _problem("the service cannot record the request: nothing was done"),
 }
 
@@ -95,6 +96,7 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "readiness: the state can be read and the authority answers",
                 "responses": {"200": {"description": "up", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Health"}}}},
+                    "431": _problem("request line and headers over 16 KiB"),
                     "503": _problem("the state or the authority is not available")},
             }},
             "/v1/metrics": {"get": {
@@ -105,6 +107,7 @@ def openapi_document() -> dict[str, Any]:
                         "text/plain": {"schema": {"type": "string"}}}},
                     "401": _problem("no client certificate"),
                     "403": _problem("client not authorized for metrics"),
+                    "431": _problem("request line and headers over 16 KiB"),
                 },
             }},
             "/openapi.json": {"get": {

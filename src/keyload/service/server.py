@@ -37,6 +37,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .app import MAX_HEAD
+
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 
@@ -102,25 +104,50 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
         return None
 
     class MtlsHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol, with the ASGI TLS extension."""
+        """uvicorn's httptools protocol, with the ASGI TLS extension and, as h11 has, a
+        bound on a request's head while it arrives: more than ``MAX_HEAD`` bytes without
+        the end of the headers is answered 400 and the connection closed (a client
+        without a certificate can send headers too). A head that arrives whole in one
+        read and is too long is refused by the app (431)."""
+
+        _in_head = True  # from a message's first byte to the end of its headers
+        _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             _nodelay(transport)
             self.app = _wrap(self.app, tls_extension(transport))
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    self.send_400_response("Request head too large.")
+
     return MtlsHttpToolsProtocol
 
 
 def protocol_class(http: str) -> type[asyncio.Protocol]:
-    """``h11`` (pure Python, bounded header size) or ``httptools`` (faster)."""
-    if http == "httptools":
+    """``h11`` (pure Python), ``httptools`` (faster), or ``auto``: httptools when it is
+    installed. Both bound a request's head while it arrives (``MAX_HEAD``)."""
+    if http in ("httptools", "auto"):
         cls = _httptools_protocol()
-        if cls is None:
+        if cls is not None:
+            return cls
+        if http == "httptools":
             raise ValueError("--http httptools needs the httptools package")
-        return cls
+        return MtlsH11Protocol
     if http != "h11":
-        raise ValueError("--http: h11 or httptools")
+        raise ValueError("--http: auto, h11 or httptools")
     return MtlsH11Protocol
 
 
@@ -147,7 +174,7 @@ def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port:
         ssl_context_factory=factory,
         lifespan="on", proxy_headers=False, server_header=False, access_log=False,
         log_level=log_level, timeout_keep_alive=15, limit_concurrency=1024,
-        h11_max_incomplete_event_size=16 * 1024, ws="none")
+        h11_max_incomplete_event_size=MAX_HEAD, ws="none")
 
 
 def bind(host: str, port: int) -> socket.socket:

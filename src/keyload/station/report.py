@@ -8,7 +8,7 @@ import html
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,15 @@ from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
 from .journal import FAILED, IMPORTED, Journal, LoadRow
 
+# "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
+# or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
+# columns came later, so that older readers of the CSV by position still work.
 LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
-                 "header", "receipt", "reconciled", "station", "time"]
+                 "header", "receipt", "reconciled", "station", "time", "source", "client",
+                 "set_id"]
 
 
-def ledger_entry(row: LoadRow) -> dict[str, Any]:
+def ledger_entry(row: LoadRow, set_id: bytes | None = None) -> dict[str, Any]:
     version = KeyHeader.decode(row.header).version if row.header else row.version
     return {"campaign": row.campaign, "sn": row.sn.hex(), "ref2": row.ref2,
             "ref1": display_ref1(row.ref1), "key_version": version,
@@ -32,12 +36,15 @@ def ledger_entry(row: LoadRow) -> dict[str, Any]:
             "r": None if row.r is None else row.r.hex(),
             "header": None if row.header is None else row.header.hex(),
             "receipt": None if row.rct is None else row.rct.hex(),
-            "reconciled": row.reconciled, "station": row.station, "time": row.updated}
+            "reconciled": row.reconciled, "station": row.station, "time": row.updated,
+            "source": "campaign", "client": None,
+            "set_id": None if set_id is None else set_id.hex()}
 
 
 def ledger(journal: Journal, campaign: str) -> Iterator[dict[str, Any]]:
+    set_id = journal.campaign(campaign).set_id
     for row in journal.rows(campaign, [IMPORTED]):
-        yield ledger_entry(row)
+        yield ledger_entry(row, set_id)
 
 
 @dataclass
@@ -71,7 +78,8 @@ def verify_ledger(journal: Journal, campaign: str, authority: Authority) -> Ledg
     return out
 
 
-def write_ledger_csv(entries: Iterator[dict[str, Any]], stream: io.TextIOBase | Any) -> int:
+def write_ledger_csv(entries: Iterable[dict[str, Any]], stream: io.TextIOBase | Any) -> int:
+    """One header line, then the entries (campaigns' and the service's alike)."""
     w = csv.DictWriter(stream, fieldnames=LEDGER_FIELDS)
     w.writeheader()
     n = 0
