@@ -157,3 +157,30 @@ def test_service_postgres_batch_commits_or_rolls_back_whole(
         assert store.verify_audit()[1] == []
     finally:
         store.close()
+
+
+def test_service_postgres_batch_with_a_failed_statement_commits_nothing(
+        pair: tuple[Running, Running, str]) -> None:
+    """PostgreSQL ends a transaction with a failed statement by rolling it back, even on
+    COMMIT: the batch's commit must then fail, so that no request of it is answered."""
+    from keyload.core.errors import StoreError
+
+    _, _, url = pair
+    store = PostgresServiceStore(url)
+    try:
+        before = store._x("SELECT COUNT(*) FROM audit")[0][0]
+        store.begin_batch()
+        store.append("request", {"batch": "doomed"})
+        with pytest.raises(StoreError):
+            store._x("SELECT 1 / 0")  # a statement fails inside the batch
+        with pytest.raises(StoreError):
+            store.commit_batch()
+        store.rollback_batch()
+        assert store._x("SELECT COUNT(*) FROM audit")[0][0] == before
+        store.begin_batch()  # the connection is usable again
+        store.append("request", {"batch": "next"})
+        store.commit_batch()
+        assert store._x("SELECT COUNT(*) FROM audit")[0][0] == before + 1
+        assert store.verify_audit()[1] == []
+    finally:
+        store.close()

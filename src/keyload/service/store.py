@@ -20,6 +20,7 @@ receipt: never key material.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -184,9 +185,10 @@ class _SqlStore(ABC):
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """Run one statement, return its rows (none for a statement without)."""
 
-    @abstractmethod
-    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
-        """Run one statement, return how many rows it changed."""
+    def _w(self, sql: str, args: tuple[Any, ...]) -> None:
+        """Run one statement whose result is not needed (PostgreSQL may send it later,
+        with the next statement that needs one, in the same transaction)."""
+        self._x(sql, args)
 
     @abstractmethod
     def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
@@ -194,29 +196,33 @@ class _SqlStore(ABC):
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
         win = int(now // rate.window_s)
-        rows = self._x("INSERT INTO rate (key, win, n, expires) VALUES (?, ?, 1, ?) "
-                       "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + 1 RETURNING n",
-                       (key, win, (win + 1) * rate.window_s))
+        return self._count(key, win, rate, now, 1) <= rate.limit
+
+    def _count(self, key: str, win: int, rate: Rate, now: float, add: int) -> int:
+        """Add ``add`` to the counter of (key, window); its new value."""
+        rows = self._x("INSERT INTO rate (key, win, n, expires) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + ? RETURNING n",
+                       (key, win, add, (win + 1) * rate.window_s, add))
         self._hits += 1
         if self._hits % 4096 == 0:
             self._x("DELETE FROM rate WHERE expires < ?", (now,))
-        return int(rows[0][0]) <= rate.limit
+        return int(rows[0][0])
 
     def claim(self, c: Challenge, now: float) -> bool:
-        return self._rowcount(
+        return len(self._x(
             "INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sn, r) DO NOTHING",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sn, r) DO NOTHING RETURNING 1",
             (c.sn.hex(), c.r.hex(), c.client, c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite,
-             CLAIMED, now)) == 1
+             CLAIMED, now))) == 1
 
     def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
                  key_version: int) -> None:
-        self._x("UPDATE challenges SET state = ?, header = ?, kcv = ?, key_version = ? "
+        self._w("UPDATE challenges SET state = ?, header = ?, kcv = ?, key_version = ? "
                 "WHERE sn = ? AND r = ? AND state = ?",
                 (EXPORTED, header.hex(), kcv.hex(), key_version, sn.hex(), r.hex(), CLAIMED))
 
     def refused(self, sn: bytes, r: bytes, sw: str) -> None:
-        self._x("UPDATE challenges SET state = ?, sw = ? WHERE sn = ? AND r = ? AND state = ?",
+        self._w("UPDATE challenges SET state = ?, sw = ? WHERE sn = ? AND r = ? AND state = ?",
                 (REFUSED, sw, sn.hex(), r.hex(), CLAIMED))
 
     def challenge(self, sn: bytes, r: bytes) -> Challenge | None:
@@ -289,12 +295,6 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
         except sqlite3.Error as e:
             raise StoreError(f"service state: {e.__class__.__name__}") from None
 
-    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
-        try:
-            with self._lock:
-                return self.db.execute(sql, args).rowcount
-        except sqlite3.Error as e:
-            raise StoreError(f"service state: {e.__class__.__name__}") from None
 
     def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
         try:
@@ -341,6 +341,23 @@ class PostgresServiceStore(_SqlStore):
 
     _in_batch = False
     _batch_head: tuple[int, bytes] | None = None
+    _pipe: Any = None  # the batch's psycopg pipeline: statements go out without a wait
+    _pipe_cm = contextlib.ExitStack()  # and what ends it
+    # in a batch, a counter hit again is counted here and added once, before the commit:
+    # (key, window) -> [value read at its first hit, hits since, rate]
+    _batch_rates: dict[tuple[str, int], list[Any]]
+
+    def hit(self, key: str, rate: Rate, now: float) -> bool:
+        if not self._in_batch:
+            return super().hit(key, rate, now)
+        win = int(now // rate.window_s)
+        seen = self._batch_rates.get((key, win))
+        if seen is None:  # the batch holds the audit lock: no other instance counts now
+            n = self._count(key, win, rate, now, 1)
+            self._batch_rates[(key, win)] = [n, 0, rate]
+            return n <= rate.limit
+        seen[1] += 1
+        return int(seen[0]) + int(seen[1]) <= rate.limit
 
     AUDIT_LOCK = 0x4B4C5031  # "KLP1"
 
@@ -370,23 +387,28 @@ class PostgresServiceStore(_SqlStore):
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
             with self._lock:
-                cur = self.conn.execute(self._pg(sql), args)
-                return cur.fetchall() if cur.description is not None else []
+                return self._rows(self.conn.execute(self._pg(sql), args))
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
 
-    def _rowcount(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _w(self, sql: str, args: tuple[Any, ...]) -> None:
         try:
             with self._lock:
-                return int(self.conn.execute(self._pg(sql), args).rowcount)
+                self.conn.execute(self._pg(sql), args)  # in a batch: sent with the next sync
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+
+    def _rows(self, cur: Any) -> list[Any]:
+        if self._pipe is not None:  # in a batch's pipeline: wait for this result
+            self._pipe.sync()
+        return list(cur.fetchall()) if cur.description is not None else []
 
     def _receipt_tx(self, c: Challenge, rct: bytes, now: float) -> bool:
         try:
             with self._lock, self.conn.transaction():
-                n = self.conn.execute(self._pg(self._UPDATE_RECEIPTED),
-                                      (RECEIPTED, c.sn.hex(), c.r.hex(), EXPORTED)).rowcount
+                n = len(self._rows(self.conn.execute(
+                    self._pg(self._UPDATE_RECEIPTED) + " RETURNING 1",
+                    (RECEIPTED, c.sn.hex(), c.r.hex(), EXPORTED))))
                 if n == 1:
                     self.conn.execute(self._pg(self._INSERT_LEDGER),
                                       self._ledger_args(c, rct, now))
@@ -397,23 +419,36 @@ class PostgresServiceStore(_SqlStore):
     def begin_batch(self) -> None:
         try:
             with self._lock:
+                self._pipe_cm = contextlib.ExitStack()
+                self._pipe = self._pipe_cm.enter_context(self.conn.pipeline())
                 self.conn.execute("BEGIN")
-                self._in_batch, self._batch_head = True, None
+                self._in_batch, self._batch_head, self._batch_rates = True, None, {}
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
 
     def commit_batch(self) -> None:
         try:
+            for (key, win), (_, more, rate) in self._batch_rates.items():
+                if more:
+                    self._count(key, win, rate, 0.0, more)
             with self._lock:
                 self._in_batch, self._batch_head = False, None
-                self.conn.execute("COMMIT")
+                self._batch_rates = {}
+                cur = self.conn.execute("COMMIT")
+                self._pipe = None
+                self._pipe_cm.close()  # sends what is queued; raises its error
+                if cur.statusmessage != "COMMIT":  # PostgreSQL ends a failed one "ROLLBACK"
+                    raise StoreError("service state (PostgreSQL): the batch was rolled back")
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
 
     def rollback_batch(self) -> None:
         with self._lock:
-            self._in_batch, self._batch_head = False, None
+            self._in_batch, self._batch_head, self._batch_rates = False, None, {}
+            self._pipe = None
+            with contextlib.suppress(self._psycopg.Error):
+                self._pipe_cm.close()
             if self.conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("ROLLBACK")
 
