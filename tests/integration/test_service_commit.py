@@ -283,3 +283,36 @@ def test_service_memory_rates_count_per_key_and_window() -> None:
     assert not rates.hit("sn:01", r, 109.9)  # same window
     assert rates.hit("sn:01", r, 110.0)  # the next window starts from zero
     assert [rates.hit("c", Rate(1, 1.0), 200.0 + i) for i in range(3)] == [True] * 3
+
+
+def test_audit_head_behind_after_a_crash_is_not_a_cut(tmp_path: Path) -> None:
+    """A crash between a commit and the head's write leaves the head behind: not a
+    problem. A head past the last record, or naming another hash, is one."""
+    log = AuditLog(tmp_path / "audit.db")
+    try:
+        for i in range(3):
+            log.append("a", {"n": i})
+        head = log.head_path.read_bytes()
+        # records committed, head not written (the crash window)
+        log.begin_batch()
+        log.append("b", {"n": 3})
+        log.append("b", {"n": 4})
+        log.db.execute("COMMIT")  # and the process dies before the head is written
+        log.close()
+        log = AuditLog(tmp_path / "audit.db")
+        assert log.head_path.read_bytes() == head
+        assert log.verify() == (5, [])
+        # records cut off past the head's position: found
+        log.db.execute("DELETE FROM audit WHERE seq >= 3")
+        n, problems = log.verify()
+        assert n == 2 and [p.seq for p in problems] == [3]
+        # cut, then new records appended over the cut: the head's hash is not there
+        log.append("forged", {"n": 2})
+        log.head_path.write_bytes(head)  # the head as it was before the appends
+        n, problems = log.verify()
+        assert n == 3 and [p.seq for p in problems] == [3]
+        assert "cut off" in problems[0].problem
+        log.head_path.unlink()
+        assert [p.problem for p in log.verify()[1]] == ["the head file is missing"]
+    finally:
+        log.close()

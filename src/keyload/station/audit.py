@@ -169,12 +169,24 @@ class AuditLog(SqliteBatch):
             raise StoreError(f"audit log {self.path}: {e.__class__.__name__}") from None
 
     def verify(self) -> tuple[int, list[AuditProblem]]:
-        """(records checked, problems found): edits, removals, reorders, a cut tail."""
+        """(records checked, problems found): edits, removals, reorders, a cut tail.
+
+        The head may be behind the last record (a crash between a commit and the head's
+        write): that is not a problem as long as the record at the head's sequence number
+        has the head's hash; a head past the last record, or naming another hash, is."""
         problems: list[AuditProblem] = []
+        head_seq, head_hash, head_problem = 0, "", None
+        try:
+            head = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
+            head_seq, head_hash = int(head["seq"]), str(head["hash"])
+        except FileNotFoundError:
+            head_problem = "the head file is missing"
+        except (ValueError, KeyError, TypeError):
+            head_problem = "the head file is damaged"
         prev = GENESIS
         expect = 1
         n = 0
-        last_hash = GENESIS
+        at_head: str | None = None
         for seq, t, actor, action, detail, prev_hex, h_hex in self.db.execute(
                 "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"):
             n += 1
@@ -186,20 +198,16 @@ class AuditLog(SqliteBatch):
             want = record_hash(bytes.fromhex(prev_hex), seq, t, actor, action, detail)
             if want.hex() != h_hex:
                 problems.append(AuditProblem(seq, "edited: its hash does not match"))
+            if seq == head_seq:
+                at_head = h_hex
             prev = bytes.fromhex(h_hex)
-            last_hash = prev
             expect = seq + 1
-        try:
-            head = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
-            if int(head["seq"]) != expect - 1 or head["hash"] != last_hash.hex():
-                problems.append(AuditProblem(int(head["seq"]),
-                                             "the chain's head differs: records were cut off "
-                                             "the end or the head was changed"))
-        except FileNotFoundError:
+        if head_problem is not None:
             if n:
-                problems.append(AuditProblem(0, "the head file is missing"))
-        except (ValueError, KeyError, TypeError):
-            problems.append(AuditProblem(0, "the head file is damaged"))
+                problems.append(AuditProblem(0, head_problem))
+        elif head_seq > expect - 1 or (head_seq and at_head != head_hash):
+            problems.append(AuditProblem(head_seq, "the chain's head differs: records were "
+                                                   "cut off the end or the head was changed"))
         return n, problems
 
     def close(self) -> None:
