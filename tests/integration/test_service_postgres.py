@@ -184,3 +184,37 @@ def test_service_postgres_batch_with_a_failed_statement_commits_nothing(
         assert store.verify_audit()[1] == []
     finally:
         store.close()
+
+
+def test_service_postgres_admit_counts_and_claims_in_one_statement(
+        pair: tuple[Running, Running, str]) -> None:
+    from keyload.service.policy import Rate
+    from keyload.service.store import ADMITTED, RATE_LIMITED, REPLAYED, Challenge
+
+    _, _, url = pair
+    store = PostgresServiceStore(url)
+    rate = Rate(3, 3600)
+    sn = os.urandom(8)
+
+    def ch(r: bytes) -> Challenge:
+        return Challenge(sn, r, "other", b"\x01" * 5, b"TMK-1", 1, 1)
+
+    def claimed() -> int:
+        return int(store._x("SELECT COUNT(*) FROM challenges WHERE sn = ?", (sn.hex(),))[0][0])
+
+    try:
+        r1, r2, r3 = os.urandom(16), os.urandom(16), os.urandom(16)
+        store.begin_batch()
+        verdicts = [store.admit(f"sn:{sn.hex()}", rate, ch(r), 10.0) for r in (r1, r1, r2, r3)]
+        store.commit_batch()
+        # the first counts and claims in one statement; the rest count in the batch
+        assert verdicts == [ADMITTED, REPLAYED, ADMITTED, RATE_LIMITED]
+        assert claimed() == 2  # a rate-limited request claims nothing
+        n = store._x("SELECT n FROM rate WHERE key = ?", (f"sn:{sn.hex()}",))[0][0]
+        assert n == 4  # every request counted, once
+        store.begin_batch()  # the next batch reads the shared count
+        assert store.admit(f"sn:{sn.hex()}", rate, ch(os.urandom(16)), 10.0) == RATE_LIMITED
+        store.commit_batch()
+        assert claimed() == 2
+    finally:
+        store.close()

@@ -56,7 +56,7 @@ from .commit import GroupCommit
 from .openapi import openapi_document
 from .pki import fingerprint
 from .policy import ClientRule, Policy
-from .store import EXPORTED, RECEIPTED, Challenge, ServiceStore
+from .store import EXPORTED, RATE_LIMITED, RECEIPTED, REPLAYED, Challenge, ServiceStore
 
 log = logging.getLogger("keyload.service")
 
@@ -412,11 +412,12 @@ class ServiceApp:
                             "this client may not request this key")
         now = self.clock()
         rate = self.policy.limits.per_sn
-        if not self.store.hit(f"sn:{er.sn.hex()}", rate, now):
+        ch = Challenge(er.sn, er.r, rule.name, er.set_id, er.ref1, er.ref2, er.suite)
+        verdict = self.store.admit(f"sn:{er.sn.hex()}", rate, ch, now)
+        if verdict == RATE_LIMITED:
             self.metrics.count("rate_limited")
             raise _too_many("per-SN rate limit", rate.window_s)
-        ch = Challenge(er.sn, er.r, rule.name, er.set_id, er.ref1, er.ref2, er.suite)
-        if not self.store.claim(ch, now):
+        if verdict == REPLAYED:
             self.metrics.count("replay_refused")
             raise P.Problem(409, "replay", "challenge already used",
                             "this (SN, R) was already presented: INITIALIZE DOWNLOAD again")

@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
+ADMITTED, RATE_LIMITED, REPLAYED = "admitted", "rate-limited", "replayed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,11 @@ class ServiceStore(Protocol):
 
     def claim(self, c: Challenge, now: float) -> bool:
         """Claim (SN, R) for this export; False when it was ever claimed before."""
+        ...
+
+    def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
+        """Count one request against ``key`` then, within the limit, claim ``c``:
+        :data:`ADMITTED`, :data:`RATE_LIMITED` (nothing claimed) or :data:`REPLAYED`."""
         ...
 
     def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
@@ -207,6 +213,11 @@ class _SqlStore(ABC):
         if self._hits % 4096 == 0:
             self._x("DELETE FROM rate WHERE expires < ?", (now,))
         return int(rows[0][0])
+
+    def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
+        if not self.hit(key, rate, now):
+            return RATE_LIMITED
+        return ADMITTED if self.claim(c, now) else REPLAYED
 
     def claim(self, c: Challenge, now: float) -> bool:
         return len(self._x(
@@ -346,6 +357,29 @@ class PostgresServiceStore(_SqlStore):
     # in a batch, a counter hit again is counted here and added once, before the commit:
     # (key, window) -> [value read at its first hit, hits since, rate]
     _batch_rates: dict[tuple[str, int], list[Any]]
+
+    _ADMIT = (
+        "WITH h AS (INSERT INTO rate (key, win, n, expires) VALUES (?, ?, 1, ?) "
+        "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + 1 RETURNING n), "
+        "c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
+        "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM h) <= ? "
+        "ON CONFLICT (sn, r) DO NOTHING RETURNING 1) "
+        "SELECT (SELECT n FROM h), (SELECT COUNT(*) FROM c)")
+
+    def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
+        """In a batch, for a key not yet counted in it: the count and the claim in one
+        statement (one round trip)."""
+        win = int(now // rate.window_s)
+        if not self._in_batch or (key, win) in self._batch_rates:
+            return super().admit(key, rate, c, now)
+        rows = self._x(self._ADMIT, (
+            key, win, (win + 1) * rate.window_s, c.sn.hex(), c.r.hex(), c.client,
+            c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite, CLAIMED, now, rate.limit))
+        n, claimed = int(rows[0][0]), int(rows[0][1])
+        self._batch_rates[(key, win)] = [n, 0, rate]
+        if n > rate.limit:
+            return RATE_LIMITED
+        return ADMITTED if claimed == 1 else REPLAYED
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
         if not self._in_batch:
