@@ -218,3 +218,28 @@ def test_service_postgres_admit_counts_and_claims_in_one_statement(
         assert claimed() == 2
     finally:
         store.close()
+
+
+def test_service_postgres_audit_chain_verified_by_the_cli(
+        pair: tuple[Running, Running, str]) -> None:
+    from .test_service import run_cli
+
+    one, _, url = pair
+    raw(one, "GET", "/v1/health", client=None)  # at least one record
+    p = run_cli("audit", "verify", "--home", str(one.world.home), "--state", url, "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["records"] >= 1 and out["problems"] == []
+    store = PostgresServiceStore(url)
+    try:
+        detail = store._x("SELECT detail FROM audit WHERE seq = 1")[0][0]
+        store._x("UPDATE audit SET detail = ? WHERE seq = 1", ('{"status":200}',))
+        try:
+            p = run_cli("audit", "verify", "--home", str(one.world.home), "--state", url)
+            assert p.returncode == 1, p.stderr
+            assert "record 1: edited" in p.stdout
+        finally:
+            store._x("UPDATE audit SET detail = ? WHERE seq = 1", (detail,))
+        assert store.verify_audit()[1] == []
+    finally:
+        store.close()

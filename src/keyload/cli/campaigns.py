@@ -19,6 +19,7 @@ from ..service.ledger import (
     SERVICE_DB,
     ServiceLedgerCheck,
     describe_state,
+    is_postgres,
     open_service_state,
     service_ledger,
     verify_service_ledger,
@@ -380,13 +381,22 @@ def ledger_export(args: argparse.Namespace) -> int:
 
 def audit_verify(args: argparse.Namespace) -> int:
     home = _home(args)
-    if not home.audit_path.exists():
-        raise StoreError(f"no audit log at {home.audit_path}")
-    audit = home.audit()
-    try:
-        n, problems = audit.verify()
-    finally:
-        audit.close()
+    if is_postgres(args.state):  # the services' chain, in their shared PostgreSQL state
+        from ..service.store import PostgresServiceStore
+
+        pg = PostgresServiceStore(args.state)
+        try:
+            n, problems = pg.verify_audit()
+        finally:
+            pg.close()
+    else:
+        if not home.audit_path.exists():
+            raise StoreError(f"no audit log at {home.audit_path}")
+        audit = home.audit()
+        try:
+            n, problems = audit.verify()
+        finally:
+            audit.close()
     if args.json:
         emit_json({"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                               for p in problems]})
@@ -452,7 +462,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     a = sub.add_parser("audit", help="the hash-chained audit log")
     asub = a.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    add(asub, "verify", audit_verify, "find edited, removed or reordered records")
+    p = add(asub, "verify", audit_verify, "find edited, removed or reordered records")
+    p.add_argument("--state", metavar="URL",
+                   help="verify the audit chain of services sharing this postgresql:// "
+                        "state (keyload serve --state) instead of HOME/audit.db")
 
 
 __all__ = ["add_parsers", "display_ref1"]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
-from ..station.audit import GENESIS, AuditLog, chain_row, last_record, record_hash
+from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
 from ..units.storage import SqliteBatch, open_sqlite
 from .policy import Rate
 
@@ -510,19 +510,12 @@ class PostgresServiceStore(_SqlStore):
     def ping(self) -> None:
         self._x("SELECT 1 FROM audit LIMIT 1")
 
-    def verify_audit(self) -> tuple[int, list[int]]:
-        """(records, sequence numbers whose hash or link is wrong)."""
-        bad: list[int] = []
-        prev = GENESIS
-        n = 0
-        for seq, t, actor, action, detail, prev_hex, h in self._x(
-                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"):
-            n += 1
-            if seq != n or prev_hex != prev.hex() or \
-                    record_hash(prev, seq, t, actor, action, detail).hex() != h:
-                bad.append(int(seq))
-            prev = bytes.fromhex(h)
-        return n, bad
+    def verify_audit(self) -> tuple[int, list[AuditProblem]]:
+        """(records, problems) of the audit chain in this database (no head file here:
+        the chain lives with the rest of the state)."""
+        n, problems, _ = check_chain(self._x(
+            "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"))
+        return n, problems
 
     def audit_records(self) -> list[tuple[str, str, dict[str, Any]]]:
         return [(a, act, json.loads(d)) for a, act, d in

@@ -20,6 +20,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,37 @@ def chain_row(head: tuple[int, bytes] | None, actor: str, action: str,
 class AuditProblem:
     seq: int
     problem: str
+
+
+def check_chain(rows: Iterable[Any], head_seq: int = 0) -> tuple[int, list[AuditProblem],
+                                                                   str | None]:
+    """Walk audit rows (seq, time, actor, action, detail, prev, hash) in sequence order:
+    (records, problems — gaps, broken links, edited records —, the hash of record
+    ``head_seq`` if there is one). The same for the SQLite log and a PostgreSQL table."""
+    problems: list[AuditProblem] = []
+    prev = GENESIS
+    expect = 1
+    n = 0
+    at_head: str | None = None
+    for seq, t, actor, action, detail, prev_hex, h_hex in rows:
+        n += 1
+        if seq != expect:
+            problems.append(AuditProblem(seq, f"records {expect}..{seq - 1} are missing"))
+        if prev_hex != prev.hex():
+            problems.append(AuditProblem(seq, "does not follow the record before it "
+                                              "(removed or reordered records)"))
+        if record_hash(bytes.fromhex(prev_hex), seq, t, actor, action, detail).hex() != h_hex:
+            problems.append(AuditProblem(seq, "edited: its hash does not match"))
+        if seq == head_seq:
+            at_head = h_hex
+        prev = bytes.fromhex(h_hex)
+        expect = seq + 1
+    return n, problems, at_head
+
+
+def _last_seq(db: Any) -> int:
+    last = last_record(db)
+    return 0 if last is None else last[0]
 
 
 class AuditLog(SqliteBatch):
@@ -174,7 +206,6 @@ class AuditLog(SqliteBatch):
         The head may be behind the last record (a crash between a commit and the head's
         write): that is not a problem as long as the record at the head's sequence number
         has the head's hash; a head past the last record, or naming another hash, is."""
-        problems: list[AuditProblem] = []
         head_seq, head_hash, head_problem = 0, "", None
         try:
             head = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
@@ -183,29 +214,13 @@ class AuditLog(SqliteBatch):
             head_problem = "the head file is missing"
         except (ValueError, KeyError, TypeError):
             head_problem = "the head file is damaged"
-        prev = GENESIS
-        expect = 1
-        n = 0
-        at_head: str | None = None
-        for seq, t, actor, action, detail, prev_hex, h_hex in self.db.execute(
-                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"):
-            n += 1
-            if seq != expect:
-                problems.append(AuditProblem(seq, f"records {expect}..{seq - 1} are missing"))
-            if prev_hex != prev.hex():
-                problems.append(AuditProblem(seq, "does not follow the record before it "
-                                                  "(removed or reordered records)"))
-            want = record_hash(bytes.fromhex(prev_hex), seq, t, actor, action, detail)
-            if want.hex() != h_hex:
-                problems.append(AuditProblem(seq, "edited: its hash does not match"))
-            if seq == head_seq:
-                at_head = h_hex
-            prev = bytes.fromhex(h_hex)
-            expect = seq + 1
+        n, problems, at_head = check_chain(self.db.execute(
+            "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"),
+            head_seq)
         if head_problem is not None:
             if n:
                 problems.append(AuditProblem(0, head_problem))
-        elif head_seq > expect - 1 or (head_seq and at_head != head_hash):
+        elif head_seq > _last_seq(self.db) or (head_seq and at_head != head_hash):
             problems.append(AuditProblem(head_seq, "the chain's head differs: records were "
                                                    "cut off the end or the head was changed"))
         return n, problems
