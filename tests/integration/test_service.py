@@ -305,8 +305,15 @@ def test_service_json_export_and_receipt(svc: Running) -> None:
         assert status == 201, body
         assert json.loads(body)["status"] == "recorded"
         assert ledger_count(svc) == n + 1
-        problem(*raw(svc, "POST", "/v1/receipts", json.dumps(rc).encode()), 409,
+        # the same receipt again (a client retrying): answered again, recorded once
+        status, _, again = raw(svc, "POST", "/v1/receipts", json.dumps(rc).encode())
+        assert status == 200 and json.loads(again) == json.loads(body)
+        # another receipt for the recorded challenge: refused
+        problem(*raw(svc, "POST", "/v1/receipts",
+                     json.dumps(dict(rc, rct=bytes(16).hex())).encode()), 409,
                 "receipt-recorded")
+        problem(*raw(svc, "POST", "/v1/receipts", json.dumps(dict(rc, kcv="00" * 5)).encode()),
+                409, "receipt-recorded")
         assert ledger_count(svc) == n + 1
     finally:
         unit.close()

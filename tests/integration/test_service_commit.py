@@ -316,3 +316,48 @@ def test_audit_head_behind_after_a_crash_is_not_a_cut(tmp_path: Path) -> None:
         assert [p.problem for p in log.verify()[1]] == ["the head file is missing"]
     finally:
         log.close()
+
+
+class _FailsOnce:
+    """A database whose n-th commit fails (rolled back); every other one goes through."""
+
+    def __init__(self, inner: Any, n: int) -> None:
+        self.inner, self.n, self.commits = inner, n, 0
+
+    def begin_batch(self) -> None:
+        self.inner.begin_batch()
+
+    def commit_batch(self) -> None:
+        self.commits += 1
+        if self.commits == self.n:
+            self.inner.rollback_batch()
+            raise sqlite3.OperationalError("disk I/O error")
+        self.inner.commit_batch()
+
+    def rollback_batch(self) -> None:
+        self.inner.rollback_batch()
+
+
+def test_service_fetch_retries_a_receipt_the_service_could_not_record(tmp_path: Path) -> None:
+    """The key is in the unit once IMPORTKEY succeeds: a 503 on the receipt is retried."""
+    from .test_service import run_cli, slot_state, start_service
+
+    w = build_world(tmp_path, units=1)
+    run = start_service(w, policy_doc(w))
+    try:
+        gc = run.inst.app.commits
+        assert gc is not None
+        exports, store, audit = gc.parts
+        flaky = _FailsOnce(audit, 2)  # batch 1: the export; 2: the receipt, lost; 3: again
+        run.inst.app.commits = GroupCommit([exports, store, flaky])
+        cert, key = w.client_paths("terminal-1")
+        p = run_cli("fetch", "--home", str(w.home), "--server", run.url, "--unit",
+                    w.units_a[0].hex(), "--ref1", "TMK-1", "--ref2", "1", "--ca",
+                    str(w.pki / "ca.pem"), "--cert", str(cert), "--key", str(key), "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["ledger"] is True
+        assert flaky.commits == 3
+        assert len(run.inst.store.ledger()) == 1
+        assert slot_state(w, w.units_a[0], 1).kcv is not None
+    finally:
+        run.stop()

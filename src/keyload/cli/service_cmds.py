@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def fetch(args: argparse.Namespace) -> int:
     """Load one key into one unit from the service. The unit: ``--unit SN``, an emulated
     unit of the home; or ``--reader READER``, the card in that PC/SC reader (its SN comes
     from INITIALIZE DOWNLOAD; with ``--unit`` too, the card must be that unit)."""
-    from ..service.client import HttpsAuthority, ServiceClient
+    from ..service.client import HttpsAuthority, ServiceClient, ServiceRefused
 
     if not args.unit and not args.reader:
         args.usage_error("give --unit SN (an emulated unit of the home) or --reader READER "
@@ -190,9 +191,11 @@ def fetch(args: argparse.Namespace) -> int:
             try:
                 recorded = client.post_receipt(res)
                 break
-            except TransportError:
-                if attempt == 2:
+            except (TransportError, ServiceRefused) as e:
+                unavailable = isinstance(e, TransportError) or e.status == 503
+                if attempt == 2 or not unavailable:
                     raise
+                time.sleep(0.5 * (attempt + 1))  # the service could not record it yet
     finally:
         for c in closer:
             c.close()  # type: ignore[attr-defined]

@@ -451,8 +451,15 @@ class ServiceApp:
         if c is None or c.client != rule.name:  # another client's exports are not seen
             raise P.Problem(404, "unknown-export", "no such export",
                             "no key was exported to this client for this (SN, R)")
-        if c.state == RECEIPTED:
-            raise P.Problem(409, "receipt-recorded", "receipt already recorded")
+        if c.state == RECEIPTED:  # the same receipt again (a retry) is answered again
+            stored = self.store.receipt_of(sn, r)
+            if stored is None or not ct_equal(stored, rct) or ref2 != c.ref2 or \
+                    c.kcv is None or not ct_equal(kcv, c.kcv):
+                raise P.Problem(409, "receipt-recorded", "receipt already recorded",
+                                "another receipt is recorded for this challenge")
+            req.detail.update({"key_version": c.key_version, "kcv": kcv.hex(),
+                               "ledger": True, "again": True})
+            return 200, [(b"content-type", JSON.encode())], _recorded(c, sn, ref2, kcv)
         if c.state != EXPORTED or c.header is None or c.kcv is None:
             raise P.Problem(409, "not-exported", "nothing was exported for this challenge")
         req.detail.update({"set_id": c.set_id.hex(), "ref1": display_ref1(c.ref1)})
@@ -475,10 +482,14 @@ class ServiceApp:
             raise P.Problem(409, "receipt-recorded", "receipt already recorded")
         self.metrics.count("receipt_recorded")
         req.detail.update({"key_version": c.key_version, "kcv": kcv.hex(), "ledger": True})
-        return 201, [(b"content-type", JSON.encode())], json.dumps({
-            "status": "recorded", "sn": sn.hex(), "set_id": c.set_id.hex(),
-            "ref1": display_ref1(c.ref1), "ref2": ref2, "key_version": c.key_version,
-            "kcv": kcv.hex()}).encode()
+        return 201, [(b"content-type", JSON.encode())], _recorded(c, sn, ref2, kcv)
+
+
+def _recorded(c: Challenge, sn: bytes, ref2: int, kcv: bytes) -> bytes:
+    return json.dumps({
+        "status": "recorded", "sn": sn.hex(), "set_id": c.set_id.hex(),
+        "ref1": display_ref1(c.ref1), "ref2": ref2, "key_version": c.key_version,
+        "kcv": kcv.hex()}).encode()
 
 
 def _commit_metrics(instance: str, gc: GroupCommit) -> str:

@@ -85,9 +85,12 @@ def openapi_document() -> dict[str, Any]:
                     "201": {"description": "verified and recorded", "content": {
                         "application/json": {"schema": {
                             "$ref": "#/components/schemas/ReceiptRecorded"}}}},
+                    "200": {"description": "this very receipt was already recorded (a retry)",
+                            "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/ReceiptRecorded"}}}},
                     **_REFUSALS,
                     "404": _problem("no export to this client for this (SN, R)"),
-                    "409": _problem("receipt already recorded, or nothing exported"),
+                    "409": _problem("another receipt already recorded, or nothing exported"),
                     "422": _problem("receipt or KCV does not verify (SW 6982)"),
                 },
             }},

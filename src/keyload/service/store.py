@@ -153,6 +153,10 @@ class ServiceStore(Protocol):
 
     def ledger(self) -> list[LedgerEntry]: ...
 
+    def receipt_of(self, sn: bytes, r: bytes) -> bytes | None:
+        """The receipt recorded for (SN, R), if any."""
+        ...
+
     def ping(self) -> None:
         """Read from every database the service writes; StoreError when one cannot be."""
         ...
@@ -241,6 +245,10 @@ class _SqlStore(ABC):
                        "key_version FROM challenges WHERE sn = ? AND r = ?",
                        (sn.hex(), r.hex()))
         return _ch(rows[0]) if rows else None
+
+    def receipt_of(self, sn: bytes, r: bytes) -> bytes | None:
+        rows = self._x("SELECT rct FROM ledger WHERE sn = ? AND r = ?", (sn.hex(), r.hex()))
+        return bytes.fromhex(rows[0][0]) if rows else None
 
     def ledger(self) -> list[LedgerEntry]:
         return [_le(t) for t in self._x(
