@@ -55,8 +55,11 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     try:
         assert srv.stdout is not None
         assert "(2 workers)" in srv.stdout.readline()
-        workers = _workers_of(srv.pid)
+        deadline = time.monotonic() + 10
+        while not (workers := _workers_of(srv.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(workers) == 1  # the parent serves too
+        assert "HTTP " in srv.stdout.readline()  # what it runs on, for the operator
         for sn in sns:
             res = ok(run("fetch", "--server", f"https://localhost:{port}", "--unit", sn,
                          "--ref1", "TMK-1", "--ref2", "1", "--ca", pki / "ca.pem", "--cert",
