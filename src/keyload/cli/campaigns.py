@@ -19,7 +19,6 @@ from ..service.ledger import (
     SERVICE_DB,
     ServiceLedgerCheck,
     describe_state,
-    is_postgres,
     open_service_state,
     service_ledger,
     verify_service_ledger,
@@ -29,6 +28,7 @@ from ..station.campaign import RunOptions, run_campaign
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
 from ..station.load import AuthorityClient
+from ..station.pgserver import is_postgres_url
 from ..station.progress import Progress
 from ..station.report import (
     build_report,
@@ -381,7 +381,7 @@ def ledger_export(args: argparse.Namespace) -> int:
 
 def audit_verify(args: argparse.Namespace) -> int:
     home = _home(args)
-    if is_postgres(args.state):  # the services' chain, in their shared PostgreSQL state
+    if is_postgres_url(args.state):  # the services' chain, in their shared PostgreSQL state
         from ..service.store import PostgresServiceStore
 
         pg = PostgresServiceStore(args.state)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from ..core.errors import MalformedData, StatusError, StoreError
 from ..core.keys import KeyHeader
 from ..station.audit import AuditLog
+from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
 from .store import RECEIPTED, Challenge, LedgerEntry, ServiceStore, open_store
@@ -125,13 +126,9 @@ def service_ledger(store: LedgerSource) -> Iterator[dict[str, Any]]:
 
 
 # -- opening the state, for reading -----------------------------------------------------
-def is_postgres(state: str | None) -> bool:
-    return bool(state and state.startswith(("postgresql://", "postgres://")))
-
-
 def describe_state(state: str | None, home_root: Path) -> str:
     """The state for people: a file's path, or a URL without user, password or query."""
-    if not is_postgres(state):
+    if not is_postgres_url(state):
         return str(Path(state) if state else home_root / SERVICE_DB)
     assert state is not None
     u = urlsplit(state)
@@ -168,7 +165,7 @@ def open_service_state(state: str | None, home_root: Path,
     """The service's state for reading its ledger, or None when ``state`` is not given
     and the home has no ``service.db`` (nothing is created then). ``state``: a
     ``postgresql://`` URL or a SQLite file, which must exist (StoreError otherwise)."""
-    if is_postgres(state):
+    if is_postgres_url(state):
         return open_store(state, home_root, None)
     path = Path(state) if state else home_root / SERVICE_DB
     if state is None and not path.exists():

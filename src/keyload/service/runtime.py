@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..station.audit import AuditLog
+from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
 from ..units.storage import SqliteBatch
@@ -45,7 +46,7 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     batch, holding the audit chain's lock).
     ``processes``: how many processes serve from this state here (``--workers``); with
     one and SQLite, the rate counters are kept in memory, else in the shared state."""
-    pg = bool(state and state.startswith(("postgresql://", "postgres://")))
+    pg = is_postgres_url(state)
     audit = None if pg else AuditLog(audit_path, actor="service")
     store = open_store(state, home_root, audit, shared_rates=processes > 1)
     exports = SqliteExportLog(authority_dir / "exports.db")

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..units.storage import open_sqlite
+from .pgserver import is_postgres_url
 
 PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = (
     "planned", "claimed", "exported", "imported", "failed")
@@ -404,7 +405,7 @@ class SqliteJournal:
 def open_journal(where: str | Path) -> Journal:
     """``postgresql://…`` opens the shared PostgreSQL journal, anything else a SQLite file."""
     text = str(where)
-    if text.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(text):
         import importlib
 
         try:
