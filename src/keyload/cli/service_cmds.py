@@ -58,9 +58,10 @@ def serve(args: argparse.Namespace) -> int:
     same listening socket; each opens its own keystore and store after the fork, so they
     share only what is meant to be shared: the state database (replay cache, rate
     counters, ledger) and the audit chain."""
-    from ..service.ledger import describe_state, is_postgres
+    from ..service.ledger import describe_state
     from ..service.policy import Policy
-    from ..service.server import bind, server_context
+    from ..service.server import bind, runs_on, server_context
+    from ..station.pgserver import is_postgres_url
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
@@ -72,9 +73,10 @@ def serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    about = (f"  HTTP {_parser_name(args.http)}, event loop {_loop_name(args.loop)}, state "
+    parser, loop = runs_on(args.http, args.loop)
+    about = (f"  HTTP {parser}, event loop {loop}, state "
              f"{describe_state(args.state, home.root)}, audit "
-             f"{'in the state' if is_postgres(args.state) else home.audit_path}")
+             f"{'in the state' if is_postgres_url(args.state) else home.audit_path}")
     print(f"keyload service listening on https://{host}:{port}"
           + (f" ({args.workers} workers)" if args.workers > 1 else "") + "\n" + about,
           flush=True)
@@ -102,22 +104,6 @@ def serve(args: argparse.Namespace) -> int:
                 os.waitpid(pid, 0)
         sock.close()
     return 0
-
-
-def _parser_name(http: str) -> str:
-    from ..service.server import protocol_class
-
-    return "h11" if protocol_class(http).__name__ == "MtlsH11Protocol" else "httptools"
-
-
-def _loop_name(loop: str) -> str:
-    if loop != "auto":
-        return loop
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 def _die_with(parent: int) -> None:

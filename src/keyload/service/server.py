@@ -151,16 +151,29 @@ def protocol_class(http: str) -> type[asyncio.Protocol]:
     return MtlsH11Protocol
 
 
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def event_loop(loop: str) -> str:
     """``auto`` (uvloop when installed, else asyncio), ``asyncio`` or ``uvloop``."""
     if loop not in ("auto", "asyncio", "uvloop"):
         raise ValueError("--loop: auto, asyncio or uvloop")
-    if loop == "uvloop":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            raise ValueError("--loop uvloop needs the uvloop package") from None
+    if loop == "uvloop" and not _has_uvloop():
+        raise ValueError("--loop uvloop needs the uvloop package")
     return loop
+
+
+def runs_on(http: str, loop: str) -> tuple[str, str]:
+    """The HTTP parser and event loop that ``http`` and ``loop`` (``auto`` resolved) give."""
+    parser = "h11" if protocol_class(http) is MtlsH11Protocol else "httptools"
+    if event_loop(loop) == "auto":
+        loop = "uvloop" if _has_uvloop() else "asyncio"
+    return parser, loop
 
 
 def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 8443,
