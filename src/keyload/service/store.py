@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
+from ..station.pgserver import is_postgres_url
 from ..units.storage import SqliteBatch, open_sqlite
 from .policy import Rate
 
@@ -358,14 +359,6 @@ class PostgresServiceStore(_SqlStore):
     in opposite orders — and holds it to the commit.
     """
 
-    _in_batch = False
-    _batch_head: tuple[int, bytes] | None = None
-    _pipe: Any = None  # the batch's psycopg pipeline: statements go out without a wait
-    _pipe_cm = contextlib.ExitStack()  # and what ends it
-    # in a batch, a counter hit again is counted here and added once, before the commit:
-    # (key, window) -> [value read at its first hit, hits since, rate]
-    _batch_rates: dict[tuple[str, int], list[Any]]
-
     _ADMIT = (
         "WITH h AS (INSERT INTO rate (key, win, n, expires) VALUES (?, ?, 1, ?) "
         "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + 1 RETURNING n), "
@@ -412,6 +405,13 @@ class PostgresServiceStore(_SqlStore):
         self._psycopg = psycopg
         self.actor = actor
         self._lock = threading.Lock()
+        # an open batch: its psycopg pipeline (statements go out without a wait) and what
+        # ends it, the chain's head in it, and the counters hit again in it, added once
+        # before the commit: (key, window) -> [value at its first hit, hits since, rate]
+        self._pipe: Any = None
+        self._pipe_end: contextlib.ExitStack | None = None
+        self._batch_head: tuple[int, bytes] | None = None
+        self._batch_rates: dict[tuple[str, int], list[Any]] = {}
         try:
             self.conn = psycopg.connect(url, autocommit=True)
             with self.conn.transaction():
@@ -458,13 +458,22 @@ class PostgresServiceStore(_SqlStore):
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
 
+    @property
+    def _in_batch(self) -> bool:
+        return self._pipe_end is not None
+
+    def _end_batch(self) -> contextlib.ExitStack:
+        """Leave the batch's state; what ends its pipeline (closing it sends the rest)."""
+        end = self._pipe_end or contextlib.ExitStack()
+        self._pipe, self._pipe_end, self._batch_head, self._batch_rates = None, None, None, {}
+        return end
+
     def begin_batch(self) -> None:
         try:
             with self._lock:
-                self._pipe_cm = contextlib.ExitStack()
-                self._pipe = self._pipe_cm.enter_context(self.conn.pipeline())
+                self._pipe_end = contextlib.ExitStack()
+                self._pipe = self._pipe_end.enter_context(self.conn.pipeline())
                 self.conn.execute("BEGIN")
-                self._in_batch, self._batch_head, self._batch_rates = True, None, {}
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
         except self._psycopg.Error as e:
             raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
@@ -475,11 +484,8 @@ class PostgresServiceStore(_SqlStore):
                 if more:
                     self._count(key, win, rate, 0.0, more)
             with self._lock:
-                self._in_batch, self._batch_head = False, None
-                self._batch_rates = {}
                 cur = self.conn.execute("COMMIT")
-                self._pipe = None
-                self._pipe_cm.close()  # sends what is queued; raises its error
+                self._end_batch().close()  # sends what is queued; raises its error
                 if cur.statusmessage != "COMMIT":  # PostgreSQL ends a failed one "ROLLBACK"
                     raise StoreError("service state (PostgreSQL): the batch was rolled back")
         except self._psycopg.Error as e:
@@ -487,10 +493,8 @@ class PostgresServiceStore(_SqlStore):
 
     def rollback_batch(self) -> None:
         with self._lock:
-            self._in_batch, self._batch_head, self._batch_rates = False, None, {}
-            self._pipe = None
             with contextlib.suppress(self._psycopg.Error):
-                self._pipe_cm.close()
+                self._end_batch().close()
             if self.conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
                 self.conn.execute("ROLLBACK")
 
@@ -537,7 +541,7 @@ def open_store(state: str | None, home_root: Path, audit: AuditLog | None, *,
                shared_rates: bool = True) -> ServiceStore:
     """``postgresql://…`` -> PostgreSQL; else a SQLite file (default ``HOME/service.db``),
     with the rate counters in memory unless ``shared_rates``."""
-    if state and state.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(state):
         return PostgresServiceStore(state)
     if audit is None:
         raise StoreError("a SQLite service state needs the home's audit log")
