@@ -148,18 +148,21 @@ def test_service_replay_within_one_batch_is_refused(h: Harness) -> None:
     assert h.rows("service.db", "SELECT COUNT(*) FROM challenges") == [(1,)]
 
 
-class _FailingCommit:
-    """A database whose commit fails (as on a full disk): it rolls back, then raises."""
+class _FailsOnce:
+    """A database whose n-th commit fails (rolled back); every other one goes through."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, inner: Any, n: int) -> None:
+        self.inner, self.n, self.commits = inner, n, 0
 
     def begin_batch(self) -> None:
         self.inner.begin_batch()
 
     def commit_batch(self) -> None:
-        self.inner.rollback_batch()
-        raise sqlite3.OperationalError("database or disk is full")
+        self.commits += 1
+        if self.commits == self.n:
+            self.inner.rollback_batch()
+            raise sqlite3.OperationalError("disk I/O error")
+        self.inner.commit_batch()
 
     def rollback_batch(self) -> None:
         self.inner.rollback_batch()
@@ -170,7 +173,7 @@ def test_service_failed_commit_of_first_database_answers_503_and_keeps_nothing(
     gc = h.inst.app.commits
     assert gc is not None
     exports, store, audit = gc.parts
-    h.inst.app.commits = GroupCommit([_FailingCommit(exports), store, audit])
+    h.inst.app.commits = GroupCommit([_FailsOnce(exports, 1), store, audit])
     before = h.counts()
     head_before = (h.world.home / "audit.db.head").read_bytes() \
         if (h.world.home / "audit.db.head").exists() else None
@@ -199,7 +202,7 @@ def test_service_failed_audit_commit_answers_503_and_records_the_export(h: Harne
     gc = h.inst.app.commits
     assert gc is not None
     exports, store, audit = gc.parts
-    h.inst.app.commits = GroupCommit([exports, store, _FailingCommit(audit)])
+    h.inst.app.commits = GroupCommit([exports, store, _FailsOnce(audit, 1)])
     before = h.counts()
     r = h.request("POST", "/v1/exportkey", h.export_body(1))
     _problem(r, 503, "unavailable")
@@ -316,26 +319,6 @@ def test_audit_head_behind_after_a_crash_is_not_a_cut(tmp_path: Path) -> None:
         assert [p.problem for p in log.verify()[1]] == ["the head file is missing"]
     finally:
         log.close()
-
-
-class _FailsOnce:
-    """A database whose n-th commit fails (rolled back); every other one goes through."""
-
-    def __init__(self, inner: Any, n: int) -> None:
-        self.inner, self.n, self.commits = inner, n, 0
-
-    def begin_batch(self) -> None:
-        self.inner.begin_batch()
-
-    def commit_batch(self) -> None:
-        self.commits += 1
-        if self.commits == self.n:
-            self.inner.rollback_batch()
-            raise sqlite3.OperationalError("disk I/O error")
-        self.inner.commit_batch()
-
-    def rollback_batch(self) -> None:
-        self.inner.rollback_batch()
 
 
 def test_service_fetch_retries_a_receipt_the_service_could_not_record(tmp_path: Path) -> None:
