@@ -256,6 +256,14 @@ class _SqlStore(ABC):
             "SELECT sn, r, set_id, ref1, ref2, suite, header, key_version, kcv, rct, client, "
             "time FROM ledger ORDER BY time")]
 
+    def unreceipted_exports(self) -> list[tuple[str, str, float]]:
+        """(client, state, time) of each challenge left exported or claimed without a
+        ledger entry, oldest first (``time``: when it was claimed, just before its export)."""
+        return [(str(c), str(s), float(t)) for c, s, t in self._x(
+            "SELECT c.client, c.state, c.time FROM challenges c WHERE c.state IN (?, ?) "
+            "AND NOT EXISTS (SELECT 1 FROM ledger l WHERE l.sn = c.sn AND l.r = c.r) "
+            "ORDER BY c.time", (EXPORTED, CLAIMED))]
+
     @staticmethod
     def _ledger_args(c: Challenge, rct: bytes, now: float) -> tuple[Any, ...]:
         assert c.header is not None and c.kcv is not None and c.key_version is not None
