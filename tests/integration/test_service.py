@@ -9,6 +9,7 @@ problem+json body, and nothing is recorded as loaded (ledger and unit unchanged)
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -529,24 +530,44 @@ def test_service_health_metrics_openapi(svc: Running) -> None:
     assert b"keyload_requests_total" in b and b'event="exported"' in b
 
 
+def flush_anonymous(run: Running) -> None:
+    """Write the service's aggregated records of anonymous requests now."""
+    app = run.inst.app
+    assert app.loop is not None
+    asyncio.run_coroutine_threadsafe(app.flush_anonymous(everything=True), app.loop).result(10)
+
+
 def test_service_every_request_is_audited_without_secrets(svc: Running) -> None:
+    """An authorized client's request: a record each. Anyone else's (no certificate, a
+    client not in the policy): counted in one record per address and minute."""
     audit = AuditLog(svc.world.home / "audit.db")
     try:
+        flush_anonymous(svc)
         before = audit.db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
         raw(svc, "GET", "/v1/health", client=None)
         raw(svc, "POST", "/v1/exportkey", b"junk", ctype="application/octet-stream")
         raw(svc, "GET", "/v1/metrics", client="intruder")
+        raw(svc, "GET", "/v1/metrics", client=None)
         rows = audit.db.execute("SELECT actor, action, detail FROM audit WHERE seq > ? "
                                 "ORDER BY seq", (before,)).fetchall()
-        assert [(a, act) for a, act, _ in rows] == [("service", "request")] * 3
-        details = [json.loads(d) for _, _, d in rows]
-        assert [d["status"] for d in details] == [200, 400, 403]
-        assert details[1]["client"] == "terminal-1" and details[1]["problem"] == "malformed"
+        assert [(a, act) for a, act, _ in rows] == [("service", "request")]
+        d = json.loads(rows[0][2])
+        assert d["status"] == 400 and d["client"] == "terminal-1"
+        assert d["problem"] == "malformed"
+        flush_anonymous(svc)
+        rows = audit.db.execute("SELECT actor, action, detail FROM audit WHERE seq > ? "
+                                "ORDER BY seq", (before + 1,)).fetchall()
+        assert [(a, act) for a, act, _ in rows] == [("service", "requests-anonymous")]
+        agg = json.loads(rows[0][2])
+        assert agg["peer"] == "127.0.0.1" and agg["requests"] == 3
+        assert agg["status"] == {"200": 1, "401": 1, "403": 1}
+        assert agg["routes"] == {"/v1/health": 1, "/v1/metrics": 2}
+        assert agg["clients"] == ["intruder"]
         n, problems_ = audit.verify()
-        assert n >= before + 3 and not problems_
+        assert n == before + 2 and not problems_
         # never key material: no wrapped key, MAC or receipt field in any record
-        for (d,) in audit.db.execute("SELECT detail FROM audit WHERE actor = 'service'"):
-            assert not {"import_data", "w", "sas", "cas", "rct"} & set(json.loads(d))
+        for (d_,) in audit.db.execute("SELECT detail FROM audit WHERE actor = 'service'"):
+            assert not {"import_data", "w", "sas", "cas", "rct"} & set(json.loads(d_))
     finally:
         audit.close()
 

@@ -66,8 +66,40 @@ def malformed(detail: str, *, sw: bool = True) -> Problem:
                    sw=int(SW.MALFORMED) if sw else None)
 
 
-UNAUTHENTICATED = Problem(401, "unauthenticated", "a client certificate is required",
-                          "present a client certificate issued by the service's CA")
-FORBIDDEN_CLIENT = Problem(403, "client-not-authorized", "client not authorized",
-                           "this client certificate is not in the service's policy")
-NOT_FOUND = Problem(404, "not-found", "no such resource")
+# A refusal is built anew for each request: an exception object raised twice keeps the
+# frames of every raise in its traceback (and with them each request's scope), so a
+# shared one would grow the server's memory with every refused request.
+def unauthenticated(detail: str = "present a client certificate issued by the service's "
+                                  "CA") -> Problem:
+    return Problem(401, "unauthenticated", "a client certificate is required", detail)
+
+
+def forbidden_client() -> Problem:
+    return Problem(403, "client-not-authorized", "client not authorized",
+                   "this client certificate is not in the service's policy")
+
+
+def client_revoked() -> Problem:
+    return Problem(403, "client-revoked", "client certificate revoked",
+                   "this client certificate is on the service's deny list")
+
+
+def not_found() -> Problem:
+    return Problem(404, "not-found", "no such resource")
+
+
+def unavailable(detail: str = "service temporarily unavailable", *,
+                retry_after: int = 1) -> Problem:
+    return Problem(503, "unavailable", "service temporarily unavailable", detail,
+                   headers={"Retry-After": str(retry_after)})
+
+
+def timeout(what: str, seconds: float) -> Problem:
+    return Problem(408, "timeout", "request timeout",
+                   f"the {what} must arrive within {seconds:g} s",
+                   headers={"Connection": "close"})
+
+
+def too_many(what: str, retry_after: float) -> Problem:
+    return Problem(429, "rate-limited", "too many requests", f"{what} reached",
+                   headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})

@@ -12,6 +12,7 @@ from ..units.exportlog import SqliteExportLog
 from ..units.storage import SqliteBatch
 from .app import ServiceApp
 from .commit import Batched, GroupCommit
+from .guard import ConnectionLimits
 from .policy import Policy
 from .store import PostgresServiceStore, ServiceStore, open_store
 
@@ -34,7 +35,8 @@ class Instance:
 def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
                   authority_dir: Path, audit_path: Path, state: str | None = None,
                   instance: str = "keyload", group_commit: bool = True,
-                  processes: int = 1) -> Instance:
+                  processes: int = 1, limits: ConnectionLimits | None = None,
+                  policy_path: Path | None = None, busy_timeout: float = 2.0) -> Instance:
     """The authority records each export in ``authority_dir/exports.db`` (as ``keyload
     load`` does, so ``keyload authority exports`` lists them); the service records the
     request, the challenge and the ledger in its store (SQLite ``HOME/service.db`` with
@@ -45,11 +47,18 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     (:class:`~.commit.GroupCommit`), and so is a PostgreSQL state (one transaction per
     batch, holding the audit chain's lock).
     ``processes``: how many processes serve from this state here (``--workers``); with
-    one and SQLite, the rate counters are kept in memory, else in the shared state."""
+    one and SQLite, the rate counters are kept in memory, else in the shared state.
+    ``busy_timeout``: how long a database lock held elsewhere is waited for before the
+    batch fails (503): short, so that a stuck writer cannot stall the service."""
     pg = is_postgres_url(state)
     audit = None if pg else AuditLog(audit_path, actor="service")
-    store = open_store(state, home_root, audit, shared_rates=processes > 1)
+    store = open_store(state, home_root, audit, shared_rates=processes > 1,
+                       busy_timeout=busy_timeout)
     exports = SqliteExportLog(authority_dir / "exports.db")
+    ms = int(busy_timeout * 1000)
+    for db in (exports.db, getattr(store, "db", None), getattr(audit, "db", None)):
+        if db is not None:
+            db.execute(f"PRAGMA busy_timeout = {ms}")
     authority = Authority(backend, log=exports)
     parts: list[Batched] = [exports]
     if isinstance(store, SqliteBatch | PostgresServiceStore):
@@ -57,7 +66,8 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     if audit is not None:
         parts.append(audit)
     # every process serving from this home (workers, or instances sharing it) takes turns
-    commits = GroupCommit(parts, lock_path=home_root / "service.lock") if group_commit \
-        else None
-    return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits),
+    commits = GroupCommit(parts, lock_path=home_root / "service.lock",
+                          busy_timeout=busy_timeout) if group_commit else None
+    return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits,
+                               limits=limits, policy_path=policy_path),
                     store, exports)

@@ -27,25 +27,33 @@ so any server that implements it can host it unchanged.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import MAX_HEAD
+from .app import MAX_HEAD, ServiceApp
+from .guard import peer_of
+from .problems import Problem
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
 
 
 def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # TLS 1.2: forward-secret AEAD suites only (TLS 1.3's are all AEAD and ECDHE)
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_cert_chain(str(cert), str(key))
     ctx.load_verify_locations(cafile=str(ca))
     ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -88,13 +96,129 @@ def _wrap(app: Any, ext: dict[str, Any] | None) -> Any:
     return with_tls
 
 
-class MtlsH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with the ASGI TLS extension in every request's scope."""
+_PHRASES = {400: "Bad Request", 408: "Request Timeout", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+class _Guarded:
+    """What both HTTP protocols add to uvicorn's: the connection limits of the app's
+    :class:`~.guard.Connections`, a deadline for every request head, and the server's
+    own answers (a malformed head, a timeout, a refused connection) as problem+json,
+    counted in the metrics and in the address's aggregated audit record."""
+
+    app: Any
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    client: tuple[str, int] | None
+    service: ServiceApp | None = None  # the app, when it is ours (its limits apply)
+    _peer = "unknown"
+    _who: str | None = None
+    _admitted = False
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def _guard_made(self, transport: asyncio.Transport) -> bool:
+        """After the handshake: classify, admit or refuse; arm the head deadline."""
+        _nodelay(transport)
+        ext = tls_extension(transport)
+        svc = self.service = self.app if isinstance(self.app, ServiceApp) else None
+        self.app = _wrap(self.app, ext)
+        if svc is None:
+            return True
+        self._peer = peer_of(self.client[0] if self.client else None)
+        self._who = svc.authorized_client(ext)
+        refused, evict = svc.connections.admit(self, self._peer, self._who is not None)
+        for old in evict:  # the oldest anonymous connection makes room
+            if isinstance(old, _Guarded):
+                old._admitted = False
+                old._close_quietly()
+        if refused:
+            if refused == "peer":
+                self._answer(429, "too-many-connections", "too many connections",
+                             "too many connections from this address", retry_after=5)
+            else:
+                self._answer(503, "unavailable", "service temporarily unavailable",
+                             "the service is at its connection limit", retry_after=2)
+            return False
+        self._admitted = True
+        self._arm_head()
+        return True
+
+    def _guard_lost(self) -> None:
+        self._disarm_head()
+        if self._admitted and self.service is not None:
+            self.service.connections.release(self)
+            self._admitted = False
+
+    def _arm_head(self) -> None:
+        if self.service is not None and self._head_timer is None:
+            self._head_timer = self.loop.call_later(
+                self.service.limits.head_timeout, self._head_timeout)
+
+    def _disarm_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.service is not None and not self.transport.is_closing():
+            self._answer(408, "timeout", "request timeout",
+                         f"the request head must arrive within "
+                         f"{self.service.limits.head_timeout:g} s")
+
+    def _answer(self, status: int, slug: str, title: str, detail: str, *,
+                retry_after: int | None = None) -> None:
+        """Answer on the connection itself and close it."""
+        rid = os.urandom(8).hex()
+        body = Problem(status, slug, title, detail).body(f"urn:keyload:request:{rid}")
+        head = [f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}",
+                "content-type: application/problem+json", f"content-length: {len(body)}",
+                "cache-control: no-store", f"x-request-id: {rid}", "connection: close"]
+        if retry_after is not None:
+            head.append(f"retry-after: {retry_after}")
+        if not self.transport.is_closing():
+            self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        self._close_quietly()
+        if self.service is not None:
+            self.service.note_connection(self._peer, status, client=self._who)
+
+    def _close_quietly(self) -> None:
+        """Close (the answer, if any, is flushed first); abort if the peer does not read."""
+        self._disarm_head()
+        t = self.transport
+        if not t.is_closing():
+            t.close()
+            self.loop.call_later(2.0, t.abort)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request its parser refuses, as problem+json."""
+        self._answer(400, "malformed-http", "malformed HTTP request",
+                     " ".join(msg.split())[:120] or "the request is not valid HTTP/1.1")
+
+
+class MtlsH11Protocol(_Guarded, H11Protocol):
+    """uvicorn's h11 protocol, with the ASGI TLS extension in every request's scope and
+    the service's connection guard."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        _nodelay(transport)
-        self.app = _wrap(self.app, tls_extension(transport))
+        self._guard_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard_lost()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted and self.service is not None:
+            return  # refused: the answer is on its way out
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_head()  # the first byte of a new request: its head has a deadline
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm_head()  # the head is complete (or the connection is done)
+
+    def send_400_response(self, msg: str) -> None:
+        _Guarded.send_400_response(self, msg)
 
 
 def _httptools_protocol() -> type[asyncio.Protocol] | None:
@@ -103,52 +227,65 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
     except ImportError:
         return None
 
-    class MtlsHttpToolsProtocol(HttpToolsProtocol):
-        """uvicorn's httptools protocol, with the ASGI TLS extension and, as h11 has, a
-        bound on a request's head while it arrives: more than ``MAX_HEAD`` bytes without
-        the end of the headers is answered 400 and the connection closed (a client
-        without a certificate can send headers too). A head that arrives whole in one
-        read and is too long is refused by the app (431)."""
+    class MtlsHttpToolsProtocol(_Guarded, HttpToolsProtocol):
+        """uvicorn's httptools protocol, with the ASGI TLS extension, the connection
+        guard and, as h11 has, a bound on a request's head while it arrives: more than
+        ``MAX_HEAD`` bytes without the end of the headers is answered 400 and the
+        connection closed. A head that arrives whole in one read and is too long is
+        refused by the app (431)."""
 
         _in_head = True  # from a message's first byte to the end of its headers
         _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            _nodelay(transport)
-            self.app = _wrap(self.app, tls_extension(transport))
+            self._guard_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._guard_lost()
+            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head, self._head_bytes = True, 0
+            self._arm_head()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._disarm_head()
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
+            if not self._admitted and self.service is not None:
+                return
             super().data_received(data)
             if self._in_head and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self.send_400_response("Request head too large.")
 
+        def send_400_response(self, msg: str) -> None:
+            _Guarded.send_400_response(self, msg)
+
     return MtlsHttpToolsProtocol
 
 
 def protocol_class(http: str) -> type[asyncio.Protocol]:
     """``h11`` (pure Python), ``httptools`` (faster), or ``auto``: httptools when it is
-    installed. Both bound a request's head while it arrives (``MAX_HEAD``)."""
+    installed. Both bound a request's head while it arrives (``MAX_HEAD``); when the
+    app is a :class:`~.app.ServiceApp`, its connection limits apply."""
+    base: type[asyncio.Protocol] | None
     if http in ("httptools", "auto"):
-        cls = _httptools_protocol()
-        if cls is not None:
-            return cls
-        if http == "httptools":
-            raise ValueError("--http httptools needs the httptools package")
-        return MtlsH11Protocol
-    if http != "h11":
+        base = _httptools_protocol()
+        if base is None:
+            if http == "httptools":
+                raise ValueError("--http httptools needs the httptools package")
+            base = MtlsH11Protocol
+    elif http == "h11":
+        base = MtlsH11Protocol
+    else:
         raise ValueError("--http: auto, h11 or httptools")
-    return MtlsH11Protocol
+    return base
 
 
 def _has_uvloop() -> bool:
@@ -179,6 +316,9 @@ def runs_on(http: str, loop: str) -> tuple[str, str]:
 def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 8443,
                 http: str = "h11", loop: str = "auto",
                 log_level: str = "warning") -> uvicorn.Config:
+    """uvicorn's configuration. Its own concurrency limit is off (it would answer a
+    text/plain 503 to everyone once anonymous connections fill it): the app's
+    :class:`~.guard.Connections` admits connections by pool and address instead."""
     def factory(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return ctx
 
@@ -186,8 +326,56 @@ def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port:
         app, host=host, port=port, http=protocol_class(http), loop=event_loop(loop),
         ssl_context_factory=factory,
         lifespan="on", proxy_headers=False, server_header=False, access_log=False,
-        log_level=log_level, timeout_keep_alive=15, limit_concurrency=1024,
+        log_level=log_level, timeout_keep_alive=15, limit_concurrency=None,
         h11_max_incomplete_event_size=MAX_HEAD, ws="none")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server on given sockets, with a TLS handshake timeout: a connection
+    whose handshake is not complete ``handshake_timeout`` seconds after it was accepted
+    is closed (uvicorn leaves asyncio's default of 60 s), and a peer that does not
+    answer the closing alert is let go after 5 s (instead of 30)."""
+
+    def __init__(self, config: uvicorn.Config, *, handshake_timeout: float = 10.0) -> None:
+        super().__init__(config)
+        self.handshake_timeout = handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None:
+            raise ValueError("keyload's server runs on sockets it was given (bind())")
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(3)
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state,
+                app_state=self.lifespan.state, _loop=_loop)
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets:
+            self.servers.append(await loop.create_server(
+                create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
+                ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=5.0))
+        self.started = True
+
+
+def raise_fd_limit() -> int:
+    """Lift this process's open-file limit to its hard limit (every connection, even
+    one still in its handshake, is a descriptor); the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return int(target)
+        except (ValueError, OSError):
+            pass
+    return int(soft)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -203,8 +391,9 @@ def bind(host: str, port: int) -> socket.socket:
 class ServerThread:
     """The real server in a background thread on a bound socket (tests, benchmarks)."""
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
-        self.server = uvicorn.Server(config)
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, *,
+                 handshake_timeout: float = 10.0) -> None:
+        self.server = Server(config, handshake_timeout=handshake_timeout)
         self.sock = sock
         self.port = int(sock.getsockname()[1])
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},

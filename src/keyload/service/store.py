@@ -25,6 +25,7 @@ import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,13 +68,11 @@ CREATE TABLE IF NOT EXISTS ledger (
     time DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (sn, r)
 );
-CREATE TABLE IF NOT EXISTS rate (
+CREATE TABLE IF NOT EXISTS rate_log (
     key TEXT NOT NULL,
-    win BIGINT NOT NULL,
-    n INTEGER NOT NULL,
-    expires DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (key, win)
+    t DOUBLE PRECISION NOT NULL
 );
+CREATE INDEX IF NOT EXISTS rate_log_key_t ON rate_log (key, t);
 """
 
 PG_AUDIT = """
@@ -129,7 +128,12 @@ class ServiceStore(Protocol):
     """What the service keeps; every method is atomic on its own."""
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
-        """Count one request against ``key``; False when over the limit."""
+        """Count one request against ``key``; False (and nothing counted) when
+        ``rate.limit`` requests were already admitted in ``(now - window, now]``."""
+        ...
+
+    def retry_after(self, key: str, rate: Rate, now: float) -> float:
+        """Seconds until ``key`` admits one more request (0 when it would now)."""
         ...
 
     def claim(self, c: Challenge, now: float) -> bool:
@@ -188,9 +192,15 @@ def _le(t: Any) -> LedgerEntry:
 
 
 class _SqlStore(ABC):
-    """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style)."""
+    """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style).
+
+    Rate limits are sliding logs (``rate_log``: one row per admitted request): a request
+    is admitted when fewer than ``limit`` rows of its key lie in ``(now - window, now]``,
+    so no interval of the window's length ever admits more than the limit (a fixed
+    window lets twice the limit through across its boundary)."""
 
     _hits = 0
+    _horizon = 0.0  # the longest window seen: older rows are of no use
 
     @abstractmethod
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -206,18 +216,26 @@ class _SqlStore(ABC):
         """Mark the challenge receipted and add its ledger entry, in one transaction."""
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
-        win = int(now // rate.window_s)
-        return self._count(key, win, rate, now, 1) <= rate.limit
+        """Count the key's window and, under the limit, log this one (in one transaction:
+        a batch, or the caller's)."""
+        n = int(self._x("SELECT COUNT(*) FROM rate_log WHERE key = ? AND t > ?",
+                        (key, now - rate.window_s))[0][0])
+        if n >= rate.limit:
+            return False
+        self._w("INSERT INTO rate_log (key, t) VALUES (?, ?)", (key, now))
+        self._tidy(rate, now)
+        return True
 
-    def _count(self, key: str, win: int, rate: Rate, now: float, add: int) -> int:
-        """Add ``add`` to the counter of (key, window); its new value."""
-        rows = self._x("INSERT INTO rate (key, win, n, expires) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + ? RETURNING n",
-                       (key, win, add, (win + 1) * rate.window_s, add))
+    def retry_after(self, key: str, rate: Rate, now: float) -> float:
+        rows = self._x("SELECT t FROM rate_log WHERE key = ? AND t > ? ORDER BY t DESC "
+                       "LIMIT 1 OFFSET ?", (key, now - rate.window_s, rate.limit - 1))
+        return max(0.0, float(rows[0][0]) + rate.window_s - now) if rows else 0.0
+
+    def _tidy(self, rate: Rate, now: float) -> None:
+        self._horizon = max(self._horizon, rate.window_s)
         self._hits += 1
         if self._hits % 4096 == 0:
-            self._x("DELETE FROM rate WHERE expires < ?", (now,))
-        return int(rows[0][0])
+            self._w("DELETE FROM rate_log WHERE t <= ?", (now - self._horizon,))
 
     def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
         if not self.hit(key, rate, now):
@@ -280,22 +298,41 @@ class _SqlStore(ABC):
 
 
 class MemoryRates:
-    """Fixed-window counters in this process (one process owns the state: nothing to
-    share). Each key keeps its current window only; ended ones are dropped once a second."""
+    """Sliding-log limits in this process (one process owns the state: nothing to share).
+
+    A key keeps the times of its last ``limit`` admitted requests; a request is admitted
+    when the oldest of them has left the window, so no interval of ``window_s`` admits
+    more than ``limit`` (fixed windows let twice the limit through across a boundary).
+    Keys idle for longer than their window are dropped once a second."""
 
     def __init__(self) -> None:
-        self._n: dict[str, tuple[int, int, float]] = {}  # key -> (window, count, its end)
+        self._log: dict[str, tuple[deque[float], float]] = {}  # key -> (times, window)
         self._purge_at = 0.0
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
         if now >= self._purge_at:
-            self._n = {k: v for k, v in self._n.items() if v[2] > now}
+            self._log = {k: v for k, v in self._log.items() if v[0] and v[0][-1] > now - v[1]}
             self._purge_at = now + 1.0
-        win = int(now // rate.window_s)
-        cur = self._n.get(key)
-        n = cur[1] + 1 if cur is not None and cur[0] == win else 1
-        self._n[key] = (win, n, (win + 1) * rate.window_s)
-        return n <= rate.limit
+        entry = self._log.get(key)
+        if entry is None:
+            entry = self._log[key] = (deque(maxlen=rate.limit), rate.window_s)
+        times = entry[0]
+        if times.maxlen != rate.limit:  # the policy changed this limit: keep what fits
+            times = deque(times, maxlen=rate.limit)
+            self._log[key] = (times, rate.window_s)
+        if len(times) == rate.limit and times[0] > now - rate.window_s:
+            return False
+        times.append(now)
+        return True
+
+    def retry_after(self, key: str, rate: Rate, now: float) -> float:
+        entry = self._log.get(key)
+        if entry is None or len(entry[0]) < rate.limit:
+            return 0.0
+        return max(0.0, entry[0][0] + rate.window_s - now)
+
+    def __len__(self) -> int:
+        return len(self._log)
 
 
 class SqliteServiceStore(_SqlStore, SqliteBatch):
@@ -315,6 +352,11 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
         if self._rates is not None:
             return self._rates.hit(key, rate, now)
         return super().hit(key, rate, now)
+
+    def retry_after(self, key: str, rate: Rate, now: float) -> float:
+        if self._rates is not None:
+            return self._rates.retry_after(key, rate, now)
+        return super().retry_after(key, rate, now)
 
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
@@ -368,43 +410,39 @@ class PostgresServiceStore(_SqlStore):
     """
 
     _ADMIT = (
-        "WITH h AS (INSERT INTO rate (key, win, n, expires) VALUES (?, ?, 1, ?) "
-        "ON CONFLICT (key, win) DO UPDATE SET n = rate.n + 1 RETURNING n), "
+        "WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
+        "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
+        "RETURNING 1), "
         "c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
-        "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM h) <= ? "
+        "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM w) < ? "
         "ON CONFLICT (sn, r) DO NOTHING RETURNING 1) "
-        "SELECT (SELECT n FROM h), (SELECT COUNT(*) FROM c)")
+        "SELECT (SELECT COUNT(*) FROM h), (SELECT COUNT(*) FROM c)")
 
-    def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
-        """In a batch, for a key not yet counted in it: the count and the claim in one
-        statement (one round trip)."""
-        win = int(now // rate.window_s)
-        if not self._in_batch or (key, win) in self._batch_rates:
-            return super().admit(key, rate, c, now)
-        rows = self._x(self._ADMIT, (
-            key, win, (win + 1) * rate.window_s, c.sn.hex(), c.r.hex(), c.client,
-            c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite, CLAIMED, now, rate.limit))
-        n, claimed = int(rows[0][0]), int(rows[0][1])
-        self._batch_rates[(key, win)] = [n, 0, rate]
-        if n > rate.limit:
-            return RATE_LIMITED
-        return ADMITTED if claimed == 1 else REPLAYED
+    _HIT = ("WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
+            "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
+            "RETURNING 1) SELECT (SELECT COUNT(*) FROM h)")
 
     def hit(self, key: str, rate: Rate, now: float) -> bool:
-        if not self._in_batch:
-            return super().hit(key, rate, now)
-        win = int(now // rate.window_s)
-        seen = self._batch_rates.get((key, win))
-        if seen is None:  # the batch holds the audit lock: no other instance counts now
-            n = self._count(key, win, rate, now, 1)
-            self._batch_rates[(key, win)] = [n, 0, rate]
-            return n <= rate.limit
-        seen[1] += 1
-        return int(seen[0]) + int(seen[1]) <= rate.limit
+        """The count and the log in one statement (one round trip)."""
+        rows = self._x(self._HIT, (key, now - rate.window_s, key, now, rate.limit))
+        self._tidy(rate, now)
+        return int(rows[0][0]) == 1
+
+    def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
+        """The sliding-log count and the claim in one statement (one round trip). A batch
+        holds the audit lock, and statements of one transaction see each other's rows,
+        so the count is exact across instances and within a batch."""
+        rows = self._x(self._ADMIT, (
+            key, now - rate.window_s, key, now, rate.limit, c.sn.hex(), c.r.hex(), c.client,
+            c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite, CLAIMED, now, rate.limit))
+        self._tidy(rate, now)
+        if int(rows[0][0]) != 1:
+            return RATE_LIMITED
+        return ADMITTED if int(rows[0][1]) == 1 else REPLAYED
 
     AUDIT_LOCK = 0x4B4C5031  # "KLP1"
 
-    def __init__(self, url: str, *, actor: str = "service") -> None:
+    def __init__(self, url: str, *, actor: str = "service", busy_timeout: float = 2.0) -> None:
         try:
             import psycopg
         except ImportError:
@@ -414,14 +452,15 @@ class PostgresServiceStore(_SqlStore):
         self.actor = actor
         self._lock = threading.Lock()
         # an open batch: its psycopg pipeline (statements go out without a wait) and what
-        # ends it, the chain's head in it, and the counters hit again in it, added once
-        # before the commit: (key, window) -> [value at its first hit, hits since, rate]
+        # ends it, and the chain's head in it
         self._pipe: Any = None
         self._pipe_end: contextlib.ExitStack | None = None
         self._batch_head: tuple[int, bytes] | None = None
-        self._batch_rates: dict[tuple[str, int], list[Any]] = {}
         try:
-            self.conn = psycopg.connect(url, autocommit=True)
+            # a lock held elsewhere (another instance stuck mid-batch) fails a statement
+            # after ``busy_timeout`` instead of stalling every request
+            self.conn = psycopg.connect(
+                url, autocommit=True, options=f"-c lock_timeout={int(busy_timeout * 1000)}")
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
                 for stmt in (SCHEMA + PG_AUDIT).split(";"):
@@ -473,7 +512,7 @@ class PostgresServiceStore(_SqlStore):
     def _end_batch(self) -> contextlib.ExitStack:
         """Leave the batch's state; what ends its pipeline (closing it sends the rest)."""
         end = self._pipe_end or contextlib.ExitStack()
-        self._pipe, self._pipe_end, self._batch_head, self._batch_rates = None, None, None, {}
+        self._pipe, self._pipe_end, self._batch_head = None, None, None
         return end
 
     def begin_batch(self) -> None:
@@ -488,9 +527,6 @@ class PostgresServiceStore(_SqlStore):
 
     def commit_batch(self) -> None:
         try:
-            for (key, win), (_, more, rate) in self._batch_rates.items():
-                if more:
-                    self._count(key, win, rate, 0.0, more)
             with self._lock:
                 cur = self.conn.execute("COMMIT")
                 self._end_batch().close()  # sends what is queued; raises its error
@@ -546,11 +582,13 @@ class PostgresServiceStore(_SqlStore):
 
 
 def open_store(state: str | None, home_root: Path, audit: AuditLog | None, *,
-               shared_rates: bool = True) -> ServiceStore:
+               shared_rates: bool = True, busy_timeout: float = 2.0) -> ServiceStore:
     """``postgresql://…`` -> PostgreSQL; else a SQLite file (default ``HOME/service.db``),
-    with the rate counters in memory unless ``shared_rates``."""
+    with the rate counters in memory unless ``shared_rates``. A lock held elsewhere
+    fails a statement after ``busy_timeout`` seconds (SQLite's busy timeout, PostgreSQL's
+    ``lock_timeout``)."""
     if is_postgres_url(state):
-        return PostgresServiceStore(state)
+        return PostgresServiceStore(state, busy_timeout=busy_timeout)
     if audit is None:
         raise StoreError("a SQLite service state needs the home's audit log")
     return SqliteServiceStore(Path(state) if state else home_root / "service.db", audit,

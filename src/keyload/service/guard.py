@@ -1,0 +1,196 @@
+"""What a client without an authorized certificate may cost the service, and no more.
+
+Anyone can open a TLS connection to the service (``/v1/health`` answers load-balancer
+probes without a certificate), so an anonymous client must not be able to take it down:
+
+- **connections** (:class:`Connections`): at most ``per_peer`` from one address (an
+  IPv6 client counts by its /64), of which at most ``anonymous_per_peer`` without an
+  authorized certificate; anonymous connections share a pool of ``anonymous`` — when
+  it is full the oldest anonymous connection is closed to make room — apart from the
+  ``authorized`` pool, so a flood of anonymous connections never starves authorized
+  clients. The TLS handshake and every request head must complete within their
+  timeouts (:mod:`.server`);
+- **requests** (:class:`~.store.MemoryRates` per peer, :attr:`Guard.anonymous_rate`):
+  requests that no authorized client makes are limited per address before they cost
+  anything but parsing (429);
+- **evidence** (:class:`AnonymousAudit`): they are audited as one record per address and
+  minute with counts by status and route, so the audit log grows by a bounded amount
+  whatever an anonymous client sends; authorized clients' requests keep one record each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .policy import Rate
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The service's connection limits (``keyload serve`` flags of the same names)."""
+
+    handshake_timeout: float = 10.0  # TLS handshake, from accept
+    head_timeout: float = 10.0  # request line and headers, from the first byte (or accept)
+    body_timeout: float = 10.0  # a request's body, from the end of its head
+    authorized: int = 4096  # connections with an authorized certificate, all addresses
+    anonymous: int = 256  # the others, all addresses
+    per_peer: int = 256  # connections from one address
+    anonymous_per_peer: int = 8  # of which without an authorized certificate
+    anonymous_rate: Rate = Rate(20, 1.0)  # noqa: RUF009  (frozen: one shared value is fine)
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "head_timeout", "body_timeout"):
+            v = getattr(self, name)
+            if not 0.1 <= v <= 3600:
+                raise ValueError(f"--{name.replace('_', '-')}: seconds in 0.1..3600")
+        for name in ("authorized", "anonymous", "per_peer", "anonymous_per_peer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"connection limit {name}: at least 1")
+
+
+def peer_of(host: str | None) -> str:
+    """The address a limit counts by: IPv4 as is, IPv6 by its /64 (one host has many)."""
+    if not host:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
+
+
+class Connections:
+    """Open connections by pool and address (one event loop: no locking)."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.per_peer: dict[str, int] = {}
+        self.anonymous_per_peer: dict[str, int] = {}
+        self.anonymous: OrderedDict[object, str] = OrderedDict()  # oldest first
+        self.authorized: dict[object, str] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    def admit(self, conn: object, peer: str, authorized: bool) -> tuple[str, list[object]]:
+        """``("", evict)`` to keep ``conn`` (closing ``evict`` first), else the reason it
+        is refused: ``"peer"`` (its address has too many) or ``"full"``."""
+        lim = self.limits
+        if self.per_peer.get(peer, 0) >= lim.per_peer:
+            self.refused += 1
+            return "peer", []
+        evict: list[object] = []
+        if authorized:
+            if len(self.authorized) >= lim.authorized:
+                self.refused += 1
+                return "full", []
+            self.authorized[conn] = peer
+        else:
+            if self.anonymous_per_peer.get(peer, 0) >= lim.anonymous_per_peer:
+                self.refused += 1
+                return "peer", []
+            if len(self.anonymous) >= lim.anonymous:
+                old, _ = next(iter(self.anonymous.items()))
+                self.release(old)
+                evict.append(old)
+                self.evicted += 1
+            self.anonymous[conn] = peer
+            self.anonymous_per_peer[peer] = self.anonymous_per_peer.get(peer, 0) + 1
+        self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
+        return "", evict
+
+    def release(self, conn: object) -> None:
+        peer = self.anonymous.pop(conn, None)
+        if peer is not None:
+            _dec(self.anonymous_per_peer, peer)
+            _dec(self.per_peer, peer)
+        else:
+            peer = self.authorized.pop(conn, None)
+            if peer is not None:
+                _dec(self.per_peer, peer)
+
+    def counts(self) -> dict[str, int]:
+        return {"authorized": len(self.authorized), "anonymous": len(self.anonymous),
+                "refused": self.refused, "evicted": self.evicted}
+
+
+def _dec(d: dict[str, int], k: str) -> None:
+    n = d.get(k, 0) - 1
+    if n > 0:
+        d[k] = n
+    else:
+        d.pop(k, None)
+
+
+@dataclass
+class _Minute:
+    requests: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+    routes: dict[str, int] = field(default_factory=dict)
+    clients: set[str] = field(default_factory=set)
+
+
+class AnonymousAudit:
+    """Anonymous requests and connection-level answers, counted per address and minute;
+    :meth:`due` gives one audit record per (address, minute) once the minute is over.
+    At most ``max_peers`` addresses a minute are kept apart; the rest are counted
+    together as ``"other"``, so the records per minute are bounded."""
+
+    MAX_CLIENTS = 8  # certificate CNs named in one record (unauthorized ones)
+
+    def __init__(self, *, max_peers: int = 1024) -> None:
+        self.max_peers = max_peers
+        self._m: dict[tuple[int, str], _Minute] = {}
+        self._peers: dict[int, int] = {}  # minute -> addresses kept apart
+
+    def note(self, peer: str, route: str, status: int, *, client: str | None = None,
+             now: float | None = None) -> None:
+        minute = int((time.time() if now is None else now) // 60)
+        key = (minute, peer)
+        m = self._m.get(key)
+        if m is None:
+            if self._peers.get(minute, 0) >= self.max_peers:
+                key = (minute, "other")
+                m = self._m.get(key)
+            else:
+                self._peers[minute] = self._peers.get(minute, 0) + 1
+            if m is None:
+                m = self._m[key] = _Minute()
+        m.requests += 1
+        s = str(status)
+        m.status[s] = m.status.get(s, 0) + 1
+        m.routes[route] = m.routes.get(route, 0) + 1
+        if client is not None and len(m.clients) < self.MAX_CLIENTS:
+            m.clients.add(client[:64])
+
+    def due(self, now: float | None = None, *, everything: bool = False) -> list[dict[str, Any]]:
+        """The records of minutes that are over (of every minute with ``everything``),
+        removed from what is kept."""
+        current = int((time.time() if now is None else now) // 60)
+        out = []
+        for (minute, peer) in sorted(k for k in self._m if everything or k[0] < current):
+            m = self._m.pop((minute, peer))
+            rec: dict[str, Any] = {
+                "peer": peer, "minute": time.strftime("%Y-%m-%dT%H:%MZ",
+                                                      time.gmtime(minute * 60)),
+                "requests": m.requests, "status": dict(sorted(m.status.items())),
+                "routes": dict(sorted(m.routes.items()))}
+            if m.clients:
+                rec["clients"] = sorted(m.clients)
+            out.append(rec)
+        for minute in [k for k in self._peers if everything or k < current]:
+            del self._peers[minute]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
+__all__ = ["AnonymousAudit", "ConnectionLimits", "Connections", "peer_of"]
