@@ -14,6 +14,7 @@ import io
 import json
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,16 +23,20 @@ from typing import Any
 
 import pytest
 
+from keyload.core.errors import KeyloadError
 from keyload.core.keys import KeyHeader
 from keyload.service.client import HttpsAuthority
 from keyload.service.ledger import (
     ServiceLedgerCheck,
+    ServiceState,
     describe_state,
+    exports_without_receipt,
+    human_age,
+    iso_utc,
     open_service_state,
     service_ledger,
     verify_service_ledger,
 )
-from keyload.service.store import ServiceStore
 from keyload.station.load import UnitClient, load_key
 from keyload.station.pgserver import postgres_available, private_postgres
 from keyload.station.report import LEDGER_FIELDS
@@ -46,6 +51,8 @@ from .test_service import PASSPHRASE, World, build_world, policy_doc, start_serv
 
 EXIT_FAILED, EXIT_STORE = 1, 4
 LEGACY_KEYS = {"verified", "invalid", "reconciled_without_receipt", "invalid_rows"}
+NO_UNRECEIPTED = {"total": 0, "claimed": 0, "by_client": [],
+                  "by_age": {"under_1h": 0, "1h_to_1d": 0, "1d_to_7d": 0, "7d_or_more": 0}}
 
 
 @dataclass
@@ -156,7 +163,7 @@ def ledger_rows(path: Path) -> list[tuple[Any, ...]]:
 
 
 @contextmanager
-def opened(home: Path, state: str | None = None) -> Iterator[tuple[ServiceStore, Authority]]:
+def opened(home: Path, state: str | None = None) -> Iterator[tuple[ServiceState, Authority]]:
     """The service's state (through the same opener as the CLI) and the real authority."""
     ks = SoftwareKeystore.open(home / "authority", KekSource(passphrase=PASSPHRASE))
     try:
@@ -178,11 +185,12 @@ def svc_files(home: Path) -> list[str]:
 def test_service_ledger_entries_from_real_fetches_verify(base: Base) -> None:
     home = base.world.home
     with opened(home) as (store, authority):
-        chk = verify_service_ledger(store, authority, state="here")
+        chk = verify_service_ledger(store, authority, now=time.time(), state="here")
         entries = store.ledger()
     assert isinstance(chk, ServiceLedgerCheck)
     assert (chk.verified, chk.invalid, chk.invalid_rows) == (4, 0, [])
-    assert chk.to_json() == {"state": "here", "verified": 4, "invalid": 0, "invalid_rows": []}
+    assert chk.to_json() == {"state": "here", "verified": 4, "invalid": 0, "invalid_rows": [],
+                             "without_receipt": NO_UNRECEIPTED}
     assert sorted((e.sn, e.ref2, e.client) for e in entries) == \
         sorted((sn, ref2, client) for sn, _, ref2, client in base.fetched)
 
@@ -266,7 +274,7 @@ def test_service_ledger_tampered_entry_is_invalid(base: Base, tmp_path: Path,
     finally:
         db.close()
     with opened(home) as (store, authority):
-        chk = verify_service_ledger(store, authority)
+        chk = verify_service_ledger(store, authority, now=time.time())
     assert (chk.verified, chk.invalid) == (3, 1), chk
     (row,) = chk.invalid_rows
     assert row["r"] == params["r"] and row["client"] in ("terminal-1", "other")
@@ -281,7 +289,7 @@ def test_service_ledger_every_entry_tampered_is_reported(base: Base, tmp_path: P
     home = copy_home(base, tmp_path / "home")
     assert edit(home, "UPDATE ledger SET rct = '00000000000000000000000000000000'") == 4
     with opened(home) as (store, authority):
-        chk = verify_service_ledger(store, authority)
+        chk = verify_service_ledger(store, authority, now=time.time())
     assert (chk.verified, chk.invalid) == (0, 4)
     assert sorted((r["sn"], r["ref2"]) for r in chk.invalid_rows) == \
         sorted((sn.hex(), ref2) for sn, _, ref2, _ in base.fetched)
@@ -291,7 +299,7 @@ def test_service_ledger_empty_service_state_verifies_nothing(base: Base, tmp_pat
     home = copy_home(base, tmp_path / "home")
     edit(home, "DELETE FROM ledger")
     with opened(home) as (store, authority):
-        chk = verify_service_ledger(store, authority)
+        chk = verify_service_ledger(store, authority, now=time.time())
     assert (chk.verified, chk.invalid, chk.invalid_rows) == (0, 0, [])
 
 
@@ -322,7 +330,7 @@ def test_service_ledger_verify_json_counts_each_source(base: Base) -> None:
     assert doc["campaigns"] == {"verified": 2, "invalid": 0, "reconciled_without_receipt": 0,
                                 "invalid_rows": []}
     assert doc["service"] == {"state": str(service_db(home)), "verified": 4, "invalid": 0,
-                              "invalid_rows": []}
+                              "invalid_rows": [], "without_receipt": NO_UNRECEIPTED}
     assert_no_secrets(res.output, base.secrets)
     assert ledger_rows(service_db(home)) == before  # read, not written
 
@@ -407,7 +415,8 @@ def test_service_ledger_home_without_service_db_creates_nothing(base: Base,
         p.unlink()
     doc = ok(cli("ledger", "verify", "--json", home=home)).json()
     assert (doc["verified"], doc["invalid"]) == (2, 0)
-    assert doc["service"] == {"state": None, "verified": 0, "invalid": 0, "invalid_rows": []}
+    assert doc["service"] == {"state": None, "verified": 0, "invalid": 0, "invalid_rows": [],
+                              "without_receipt": NO_UNRECEIPTED}
     res = ok(cli("ledger", "verify", home=home))
     assert f"service ledger: not checked (no {service_db(home)})" in res.stdout
     assert res.last_line() == "2 receipts verified, 0 invalid"
@@ -450,7 +459,7 @@ def test_service_ledger_state_option_non_default_sqlite(base: Base, tmp_path: Pa
     assert doc["service"]["state"] is None and doc["verified"] == 2
     doc = ok(cli("ledger", "verify", "--json", "--state", moved, home=home)).json()
     assert doc["service"] == {"state": str(moved), "verified": 4, "invalid": 0,
-                              "invalid_rows": []}
+                              "invalid_rows": [], "without_receipt": NO_UNRECEIPTED}
     assert doc["verified"] == 6
     assert svc_files(home) == []
     rows = json.loads(ok(cli("ledger", "export", "--format", "json", "--state", moved,
@@ -616,5 +625,293 @@ def test_service_ledger_postgres_state(base: Base, tmp_path: Path) -> None:
         assert res.last_line() == "3 receipts verified, 1 invalid"
         assert "?host=" not in res.output  # the URL's details stay out of the output
         with opened(home, url) as (store, authority):
-            chk = verify_service_ledger(store, authority)
+            chk = verify_service_ledger(store, authority, now=time.time())
         assert (chk.verified, chk.invalid) == (1, 1)
+
+
+# -- exports without a receipt ----------------------------------------------------------
+HOUR, DAY = 3600.0, 86400.0
+
+
+def export_only(w: World, url: str, sn: bytes, ref1: bytes, ref2: int, client: str) -> None:
+    """A real download through the service whose receipt is never posted (the key left
+    the service; the unit holds it; the ledger does not know)."""
+    c = w.client(url, client)
+    fleet = w.fleet()
+    unit = fleet.open_unit(sn)
+    try:
+        res = load_key(UnitClient(LocalConnection(unit)), HttpsAuthority(c), ref1, ref2)
+        assert res.sn == sn and len(res.rct) == 16  # the unit's receipt, kept to ourselves
+    finally:
+        unit.close()
+        fleet.close()
+        c.close()
+
+
+def refused_export(w: World, url: str, sn: bytes) -> None:
+    """A challenge the authority refused (REF1 unknown): state refused, never counted."""
+    c = w.client(url, "terminal-1")
+    fleet = w.fleet()
+    unit = fleet.open_unit(sn)
+    try:
+        with pytest.raises(KeyloadError):
+            load_key(UnitClient(LocalConnection(unit)), HttpsAuthority(c), b"GHOST", 3)
+    finally:
+        unit.close()
+        fleet.close()
+        c.close()
+
+
+@dataclass
+class Unreceipted:
+    """The base home, then: 4 exports without receipt (3 by terminal-1, 1 by other), one
+    more receipted (other), one refused (terminal-1); the service stopped again."""
+
+    home: Path
+    times: dict[str, list[float]]  # client -> claim times of its unreceipted exports
+    secrets: dict[str, bytes]
+
+
+UNRECEIPTED_BY_CLIENT = {"terminal-1": 3, "other": 1}
+
+
+@pytest.fixture(scope="module")
+def unreceipted(base: Base, tmp_path_factory: pytest.TempPathFactory) -> Unreceipted:
+    home = copy_home(base, tmp_path_factory.mktemp("unreceipted") / "home")
+    w = dataclasses.replace(base.world, home=home)
+    svc = start_service(w, policy_doc(w))
+    try:
+        export_only(w, svc.url, w.units_a[2], b"TMK-1", 1, "terminal-1")
+        export_only(w, svc.url, w.units_a[2], b"PIN-1", 2, "terminal-1")
+        fetch_lib(w, svc.url, w.units_a[7], b"TMK-1", 1, "other")  # receipted
+        export_only(w, svc.url, w.units_a[6], b"SECRET-9", 1, "other")
+        refused_export(w, svc.url, w.units_a[3])
+        export_only(w, svc.url, w.units_a[3], b"TMK-1", 1, "terminal-1")
+    finally:
+        svc.stop()
+    return Unreceipted(home, challenge_times(service_db(home), "exported"), base.secrets)
+
+
+def challenge_times(path: Path, state: str) -> dict[str, list[float]]:
+    db = sqlite3.connect(path)
+    try:
+        out: dict[str, list[float]] = {}
+        for client, t in db.execute("SELECT client, time FROM challenges WHERE state = ? "
+                                    "ORDER BY time", (state,)):
+            out.setdefault(str(client), []).append(float(t))
+        return out
+    finally:
+        db.close()
+
+
+def test_unreceipted_fixture_is_what_it_says(unreceipted: Unreceipted) -> None:
+    db = sqlite3.connect(service_db(unreceipted.home))
+    try:
+        states = dict(db.execute("SELECT state, COUNT(*) FROM challenges GROUP BY state"))
+        entries = db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+    finally:
+        db.close()
+    assert states == {"receipted": 5, "exported": 4, "refused": 1}
+    assert entries == 5
+    assert {c: len(t) for c, t in unreceipted.times.items()} == UNRECEIPTED_BY_CLIENT
+
+
+def test_unreceipted_exports_from_the_store(unreceipted: Unreceipted) -> None:
+    with opened(unreceipted.home) as (store, _):
+        rows = store.unreceipted_exports()
+    assert [t for _, _, t in rows] == sorted(t for _, _, t in rows)  # oldest first
+    assert sorted(rows) == sorted((c, "exported", t) for c, ts in unreceipted.times.items()
+                                  for t in ts)
+
+
+def test_unreceipted_ages_from_an_injected_now(unreceipted: Unreceipted) -> None:
+    times = unreceipted.times
+    last = max(t for ts in times.values() for t in ts)
+    for now, bucket in ((last + 5.0, "under_1h"), (last + HOUR, "1h_to_1d"),
+                        (last + 2 * DAY, "1d_to_7d"), (last + 7 * DAY, "7d_or_more")):
+        with opened(unreceipted.home) as (store, authority):
+            chk = verify_service_ledger(store, authority, now=now)
+        assert (chk.verified, chk.invalid) == (5, 0)
+        wr = chk.without_receipt.to_json()
+        assert (wr["total"], wr["claimed"]) == (4, 0)
+        assert wr["by_age"] == {**NO_UNRECEIPTED["by_age"], bucket: 4}, (now - last, wr)
+        assert [(c["client"], c["count"]) for c in wr["by_client"]] == \
+            list(UNRECEIPTED_BY_CLIENT.items())
+        for c in wr["by_client"]:
+            ts = times[c["client"]]
+            assert c["oldest_age_s"] == round(now - min(ts), 3)
+            assert c["newest_age_s"] == round(now - max(ts), 3)
+            assert c["oldest"] == iso_utc(min(ts)) and c["newest"] == iso_utc(max(ts))
+
+
+def test_unreceipted_grouping_and_ages_as_a_function() -> None:
+    now = 1_700_000_000.0
+    rows = [("b", "exported", now - 7 * DAY - 1), ("a", "exported", now - 7 * DAY + 1),
+            ("a", "exported", now - DAY), ("b", "claimed", now - 3 * DAY),
+            ("a", "exported", now - DAY + 0.5), ("c", "exported", now - HOUR),
+            ("a", "exported", now - HOUR + 1), ("c", "exported", now),
+            ("c", "exported", now + 30.0),  # ahead of now: another instance's clock
+            ("a", "refused", now - 1), ("a", "receipted", now - 1), ("d", "claimed", now)]
+    wr = exports_without_receipt(rows, now)
+    assert (wr.total, wr.claimed, wr.now) == (8, 2, now)
+    assert wr.by_age == {"under_1h": 3, "1h_to_1d": 2, "1d_to_7d": 2, "7d_or_more": 1}
+    assert wr.to_json()["by_client"] == [
+        {"client": "a", "count": 4, "oldest": iso_utc(now - 7 * DAY + 1),
+         "newest": iso_utc(now - HOUR + 1), "oldest_age_s": 7 * DAY - 1,
+         "newest_age_s": HOUR - 1},
+        {"client": "c", "count": 3, "oldest": iso_utc(now - HOUR), "newest": iso_utc(now + 30),
+         "oldest_age_s": HOUR, "newest_age_s": 0.0},
+        {"client": "b", "count": 1, "oldest": iso_utc(now - 7 * DAY - 1),
+         "newest": iso_utc(now - 7 * DAY - 1), "oldest_age_s": 7 * DAY + 1,
+         "newest_age_s": 7 * DAY + 1}]
+    assert (wr.oldest, wr.newest) == (now - 7 * DAY - 1, now + 30)
+    assert iso_utc(now) == "2023-11-14T22:13:20Z"
+    assert [human_age(s) for s in (-4, 0, 59.9, 60, 179, 3599, 3600, 7199, DAY - 1, DAY,
+                                   5 * DAY + 3 * HOUR, 400 * DAY)] == \
+        ["0s", "0s", "59s", "1m", "2m", "59m", "1h", "1h", "23h", "1d", "5d", "400d"]
+    empty = exports_without_receipt([], now)
+    assert empty.to_json() == NO_UNRECEIPTED and (empty.oldest, empty.newest) == (None, None)
+
+
+def test_unreceipted_verify_json_by_client(unreceipted: Unreceipted) -> None:
+    home = unreceipted.home
+    before = ledger_rows(service_db(home))
+    t0 = time.time()
+    res = cli("ledger", "verify", "--json", home=home)
+    t1 = time.time()
+    assert res.rc == 0, res.describe()  # reported, like reconciled_without_receipt
+    doc = res.json()
+    assert set(doc) == LEGACY_KEYS | {"campaigns", "service"}
+    assert (doc["verified"], doc["invalid"], doc["reconciled_without_receipt"]) == (7, 0, 0)
+    svc = doc["service"]
+    assert (svc["state"], svc["verified"], svc["invalid"], svc["invalid_rows"]) == \
+        (str(service_db(home)), 5, 0, [])
+    wr = svc["without_receipt"]
+    assert set(wr) == {"total", "claimed", "by_client", "by_age"}
+    assert (wr["total"], wr["claimed"]) == (4, 0)
+    assert wr["by_age"] == {**NO_UNRECEIPTED["by_age"], "under_1h": 4}
+    times = unreceipted.times
+    assert [(c["client"], c["count"], c["oldest"], c["newest"]) for c in wr["by_client"]] == \
+        [(c, n, iso_utc(min(times[c])), iso_utc(max(times[c])))
+         for c, n in UNRECEIPTED_BY_CLIENT.items()]
+    for c in wr["by_client"]:
+        ts = times[c["client"]]
+        assert t0 - min(ts) - 0.01 <= c["oldest_age_s"] <= t1 - min(ts) + 0.01
+        assert t0 - max(ts) - 0.01 <= c["newest_age_s"] <= t1 - max(ts) + 0.01
+    assert_no_secrets(res.output, unreceipted.secrets)
+    assert ledger_rows(service_db(home)) == before  # read, not written
+
+
+def test_unreceipted_verify_text_by_client(unreceipted: Unreceipted) -> None:
+    home = unreceipted.home
+    res = cli("ledger", "verify", home=home)
+    assert res.rc == 0, res.describe()
+    times = unreceipted.times
+    first = min(t for ts in times.values() for t in ts)
+    last = max(t for ts in times.values() for t in ts)
+    lines = res.stdout.splitlines()
+    assert lines[0] == ("4 service exports without receipt (the key left the service, no "
+                        "receipt was posted), by client:")
+    assert lines[1].split() == ["client", "exports", "oldest", "age", "newest", "age"]
+    rows = [line.split() for line in lines[3:6]]
+    assert [[r[0], r[2], r[4]] for r in rows] == [
+        ["terminal-1", iso_utc(min(times["terminal-1"])), iso_utc(max(times["terminal-1"]))],
+        ["other", iso_utc(min(times["other"])), iso_utc(max(times["other"]))],
+        ["total", iso_utc(first), iso_utc(last)]]
+    assert [r[1] for r in rows] == ["3", "1", "4"]
+    assert all(r[3].endswith(("s", "m")) and r[5].endswith(("s", "m")) for r in rows)
+    assert lines[6:] == [
+        "campaign ledger: 2 receipts verified, 0 invalid",
+        f"service ledger ({service_db(home)}): 5 receipts verified, 0 invalid",
+        "service exports without receipt: 4 (< 1 h: 4, < 1 day: 0, < 7 days: 0, older: 0)",
+        "7 receipts verified, 0 invalid"]
+    assert res.stderr == ""
+
+
+def test_unreceipted_claimed_counted_apart_and_tampered_not_taken_for_one(
+        unreceipted: Unreceipted, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(unreceipted.home, home)
+    # a request that died between its claim and the authority's answer
+    assert edit(home, "UPDATE challenges SET state = 'claimed', sw = NULL "
+                      "WHERE state = 'refused'") == 1
+    # a receipted export set back to exported: its ledger entry is invalid, and it has one
+    sn, r, ref2 = first_entry(home)
+    assert edit(home, "UPDATE challenges SET state = 'exported' WHERE sn = ? AND r = ?",
+                sn, r) == 1
+    res = cli("ledger", "verify", "--json", home=home)
+    assert res.rc == EXIT_FAILED, res.describe()
+    svc = res.json()["service"]
+    assert (svc["verified"], svc["invalid"]) == (4, 1)
+    assert "the export is exported, not receipted" in svc["invalid_rows"][0]["reason"]
+    wr = svc["without_receipt"]
+    assert (wr["total"], wr["claimed"]) == (4, 1)
+    assert [(c["client"], c["count"]) for c in wr["by_client"]] == \
+        list(UNRECEIPTED_BY_CLIENT.items())
+    text = cli("ledger", "verify", home=home)
+    assert text.rc == EXIT_FAILED
+    assert "service challenges left claimed (never exported nor refused): 1" in text.stdout
+    assert f"INVALID receipt: service client terminal-1 unit {sn} slot {ref2}:" in text.stdout
+    assert text.last_line() == "6 receipts verified, 1 invalid"
+    # with the receipts all missing, every export is one without receipt
+    assert edit(home, "DELETE FROM ledger") == 5
+    assert edit(home, "UPDATE challenges SET state = 'exported' WHERE state = 'receipted'") \
+        == 4
+    doc = ok(cli("ledger", "verify", "--json", home=home)).json()
+    assert (doc["service"]["verified"], doc["service"]["invalid"]) == (0, 0)
+    wr = doc["service"]["without_receipt"]
+    assert (wr["total"], wr["claimed"]) == (9, 1)
+    assert sorted((c["client"], c["count"]) for c in wr["by_client"]) == \
+        [("other", 3), ("terminal-1", 6)]
+
+
+def test_unreceipted_campaign_option_leaves_them_out(unreceipted: Unreceipted) -> None:
+    res = ok(cli("ledger", "verify", "--campaign", "spring", home=unreceipted.home))
+    assert "without receipt" not in res.stdout
+    doc = ok(cli("ledger", "verify", "--campaign", "spring", "--json",
+                 home=unreceipted.home)).json()
+    assert doc["service"]["state"] is None
+    assert doc["service"]["without_receipt"] == NO_UNRECEIPTED
+
+
+def test_unreceipted_postgres_state(base: Base, tmp_path: Path) -> None:
+    ok_pg, why = postgres_available()
+    require(ok_pg, f"PostgreSQL: {why}")
+    home = copy_home(base, tmp_path / "home")
+    w = dataclasses.replace(base.world, home=home)
+    with private_postgres(tmp_path / "pg") as url:
+        svc = start_service(w, policy_doc(w), state=url)
+        try:
+            fetch_cli(w, svc.url, w.units_a[3], "TMK-1", 1)
+            export_only(w, svc.url, w.units_a[3], b"PIN-1", 2, "terminal-1")
+            export_only(w, svc.url, w.units_a[6], b"SECRET-9", 1, "other")
+            export_only(w, svc.url, w.units_a[7], b"SECRET-9", 1, "other")
+            refused_export(w, svc.url, w.units_a[2])
+        finally:
+            svc.stop()
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            times: dict[str, list[float]] = {}
+            for client, t in conn.execute("SELECT client, time FROM challenges "
+                                          "WHERE state = 'exported' ORDER BY time"):
+                times.setdefault(client, []).append(float(t))
+        assert {c: len(ts) for c, ts in times.items()} == {"terminal-1": 1, "other": 2}
+        res = cli("ledger", "verify", "--json", "--state", url, home=home)
+        assert res.rc == 0, res.describe()
+        doc = res.json()
+        assert (doc["service"]["verified"], doc["service"]["invalid"]) == (1, 0)
+        wr = doc["service"]["without_receipt"]
+        assert (wr["total"], wr["claimed"]) == (3, 0)
+        assert wr["by_age"] == {**NO_UNRECEIPTED["by_age"], "under_1h": 3}
+        assert [(c["client"], c["count"], c["oldest"], c["newest"])
+                for c in wr["by_client"]] == \
+            [(c, len(times[c]), iso_utc(min(times[c])), iso_utc(max(times[c])))
+             for c in ("other", "terminal-1")]
+        text = cli("ledger", "verify", "--state", url, home=home)
+        assert text.rc == 0, text.describe()
+        assert "service exports without receipt: 3 (< 1 h: 3, < 1 day: 0, < 7 days: 0, " \
+               "older: 0)" in text.stdout
+        with opened(home, url) as (store, authority):
+            chk = verify_service_ledger(store, authority, now=max(times["other"]) + 3 * DAY)
+        assert chk.without_receipt.by_age == {**NO_UNRECEIPTED["by_age"], "1d_to_7d": 3}

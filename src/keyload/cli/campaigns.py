@@ -16,14 +16,18 @@ from typing import Any
 
 from ..core.errors import StoreError
 from ..service.ledger import (
+    AGE_BUCKETS,
     SERVICE_DB,
     ServiceLedgerCheck,
+    ServiceState,
+    WithoutReceipt,
     describe_state,
+    human_age,
+    iso_utc,
     open_service_state,
     service_ledger,
     verify_service_ledger,
 )
-from ..service.store import ServiceStore
 from ..station.campaign import RunOptions, run_campaign
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
@@ -41,7 +45,7 @@ from ..station.report import (
 from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
 from .context import Home
-from .output import emit_json, kv
+from .output import emit_json, kv, table
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -281,7 +285,7 @@ def campaign_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_state(args: argparse.Namespace, home: Home) -> ServiceStore | None:
+def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
     """The service's state, when the ledger commands include it: ``--state`` given, or
     no ``--campaign`` and the home has a ``service.db`` (never created here)."""
     if args.campaign and args.state is None:
@@ -292,7 +296,7 @@ def _service_state(args: argparse.Namespace, home: Home) -> ServiceStore | None:
 
 
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
-             home: Home) -> tuple[ServiceStore | None, Journal]:
+             home: Home) -> tuple[ServiceState | None, Journal]:
     """The service's state (if included) and the journal, closed with ``stack``."""
     store = _service_state(args, home)
     if store is not None:
@@ -320,7 +324,7 @@ def ledger_verify(args: argparse.Namespace) -> int:
             invalid += [{"source": "campaign", "campaign": n, **r}
                         for r in chk.invalid_rows or []]
         svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
-            store, authority, state=describe_state(args.state, home.root))
+            store, authority, now=time.time(), state=describe_state(args.state, home.root))
     svc_rows = [{"source": "service", "campaign": None, **r} for r in svc.invalid_rows]
     if args.json:
         emit_json({"verified": ok + svc.verified, "invalid": bad + svc.invalid,
@@ -337,6 +341,7 @@ def ledger_verify(args: argparse.Namespace) -> int:
         if lost:
             print(f"{lost} loads reconciled with the unit after a crash: receipt lost, "
                   "slot status recorded")
+        _print_without_receipt(svc.without_receipt)
         print(f"campaign ledger: {ok} receipts verified, {bad} invalid")
         if svc.state is None:
             why = "--campaign given" if args.campaign else \
@@ -345,8 +350,32 @@ def ledger_verify(args: argparse.Namespace) -> int:
         else:
             print(f"service ledger ({svc.state}): {svc.verified} receipts verified, "
                   f"{svc.invalid} invalid")
+            wr = svc.without_receipt
+            if wr.total:
+                print(f"service exports without receipt: {wr.total} (" + ", ".join(
+                    f"{label}: {wr.by_age[key]}" for key, label, _ in AGE_BUCKETS) + ")")
+            if wr.claimed:
+                print("service challenges left claimed (never exported nor refused): "
+                      f"{wr.claimed}")
         print(f"{ok + svc.verified} receipts verified, {bad + svc.invalid} invalid")
     return 0 if bad + svc.invalid == 0 else 1
+
+
+def _print_without_receipt(wr: WithoutReceipt) -> None:
+    """The service's exports without a receipt, a row per client and their total (nothing
+    when there are none)."""
+    if not wr.total:
+        return
+    print(f"{wr.total} service exports without receipt (the key left the service, no "
+          "receipt was posted), by client:")
+    rows: list[list[object]] = [
+        [c.client, c.count, iso_utc(c.oldest), human_age(wr.now - c.oldest),
+         iso_utc(c.newest), human_age(wr.now - c.newest)] for c in wr.by_client]
+    oldest, newest = wr.oldest, wr.newest
+    assert oldest is not None and newest is not None
+    rows.append(["total", wr.total, iso_utc(oldest), human_age(wr.now - oldest),
+                 iso_utc(newest), human_age(wr.now - newest)])
+    table(["client", "exports", "oldest", "age", "newest", "age"], rows)
 
 
 def _counted(entries: Iterable[dict[str, Any]], n: list[int]) -> Iterator[dict[str, Any]]:

@@ -11,13 +11,20 @@ when it came in) is checked again, as a campaign's are:
 The receipt binds the header and the KCV; the first two checks bind what it does not
 (REF1, the client, the key version column) to what was exported. Nothing here writes to
 the state, and a home without ``service.db`` is left without one.
+
+The exports no receipt followed are reported too (:func:`exports_without_receipt`): the
+challenges left ``exported`` without a ledger entry (the key left the service; no client
+posted the unit's receipt), by client and by age, and those left ``claimed`` (neither
+exported nor refused). Like the campaigns' loads reconciled without a receipt, they are
+reported, not counted as invalid.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -28,7 +35,15 @@ from ..station.audit import AuditLog
 from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
-from .store import RECEIPTED, Challenge, LedgerEntry, ServiceStore, open_store
+from .store import (
+    CLAIMED,
+    EXPORTED,
+    RECEIPTED,
+    Challenge,
+    LedgerEntry,
+    PostgresServiceStore,
+    SqliteServiceStore,
+)
 
 SERVICE_DB = "service.db"
 KCV_LEN = 5
@@ -42,19 +57,125 @@ class LedgerSource(Protocol):
 
     def challenge(self, sn: bytes, r: bytes) -> Challenge | None: ...
 
+    def unreceipted_exports(self) -> list[tuple[str, str, float]]:
+        """(client, state, time) of each challenge left exported or claimed without a
+        ledger entry, oldest first."""
+        ...
+
+
+class ServiceState(LedgerSource, Protocol):
+    """A service's state opened for reading its ledger."""
+
+    def close(self) -> None: ...
+
+
+# Age buckets (disjoint): the first whose bound (seconds) is above an export's age.
+AGE_BUCKETS: tuple[tuple[str, str, float], ...] = (
+    ("under_1h", "< 1 h", 3600.0), ("1h_to_1d", "< 1 day", 86400.0),
+    ("1d_to_7d", "< 7 days", 7 * 86400.0), ("7d_or_more", "older", float("inf")))
+
+
+def iso_utc(t: float) -> str:
+    """``t`` (seconds since the epoch) as ISO 8601 in UTC, to the second."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def human_age(seconds: float) -> str:
+    """An age for people, rounded down to its largest unit: 45s, 3m, 2h, 5d."""
+    s = int(max(seconds, 0.0))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+@dataclass
+class ClientWithoutReceipt:
+    """One client's exports without a receipt: how many, the first and the last."""
+
+    client: str
+    count: int
+    oldest: float  # when the oldest one's challenge was claimed (seconds since the epoch)
+    newest: float
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {"client": self.client, "count": self.count, "oldest": iso_utc(self.oldest),
+                "newest": iso_utc(self.newest), "oldest_age_s": _age(now, self.oldest),
+                "newest_age_s": _age(now, self.newest)}
+
+
+def _age(now: float, t: float) -> float:
+    """Seconds from ``t`` to ``now``; 0 for a time ahead of ``now`` (another instance's
+    clock, or an export during the check)."""
+    return round(max(now - t, 0.0), 3)
+
+
+@dataclass
+class WithoutReceipt:
+    """The service's exports no receipt followed, as of ``now``; and the challenges left
+    claimed (neither exported nor refused: in flight, or their request died)."""
+
+    now: float
+    total: int = 0
+    claimed: int = 0
+    by_client: list[ClientWithoutReceipt] = field(default_factory=list)
+    by_age: dict[str, int] = field(
+        default_factory=lambda: {key: 0 for key, _, _ in AGE_BUCKETS})
+
+    @property
+    def oldest(self) -> float | None:
+        return min((c.oldest for c in self.by_client), default=None)
+
+    @property
+    def newest(self) -> float | None:
+        return max((c.newest for c in self.by_client), default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "claimed": self.claimed,
+                "by_client": [c.to_json(self.now) for c in self.by_client],
+                "by_age": dict(self.by_age)}
+
+
+def exports_without_receipt(rows: Iterable[tuple[str, str, float]],
+                            now: float) -> WithoutReceipt:
+    """Group ``rows`` ((client, state, time), as :meth:`LedgerSource.unreceipted_exports`
+    gives them) by client and by age as of ``now``; rows left claimed are only counted.
+    Clients come by count, most first (then by name)."""
+    out = WithoutReceipt(now=now)
+    seen: dict[str, ClientWithoutReceipt] = {}
+    for client, state, t in rows:
+        if state == CLAIMED:
+            out.claimed += 1
+            continue
+        if state != EXPORTED:
+            continue
+        out.total += 1
+        c = seen.get(client)
+        if c is None:
+            seen[client] = ClientWithoutReceipt(client, 1, t, t)
+        else:
+            c.count, c.oldest, c.newest = c.count + 1, min(c.oldest, t), max(c.newest, t)
+        age = now - t
+        out.by_age[next(key for key, _, bound in AGE_BUCKETS if age < bound)] += 1
+    out.by_client = sorted(seen.values(), key=lambda c: (-c.count, c.client))
+    return out
+
 
 @dataclass
 class ServiceLedgerCheck:
-    """How many of the service's ledger entries verify; the others, with their reasons."""
+    """How many of the service's ledger entries verify; the others, with their reasons;
+    and the exports without a receipt."""
 
     state: str | None = None  # what was checked (a file, or a URL without credentials)
     verified: int = 0
     invalid: int = 0
     invalid_rows: list[dict[str, Any]] = field(default_factory=list)
+    without_receipt: WithoutReceipt = field(default_factory=lambda: WithoutReceipt(now=0.0))
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "verified": self.verified, "invalid": self.invalid,
-                "invalid_rows": list(self.invalid_rows)}
+                "invalid_rows": list(self.invalid_rows),
+                "without_receipt": self.without_receipt.to_json()}
 
 
 def entry_problems(e: LedgerEntry, export: Challenge | None,
@@ -94,11 +215,14 @@ def entry_problems(e: LedgerEntry, export: Challenge | None,
     return out
 
 
-def verify_service_ledger(store: LedgerSource, authority: Authority, *,
+def verify_service_ledger(store: LedgerSource, authority: Authority, *, now: float,
                           state: str | None = None) -> ServiceLedgerCheck:
-    """Check every entry of the service's ledger (see the module's docstring). Refusals
+    """Check every entry of the service's ledger (see the module's docstring), and find
+    the exports without a receipt, aged as of ``now`` (seconds since the epoch). Refusals
     by the authority make an entry invalid; a store or keystore failure is raised."""
-    out = ServiceLedgerCheck(state=state)
+    out = ServiceLedgerCheck(state=state,
+                             without_receipt=exports_without_receipt(
+                                 store.unreceipted_exports(), now))
     for e in store.ledger():
         problems = entry_problems(e, store.challenge(e.sn, e.r), authority)
         if not problems:
@@ -161,19 +285,20 @@ def _check_sqlite_state(path: Path) -> None:
 
 
 def open_service_state(state: str | None, home_root: Path,
-                       audit_path: Path) -> ServiceStore | None:
+                       audit_path: Path) -> ServiceState | None:
     """The service's state for reading its ledger, or None when ``state`` is not given
     and the home has no ``service.db`` (nothing is created then). ``state``: a
     ``postgresql://`` URL or a SQLite file, which must exist (StoreError otherwise)."""
     if is_postgres_url(state):
-        return open_store(state, home_root, None)
+        assert state is not None
+        return PostgresServiceStore(state)
     path = Path(state) if state else home_root / SERVICE_DB
     if state is None and not path.exists():
         return None
     _check_sqlite_state(path)
     audit = AuditLog(audit_path, actor="service")
     try:
-        return open_store(str(path), home_root, audit)
+        return SqliteServiceStore(path, audit)
     except BaseException:
         audit.close()
         raise
