@@ -7,11 +7,11 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..core.errors import TransportError
 from ..core.messages import InitResponse, check_ref2
 from ..station.fleet import EmulatedFleet
 from ..station.load import UnitClient, load_key
@@ -20,6 +20,9 @@ from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
 from .context import Home
 from .output import emit_json, table
+
+if TYPE_CHECKING:
+    from ..service.client import Outbox, ServiceClient
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -63,6 +66,11 @@ def serve(args: argparse.Namespace) -> int:
     from ..service.server import bind, runs_on, server_context
     from ..station.pgserver import is_postgres_url
 
+    if args.check_policy is not None:
+        return check_policy(Path(args.check_policy), as_json=args.json)
+    missing = [f"--{n}" for n in ("cert", "key", "ca", "policy") if getattr(args, n) is None]
+    if missing:
+        args.usage_error(f"the following arguments are required: {', '.join(missing)}")
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     home = _home(args)
@@ -103,6 +111,38 @@ def serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         sock.close()
+    return 0
+
+
+def check_policy(path: Path, *, as_json: bool = False) -> int:
+    """``serve --check-policy FILE``: 0 and the policy's summary when FILE is valid; else
+    ValueError names what is wrong (exit 3, as ``serve --policy`` with that file)."""
+    from ..service.policy import Policy
+
+    s = Policy.load(path).summary()
+    if as_json:
+        emit_json({"policy": str(path), "valid": True, **s})
+        return 0
+    lim = s["limits"]
+
+    def rate(r: dict[str, Any]) -> str:
+        return f"{r['limit']} per {r['window_s']:g} s"
+
+    names = ", ".join(s["client_names"]) or "(none)"
+    rows = [("sha256", s["sha256"]),
+            ("clients", f"{s['clients']}: {names}"),
+            ("metrics", ", ".join(s["metrics_clients"]) or "(none)"),
+            ("pinned", ", ".join(s["pinned_clients"]) or "(none)"),
+            ("deny", f"{s['denied_sha256']} certificate fingerprint(s), "
+                     f"{s['denied_serials']} serial number(s)"),
+            ("max_body", f"{lim['max_body']} bytes"),
+            ("per_client", rate(lim["per_client"])),
+            ("per_sn", rate(lim["per_sn"]))]
+    rows += [(f"per_client {n}", rate(r)) for n, r in lim["per_client_overrides"].items()]
+    print(f"policy {path}: valid")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
     return 0
 
 
@@ -159,24 +199,60 @@ class _ExpectedUnit(UnitClient):
         return init
 
 
+EXIT_FAILED = 1  # cli.main: the job ran but something failed (here: a receipt refused)
+EXIT_PENDING = 8  # done, evidence pending: the key is loaded, its receipt kept in HOME/outbox
+
+FETCH_EPILOG = (
+    "Receipts are evidence: the key is in the unit before its receipt is sent, so fetch "
+    "retries a receipt the service cannot take yet (429 after its Retry-After, 503, a "
+    "lost connection) for --receipt-deadline seconds, then keeps it in HOME/outbox/ and "
+    "exits 8 (done, evidence pending). Every fetch to a server first sends that server's "
+    "pending receipts, oldest first; --resend sends only those. A pending receipt the "
+    "service refuses for good (409, 404, 422...) moves to HOME/outbox/refused/ with the "
+    "reason, and fetch exits 1. Exit codes: 0 done, 8 done but a receipt is pending, "
+    "1 a pending receipt was refused, others as for every keyload command.")
+
+
 def fetch(args: argparse.Namespace) -> int:
     """Load one key into one unit from the service. The unit: ``--unit SN``, an emulated
     unit of the home; or ``--reader READER``, the card in that PC/SC reader (its SN comes
-    from INITIALIZE DOWNLOAD; with ``--unit`` too, the card must be that unit)."""
-    from ..service.client import HttpsAuthority, ServiceClient, ServiceRefused
+    from INITIALIZE DOWNLOAD; with ``--unit`` too, the card must be that unit).
 
-    if not args.unit and not args.reader:
-        args.usage_error("give --unit SN (an emulated unit of the home) or --reader READER "
-                         "(the unit in a PC/SC reader)")
+    The server's pending receipts (``HOME/outbox``) are sent first; with ``--resend``,
+    only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
+    :data:`EXIT_FAILED` when the service refused a pending one for good."""
+    from ..service.client import HttpsAuthority, Outbox, ServiceClient, deliver_receipt
+
+    deadline = args.receipt_deadline
+    if not 0 <= deadline <= 86400:
+        args.usage_error("--receipt-deadline: seconds in 0..86400")
+    if args.resend:
+        given = [f"--{n}" for n in ("unit", "reader", "ref1", "ref2")
+                 if getattr(args, n) is not None]
+        if given:
+            args.usage_error(f"--resend sends the pending receipts only: not with "
+                             f"{', '.join(given)}")
+    else:
+        if not args.unit and not args.reader:
+            args.usage_error("give --unit SN (an emulated unit of the home) or --reader "
+                             "READER (the unit in a PC/SC reader)")
+        missing = [f"--{n}" for n in ("ref1", "ref2") if getattr(args, n) is None]
+        if missing:
+            args.usage_error(f"the following arguments are required: {', '.join(missing)}")
     sn = bytes.fromhex(args.unit.removeprefix("0x")) if args.unit else None
-    ref1 = parse_ref1(args.ref1)
-    check_ref2(args.ref2)
+    ref1 = b"" if args.resend else parse_ref1(args.ref1)
+    if not args.resend:
+        check_ref2(args.ref2)
     client = ServiceClient(args.server, ca=Path(args.ca), cert=Path(args.cert),
                            key=Path(args.key))
     home = _home(args)
+    outbox = Outbox(home.root)
     fleet = None
     closer: list[object] = []
     try:
+        resent = _send_pending(args, client, outbox, deadline)
+        if args.resend:
+            return _resend_report(args, resent)
         conn: Connection
         if args.reader:
             from ..transports.pcsc import PcscConnection
@@ -193,33 +269,119 @@ def fetch(args: argparse.Namespace) -> int:
         unit_client = _ExpectedUnit(conn, sn, args.reader) if args.reader and sn is not None \
             else UnitClient(conn)
         res = load_key(unit_client, HttpsAuthority(client), ref1, args.ref2)
-        recorded = None
-        for attempt in range(3):  # the key is in the unit: the receipt must get through
-            try:
-                recorded = client.post_receipt(res)
-                break
-            except (TransportError, ServiceRefused) as e:
-                unavailable = isinstance(e, TransportError) or e.status == 503
-                if attempt == 2 or not unavailable:
-                    raise
-                time.sleep(0.5 * (attempt + 1))  # the service could not record it yet
+        # the key is in the unit: its receipt must get through, or be kept
+        d = deliver_receipt(client, res, until=time.monotonic() + deadline)
     finally:
         for c in closer:
             c.close()  # type: ignore[attr-defined]
         if fleet is not None:
             fleet.close()
         client.close()
-    out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
-           "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
-           "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex(),
-           "ledger": bool(recorded and recorded.get("status") == "recorded")}
+    out: dict[str, Any] = {
+        "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
+        "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
+        "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex(),
+        "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
+        "pending": None, "resent": resent}
+    loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
+              f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
+              f"agree)")
+    if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
+        status = d.status or 0
+        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts,
+                           refused=status)
+        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
+              f"service refused its receipt for good ({d.error}); the receipt is kept at "
+              f"{kept}", file=sys.stderr, flush=True)
+        assert d.reply is not None
+        raise client.refusal(d.reply)
+    if d.outcome == "pending":
+        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts)
+        out["pending"] = str(kept)
+        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
+              f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
+              f"keyload: the receipt is kept at {kept}; it will be sent by `keyload fetch "
+              f"--resend --server {args.server} --ca … --cert … --key …`, or by the next "
+              f"fetch to that server (exit {EXIT_PENDING}: done, evidence pending)",
+              file=sys.stderr, flush=True)
     if args.json:
         emit_json(out)
+    elif d.outcome == "pending":
+        print(f"{loaded}; receipt {out['receipt']} NOT recorded yet: kept at {out['pending']}")
     else:
-        print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
-              f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
-              f"agree), receipt {out['receipt']} recorded by the service")
+        print(f"{loaded}, receipt {out['receipt']} recorded by the service")
+    return _fetch_rc(resent, own_pending=d.outcome == "pending")
+
+
+def _fetch_rc(resent: list[dict[str, Any]], *, own_pending: bool = False) -> int:
+    refused = [e for e in resent if e["status"] == "refused"]
+    if refused:
+        print(f"keyload: the service refused {len(refused)} pending receipt(s) for good; "
+              f"kept with its reason in {Path(refused[0]['path']).parent}/ (exit "
+              f"{EXIT_FAILED})", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if own_pending or any(e["status"] == "pending" for e in resent):
+        return EXIT_PENDING
     return 0
+
+
+def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbox,
+                  deadline: float) -> list[dict[str, Any]]:
+    """Send the server's pending receipts, oldest first, within ``deadline`` seconds in
+    all; once one stays pending, the younger ones wait too. One report per receipt."""
+    from ..service.client import deliver_receipt
+
+    items, damaged = outbox.pending(args.server)
+    for path in damaged:
+        print(f"keyload: warning: {path} is not a readable pending receipt (left as it is)",
+              file=sys.stderr, flush=True)
+    until = time.monotonic() + deadline
+    blocked = ""
+    report: list[dict[str, Any]] = []
+    for p in items:
+        entry: dict[str, Any] = {
+            "file": str(p.path), "sn": p.doc.get("sn"), "ref1": p.doc.get("ref1"),
+            "ref2": p.doc.get("ref2"), "key_version": p.doc.get("key_version"),
+            "time": p.doc.get("time")}
+        if blocked:
+            entry.update(status="pending", ledger=False, detail=f"not sent: {blocked}",
+                         path=str(p.path))
+        else:
+            d = deliver_receipt(client, p.receipt, until=until)
+            if d.outcome == "recorded":
+                outbox.remove(p)
+                entry.update(status="recorded", ledger=True, detail=d.answer.get("status"),
+                             path=None)
+            elif d.outcome == "refused":
+                moved = outbox.refuse(p, d)
+                entry.update(status="refused", ledger=False, detail=d.error,
+                             path=str(moved))
+            else:
+                outbox.retried(p, d)
+                blocked = "an older receipt is still pending"
+                entry.update(status="pending", ledger=False, detail=d.error,
+                             path=str(p.path))
+        report.append(entry)
+        if not args.json:
+            what = {"recorded": "recorded by the service",
+                    "refused": f"REFUSED by the service ({entry['detail']}): moved to "
+                               f"{entry['path']}",
+                    "pending": f"still pending ({entry['detail']}): kept at "
+                               f"{entry['path']}"}[entry["status"]]
+            print(f"resent the receipt of {p.label}: {what}", flush=True)
+    return report
+
+
+def _resend_report(args: argparse.Namespace, resent: list[dict[str, Any]]) -> int:
+    if args.json:
+        emit_json({"server": args.server, "resent": resent})
+    elif not resent:
+        print(f"no pending receipts for {args.server}")
+    rc = _fetch_rc(resent)
+    if rc == EXIT_PENDING and not args.json:
+        print(f"keyload: receipts are still pending for {args.server} (exit {EXIT_PENDING}: "
+              f"evidence pending)", file=sys.stderr)
+    return rc
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -244,10 +406,15 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--name", required=True, help="the client's name (certificate CN)")
 
     p = add(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS")
-    p.add_argument("--cert", required=True, help="the server's certificate (PEM)")
-    p.add_argument("--key", required=True, help="the server's private key (PEM)")
-    p.add_argument("--ca", required=True, help="the CA that issues client certificates")
-    p.add_argument("--policy", required=True, help="authorization policy and limits (JSON)")
+    p.set_defaults(usage_error=p.error)  # --cert/--key/--ca/--policy: checked by serve()
+    p.add_argument("--cert", help="the server's certificate (PEM; required to serve)")
+    p.add_argument("--key", help="the server's private key (PEM; required to serve)")
+    p.add_argument("--ca", help="the CA that issues client certificates (required to serve)")
+    p.add_argument("--policy", help="authorization policy and limits (JSON; required to "
+                                    "serve)")
+    p.add_argument("--check-policy", metavar="FILE",
+                   help="only check this policy file and print its summary (clients, deny "
+                        "list, limits, sha256 of the file): exit 0 when valid, 3 when not")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8443, help="0: any free port (printed)")
     p.add_argument("--state", help="shared state: a SQLite file (default HOME/service.db) "
@@ -263,15 +430,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
     p = add(sub, "fetch", fetch,
             "load a key into a local unit from a remote keyload service")
-    p.set_defaults(usage_error=p.error)  # --unit or --reader: checked by fetch()
+    p.epilog = FETCH_EPILOG
+    p.set_defaults(usage_error=p.error)  # --unit/--reader, --ref1, --ref2: checked by fetch()
     p.add_argument("--server", required=True, metavar="URL", help="https://host:port")
     p.add_argument("--unit", metavar="SN",
                    help="the unit's SN (hex): an emulated unit of the home; with --reader "
                         "(optional there), the SN the card in the reader must have")
     p.add_argument("--reader", help="reach the unit through this PC/SC reader instead (the "
                                     "SN comes from the card)")
-    p.add_argument("--ref1", required=True)
-    p.add_argument("--ref2", required=True, type=int)
+    p.add_argument("--ref1", help="the key to load (required unless --resend)")
+    p.add_argument("--ref2", type=int, help="the unit's slot (required unless --resend)")
     p.add_argument("--ca", required=True, help="the CA that issued the server certificate")
     p.add_argument("--cert", required=True, help="this client's certificate (PEM)")
     p.add_argument("--key", required=True, help="this client's private key (PEM)")
+    p.add_argument("--resend", action="store_true",
+                   help="only send this server's pending receipts (HOME/outbox), oldest "
+                        "first; no unit, --ref1 or --ref2")
+    p.add_argument("--receipt-deadline", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to keep trying to deliver receipts (default 30) before "
+                        "keeping them in HOME/outbox (exit 8)")

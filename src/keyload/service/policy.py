@@ -11,21 +11,33 @@ A JSON file (``keyload serve --policy FILE``)::
                           "sha256": "…optional fingerprint pin…",
                           "per_client": {"limit": 20, "window_s": 1}},
         "monitoring":    {"sets": [], "ref1": [], "metrics": true}
-      }
+      },
+      "deny": {"sha256": ["…64 hex digits: a lost terminal's certificate…"],
+               "serials": ["0x3a0f9c…"]}
     }
 
 A client is named by the CN of its (CA-verified) TLS client certificate; ``sha256``, when
 given, also pins that exact certificate. ``sets`` and ``ref1`` list what it may ask the
 authority for (``"any"`` must be written out: there is no default). REF1 uses the CLI's
-notation: ASCII text or ``0x``-hex. ``metrics``: may read ``/v1/metrics``.
-The authority's own export policy (per key: sets, slots) applies on top of this.
-Unknown fields are refused, so that a typo never widens access silently.
+notation: ASCII text or ``0x``-hex. ``metrics``: may read ``/v1/metrics`` (false by
+default). The authority's own export policy (per key: sets, slots) applies on top of this.
+
+``deny`` (optional) cuts certificates off whatever their CN: ``sha256`` lists certificate
+fingerprints (SHA-256 of the DER, as :func:`keyload.service.pki.fingerprint` gives them),
+``serials`` certificate serial numbers in hex (``0x`` optional, any case).
+:meth:`Policy.revoked` says whether a certificate is denied; the server asks it for every
+verified client certificate, before :meth:`Policy.client`.
+
+Unknown fields and repeated keys are refused, so that a typo never widens access
+silently. ``keyload serve --check-policy FILE`` checks a file and prints
+:meth:`Policy.summary`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +93,36 @@ class ClientRule:
 class Policy:
     clients: dict[str, ClientRule] = field(default_factory=dict)
     limits: Limits = Limits()
+    deny_sha256: frozenset[str] = frozenset()  # lower-case hex fingerprints
+    deny_serials: frozenset[int] = frozenset()
+    sha256: str | None = None  # of the file's bytes, when loaded from a file
+
+    def revoked(self, sha256: str, serial: int) -> bool:
+        """True when the certificate with this fingerprint (SHA-256 of its DER, hex) or
+        this serial number is on the deny list: refuse it, whatever its CN."""
+        return sha256.lower() in self.deny_sha256 or serial in self.deny_serials
+
+    def summary(self) -> dict[str, Any]:
+        """What the policy says, JSON-able and without secrets (no fingerprint is listed,
+        only how many are denied)."""
+        def rate(r: Rate) -> dict[str, Any]:
+            return {"limit": r.limit, "window_s": r.window_s}
+
+        return {
+            "sha256": self.sha256,
+            "clients": len(self.clients),
+            "client_names": sorted(self.clients),
+            "metrics_clients": sorted(n for n, r in self.clients.items() if r.metrics),
+            "pinned_clients": sorted(n for n, r in self.clients.items() if r.sha256),
+            "denied_sha256": len(self.deny_sha256),
+            "denied_serials": len(self.deny_serials),
+            "limits": {"max_body": self.limits.max_body,
+                       "per_client": rate(self.limits.per_client),
+                       "per_sn": rate(self.limits.per_sn),
+                       "per_client_overrides": {n: rate(r.per_client)
+                                                for n, r in sorted(self.clients.items())
+                                                if r.per_client is not None}},
+        }
 
     def client(self, name: str, sha256: str) -> ClientRule | None:
         """The rule for a verified certificate, or None when it is not authorized."""
@@ -93,16 +135,28 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path) -> Policy:
+        """The policy in a file; its ``sha256`` is the digest of the file's bytes.
+        ValueError names the file and the path in the document of what is wrong."""
+        data = path.read_bytes()
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(data, object_pairs_hook=_no_repeats)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
-        return cls.from_json(doc, where=str(path))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not JSON (not UTF-8 text)") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        try:
+            policy = cls.from_json(doc)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return replace(policy, sha256=hashlib.sha256(data).hexdigest())
 
     @classmethod
     def from_json(cls, doc: Any, *, where: str = "policy") -> Policy:
-        if not isinstance(doc, dict) or not set(doc) <= {"clients", "limits"}:
-            raise ValueError(f"{where}: expected an object with 'clients' and 'limits'")
+        if not isinstance(doc, dict) or not set(doc) <= {"clients", "limits", "deny"}:
+            raise ValueError(f"{where}: expected an object with 'clients' and 'limits' "
+                             f"(and optionally 'deny')")
         lim = doc.get("limits", {})
         if not isinstance(lim, dict) or not set(lim) <= {"max_body", "per_client", "per_sn"}:
             raise ValueError(f"{where}.limits: only max_body, per_client, per_sn")
@@ -120,7 +174,44 @@ class Policy:
         if not isinstance(clients, dict):
             raise ValueError(f"{where}.clients: an object, client CN -> rule")
         rules = {name: _rule(name, c, f"{where}.clients.{name}") for name, c in clients.items()}
-        return cls(rules, limits)
+        deny_sha256, deny_serials = _deny(doc.get("deny", {}), f"{where}.deny")
+        return cls(rules, limits, deny_sha256, deny_serials)
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"{k!r} given twice in one object")
+        out[k] = v
+    return out
+
+
+HEX = frozenset("0123456789abcdef")
+
+
+def _deny(d: Any, where: str) -> tuple[frozenset[str], frozenset[int]]:
+    if not isinstance(d, dict) or not set(d) <= {"sha256", "serials"}:
+        raise ValueError(f"{where}: an object with 'sha256' and/or 'serials' (lists)")
+    shas, serials = d.get("sha256", []), d.get("serials", [])
+    if not isinstance(shas, list):
+        raise ValueError(f"{where}.sha256: a list of certificate fingerprints (64 hex digits)")
+    if not isinstance(serials, list):
+        raise ValueError(f"{where}.serials: a list of certificate serial numbers (hex)")
+    fps: set[str] = set()
+    for i, fp in enumerate(shas):
+        if not isinstance(fp, str) or len(fp) != 64 or not set(fp.lower()) <= HEX:
+            raise ValueError(f"{where}.sha256[{i}]: 64 hex digits")
+        fps.add(fp.lower())
+    nums: set[int] = set()
+    for i, sv in enumerate(serials):
+        digits = sv[2:] if isinstance(sv, str) and sv[:2].lower() == "0x" else sv
+        if not isinstance(digits, str) or not 1 <= len(digits) <= 64 or \
+                not set(digits.lower()) <= HEX or int(digits, 16) >= 1 << 160:
+            raise ValueError(f"{where}.serials[{i}]: a serial number in hex (a string of "
+                             f"hex digits, optional 0x; at most 20 bytes, RFC 5280)")
+        nums.add(int(digits, 16))
+    return frozenset(fps), frozenset(nums)
 
 
 def _rule(name: str, c: Any, where: str) -> ClientRule:
