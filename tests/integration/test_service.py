@@ -26,6 +26,7 @@ import pytest
 from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.service.client import HttpsAuthority, ServiceClient, ServiceRefused
+from keyload.service.guard import ConnectionLimits
 from keyload.service.openapi import render
 from keyload.service.pki import create_ca, init_pki, issue
 from keyload.service.policy import Policy
@@ -138,14 +139,17 @@ class Running:
 
 
 def start_service(w: World, policy: dict[str, Any], *, state: str | None = None,
-                  instance: str = "test", http: str = "h11") -> Running:
+                  instance: str = "test", http: str = "h11",
+                  limits: ConnectionLimits | None = None,
+                  host: str = "127.0.0.1") -> Running:
     ks = w.open_keystore()
     inst = open_instance(ks, Policy.from_json(policy), home_root=w.home,
                          authority_dir=w.home / "authority", audit_path=w.home / "audit.db",
-                         state=state, instance=instance)
+                         state=state, instance=instance, limits=limits)
     ctx = server_context(w.pki / "server.pem", w.pki / "server.key", w.pki / "ca.pem")
-    sock = bind("127.0.0.1", 0)
-    srv = ServerThread(make_config(inst.app, ctx, port=sock.getsockname()[1], http=http), sock)
+    sock = bind(host, 0)
+    srv = ServerThread(make_config(inst.app, ctx, port=sock.getsockname()[1], http=http), sock,
+                       handshake_timeout=(limits or ConnectionLimits()).handshake_timeout)
     return Running(w, inst, srv.start(), ks)
 
 

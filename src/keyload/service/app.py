@@ -382,7 +382,7 @@ class ServiceApp:
         except StoreError as e:
             checks = {"state": "busy" if isinstance(e, Busy) else "unavailable",
                       "authority": "unknown"}
-        down = sorted(k for k, v in checks.items() if v != "ok")
+        down = sorted(k for k, v in checks.items() if v not in ("ok", "unknown"))
         if down:
             req.detail["down"] = down
             what = ", ".join(k if checks[k] == "unavailable" else f"{k} ({checks[k]})"
