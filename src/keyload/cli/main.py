@@ -12,6 +12,8 @@ Every command accepts ``--home DIR`` (default ``$KEYLOAD_HOME`` or ``./keyload-h
 5     wrong passphrase or KEK
 6     refused by a unit or the authority (status word given)
 7     integrity or authenticity failure (6982 / 6988, KCV mismatch)
+8     done, evidence pending (``fetch``: the key is in the unit, its receipt is kept in
+      ``HOME/outbox`` and sent later)
 ====  =====================================================
 """
 

@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     counters, ledger) and the audit chain."""
     from ..service.ledger import describe_state
     from ..service.policy import Policy
-    from ..service.server import bind, runs_on, server_context
+    from ..service.server import bind, raise_fd_limit, runs_on, server_context
     from ..station.pgserver import is_postgres_url
 
     if args.check_policy is not None:
@@ -75,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--workers must be at least 1")
     home = _home(args)
     policy = Policy.load(Path(args.policy))
+    limits = connection_limits(args)  # bad limits are refused before anything starts
     ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
     home.ensure()
     home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
@@ -82,9 +83,17 @@ def serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     parser, loop = runs_on(args.http, args.loop)
+    fds = raise_fd_limit()
     about = (f"  HTTP {parser}, event loop {loop}, state "
              f"{describe_state(args.state, home.root)}, audit "
-             f"{'in the state' if is_postgres_url(args.state) else home.audit_path}")
+             f"{'in the state' if is_postgres_url(args.state) else home.audit_path}\n"
+             f"  handshake and request-head timeouts {limits.handshake_timeout:g} s and "
+             f"{limits.head_timeout:g} s; connections: {limits.authorized} authorized, "
+             f"{limits.anonymous} anonymous, {limits.per_peer} per address "
+             f"({limits.anonymous_per_peer} anonymous); open files {fds}; "
+             f"SIGHUP reloads {args.policy}")
+    # until the server's own handler is in place, a SIGHUP must not end the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     print(f"keyload service listening on https://{host}:{port}"
           + (f" ({args.workers} workers)" if args.workers > 1 else "") + "\n" + about,
           flush=True)
@@ -102,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
                 finally:
                     os._exit(code)
             children.append(pid)
-        _serve_one(args, home, policy, ctx, sock, port)
+        _serve_one(args, home, policy, ctx, sock, port, children)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -160,23 +169,49 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+def connection_limits(args: argparse.Namespace) -> Any:
+    """The ``serve`` flags' :class:`~keyload.service.guard.ConnectionLimits`."""
+    from ..service.guard import ConnectionLimits
+    from ..service.policy import Rate
+
+    try:
+        limit, _, window = args.anonymous_rate.partition("/")
+        rate = Rate(int(limit), float(window or 1))
+    except ValueError:
+        raise ValueError("--anonymous-rate: N/SECONDS, e.g. 20/1") from None
+    if rate.limit < 1 or not 0.001 <= rate.window_s <= 86400:
+        raise ValueError("--anonymous-rate: N >= 1 requests per 0.001..86400 s")
+    return ConnectionLimits(
+        handshake_timeout=args.handshake_timeout, head_timeout=args.head_timeout,
+        body_timeout=args.body_timeout, authorized=args.max_connections,
+        anonymous=args.max_anonymous, per_peer=args.max_per_address,
+        anonymous_per_peer=args.max_anonymous_per_address, anonymous_rate=rate)
+
+
 def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
-               sock: socket.socket, port: int) -> None:
-    import uvicorn
-
+               sock: socket.socket, port: int, children: list[int] | None = None) -> None:
     from ..service.runtime import open_instance
-    from ..service.server import make_config
+    from ..service.server import Server, make_config
 
+    limits = connection_limits(args)
     ks = home.open_keystore()
     try:
         inst = open_instance(ks, policy, home_root=home.root,
                              authority_dir=home.authority_dir, audit_path=home.audit_path,
                              state=args.state, instance=args.instance or socket.gethostname(),
-                             processes=args.workers)
+                             processes=args.workers, limits=limits,
+                             policy_path=Path(args.policy), busy_timeout=args.busy_timeout)
+        if children:  # SIGHUP to the first process reloads every worker's policy
+            def tell_workers() -> None:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+
+            inst.app.after_reload = tell_workers
         try:
             config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http,
                                  loop=args.loop)
-            uvicorn.Server(config).run(sockets=[sock])
+            Server(config, handshake_timeout=limits.handshake_timeout).run(sockets=[sock])
         finally:
             inst.close()
     finally:
@@ -425,6 +460,27 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="event loop (default auto: uvloop when installed)")
     p.add_argument("--instance", help="this instance's name in audit and metrics "
                                       "(default: the host name)")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
+                   help="a TLS handshake not done S seconds after accept is dropped (10)")
+    p.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
+                   help="a request head not complete S seconds after its first byte (or "
+                        "the handshake) is answered 408 and the connection closed (10)")
+    p.add_argument("--body-timeout", type=float, default=10.0, metavar="S",
+                   help="a request body not complete S seconds after its head: 408 (10)")
+    p.add_argument("--max-connections", type=int, default=4096, metavar="N",
+                   help="connections with an authorized client certificate (4096)")
+    p.add_argument("--max-anonymous", type=int, default=256, metavar="N",
+                   help="connections without one; when full, the oldest is closed (256)")
+    p.add_argument("--max-per-address", type=int, default=256, metavar="N",
+                   help="connections from one address, an IPv6 /64 counting as one (256)")
+    p.add_argument("--max-anonymous-per-address", type=int, default=8, metavar="N",
+                   help="of which without an authorized certificate (8)")
+    p.add_argument("--anonymous-rate", default="20/1", metavar="N/S",
+                   help="requests per S seconds from one address without an authorized "
+                        "certificate, health probes included (20/1)")
+    p.add_argument("--busy-timeout", type=float, default=2.0, metavar="S",
+                   help="how long a database lock held elsewhere is waited for before "
+                        "requests are answered 503 (2)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes accepting on the same socket (they share the state)")
 

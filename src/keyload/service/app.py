@@ -533,20 +533,21 @@ class ServiceApp:
         policy in force unchanged; either way the attempt is audited."""
         if self.policy_path is None:
             return False
+        if self.after_reload is not None:  # the workers read the file themselves
+            self.after_reload()
         try:
             new = Policy.load(self.policy_path)
         except (OSError, ValueError) as e:
-            log.error("policy reload refused: %s", e)
+            why = str(e).replace(str(self.policy_path), self.policy_path.name)
+            log.error("policy reload refused: %s", why)
             self._audit_soon("policy-reload-refused", {
-                "file": self.policy_path.name, "error": " ".join(str(e).split())[:300]})
+                "file": self.policy_path.name, "error": " ".join(why.split())[:300]})
             return False
         old, self.policy = self.policy, new
         log.warning("policy reloaded: %d clients, %d denied certificates", len(new.clients),
                     len(new.deny_sha256) + len(new.deny_serials))
         self._audit_soon("policy-reload", {"file": self.policy_path.name, **new.summary(),
                                            "previous_clients": len(old.clients)})
-        if self.after_reload is not None:
-            self.after_reload()
         return True
 
     def _audit_soon(self, action: str, detail: dict[str, Any]) -> None:

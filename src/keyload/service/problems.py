@@ -58,7 +58,8 @@ _SW_STATUS: dict[int, tuple[int, str, str]] = {
 
 def from_status_error(e: StatusError) -> Problem:
     status, slug, title = _SW_STATUS.get(e.code, (422, "refused", "the authority refuses"))
-    return Problem(status, slug, title, e.detail, sw=e.code)
+    return Problem(status, slug, title, e.detail, sw=e.code,
+                   headers={"Retry-After": "1"} if status == 503 else None)
 
 
 def malformed(detail: str, *, sw: bool = True) -> Problem:

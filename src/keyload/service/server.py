@@ -1,14 +1,18 @@
 """Running the service on uvicorn with mutual TLS, and where the client's identity comes from.
 
 uvicorn (0.54) does not implement the ASGI TLS extension: its scope has no
-``extensions["tls"]``. Two small pieces close the gap, without patching uvicorn:
+``extensions["tls"]``. Small pieces close the gap, without patching uvicorn:
 
 1. the TLS context is ours (:func:`server_context`, handed to uvicorn through
-   ``Config(ssl_context_factory=…)``): TLS 1.2 minimum, no renegotiation, the CA's
-   certificates as the only trust anchors, and ``CERT_OPTIONAL``: a certificate that is
-   presented must verify (or the handshake fails with an alert), and a client without
-   one reaches the app, which answers 401 problem+json (and audits the attempt) on
-   everything but ``/v1/health`` and ``/openapi.json``;
+   ``Config(ssl_context_factory=…)``): TLS 1.2 minimum with forward-secret AEAD suites
+   only (ECDHE with AES-GCM or ChaCha20-Poly1305), no renegotiation, the CA's
+   certificates as the only trust anchors, and ``CERT_OPTIONAL``. A certificate that is
+   presented must verify, or the handshake fails and the connection is closed — without
+   an alert: asyncio's and uvloop's TLS transports drop the alert OpenSSL queues when a
+   handshake fails (with TLS 1.3 the client sees its first read fail, or end). A client
+   without a certificate reaches the app, which serves it ``/v1/health`` and
+   ``/openapi.json`` and answers 401 problem+json on everything else; a certificate
+   without the clientAuth extended key usage is answered 401 the same way;
 2. a protocol subclass (:class:`MtlsH11Protocol`, :class:`MtlsHttpToolsProtocol`) whose
    ``connection_made`` — called by asyncio's SSL transport only after the handshake, so
    the peer certificate is the verified one — reads the leaf with
@@ -18,7 +22,12 @@ uvicorn (0.54) does not implement the ASGI TLS extension: its scope has no
    uvicorn reads ``self.app`` for each request cycle, so the identity is bound to the
    connection it was verified on; a request can neither add nor forge it (headers are
    not consulted, ``proxy_headers`` is off). Renegotiation is disabled, so the peer
-   certificate cannot change under a connection.
+   certificate cannot change under a connection. The same subclass admits the
+   connection into the app's pools (:mod:`.guard`), gives each request head a deadline
+   (408), and answers what uvicorn would answer in text/plain (a malformed request) as
+   problem+json, counted in the metrics and audited with the address's record;
+3. :class:`Server`: uvicorn's server with a TLS handshake timeout (uvicorn leaves
+   asyncio's 60 s) and its own concurrency limit off (the app's pools replace it).
 
 The app (:class:`~keyload.service.app.ServiceApp`) only reads the standard extension,
 so any server that implements it can host it unchanged.
