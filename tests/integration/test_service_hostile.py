@@ -590,3 +590,26 @@ def test_health_stays_reachable_without_opening_the_export_path(fast: Running) -
     s, h, b = raw(fast, "GET", "/v1/metrics", client=None)
     problem(s, h, b, 401, "unauthenticated")
 
+
+
+def test_anonymous_audit_is_bounded_per_minute_and_counts_ipv6_by_prefix() -> None:
+    from keyload.service.guard import AnonymousAudit, peer_of
+
+    agg = AnonymousAudit()
+    for i in range(5000):  # 5,000 addresses within one minute
+        agg.note(f"10.0.{i // 256}.{i % 256}", "/v1/health", 200, now=600.0 + i / 1000)
+    agg.note("10.0.0.0", "connection", 400, client="x" * 100, now=601.0)
+    assert agg.due(now=659.0) == []  # the minute is not over
+    recs = agg.due(now=660.0)
+    assert len(recs) == 1025  # 1,024 addresses apart, the rest as "other"
+    assert sum(r["requests"] for r in recs) == 5001
+    other = next(r for r in recs if r["peer"] == "other")
+    assert other["requests"] == 5000 - 1024
+    first = next(r for r in recs if r["peer"] == "10.0.0.0")
+    assert first["status"] == {"200": 1, "400": 1} and first["clients"] == ["x" * 64]
+    assert first["minute"] == "1970-01-01T00:10Z"
+    assert len(agg) == 0 and agg.due(now=10_000.0) == []
+    assert peer_of("2001:db8:1:2:3:4:5:6") == peer_of("2001:db8:1:2::99") == \
+        "2001:db8:1:2::/64"
+    assert peer_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert peer_of(None) == "unknown"
