@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from keyload.core import klp1
 from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
+from keyload.core.suites import get_suite
 from keyload.service.client import HttpsAuthority, ServiceClient, client_context
 from keyload.service.pki import init_pki
 from keyload.station.load import AuthorityClient, LoadResult, UnitClient, load_key
@@ -161,8 +163,8 @@ def receipt_body(res: LoadResult) -> bytes:
 
 
 def client_proc(url: str, d: str, set_id: bytes, t: bytes, threads: int, seconds: float,
-                lean: bool, full: bool, q: mp.Queue[tuple[list[float], int, float, str]]
-                ) -> None:
+                lean: bool, full: bool, q: mp.Queue[tuple[list[float], int, float, str]],
+                lean_unit: bool = False) -> None:
     # the benchmark stops its clients (terminate) if it is interrupted
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -212,9 +214,20 @@ def client_proc(url: str, d: str, set_id: bytes, t: bytes, threads: int, seconds
         tsec = Secret(t)
         start.wait()
         end = time.perf_counter() + seconds
+        suite = get_suite(1)
         while time.perf_counter() < end:
             try:
-                if full:
+                if full and lean_unit:
+                    # the unit's side reduced to what the service sees of it: the receipt
+                    # it computes after IMPORTKEY (klp1.receipt, from T, SN, R, REF2, H and
+                    # KCV) — the server's work is the same, the generator's far smaller
+                    sn, r = os.urandom(8), os.urandom(16)
+                    t0 = time.perf_counter()
+                    resp = export(msg.ExportRequest(sn, r, set_id, 1, REF1, REF2))
+                    rct = klp1.receipt(suite, tsec, sn, r, REF2, resp.header, resp.kcv)
+                    receipt(LoadResult(sn, set_id, REF1, REF2, 1, r, resp.header, resp.kcv,
+                                       rct))
+                elif full:
                     # a unit as delivered (SN, T, one empty slot): setup, not timed
                     unit = Unit(MemoryUnitStore(UnitState.new(
                         os.urandom(8), tsec, {REF2: Slot(REF2, accepts)})))
@@ -425,6 +438,9 @@ def merge_windows(ws: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+UNIT = "emulated"  # --unit: how --full plays the unit's side
+
+
 def sample(urls: list[str], d: Path, set_id: bytes, t: bytes, conc: int, seconds: float,
            server_pids: list[int], lean: bool, full: bool,
            hostile: Hostile | None = None) -> dict[str, Any]:
@@ -433,7 +449,7 @@ def sample(urls: list[str], d: Path, set_id: bytes, t: bytes, conc: int, seconds
     q: mp.Queue[tuple[list[float], int, float, str]] = mp.Queue()
     per = [conc // procs_n + (1 if i < conc % procs_n else 0) for i in range(procs_n)]
     ps = [mp.Process(target=client_proc, args=(urls[i % len(urls)], str(d), set_id, t, n,
-                                               seconds, lean, full, q))
+                                               seconds, lean, full, q, UNIT == "receipt"))
           for i, n in enumerate(per)]
     for p in ps:
         p.start()
@@ -532,9 +548,14 @@ def run(d: Path, args: argparse.Namespace, state: str | None) -> dict[str, Any]:
         rate = in_process_rate(d, set_id, min(args.seconds, 3.0))
         print(f"in-process EXPORTKEY: {rate:,.0f}/s")
         if args.full:
-            print("download: full (a fresh emulated unit's INITIALIZE DOWNLOAD, EXPORTKEY to "
-                  "the service, IMPORTKEY in the unit, POST /v1/receipts verified there); "
-                  "the unit's work is in the client CPU")
+            if UNIT == "receipt":
+                print("download: full (EXPORTKEY to the service, the receipt the unit computes "
+                      "after IMPORTKEY, POST /v1/receipts verified there); the unit's "
+                      "work is in the client CPU")
+            else:
+                print("download: full (a fresh emulated unit's INITIALIZE DOWNLOAD, "
+                      "EXPORTKEY to the service, IMPORTKEY in the unit, POST /v1/receipts "
+                      "verified there); the unit's work is in the client CPU")
         per_addr = args.hostile_per_address
         if args.hostile:
             print(f"hostile: {args.hostile} TLS connections without a client certificate, "
@@ -646,6 +667,11 @@ def main() -> int:
     ap.add_argument("--full", action="store_true",
                     help="a download is INITIALIZE DOWNLOAD in a fresh emulated unit, "
                          "EXPORTKEY, the unit's IMPORTKEY and POST /v1/receipts")
+    ap.add_argument("--unit", choices=["emulated", "receipt"], default="emulated",
+                    help="--full: an emulated unit per download (load_key: INITIALIZE "
+                         "DOWNLOAD, IMPORTKEY, KCV check), or only the receipt the unit "
+                         "computes after IMPORTKEY (klp1.receipt), so that the load "
+                         "generator takes less of the cores it shares with the server")
     ap.add_argument("--hostile", type=int, default=0, metavar="N",
                     help="then measure again with N TLS connections without a client "
                          "certificate trickling a request head (another process)")
@@ -658,6 +684,8 @@ def main() -> int:
                          "taking turns (their figures pooled)")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
+    global UNIT
+    UNIT = args.unit
     if args.instances > 1 and args.state == "sqlite":
         ap.error("several instances share PostgreSQL: --state postgresql")
     if args.hostile < 0 or args.hostile_per_address < 1 or args.hostile_trickle <= 0 or \

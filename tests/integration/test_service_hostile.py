@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from keyload.core import messages as msg
 from keyload.service.client import ServiceClient
 from keyload.service.guard import ConnectionLimits
 from keyload.service.policy import Rate
@@ -613,3 +614,47 @@ def test_anonymous_audit_is_bounded_per_minute_and_counts_ipv6_by_prefix() -> No
         "2001:db8:1:2::/64"
     assert peer_of("::ffff:192.0.2.7") == "192.0.2.7"
     assert peer_of(None) == "unknown"
+
+
+# -- 3. receipts are evidence: never refused by the rate limiter -------------------------------
+def test_receipts_of_own_exports_pass_a_spent_per_client_limit(world: World) -> None:
+    """slowpoke may make 2 requests an hour: two downloads spend them; their receipts are
+    still recorded (on the old code the first receipt got 429 and was lost); anything else
+    it sends is refused 429."""
+    from keyload.service.client import HttpsAuthority, ServiceRefused
+    from keyload.station.load import UnitClient, load_key
+    from keyload.transports.local import LocalConnection
+
+    run = start_service(world, policy_doc(world))
+    cert, key = world.client_paths("slowpoke")
+    c = ServiceClient(run.url, ca=world.pki / "ca.pem", cert=cert, key=key)
+    fleet = world.fleet()
+    try:
+        results = []
+        for sn in world.units_a[:2]:
+            unit = fleet.open_unit(sn)
+            try:
+                results.append(load_key(UnitClient(LocalConnection(unit)), HttpsAuthority(c),
+                                        b"TMK-1", 1))
+            finally:
+                unit.close()
+        with pytest.raises(ServiceRefused) as e:  # the limit is spent
+            c.export(msg.ExportRequest(world.units_a[2], os.urandom(16), world.set_a, 1,
+                                       b"TMK-1", 1))
+        assert e.value.status == 429
+        for res in results:
+            assert c.post_receipt(res)["status"] == "recorded"
+        assert len(run.inst.store.ledger()) == 2
+        again = c.request("POST", "/v1/receipts", json.dumps({
+            "sn": results[0].sn.hex(), "r": results[0].r.hex(), "ref2": 1,
+            "kcv": results[0].kcv.hex(), "rct": results[0].rct.hex()}).encode(),
+            "application/json")
+        assert again.status == 200  # a retry of its own receipt: answered, not limited
+        stranger = c.request("POST", "/v1/receipts", json.dumps({
+            "sn": "0a0b0c0d0e", "r": "00" * 16, "ref2": 1, "kcv": "00" * 5,
+            "rct": "00" * 16}).encode(), "application/json")
+        assert stranger.status == 429 and stranger.problem()["type"].endswith("rate-limited")
+    finally:
+        c.close()
+        fleet.close()
+        run.stop()
