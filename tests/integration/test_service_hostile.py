@@ -658,3 +658,42 @@ def test_receipts_of_own_exports_pass_a_spent_per_client_limit(world: World) -> 
         c.close()
         fleet.close()
         run.stop()
+
+
+def test_an_address_is_refused_before_tls_over_its_sockets_or_connect_rate(
+        world: World) -> None:
+    """Before any handshake: one address may hold ``per_peer`` sockets (handshakes
+    included) and open ``connect_rate`` new ones; the rest are closed at once."""
+    limits = ConnectionLimits(per_peer=5, connect_rate=Rate(6, 30.0), handshake_timeout=20)
+    run = start_service(world, policy_doc(world), limits=limits)
+    try:
+        port = run.server.port
+        held = [socket.create_connection(("127.0.0.1", port), source_address=("127.0.7.1", 0))
+                for _ in range(5)]  # TCP only: handshakes never started
+        t0 = time.monotonic()
+        sixth = socket.create_connection(("127.0.0.1", port), source_address=("127.0.7.1", 0))
+        sixth.settimeout(5)
+        assert read_answer(sixth) == b""  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 2  # closed at once, not at the handshake timeout
+        # another address is served meanwhile
+        s = connect(run, source="127.0.7.2")
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.settimeout(5)
+        assert parse(read_answer(s))[0] == 200
+        s.close()
+        for h in (*held, sixth):
+            h.close()
+        # five admitted from 127.0.7.1 so far (the refused one is not counted): one more
+        # within 30 s, then its connect rate refuses
+        time.sleep(0.3)
+        ok = connect(run, source="127.0.7.1")
+        ok.close()
+        t0 = time.monotonic()
+        late = socket.create_connection(("127.0.0.1", port), source_address=("127.0.7.1", 0))
+        late.settimeout(5)
+        assert read_answer(late) == b""  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 2
+        late.close()
+        assert run.inst.app.doorway.refused == 2
+    finally:
+        run.stop()

@@ -174,18 +174,23 @@ def connection_limits(args: argparse.Namespace) -> Any:
     from ..service.guard import ConnectionLimits
     from ..service.policy import Rate
 
-    try:
-        limit, _, window = args.anonymous_rate.partition("/")
-        rate = Rate(int(limit), float(window or 1))
-    except ValueError:
-        raise ValueError("--anonymous-rate: N/SECONDS, e.g. 20/1") from None
-    if rate.limit < 1 or not 0.001 <= rate.window_s <= 86400:
-        raise ValueError("--anonymous-rate: N >= 1 requests per 0.001..86400 s")
+    def rate_of(flag: str, value: str) -> Rate:
+        try:
+            limit, _, window = value.partition("/")
+            rate = Rate(int(limit), float(window or 1))
+        except ValueError:
+            raise ValueError(f"{flag}: N/SECONDS, e.g. 20/1") from None
+        if rate.limit < 1 or not 0.001 <= rate.window_s <= 86400:
+            raise ValueError(f"{flag}: N >= 1 per 0.001..86400 s")
+        return rate
+
+    rate = rate_of("--anonymous-rate", args.anonymous_rate)
     return ConnectionLimits(
         handshake_timeout=args.handshake_timeout, head_timeout=args.head_timeout,
         body_timeout=args.body_timeout, authorized=args.max_connections,
         anonymous=args.max_anonymous, per_peer=args.max_per_address,
-        anonymous_per_peer=args.max_anonymous_per_address, anonymous_rate=rate)
+        anonymous_per_peer=args.max_anonymous_per_address, anonymous_rate=rate,
+        connect_rate=rate_of("--connect-rate", args.connect_rate))
 
 
 def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
@@ -469,10 +474,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="a request body not complete S seconds after its head: 408 (10)")
     p.add_argument("--max-connections", type=int, default=4096, metavar="N",
                    help="connections with an authorized client certificate (4096)")
-    p.add_argument("--max-anonymous", type=int, default=256, metavar="N",
-                   help="connections without one; when full, the oldest is closed (256)")
+    p.add_argument("--max-anonymous", type=int, default=1024, metavar="N",
+                   help="connections without one; when full, the oldest is closed (1024)")
     p.add_argument("--max-per-address", type=int, default=256, metavar="N",
-                   help="connections from one address, an IPv6 /64 counting as one (256)")
+                   help="open sockets from one address, TLS handshakes included, an IPv6 "
+                        "/64 counting as one; more are closed before TLS (256)")
+    p.add_argument("--connect-rate", default="100/10", metavar="N/S",
+                   help="new connections per S seconds from one address; more are closed "
+                        "before TLS (100/10)")
     p.add_argument("--max-anonymous-per-address", type=int, default=8, metavar="N",
                    help="of which without an authorized certificate (8)")
     p.add_argument("--anonymous-rate", default="20/1", metavar="N/S",

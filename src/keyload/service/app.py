@@ -62,7 +62,7 @@ from ..units.authority import Authority
 from ..units.keystore import display_ref1
 from . import problems as P
 from .commit import Busy, GroupCommit
-from .guard import AnonymousAudit, ConnectionLimits, Connections, peer_of
+from .guard import AnonymousAudit, ConnectionLimits, Connections, Doorway, peer_of
 from .openapi import openapi_document
 from .pki import fingerprint
 from .policy import ClientRule, Policy
@@ -259,6 +259,7 @@ class ServiceApp:
         self.db_timeout = db_timeout
         self.metrics = Metrics()
         self.connections = Connections(self.limits)
+        self.doorway = Doorway(self.limits)
         self.anonymous = AnonymousAudit()
         self.after_reload: Callable[[], None] | None = None  # e.g. tell the workers
         self._peer_rates = MemoryRates()
@@ -520,7 +521,7 @@ class ServiceApp:
         text = self.metrics.render(self.instance)
         if self.commits is not None:
             text += _commit_metrics(self.instance, self.commits)
-        conns = self.connections.counts()
+        conns = {**self.connections.counts(), "refused_before_tls": self.doorway.refused}
         text += ("# HELP keyload_connections Open connections by pool; refused and evicted "
                  "since start.\n# TYPE keyload_connections gauge\n")
         for k, v in conns.items():

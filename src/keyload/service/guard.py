@@ -3,14 +3,17 @@
 Anyone can open a TLS connection to the service (``/v1/health`` answers load-balancer
 probes without a certificate), so an anonymous client must not be able to take it down:
 
-- **connections** (:class:`Connections`): at most ``per_peer`` from one address (an
-  IPv6 client counts by its /64), of which at most ``anonymous_per_peer`` without an
-  authorized certificate; anonymous connections share a pool of ``anonymous`` — when
-  it is full the oldest anonymous connection is closed to make room — apart from the
-  ``authorized`` pool, so a flood of anonymous connections never starves authorized
-  clients. The TLS handshake and every request head must complete within their
-  timeouts (:mod:`.server`);
-- **requests** (:class:`~.store.MemoryRates` per peer, :attr:`Guard.anonymous_rate`):
+- **before TLS** (:class:`Doorway`): at most ``per_peer`` open sockets from one address
+  (an IPv6 client counts by its /64), handshakes included, and at most
+  ``connect_rate`` new connections from it; the rest are closed at once, before a
+  handshake costs anything. A handshake must complete within ``handshake_timeout``;
+- **after TLS** (:class:`Connections`): connections with an authorized certificate and
+  the others are admitted to two pools (``authorized``, ``anonymous``), so a flood of
+  anonymous connections never starves authorized clients; when the anonymous pool is
+  full its oldest connection is closed to make room (a load balancer's probe still gets
+  in), and one address may hold ``anonymous_per_peer`` anonymous connections (429).
+  Every request head must complete within ``head_timeout`` (:mod:`.server`);
+- **requests** (:class:`~.store.MemoryRates` per address, ``anonymous_rate``):
   requests that no authorized client makes are limited per address before they cost
   anything but parsing (429);
 - **evidence** (:class:`AnonymousAudit`): they are audited as one record per address and
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policy import Rate
+from .store import MemoryRates
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +41,11 @@ class ConnectionLimits:
     head_timeout: float = 10.0  # request line and headers, from the first byte (or accept)
     body_timeout: float = 10.0  # a request's body, from the end of its head
     authorized: int = 4096  # connections with an authorized certificate, all addresses
-    anonymous: int = 256  # the others, all addresses
-    per_peer: int = 256  # connections from one address
+    anonymous: int = 1024  # the others, all addresses
+    per_peer: int = 256  # connections from one address, handshakes included
     anonymous_per_peer: int = 8  # of which without an authorized certificate
     anonymous_rate: Rate = Rate(20, 1.0)  # noqa: RUF009  (frozen: one shared value is fine)
+    connect_rate: Rate = Rate(100, 10.0)  # noqa: RUF009  new connections from one address
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "head_timeout", "body_timeout"):
@@ -67,6 +72,30 @@ def peer_of(host: str | None) -> str:
     return str(ip)
 
 
+class Doorway:
+    """Admission before the TLS handshake, by address: at most ``per_peer`` open sockets
+    (handshakes included: every one is a descriptor and may cost a handshake) and
+    ``connect_rate`` new connections. A socket refused here is closed at once, before
+    the server spends anything on it (no answer can be sent before TLS)."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.open: dict[str, int] = {}
+        self._rates = MemoryRates()
+        self.refused = 0
+
+    def enter(self, peer: str, now: float) -> bool:
+        if self.open.get(peer, 0) >= self.limits.per_peer or \
+                not self._rates.hit(peer, self.limits.connect_rate, now):
+            self.refused += 1
+            return False
+        self.open[peer] = self.open.get(peer, 0) + 1
+        return True
+
+    def leave(self, peer: str) -> None:
+        _dec(self.open, peer)
+
+
 class Connections:
     """Open connections by pool and address (one event loop: no locking)."""
 
@@ -83,9 +112,6 @@ class Connections:
         """``("", evict)`` to keep ``conn`` (closing ``evict`` first), else the reason it
         is refused: ``"peer"`` (its address has too many) or ``"full"``."""
         lim = self.limits
-        if self.per_peer.get(peer, 0) >= lim.per_peer:
-            self.refused += 1
-            return "peer", []
         evict: list[object] = []
         if authorized:
             if len(self.authorized) >= lim.authorized:
@@ -119,6 +145,9 @@ class Connections:
     def counts(self) -> dict[str, int]:
         return {"authorized": len(self.authorized), "anonymous": len(self.anonymous),
                 "refused": self.refused, "evicted": self.evicted}
+
+    def peer_count(self, peer: str) -> int:
+        return self.per_peer.get(peer, 0)
 
 
 def _dec(d: dict[str, int], k: str) -> None:
@@ -193,4 +222,4 @@ class AnonymousAudit:
         return len(self._m)
 
 
-__all__ = ["AnonymousAudit", "ConnectionLimits", "Connections", "peer_of"]
+__all__ = ["AnonymousAudit", "ConnectionLimits", "Connections", "Doorway", "peer_of"]

@@ -36,11 +36,13 @@ so any server that implements it can host it unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import MAX_HEAD, ServiceApp
-from .guard import peer_of
+from .guard import Doorway, peer_of
 from .problems import Problem
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -124,6 +126,8 @@ class _Guarded:
     _who: str | None = None
     _admitted = False
     _head_timer: asyncio.TimerHandle | None = None
+    _door: Doorway | None = None  # admitted before TLS by this doorway, as _door_peer
+    _door_peer = ""
 
     def _guard_made(self, transport: asyncio.Transport) -> bool:
         """After the handshake: classify, admit or refuse; arm the head deadline."""
@@ -154,6 +158,9 @@ class _Guarded:
 
     def _guard_lost(self) -> None:
         self._disarm_head()
+        if self._door is not None:
+            self._door.leave(self._door_peer)
+            self._door = None
         if self._admitted and self.service is not None:
             self.service.connections.release(self)
             self._admitted = False
@@ -363,12 +370,77 @@ class Server(uvicorn.Server):
                 app_state=self.lifespan.state, _loop=_loop)
 
         loop = asyncio.get_running_loop()
+        app = config.loaded_app
         self.servers = []
         for sock in sockets:
-            self.servers.append(await loop.create_server(
-                create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
-                ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=5.0))
+            if isinstance(app, ServiceApp):
+                self.servers.append(_Acceptor(  # type: ignore[arg-type]
+                    loop, sock, create_protocol, config.ssl, self.handshake_timeout,
+                    app.doorway))
+            else:
+                self.servers.append(await loop.create_server(
+                    create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
+                    ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=5.0))
         self.started = True
+
+
+class _Acceptor:
+    """Accepts on a listening socket itself, so that an address is admitted (or the
+    socket closed) before its TLS handshake costs anything (:class:`~.guard.Doorway`);
+    then ``connect_accepted_socket`` runs the handshake under its timeout. ``close()``
+    stops accepting (what uvicorn's shutdown calls on its servers)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.Protocol], ctx: ssl.SSLContext | None,
+                 handshake_timeout: float, door: Doorway) -> None:
+        self.loop, self.sock, self.factory, self.ctx = loop, sock, factory, ctx
+        self.handshake_timeout = handshake_timeout
+        self.door = door
+        self._opening: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        self._task = loop.create_task(self._accept())
+
+    async def _accept(self) -> None:
+        while True:
+            try:
+                conn, addr = await self.loop.sock_accept(self.sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError:  # out of descriptors, a connection reset in the queue
+                await asyncio.sleep(0.05)
+                continue
+            peer = peer_of(addr[0] if isinstance(addr, tuple) else None)
+            if not self.door.enter(peer, time.monotonic()):
+                conn.close()
+                continue
+            t = self.loop.create_task(self._open(conn, peer))
+            self._opening.add(t)
+            t.add_done_callback(self._opening.discard)
+
+    async def _open(self, conn: socket.socket, peer: str) -> None:
+        def factory() -> asyncio.Protocol:
+            proto = self.factory()
+            if isinstance(proto, _Guarded):
+                proto._door, proto._door_peer = self.door, peer
+            return proto
+
+        try:
+            await self.loop.connect_accepted_socket(
+                factory, conn, ssl=self.ctx, ssl_handshake_timeout=self.handshake_timeout,
+                ssl_shutdown_timeout=5.0)
+        except Exception:  # the handshake failed or timed out: nothing was served
+            self.door.leave(peer)
+            conn.close()
+
+    def close(self) -> None:
+        self._task.cancel()
+        for t in list(self._opening):
+            t.cancel()
+
+    async def wait_closed(self) -> None:
+        """Done once accepting has stopped (open connections are uvicorn's to end)."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 def raise_fd_limit() -> int:
