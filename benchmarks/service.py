@@ -224,7 +224,7 @@ def client_proc(url: str, d: str, set_id: bytes, t: bytes, threads: int, seconds
                     sn, r = os.urandom(8), os.urandom(16)
                     t0 = time.perf_counter()
                     resp = export(msg.ExportRequest(sn, r, set_id, 1, REF1, REF2))
-                    rct = klp1.receipt(suite, tsec, sn, r, REF2, resp.header, resp.kcv)
+                    rct = klp1.receipt(suite, t, sn, r, REF2, resp.header, resp.kcv)
                     receipt(LoadResult(sn, set_id, REF1, REF2, 1, r, resp.header, resp.kcv,
                                        rct))
                 elif full:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,3 +349,23 @@ def test_service_fetch_retries_a_receipt_the_service_could_not_record(tmp_path: 
         assert slot_state(w, w.units_a[0], 1).kcv is not None
     finally:
         run.stop()
+
+
+def test_service_checkpoints_run_off_the_event_loop(h: Harness) -> None:
+    """The loop's connections never checkpoint (the fsyncs); a thread of its own does."""
+    cp = h.inst.checkpoints
+    assert cp is not None and cp._thread.is_alive()
+    for db in (h.inst.exports.db, h.inst.store.db, h.inst.store.audit.db):  # type: ignore[attr-defined]
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 0  # never waits on the loop
+    before = cp.checkpoints
+    for i in range(20):
+        assert h.request("POST", "/v1/exportkey", h.export_body(i))["status"] == 200
+    deadline = time.monotonic() + 5
+    while cp.checkpoints < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cp.checkpoints >= before + 3
+    wal = h.world.home / "service.db-wal"
+    frames = h.rows("service.db", "PRAGMA wal_checkpoint(PASSIVE)")[0]
+    assert frames[0] == 0 and frames[1] == frames[2]  # everything written was checkpointed
+    assert wal.exists()

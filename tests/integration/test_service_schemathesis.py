@@ -110,15 +110,15 @@ def _tls(run: Running) -> tuple[str, tuple[str, str]]:
 
 
 def _unlimited_public_routes() -> dict[str, Any]:
-    """The limit on requests per address without an authorized certificate (the public
-    routes count too) is lifted: this run sends hundreds a second from one address, and
-    checks that each answer is documented, not the limit (test_service.py does)."""
-    try:
-        from keyload.service.guard import ConnectionLimits
-        from keyload.service.policy import Rate
-    except ImportError:  # a service without per-address limits
-        return {}
-    return {"limits": ConnectionLimits(anonymous_rate=Rate(1_000_000, 1.0))}
+    """The limits per address — requests without an authorized certificate (the public
+    routes count too) and new connections — are lifted: this run sends hundreds of
+    requests a second from one address, on new connections too, and checks that each
+    answer is documented, not the limits (test_service_hostile.py does)."""
+    from keyload.service.guard import ConnectionLimits
+    from keyload.service.policy import Rate
+
+    return {"limits": ConnectionLimits(anonymous_rate=Rate(1_000_000, 1.0),
+                                       connect_rate=Rate(1_000_000, 1.0))}
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,13 @@ amount of disk.
 
 An authorized request, in order: request head size (431), route (404, 405), body size
 (413, before reading when Content-Length says so, else while reading) and time (408) —
-on the event loop — then, on the database thread (:class:`~.commit.GroupCommit`): the
+on the event loop — then, in a batch of :class:`~.commit.GroupCommit`: the
 per-client rate limit (429; a receipt of the client's own export is never limited) ->
 media type (415) -> strict parsing (400, with SW 6A80) -> policy on set and REF1 (403)
 -> per-unit rate limit, keyed by (set, SN) (429) -> replay cache claim of (SN, R) (409)
 -> the authority (its status word in the problem) -> the export recorded -> an audit
 record -> the batch's commit -> the response. The event loop never waits for a
-database: a lock held elsewhere answers 503 after the busy timeout.
+database: a lock held elsewhere answers 503 after the busy timeout (:mod:`.commit`).
 
 Every answer the service sends is ``application/problem+json`` when it is a refusal
 (:mod:`.problems`; the server's own answers too: :mod:`.server`) and is counted in
@@ -241,7 +241,7 @@ class ServiceApp:
 
     ``limits``: the connection and anonymous-request limits (:mod:`.guard`);
     ``policy_path``: where :meth:`reload_policy` (SIGHUP) reads the policy again;
-    ``db_timeout``: how long a request waits for the database thread before a 503."""
+    ``db_timeout``: how long a request waits for a PostgreSQL batch before a 503."""
 
     def __init__(self, authority: Authority, store: ServiceStore, policy: Policy, *,
                  instance: str = "keyload", clock: Callable[[], float] = time.time,
@@ -293,7 +293,7 @@ class ServiceApp:
     async def _handle(self, scope: Scope, receive: Receive, req: _Req, rid: str,
                       route: str) -> Answer:
         """Who asks decides the path: a client the policy authorizes gets one audit
-        record per request, written with its work on the database thread; anyone else
+        record per request, written in the batch of its work; anyone else
         (and the public routes) is limited per address and audited in aggregate."""
         try:
             rule: ClientRule | None = self._client(scope, req)
@@ -323,7 +323,8 @@ class ServiceApp:
             return _problem_answer(_state_down(e), rid, req)
 
     async def _db(self, fn: Callable[[], T], *, timeout: float | None = None) -> T:
-        """``fn`` on the database thread, in a batch (inline without group commit)."""
+        """``fn`` in a batch (on its own, committed statement by statement, without
+        group commit)."""
         if self.commits is None:
             return fn()
         return await self.commits.run(fn, timeout=timeout or self.db_timeout)
@@ -363,9 +364,8 @@ class ServiceApp:
                             headers={"Allow": ", ".join(allowed)})
 
     async def _health(self, req: _Req) -> Answer:
-        """Up only when the state can be written (the probe runs in a batch on the
-        database thread: a lock held elsewhere shows as ``busy``) and the authority
-        answers."""
+        """Up only when the state can be written (the probe runs in a batch: a lock
+        held elsewhere shows as ``busy``) and the authority answers."""
         def probe() -> dict[str, str]:
             checks: dict[str, str] = {}
             for name, fn in (("state", self.store.ping),
@@ -473,10 +473,10 @@ class ServiceApp:
         except TimeoutError:
             raise P.timeout("request body", self.limits.body_timeout) from None
 
-    # -- an authorized client's request, on the database thread ------------------------
+    # -- an authorized client's request, in a batch ---------------------------------------
     def _authorized(self, rule: ClientRule, body: bytes | None, ctype: str,
                     early: P.Problem | None, req: _Req, rid: str, route: str) -> Answer:
-        """The request's work and its audit record, in the database thread's batch."""
+        """The request's work and its audit record, in one batch."""
         try:
             if early is not None:
                 raise early

@@ -11,10 +11,10 @@ from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
 from ..units.storage import SqliteBatch
 from .app import ServiceApp
-from .commit import Batched, GroupCommit
+from .commit import Batched, Checkpointer, GroupCommit
 from .guard import ConnectionLimits
 from .policy import Policy
-from .store import PostgresServiceStore, ServiceStore, open_store
+from .store import PostgresServiceStore, ServiceStore, SqliteServiceStore, open_store
 
 
 @dataclass
@@ -24,10 +24,13 @@ class Instance:
     app: ServiceApp
     store: ServiceStore
     exports: SqliteExportLog
+    checkpoints: Checkpointer | None = None
 
     def close(self) -> None:
         if self.app.commits is not None:
             self.app.commits.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
         self.store.close()
         self.exports.close()
 
@@ -49,16 +52,27 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     ``processes``: how many processes serve from this state here (``--workers``); with
     one and SQLite, the rate counters are kept in memory, else in the shared state.
     ``busy_timeout``: how long a database lock held elsewhere is waited for before the
-    batch fails (503): short, so that a stuck writer cannot stall the service."""
+    batch fails (503): short, so that a stuck writer cannot stall the service. With
+    SQLite state the batches run on the event loop and never wait there (the busy
+    timeout is waited out by a timer; checkpoints run on their own thread); with
+    PostgreSQL they run on a database thread (:mod:`.commit`)."""
     pg = is_postgres_url(state)
     audit = None if pg else AuditLog(audit_path, actor="service")
     store = open_store(state, home_root, audit, shared_rates=processes > 1,
                        busy_timeout=busy_timeout)
     exports = SqliteExportLog(authority_dir / "exports.db")
-    ms = int(busy_timeout * 1000)
-    for db in (exports.db, getattr(store, "db", None), getattr(audit, "db", None)):
-        if db is not None:
-            db.execute(f"PRAGMA busy_timeout = {ms}")
+    # on the loop (SQLite state, group commit): never wait for a lock there
+    ms = int(busy_timeout * 1000) if pg or not group_commit else 0
+    sqlite_dbs = [(exports.db, exports.path)]
+    if isinstance(store, SqliteServiceStore):
+        sqlite_dbs.append((store.db, store.path))
+    if audit is not None:
+        sqlite_dbs.append((audit.db, audit.path))
+    for db, _ in sqlite_dbs:
+        db.execute(f"PRAGMA busy_timeout = {ms}")
+        if ms == 0:
+            db.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer's work
+    checkpoints = Checkpointer([p for _, p in sqlite_dbs]) if ms == 0 else None
     authority = Authority(backend, log=exports)
     parts: list[Batched] = [exports]
     if isinstance(store, SqliteBatch | PostgresServiceStore):
@@ -67,7 +81,7 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
         parts.append(audit)
     # every process serving from this home (workers, or instances sharing it) takes turns
     commits = GroupCommit(parts, lock_path=home_root / "service.lock",
-                          busy_timeout=busy_timeout) if group_commit else None
+                          busy_timeout=busy_timeout, thread=pg) if group_commit else None
     return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits,
                                limits=limits, policy_path=policy_path),
-                    store, exports)
+                    store, exports, checkpoints)
