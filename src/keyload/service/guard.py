@@ -23,6 +23,7 @@ probes without a certificate), so an anonymous client must not be able to take i
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -57,6 +58,7 @@ class ConnectionLimits:
                 raise ValueError(f"connection limit {name}: at least 1")
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_of(host: str | None) -> str:
     """The address a limit counts by: IPv4 as is, IPv6 by its /64 (one host has many)."""
     if not host:

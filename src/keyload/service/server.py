@@ -107,6 +107,39 @@ def _wrap(app: Any, ext: dict[str, Any] | None) -> Any:
     return with_tls
 
 
+class _Corked:
+    """A transport whose writes of one pass of the event loop leave as one: uvicorn
+    writes a response's head and its body separately, which over TLS is two records
+    and two system calls; here they are joined. Everything else is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._t = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._buf:
+            self._loop.call_soon(self._flush)
+        self._buf.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._buf:
+            data, self._buf = b"".join(self._buf), []
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def abort(self) -> None:
+        self._buf = []
+        self._t.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
 _PHRASES = {400: "Bad Request", 408: "Request Timeout", 429: "Too Many Requests",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
@@ -217,7 +250,7 @@ class MtlsH11Protocol(_Guarded, H11Protocol):
     the service's connection guard."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_Corked(transport, self.loop))  # type: ignore[arg-type]
         self._guard_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,7 +287,7 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
         _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(_Corked(transport, self.loop))  # type: ignore[arg-type]
             self._guard_made(transport)
 
         def connection_lost(self, exc: Exception | None) -> None:
