@@ -331,6 +331,7 @@ def hostile_proc(targets: list[tuple[str, int]], n: int, per_addr: int, interval
             bump(OPENED, 1)
             bump(OPEN, 1)
             opened = time.monotonic()
+            k = 0  # each connection trickles its own head from the start
             try:
                 with contextlib.suppress(Exception):  # reset by the server, or else: closed
                     writer.write(HOSTILE_HEAD)
@@ -512,6 +513,10 @@ def start_servers(d: Path, args: argparse.Namespace, state: str | None,
              str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
              str(d / "policy.json"), "--port", "0", "--http", args.http, "--loop", args.loop,
              "--workers", str(args.workers), "--instance", f"bench-{i}",
+             # the load generator is one address (127.0.0.1) opening every client's
+             # connection in each round: its connect rate is lifted (the hostile
+             # connections come from other addresses and keep the default)
+             "--connect-rate", "1000000/1",
              *(["--state", state] if state else [])],
             stdout=subprocess.PIPE, text=True, env=env,
             preexec_fn=die_with_parent)  # the server ends with the benchmark

@@ -697,3 +697,28 @@ def test_an_address_is_refused_before_tls_over_its_sockets_or_connect_rate(
         assert run.inst.app.doorway.refused == 2
     finally:
         run.stop()
+
+
+def test_an_address_that_keeps_connecting_without_a_certificate_gets_no_handshake(
+        world: World) -> None:
+    """The handshake is what a connection flood costs: an address past its budget of
+    connections without an authorized certificate is closed before TLS."""
+    limits = ConnectionLimits(anonymous_connect_rate=Rate(3, 60.0))
+    run = start_service(world, policy_doc(world), limits=limits)
+    try:
+        for _ in range(3):
+            s = connect(run, source="127.0.8.1")
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.settimeout(5)
+            assert parse(read_answer(s))[0] == 200
+            s.close()
+        refused_before = run.inst.app.doorway.refused
+        with pytest.raises((ssl.SSLError, OSError)):
+            connect(run, source="127.0.8.1", timeout=5)
+        assert run.inst.app.doorway.refused == refused_before + 1
+        # an authorized client elsewhere, and anonymous ones from other addresses, are not
+        assert export_ok(run, world.units_a[0]) == 200
+        s = connect(run, source="127.0.8.2")
+        s.close()
+    finally:
+        run.stop()

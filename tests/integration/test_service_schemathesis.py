@@ -118,7 +118,8 @@ def _unlimited_public_routes() -> dict[str, Any]:
     from keyload.service.policy import Rate
 
     return {"limits": ConnectionLimits(anonymous_rate=Rate(1_000_000, 1.0),
-                                       connect_rate=Rate(1_000_000, 1.0))}
+                                       connect_rate=Rate(1_000_000, 1.0),
+                                       anonymous_connect_rate=Rate(1_000_000, 1.0))}
 
 
 @pytest.fixture(scope="module")

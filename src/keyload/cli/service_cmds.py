@@ -190,7 +190,8 @@ def connection_limits(args: argparse.Namespace) -> Any:
         body_timeout=args.body_timeout, authorized=args.max_connections,
         anonymous=args.max_anonymous, per_peer=args.max_per_address,
         anonymous_per_peer=args.max_anonymous_per_address, anonymous_rate=rate,
-        connect_rate=rate_of("--connect-rate", args.connect_rate))
+        connect_rate=rate_of("--connect-rate", args.connect_rate),
+        anonymous_connect_rate=rate_of("--anonymous-connect-rate", args.anonymous_connect_rate))
 
 
 def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
@@ -479,9 +480,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--max-per-address", type=int, default=256, metavar="N",
                    help="open sockets from one address, TLS handshakes included, an IPv6 "
                         "/64 counting as one; more are closed before TLS (256)")
-    p.add_argument("--connect-rate", default="100/10", metavar="N/S",
+    p.add_argument("--anonymous-connect-rate", default="30/60", metavar="N/S",
+                   help="connections without an authorized certificate per S seconds "
+                        "from one address; past it the address is refused before TLS "
+                        "until the window lets one more in (30/60)")
+    p.add_argument("--connect-rate", default="200/10", metavar="N/S",
                    help="new connections per S seconds from one address; more are closed "
-                        "before TLS (100/10)")
+                        "before TLS (200/10)")
     p.add_argument("--max-anonymous-per-address", type=int, default=8, metavar="N",
                    help="of which without an authorized certificate (8)")
     p.add_argument("--anonymous-rate", default="20/1", metavar="N/S",

@@ -4,9 +4,11 @@ Anyone can open a TLS connection to the service (``/v1/health`` answers load-bal
 probes without a certificate), so an anonymous client must not be able to take it down:
 
 - **before TLS** (:class:`Doorway`): at most ``per_peer`` open sockets from one address
-  (an IPv6 client counts by its /64), handshakes included, and at most
-  ``connect_rate`` new connections from it; the rest are closed at once, before a
-  handshake costs anything. A handshake must complete within ``handshake_timeout``;
+  (an IPv6 client counts by its /64), handshakes included, at most ``connect_rate`` new
+  connections from it, and at most ``anonymous_connect_rate`` that turn out to have no
+  authorized certificate; the rest are closed at once, before a handshake costs
+  anything (the handshake is what a flood costs the server: most of its CPU). A
+  handshake must complete within ``handshake_timeout``;
 - **after TLS** (:class:`Connections`): connections with an authorized certificate and
   the others are admitted to two pools (``authorized``, ``anonymous``), so a flood of
   anonymous connections never starves authorized clients; when the anonymous pool is
@@ -46,7 +48,10 @@ class ConnectionLimits:
     per_peer: int = 256  # connections from one address, handshakes included
     anonymous_per_peer: int = 8  # of which without an authorized certificate
     anonymous_rate: Rate = Rate(20, 1.0)  # noqa: RUF009  (frozen: one shared value is fine)
-    connect_rate: Rate = Rate(100, 10.0)  # noqa: RUF009  new connections from one address
+    connect_rate: Rate = Rate(200, 10.0)  # noqa: RUF009  new connections from one address
+    # connections without an authorized certificate from one address; past it, the
+    # address gets no handshake until the window lets one more in
+    anonymous_connect_rate: Rate = Rate(30, 60.0)  # noqa: RUF009
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout", "head_timeout", "body_timeout"):
@@ -84,15 +89,24 @@ class Doorway:
         self.limits = limits
         self.open: dict[str, int] = {}
         self._rates = MemoryRates()
+        self._anonymous = MemoryRates()
         self.refused = 0
 
     def enter(self, peer: str, now: float) -> bool:
-        if self.open.get(peer, 0) >= self.limits.per_peer or \
-                not self._rates.hit(peer, self.limits.connect_rate, now):
+        lim = self.limits
+        if self.open.get(peer, 0) >= lim.per_peer or \
+                self._anonymous.retry_after(peer, lim.anonymous_connect_rate, now) > 0 or \
+                not self._rates.hit(peer, lim.connect_rate, now):
             self.refused += 1
             return False
         self.open[peer] = self.open.get(peer, 0) + 1
         return True
+
+    def anonymous(self, peer: str, now: float) -> bool:
+        """Charge a connection that turned out to have no authorized certificate to its
+        address; False when the address is over ``anonymous_connect_rate`` (a handshake
+        already under way when the budget ran out)."""
+        return self._anonymous.hit(peer, self.limits.anonymous_connect_rate, now)
 
     def leave(self, peer: str) -> None:
         _dec(self.open, peer)

@@ -172,6 +172,12 @@ class _Guarded:
             return True
         self._peer = peer_of(self.client[0] if self.client else None)
         self._who = svc.authorized_client(ext)
+        if self._who is None and not svc.doorway.anonymous(self._peer, time.monotonic()):
+            self._answer(429, "too-many-connections", "too many connections",
+                         "too many connections without an authorized client certificate "
+                         "from this address", retry_after=int(
+                             svc.limits.anonymous_connect_rate.window_s))
+            return False
         refused, evict = svc.connections.admit(self, self._peer, self._who is not None)
         for old in evict:  # the oldest anonymous connection makes room
             if isinstance(old, _Guarded):
@@ -364,10 +370,13 @@ def runs_on(http: str, loop: str) -> tuple[str, str]:
 
 def make_config(app: Any, ctx: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 8443,
                 http: str = "h11", loop: str = "auto",
-                log_level: str = "warning") -> uvicorn.Config:
+                log_level: str = "error") -> uvicorn.Config:
     """uvicorn's configuration. Its own concurrency limit is off (it would answer a
     text/plain 503 to everyone once anonymous connections fill it): the app's
-    :class:`~.guard.Connections` admits connections by pool and address instead."""
+    :class:`~.guard.Connections` admits connections by pool and address instead.
+    uvicorn's warnings are off too: each is a line any anonymous client can make it
+    write (an invalid request, an unsupported upgrade); those answers are counted in
+    the metrics and in the address's audit record instead."""
     def factory(config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return ctx
 
