@@ -266,11 +266,11 @@ class MtlsH11Protocol(_Guarded, H11Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._admitted and self.service is not None:
             return  # refused: the answer is on its way out
-        if self._head_timer is None and self.conn.their_state is h11.IDLE:
-            self._arm_head()  # the first byte of a new request: its head has a deadline
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._disarm_head()  # the head is complete (or the connection is done)
+        elif self._head_timer is None and self.conn.trailing_data[0]:
+            self._arm_head()  # a head begun but not complete: it has a deadline
 
     def send_400_response(self, msg: str) -> None:
         _Guarded.send_400_response(self, msg)
@@ -303,7 +303,6 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head, self._head_bytes = True, 0
-            self._arm_head()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -315,6 +314,10 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
                 return
             super().data_received(data)
             if self._in_head and not self.transport.is_closing():
+                # a head begun but not complete in this read: it has a deadline (a head
+                # that arrives whole, the usual case, costs no timer)
+                if self._head_timer is None:
+                    self._arm_head()
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self.send_400_response("Request head too large.")
