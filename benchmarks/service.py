@@ -318,7 +318,6 @@ def hostile_proc(targets: list[tuple[str, int]], n: int, per_addr: int, interval
     async def one(i: int) -> None:
         host, port = targets[i % len(targets)]
         src = str(ipaddress.IPv4Address("127.0.0.2") + i // per_addr)
-        k = 0
         pause = 0.0
         while True:
             try:
@@ -331,24 +330,23 @@ def hostile_proc(targets: list[tuple[str, int]], n: int, per_addr: int, interval
             bump(OPENED, 1)
             bump(OPEN, 1)
             opened = time.monotonic()
-            k = 0  # each connection trickles its own head from the start
+            async def trickle(writer: asyncio.StreamWriter) -> None:
+                k = 0
+                await asyncio.sleep(random.uniform(0, interval))  # spread over time
+                while not writer.is_closing():
+                    j = k % len(TRICKLE)
+                    writer.write(TRICKLE[j:j + 1])
+                    k += 1
+                    await asyncio.sleep(interval)
+
+            dripping = asyncio.get_running_loop().create_task(trickle(writer))
             try:
                 with contextlib.suppress(Exception):  # reset by the server, or else: closed
                     writer.write(HOSTILE_HEAD)
-                    wait = random.uniform(0, interval)  # spread the trickles over time
-                    while True:
-                        try:
-                            data = await asyncio.wait_for(reader.read(4096), wait)
-                        except TimeoutError:
-                            j = k % len(TRICKLE)
-                            writer.write(TRICKLE[j:j + 1])
-                            k += 1
-                            await writer.drain()
-                            wait = interval
-                            continue
-                        if not data:  # the server closed it (an answer before, if any)
-                            break
+                    while await reader.read(4096):  # until the server closes it (an
+                        pass                        # answer before, if any)
             finally:
+                dripping.cancel()
                 bump(OPEN, -1)
                 writer.transport.abort()
             bump(CLOSED, 1)
@@ -366,7 +364,11 @@ def hostile_proc(targets: list[tuple[str, int]], n: int, per_addr: int, interval
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    asyncio.run(main())
+    try:  # the attacker's own CPU shares the cores with the server: keep it small
+        import uvloop
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
 
 
 class Hostile:
