@@ -738,3 +738,16 @@ def test_an_address_that_keeps_connecting_without_a_certificate_gets_no_handshak
         s.close()
     finally:
         run.stop()
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(fast: Running) -> None:
+    s = connect(fast, client="other")
+    s.settimeout(FAST.body_timeout + 5)
+    s.sendall(b"POST /v1/exportkey HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"sn\":")  # and then nothing
+    t0 = time.monotonic()
+    status, headers, body = parse(read_answer(s))
+    s.close()
+    assert FAST.body_timeout - 0.2 < time.monotonic() - t0 < FAST.body_timeout + 3
+    doc = problem(status, headers, body, 408, "timeout")
+    assert "body" in doc["detail"] and headers["connection"] == "close"

@@ -244,3 +244,32 @@ def test_service_postgres_audit_chain_verified_by_the_cli(
         assert store.verify_audit()[1] == []
     finally:
         store.close()
+
+
+def test_service_postgres_lock_held_elsewhere_is_a_prompt_503(
+        pair: tuple[Running, Running, str]) -> None:
+    """An instance stuck holding the audit chain's lock: the others' batches (on their
+    database thread) fail after the busy timeout, not never; health says busy; released,
+    all is served again."""
+    import time
+
+    import psycopg
+
+    one, _, url = pair
+    holder = psycopg.connect(url, autocommit=False)
+    try:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (PostgresServiceStore.AUDIT_LOCK,))
+        t0 = time.monotonic()
+        i = init(one.world, one.world.units_a[3])
+        s, h, b = raw(one, "POST", "/v1/exportkey", export_json(i, b"TMK-1", 1), client="other")
+        assert time.monotonic() - t0 < 8
+        problem(s, h, b, 503, "unavailable")
+        s, h, b = raw(one, "GET", "/v1/health", client=None)
+        problem(s, h, b, 503, "unavailable")
+        assert "state (busy)" in json.loads(b)["detail"]
+    finally:
+        holder.rollback()
+        holder.close()
+    i = init(one.world, one.world.units_a[3])
+    assert raw(one, "POST", "/v1/exportkey", export_json(i, b"TMK-1", 1),
+               client="other")[0] == 200

@@ -366,8 +366,10 @@ class ServiceApp:
     async def _health(self, req: _Req) -> Answer:
         """Up only when the state can be written (the probe runs in a batch: a lock
         held elsewhere shows as ``busy``) and the authority answers."""
+        seen: dict[str, str] = {}  # what the probe saw, even if its batch then fails
+
         def probe() -> dict[str, str]:
-            checks: dict[str, str] = {}
+            checks = seen
             for name, fn in (("state", self.store.ping),
                              ("authority", self.authority.capabilities)):
                 try:
@@ -375,14 +377,17 @@ class ServiceApp:
                     checks[name] = "ok"
                 except Exception as e:  # a failed probe is the answer, not an error
                     log.error("health: %s unavailable (%s)", name, e.__class__.__name__)
-                    checks[name] = "unavailable"
+                    checks[name] = "busy" if isinstance(e, Busy) else "unavailable"
             return checks
 
         try:
             checks = await self._db(probe, timeout=min(self.db_timeout, 3.0))
-        except StoreError as e:
-            checks = {"state": "busy" if isinstance(e, Busy) else "unavailable",
-                      "authority": "unknown"}
+        except StoreError as e:  # the batch could not begin or commit
+            checks = {"authority": "unknown", **seen}
+            if isinstance(e, Busy) or seen.get("state") == "busy":
+                checks["state"] = "busy"
+            else:
+                checks["state"] = "unavailable"
         down = sorted(k for k, v in checks.items() if v not in ("ok", "unknown"))
         if down:
             req.detail["down"] = down

@@ -117,7 +117,6 @@ class Connections:
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits
-        self.per_peer: dict[str, int] = {}
         self.anonymous_per_peer: dict[str, int] = {}
         self.anonymous: OrderedDict[object, str] = OrderedDict()  # oldest first
         self.authorized: dict[object, str] = {}
@@ -126,7 +125,8 @@ class Connections:
 
     def admit(self, conn: object, peer: str, authorized: bool) -> tuple[str, list[object]]:
         """``("", evict)`` to keep ``conn`` (closing ``evict`` first), else the reason it
-        is refused: ``"peer"`` (its address has too many) or ``"full"``."""
+        is refused: ``"peer"`` (its address has too many anonymous ones) or ``"full"``
+        (the authorized pool is). Sockets per address are the :class:`Doorway`'s."""
         lim = self.limits
         evict: list[object] = []
         if authorized:
@@ -145,25 +145,19 @@ class Connections:
                 self.evicted += 1
             self.anonymous[conn] = peer
             self.anonymous_per_peer[peer] = self.anonymous_per_peer.get(peer, 0) + 1
-        self.per_peer[peer] = self.per_peer.get(peer, 0) + 1
         return "", evict
 
     def release(self, conn: object) -> None:
         peer = self.anonymous.pop(conn, None)
         if peer is not None:
             _dec(self.anonymous_per_peer, peer)
-            _dec(self.per_peer, peer)
         else:
-            peer = self.authorized.pop(conn, None)
-            if peer is not None:
-                _dec(self.per_peer, peer)
+            self.authorized.pop(conn, None)
 
     def counts(self) -> dict[str, int]:
         return {"authorized": len(self.authorized), "anonymous": len(self.anonymous),
                 "refused": self.refused, "evicted": self.evicted}
 
-    def peer_count(self, peer: str) -> int:
-        return self.per_peer.get(peer, 0)
 
 
 def _dec(d: dict[str, int], k: str) -> None:

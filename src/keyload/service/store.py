@@ -34,6 +34,7 @@ from ..core.errors import StoreError
 from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
 from ..station.pgserver import is_postgres_url
 from ..units.storage import SqliteBatch, open_sqlite
+from .commit import Busy
 from .policy import Rate
 
 SCHEMA = """
@@ -467,7 +468,7 @@ class PostgresServiceStore(_SqlStore):
                     if stmt.strip():
                         self.conn.execute(stmt)
         except psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     @staticmethod
     def _pg(sql: str) -> str:
@@ -478,14 +479,14 @@ class PostgresServiceStore(_SqlStore):
             with self._lock:
                 return self._rows(self.conn.execute(self._pg(sql), args))
         except self._psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     def _w(self, sql: str, args: tuple[Any, ...]) -> None:
         try:
             with self._lock:
                 self.conn.execute(self._pg(sql), args)  # in a batch: sent with the next sync
         except self._psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     def _rows(self, cur: Any) -> list[Any]:
         if self._pipe is not None:  # in a batch's pipeline: wait for this result
@@ -503,7 +504,7 @@ class PostgresServiceStore(_SqlStore):
                                       self._ledger_args(c, rct, now))
                 return n == 1
         except self._psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     @property
     def _in_batch(self) -> bool:
@@ -523,7 +524,7 @@ class PostgresServiceStore(_SqlStore):
                 self.conn.execute("BEGIN")
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
         except self._psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     def commit_batch(self) -> None:
         try:
@@ -533,7 +534,7 @@ class PostgresServiceStore(_SqlStore):
                 if cur.statusmessage != "COMMIT":  # PostgreSQL ends a failed one "ROLLBACK"
                     raise StoreError("service state (PostgreSQL): the batch was rolled back")
         except self._psycopg.Error as e:
-            raise StoreError(f"service state (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("service state", e) from None
 
     def rollback_batch(self) -> None:
         with self._lock:
@@ -555,7 +556,7 @@ class PostgresServiceStore(_SqlStore):
                     self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
                     seq, h = self._audit_insert(who, action, d)
         except self._psycopg.Error as e:
-            raise StoreError(f"audit (PostgreSQL): {e.__class__.__name__}") from None
+            raise _pg_error("audit", e) from None
         return seq
 
     def _audit_insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
@@ -579,6 +580,13 @@ class PostgresServiceStore(_SqlStore):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _pg_error(what: str, e: Exception) -> StoreError:
+    """A psycopg error as the service's: :class:`~.commit.Busy` for a lock held elsewhere
+    past ``lock_timeout`` (SQLSTATE 55P03), else :class:`StoreError` (class name only)."""
+    cls = Busy if getattr(e, "sqlstate", None) == "55P03" else StoreError
+    return cls(f"{what} (PostgreSQL): {e.__class__.__name__}")
 
 
 def open_store(state: str | None, home_root: Path, audit: AuditLog | None, *,
