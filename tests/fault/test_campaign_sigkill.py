@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,39 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _demo(workdir: Path, *, kill_after: float | None) -> subprocess.CompletedProcess[str] | None:
+def _campaign_runs(workdir: Path) -> int:
+    """How many times the campaign was started (its audit records), 0 before any."""
+    if not (workdir / "audit.db").exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{workdir / 'audit.db'}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(db.execute("SELECT count(*) FROM audit WHERE action = 'campaign run'")
+                       .fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:  # the table is not there yet
+        return 0
+
+
+def _demo(workdir: Path, *, kill_after: float | None,
+          after_start: bool = False) -> subprocess.CompletedProcess[str] | None:
+    """Run the demo; with ``kill_after``, SIGKILL it that many seconds after it starts or,
+    with ``after_start``, after its campaign starts (however slow the setup is here)."""
     cmd = [str(_keyload()), "demo", "--units", str(UNITS), "--workdir", str(workdir),
            "--quiet"]
     if kill_after is None:
         return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600,
                               check=False)
+    runs = _campaign_runs(workdir)
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
+        if after_start:
+            deadline = time.monotonic() + 120
+            while _campaign_runs(workdir) == runs and p.poll() is None and \
+                    time.monotonic() < deadline:
+                time.sleep(0.02)
         p.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
         p.send_signal(signal.SIGKILL)
@@ -58,9 +83,14 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     rng = random.Random(int(os.environ.get("KEYLOAD_FAULT_SEED", "20261127")))
     killed = 0
-    for _ in range(KILLS):
-        # early kills hit the setup and the first claims; later ones, loads and slot writes
-        _demo(work, kill_after=rng.uniform(0.3, 4.0))
+    for i in range(KILLS):
+        # half the kills at a random moment from the start (the setup, the first claims,
+        # loads and slot writes), half within the campaign once it has started: so the
+        # campaign is cut many times however long the setup takes on this machine
+        if i % 2:
+            _demo(work, kill_after=rng.uniform(0.05, 2.0), after_start=True)
+        else:
+            _demo(work, kill_after=rng.uniform(0.3, 4.0))
         killed += 1
     final = _demo(work, kill_after=None)
     assert final is not None
