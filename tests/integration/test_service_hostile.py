@@ -153,7 +153,9 @@ def _idle_and_trickling(fast: Running) -> None:
     t = threading.Thread(target=trickle, daemon=True)
     t.start()
     try:
+        t_exports = time.monotonic()
         codes = [export_ok(fast, w.units_a[i % 4]) for i in range(20)]
+        exporting = time.monotonic() - t_exports
         assert codes == [200] * 20
     finally:
         stop.set()
@@ -164,7 +166,9 @@ def _idle_and_trickling(fast: Running) -> None:
         answers.append(read_answer(s))
         s.close()
     closed_after = time.monotonic() - opened
-    assert closed_after < FAST.head_timeout + 5
+    # (a bound on the server's timeouts, with room for a slow machine; the old code never
+    # closed them at all: every read above would have timed out empty)
+    assert closed_after < FAST.head_timeout + exporting + 10
     # every one was answered problem+json, then closed: 408 for a head that stalled (a
     # trickle of bytes that are not HTTP may be refused 400 by the parser first)
     for i, a in enumerate(answers):
@@ -328,11 +332,11 @@ def test_a_writer_holding_a_database_gets_prompt_503s_and_health_says_busy(
         took = time.monotonic() - t0
         problem(status, headers, body, 503, "unavailable")
         assert "busy" in json.loads(body)["detail"] and headers["retry-after"] == "2"
-        assert took < 6.0, took  # the busy timeout (2 s), not 30 s
+        assert took < 12.0, took  # the busy timeout (2 s), not 30 s
         # meanwhile the loop is free: handshakes and public routes answer at once
         t0 = time.monotonic()
         s, _, b = raw(run, "GET", "/openapi.json", client=None)
-        assert s == 200 and time.monotonic() - t0 < 1.5
+        assert s == 200 and time.monotonic() - t0 < 1.9  # never the 2 s of a lock wait
         s, h, b = raw(run, "GET", "/v1/health", client=None)
         problem(s, h, b, 503, "unavailable")
         assert json.loads(b)["detail"] == "not available: state (busy)"
@@ -690,7 +694,7 @@ def test_an_address_is_refused_before_tls_over_its_sockets_or_connect_rate(
         sixth = socket.create_connection(("127.0.0.1", port), source_address=("127.0.7.1", 0))
         sixth.settimeout(5)
         assert read_answer(sixth) == b""  # type: ignore[arg-type]
-        assert time.monotonic() - t0 < 2  # closed at once, not at the handshake timeout
+        assert time.monotonic() - t0 < 10  # closed at once, not at the handshake timeout
         # another address is served meanwhile
         s = connect(run, source="127.0.7.2")
         s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -708,7 +712,7 @@ def test_an_address_is_refused_before_tls_over_its_sockets_or_connect_rate(
         late = socket.create_connection(("127.0.0.1", port), source_address=("127.0.7.1", 0))
         late.settimeout(5)
         assert read_answer(late) == b""  # type: ignore[arg-type]
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 10  # (the handshake timeout is 20 s)
         late.close()
         assert run.inst.app.doorway.refused == 2
     finally:
@@ -748,6 +752,6 @@ def test_a_body_that_does_not_arrive_in_time_is_408(fast: Running) -> None:
     t0 = time.monotonic()
     status, headers, body = parse(read_answer(s))
     s.close()
-    assert FAST.body_timeout - 0.2 < time.monotonic() - t0 < FAST.body_timeout + 3
+    assert FAST.body_timeout - 0.2 < time.monotonic() - t0 < FAST.body_timeout + 8
     doc = problem(status, headers, body, 408, "timeout")
     assert "body" in doc["detail"] and headers["connection"] == "close"
