@@ -658,3 +658,25 @@ def test_demo_without_workdir_names_its_temp_dir(keyload_script: Path, tmp_path:
     finally:
         if named is not None and named.is_dir():
             shutil.rmtree(named)
+
+
+@pytest.mark.parametrize("parts, why", [
+    (lambda a, b: [a, a], "component 2 is the same as component 1"),
+    (lambda a, b: [a, b, b], "component 3 is the same as component 2"),
+    (lambda a, b: [a, b, bytes(x ^ y for x, y in zip(a, b, strict=True))],
+     "all-zero key"),
+    (lambda a, b: [a, b, b[::-1], bytes(x ^ y for x, y in zip(b, b[::-1], strict=True))],
+     "equals one of its components"),
+])
+def test_key_components_that_cancel_out_are_refused(session: Session, parts: Any,
+                                                    why: str) -> None:
+    """Equal components give the all-zero key (or one component) without a word; they
+    are refused, and nothing is stored."""
+    a, b = secrets.token_bytes(16), secrets.token_bytes(16)
+    comps = parts(a, b)
+    before = run("key", "list", "--json", home=session.home).json()
+    res = run("key", "import", "--components", str(len(comps)),
+              *_key_args("ZERO", "aes128", "P0", "E", "N", 1, "any", "any"),
+              home=session.home, input="".join(c.hex() + "\n" for c in comps))
+    assert_error(res, EXIT_INPUT, why)
+    assert run("key", "list", "--json", home=session.home).json() == before

@@ -208,3 +208,15 @@ def test_damaged_unit_file(tmp_path: Path, kek_source: KekSource) -> None:
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(DamagedStore):
         Unit(FileUnitStore(vault, path.name))
+
+
+def test_kek_source_and_home_never_show_the_passphrase_or_kek(tmp_path: Path) -> None:
+    from keyload.cli.context import Home
+
+    secret, kek = "correct horse battery staple", "a5" * 32
+    src = KekSource(passphrase=secret, kek_hex=kek)
+    home = Home(tmp_path, src)
+    for text in (repr(src), str(src), repr(home), str(home), f"{[home]}"):
+        assert secret not in text and kek not in text and "a5a5" not in text, text
+    assert repr(src) == "KekSource(passphrase=<set>, kek=<set>, interactive=False)"
+    assert repr(KekSource()) == "KekSource(passphrase=<unset>, kek=<unset>, interactive=False)"

@@ -146,7 +146,11 @@ def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:
 def read_components(count: int, length: int | None, *,
                     kcv_of: Callable[[bytearray], bytes] = aes_kcv,
                     show: bool | None = None) -> tuple[Secret, list[bytes]]:
-    """XOR of ``count`` hex components, each shown with its KCV (a key ceremony)."""
+    """XOR of ``count`` hex components, each shown with its KCV (a key ceremony).
+
+    Refused (ValueError, nothing kept): a component equal to an earlier one (the same
+    KCV: two equal components cancel out), and a combined key that is all zeros or
+    equals one of its components (the others then cancel out)."""
     if count < 1:
         raise ValueError("at least one component")
     if show is None:  # at a terminal, each KCV right after its component is typed
@@ -162,6 +166,11 @@ def read_components(count: int, length: int | None, *,
             total.wipe()
             raise ValueError("components must have the same length")
         k = kcv_of(c.buffer)
+        if k in kcvs:
+            c.wipe()
+            total.wipe()
+            raise ValueError(f"component {i} is the same as component {kcvs.index(k) + 1} "
+                             "(same KCV): equal components cancel out")
         kcvs.append(k)
         if show:
             sys.stderr.write(f"component {i} KCV: {k.hex().upper()}\n")
@@ -169,6 +178,14 @@ def read_components(count: int, length: int | None, *,
             total.buffer[j] ^= c.buffer[j]
         c.wipe()
     assert total is not None
+    if count > 1:
+        if not any(total.buffer):
+            total.wipe()
+            raise ValueError("the components combine to an all-zero key")
+        if kcv_of(total.buffer) in kcvs:
+            total.wipe()
+            raise ValueError("the combined key equals one of its components (the others "
+                             "cancel out)")
     return total, kcvs
 
 

@@ -121,13 +121,22 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
         os.close(dfd)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class KekSource:
     """Where a vault's KEK comes from when none is given explicitly."""
 
     passphrase: str | None = None
     kek_hex: str | None = None
     interactive: bool = False
+
+    def __repr__(self) -> str:
+        """Says which sources are set, never their values (a ``Home`` or a traceback
+        that prints this object must not show the passphrase or the KEK)."""
+        def shown(v: str | None) -> str:
+            return "<set>" if v else "<unset>"
+
+        return (f"KekSource(passphrase={shown(self.passphrase)}, kek={shown(self.kek_hex)}, "
+                f"interactive={self.interactive})")
 
     @classmethod
     def from_env(cls) -> KekSource:
