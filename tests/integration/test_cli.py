@@ -680,3 +680,11 @@ def test_key_components_that_cancel_out_are_refused(session: Session, parts: Any
               home=session.home, input="".join(c.hex() + "\n" for c in comps))
     assert_error(res, EXIT_INPUT, why)
     assert run("key", "list", "--json", home=session.home).json() == before
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_port_out_of_range_is_an_input_error(tmp_path: Path, port: str) -> None:
+    res = run("serve", "--cert", "c.pem", "--key", "k.pem", "--ca", "ca.pem", "--policy",
+              "p.json", "--port", port, home=tmp_path / "home")
+    assert_error(res, EXIT_INPUT, f"--port {port}", "0..65535")
+    assert not (tmp_path / "home").exists()  # refused before anything is created

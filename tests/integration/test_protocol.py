@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -388,6 +389,25 @@ def test_import_data_structure_errors(world: World) -> None:
         assert unit.state.slots[1].key is None
     with pytest.raises(MalformedData):
         msg.ImportData.decode(bad[0])
+
+
+@pytest.mark.parametrize("bad", [
+    lambda data: bytes([0x80, 0x14, 0, 0, len(data) + 3]) + data,  # Lc says 3 bytes more
+    lambda data: bytes([0x80, 0x14, 0, 0]) + data[:1],  # a truncated command
+    lambda data: CommandAPDU(0x80, 0x14, 1, 0, data, ne=256).encode(),  # wrong P1
+])
+def test_a_refused_importkey_ends_the_challenge(world: World, bad: Any) -> None:
+    """§7 step 1: any IMPORTKEY consumes the challenge, also one refused for its encoding;
+    the genuine one sent after it finds no challenge, and nothing is stored."""
+    unit = world.unit(b"BADLC")
+    i = unit_client(unit).initialize()
+    data = _export_for(world, i.sn, i.r, i.set_id)
+    before = slots_snapshot(unit)
+    sw = ResponseAPDU.decode(unit.process_apdu(bad(data))).sw
+    assert sw in (SW.WRONG_LENGTH, SW.MALFORMED, SW.WRONG_P1P2), hex(sw)
+    assert unit.pending is None
+    assert _send_import(unit, data) == SW.NO_CHALLENGE
+    assert slots_snapshot(unit) == before
 
 
 def test_out_of_order_and_no_challenge(world: World) -> None:

@@ -73,6 +73,8 @@ def serve(args: argparse.Namespace) -> int:
         args.usage_error(f"the following arguments are required: {', '.join(missing)}")
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port, 0..65535 (0: any free one)")
     home = _home(args)
     policy = Policy.load(Path(args.policy))
     limits = connection_limits(args)  # bad limits are refused before anything starts

@@ -218,6 +218,7 @@ class Unit:
         self.state = store.load()
         self.rng = rng
         self._pending: bytes | None = None
+        self._taken: bytes | None = None  # the challenge an IMPORTKEY took (§7 step 1)
         self._scratch = Scratch()
         self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
             (0x00, INS_SELECT): self._select,
@@ -243,7 +244,12 @@ class Unit:
         self._pending = None
 
     def process_apdu(self, apdu: bytes) -> bytes:
-        """C-APDU in, R-APDU out; never raises (errors become status words)."""
+        """C-APDU in, R-APDU out; never raises (errors become status words).
+
+        Any command with the IMPORTKEY INS ends the pending challenge (PROTOCOL.md §7
+        step 1), one refused for its encoding (a wrong Lc: 6700) as well."""
+        if len(apdu) >= 2 and apdu[1] == INS_IMPORT:
+            self._taken, self._pending = self._pending, None
         try:
             cmd = CommandAPDU.decode(apdu)
             handler = self._handlers.get((cmd.cla, cmd.ins))
@@ -279,8 +285,8 @@ class Unit:
         return msg.InitResponse(st.sn, r, st.set_id, bytes(st.suites)).encode()
 
     def _import(self, cmd: CommandAPDU) -> bytes:
-        # 1. a pending challenge, consumed whatever happens next
-        r, self._pending = self._pending, None
+        # 1. a pending challenge, consumed whatever happens next (by process_apdu)
+        r, self._taken = self._taken, None
         if r is None:
             raise NoChallenge("no pending challenge (out of order, or replay)")
         if (cmd.p1, cmd.p2) != (0, 0):
