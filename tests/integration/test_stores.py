@@ -220,3 +220,30 @@ def test_kek_source_and_home_never_show_the_passphrase_or_kek(tmp_path: Path) ->
         assert secret not in text and kek not in text and "a5a5" not in text, text
     assert repr(src) == "KekSource(passphrase=<set>, kek=<set>, interactive=False)"
     assert repr(KekSource()) == "KekSource(passphrase=<unset>, kek=<unset>, interactive=False)"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 4194304), ("n", 3000), ("n", 2**9), ("r", 64), ("r", 0), ("p", 1000)])
+def test_vault_scrypt_parameters_are_bounded(tmp_path: Path, kek_source: KekSource,
+                                             field: str, value: int) -> None:
+    """A vault.json asking scrypt for 4 GiB (or nonsense) is refused as damaged, naming the
+    bounds, instead of a MemoryError (or minutes of work)."""
+    import json
+
+    _keystore(tmp_path / "a", kek_source)[0].close()
+    path = tmp_path / "a" / storage.VAULT_FILE
+    meta = json.loads(path.read_bytes())
+    meta[field] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(DamagedStore, match="out of bounds") as e:
+        SoftwareKeystore.open(tmp_path / "a", kek_source)
+    assert "2^20" in str(e.value)
+
+
+def test_a_passphrase_that_is_not_utf8_is_an_input_error(tmp_path: Path,
+                                                        kek_source: KekSource) -> None:
+    _keystore(tmp_path / "a", kek_source)[0].close()
+    bad = KekSource(passphrase=b"caf\xe9".decode("utf-8", "surrogateescape"))  # from os.environ
+    with pytest.raises(ValueError, match="not valid UTF-8") as e:
+        SoftwareKeystore.open(tmp_path / "a", bad)
+    assert not isinstance(e.value, StoreError)

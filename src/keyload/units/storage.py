@@ -168,9 +168,27 @@ class KekSource:
         return Secret.take(raw)
 
 
+SCRYPT_BOUNDS = "N a power of two in 2^10..2^20, r in 1..16, p in 1..16, 128·N·r ≤ 1 GiB"
+
+
+def scrypt_params_ok(n: int, r: int, p: int) -> bool:
+    """Whether scrypt parameters are within :data:`SCRYPT_BOUNDS` (a vault.json that asks
+    for more is refused as damaged rather than allowed to exhaust memory or time)."""
+    return (1 << 10 <= n <= 1 << 20 and n & (n - 1) == 0 and 1 <= r <= 16 and
+            1 <= p <= 16 and 128 * n * r <= 1 << 30)
+
+
+def _utf8(passphrase: str) -> bytes:
+    try:
+        return passphrase.encode("utf-8")
+    except UnicodeEncodeError:  # bytes from the environment that are not UTF-8
+        raise ValueError("the passphrase is not valid UTF-8") from None
+
+
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> Secret:
+    pw = _utf8(passphrase)
     out = bytearray(32)
-    Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive_into(passphrase.encode("utf-8"), out)
+    Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive_into(pw, out)
     s = Secret(out)
     out[:] = bytes(32)
     return s
@@ -256,9 +274,18 @@ class Vault:
             kek = src.get_raw_kek()
         elif kdf == "scrypt":
             try:
-                kek = _scrypt(src.get_passphrase(), bytes.fromhex(meta["salt"]), int(meta["n"]),
-                              int(meta["r"]), int(meta["p"]))
+                salt, n, r, p = (bytes.fromhex(meta["salt"]), int(meta["n"]), int(meta["r"]),
+                                 int(meta["p"]))
             except (ValueError, KeyError, TypeError):
+                raise DamagedStore(f"{path} is damaged") from None
+            if not scrypt_params_ok(n, r, p):
+                raise DamagedStore(f"{path} is damaged: scrypt parameters out of bounds "
+                                   f"({SCRYPT_BOUNDS})")
+            passphrase = src.get_passphrase()
+            _utf8(passphrase)  # a clear input error, before anything else
+            try:
+                kek = _scrypt(passphrase, salt, n, r, p)
+            except (ValueError, MemoryError):
                 raise DamagedStore(f"{path} is damaged") from None
         else:
             raise DamagedStore(f"{path}: unknown KEK source {kdf!r}")
