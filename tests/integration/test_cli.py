@@ -688,3 +688,21 @@ def test_serve_port_out_of_range_is_an_input_error(tmp_path: Path, port: str) ->
               "p.json", "--port", port, home=tmp_path / "home")
     assert_error(res, EXIT_INPUT, f"--port {port}", "0..65535")
     assert not (tmp_path / "home").exists()  # refused before anything is created
+
+
+def test_key_for_a_set_the_authority_does_not_have_is_refused(session: Session) -> None:
+    before = run("key", "list", "--json", home=session.home).json()
+    res = run("key", "generate", *_key_args("TYPO", "aes256", "K0", "B", "E", 1,
+                                            f"{session.set_a},ffffffffff", "1"),
+              home=session.home)
+    assert_error(res, EXIT_INPUT, "--sets", "ffffffffff")
+    assert run("key", "list", "--json", home=session.home).json() == before
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-3"),
+                                         ("--batch", "0")])
+def test_campaign_run_counts_below_one_are_refused(tmp_path: Path, flag: str,
+                                                   value: str) -> None:
+    res = run("campaign", "run", "c1", flag, value, home=tmp_path / "home")
+    assert_error(res, EXIT_INPUT, f"{flag} {value}", "at least 1")
+    assert not (tmp_path / "home").exists()  # refused before anything is opened

@@ -222,6 +222,9 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
 
 
 def campaign_run(args: argparse.Namespace) -> int:
+    for flag, v in (("--workers", args.workers), ("--batch", args.batch)):
+        if v < 1:
+            raise ValueError(f"{flag} {v}: at least 1")
     home = _home(args)
     journal = _journal(args, home)
     try:

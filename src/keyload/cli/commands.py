@@ -225,10 +225,21 @@ def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes] | None
               f"KCV {info.kcv.hex().upper()}")
 
 
+def _known_sets(ks: Keystore, policy: ExportPolicy) -> None:
+    """``--sets`` names sets of this authority (a typo would make a key no unit can get)."""
+    if policy.sets is None:
+        return
+    missing = sorted(s.hex() for s in policy.sets - {i.set_id for i in ks.set_infos()})
+    if missing:
+        raise ValueError(f"--sets: no set {', '.join(missing)} in this authority "
+                         "(keyload set list)")
+
+
 def key_generate(args: argparse.Namespace) -> int:
     ref1, kt, attrs, policy = _key_common(args)
     ks = _home(args).open_keystore()
     try:
+        _known_sets(ks, policy)
         info = ks.generate_key(ref1, kt, attrs, version=args.key_version,
                                diversify=args.diversify, policy=policy, length=args.length,
                                label=args.label)
@@ -242,6 +253,7 @@ def key_import(args: argparse.Namespace) -> int:
     ref1, kt, attrs, policy = _key_common(args)
     ks = _home(args).open_keystore()
     try:
+        _known_sets(ks, policy)
         length = kt.default_length if kt.is_aes else None
         if args.components > 1:
             value, kcvs = read_components(args.components, length,
