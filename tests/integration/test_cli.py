@@ -706,3 +706,16 @@ def test_campaign_run_counts_below_one_are_refused(tmp_path: Path, flag: str,
     res = run("campaign", "run", "c1", flag, value, home=tmp_path / "home")
     assert_error(res, EXIT_INPUT, f"{flag} {value}", "at least 1")
     assert not (tmp_path / "home").exists()  # refused before anything is opened
+
+
+def test_authority_init_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None:
+    """A home whose authority lives in a token (backend.json): a software keystore created
+    beside it would report a success that did not happen."""
+    home = tmp_path / "home"
+    (home / "authority").mkdir(parents=True)
+    cfg = {"backend": "pkcs11", "module": "/nonexistent/libsofthsm2.so", "token": "T",
+           "clear_sas": False}
+    (home / "authority" / "backend.json").write_text(json.dumps(cfg))
+    res = run("authority", "init", "--signing-key", home=home)
+    assert_error(res, EXIT_STORE, "already exists", "PKCS#11")
+    assert sorted(p.name for p in (home / "authority").iterdir()) == ["backend.json"]

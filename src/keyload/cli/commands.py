@@ -97,6 +97,9 @@ def authority_init(args: argparse.Namespace) -> int:
         home.write_backend_config(cfg)
         where = f"token {args.token!r} of {args.pkcs11}"
     else:
+        if (home.authority_dir / "backend.json").exists():  # a PKCS#11 authority is here
+            raise StoreError(f"an authority already exists in {home.authority_dir} (its "
+                             "keys are in a PKCS#11 token: backend.json)")
         ks = SoftwareKeystore.create(home.authority_dir, home.source)
         where = str(home.authority_dir)
     try:
