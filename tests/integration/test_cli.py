@@ -719,3 +719,23 @@ def test_authority_init_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None:
     res = run("authority", "init", "--signing-key", home=home)
     assert_error(res, EXIT_STORE, "already exists", "PKCS#11")
     assert sorted(p.name for p in (home / "authority").iterdir()) == ["backend.json"]
+
+
+def test_a_closed_output_pipe_ends_quietly(session: Session) -> None:
+    """`keyload … | head -1`: once the reader has gone, no 'Broken pipe' error, no
+    traceback, exit 141 (as a process SIGPIPE ends)."""
+    import os
+    import subprocess
+
+    from .cli_helpers import cli_env
+
+    r, w = os.pipe()
+    os.close(r)  # the reader has left before the first line
+    try:
+        proc = subprocess.run([str(KEYLOAD), "key", "list", "--home", str(session.home)],
+                              stdout=w, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env=cli_env(PASSPHRASE), timeout=60, check=False, text=True)
+    finally:
+        os.close(w)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

@@ -14,6 +14,7 @@ Every command accepts ``--home DIR`` (default ``$KEYLOAD_HOME`` or ``./keyload-h
 7     integrity or authenticity failure (6982 / 6988, KCV mismatch)
 8     done, evidence pending (``fetch``: the key is in the unit, its receipt is kept in
       ``HOME/outbox`` and sent later)
+141   the output's reader closed it (``keyload … | head``): stopped quietly, no message
 ====  =====================================================
 """
 
@@ -39,6 +40,7 @@ from . import campaigns, commands, demo, service_cmds
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY = 6, 7
+EXIT_PIPE = 141  # as a process killed by SIGPIPE: the output's reader closed it
 
 
 def exit_code(e: BaseException) -> int:
@@ -210,10 +212,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("keyload: interrupted\n")
         return 130
+    except BrokenPipeError:  # `keyload … | head`: the reader has left; end quietly
+        _quiet_stdout()
+        return EXIT_PIPE
     except (KeyloadError, ValueError, OSError) as e:
         sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
         return exit_code(e)
     return rc
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not
+    be written raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _one_line(e: BaseException) -> str:
