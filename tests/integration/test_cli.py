@@ -739,3 +739,30 @@ def test_a_closed_output_pipe_ends_quietly(session: Session) -> None:
         os.close(w)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+def test_conformance_counts_cases_it_cannot_run_and_goes_on(tmp_path: Path) -> None:
+    """A case that is not an object, a suite this build does not know, an empty SN, REF2
+    0, a file nested too deep to parse: each is one failure with its reason, and the run
+    still ends with its count (exit 1, no traceback)."""
+    doc = json.loads(KLP1_VECTORS.read_text())
+    good = next(c for c in doc["cases"] if c.get("kind") == "export")
+    odd = []
+    for name, change in (("bad-suite", {"suite": 0x7F}), ("empty-sn", {"SN": ""}),
+                         ("ref2-0", {"REF2": 0})):
+        c = json.loads(json.dumps(good))
+        c.update(change, name=name)
+        odd.append(c)
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps({"protocol": "KLP1", "cases": [good, 5, "x", *odd, good]}))
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    res = run("conformance", mixed, nested)
+    assert res.rc == 1 and "Traceback" not in res.output, res.describe()
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "2 passed, 6 failed"
+    fails = [ln for ln in lines if ln.startswith("FAIL ")]
+    assert len(fails) == 6
+    assert any("bad-suite" in ln and "suite 0x7f" in ln for ln in fails)
+    assert any("nested.json" in ln and "RecursionError" in ln for ln in fails)
+    assert sum("not a JSON object" in ln for ln in fails) == 2

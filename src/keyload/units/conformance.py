@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core import klp1
 from ..core.apdu import CommandAPDU, ResponseAPDU
+from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyHeader, KeyType
 from ..core.secret import Secret
 from ..core.suites import get_suite
@@ -35,7 +36,7 @@ class CaseResult:
 def load_cases(path: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable JSON vector file ({e.__class__.__name__})")\
             from None
     if not isinstance(doc, dict) or doc.get("protocol") != "KLP1" or \
@@ -177,20 +178,33 @@ def run_import(case: dict[str, Any]) -> list[str]:
 
 
 def run_case(case: dict[str, Any]) -> list[str]:
+    """The differences from the case's expectations (empty: passed). A case this build
+    cannot run — malformed, a suite it does not know, a value out of range — is one
+    failure with its reason; it never stops the run."""
+    if not isinstance(case, dict):
+        return ["the case is not a JSON object"]
     kind = case.get("kind")
     try:
         if kind == "export":
             return run_export(case)
         if kind == "import":
             return run_import(case)
-    except (KeyError, ValueError, TypeError) as e:
-        return [f"malformed case ({e.__class__.__name__})"]
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
+        return [f"malformed case ({e.__class__.__name__}: {' '.join(str(e).split())[:120]})"]
+    except KeyloadError as e:  # e.g. a suite this build does not offer
+        return [f"cannot run the case: {' '.join(str(e).split())[:160]}"]
     return [f"unknown kind {kind!r}"]
 
 
 def run_files(paths: list[Path]) -> Iterator[CaseResult]:
+    """Every case of every file; a file that cannot be read is one failed case."""
     for p in paths:
-        for i, case in enumerate(load_cases(p)):
-            name = str(case.get("name", f"#{i}"))
+        try:
+            cases = load_cases(p)
+        except ValueError as e:
+            yield CaseResult(str(p), "(file)", False, str(e))
+            continue
+        for i, case in enumerate(cases):
+            name = str(case.get("name", f"#{i}")) if isinstance(case, dict) else f"#{i}"
             diffs = run_case(case)
             yield CaseResult(str(p), name, not diffs, "; ".join(diffs))
