@@ -743,8 +743,8 @@ def test_a_closed_output_pipe_ends_quietly(session: Session) -> None:
 
 def test_conformance_counts_cases_it_cannot_run_and_goes_on(tmp_path: Path) -> None:
     """A case that is not an object, a suite this build does not know, an empty SN, REF2
-    0, a file nested too deep to parse: each is one failure with its reason, and the run
-    still ends with its count (exit 1, no traceback)."""
+    0: each is one failure with its reason, and the run still ends with its count (exit
+    1, no traceback). A file nested too deep to parse is an input error, one line."""
     doc = json.loads(KLP1_VECTORS.read_text())
     good = next(c for c in doc["cases"] if c.get("kind") == "export")
     odd = []
@@ -757,12 +757,14 @@ def test_conformance_counts_cases_it_cannot_run_and_goes_on(tmp_path: Path) -> N
     mixed.write_text(json.dumps({"protocol": "KLP1", "cases": [good, 5, "x", *odd, good]}))
     nested = tmp_path / "nested.json"
     nested.write_text("[" * 100_000 + "]" * 100_000)
-    res = run("conformance", mixed, nested)
+    res = run("conformance", mixed)
     assert res.rc == 1 and "Traceback" not in res.output, res.describe()
     lines = res.stdout.splitlines()
-    assert lines[-1] == "2 passed, 6 failed"
+    assert lines[-1] == "2 passed, 5 failed"
     fails = [ln for ln in lines if ln.startswith("FAIL ")]
-    assert len(fails) == 6
+    assert len(fails) == 5
     assert any("bad-suite" in ln and "suite 0x7f" in ln for ln in fails)
-    assert any("nested.json" in ln and "RecursionError" in ln for ln in fails)
+    assert any(ln.startswith("FAIL empty-sn") for ln in fails)
+    assert any(ln.startswith("FAIL ref2-0") for ln in fails)
     assert sum("not a JSON object" in ln for ln in fails) == 2
+    assert_error(run("conformance", nested), EXIT_INPUT, "nested.json", "RecursionError")
