@@ -768,3 +768,20 @@ def test_conformance_counts_cases_it_cannot_run_and_goes_on(tmp_path: Path) -> N
     assert any(ln.startswith("FAIL ref2-0") for ln in fails)
     assert sum("not a JSON object" in ln for ln in fails) == 2
     assert_error(run("conformance", nested), EXIT_INPUT, "nested.json", "RecursionError")
+
+
+@pytest.mark.parametrize("args", [
+    ("campaign", "status"), ("campaign", "report", "c1", "--out", "rep"),
+    ("ledger", "verify"), ("unit", "list")])
+def test_reading_commands_refuse_a_missing_home_and_create_nothing(tmp_path: Path,
+                                                                   args: tuple[str, ...]
+                                                                   ) -> None:
+    res = run(*args, home=tmp_path / "typo", cwd=tmp_path)
+    assert_error(res, EXIT_STORE, "typo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_campaign_status_refuses_a_missing_journal_file(tmp_path: Path) -> None:
+    res = run("campaign", "status", "--journal", tmp_path / "typo.db", home=tmp_path / "h")
+    assert_error(res, EXIT_STORE, "typo.db")
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "h").exists()

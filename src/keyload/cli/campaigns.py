@@ -52,9 +52,24 @@ def _home(args: argparse.Namespace) -> Home:
     return Home.resolve(args.home)
 
 
-def _journal(args: argparse.Namespace, home: Home) -> Journal:
+def _journal(args: argparse.Namespace, home: Home, *, create: bool = True) -> Journal:
+    """The campaign journal; a command that only reads (``create=False``) refuses a
+    missing home or journal, naming it, and creates nothing."""
+    where = args.journal or home.journal_path
+    if not create:
+        if args.journal is None:
+            _existing_home(home)
+        if not is_postgres_url(str(where)) and not Path(where).is_file():
+            raise StoreError(f"no campaign journal at {where} (no campaign was created "
+                             "there)")
+        return open_journal(where)
     home.ensure()
-    return open_journal(args.journal or home.journal_path)
+    return open_journal(where)
+
+
+def _existing_home(home: Home) -> None:
+    if not home.root.is_dir():
+        raise StoreError(f"no keyload home at {home.root}")
 
 
 def parse_load(text: str) -> tuple[bytes, int]:
@@ -258,7 +273,7 @@ def _print_status(st: dict[str, object]) -> None:
 
 def campaign_status(args: argparse.Namespace) -> int:
     home = _home(args)
-    journal = _journal(args, home)
+    journal = _journal(args, home, create=False)
     try:
         names = [args.name] if args.name else journal.campaigns()
         sts = [status(journal, n) for n in names]
@@ -274,7 +289,7 @@ def campaign_status(args: argparse.Namespace) -> int:
 
 def campaign_report(args: argparse.Namespace) -> int:
     home = _home(args)
-    journal = _journal(args, home)
+    journal = _journal(args, home, create=False)
     try:
         rep = build_report(journal, args.name)
     finally:
@@ -301,6 +316,7 @@ def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
              home: Home) -> tuple[ServiceState | None, Journal]:
     """The service's state (if included) and the journal, closed with ``stack``."""
+    _existing_home(home)  # a typo must not leave a new home behind
     store = _service_state(args, home)
     if store is not None:
         stack.callback(store.close)

@@ -391,6 +391,8 @@ def unit_status(args: argparse.Namespace) -> int:
 
 def unit_list(args: argparse.Namespace) -> int:
     home = _home(args)
+    if not home.root.is_dir():
+        raise StoreError(f"no keyload home at {home.root}")
     if not (home.units_dir / "vault.json").exists():
         serials: list[bytes] = []
     else:
