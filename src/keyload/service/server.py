@@ -251,13 +251,20 @@ class _Guarded:
                      " ".join(msg.split())[:120] or "the request is not valid HTTP/1.1")
 
 
+def _made(proto: _Guarded, base_made: Callable[[Any], None],
+          transport: asyncio.Transport) -> None:
+    """uvicorn's ``connection_made`` on a transport whose writes of one loop pass leave
+    as one, then the guard's admission (on the real transport: socket, TLS object)."""
+    base_made(_Corked(transport, proto.loop))
+    proto._guard_made(transport)
+
+
 class MtlsH11Protocol(_Guarded, H11Protocol):
     """uvicorn's h11 protocol, with the ASGI TLS extension in every request's scope and
     the service's connection guard."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_Corked(transport, self.loop))  # type: ignore[arg-type]
-        self._guard_made(transport)
+        _made(self, super().connection_made, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard_lost()
@@ -293,8 +300,7 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
         _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(_Corked(transport, self.loop))  # type: ignore[arg-type]
-            self._guard_made(transport)
+            _made(self, super().connection_made, transport)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._guard_lost()
