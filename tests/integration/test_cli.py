@@ -785,3 +785,10 @@ def test_campaign_status_refuses_a_missing_journal_file(tmp_path: Path) -> None:
     res = run("campaign", "status", "--journal", tmp_path / "typo.db", home=tmp_path / "h")
     assert_error(res, EXIT_STORE, "typo.db")
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "h").exists()
+
+
+def test_a_second_set_with_a_name_already_taken_is_refused(session: Session) -> None:
+    before = run("set", "list", "--json", home=session.home).json()
+    res = run("set", "create", "--name", "A", home=session.home)
+    assert_error(res, EXIT_INPUT, "'A' exists already", session.set_a)
+    assert run("set", "list", "--json", home=session.home).json() == before

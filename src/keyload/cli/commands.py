@@ -171,6 +171,10 @@ def set_create(args: argparse.Namespace) -> int:
     home = _home(args)
     ks = home.open_keystore()
     try:
+        taken = [i.set_id.hex() for i in ks.set_infos() if i.name == args.name]
+        if taken:  # sets are told apart by name in lists and reports
+            raise ValueError(f"a set named {args.name!r} exists already (set id "
+                             f"{taken[0]})")
         kcvs: list[bytes] = []
         if args.components:
             value, kcvs = read_components(args.components, 32)
