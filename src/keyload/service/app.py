@@ -400,14 +400,26 @@ class ServiceApp:
 
     # -- identity --------------------------------------------------------------------
     def _client(self, scope: Scope, req: _Req) -> ClientRule:
-        tls = scope.get("extensions", {}).get("tls") or {}
-        chain = tls.get("client_cert_chain") or []
+        return self._rule(scope.get("extensions", {}).get("tls"), req)
+
+    def authorized_client(self, tls: dict[str, Any] | None) -> str | None:
+        """The policy's name for a connection's verified certificate, or None (for the
+        connection limits: the requests themselves are checked one by one)."""
+        try:
+            return self._rule(tls, None).name
+        except P.Problem:
+            return None
+
+    def _rule(self, tls: dict[str, Any] | None, req: _Req | None) -> ClientRule:
+        """The policy's rule for a verified certificate, or the refusal (401, 403)."""
+        chain = (tls or {}).get("client_cert_chain") or []
         if not chain:
             raise P.unauthenticated()
         cid = self._identity(str(chain[0]))
         if cid is None:
             raise P.unauthenticated("the client certificate must name exactly one CN")
-        req.client = cid.cn
+        if req is not None:
+            req.client = cid.cn
         if not cid.client_auth:
             raise P.unauthenticated("the client certificate is not for client "
                                     "authentication (no clientAuth extended key usage)")
@@ -418,19 +430,6 @@ class ServiceApp:
         if rule is None:
             raise P.forbidden_client()
         return rule
-
-    def authorized_client(self, tls: dict[str, Any] | None) -> str | None:
-        """The policy's name for a connection's verified certificate, or None (for the
-        connection limits: the requests themselves are checked one by one)."""
-        chain = (tls or {}).get("client_cert_chain") or []
-        if not chain:
-            return None
-        cid = self._identity(str(chain[0]))
-        if cid is None or not cid.client_auth or \
-                self.policy.revoked(cid.sha256, cid.serial):
-            return None
-        rule = self.policy.client(cid.cn, cid.sha256)
-        return None if rule is None else rule.name
 
     def _identity(self, pem: str) -> ClientId | None:
         if pem in self._ids:

@@ -114,7 +114,6 @@ class GroupCommit:
         self.requests = 0
         self.busy = 0  # batches refused because a lock stayed held
         self.failed = 0  # batches that could not begin or commit (busy included)
-        self.last_failure: tuple[float, str] | None = None  # (monotonic time, busy|error)
 
     @property
     def open(self) -> bool:
@@ -235,9 +234,7 @@ class GroupCommit:
 
     def _failed(self, error: StoreError) -> None:
         self.failed += 1
-        busy = isinstance(error, Busy)
-        self.busy += busy
-        self.last_failure = (time.monotonic(), "busy" if busy else "error")
+        self.busy += isinstance(error, Busy)
 
     def _begin(self, *, wait: bool = False) -> None:
         self._take_turn(wait)
@@ -288,13 +285,6 @@ class GroupCommit:
     def _end_turn(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def recently_failed(self, within: float = 10.0) -> str | None:
-        """``busy`` or ``error`` when a batch failed in the last ``within`` seconds."""
-        lf = self.last_failure
-        if lf is not None and time.monotonic() - lf[0] < within:
-            return lf[1]
-        return None
 
     def close(self) -> None:
         """Finish the jobs handed to the thread, then stop it; jobs still waiting for a
