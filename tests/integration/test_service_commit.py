@@ -24,8 +24,9 @@ import pytest
 
 from keyload.service.commit import GroupCommit
 from keyload.service.policy import Policy, Rate
+from keyload.service.rates import MemoryRates
 from keyload.service.runtime import Instance, open_instance
-from keyload.service.store import EXPORTED, MemoryRates
+from keyload.service.store import EXPORTED
 from keyload.station.audit import AuditLog
 from keyload.units.keystore import SoftwareKeystore
 

@@ -439,7 +439,7 @@ def test_no_window_length_admits_more_than_the_limit(world: World) -> None:
 
 
 def test_memory_rates_are_a_sliding_log() -> None:
-    from keyload.service.store import MemoryRates
+    from keyload.service.rates import MemoryRates
 
     rates = MemoryRates()
     r = Rate(3, 10.0)

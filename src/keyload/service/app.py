@@ -63,16 +63,17 @@ from ..units.keystore import display_ref1
 from . import problems as P
 from .commit import Busy, GroupCommit
 from .guard import AnonymousAudit, ConnectionLimits, Connections, Doorway, peer_of
+from .metrics import Metrics, commit_metrics
 from .openapi import openapi_document
 from .pki import fingerprint
 from .policy import ClientRule, Policy
+from .rates import MemoryRates
 from .store import (
     EXPORTED,
     RATE_LIMITED,
     RECEIPTED,
     REPLAYED,
     Challenge,
-    MemoryRates,
     ServiceStore,
 )
 
@@ -89,7 +90,6 @@ OCTETS = "application/octet-stream"
 JSON = "application/json"
 _HEX = re.compile(r"\A[0-9a-fA-F]*\Z")
 MAX_HEAD = 16 * 1024  # request line and headers, bytes (the HTTP parsers bound them too)
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/exportkey": ("POST",),
@@ -109,53 +109,6 @@ class ClientId:
     sha256: str
     serial: int
     client_auth: bool  # the certificate's extended key usage includes clientAuth
-
-
-@dataclass
-class Metrics:
-    """Per-process counters (each instance is scraped on its own)."""
-
-    requests: dict[tuple[str, int], int] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    latency_sum: float = 0.0
-    latency_count: int = 0
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        k = (route, status)
-        self.requests[k] = self.requests.get(k, 0) + 1
-        i = 0
-        while i < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[i]:
-            i += 1
-        self.buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
-
-    def count(self, event: str) -> None:
-        self.events[event] = self.events.get(event, 0) + 1
-
-    def render(self, instance: str) -> str:
-        out = ["# HELP keyload_requests_total HTTP requests by route and status.",
-               "# TYPE keyload_requests_total counter"]
-        for (route, status), n in sorted(self.requests.items()):
-            out.append(f'keyload_requests_total{{instance="{instance}",route="{route}",'
-                       f'status="{status}"}} {n}')
-        out += ["# HELP keyload_events_total Exports, receipts, replays, rate limits.",
-                "# TYPE keyload_events_total counter"]
-        for ev, n in sorted(self.events.items()):
-            out.append(f'keyload_events_total{{instance="{instance}",event="{ev}"}} {n}')
-        out += ["# HELP keyload_request_seconds Time to answer a request.",
-                "# TYPE keyload_request_seconds histogram"]
-        acc = 0
-        for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.buckets, strict=True):
-            acc += n
-            out.append(f'keyload_request_seconds_bucket{{instance="{instance}",le="{le}"}} '
-                       f'{acc}')
-        out.append(f'keyload_request_seconds_sum{{instance="{instance}"}} '
-                   f'{self.latency_sum:.6f}')
-        out.append(f'keyload_request_seconds_count{{instance="{instance}"}} '
-                   f'{self.latency_count}')
-        return "\n".join(out) + "\n"
 
 
 @dataclass
@@ -524,7 +477,7 @@ class ServiceApp:
     def _render_metrics(self) -> str:
         text = self.metrics.render(self.instance)
         if self.commits is not None:
-            text += _commit_metrics(self.instance, self.commits)
+            text += commit_metrics(self.instance, self.commits)
         conns = {**self.connections.counts(), "refused_before_tls": self.doorway.refused}
         text += ("# HELP keyload_connections Open connections by pool; refused and evicted "
                  "since start.\n# TYPE keyload_connections gauge\n")
@@ -730,22 +683,6 @@ def _recorded(c: Challenge, sn: bytes, ref2: int, kcv: bytes) -> bytes:
         "status": "recorded", "sn": sn.hex(), "set_id": c.set_id.hex(),
         "ref1": display_ref1(c.ref1), "ref2": ref2, "key_version": c.key_version,
         "kcv": kcv.hex()}).encode()
-
-
-def _commit_metrics(instance: str, gc: GroupCommit) -> str:
-    return (
-        "# HELP keyload_commit_batches_total Group commits (one transaction per database).\n"
-        "# TYPE keyload_commit_batches_total counter\n"
-        f'keyload_commit_batches_total{{instance="{instance}"}} {gc.batches}\n'
-        "# HELP keyload_commit_requests_total Requests whose writes were group-committed.\n"
-        "# TYPE keyload_commit_requests_total counter\n"
-        f'keyload_commit_requests_total{{instance="{instance}"}} {gc.requests}\n'
-        "# HELP keyload_commit_failed_total Batches that could not begin or commit "
-        "(busy: a lock held elsewhere).\n"
-        "# TYPE keyload_commit_failed_total counter\n"
-        f'keyload_commit_failed_total{{instance="{instance}",reason="busy"}} {gc.busy}\n'
-        f'keyload_commit_failed_total{{instance="{instance}",reason="error"}} '
-        f'{gc.failed - gc.busy}\n')
 
 
 def _too_large(limit: int) -> P.Problem:

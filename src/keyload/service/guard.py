@@ -15,7 +15,7 @@ probes without a certificate), so an anonymous client must not be able to take i
   full its oldest connection is closed to make room (a load balancer's probe still gets
   in), and one address may hold ``anonymous_per_peer`` anonymous connections (429).
   Every request head must complete within ``head_timeout`` (:mod:`.server`);
-- **requests** (:class:`~.store.MemoryRates` per address, ``anonymous_rate``):
+- **requests** (:class:`~.rates.MemoryRates` per address, ``anonymous_rate``):
   requests that no authorized client makes are limited per address before they cost
   anything but parsing (429);
 - **evidence** (:class:`AnonymousAudit`): they are audited as one record per address and
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .policy import Rate
-from .store import MemoryRates
+from .rates import MemoryRates
 
 
 @dataclass(frozen=True, slots=True)
