@@ -75,6 +75,23 @@ def read_answer(s: ssl.SSLSocket) -> bytes:
     return out
 
 
+def health_status(run: Running, *, source: str, client: str | None = None) -> int:
+    """GET /v1/health on a connection of its own from ``source``: the status."""
+    s = connect(run, source=source, client=client)
+    s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.settimeout(5)
+    try:
+        return parse(read_answer(s))[0]
+    finally:
+        s.close()
+
+
+def answer_of(s: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
+    """What the server says on its own on a connection, then closes."""
+    s.settimeout(5)
+    return parse(read_answer(s))
+
+
 def parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -220,20 +237,13 @@ def test_connections_per_address_are_capped_with_a_problem(world: World) -> None
     try:
         keep = [connect(run, source="127.0.4.1") for _ in range(3)]
         extra = connect(run, source="127.0.4.1")
-        extra.settimeout(5)
-        status, headers, body = parse(read_answer(extra))
+        status, headers, body = answer_of(extra)
         problem(status, headers, body, 429, "too-many-connections")
         assert headers["retry-after"] == "5"
         # another address, and an authorized client from the same one, are not affected
-        other = connect(run, source="127.0.4.2")
-        other.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        other.settimeout(5)
-        assert parse(read_answer(other))[0] == 200
-        mine = connect(run, source="127.0.4.1", client="other")
-        mine.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        mine.settimeout(5)
-        assert parse(read_answer(mine))[0] == 200
-        for s in (*keep, extra, other, mine):
+        assert health_status(run, source="127.0.4.2") == 200
+        assert health_status(run, source="127.0.4.1", client="other") == 200
+        for s in (*keep, extra):
             s.close()
     finally:
         run.stop()
@@ -244,8 +254,7 @@ def test_authorized_connection_limit_answers_problem_json(world: World) -> None:
     try:
         keep = [connect(run, client="other") for _ in range(2)]
         third = connect(run, client="other")
-        third.settimeout(5)
-        status, headers, body = parse(read_answer(third))
+        status, headers, body = answer_of(third)
         problem(status, headers, body, 503, "unavailable")
         assert "connection limit" in json.loads(body)["detail"]
         for s in (*keep, third):
@@ -696,11 +705,7 @@ def test_an_address_is_refused_before_tls_over_its_sockets_or_connect_rate(
         assert read_answer(sixth) == b""  # type: ignore[arg-type]
         assert time.monotonic() - t0 < 10  # closed at once, not at the handshake timeout
         # another address is served meanwhile
-        s = connect(run, source="127.0.7.2")
-        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        s.settimeout(5)
-        assert parse(read_answer(s))[0] == 200
-        s.close()
+        assert health_status(run, source="127.0.7.2") == 200
         for h in (*held, sixth):
             h.close()
         # five admitted from 127.0.7.1 so far (the refused one is not counted): one more
@@ -727,11 +732,7 @@ def test_an_address_that_keeps_connecting_without_a_certificate_gets_no_handshak
     run = start_service(world, policy_doc(world), limits=limits)
     try:
         for _ in range(3):
-            s = connect(run, source="127.0.8.1")
-            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            s.settimeout(5)
-            assert parse(read_answer(s))[0] == 200
-            s.close()
+            assert health_status(run, source="127.0.8.1") == 200
         refused_before = run.inst.app.doorway.refused
         with pytest.raises((ssl.SSLError, OSError)):
             connect(run, source="127.0.8.1", timeout=5)
