@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import strategies as st
 
-from keyload.core import klp1
+from keyload.core import klp1, tlv
 from keyload.core.apdu import CommandAPDU
 from keyload.core.errors import PolicyRefused
 from keyload.core.keys import KeyAttributes, KeyHeader, KeyType
-from keyload.core.messages import ExportRequest, ImportData, ImportResponse
+from keyload.core.messages import ExportRequest, ExportResponse, ImportData, ImportResponse
 from keyload.core.primitives import aes_cmac, aes_kwp_wrap, hmac_sha256
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
@@ -103,31 +105,28 @@ def _session(suite_id: int, r: bytes, ref2: int) -> tuple[bytes, bytes, bytes]:
     suite = get_suite(suite_id if suite_id in (1, 2) else 1)
     t1, s = bytearray(32), bytearray(96)
     klp1.derive_t1(suite, T, SN, t1)
-    klp1.derive_session(suite, t1, SN, r, ref2 & 0xFF, s)
+    klp1.derive_session(suite, t1, SN, r, ref2, s)
     return bytes(s[:32]), bytes(s[32:64]), bytes(s[64:])
 
 
-def _header(key_type: int, length: int, *, suite: int = 1, version: int = 7,
-            flags: int = 0, usage: bytes = b"K0") -> bytes:
-    return bytes((1, suite, key_type, length)) + usage + b"B" + version.to_bytes(2, "big") + \
-        b"N" + bytes((flags, 0))
+def _header(key_type: int, length: int, *, flags: int = 0) -> bytes:
+    """H (PROTOCOL.md §3): suite 0x01, usage K0, mode B, version 7, exportability N."""
+    return bytes((1, 1, key_type, length)) + b"K0B" + (7).to_bytes(2, "big") + b"N" + \
+        bytes((flags, 0))
 
 
 def _right_sas(h: bytes, ta: bytes, ksas: bytes, ref2: int) -> bytes:
     if h[10] & 0x02:
-        return SIGNING.sign(klp1.sas_message_ed25519(h, SN, ref2 & 0xFF, ta))
+        return SIGNING.sign(klp1.sas_message_ed25519(h, SN, ref2, ta))
     return aes_cmac(ksas, b"KLP1-SAS" + h + ta)
 
 
-def authentic(r: bytes, ref2: int, h: bytes, ta: bytes, *, w: bytes | None = None,
-              sas: bytes | None = None) -> ImportData:
-    """IMPORTKEY data with a right CAS (and, unless given, a right W and SAS)."""
+def authentic(r: bytes, ref2: int, h: bytes, ta: bytes) -> ImportData:
+    """IMPORTKEY data with a right W, SAS and CAS for ``h`` and ``ta``, whatever they say."""
     kenc, kmac, ksas = _session(h[1], r, ref2)
-    if w is None:
-        w = aes_kwp_wrap(kenc, ta)
-    if sas is None:
-        sas = _right_sas(h, ta, ksas, ref2)
-    cas = aes_cmac(kmac, klp1.cas_message(SN, r, ref2 & 0xFF, h, w, sas))
+    w = aes_kwp_wrap(kenc, ta)
+    sas = _right_sas(h, ta, ksas, ref2)
+    cas = aes_cmac(kmac, klp1.cas_message(SN, r, ref2, h, w, sas))
     return ImportData(ref2, h, w, sas, cas)
 
 
@@ -281,6 +280,7 @@ def test_unexpected_store_failure_is_6581_and_nothing_stored(
     assert rapdu == b"\x65\x81"
     assert _snapshot(unit) == before
     assert unit.pending is None
+    assert "RuntimeError" in caplog.text  # the class of the failure, nothing of its text
     assert "00112233" not in caplog.text and ta.hex() not in caplog.text
 
 
@@ -321,11 +321,12 @@ def test_unexpected_authority_failure_is_6581_and_nothing_recorded(
         caplog: pytest.LogCaptureFixture) -> None:
     ks, set_id = _keystore()
     log = MemoryExportLog()
-    authority = Authority(_ExplodingBackend(ks), log=log)  # type: ignore[arg-type]
+    authority = Authority(_ExplodingBackend(ks), log=log)
     req = ExportRequest(SN, bytes(16), set_id, 1, b"AES1", 1).encode()
     with caplog.at_level(logging.DEBUG):
         assert authority.process_apdu(_exportkey(req)) == b"\x65\x81"
     assert log.records == []
+    assert "ValueError" in caplog.text
     assert T.hex() not in caplog.text
 
 
@@ -373,3 +374,281 @@ def test_export_key_refuses_a_key_that_does_not_fit() -> None:
                             key=bytes(range(1, n + 1)), usage="K0", mode="B", version=1,
                             exportability="N", diversify=False, scratch=sc)
         assert sc.wiped
+
+
+# =========================================================================================
+# Bounded fuzzing: the generator holds T (PROTOCOL.md §6, §7, §8)
+# =========================================================================================
+#
+# Each example drives one fresh unit (or authority) through a few commands. Authenticated
+# IMPORTKEY messages are checked against a model of §7 (the exact status word, and on 9000
+# exactly what the slot then holds); mutated encodings and raw APDUs only against §6 (the
+# answer is a status word listed there, no data on a refusal) and the unchanged slots.
+# derandomize: the same examples on every run, so CI is reproducible; the bounds (and no
+# shrinking) keep the whole section to a few tens of seconds, also when it fails.
+
+FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,
+                phases=[Phase.explicit, Phase.generate],  # no shrinking: bounded on failure
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+OTHER_SIGNER = Ed25519PrivateKey.from_private_bytes(bytes(32))
+
+byte = st.integers(0, 255)
+
+
+def _odd(base: st.SearchStrategy[int]) -> st.SearchStrategy[int]:
+    """Mostly ``base`` (five times in six), sometimes any byte."""
+    return st.integers(0, 5).flatmap(lambda i: byte if i == 0 else base)
+
+
+def _mostly(data: st.DataObject, right: str, others: list[str], label: str,
+            *, pristine: bool) -> str:
+    """``right`` in a pristine message, else ``right`` about two times in three."""
+    if pristine:
+        return right
+    return data.draw(st.sampled_from([right] * (2 * len(others)) + others), label)
+
+
+def _flip(b: bytes, i: int) -> bytes:
+    if not b:
+        return b"\x01"
+    i %= len(b)
+    return b[:i] + bytes((b[i] ^ 0x01,)) + b[i + 1:]
+
+
+def _mutate(data: st.DataObject, body: bytes, mutation: str) -> bytes:
+    """A TLV encoding cut short, with bytes after its end, or with one bit flipped."""
+    if mutation == "cut":
+        return body[:data.draw(st.integers(0, len(body) - 1))]
+    if mutation == "append":
+        return body + data.draw(st.binary(min_size=1, max_size=8))
+    if mutation == "flip":
+        return _flip(body, data.draw(st.integers(0, len(body) - 1)))
+    return body
+
+
+def _check_answer(rapdu: bytes) -> int:
+    """Every answer is a status word of §6; a refusal carries no data."""
+    sw = _sw(rapdu)
+    assert sw in SECTION_6, f"{sw:04X} is not a status word of PROTOCOL.md §6"
+    if sw != 0x9000:
+        assert len(rapdu) == 2
+    return sw
+
+
+def _expected_import_sw(unit: Unit, before: Snapshot, r: bytes | None, ref2: int, h: bytes,
+                        ta: bytes, *, w_ok: bool, sas_ok: bool, cas_ok: bool) -> int:
+    """PROTOCOL.md §7, steps 1-8, for a message with a well-formed TLV (C8 12, CB 16)."""
+    if r is None:
+        return 0x6985
+    if not 1 <= ref2 <= 254:
+        return 0x6A80
+    slots = {s[0]: s for s in before}
+    if ref2 not in slots:
+        return 0x6A88
+    if h[0] != 1 or h[1] not in (1, 2):
+        return 0x6A81
+    if not cas_ok:
+        return 0x6982
+    _, accepts, locked, loaded_h, _, _ = slots[ref2]
+    version = int.from_bytes(h[7:9], "big")
+    if (locked or h[2] not in accepts or h[3] not in FITS.get(h[2], ())
+            or (loaded_h is not None and version <= int.from_bytes(loaded_h[7:9], "big"))):
+        return 0x6986
+    if not w_ok or len(ta) != h[3]:
+        return 0x6982
+    signed = unit.state.verify_key is not None
+    if not sas_ok or bool(h[10] & 0x02) != signed:
+        return 0x6988
+    return 0x9000
+
+
+def _fuzz_import(data: st.DataObject, unit: Unit, r_known: bytes) -> None:
+    """One authenticated IMPORTKEY with odd fields, checked against the model of §7."""
+    signed = unit.state.verify_key is not None
+    pristine = data.draw(st.integers(0, 3), "pristine") == 0  # only the header may be odd
+    h_len = 12 if pristine else data.draw(st.sampled_from([12] * 10 + [0, 11, 13]), "len H")
+    key_type = data.draw(_odd(st.sampled_from(TYPES)), "key type")
+    fits = st.sampled_from(sorted(FITS[key_type])) if key_type in FITS else byte
+    h = bytes((
+        data.draw(_odd(st.just(1)), "header version"),
+        data.draw(_odd(st.sampled_from([1, 2])), "suite"),
+        key_type,
+        data.draw(_odd(fits), "key length"),
+    )) + data.draw(st.one_of(st.just(b"K0B"), st.binary(min_size=3, max_size=3)), "usage") + \
+        data.draw(st.integers(0, 0xFFFF), "version").to_bytes(2, "big") + \
+        data.draw(st.one_of(st.just(b"N"), st.binary(min_size=1, max_size=1))) + bytes((
+            data.draw(_odd(st.just(2 if signed else 0)), "flags"),
+            data.draw(_odd(st.just(0)), "H[11]")))
+    h = (h + bytes(16))[:h_len]
+    ref2 = data.draw(_odd(st.sampled_from([1, 1, 2, 2, 3, 4, 5])), "REF2")
+    n = h[3] if h_len > 3 and h[3] else 16
+    if _mostly(data, "H[3]", ["other"], "len TA'", pristine=pristine) == "other":
+        n = data.draw(st.integers(1, 80), "len TA'")
+    ta = data.draw(st.binary(min_size=n, max_size=n), "TA'")
+    hh = (h + bytes(12))[:12]
+    kenc, kmac, ksas = _session(hh[1], r_known, ref2)
+    w_kind = _mostly(data, "wrap", ["other kek", "random", "cut", "pad"], "W", pristine=pristine)
+    w = aes_kwp_wrap(kenc if w_kind != "other kek" else ksas, ta)
+    if w_kind == "random":
+        w = data.draw(st.binary(max_size=300), "W")
+    elif w_kind == "cut":
+        w = w[:data.draw(st.integers(0, len(w) - 1))]
+    elif w_kind == "pad":
+        w += data.draw(st.binary(min_size=1, max_size=24))
+    right_sas = _right_sas(hh, ta, ksas, ref2)
+    sas_kind = _mostly(data, "right", ["random", "flip", "other key"], "SAS", pristine=pristine)
+    sas = right_sas
+    if sas_kind == "flip":
+        sas = _flip(right_sas, data.draw(st.integers(0, 63)))
+    elif sas_kind == "other key":
+        sas = OTHER_SIGNER.sign(klp1.sas_message_ed25519(hh, SN, ref2, ta))
+    elif sas_kind == "random":
+        sas = data.draw(st.binary(max_size=80), "SAS")
+    cas = aes_cmac(kmac, klp1.cas_message(SN, r_known, ref2, h, w, sas))
+    cas_ok = _mostly(data, "right", ["wrong"], "CAS", pristine=pristine) == "right"
+    if not cas_ok:
+        cas = _flip(cas, data.draw(st.integers(0, 15)))
+    body = tlv.encode([(0xC7, bytes((ref2,))), (0xC8, h), (0xC9, w), (0xCA, sas), (0xCB, cas)])
+    mutation = _mostly(data, "none", ["cut", "append", "flip", "cas len"], "TLV",
+                       pristine=pristine)
+    if mutation == "cas len":
+        body = body[:-18] + tlv.tlv(0xCB, cas[:data.draw(st.integers(0, 15))])
+    body = _mutate(data, body, mutation)
+    le = data.draw(st.sampled_from([256, 256, 0, 65536]), "Le")
+    before = _snapshot(unit)
+    pending = unit.pending
+    rapdu = unit.process_apdu(CommandAPDU(0x80, INS_IMPORT, 0, 0, body, ne=le).encode())
+    sw = _check_answer(rapdu)
+    event(f"IMPORTKEY {sw:04X}")
+    assert unit.pending is None  # any IMPORTKEY consumes the challenge (§7 step 1)
+    if sw != 0x9000:
+        assert _snapshot(unit) == before
+    if mutation != "none" or h_len != 12:
+        return
+    want = _expected_import_sw(unit, before, pending, ref2, h, ta, w_ok=w_kind == "wrap",
+                               sas_ok=sas_kind == "right", cas_ok=cas_ok)
+    assert sw == want
+    if sw != 0x9000:
+        return
+    # exactly the one slot changed, to exactly this key
+    kcv = hmac_sha256(ta, bytes(16))[:5] if h[2] == 0x10 else aes_cmac(ta, bytes(16))[:5]
+    assert ImportResponse.decode(rapdu[:-2]).kcv == kcv
+    after = [(s[0], s[1], s[2], h, kcv, ta) if s[0] == ref2 else s for s in before]
+    assert _snapshot(unit) == after
+
+
+def _fuzz_raw(data: st.DataObject, app: Unit | Authority, ins: list[int]) -> bytes:
+    """Any bytes, or a command header of interest with any P1, P2 and body."""
+    if data.draw(st.booleans(), "fully raw"):
+        apdu = data.draw(st.binary(max_size=300), "APDU")
+    else:
+        head = bytes((data.draw(_odd(st.sampled_from([0x00, 0x80]))),
+                      data.draw(_odd(st.sampled_from(ins))), data.draw(byte), data.draw(byte)))
+        apdu = head + data.draw(st.binary(max_size=40), "body")
+    return app.process_apdu(apdu)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["cmac-sas", "ed25519-sas"])
+@FUZZ
+@given(data=st.data())
+def test_fuzz_unit(signed: bool, data: st.DataObject) -> None:
+    unit = _unit(signed=signed, seed=b"fuzz")
+    r_known = bytes(16)  # the last challenge seen: a stale one once consumed
+    for _ in range(data.draw(st.integers(1, 4), "steps")):
+        step = data.draw(st.sampled_from(["download"] * 4 + ["import", "raw", "status"]))
+        before = _snapshot(unit)
+        if step in ("download", "import"):
+            if step == "download":
+                r_known = _challenge(unit)
+            _fuzz_import(data, unit, unit.pending or r_known)
+            continue
+        if step == "raw":
+            rapdu = _fuzz_raw(data, unit, [0xA4, INS_INIT, INS_IMPORT, INS_STATUS])
+        else:
+            p2 = data.draw(byte, "REF2")
+            rapdu = unit.process_apdu(CommandAPDU(0x80, INS_STATUS, 0, p2, ne=256).encode())
+        _check_answer(rapdu)
+        assert _snapshot(unit) == before  # not an authenticated IMPORTKEY: nothing stored
+
+
+AUTH_REF1 = [b"AES1", b"DIV2", b"MAC3"]
+
+
+def _expected_export_sw(fields: list[bytes], set_ids: list[bytes]) -> int:
+    """PROTOCOL.md §8 for a well-formed TLV in the order of §5."""
+    sn, r, set_id, suite, ref1, ref2 = fields
+    if (not 1 <= len(sn) <= 32 or len(r) != 16 or len(set_id) != 5 or len(suite) != 1
+            or not 1 <= len(ref1) <= 32 or len(ref2) != 1 or not 1 <= ref2[0] <= 254):
+        return 0x6A80
+    if set_id not in set_ids:
+        return 0x6A82
+    if suite[0] not in (1, 2):
+        return 0x6A81
+    if ref1 not in AUTH_REF1:
+        return 0x6A88
+    if (ref1 == b"DIV2" and ref2[0] not in (1, 2)) or (ref1 == b"MAC3" and set_id != set_ids[0]):
+        return 0x6986
+    return 0x9000
+
+
+def _import_as_unit(set_t: bytes, signed: bool, sn: bytes, r: bytes, ref2: int,
+                    response: bytes) -> bytes:
+    """A unit of the set, holding challenge ``r``, imports what the authority answered."""
+    state = UnitState.new(sn, Secret(set_t), {ref2: Slot(ref2, frozenset(TYPES))},
+                          verify_key=VERIFY if signed else None)
+    unit = Unit(MemoryUnitStore(state))
+    unit.set_challenge(r)
+    return unit.process_apdu(importkey(ExportResponse.decode(response).import_data))
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_authority(data: st.DataObject) -> None:
+    ks, set_a = _keystore()
+    set_b = next(s.set_id for s in ks.set_infos() if s.signed)
+    t_of = {set_a: (T, False), set_b: (hashlib.sha256(b"signed set").digest(), True)}
+    log = MemoryExportLog()
+    authority = Authority(ks, log=log)
+    for _ in range(data.draw(st.integers(1, 3), "steps")):
+        n_records = len(log.records)
+        if data.draw(st.integers(0, 3), "kind") == 0:
+            _check_answer(_fuzz_raw(data, authority, [0xA4, 0x12]))
+            assert len(log.records) == n_records
+            continue
+        pristine = data.draw(st.integers(0, 2), "pristine") == 0  # well-formed TLV
+
+        def field(valid: st.SearchStrategy[bytes], odd: st.SearchStrategy[bytes],
+                  label: str, pristine: bool = pristine) -> bytes:
+            if pristine:
+                return data.draw(valid, label)
+            return data.draw(st.integers(0, 5).flatmap(lambda i: odd if i == 0 else valid),
+                             label)
+
+        fields = [
+            field(st.one_of(st.just(SN), st.binary(min_size=1, max_size=32)),
+                  st.binary(max_size=40), "SN"),
+            field(st.binary(min_size=16, max_size=16), st.binary(max_size=20), "R"),
+            data.draw(_odd(st.sampled_from([0, 1])).map(
+                lambda i: [set_a, set_b][i] if i < 2 else bytes((i,)) * 5), "set id"),
+            data.draw(_odd(st.sampled_from([1, 2])).map(lambda i: bytes((i,))), "suite"),
+            data.draw(st.one_of(st.sampled_from(AUTH_REF1), st.binary(min_size=1, max_size=32)),
+                      "REF1"),
+            field(st.integers(1, 254).map(lambda x: bytes((x,))), st.binary(max_size=3), "REF2"),
+        ]
+        body = tlv.encode(zip([0xC1, 0xC2, 0xC3, 0xC4, 0xC6, 0xC7], fields, strict=True))
+        mutation = _mostly(data, "none", ["cut", "append", "flip"], "TLV", pristine=pristine)
+        body = _mutate(data, body, mutation)
+        rapdu = authority.process_apdu(_exportkey(body) if body else b"\x80\x12\x00\x00")
+        sw = _check_answer(rapdu)
+        event(f"EXPORTKEY {sw:04X}")
+        assert len(log.records) == n_records + (sw == 0x9000)
+        if mutation != "none":
+            continue
+        assert sw == _expected_export_sw(fields, [set_a, set_b])
+        if sw == 0x9000:
+            set_t, signed = t_of[fields[2]]
+            answer = _import_as_unit(set_t, signed, fields[0], fields[1], fields[5][0],
+                                     rapdu[:-2])
+            assert answer[-2:] == b"\x90\x00"
+            assert ImportResponse.decode(answer[:-2]).kcv == ExportResponse.decode(
+                rapdu[:-2]).kcv
