@@ -452,17 +452,33 @@ def test_open_import_wrong_signature(case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", _export_params())
 def test_open_import_wrong_length(case: dict[str, Any]) -> None:
-    """H[3] differs from len(TA') (CAS valid): IntegrityError after the unwrap."""
+    """W holds 8 bytes more than H[3] says (H fits its type, CAS valid): IntegrityError
+    after the unwrap (PROTOCOL.md §7 step 7)."""
     exp = case["expected"]
-    h = bytearray(_h(exp["H"]))
-    h[3] = (h[3] + 8) % 256
-    data = _forge(case, h=bytes(h))
+    ta = _h(exp["TA_loaded"])
+    data = _forge(case, w=aes_kwp_wrap(_h(exp["Kenc"]), ta + bytes(8)))
     sc = Scratch()
     vk = _pub(case) if case["signing_key"] else None
     with pytest.raises(IntegrityError):
         _open(case, data, sc=sc, verify_key=vk)
     assert sc.wiped
-    assert len(sc.ta) == len(_h(exp["TA_loaded"]))
+    assert len(sc.ta) == len(ta) + 8
+
+
+@pytest.mark.parametrize("case", _export_params())
+def test_open_import_length_not_fitting_type(case: dict[str, Any]) -> None:
+    """H[3] that does not fit the key type (CAS valid): PolicyRefused (6986, §7 step 6),
+    before anything is unwrapped, whatever the caller's slot policy says."""
+    exp = case["expected"]
+    h = bytearray(_h(exp["H"]))
+    h[3] = 15 if h[2] == KeyType.HMAC_SHA256 else h[3] + 8
+    data = _forge(case, h=bytes(h))
+    sc = Scratch()
+    vk = _pub(case) if case["signing_key"] else None
+    with pytest.raises(PolicyRefused):
+        _open(case, data, sc=sc, verify_key=vk)
+    assert sc.wiped
+    assert len(sc.ta) == 0  # nothing was unwrapped
 
 
 @pytest.mark.parametrize("case", _export_params())

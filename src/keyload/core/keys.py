@@ -52,24 +52,39 @@ class KeyType(IntEnum):
 
     def check_length(self, n: int) -> None:
         """Raise ValueError when ``n`` bytes is not a valid length for this type."""
+        if length_fits(self, n):
+            return
         if self.is_aes:
-            if n != _AES_LEN[self]:
-                raise ValueError(f"{self.label} needs {_AES_LEN[self]} bytes, got {n}")
-        elif not 16 <= n <= 64:
-            raise ValueError(f"{self.label} keys are 16 to 64 bytes, got {n}")
+            raise ValueError(f"{self.label} needs {_AES_LEN[self]} bytes, got {n}")
+        raise ValueError(f"{self.label} keys are {HMAC_MIN} to {HMAC_MAX} bytes, got {n}")
 
     @property
     def default_length(self) -> int:
         return _AES_LEN.get(self, 32)
 
 
-_AES_LEN = {KeyType.AES128: 16, KeyType.AES192: 24, KeyType.AES256: 32}
+_AES_LEN: dict[int, int] = {KeyType.AES128: 16, KeyType.AES192: 24, KeyType.AES256: 32}
+HMAC_MIN, HMAC_MAX = 16, 64
 _TYPE_LABEL = {
     KeyType.AES128: "aes128",
     KeyType.AES192: "aes192",
     KeyType.AES256: "aes256",
     KeyType.HMAC_SHA256: "hmac-sha256",
 }
+
+
+def length_fits(key_type: int, length: int) -> bool:
+    """Whether a key of ``length`` bytes fits ``key_type`` (PROTOCOL.md §3): 16, 24 or 32
+    bytes for AES-128, -192, -256, 16 to 64 for HMAC-SHA256. A type §3 does not define
+    fits no length. A unit refuses a misfit with 6986 (§7 step 6); an authority never
+    wraps one.
+
+    >>> length_fits(0x03, 32), length_fits(0x03, 16), length_fits(0x10, 5), length_fits(0x07, 16)
+    (True, False, False, False)
+    """
+    if key_type == KeyType.HMAC_SHA256:
+        return HMAC_MIN <= length <= HMAC_MAX
+    return _AES_LEN.get(key_type) == length
 
 
 def kcv(key_type: KeyType | int, key: Buf) -> bytes:

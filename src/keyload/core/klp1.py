@@ -14,8 +14,8 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-from .errors import AuthenticityError, IntegrityError
-from .keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyHeader, KeyType, kcv
+from .errors import AuthenticityError, IntegrityError, PolicyRefused
+from .keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyHeader, KeyType, kcv, length_fits
 from .messages import ImportData
 from .primitives import (
     Buf,
@@ -159,7 +159,12 @@ def export_key(
     scratch: Scratch | None = None,
     kcv_: bytes | None = None,
 ) -> Exported:
-    """Build the IMPORTKEY data for one unit (PROTOCOL.md §4, §8). Wipes its buffers."""
+    """Build the IMPORTKEY data for one unit (PROTOCOL.md §4, §8). Wipes its buffers.
+
+    A key whose length does not fit its type (§3) is never wrapped: PolicyRefused (6986).
+    """
+    if not length_fits(key_type, len(key)):
+        raise PolicyRefused("export policy: the key's length does not fit its type")
     sc = scratch if scratch is not None else Scratch()
     try:
         derive_t1(suite, t, sn, sc.t1)
@@ -218,7 +223,11 @@ def open_import(
     """Unit steps 5–8 of PROTOCOL.md §7: CAS, slot policy, unwrap, SAS. Wipes its buffers.
 
     Steps 1–4 (challenge, TLV, slot, header/suite) are the caller's; step 9 (store) too.
-    Raises IntegrityError (6982), the policy's error (6986) or AuthenticityError (6988).
+    Step 6 is ``check_policy`` (the slot's rules) and then the rule of §3 that holds for
+    every slot: the key length H[3] fits the key type, else PolicyRefused (6986), so no
+    key of a length its type does not have is ever unwrapped, checked or stored.
+    Raises IntegrityError (6982), PolicyRefused or the policy's error (6986) or
+    AuthenticityError (6988).
     """
     sc = scratch if scratch is not None else Scratch()
     ta_bytes: bytes | None = None
@@ -232,8 +241,10 @@ def open_import(
         want = aes_cmac(kmac, cas_message(sn, r, data.ref2, data.h, data.w, data.sas))
         if not ct_equal(want, data.cas):
             raise IntegrityError()
-        # 6. slot policy on the authenticated header
+        # 6. slot policy on the authenticated header, and a length that fits the type
         check_policy(header)
+        if not length_fits(header.key_type, header.key_length):
+            raise PolicyRefused("key length does not fit the key type")
         # 7. unwrap and length
         ta_bytes = aes_kwp_unwrap(kenc, data.w)
         sc.ta = bytearray(ta_bytes)

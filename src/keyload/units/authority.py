@@ -1,8 +1,11 @@
 """The authority (AS, first security unit): EXPORTKEY and receipt checks (PROTOCOL.md §8).
 
 :class:`Authority` is the role: it parses requests, applies the checks in the order of §8
-(TLV 6A80, set id 6A82, suite 6A81, REF1 6A88, export policy 6986), records every export
-(never key material) and answers. The key material and the cryptography sit behind an
+(TLV 6A80, set id 6A82, suite 6A81, REF1 6A88, export policy 6986 — which includes a key
+whose length does not fit its type, §3), records every export (never key material) and
+answers. As a card application its :meth:`Authority.process_apdu` never raises: an error
+nobody planned for answers 6581 (nothing exported, nothing recorded), logged by its class
+name only. The key material and the cryptography sit behind an
 :class:`AuthorityBackend` (software keystore here; PKCS#11 token or card elsewhere), which
 says what it can do through :meth:`AuthorityBackend.capabilities`.
 
@@ -15,6 +18,7 @@ says what it can do through :meth:`AuthorityBackend.capabilities`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,20 +31,21 @@ from ..core.errors import (
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
-    KeyloadError,
     PolicyRefused,
     StatusError,
     Unsupported,
     WrongLength,
     WrongP1P2,
 )
-from ..core.keys import KeyAttributes, KeyType
+from ..core.keys import KeyAttributes, KeyType, length_fits
 from ..core.klp1 import Exported
 from ..core.primitives import ct_equal
 
 AID_AUTHORITY = bytes.fromhex("F04B4C50314153")
 AID_UNIT = bytes.fromhex("F04B4C50314549")
 INS_SELECT, INS_INIT, INS_EXPORT, INS_IMPORT, INS_STATUS = 0xA4, 0x10, 0x12, 0x14, 0x16
+
+log = logging.getLogger("keyload.authority")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,8 @@ class Authority:
             raise Unsupported(f"authority does not offer suite {req.suite:#04x} "
                               f"(offers {offers})")
         info = self.backend.key_info(req.ref1)
+        if not length_fits(info.key_type, info.length):
+            raise PolicyRefused("export policy: the key's length does not fit its type")
         info.policy.check(req.set_id, req.ref2)
         out = self.backend.export(req)
         if self.log is not None:
@@ -193,7 +200,8 @@ class Authority:
 
     # -- the authority as a card application (SELECT, EXPORTKEY) --------------------
     def process_apdu(self, apdu: bytes) -> bytes:
-        """C-APDU in, R-APDU out; never raises (errors become status words)."""
+        """C-APDU in, R-APDU out; never raises (errors become status words, an
+        unexpected one 6581)."""
         try:
             cmd = CommandAPDU.decode(apdu)
             if cmd.cla not in (0x00, 0x80):
@@ -213,7 +221,9 @@ class Authority:
             raise InsNotSupported()
         except StatusError as e:
             return sw_bytes(e.sw)
-        except KeyloadError:
+        except Exception as e:  # no exception leaves the card (PROTOCOL.md §6)
+            log.error("authority: %s while handling INS %02X; answered 6581",
+                      type(e).__name__, apdu[1] if len(apdu) > 1 else 0)
             return sw_bytes(SW.MEMORY_FAILURE)
 
 

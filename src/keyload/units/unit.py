@@ -2,7 +2,9 @@
 
 Commands (PROTOCOL.md §5): SELECT, INITIALIZE DOWNLOAD, IMPORTKEY, GET SLOT STATUS. Each
 INS goes to a handler that raises a status-word error; :meth:`Unit.process_apdu` turns it
-into the SW at the boundary and never raises. IMPORTKEY runs the checks of §7 in order;
+into the SW at the boundary and never raises: an error nobody planned for (a bug, a store
+failing in an unforeseen way) answers 6581, "nothing was stored" (§6), and is logged by its
+class name only. IMPORTKEY runs the checks of §7 in order;
 the pending challenge is single use (any IMPORTKEY consumes it). Slots are committed
 through a :class:`SlotStore` atomically: the in-memory state changes only after the store
 has accepted the new slot, so a failed write (6581) changes nothing.
@@ -17,6 +19,7 @@ has accepted the new slot, so a failed write (6581) changes nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,7 +33,6 @@ from ..core.errors import (
     ClaNotSupported,
     DamagedStore,
     InsNotSupported,
-    KeyloadError,
     MalformedData,
     MemoryFailure,
     NoChallenge,
@@ -48,6 +50,8 @@ from .authority import AID_UNIT, INS_IMPORT, INS_INIT, INS_SELECT, INS_STATUS
 from .storage import KekSource, Vault
 
 UNIT_KIND = "unit"
+
+log = logging.getLogger("keyload.unit")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ class Slot:
         return msg.SLOT_EMPTY if self.header is None else msg.SLOT_LOADED
 
     def check_policy(self, h: KeyHeader) -> None:
-        """PROTOCOL.md §7 step 6 on the authenticated header, else 6986."""
+        """PROTOCOL.md §7 step 6 on the authenticated header, this slot's part, else 6986
+        (the length rule of §3, the same for every slot, is checked by ``open_import``)."""
         if self.locked:
             raise PolicyRefused("slot is locked")
         if h.key_type not in self.accepts:
@@ -247,7 +252,9 @@ class Unit:
         """C-APDU in, R-APDU out; never raises (errors become status words).
 
         Any command with the IMPORTKEY INS ends the pending challenge (PROTOCOL.md §7
-        step 1), one refused for its encoding (a wrong Lc: 6700) as well."""
+        step 1), one refused for its encoding (a wrong Lc: 6700) as well. An unexpected
+        error answers 6581: the slots change only after a successful commit, so nothing
+        was stored."""
         if len(apdu) >= 2 and apdu[1] == INS_IMPORT:
             self._taken, self._pending = self._pending, None
         try:
@@ -260,7 +267,9 @@ class Unit:
             return handler(cmd) + b"\x90\x00"
         except StatusError as e:
             return sw_bytes(e.sw)
-        except KeyloadError:
+        except Exception as e:  # no exception leaves the card (PROTOCOL.md §6)
+            log.error("unit: %s while handling INS %02X; answered 6581", type(e).__name__,
+                      apdu[1] if len(apdu) > 1 else 0)
             return sw_bytes(SW.MEMORY_FAILURE)
 
     # -- handlers: each returns response data or raises a StatusError -----------
@@ -309,9 +318,10 @@ class Unit:
         # 5–8. CAS, slot policy, unwrap, SAS
         opened = open_import(suite, st.t.buffer, st.sn, r, d, h, check_policy=slot.check_policy,
                              verify_key=st.verify_key, scratch=self._scratch)
-        # 9. store atomically
-        new = Slot(slot.ref2, slot.accepts, slot.locked, d.h, opened.kcv, opened.key)
+        # 9. store atomically; nothing after the commit can fail
         try:
+            new = Slot(slot.ref2, slot.accepts, slot.locked, d.h, opened.kcv, opened.key)
+            response = msg.ImportResponse(opened.kcv, opened.rct).encode()
             self.store.commit(st, new)
         except BaseException:
             opened.key.wipe()
@@ -319,7 +329,7 @@ class Unit:
         st.slots[slot.ref2] = new
         if slot.key is not None:
             slot.key.wipe()
-        return msg.ImportResponse(opened.kcv, opened.rct).encode()
+        return response
 
     def _status(self, cmd: CommandAPDU) -> bytes:
         if cmd.p1 != 0 or not 1 <= cmd.p2 <= 254:
