@@ -318,7 +318,9 @@ def test_unit_status_after_loads(session: Session) -> None:
 
 
 def test_receipts_all_verified(session: Session) -> None:
-    assert session.res["receipts"].json() == {"verified": 4, "invalid": 0, "invalid_rows": []}
+    assert session.res["receipts"].json() == {
+        "verified": 4, "invalid": 0, "invalid_rows": [], "reconciled": 0,
+        "exports_without_receipt": 0, "without_receipt": []}
     assert session.home.joinpath("station.db").is_file()
 
 
@@ -371,7 +373,12 @@ def test_refused_load_keeps_receipts_valid(session: Session) -> None:
     assert_error(run("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5", home=session.home),
                  EXIT_REFUSED, "6986")
     res = ok(run("receipts", "--json", home=session.home)).json()
-    assert res == {"verified": 4, "invalid": 0, "invalid_rows": []}
+    assert (res["verified"], res["invalid"], res["invalid_rows"]) == (4, 0, [])
+    # what the unit refused after the authority exported it is listed, as the station
+    # recorded it, and leaves the exit code alone
+    assert res["exports_without_receipt"] == len(res["without_receipt"]) >= 1
+    assert all(e["station"].startswith("load failed at ")
+               for e in res["without_receipt"])
 
 
 @pytest.mark.parametrize("args", [
@@ -619,7 +626,8 @@ def test_demo_files_on_disk(demo20: tuple[Path, Result]) -> None:
 def test_demo_home_is_usable_by_the_cli(demo20: tuple[Path, Result]) -> None:
     workdir, _ = demo20
     receipts = ok(run("receipts", "--json", home=workdir)).json()
-    assert receipts == {"verified": 40, "invalid": 0, "invalid_rows": []}
+    assert receipts == {"verified": 40, "invalid": 0, "invalid_rows": [], "reconciled": 0,
+                        "exports_without_receipt": 0, "without_receipt": []}
     st = ok(run("unit", "status", "--sn", "4b4c000000000014", "--json", home=workdir)).json()
     states = {s["ref2"]: s["state"] for s in st["slots"]}
     assert states == {1: "loaded", 2: "loaded", 3: "empty", 4: "locked"}

@@ -371,8 +371,9 @@ def test_p11_loads_kcvs(p11: P11Session) -> None:
 
 def test_p11_receipts_verified(p11: P11Session) -> None:
     assert p11.res["receipts"].last_line() == "3 receipts verified, 0 invalid"
-    assert p11.res["receipts json"].json() == {"verified": 3, "invalid": 0,
-                                               "invalid_rows": []}
+    assert p11.res["receipts json"].json() == {
+        "verified": 3, "invalid": 0, "invalid_rows": [], "reconciled": 0,
+        "exports_without_receipt": 0, "without_receipt": []}
     exports = p11.res["exports"].json()
     assert exports["total"] == 3
     assert {(r["ref1"], r["ref2"], r["suite"], r["sn"]) for r in exports["records"]} == {

@@ -15,8 +15,10 @@ from ..core.messages import check_ref2, check_sn
 from ..core.primitives import ct_equal
 from ..core.suites import get_suite
 from ..station.fleet import EmulatedFleet
+from ..station.journal import STATES
 from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
 from ..station.records import LoadRecords
+from ..station.report import Receipt, campaign_receipts, check_receipts
 from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
@@ -487,44 +489,90 @@ def load(args: argparse.Namespace) -> int:
 
 
 def receipts_verify(args: argparse.Namespace) -> int:
-    """Single loads (``station.db``) and every campaign's ledger (``journal.db``)."""
+    """Single loads (``station.db``) and every campaign's ledger (``journal.db``), each
+    receipt against the authority's export record and MAC; then the exports left with
+    neither a receipt nor a reconciliation (the service's ledger, ``service.db``,
+    accounts for its own exports: ``keyload ledger verify`` checks it)."""
     home = _home(args)
     if not home.station_db.exists() and not home.journal_path.exists():
         raise StoreError(f"no station records or campaign journal in {home.root}")
+    exports_path = home.authority_dir / "exports.db"
+    if not exports_path.exists():
+        raise StoreError(f"no export records at {exports_path}")
     ks = home.open_keystore()
-    ok = bad = 0
-    invalid: list[dict[str, Any]] = []
     try:
         authority = home.authority(ks)
-        if home.station_db.exists():
-            from .demo import verify_receipts
+        receipts, failures = _station_receipts(home)
+        accounted: list[tuple[Any, ...]] = []
+        from ..service.ledger import open_service_state
 
-            records = LoadRecords(home.station_db)
+        state = open_service_state(None, home.root, home.audit_path)
+        if state is not None:
             try:
-                ok, bad, invalid = verify_receipts(authority, records)
+                accounted = [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
             finally:
-                records.close()
-        if home.journal_path.exists():
-            from ..station.journal import open_journal
-            from ..station.report import verify_ledger
-
-            journal = open_journal(home.journal_path)
-            try:
-                for name in journal.campaigns():
-                    chk = verify_ledger(journal, name, authority)
-                    ok, bad = ok + chk.verified, bad + chk.invalid
-                    invalid += chk.invalid_rows or []
-            finally:
-                journal.close()
+                state.close()
+        log = SqliteExportLog(exports_path)
+        try:
+            chk = check_receipts(receipts, log.records(), authority, accounted=accounted,
+                                 failures=failures)
+        finally:
+            log.close()
     finally:
         ks.close()
+    lost = chk.without_receipt
     if args.json:
-        emit_json({"verified": ok, "invalid": bad, "invalid_rows": invalid})
+        emit_json({"verified": chk.verified, "invalid": chk.invalid,
+                   "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,
+                   "exports_without_receipt": len(lost), "without_receipt": lost})
     else:
-        for row in invalid:
-            print(f"INVALID receipt: unit {row['sn']} slot {row['ref2']} {row['ref1']}")
-        print(f"{ok} receipts verified, {bad} invalid")
-    return 0 if bad == 0 else 1
+        for row in chk.invalid_rows:
+            print(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
+                  f"{row['ref1']}: {row['reason']}")
+        for e in lost:
+            print(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
+                  f"v{e['key_version']} KCV {e['kcv']} ({e['station'] or 'nothing recorded'})")
+        if lost:
+            print(f"{len(lost)} exports without receipt")
+        if chk.reconciled:
+            print(f"{chk.reconciled} loads reconciled with the unit after a crash: receipt "
+                  "lost, slot status recorded")
+        print(f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    return 0 if chk.invalid == 0 else 1
+
+
+def _station_receipts(home: Home) -> tuple[list[Receipt], dict[tuple[bytes, bytes, int], str]]:
+    """The receipts of ``station.db`` and of every campaign in ``journal.db``; and what
+    the station recorded for loads that ended without one, by (SN, REF1, REF2)."""
+    receipts: list[Receipt] = []
+    failures: dict[tuple[bytes, bytes, int], str] = {}
+    if home.station_db.exists():
+        records = LoadRecords(home.station_db)
+        try:
+            for row in records.rows():
+                if row.status != "loaded":
+                    failures[(row.sn, row.ref1, row.ref2)] = \
+                        f"load failed at {row.step}" + (f": SW {row.sw}" if row.sw else "")
+                    continue
+                assert row.set_id is not None
+                receipts.append(Receipt("station", row.time, row.sn, row.set_id, row.ref1,
+                                        row.ref2, row.suite, row.r, row.header,
+                                        row.key_version, row.kcv, row.rct))
+        finally:
+            records.close()
+    if home.journal_path.exists():
+        from ..station.journal import IMPORTED, open_journal
+
+        journal = open_journal(home.journal_path)
+        try:
+            for name in journal.campaigns():
+                receipts += campaign_receipts(journal, name)
+                for jr in journal.rows(name, [s for s in STATES if s != IMPORTED]):
+                    failures[(jr.sn, jr.ref1, jr.ref2)] = f"campaign {name}: load {jr.state}" \
+                        + (f", SW {jr.sw}" if jr.sw else "")
+        finally:
+            journal.close()
+    return receipts, failures
 
 
 # -- conformance ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..station.audit import AuditLog
 from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
+from ..units.stored import check_file
 from .store import (
     CLAIMED,
     EXPORTED,
@@ -271,6 +272,7 @@ def _check_sqlite_state(path: Path) -> None:
     wrong file is not given the service's tables by opening it as the state)."""
     if not path.is_file():
         raise StoreError(f"no service state at {path}")
+    check_file(path)
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:

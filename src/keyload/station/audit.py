@@ -9,6 +9,10 @@ write at offset 0, under a file lock, never moving backwards when several proces
 append), so that cutting records off the end is found too; a head torn by a crash is
 reported as damaged, never taken as good (an attacker who can rewrite both files can
 rewrite history: anchor the head elsewhere, e.g. in the ledger export, for that).
+
+Opening the SQLite log reads its last record, and verifying reads them all, in
+:func:`~keyload.units.stored.reading`: a damaged file, or a record whose columns do not
+decode, is a DamagedStore naming the file (no chain is walked over garbage).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 from ..core.errors import StoreError
 from ..units.authority import ExportRecord
-from ..units.storage import SqliteBatch, open_sqlite
+from ..units.storage import SqliteBatch
+from ..units.stored import hex_col, int_col, num_col, open_records, reading, text_col
 
 GENESIS = bytes(32)
 HEAD_SIZE = 128  # the head file: one JSON object, padded to a fixed size
@@ -56,7 +61,7 @@ LAST_RECORD = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
 def last_record(db: Any) -> tuple[int, bytes] | None:
     """(seq, hash) of the chain's last record in ``db`` (SQLite or psycopg), if any."""
     last = db.execute(LAST_RECORD).fetchone()
-    return None if last is None else (int(last[0]), bytes.fromhex(last[1]))
+    return None if last is None else (int_col(last[0], "seq"), hex_col(last[1], "hash", 32))
 
 
 def chain_row(head: tuple[int, bytes] | None, actor: str, action: str,
@@ -85,18 +90,22 @@ def check_chain(rows: Iterable[Any], head_seq: int = 0) -> tuple[int, list[Audit
     expect = 1
     n = 0
     at_head: str | None = None
-    for seq, t, actor, action, detail, prev_hex, h_hex in rows:
+    for row in rows:
+        seq, t = int_col(row[0], "seq"), num_col(row[1], "time")
+        actor, action, detail = (text_col(row[i], c) for i, c in
+                                 ((2, "actor"), (3, "action"), (4, "detail")))
+        row_prev, h = hex_col(row[5], "prev", 32), hex_col(row[6], "hash", 32)
         n += 1
         if seq != expect:
             problems.append(AuditProblem(seq, f"records {expect}..{seq - 1} are missing"))
-        if prev_hex != prev.hex():
+        if row_prev != prev:
             problems.append(AuditProblem(seq, "does not follow the record before it "
                                               "(removed or reordered records)"))
-        if record_hash(bytes.fromhex(prev_hex), seq, t, actor, action, detail).hex() != h_hex:
+        if record_hash(row_prev, seq, t, actor, action, detail) != h:
             problems.append(AuditProblem(seq, "edited: its hash does not match"))
         if seq == head_seq:
-            at_head = h_hex
-        prev = bytes.fromhex(h_hex)
+            at_head = h.hex()
+        prev = h
         expect = seq + 1
     return n, problems, at_head
 
@@ -120,7 +129,13 @@ class AuditLog(SqliteBatch):
         self._head_fd: int | None = None
         self._batch_head: tuple[int, bytes] | None = None
         self._in_batch = False
-        self.db = open_sqlite(path, _SCHEMA)
+        self.db = open_records(path, _SCHEMA)
+        try:
+            with reading(path):
+                last_record(self.db)
+        except BaseException:
+            self.db.close()
+            raise
 
     def begin_batch(self) -> None:
         super().begin_batch()
@@ -214,13 +229,15 @@ class AuditLog(SqliteBatch):
             head_problem = "the head file is missing"
         except (ValueError, KeyError, TypeError):
             head_problem = "the head file is damaged"
-        n, problems, at_head = check_chain(self.db.execute(
-            "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"),
-            head_seq)
+        with reading(self.path):
+            n, problems, at_head = check_chain(self.db.execute(
+                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"),
+                head_seq)
+            last = _last_seq(self.db)
         if head_problem is not None:
             if n:
                 problems.append(AuditProblem(0, head_problem))
-        elif head_seq > _last_seq(self.db) or (head_seq and at_head != head_hash):
+        elif head_seq > last or (head_seq and at_head != head_hash):
             problems.append(AuditProblem(head_seq, "the chain's head differs: records were "
                                                    "cut off the end or the head was changed"))
         return n, problems

@@ -33,7 +33,22 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
-from ..units.storage import open_sqlite
+from ..units.stored import (
+    H_SIZE,
+    KCV_SIZE,
+    R_SIZE,
+    RCT_SIZE,
+    REF1_SIZE,
+    SN_SIZE,
+    DamagedRow,
+    hex_col,
+    int_col,
+    open_records,
+    opt_hex_col,
+    opt_int_col,
+    reading,
+    text_col,
+)
 from .pgserver import is_postgres_url
 
 PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = (
@@ -127,14 +142,17 @@ _COLS = ("campaign, seq, sn, ref2, ref1, version, state, attempts, station, leas
          "header, kcv, rct, reconciled, sw, reason, updated")
 
 
-def _b(x: str | None) -> bytes | None:
-    return None if x is None else bytes.fromhex(x)
-
-
 def row_of(t: Sequence[Any]) -> LoadRow:
-    return LoadRow(t[0], int(t[1]), bytes.fromhex(t[2]), int(t[3]), bytes.fromhex(t[4]),
-                   t[5], t[6], int(t[7]), t[8], t[9], t[10], _b(t[11]), _b(t[12]), _b(t[13]),
-                   _b(t[14]), bool(t[15]), t[16], t[17], t[18])
+    """A ``loads`` row (columns as in ``_COLS``); DamagedRow when a column does not decode."""
+    if t[6] not in STATES:
+        raise DamagedRow("state is not a load state")
+    return LoadRow(text_col(t[0], "campaign"), int_col(t[1], "seq"),
+                   hex_col(t[2], "sn", SN_SIZE), int_col(t[3], "ref2"),
+                   hex_col(t[4], "ref1", REF1_SIZE), opt_int_col(t[5], "version"), t[6],
+                   int_col(t[7], "attempts"), t[8], t[9], opt_int_col(t[10], "suite"),
+                   opt_hex_col(t[11], "r", R_SIZE), opt_hex_col(t[12], "header", H_SIZE),
+                   opt_hex_col(t[13], "kcv", KCV_SIZE), opt_hex_col(t[14], "rct", RCT_SIZE),
+                   bool(t[15]), t[16], t[17], t[18])
 
 
 class Journal(Protocol):
@@ -217,7 +235,7 @@ class SqliteJournal:
         self.path = path
         self._lock = threading.Lock()
         self._station_locks: dict[tuple[str, str], int] = {}
-        self.db = open_sqlite(path, SCHEMA)
+        self.db = open_records(path, SCHEMA)  # rows are decoded in reading(): see stored
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -238,11 +256,8 @@ class SqliteJournal:
             raise StoreError(f"journal {self.path}: {e}") from None
 
     def _x(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        try:
-            with self._lock:
-                return self.db.execute(sql, args)
-        except sqlite3.Error as e:
-            raise StoreError(f"journal {self.path}: {e}") from None
+        with self._lock, reading(self.path):
+            return self.db.execute(sql, args)
 
     # -- planning ----------------------------------------------------------------
     def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
@@ -269,7 +284,8 @@ class SqliteJournal:
                     "WHERE id = ?", (campaign_id,)).fetchone()
         if t is None:
             raise StoreError(f"no campaign {campaign_id!r} in {self.path}")
-        return campaign_from_row(t)
+        with reading(self.path):
+            return campaign_from_row(t)
 
     def campaigns(self) -> list[str]:
         return [t[0] for t in self._x("SELECT id FROM campaigns ORDER BY created")]
@@ -358,11 +374,11 @@ class SqliteJournal:
             args += list(states)
         cur = self._x(sql + " ORDER BY seq, ref2", args)
         while True:
-            batch = cur.fetchmany(self.BATCH)
-            if not batch:
+            with reading(self.path):
+                rows = [row_of(t) for t in cur.fetchmany(self.BATCH)]
+            if not rows:
                 return
-            for t in batch:
-                yield row_of(t)
+            yield from rows
 
     def event(self, campaign_id: str, station: str, now: float, done: int,
               failed: int) -> None:
@@ -370,9 +386,10 @@ class SqliteJournal:
                 (campaign_id, now, station, done, failed))
 
     def events(self, campaign_id: str) -> list[tuple[float, str, int, int]]:
-        return [(float(t), s, int(d), int(f)) for t, s, d, f in self._x(
-            "SELECT time, station, loads_done, loads_failed FROM events WHERE campaign = ? "
-            "ORDER BY time", (campaign_id,))]
+        rows = self._x("SELECT time, station, loads_done, loads_failed FROM events WHERE "
+                       "campaign = ? ORDER BY time", (campaign_id,))
+        with reading(self.path):
+            return [(float(t), str(s), int(d), int(f)) for t, s, d, f in rows]
 
     def lock_station(self, campaign_id: str, station: str) -> None:
         """Hold a lock so that no other live process runs as ``station`` on this campaign

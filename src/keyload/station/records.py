@@ -2,6 +2,11 @@
 
 SQLite (WAL). A row holds what the authority needs to verify the unit's receipt later
 (SN, R, REF2, suite, H, KCV, RCT) and never key material.
+
+Opening reads every row (one a load: a damaged file is found before a load, not after
+it, when the receipt could not be kept) and every read decodes its rows in
+:func:`~keyload.units.stored.reading`: a damaged file, or a row that does not decode (a
+loaded row needs every field of its receipt), is a DamagedStore naming the file.
 """
 
 from __future__ import annotations
@@ -11,7 +16,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..units.storage import open_sqlite
+from ..units.stored import (
+    H_SIZE,
+    KCV_SIZE,
+    R_SIZE,
+    RCT_SIZE,
+    REF1_SIZE,
+    SET_ID_SIZE,
+    SN_SIZE,
+    hex_col,
+    int_col,
+    num_col,
+    open_records,
+    opt_hex_col,
+    opt_int_col,
+    reading,
+    text_col,
+)
 from .load import LoadFailed, LoadResult
 
 _SCHEMA = """
@@ -58,15 +79,42 @@ class LoadRow:
     reason: str | None
 
 
-def _b(x: str | None) -> bytes | None:
-    return None if x is None else bytes.fromhex(x)
+_COLS = ("time, station, sn, set_id, ref1, ref2, status, suite, r, header, key_version, kcv, "
+         "rct, step, sw, reason")
+
+
+def _row(t: tuple[object, ...]) -> LoadRow:
+    status = text_col(t[6], "status")
+    if status not in ("loaded", "failed"):
+        raise ValueError(status)
+    loaded = status == "loaded"  # then it holds its receipt and what checks it
+
+    def need(value: object, column: str, size: int) -> bytes | None:
+        return hex_col(value, column, size) if loaded else opt_hex_col(value, column, size)
+
+    def opt(value: object, column: str) -> int | None:
+        return int_col(value, column) if loaded else opt_int_col(value, column)
+
+    return LoadRow(num_col(t[0], "time"), text_col(t[1], "station"), hex_col(t[2], "sn", SN_SIZE),
+                   need(t[3], "set_id", SET_ID_SIZE), hex_col(t[4], "ref1", REF1_SIZE),
+                   int_col(t[5], "ref2"), status, opt(t[7], "suite"), need(t[8], "r", R_SIZE),
+                   need(t[9], "header", H_SIZE), opt(t[10], "key_version"),
+                   need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", RCT_SIZE),
+                   None if t[13] is None else str(t[13]), None if t[14] is None else str(t[14]),
+                   None if t[15] is None else str(t[15]))
 
 
 class LoadRecords:
     def __init__(self, path: Path, *, station: str = "local") -> None:
         self.path = path
         self.station = station
-        self.db = open_sqlite(path, _SCHEMA)
+        self.db = open_records(path, _SCHEMA)
+        try:
+            for _ in self.rows():  # one row a load: read them all before another one
+                pass
+        except BaseException:
+            self.db.close()
+            raise
 
     def add(self, result: LoadResult) -> None:
         self.db.execute(
@@ -84,13 +132,11 @@ class LoadRecords:
             (time.time(), self.station, sn.hex(), ref1.hex(), ref2, err.step, sw, err.reason))
 
     def rows(self) -> Iterator[LoadRow]:
-        cur = self.db.execute(
-            "SELECT time, station, sn, set_id, ref1, ref2, status, suite, r, header, key_version,"
-            " kcv, rct, step, sw, reason FROM loads ORDER BY id")
-        for (t, st, sn, set_id, ref1, ref2, status, suite, r, header, ver, kcv, rct, step, sw,
-             reason) in cur:
-            yield LoadRow(t, st, bytes.fromhex(sn), _b(set_id), bytes.fromhex(ref1), ref2, status,
-                          suite, _b(r), _b(header), ver, _b(kcv), _b(rct), step, sw, reason)
+        with reading(self.path):
+            cur = self.db.execute(f"SELECT {_COLS} FROM loads ORDER BY id")  # noqa: S608
+            while batch := cur.fetchmany(1000):
+                rows = [_row(t) for t in batch]
+                yield from rows
 
     def close(self) -> None:
         self.db.close()

@@ -9,13 +9,13 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyloadError
 from ..core.keys import KeyHeader
-from ..units.authority import Authority
+from ..units.authority import Authority, ExportRecord
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
 from .journal import FAILED, IMPORTED, Journal, LoadRow
@@ -196,3 +196,154 @@ def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
     atomic_write(paths[1], buf.getvalue().encode(), mode=0o644)
     atomic_write(paths[2], render_html(rep).encode(), mode=0o644)
     return paths
+
+
+# -- receipts against the authority's export records (``keyload receipts``) -------------
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A receipt as a station recorded it (``station.db`` or a campaign's ledger), or a
+    load reconciled without one (``rct`` None): what it claims was loaded where."""
+
+    source: str  # "station" or "campaign NAME"
+    time: float
+    sn: bytes
+    set_id: bytes
+    ref1: bytes
+    ref2: int
+    suite: int | None
+    r: bytes | None
+    header: bytes | None
+    key_version: int | None  # the row's own key version column (None: not recorded)
+    kcv: bytes | None
+    rct: bytes | None
+
+
+@dataclass
+class ReceiptsCheck:
+    """Every receipt checked against the export it claims and by the authority's MAC;
+    the exports left with neither a receipt nor a reconciliation."""
+
+    verified: int = 0
+    invalid: int = 0
+    reconciled: int = 0
+    invalid_rows: list[dict[str, Any]] = field(default_factory=list)
+    without_receipt: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _download(set_id: bytes, sn: bytes, ref1: bytes, ref2: int, kcv: bytes | None) -> tuple[
+        bytes, bytes, bytes, int, bytes | None]:
+    return set_id, sn, ref1, ref2, kcv
+
+
+class _Exports:
+    """The export records by download (set, SN, REF1, REF2, KCV), each taken once."""
+
+    def __init__(self, records: Iterable[ExportRecord]) -> None:
+        self.records = list(records)
+        self.taken = [False] * len(self.records)
+        self.by_download: dict[tuple[Any, ...], list[int]] = {}
+        for i, e in enumerate(self.records):
+            self.by_download.setdefault(_download(e.set_id, e.sn, e.ref1, e.ref2, e.kcv),
+                                        []).append(i)
+
+    def take(self, key: tuple[Any, ...], t: float) -> ExportRecord | None:
+        """The latest export of ``key`` not taken yet made at or before ``t`` (else the
+        earliest not taken): a retried download's receipt goes with its last export."""
+        free = [i for i in self.by_download.get(key, ()) if not self.taken[i]]
+        if not free:
+            return None
+        before = [i for i in free if self.records[i].time <= t]
+        i = before[-1] if before else free[0]
+        self.taken[i] = True
+        return self.records[i]
+
+    def left(self) -> Iterator[ExportRecord]:
+        return (e for e, taken in zip(self.records, self.taken, strict=True) if not taken)
+
+
+def receipt_problems(rc: Receipt, export: ExportRecord | None,
+                     authority: Authority) -> list[str]:
+    """Why ``rc`` is not the genuine receipt of the export it claims (empty when it is).
+
+    The MAC binds SN, R, REF2, H and the KCV; the export record binds the rest to what
+    the authority sent: set, REF1, suite and key version (the one in H and the row's
+    own column), and H's key type, length, usage, mode and exportability to the key's
+    while it is still at that version."""
+    if rc.suite is None or rc.r is None or rc.header is None or rc.kcv is None or \
+            rc.rct is None:
+        return ["incomplete record"]
+    out: list[str] = []
+    try:
+        h = KeyHeader.decode(rc.header)
+    except KeyloadError:
+        return ["key header malformed"]
+    if h.suite != rc.suite:
+        out.append("key header's suite differs from the record's")
+    if rc.key_version is not None and rc.key_version != h.version:
+        out.append("key version differs from the key header's")
+    if export is None:
+        out.append("no export recorded for this unit, slot, key and KCV")
+    else:
+        if export.suite != rc.suite:
+            out.append("suite differs from the export")
+        if export.key_version != h.version:
+            out.append("key version differs from the export")
+        try:
+            info = authority.backend.key_info(rc.ref1)
+        except KeyloadError:
+            info = None  # the key is gone: its receipt's MAC still counts
+        if info is not None and info.version == h.version and (
+                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != (
+                int(info.key_type), info.length, info.attrs.usage, info.attrs.mode,
+                info.attrs.exportability):
+            out.append("key header's type or attributes differ from the key's")
+    try:
+        authority.verify_receipt(suite=rc.suite, set_id=rc.set_id, sn=rc.sn, r=rc.r,
+                                 ref2=rc.ref2, h=rc.header, kcv=rc.kcv, rct=rc.rct)
+    except KeyloadError:
+        out.append("receipt does not verify")
+    return out
+
+
+def check_receipts(receipts: Iterable[Receipt], exports: Iterable[ExportRecord],
+                   authority: Authority, *, accounted: Iterable[tuple[Any, ...]] = (),
+                   failures: dict[tuple[bytes, bytes, int], str] | None = None
+                   ) -> ReceiptsCheck:
+    """Check every receipt (reconciled loads, ``rct`` None, are counted apart) against
+    the authority's export records and MAC; list the exports left over.
+
+    ``accounted``: downloads (set, SN, REF1, REF2, KCV) whose receipt is kept and
+    checked elsewhere (the service's ledger). ``failures``: what the station recorded
+    for a download that did not end in a receipt, by (SN, REF1, REF2), shown with the
+    exports left over."""
+    ex = _Exports(exports)
+    out = ReceiptsCheck()
+    for key in accounted:
+        ex.take(key, float("inf"))
+    for rc in sorted(receipts, key=lambda x: x.time):
+        export = ex.take(_download(rc.set_id, rc.sn, rc.ref1, rc.ref2, rc.kcv), rc.time)
+        if rc.rct is None:
+            out.reconciled += 1
+            continue
+        problems = receipt_problems(rc, export, authority)
+        if not problems:
+            out.verified += 1
+            continue
+        out.invalid += 1
+        out.invalid_rows.append({"source": rc.source, "sn": rc.sn.hex(), "ref2": rc.ref2,
+                                 "ref1": display_ref1(rc.ref1), "reason": "; ".join(problems)})
+    for e in ex.left():
+        out.without_receipt.append({
+            "time": e.time, "set_id": e.set_id.hex(), "sn": e.sn.hex(),
+            "ref1": display_ref1(e.ref1), "ref2": e.ref2, "suite": e.suite,
+            "key_version": e.key_version, "kcv": e.kcv.hex().upper(),
+            "station": (failures or {}).get((e.sn, e.ref1, e.ref2))})
+    return out
+
+
+def campaign_receipts(journal: Journal, campaign: str) -> Iterator[Receipt]:
+    """A campaign's imported loads as receipts (reconciled ones without ``rct``)."""
+    set_id = journal.campaign(campaign).set_id
+    for row in journal.rows(campaign, [IMPORTED]):
+        yield Receipt(f"campaign {campaign}", row.updated or 0.0, row.sn, set_id, row.ref1,
+                      row.ref2, row.suite, row.r, row.header, row.version, row.kcv, row.rct)

@@ -1,4 +1,8 @@
-"""The authority's export records in SQLite (PROTOCOL.md §8): never key material."""
+"""The authority's export records in SQLite (PROTOCOL.md §8): never key material.
+
+Opening reads the last record (so a damaged file is found before anything is exported,
+not after), and every read decodes its rows in :func:`~.stored.reading`: a damaged file
+or row is a DamagedStore naming the file."""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ import threading
 from pathlib import Path
 
 from ..core.errors import StoreError
+from . import stored as col
 from .authority import ExportRecord
-from .storage import SqliteBatch, open_sqlite
+from .storage import SqliteBatch
+from .stored import open_records, reading
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (
@@ -35,7 +41,12 @@ class SqliteExportLog(SqliteBatch):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.db = open_sqlite(path, _SCHEMA)
+        self.db = open_records(path, _SCHEMA)
+        try:
+            self._read("ORDER BY id DESC LIMIT 1")
+        except BaseException:
+            self.db.close()
+            raise
 
     def append(self, record: ExportRecord) -> None:
         try:
@@ -52,13 +63,25 @@ class SqliteExportLog(SqliteBatch):
              record.suite, record.key_version, record.kcv.hex()))
 
     def records(self) -> list[ExportRecord]:
-        rows = self.db.execute("SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv "
-                               "FROM exports ORDER BY id").fetchall()
-        return [ExportRecord(t, bytes.fromhex(s), bytes.fromhex(sn), bytes.fromhex(r1), r2, su,
-                             v, bytes.fromhex(k)) for t, s, sn, r1, r2, su, v, k in rows]
+        return self._read("ORDER BY id")
+
+    def _read(self, tail: str) -> list[ExportRecord]:
+        with reading(self.path):
+            return [_record(t) for t in self.db.execute(
+                "SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv "  # noqa: S608
+                f"FROM exports {tail}")]
 
     def count(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM exports").fetchone()[0])
+        with reading(self.path):
+            return int(self.db.execute("SELECT count(*) FROM exports").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
+
+
+def _record(t: tuple[object, ...]) -> ExportRecord:
+    return ExportRecord(col.num_col(t[0], "time"), col.hex_col(t[1], "set_id", col.SET_ID_SIZE),
+                        col.hex_col(t[2], "sn", col.SN_SIZE),
+                        col.hex_col(t[3], "ref1", col.REF1_SIZE), col.int_col(t[4], "ref2"),
+                        col.int_col(t[5], "suite"), col.int_col(t[6], "key_version"),
+                        col.hex_col(t[7], "kcv", col.KCV_SIZE))
