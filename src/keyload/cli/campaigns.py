@@ -28,7 +28,7 @@ from ..service.ledger import (
     service_ledger,
     verify_service_ledger,
 )
-from ..station.campaign import RunOptions, run_campaign
+from ..station.campaign import ATTEMPTS, RunOptions, run_campaign
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
 from ..station.load import AuthorityClient
@@ -237,7 +237,8 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
 
 
 def campaign_run(args: argparse.Namespace) -> int:
-    for flag, v in (("--workers", args.workers), ("--batch", args.batch)):
+    for flag, v in (("--workers", args.workers), ("--batch", args.batch),
+                    ("--retries", args.retries)):
         if v < 1:
             raise ValueError(f"{flag} {v}: at least 1")
     home = _home(args)
@@ -480,7 +481,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--workers", type=int, default=1, help="units served at once")
     p.add_argument("--batch", type=int, default=32, help="units claimed per transaction")
     p.add_argument("--lease", type=float, default=60.0, help="seconds a claim is held")
-    p.add_argument("--retries", type=int, default=3, help="attempts on transport errors")
+    p.add_argument("--retries", type=int, default=ATTEMPTS,
+                   help="attempts per load on transport errors, memory failures and units "
+                        f"that cannot be reached, before it fails (default {ATTEMPTS})")
     p.add_argument("--reader", help="customize the cards presented in this PC/SC reader "
                                     "(default: the home's emulated units, in-process)")
     p.add_argument("--cards", type=int, help="with --reader: stop after this many cards "
