@@ -15,6 +15,7 @@ exported again, whatever moment the station was killed at.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,18 +74,72 @@ def is_transient(e: LoadFailed) -> bool:
         (not isinstance(e.cause, StatusError) and not e.step.startswith(("KCV",)))
 
 
+class Interrupt:
+    """Ctrl-C as a request to stop at the next safe point (see :func:`sigint_deferred`).
+
+    :attr:`stop` is set by the first SIGINT; the run loops look at it before each load
+    and each claim, so a run stops once the loads in flight are done and journaled, which
+    takes far less than a second. Inside :meth:`waiting` (a wait with nothing in flight,
+    such as for the next card in a reader) and on a second SIGINT, KeyboardInterrupt is
+    raised at once.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._waiting = False
+
+    def on_sigint(self, signum: int, frame: object) -> None:
+        if self.stop.is_set() or self._waiting:
+            raise KeyboardInterrupt
+        self.stop.set()
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for (at a safe point)."""
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[Interrupt]:
+    """Within the block, SIGINT sets the returned :class:`Interrupt`'s stop instead of
+    raising KeyboardInterrupt wherever the program happens to be (in a journal commit, an
+    audit record, a unit's slot write). Only in the main thread, and only where SIGINT has
+    its default Python handler (an ignored SIGINT stays ignored)."""
+    intr = Interrupt()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield intr
+        return
+    signal.signal(signal.SIGINT, intr.on_sigint)
+    try:
+        yield intr
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _Shared:
     """What worker threads share: the authority (serialized), counters, the journal."""
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
-                 progress: Progress | None, opts: RunOptions) -> None:
+                 progress: Progress | None, opts: RunOptions,
+                 interrupt: Interrupt | None) -> None:
         self.journal = journal
         self.authority = authority
         self.summary = summary
         self.progress = progress
         self.opts = opts
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        self.interrupt = interrupt or Interrupt()
+        self.stop = self.interrupt.stop
         self.failed_units: set[bytes] = set()  # units with a load failed for good
         self.renewed = time.monotonic()
 
@@ -133,6 +188,8 @@ def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
 def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
                   opts: RunOptions) -> None:
     sn = rows[0].sn
+    if sh.stop.is_set():
+        return  # its loads stay claimed, reconciled by the next run
     with ExitStack() as stack:
         try:
             client = UnitClient(stack.enter_context(connect(sn)))
@@ -226,7 +283,8 @@ def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
 
 def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityClient,
                        cards: Iterable[UnitSource], opts: RunOptions, *,
-                       progress: Progress | None = None) -> RunSummary:
+                       progress: Progress | None = None,
+                       interrupt: Interrupt | None = None) -> RunSummary:
     """Run a campaign over whatever cards the readers present (a feeder's order).
 
     Each card is asked who it is (INITIALIZE DOWNLOAD gives its SN; the challenge it
@@ -235,9 +293,14 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts)
+    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
+    feed = iter(cards)
     with _running(sh, campaign_id):
-        for src in cards:
+        while not sh.stop.is_set():
+            with sh.interrupt.waiting():  # nothing in flight: Ctrl-C stops the wait at once
+                src = next(feed, None)
+            if src is None:
+                break
             try:
                 with src.connect() as conn:
                     client = UnitClient(conn)
@@ -267,6 +330,7 @@ def _running(sh: _Shared, campaign_id: str) -> Iterator[None]:
     s = sh.summary
     try:
         yield
+        s.interrupted = sh.stop.is_set()
     except KeyboardInterrupt:
         sh.stop.set()
         s.interrupted = True
@@ -290,10 +354,12 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
 
 def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  connect: Connector, opts: RunOptions, *,
-                 progress: Progress | None = None) -> RunSummary:
-    """Run (or resume) a campaign until no load is left to claim, or Ctrl-C."""
+                 progress: Progress | None = None,
+                 interrupt: Interrupt | None = None) -> RunSummary:
+    """Run (or resume) a campaign until no load is left to claim, or Ctrl-C (raised, or
+    asked for through ``interrupt``): then ``interrupted`` is set in the summary."""
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts)
+    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = time.monotonic()

@@ -21,6 +21,7 @@ SQLite is the default (one machine; several processes may share the file). Postg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -231,15 +232,21 @@ class SqliteJournal:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (BEGIN IMMEDIATE), rolled back on error;
-        a database error other than an integrity error becomes a StoreError."""
+        a database error other than an integrity error becomes a StoreError.
+
+        Whatever arrives once COMMIT is done (a Ctrl-C) passes through as it is: the
+        transaction stands and there is nothing to roll back. A rollback that fails does
+        not hide the exception that called for it."""
         try:
             with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
                 try:
+                    self.db.execute("BEGIN IMMEDIATE")
                     yield self.db
                     self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.db.execute("ROLLBACK")
                     raise
         except sqlite3.IntegrityError:
             raise
