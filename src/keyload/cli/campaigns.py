@@ -28,7 +28,7 @@ from ..service.ledger import (
     service_ledger,
     verify_service_ledger,
 )
-from ..station.campaign import RunOptions, run_campaign
+from ..station.campaign import ATTEMPTS, Interrupt, RunOptions, run_campaign, sigint_deferred
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
 from ..station.load import AuthorityClient
@@ -163,7 +163,7 @@ def campaign_create(args: argparse.Namespace) -> int:
 
 
 def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
-                 show: bool) -> tuple[dict[str, object], int]:
+                 show: bool, interrupt: Interrupt) -> tuple[dict[str, object], int]:
     """Run (or resume) a campaign over the home's emulated units, in-process."""
     camp = journal.campaign(name)
     journal.lock_station(name, opts.station)
@@ -186,7 +186,7 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
             return EmulatedUnitSource(fleet, sn)
 
         summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(), opts,
-                               progress=prog)
+                               progress=prog, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
@@ -208,7 +208,8 @@ def _opts(args: argparse.Namespace) -> RunOptions:
 
 
 def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader: str,
-               cards: int | None, *, show: bool) -> tuple[dict[str, object], int]:
+               cards: int | None, *, show: bool,
+               interrupt: Interrupt) -> tuple[dict[str, object], int]:
     """Run a campaign over the cards presented in a PC/SC reader, in any order."""
     from ..station.campaign import run_campaign_cards
     from ..transports.pcsc import cards_in_reader
@@ -225,7 +226,7 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
         prog = Progress(cards or 1, label="cards", enabled=show and cards is not None)
         summary = run_campaign_cards(journal, name, client,
                                      cards_in_reader(reader, count=cards, timeout=30.0),
-                                     opts, progress=prog)
+                                     opts, progress=prog, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
@@ -237,28 +238,33 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
 
 
 def campaign_run(args: argparse.Namespace) -> int:
-    for flag, v in (("--workers", args.workers), ("--batch", args.batch)):
+    for flag, v in (("--workers", args.workers), ("--batch", args.batch),
+                    ("--retries", args.retries)):
         if v < 1:
             raise ValueError(f"{flag} {v}: at least 1")
     home = _home(args)
-    journal = _journal(args, home)
-    try:
-        if args.reader:
-            out, rc = run_reader(home, journal, args.name, _opts(args), args.reader,
-                                 args.cards, show=not args.json and not args.quiet)
+    show = not args.json and not args.quiet
+    # Ctrl-C: the loads in flight finish and are journaled, the status is printed, then
+    # "interrupted" (130); running again resumes
+    with sigint_deferred() as intr:
+        journal = _journal(args, home)
+        try:
+            if args.reader:
+                out, rc = run_reader(home, journal, args.name, _opts(args), args.reader,
+                                     args.cards, show=show, interrupt=intr)
+            else:
+                out, rc = run_emulated(home, journal, args.name, _opts(args), show=show,
+                                       interrupt=intr)
+        finally:
+            journal.close()
+        st = out["status"]
+        assert isinstance(st, dict)
+        if args.json:
+            emit_json(out)
         else:
-            out, rc = run_emulated(home, journal, args.name, _opts(args),
-                                   show=not args.json and not args.quiet)
-    finally:
-        journal.close()
-    st = out["status"]
-    assert isinstance(st, dict)
-    if args.json:
-        emit_json(out)
-    else:
-        _print_status(st)
-    if rc:
-        return rc
+            _print_status(st)
+        if rc or intr.stop.is_set():
+            raise KeyboardInterrupt
     return 0 if st["states"]["failed"] == 0 else 1
 
 
@@ -480,7 +486,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--workers", type=int, default=1, help="units served at once")
     p.add_argument("--batch", type=int, default=32, help="units claimed per transaction")
     p.add_argument("--lease", type=float, default=60.0, help="seconds a claim is held")
-    p.add_argument("--retries", type=int, default=3, help="attempts on transport errors")
+    p.add_argument("--retries", type=int, default=ATTEMPTS,
+                   help="attempts per load on transport errors, memory failures and units "
+                        f"that cannot be reached, before it fails (default {ATTEMPTS})")
     p.add_argument("--reader", help="customize the cards presented in this PC/SC reader "
                                     "(default: the home's emulated units, in-process)")
     p.add_argument("--cards", type=int, help="with --reader: stop after this many cards "

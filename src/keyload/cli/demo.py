@@ -29,7 +29,7 @@ from typing import Any
 from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyType
 from ..core.secret import Secret
-from ..station.campaign import RunOptions, run_campaign
+from ..station.campaign import Interrupt, RunOptions, run_campaign, sigint_deferred
 from ..station.customize import Failure, Summary, customize
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import open_journal
@@ -163,7 +163,7 @@ def _write_marker(root: Path, args: argparse.Namespace, state: str) -> None:
 
 
 def _setup(args: argparse.Namespace, home: Home, stack: ExitStack,
-           say: Callable[[str], None], show: bool) -> list[bytes]:
+           say: Callable[[str], None], show: bool, intr: Interrupt) -> list[bytes]:
     """Authority, sets, keys, the set's units and the planned campaign."""
     ks = _make_authority(args.authority, home, stack, say)
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
@@ -194,6 +194,7 @@ def _setup(args: argparse.Namespace, home: Home, stack: ExitStack,
     serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, args.units + 1)]
     prog = Progress(len(serials), label="units created", stream=sys.stderr, enabled=show)
     for sn in serials:
+        intr.check()  # Ctrl-C: the setup is made again by the next run
         fleet.create_unit(sn, t, dict(slots), verify_key=pub)
         prog.update(ok=True)
     prog.close()
@@ -236,20 +237,23 @@ def run(args: argparse.Namespace) -> int:
         os.environ[PIN_ENV] = DEMO_PIN
         say(f"demo token PIN in use (set {PIN_ENV} for your own)")
     t_setup = time.monotonic()
-    if resume:
-        say("resuming the campaign in this workdir")
-    else:
-        _write_marker(root, args, "setup")
-        with ExitStack() as stack:
-            _setup(args, home, stack, say, show)
-        _write_marker(root, args, "ready")
-    setup_s = time.monotonic() - t_setup
-
+    # Ctrl-C during the setup and the campaign: stop at the next safe point, never within a
+    # write (a journal commit, an audit record, a unit's file)
+    with sigint_deferred() as intr:
+        if resume:
+            say("resuming the campaign in this workdir")
+        else:
+            _write_marker(root, args, "setup")
+            with ExitStack() as stack:
+                _setup(args, home, stack, say, show, intr)
+            _write_marker(root, args, "ready")
+        setup_s = time.monotonic() - t_setup
+        if args.transport != "pcsc":
+            summary, run_s, reconciled, this_run = _run_campaign(args, home, show, intr)
+        intr.check()
     if args.transport == "pcsc":
         summary = _run_pcsc(args, home, show)
         run_s, reconciled, this_run = summary.elapsed, 0, summary.loads_ok
-    else:
-        summary, run_s, reconciled, this_run = _run_campaign(args, home, show)
     ks = home.open_keystore()
     journal = open_journal(home.journal_path)
     try:
@@ -310,7 +314,7 @@ def _authority_conn(args: argparse.Namespace, authority: Authority, stack: ExitS
     return pconn
 
 
-def _run_campaign(args: argparse.Namespace, home: Home, show: bool
+def _run_campaign(args: argparse.Namespace, home: Home, show: bool, intr: Interrupt
                   ) -> tuple[Summary, float, int, int]:
     """The demo's campaign (resumable): run, then read the outcome from the journal."""
     with ExitStack() as stack:
@@ -336,7 +340,7 @@ def _run_campaign(args: argparse.Namespace, home: Home, show: bool
         run = run_campaign(journal, CAMPAIGN, client,
                            lambda sn: EmulatedUnitSource(fleet, sn).connect(),
                            RunOptions(station="demo", batch_units=32, lease_s=30.0),
-                           progress=prog)
+                           progress=prog, interrupt=intr)
         if run.interrupted:
             raise KeyboardInterrupt
         s = Summary(units=camp.units)

@@ -4,9 +4,10 @@ A campaign is a set, its units (SNs) and the loads per unit (REF1 -> REF2 at a k
 version). :func:`run_campaign` claims units in batches from the journal, reconciles any
 load whose outcome was not journaled with the unit itself (GET SLOT STATUS), then runs
 the remaining loads, journaling ``exported`` before IMPORTKEY is sent and ``imported``
-with the unit's receipt after. Security refusals are final; transport errors and memory
-failures are retried a bounded number of times. Ctrl-C stops after the loads in flight;
-running again resumes.
+with the unit's receipt after. Security refusals are final; transport errors, memory
+failures and units that cannot be reached are retried, :data:`ATTEMPTS` attempts per load
+by default, then failed with their reason: a run ends. Ctrl-C stops after the loads in
+flight; running again resumes.
 
 Guarantee (checked by the fault tests): a load the unit already imported is never
 exported again, whatever moment the station was killed at.
@@ -14,15 +15,16 @@ exported again, whatever moment the station was killed at.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 
 from ..core import messages as msg
-from ..core.errors import KeyloadError, MemoryFailure, StatusError, TransportError
+from ..core.errors import KeyloadError, MemoryFailure, StatusError, StoreError, TransportError
 from ..core.keys import KeyHeader
 from ..transports import Connection
 from .customize import UnitSource
@@ -32,13 +34,17 @@ from .progress import Progress
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
 
+ATTEMPTS = 3
+"""Attempts per load (``--retries``) before a transient failure is final: a transport
+error, a memory failure in the unit, a unit that cannot be reached."""
+
 
 @dataclass(frozen=True)
 class RunOptions:
     station: str = "station"
     batch_units: int = 32
     lease_s: float = 60.0
-    retries: int = 3
+    retries: int = ATTEMPTS  # attempts per load, at least 1
     workers: int = 1
 
 
@@ -68,18 +74,73 @@ def is_transient(e: LoadFailed) -> bool:
         (not isinstance(e.cause, StatusError) and not e.step.startswith(("KCV",)))
 
 
+class Interrupt:
+    """Ctrl-C as a request to stop at the next safe point (see :func:`sigint_deferred`).
+
+    :attr:`stop` is set by the first SIGINT; the run loops look at it before each load
+    and each claim, so a run stops once the loads in flight are done and journaled, which
+    takes far less than a second. Inside :meth:`waiting` (a wait with nothing in flight,
+    such as for the next card in a reader) and on a second SIGINT, KeyboardInterrupt is
+    raised at once.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._waiting = False
+
+    def on_sigint(self, signum: int, frame: object) -> None:
+        if self.stop.is_set() or self._waiting:
+            raise KeyboardInterrupt
+        self.stop.set()
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for (at a safe point)."""
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[Interrupt]:
+    """Within the block, SIGINT sets the returned :class:`Interrupt`'s stop instead of
+    raising KeyboardInterrupt wherever the program happens to be (in a journal commit, an
+    audit record, a unit's slot write). Only in the main thread, and only where SIGINT has
+    its default Python handler (an ignored SIGINT stays ignored)."""
+    intr = Interrupt()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield intr
+        return
+    signal.signal(signal.SIGINT, intr.on_sigint)
+    try:
+        yield intr
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class _Shared:
     """What worker threads share: the authority (serialized), counters, the journal."""
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
-                 progress: Progress | None, opts: RunOptions) -> None:
+                 progress: Progress | None, opts: RunOptions,
+                 interrupt: Interrupt | None) -> None:
         self.journal = journal
         self.authority = authority
         self.summary = summary
         self.progress = progress
         self.opts = opts
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        self.interrupt = interrupt or Interrupt()
+        self.stop = self.interrupt.stop
+        self.failed_units: set[bytes] = set()  # units with a load failed for good
         self.renewed = time.monotonic()
 
     def keep_lease(self, campaign_id: str) -> None:
@@ -127,85 +188,103 @@ def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
 def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
                   opts: RunOptions) -> None:
     sn = rows[0].sn
-    counted = False
-    try:
-        with connect(sn) as conn:
-            client = UnitClient(conn)
+    if sh.stop.is_set():
+        return  # its loads stay claimed, reconciled by the next run
+    with ExitStack() as stack:
+        try:
+            client = UnitClient(stack.enter_context(connect(sn)))
             client.select()
-            counted = True
-            _process_rows(sh, client, rows, opts)
-    except KeyloadError as e:  # the unit could not be reached: its claims expire and retry
-        with sh.lock:
-            sh.summary.failures.append((sn.hex(), 0, None, f"connect: {e}"))
-    finally:
-        if not counted:
-            _count_unit(sh, ok=False)
+        except KeyloadError as e:  # no such unit, no answer: each load uses an attempt
+            cause = e.cause if isinstance(e, LoadFailed) else e
+            unreachable = LoadFailed("unit not reachable", cause)
+            retry = [_failed(sh, row, unreachable, opts) for row in rows]
+            if not any(retry):
+                _count_unit(sh, sn)
+            return
+        _process_rows(sh, client, rows, opts)
 
 
-def _count_unit(sh: _Shared, *, ok: bool) -> None:
+def _count_unit(sh: _Shared, sn: bytes | None, *, ok: bool = True) -> None:
+    """Count a unit once, when none of its loads is left to retry in this run; it is ok
+    when none of its loads failed for good."""
     with sh.lock:
+        ok = ok and sn not in sh.failed_units
         sh.summary.units_seen += 1
         if sh.progress is not None:
             sh.progress.update(ok=ok)
 
 
+def _failed(sh: _Shared, row: LoadRow, e: LoadFailed, opts: RunOptions) -> bool:
+    """Journal a failed attempt at ``row``: True when it is to be retried (a transient
+    error with attempts left), False when the load has failed for good."""
+    retry = is_transient(e) and row.attempts + 1 < opts.retries
+    sw = None if e.sw is None else f"{e.sw:04X}"
+    reason = f"{e.step}: {e.reason}"
+    sh.journal.failed(row, sw, reason, time.time(), final=not retry)
+    with sh.lock:
+        if retry:
+            sh.summary.loads_retried += 1
+        else:
+            sh.summary.loads_failed += 1
+            sh.summary.failures.append((row.sn.hex(), row.ref2, sw, reason))
+            sh.failed_units.add(row.sn)
+    return retry
+
+
+def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
+    """Reconcile a row left claimed or exported, else load it; raise LoadFailed."""
+    j, s = sh.journal, sh.summary
+    if row.state in (CLAIMED, EXPORTED):
+        try:
+            held = _reconcile(client, row)
+        except KeyloadError as e:
+            raise LoadFailed("unit GET SLOT STATUS", e) from None
+        if held is not None:
+            same = row.state == EXPORTED and held == (row.header, row.kcv)
+            j.imported(row, suite=row.suite if same else None, r=row.r if same else None,
+                       header=held[0], kcv=held[1], rct=None, reconciled=True,
+                       now=time.time())
+            with sh.lock:
+                s.reconciled += 1
+                s.loads_done += 1
+            return
+
+    def journal_export(init: msg.InitResponse, suite: int, resp: msg.ExportResponse) -> None:
+        j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
+
+    res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2, select=False,
+                               on_export=journal_export)
+    j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv, rct=res.rct,
+               reconciled=False, now=time.time())
+    with sh.lock:
+        s.loads_done += 1
+
+
 def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
                   opts: RunOptions) -> None:
-    """Reconcile, then load, each of one unit's claimed rows over a selected client."""
-    j, s = sh.journal, sh.summary
-    sn = rows[0].sn
-    done = failed = 0
+    """Reconcile, then load, each of one unit's claimed rows over a selected client.
+
+    The unit is counted when all its rows are done or failed for good; a row to retry, or
+    left claimed (Ctrl-C, the unit gone), brings it back in a later claim."""
     sh.keep_lease(rows[0].campaign)
-    try:
-        for row in rows:
-            if sh.stop.is_set():
-                return
-            if row.state in (CLAIMED, EXPORTED):
-                held = _reconcile(client, row)
-                if held is not None:
-                    same = row.state == EXPORTED and held == (row.header, row.kcv)
-                    j.imported(row, suite=row.suite if same else None,
-                               r=row.r if same else None, header=held[0], kcv=held[1],
-                               rct=None, reconciled=True, now=time.time())
-                    with sh.lock:
-                        s.reconciled += 1
-                        s.loads_done += 1
-                    done += 1
-                    continue
-
-            def journal_export(init: msg.InitResponse, suite: int,
-                               resp: msg.ExportResponse, row: LoadRow = row) -> None:
-                j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
-
-            try:
-                res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2,
-                                           select=False, on_export=journal_export)
-            except LoadFailed as e:
-                transient = is_transient(e) and row.attempts + 1 < opts.retries
-                sw = None if e.sw is None else f"{e.sw:04X}"
-                j.failed(row, sw, f"{e.step}: {e.reason}", time.time(), final=not transient)
-                with sh.lock:
-                    if transient:
-                        s.loads_retried += 1
-                    else:
-                        s.loads_failed += 1
-                        s.failures.append((sn.hex(), row.ref2, sw, f"{e.step}: {e.reason}"))
-                failed += 0 if transient else 1
-                if isinstance(e.cause, TransportError):
-                    return  # the unit is gone; the rest of its loads stay claimed
-                continue
-            j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv,
-                       rct=res.rct, reconciled=False, now=time.time())
-            with sh.lock:
-                s.loads_done += 1
-            done += 1
-    finally:
-        _count_unit(sh, ok=failed == 0 and done == len(rows))
+    retry = False
+    for row in rows:
+        if sh.stop.is_set():
+            return  # the rest stays claimed, reconciled by the next run
+        try:
+            _load_row(sh, client, row)
+        except LoadFailed as e:
+            retry = _failed(sh, row, e, opts) or retry
+            if isinstance(e.cause, TransportError):
+                return  # the unit is gone; the rest of its loads stay claimed
+    if not retry:
+        _count_unit(sh, rows[0].sn)
 
 
 def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityClient,
                        cards: Iterable[UnitSource], opts: RunOptions, *,
-                       progress: Progress | None = None) -> RunSummary:
+                       progress: Progress | None = None,
+                       interrupt: Interrupt | None = None) -> RunSummary:
     """Run a campaign over whatever cards the readers present (a feeder's order).
 
     Each card is asked who it is (INITIALIZE DOWNLOAD gives its SN; the challenge it
@@ -214,9 +293,14 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts)
+    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
+    feed = iter(cards)
     with _running(sh, campaign_id):
-        for src in cards:
+        while not sh.stop.is_set():
+            with sh.interrupt.waiting():  # nothing in flight: Ctrl-C stops the wait at once
+                src = next(feed, None)
+            if src is None:
+                break
             try:
                 with src.connect() as conn:
                     client = UnitClient(conn)
@@ -227,12 +311,14 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
                     if not rows:
                         summary.failures.append((sn.hex(), 0, None,
                                                  "not in this campaign, or already done"))
-                        _count_unit(sh, ok=False)
+                        _count_unit(sh, sn, ok=False)
                         continue
                     _process_rows(sh, client, rows, opts)
+            except StoreError:
+                raise  # the journal's: the run cannot go on
             except KeyloadError as e:
                 summary.failures.append((src.label, 0, None, f"card: {e}"))
-                _count_unit(sh, ok=False)
+                _count_unit(sh, None, ok=False)
     return summary
 
 
@@ -244,6 +330,7 @@ def _running(sh: _Shared, campaign_id: str) -> Iterator[None]:
     s = sh.summary
     try:
         yield
+        s.interrupted = sh.stop.is_set()
     except KeyboardInterrupt:
         sh.stop.set()
         s.interrupted = True
@@ -267,10 +354,12 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
 
 def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  connect: Connector, opts: RunOptions, *,
-                 progress: Progress | None = None) -> RunSummary:
-    """Run (or resume) a campaign until no load is left to claim, or Ctrl-C."""
+                 progress: Progress | None = None,
+                 interrupt: Interrupt | None = None) -> RunSummary:
+    """Run (or resume) a campaign until no load is left to claim, or Ctrl-C (raised, or
+    asked for through ``interrupt``): then ``interrupted`` is set in the summary."""
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts)
+    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = time.monotonic()

@@ -70,7 +70,7 @@ class EmulatedFleet:
     def open_unit(self, sn: bytes) -> Unit:
         name = FileUnitStore.filename_for(sn)
         if not (self.directory / name).exists():
-            raise StoreError(f"no unit with SN {sn.hex()}")
+            raise StoreError(f"no emulated unit with SN {sn.hex()}")
         return Unit(FileUnitStore(self.vault, name))
 
     def serials(self) -> list[bytes]:

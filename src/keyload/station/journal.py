@@ -21,6 +21,7 @@ SQLite is the default (one machine; several processes may share the file). Postg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -215,10 +216,19 @@ def imported_write(row: LoadRow, suite: int | None, r: bytes | None, header: byt
 
 def failed_write(row: LoadRow, sw: str | None, reason: str, now: float,
                  final: bool) -> tuple[str, tuple[Any, ...]]:
-    return ("UPDATE loads SET state = ?, sw = ?, reason = ?, attempts = attempts + 1, "
-            "station = NULL, lease = NULL, updated = ? WHERE campaign = ? AND sn = ? "
-            "AND ref2 = ?", (FAILED if final else PLANNED, sw, reason, now, row.campaign,
-                             row.sn.hex(), row.ref2))
+    """A failed attempt. Final: ``failed``. Else released for a retry: back to planned,
+    or, once exported (the unit may hold the key), left exported with an expired lease,
+    so that the next claim reconciles it with the unit before any new export."""
+    if final:
+        return ("UPDATE loads SET state = 'failed', sw = ?, reason = ?, "
+                "attempts = attempts + 1, station = NULL, lease = NULL, updated = ? "
+                "WHERE campaign = ? AND sn = ? AND ref2 = ?",
+                (sw, reason, now, row.campaign, row.sn.hex(), row.ref2))
+    return ("UPDATE loads SET state = CASE state WHEN 'exported' THEN 'exported' ELSE "
+            "'planned' END, lease = CASE state WHEN 'exported' THEN 0 ELSE NULL END, "
+            "sw = ?, reason = ?, attempts = attempts + 1, station = NULL, updated = ? "
+            "WHERE campaign = ? AND sn = ? AND ref2 = ?",
+            (sw, reason, now, row.campaign, row.sn.hex(), row.ref2))
 
 
 def pg_params(sql: str) -> str:
@@ -240,15 +250,21 @@ class SqliteJournal:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (BEGIN IMMEDIATE), rolled back on error;
-        a database error other than an integrity error becomes a StoreError."""
+        a database error other than an integrity error becomes a StoreError.
+
+        Whatever arrives once COMMIT is done (a Ctrl-C) passes through as it is: the
+        transaction stands and there is nothing to roll back. A rollback that fails does
+        not hide the exception that called for it."""
         try:
             with self._lock:
-                self.db.execute("BEGIN IMMEDIATE")
                 try:
+                    self.db.execute("BEGIN IMMEDIATE")
                     yield self.db
                     self.db.execute("COMMIT")
                 except BaseException:
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.db.execute("ROLLBACK")
                     raise
         except sqlite3.IntegrityError:
             raise

@@ -36,6 +36,7 @@ class Progress:
 
     def update(self, *, ok: bool) -> None:
         self.done += 1
+        self.total = max(self.total, self.done)  # a total that was an estimate: never below
         if not ok:
             self.failed += 1
         now = time.monotonic()
