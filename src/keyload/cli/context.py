@@ -103,6 +103,12 @@ class Home:
         log = SqliteExportLog(self.authority_dir / "exports.db")
         return Authority(ks, log=AuditedExportLog(audit or self.audit(), log))
 
+    @staticmethod
+    def verifier(ks: AuthorityBackend) -> Authority:
+        """The authority role that only checks receipts: it exports nothing, so it opens
+        no export records and no audit log (a command that reads creates neither)."""
+        return Authority(ks)
+
 
 def open_pkcs11(cfg: dict[str, Any], *, pin: str | None = None) -> Pkcs11Keystore:
     """Open the PKCS#11 keystore a ``backend.json`` names (PIN: ``$KEYLOAD_PKCS11_PIN``)."""
