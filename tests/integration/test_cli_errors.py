@@ -134,3 +134,66 @@ def test_every_reading_command_on_a_missing_home_creates_nothing(tmp_path: Path,
     assert_error(res, EXIT_STORE, "typo")
     assert list(tmp_path.iterdir()) == []
 
+
+# -- item 12: input refused at the command ---------------------------------------------
+def _key(ref1: str, usage: str, sets: str) -> list[str]:
+    return ["key", "generate", "--ref1", ref1, "--type", "aes128", "--usage", usage, "--mode",
+            "E", "--exportability", "N", "--version", "1", "--sets", sets, "--slots", "any"]
+
+
+@pytest.mark.parametrize("usage", ["ZZ", "K9", "00", "k0", "S0"])
+def test_key_usage_outside_the_accepted_list_is_refused(home: Home, usage: str) -> None:
+    """Usage is an ANSI X9.143 key usage for a symmetric key (the README's list);
+    anything else (an unassigned code, lower case, an asymmetric key's usage) is
+    refused and nothing is stored."""
+    before = files(home.root)
+    res = run(*_key("ODD", usage, "any"), home=home.root)
+    line = assert_error(res, EXIT_INPUT, f"--usage {usage!r}", "K0", "P0", "M7")
+    assert "README" in line
+    assert files(home.root) == before
+
+
+@pytest.mark.parametrize("usage", ["B0", "D0", "K1", "P0", "V2", "E6", "I0", "C0"])
+def test_key_usage_in_the_accepted_list_is_taken(home: Home, tmp_path: Path,
+                                                 usage: str) -> None:
+    import shutil
+
+    copy = tmp_path / "home"
+    shutil.copytree(home.root, copy)
+    ok(run(*_key("U" + usage, usage, "any"), home=copy))
+    got = {k["ref1"]: k["usage"] for k in ok(run("key", "list", "--json", home=copy)).json()}
+    assert got["U" + usage] == usage
+
+
+def test_campaign_create_with_a_load_the_key_policy_forbids(home: Home) -> None:
+    """TMK may go to slot 1 only: a plan that puts it in slot 2 would be refused by the
+    authority (6986) for every unit; it is refused at the command, naming the key, the
+    slot and the policy, and no journal is written."""
+    before = files(home.root)
+    res = run("campaign", "create", "c2", "--set", home.set_id, "--load", "TMK:2",
+              home=home.root)
+    assert_error(res, EXIT_INPUT, "TMK", "slot 2", "policy", f"{home.set_id}; 1")
+    assert files(home.root) == before
+
+
+def test_campaign_create_for_a_set_the_key_policy_forbids(home: Home, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "home"
+    shutil.copytree(home.root, copy)
+    other = ok(run("set", "create", "--name", "B", "--json", home=copy)).json()["set_id"]
+    before = files(copy)
+    res = run("campaign", "create", "c3", "--set", other, "--load", "TMK:1", home=copy)
+    assert_error(res, EXIT_INPUT, "TMK", f"set {other}", "policy")
+    assert files(copy) == before
+
+
+def test_the_accepted_key_usages_are_the_readme_list(home: Home) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("`--usage` is an ANSI X9.143")
+    listed = readme[start:readme.index("`", readme.index("one of: `", start) + 9)]
+    listed = listed[listed.index("one of: `") + 9:]
+    line = assert_error(run(*_key("ODD", "ZZ", "any"), home=home.root), EXIT_INPUT)
+    accepted = line[line.index("accepted: ") + 10:line.index(" (README")]
+    assert accepted.split() == listed.split()
+    assert {"K0", "P0", "M7", "D0", "B0"} <= set(accepted.split())

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import StoreError
+from ..core.errors import PolicyRefused, StoreError
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -133,15 +133,14 @@ def read_manifest(path: Path) -> list[bytes]:
 def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                     loads: list[tuple[bytes, int]], serials: list[bytes],
                     source: dict[str, object]) -> Campaign:
-    """Resolve each REF1's current version at the authority, then plan every load."""
-    ks = home.open_keystore()
-    try:
-        ks.set_info(set_id)
-        plan = tuple(PlannedLoad(r1, r2, ks.key_info(r1).version) for r1, r2 in loads)
-    finally:
-        ks.close()
-    if len({p.ref2 for p in plan}) != len(plan):
-        raise ValueError("two loads go to the same slot")
+    """Plan every load (:func:`plan_loads`) in the journal."""
+    return record_campaign(home, journal, name, set_id, plan_loads(home, set_id, loads),
+                           serials, source)
+
+
+def record_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
+                    plan: tuple[PlannedLoad, ...], serials: list[bytes],
+                    source: dict[str, object]) -> Campaign:
     camp = Campaign(name, set_id, time.time(), plan, source, len(serials))
     journal.create_campaign(camp, serials)
     audit = home.audit()
@@ -150,6 +149,31 @@ def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                                      "plan": [[p.ref1.hex(), p.ref2, p.version] for p in plan]})
     audit.close()
     return camp
+
+
+def plan_loads(home: Home, set_id: bytes,
+               loads: list[tuple[bytes, int]]) -> tuple[PlannedLoad, ...]:
+    """Resolve each REF1's current version at the authority. A load the key's export
+    policy forbids (the authority would refuse it, 6986, for every unit) is refused here,
+    by the authority's own check (ValueError); so are two loads to one slot."""
+    ks = home.open_keystore()
+    try:
+        ks.set_info(set_id)
+        keys = [(ks.key_info(r1), r2) for r1, r2 in loads]
+    finally:
+        ks.close()
+    for info, r2 in keys:
+        try:
+            info.policy.check(set_id, r2)
+        except PolicyRefused:
+            name = display_ref1(info.ref1)
+            raise ValueError(f"--load {name}:{r2}: the export policy of key {name} "
+                             f"({info.policy.describe()}) does not allow set "
+                             f"{set_id.hex()} slot {r2}") from None
+    plan = tuple(PlannedLoad(i.ref1, r2, i.version) for i, r2 in keys)
+    if len({p.ref2 for p in plan}) != len(plan):
+        raise ValueError("two loads go to the same slot")
+    return plan
 
 
 def campaign_create(args: argparse.Namespace) -> int:
@@ -166,9 +190,10 @@ def campaign_create(args: argparse.Namespace) -> int:
         source = {"emulated": str(home.units_dir)}
     if not serials:
         raise ValueError("no units to customize")
+    plan = plan_loads(home, set_id, loads)  # refused before the journal is created
     journal = _journal(args, home)
     try:
-        camp = create_campaign(home, journal, args.name, set_id, loads, serials, source)
+        camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
     finally:
         journal.close()
     if args.json:

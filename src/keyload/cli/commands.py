@@ -21,7 +21,7 @@ from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
 from ..units.exportlog import SqliteExportLog
-from ..units.keystore import SoftwareKeystore, display_ref1, parse_ref1
+from ..units.keystore import SoftwareKeystore, check_usage, display_ref1, parse_ref1
 from ..units.unit import Slot
 from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
 from .output import emit_json, kv, table
@@ -213,7 +213,7 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
                                                    ExportPolicy]:
     ref1 = parse_ref1(args.ref1)
     kt = KeyType.parse(args.type)
-    attrs = KeyAttributes(args.usage, args.mode, args.exportability)
+    attrs = KeyAttributes(check_usage(args.usage), args.mode, args.exportability)
     policy = ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
     return ref1, kt, attrs, policy
 
