@@ -197,3 +197,148 @@ def test_the_accepted_key_usages_are_the_readme_list(home: Home) -> None:
     accepted = line[line.index("accepted: ") + 10:line.index(" (README")]
     assert accepted.split() == listed.split()
     assert {"K0", "P0", "M7", "D0", "B0"} <= set(accepted.split())
+
+
+# -- item 13: each failure has its class's exit code -----------------------------------
+EXIT_UNREACHABLE = 9
+KEK = "5a" * 32
+
+
+@pytest.fixture(scope="module")
+def kek_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home sealed with a raw KEK from $KEYLOAD_KEK (no passphrase)."""
+    if not KEYLOAD.exists():
+        pytest.skip("the keyload console script is not installed")
+    root = tmp_path_factory.mktemp("cli-kek") / "home"
+    ok(run("authority", "init", home=root, passphrase=None, env_extra={"KEYLOAD_KEK": KEK}))
+    ok(run("key", "list", home=root, passphrase=None, env_extra={"KEYLOAD_KEK": KEK}))
+    return root
+
+
+def test_no_passphrase_is_a_passphrase_error(home: Home) -> None:
+    """A store that needs a passphrase, and none is given (no terminal): exit 5, as a
+    wrong one, naming where it is given."""
+    before = files(home.root)
+    res = run("key", "list", home=home.root, passphrase=None)
+    assert_error(res, EXIT_PASSPHRASE, "no passphrase", "KEYLOAD_PASSPHRASE")
+    assert files(home.root) == before
+
+
+def test_no_kek_for_a_kek_vault_is_a_passphrase_error(kek_home: Path) -> None:
+    res = run("key", "list", home=kek_home, passphrase=None)
+    assert_error(res, EXIT_PASSPHRASE, "KEYLOAD_KEK")
+
+
+@pytest.mark.parametrize("kek", ["zz" * 32, "5a" * 31, "5a" * 33, "not hex at all"])
+def test_malformed_kek_is_an_input_error(kek_home: Path, kek: str) -> None:
+    """A KEK that is not 64 hex digits is a malformed value (exit 3), not a damaged
+    store; the value itself is never shown."""
+    before = files(kek_home)
+    res = run("key", "list", home=kek_home, passphrase=None, env_extra={"KEYLOAD_KEK": kek})
+    line = assert_error(res, EXIT_INPUT, "KEYLOAD_KEK", "64 hex digits")
+    assert kek not in line
+    assert files(kek_home) == before
+
+
+def test_a_wrong_kek_is_still_a_passphrase_error(kek_home: Path) -> None:
+    res = run("key", "list", home=kek_home, passphrase=None,
+              env_extra={"KEYLOAD_KEK": "a5" * 32})
+    assert_error(res, EXIT_PASSPHRASE, "wrong passphrase or KEK")
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("load", "--unit", "", "--ref1", "TMK", "--ref2", "1"), id="load"),
+    pytest.param(("unit", "status", "--sn", ""), id="unit-status"),
+    pytest.param(("unit", "serve-card", "--sn", ""), id="unit-serve-card"),
+    pytest.param(("fetch", "--server", "https://127.0.0.1:1", "--unit", "", "--ref1", "TMK",
+                  "--ref2", "1", "--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key"),
+                 id="fetch"),
+])
+def test_an_empty_sn_is_an_input_error(home: Home, args: tuple[str, ...]) -> None:
+    before = files(home.root)
+    assert_error(run(*args, home=home.root), EXIT_INPUT, "SN must be 1 to 32 bytes")
+    assert files(home.root) == before
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not KEYLOAD.exists():
+        pytest.skip("the keyload console script is not installed")
+    d = tmp_path_factory.mktemp("cli-pki") / "pki"
+    ok(run("pki", "init", "--dir", d))
+    return d
+
+
+def _fetch(pki: Path, server: str, **files_: Path | str) -> tuple[str, ...]:
+    f = {"ca": pki / "ca.pem", "cert": pki / "clients" / "client.pem",
+         "key": pki / "clients" / "client.key", **files_}
+    return ("fetch", "--server", server, "--unit", SN, "--ref1", "TMK", "--ref2", "1",
+            "--ca", str(f["ca"]), "--cert", str(f["cert"]), "--key", str(f["key"]))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
+
+
+def test_fetch_with_the_service_down_is_unreachable(home: Home, pki: Path) -> None:
+    """Nothing listens at --server: exit 9 (service unreachable), naming the address;
+    the unit is not touched."""
+    before = files(home.root)
+    port = _closed_port()
+    res = run(*_fetch(pki, f"https://127.0.0.1:{port}"), home=home.root)
+    assert_error(res, EXIT_UNREACHABLE, f"127.0.0.1:{port}", "Connection refused")
+    assert files(home.root) == before
+
+
+def test_fetch_to_a_server_that_does_not_speak_tls_is_unreachable(home: Home,
+                                                                   pki: Path) -> None:
+    """A listener that answers in clear text: the TLS handshake fails, exit 9."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\nthis is not TLS\r\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        before = files(home.root)
+        res = run(*_fetch(pki, f"https://127.0.0.1:{port}"), home=home.root)
+        assert_error(res, EXIT_UNREACHABLE, f"127.0.0.1:{port}", "TLS")
+        assert files(home.root) == before
+    finally:
+        srv.close()
+        t.join(10)
+
+
+def test_exit_code_table_in_readme_and_in_main_agree() -> None:
+    """The README's exit-code table and the one in ``keyload.cli.main``'s docstring list
+    the same codes, 9 (service unreachable) among them."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    readme = root / "README.md"
+    main = root / "src" / "keyload" / "cli" / "main.py"
+    table = readme.read_text().split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    in_readme = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    doc = main.read_text().split('"""', 2)[1]
+    in_main = [int(m) for m in re.findall(r"^(\d+)\s{2,}", doc, re.M)]
+    assert in_readme == in_main
+    assert 9 in in_readme and "unreachable" in table.split("| 9 |", 1)[1].splitlines()[0]
+

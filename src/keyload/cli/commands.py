@@ -356,7 +356,7 @@ def unit_create(args: argparse.Namespace) -> int:
 
 def unit_status(args: argparse.Namespace) -> int:
     home = _home(args)
-    sn = parse_hex(args.sn, "SN")
+    sn = check_sn(parse_hex(args.sn, "SN"))
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
         unit = fleet.open_unit(sn)
@@ -415,9 +415,10 @@ def unit_serve_card(args: argparse.Namespace) -> int:
     from ..transports.vcard import CardFeeder
 
     home = _home(args)
+    given = [check_sn(parse_hex(x, "SN")) for x in args.sn]
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
-        serials = [parse_hex(x, "SN") for x in args.sn] if args.sn else fleet.serials()
+        serials = given or fleet.serials()
         for sn in serials:
             fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
 
@@ -447,7 +448,7 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
     home = _home(args)
-    sn = parse_hex(args.unit, "SN")
+    sn = check_sn(parse_hex(args.unit, "SN"))
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
     ks = home.open_keystore()
