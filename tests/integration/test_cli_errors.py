@@ -342,3 +342,135 @@ def test_exit_code_table_in_readme_and_in_main_agree() -> None:
     assert in_readme == in_main
     assert 9 in in_readme and "unreachable" in table.split("| 9 |", 1)[1].splitlines()[0]
 
+
+# -- item 14: each message names what is wrong -----------------------------------------
+def _no_ssl_text(line: str) -> None:
+    for raw in ("_ssl.c", "X509:", "[SSL]", "PEM lib", "No such file or directory"):
+        assert raw not in line, line
+
+
+@pytest.mark.parametrize("option, what", [("ca", "CA"), ("cert", "certificate"),
+                                          ("key", "key")])
+def test_fetch_names_a_missing_tls_file(home: Home, pki: Path, tmp_path: Path, option: str,
+                                        what: str) -> None:
+    missing = tmp_path / "nonexistent.pem"
+    before = files(home.root)
+    res = run(*_fetch(pki, "https://127.0.0.1:1", **{option: missing}), home=home.root)
+    line = assert_error(res, EXIT_STORE, f"{what} file not found: {missing}")
+    _no_ssl_text(line)
+    assert files(home.root) == before
+
+
+def _serve(pki: Path, **given: Path | str) -> tuple[str, ...]:
+    f = {"ca": pki / "ca.pem", "cert": pki / "server.pem", "key": pki / "server.key",
+         "policy": "policy.json", **given}
+    return ("serve", "--port", "0", "--ca", str(f["ca"]), "--cert", str(f["cert"]), "--key",
+            str(f["key"]), "--policy", str(f["policy"]))
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    p = tmp_path / "policy.json"
+    p.write_text('{"clients": {}}')
+    return p
+
+
+@pytest.mark.parametrize("option, what", [("ca", "CA"), ("cert", "certificate"),
+                                          ("key", "key"), ("policy", "policy")])
+def test_serve_names_a_missing_file(pki: Path, tmp_path: Path, policy: Path, option: str,
+                                    what: str) -> None:
+    missing = tmp_path / "nonexistent"
+    res = run(*_serve(pki, **{"policy": policy, option: missing}), home=tmp_path / "h")
+    line = assert_error(res, EXIT_STORE, f"{what} file not found: {missing}")
+    _no_ssl_text(line)
+    assert not (tmp_path / "h").exists()
+
+
+def test_serve_check_policy_names_a_missing_file(tmp_path: Path) -> None:
+    res = run("serve", "--check-policy", tmp_path / "nope.json", home=tmp_path / "h")
+    assert_error(res, EXIT_STORE, f"policy file not found: {tmp_path / 'nope.json'}")
+
+
+def test_fetch_certificate_and_key_that_do_not_match(home: Home, pki: Path) -> None:
+    cert, key = pki / "clients" / "client.pem", pki / "server.key"
+    res = run(*_fetch(pki, "https://127.0.0.1:1", cert=cert, key=key), home=home.root)
+    line = assert_error(res, EXIT_INPUT, f"certificate {cert} and key {key} do not match")
+    _no_ssl_text(line)
+
+
+def test_serve_certificate_and_key_that_do_not_match(pki: Path, tmp_path: Path,
+                                                     policy: Path) -> None:
+    cert, key = pki / "server.pem", pki / "clients" / "client.key"
+    res = run(*_serve(pki, policy=policy, cert=cert, key=key), home=tmp_path / "h")
+    line = assert_error(res, EXIT_INPUT, f"certificate {cert} and key {key} do not match")
+    _no_ssl_text(line)
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("option, what, other", [
+    ("ca", "CA file", "clients/client.key"),
+    ("cert", "certificate file", "clients/client.key"),
+    ("key", "key file", "clients/client.pem"),
+])
+def test_fetch_tls_file_of_the_wrong_kind(home: Home, pki: Path, option: str, what: str,
+                                          other: str) -> None:
+    """A key given as the CA, a certificate as the key: named, without OpenSSL's text."""
+    res = run(*_fetch(pki, "https://127.0.0.1:1", **{option: pki / other}), home=home.root)
+    line = assert_error(res, EXIT_INPUT, f"{what} {pki / other}")
+    _no_ssl_text(line)
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("authority", "init"), id="authority-init"),
+    pytest.param(("key", "list"), id="key-list"),
+    pytest.param(("campaign", "status"), id="campaign-status"),
+    pytest.param(("unit", "list"), id="unit-list"),
+])
+def test_home_that_is_a_file(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """$KEYLOAD_HOME names a file: said so (not 'File exists'), and the file is kept."""
+    f = tmp_path / "home.txt"
+    f.write_text("notes\n")
+    res = run(*args, cwd=tmp_path, env_extra={"KEYLOAD_HOME": str(f)})
+    assert_error(res, EXIT_STORE, f"home {f} is a file, not a directory")
+    assert f.read_text() == "notes\n" and sorted(tmp_path.iterdir()) == [f]
+
+
+def test_pkcs11_without_a_pin_names_the_variable(tmp_path: Path) -> None:
+    """An authority in a PKCS#11 token, and no PIN: exit 5 (as a missing passphrase),
+    naming $KEYLOAD_PKCS11_PIN (the only way the CLI takes it)."""
+    pytest.importorskip("pkcs11")
+    import json
+
+    home = tmp_path / "home"
+    (home / "authority").mkdir(parents=True)
+    cfg = {"backend": "pkcs11", "module": str(tmp_path / "libnone.so"), "token": "T"}
+    (home / "authority" / "backend.json").write_text(json.dumps(cfg))
+    before = files(home)
+    res = run("key", "list", home=home, env_extra={"KEYLOAD_PKCS11_PIN": ""})
+    line = assert_error(res, EXIT_PASSPHRASE, "no PIN for token 'T'", "KEYLOAD_PKCS11_PIN")
+    assert "pin=" not in line
+    assert files(home) == before
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("ledger", "verify", "--state", "URL"), id="ledger-verify"),
+    pytest.param(("audit", "verify", "--state", "URL"), id="audit-verify"),
+    pytest.param(("campaign", "status", "--journal", "URL"), id="campaign-status"),
+])
+def test_postgresql_that_cannot_be_reached_is_named(home: Home, args: tuple[str, ...]) -> None:
+    """One line naming the host, port and database and the server's (or the network's)
+    reason; never the password."""
+    pytest.importorskip("psycopg")
+    port = _closed_port()
+    url = f"postgresql://keyload:s3cret-pw@127.0.0.1:{port}/ledgerdb?connect_timeout=5"
+    res = run(*(url if a == "URL" else a for a in args), home=home.root)
+    line = assert_error(res, EXIT_STORE, f"127.0.0.1:{port}/ledgerdb", "cannot connect",
+                        "Connection refused")
+    assert "s3cret-pw" not in res.output and "OperationalError" not in line
+
+
+def test_serve_card_reports_its_failure_once(home: Home) -> None:
+    """No vpcd reader listening: one error line on stderr (the feeder's failure is not
+    logged a second time)."""
+    res = run("unit", "serve-card", "--port", str(_closed_port()), home=home.root)
+    assert_error(res, 1, "card feeder", "vpcd", stdout_empty=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -430,13 +431,24 @@ def unit_serve_card(args: argparse.Namespace) -> int:
                 finally:
                     unit.close()
 
-        feeder = CardFeeder(apps(), args.port, remove=True).start()
+        feeder = CardFeeder(apps(), args.port, remove=True)
+        # the feeder logs the failure that stops it, and keeps it: it is this command's
+        # error line, so it is not logged too (one line, not two)
+        thread = f"feeder:{args.port}"
+        log = logging.getLogger("keyload.vcard")
+
+        def kept(r: logging.LogRecord) -> bool:
+            return r.threadName != thread or r.levelno < logging.ERROR
+
+        log.addFilter(kept)
+        feeder.start()
         print(f"feeding {len(serials)} units to the vpcd reader on port {args.port} "
               "(Ctrl-C stops)", flush=True)
         try:
             feeder.wait()
         finally:
             feeder.stop()
+            log.removeFilter(kept)
         if feeder.error is not None:
             raise KeyloadError(f"the card feeder stopped: {feeder.error}")
     finally:

@@ -44,6 +44,8 @@ class Home:
     @classmethod
     def resolve(cls, home: str | None, source: KekSource | None = None) -> Home:
         root = Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"home {root} is a file, not a directory")
         return cls(root, source or KekSource.from_env())
 
     @property

@@ -63,6 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     share only what is meant to be shared: the state database (replay cache, rate
     counters, ledger) and the audit chain."""
     from ..service.ledger import describe_state
+    from ..service.pki import check_tls_files, read_input_file
     from ..service.policy import Policy
     from ..service.server import bind, raise_fd_limit, runs_on, server_context
     from ..station.pgserver import is_postgres_url
@@ -77,6 +78,8 @@ def serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: a TCP port, 0..65535 (0: any free one)")
     home = _home(args)
+    check_tls_files(ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key))
+    read_input_file(Path(args.policy), "policy")
     policy = Policy.load(Path(args.policy))
     limits = connection_limits(args)  # bad limits are refused before anything starts
     ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
@@ -129,8 +132,10 @@ def serve(args: argparse.Namespace) -> int:
 def check_policy(path: Path, *, as_json: bool = False) -> int:
     """``serve --check-policy FILE``: 0 and the policy's summary when FILE is valid; else
     ValueError names what is wrong (exit 3, as ``serve --policy`` with that file)."""
+    from ..service.pki import read_input_file
     from ..service.policy import Policy
 
+    read_input_file(path, "policy")
     s = Policy.load(path).summary()
     if as_json:
         emit_json({"policy": str(path), "valid": True, **s})

@@ -39,6 +39,7 @@ from ..core.errors import SW, KeyloadError, StatusError, TransportError, error_f
 from ..station.load import AuthorityClient, LoadResult
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write, ensure_private_dir
+from .pki import check_tls_files
 
 
 class ServiceRefused(StatusError):
@@ -62,6 +63,9 @@ class ServiceUnreachable(TransportError):
 
 
 def client_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """TLS 1.2+, the server verified against ``ca``, this client's certificate and key;
+    a missing or wrong file is named (:func:`~keyload.service.pki.check_tls_files`)."""
+    check_tls_files(ca=ca, cert=cert, key=key)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
