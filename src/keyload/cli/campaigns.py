@@ -156,6 +156,8 @@ def plan_loads(home: Home, set_id: bytes,
     """Resolve each REF1's current version at the authority. A load the key's export
     policy forbids (the authority would refuse it, 6986, for every unit) is refused here,
     by the authority's own check (ValueError); so are two loads to one slot."""
+    if len({r2 for _, r2 in loads}) != len(loads):
+        raise ValueError("two loads go to the same slot")
     ks = home.open_keystore()
     try:
         ks.set_info(set_id)
@@ -170,10 +172,7 @@ def plan_loads(home: Home, set_id: bytes,
             raise ValueError(f"--load {name}:{r2}: the export policy of key {name} "
                              f"({info.policy.describe()}) does not allow set "
                              f"{set_id.hex()} slot {r2}") from None
-    plan = tuple(PlannedLoad(i.ref1, r2, i.version) for i, r2 in keys)
-    if len({p.ref2 for p in plan}) != len(plan):
-        raise ValueError("two loads go to the same slot")
-    return plan
+    return tuple(PlannedLoad(i.ref1, r2, i.version) for i, r2 in keys)
 
 
 def campaign_create(args: argparse.Namespace) -> int:
