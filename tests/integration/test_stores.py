@@ -86,7 +86,7 @@ def test_raw_kek_from_environment(tmp_path: Path) -> None:
     assert SoftwareKeystore.open(tmp_path / "a", KekSource(kek_hex=kek)).key_infos()
     with pytest.raises(WrongPassphrase):
         SoftwareKeystore.open(tmp_path / "a", KekSource(kek_hex=os.urandom(32).hex()))
-    with pytest.raises(StoreError, match="64 hex"):
+    with pytest.raises(ValueError, match="64 hex"):  # a malformed value: an input error
         SoftwareKeystore.open(tmp_path / "a", KekSource(kek_hex="abcd"))
 
 

@@ -8,13 +8,14 @@ import csv
 import itertools
 import json
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import StoreError
+from ..core.errors import PolicyRefused, StoreError
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -59,12 +60,27 @@ def _journal(args: argparse.Namespace, home: Home, *, create: bool = True) -> Jo
     if not create:
         if args.journal is None:
             _existing_home(home)
-        if not is_postgres_url(str(where)) and not Path(where).is_file():
-            raise StoreError(f"no campaign journal at {where} (no campaign was created "
-                             "there)")
+        if not is_postgres_url(str(where)):
+            _check_journal_file(Path(where))
         return open_journal(where)
     home.ensure()
     return open_journal(where)
+
+
+def _check_journal_file(path: Path) -> None:
+    """``path`` is a campaign journal, looked at read-only: a file that is not one (a text
+    file, an empty file, another database) is refused as it is; opened as the journal, it
+    would be made 0600 and given the journal's tables."""
+    if not path.is_file():
+        raise StoreError(f"no campaign journal at {path} (no campaign was created there)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as db:
+            tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:
+        tables = set()
+    if not {"campaigns", "loads"} <= tables:
+        raise StoreError(f"{path} is not a campaign journal")
 
 
 def _existing_home(home: Home) -> None:
@@ -117,15 +133,14 @@ def read_manifest(path: Path) -> list[bytes]:
 def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                     loads: list[tuple[bytes, int]], serials: list[bytes],
                     source: dict[str, object]) -> Campaign:
-    """Resolve each REF1's current version at the authority, then plan every load."""
-    ks = home.open_keystore()
-    try:
-        ks.set_info(set_id)
-        plan = tuple(PlannedLoad(r1, r2, ks.key_info(r1).version) for r1, r2 in loads)
-    finally:
-        ks.close()
-    if len({p.ref2 for p in plan}) != len(plan):
-        raise ValueError("two loads go to the same slot")
+    """Plan every load (:func:`plan_loads`) in the journal."""
+    return record_campaign(home, journal, name, set_id, plan_loads(home, set_id, loads),
+                           serials, source)
+
+
+def record_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
+                    plan: tuple[PlannedLoad, ...], serials: list[bytes],
+                    source: dict[str, object]) -> Campaign:
     camp = Campaign(name, set_id, time.time(), plan, source, len(serials))
     journal.create_campaign(camp, serials)
     audit = home.audit()
@@ -134,6 +149,30 @@ def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                                      "plan": [[p.ref1.hex(), p.ref2, p.version] for p in plan]})
     audit.close()
     return camp
+
+
+def plan_loads(home: Home, set_id: bytes,
+               loads: list[tuple[bytes, int]]) -> tuple[PlannedLoad, ...]:
+    """Resolve each REF1's current version at the authority. A load the key's export
+    policy forbids (the authority would refuse it, 6986, for every unit) is refused here,
+    by the authority's own check (ValueError); so are two loads to one slot."""
+    if len({r2 for _, r2 in loads}) != len(loads):
+        raise ValueError("two loads go to the same slot")
+    ks = home.open_keystore()
+    try:
+        ks.set_info(set_id)
+        keys = [(ks.key_info(r1), r2) for r1, r2 in loads]
+    finally:
+        ks.close()
+    for info, r2 in keys:
+        try:
+            info.policy.check(set_id, r2)
+        except PolicyRefused:
+            name = display_ref1(info.ref1)
+            raise ValueError(f"--load {name}:{r2}: the export policy of key {name} "
+                             f"({info.policy.describe()}) does not allow set "
+                             f"{set_id.hex()} slot {r2}") from None
+    return tuple(PlannedLoad(i.ref1, r2, i.version) for i, r2 in keys)
 
 
 def campaign_create(args: argparse.Namespace) -> int:
@@ -150,9 +189,10 @@ def campaign_create(args: argparse.Namespace) -> int:
         source = {"emulated": str(home.units_dir)}
     if not serials:
         raise ValueError("no units to customize")
+    plan = plan_loads(home, set_id, loads)  # refused before the journal is created
     journal = _journal(args, home)
     try:
-        camp = create_campaign(home, journal, args.name, set_id, loads, serials, source)
+        camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
     finally:
         journal.close()
     if args.json:
@@ -320,15 +360,29 @@ def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
 
 
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
-             home: Home) -> tuple[ServiceState | None, Journal]:
-    """The service's state (if included) and the journal, closed with ``stack``."""
+             home: Home) -> tuple[ServiceState | None, Journal | None]:
+    """The service's state (if included) and the journal, closed with ``stack``. None for
+    the journal when the home has none and no ``--journal`` is given (no campaign was
+    created here; none is created by reading)."""
     _existing_home(home)  # a typo must not leave a new home behind
     store = _service_state(args, home)
     if store is not None:
         stack.callback(store.close)
-    journal = _journal(args, home)
+    if args.journal is None and not home.journal_path.exists():
+        return store, None
+    journal = _journal(args, home, create=False)
     stack.callback(journal.close)
     return store, journal
+
+
+def _campaign_names(args: argparse.Namespace, home: Home,
+                    journal: Journal | None) -> list[str]:
+    if journal is None:
+        if args.campaign:
+            raise StoreError(f"no campaign {args.campaign!r}: no campaign journal at "
+                             f"{home.journal_path}")
+        return []
+    return [args.campaign] if args.campaign else journal.campaigns()
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -337,13 +391,11 @@ def ledger_verify(args: argparse.Namespace) -> int:
         store, journal = _ledgers(stack, args, home)
         ks = home.open_keystore()
         stack.callback(ks.close)
-        audit = home.audit()
-        stack.callback(audit.close)
-        authority = home.authority(ks, audit)
-        names = [args.campaign] if args.campaign else journal.campaigns()
+        authority = home.verifier(ks)
         ok = bad = lost = 0
         invalid: list[dict[str, object]] = []
-        for n in names:
+        for n in _campaign_names(args, home, journal):
+            assert journal is not None
             chk = verify_ledger(journal, n, authority)
             ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.without_receipt
             invalid += [{"source": "campaign", "campaign": n, **r}
@@ -414,9 +466,10 @@ def ledger_export(args: argparse.Namespace) -> int:
     n_camp, n_svc = [0], [0]
     with contextlib.ExitStack() as stack:
         store, journal = _ledgers(stack, args, home)
-        names = [args.campaign] if args.campaign else journal.campaigns()
+        names = _campaign_names(args, home, journal)
         entries = itertools.chain(
-            _counted((e for c in names for e in ledger(journal, c)), n_camp),
+            _counted((e for c in names if journal is not None for e in ledger(journal, c)),
+                     n_camp),
             _counted(service_ledger(store) if store is not None else (), n_svc))
         out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
         try:

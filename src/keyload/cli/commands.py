@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
 from ..units.exportlog import SqliteExportLog
-from ..units.keystore import SoftwareKeystore, display_ref1, parse_ref1
+from ..units.keystore import SoftwareKeystore, check_usage, display_ref1, parse_ref1
 from ..units.unit import Slot
 from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
 from .output import emit_json, kv, table
@@ -215,7 +216,7 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
                                                    ExportPolicy]:
     ref1 = parse_ref1(args.ref1)
     kt = KeyType.parse(args.type)
-    attrs = KeyAttributes(args.usage, args.mode, args.exportability)
+    attrs = KeyAttributes(check_usage(args.usage), args.mode, args.exportability)
     policy = ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
     return ref1, kt, attrs, policy
 
@@ -358,7 +359,7 @@ def unit_create(args: argparse.Namespace) -> int:
 
 def unit_status(args: argparse.Namespace) -> int:
     home = _home(args)
-    sn = parse_hex(args.sn, "SN")
+    sn = check_sn(parse_hex(args.sn, "SN"))
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
         unit = fleet.open_unit(sn)
@@ -417,9 +418,10 @@ def unit_serve_card(args: argparse.Namespace) -> int:
     from ..transports.vcard import CardFeeder
 
     home = _home(args)
+    given = [check_sn(parse_hex(x, "SN")) for x in args.sn]
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
-        serials = [parse_hex(x, "SN") for x in args.sn] if args.sn else fleet.serials()
+        serials = given or fleet.serials()
         for sn in serials:
             fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
 
@@ -431,13 +433,24 @@ def unit_serve_card(args: argparse.Namespace) -> int:
                 finally:
                     unit.close()
 
-        feeder = CardFeeder(apps(), args.port, remove=True).start()
+        feeder = CardFeeder(apps(), args.port, remove=True)
+        # the feeder logs the failure that stops it, and keeps it: it is this command's
+        # error line, so it is not logged too (one line, not two)
+        thread = f"feeder:{args.port}"
+        log = logging.getLogger("keyload.vcard")
+
+        def kept(r: logging.LogRecord) -> bool:
+            return r.threadName != thread or r.levelno < logging.ERROR
+
+        log.addFilter(kept)
+        feeder.start()
         print(f"feeding {len(serials)} units to the vpcd reader on port {args.port} "
               "(Ctrl-C stops)", flush=True)
         try:
             feeder.wait()
         finally:
             feeder.stop()
+            log.removeFilter(kept)
         if feeder.error is not None:
             raise KeyloadError(f"the card feeder stopped: {feeder.error}")
     finally:
@@ -449,7 +462,7 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
     home = _home(args)
-    sn = parse_hex(args.unit, "SN")
+    sn = check_sn(parse_hex(args.unit, "SN"))
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
     ks = home.open_keystore()

@@ -44,6 +44,8 @@ class Home:
     @classmethod
     def resolve(cls, home: str | None, source: KekSource | None = None) -> Home:
         root = Path(home or os.environ.get(ENV_HOME) or DEFAULT_HOME)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"home {root} is a file, not a directory")
         return cls(root, source or KekSource.from_env())
 
     @property
@@ -102,6 +104,12 @@ class Home:
         """The authority role over ``ks``: exports recorded, and chained into the audit log."""
         log = SqliteExportLog(self.authority_dir / "exports.db")
         return Authority(ks, log=AuditedExportLog(audit or self.audit(), log))
+
+    @staticmethod
+    def verifier(ks: AuthorityBackend) -> Authority:
+        """The authority role that only checks receipts: it exports nothing, so it opens
+        no export records and no audit log (a command that reads creates neither)."""
+        return Authority(ks)
 
 
 def open_pkcs11(cfg: dict[str, Any], *, pin: str | None = None) -> Pkcs11Keystore:

@@ -7,13 +7,16 @@ Every command accepts ``--home DIR`` (default ``$KEYLOAD_HOME`` or ``./keyload-h
 0     success
 1     the job ran but something failed (units, vectors, receipts)
 2     usage error (bad arguments)
-3     invalid input (a value, a file, a range)
+3     invalid input (a value, a file, a range; a malformed ``$KEYLOAD_KEK``)
 4     store error (missing or damaged file)
-5     wrong passphrase or KEK
+5     wrong or missing passphrase, KEK or PIN (none given, and no terminal to ask at)
 6     refused by a unit or the authority (status word given)
 7     integrity or authenticity failure (6982 / 6988, KCV mismatch)
 8     done, evidence pending (``fetch``: the key is in the unit, its receipt is kept in
       ``HOME/outbox`` and sent later)
+9     service unreachable (``fetch``: no connection, or the TLS handshake failed)
+130   interrupted (Ctrl-C): stopped between units, nothing counted as failed; run it
+      again to resume
 141   the output's reader closed it (``keyload … | head``): stopped quietly, no message
 ====  =====================================================
 """
@@ -35,11 +38,12 @@ from ..core.errors import (
     StoreError,
     WrongPassphrase,
 )
+from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
 from . import campaigns, commands, demo, service_cmds
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
-EXIT_REFUSED, EXIT_INTEGRITY = 6, 7
+EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
 EXIT_PIPE = 141  # as a process killed by SIGPIPE: the output's reader closed it
 
 
@@ -52,6 +56,8 @@ def exit_code(e: BaseException) -> int:
         return exit_code(e.cause)
     if isinstance(e, (IntegrityError, AuthenticityError, KcvMismatch)):
         return EXIT_INTEGRITY
+    if isinstance(e, ServiceUnreachable):
+        return EXIT_UNREACHABLE
     if isinstance(e, MalformedData):  # raised here, not by a card: a bad value given to us
         return EXIT_INPUT
     if isinstance(e, StatusError):

@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.messages import InitResponse, check_ref2
+from ..core.messages import InitResponse, check_ref2, check_sn
 from ..station.fleet import EmulatedFleet
 from ..station.load import UnitClient, load_key
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
+from .commands import parse_hex
 from .context import Home
 from .output import emit_json, table
 
@@ -62,6 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     share only what is meant to be shared: the state database (replay cache, rate
     counters, ledger) and the audit chain."""
     from ..service.ledger import describe_state
+    from ..service.pki import check_tls_files, read_input_file
     from ..service.policy import Policy
     from ..service.server import bind, raise_fd_limit, runs_on, server_context
     from ..station.pgserver import is_postgres_url
@@ -76,6 +78,8 @@ def serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: a TCP port, 0..65535 (0: any free one)")
     home = _home(args)
+    check_tls_files(ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key))
+    read_input_file(Path(args.policy), "policy")
     policy = Policy.load(Path(args.policy))
     limits = connection_limits(args)  # bad limits are refused before anything starts
     ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
@@ -128,8 +132,10 @@ def serve(args: argparse.Namespace) -> int:
 def check_policy(path: Path, *, as_json: bool = False) -> int:
     """``serve --check-policy FILE``: 0 and the policy's summary when FILE is valid; else
     ValueError names what is wrong (exit 3, as ``serve --policy`` with that file)."""
+    from ..service.pki import read_input_file
     from ..service.policy import Policy
 
+    read_input_file(path, "policy")
     s = Policy.load(path).summary()
     if as_json:
         emit_json({"policy": str(path), "valid": True, **s})
@@ -253,7 +259,8 @@ FETCH_EPILOG = (
     "pending receipts, oldest first; --resend sends only those. A pending receipt the "
     "service refuses for good (409, 404, 422...) moves to HOME/outbox/refused/ with the "
     "reason, and fetch exits 1. Exit codes: 0 done, 8 done but a receipt is pending, "
-    "1 a pending receipt was refused, others as for every keyload command.")
+    "1 a pending receipt was refused, 9 the service is unreachable (no connection, or the "
+    "TLS handshake failed), others as for every keyload command.")
 
 
 def fetch(args: argparse.Namespace) -> int:
@@ -276,13 +283,13 @@ def fetch(args: argparse.Namespace) -> int:
             args.usage_error(f"--resend sends the pending receipts only: not with "
                              f"{', '.join(given)}")
     else:
-        if not args.unit and not args.reader:
+        if args.unit is None and not args.reader:
             args.usage_error("give --unit SN (an emulated unit of the home) or --reader "
                              "READER (the unit in a PC/SC reader)")
         missing = [f"--{n}" for n in ("ref1", "ref2") if getattr(args, n) is None]
         if missing:
             args.usage_error(f"the following arguments are required: {', '.join(missing)}")
-    sn = bytes.fromhex(args.unit.removeprefix("0x")) if args.unit else None
+    sn = None if args.unit is None else check_sn(parse_hex(args.unit, "SN"))
     ref1 = b"" if args.resend else parse_ref1(args.ref1)
     if not args.resend:
         check_ref2(args.ref2)

@@ -39,6 +39,7 @@ from ..core.errors import SW, KeyloadError, StatusError, TransportError, error_f
 from ..station.load import AuthorityClient, LoadResult
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write, ensure_private_dir
+from .pki import check_tls_files
 
 
 class ServiceRefused(StatusError):
@@ -55,7 +56,16 @@ class ServiceRefused(StatusError):
         self.detail = f"HTTP {status} {slug}: {detail}"
 
 
+class ServiceUnreachable(TransportError):
+    """No answer from the service: no connection, or the TLS handshake failed (exit code:
+    service unreachable). A connection lost after a request was sent is a plain
+    :class:`TransportError`."""
+
+
 def client_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """TLS 1.2+, the server verified against ``ca``, this client's certificate and key;
+    a missing or wrong file is named (:func:`~keyload.service.pki.check_tls_files`)."""
+    check_tls_files(ca=ca, cert=cert, key=key)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
@@ -132,8 +142,8 @@ class ServiceClient:
                 content_type: str | None = None) -> Reply:
         headers = {"Content-Type": content_type} if content_type else {}
         for attempt in (1, 2):
+            conn = self._connect()
             try:
-                conn = self._connection()
                 conn.request(method, self.base + path, body=body, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
@@ -156,6 +166,21 @@ class ServiceClient:
                 raise TransportError(f"service {self.host}:{self.port}: "
                                      f"{e.strerror or e.__class__.__name__}") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> http.client.HTTPSConnection:
+        """The open connection, or a new one: :class:`ServiceUnreachable` when no TCP
+        connection is made or the TLS handshake fails."""
+        try:
+            return self._connection()
+        except ssl.SSLError as e:
+            self.close()
+            raise ServiceUnreachable(f"service {self.host}:{self.port} unreachable: TLS "
+                                     f"handshake failed ({e.reason or e.__class__.__name__})"
+                                     ) from None
+        except OSError as e:
+            self.close()
+            raise ServiceUnreachable(f"service {self.host}:{self.port} unreachable: "
+                                     f"{e.strerror or e.__class__.__name__}") from None
 
     def refusal(self, reply: Reply) -> KeyloadError:
         """The typed error for a refusal: the status word's error when the problem carries

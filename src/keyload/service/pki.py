@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..core.errors import StoreError
 from ..units.storage import atomic_write, ensure_private_dir
 
 DAYS = 825
@@ -49,6 +51,43 @@ def fingerprint(cert_pem_or_der: bytes) -> str:
     else:
         der = cert_pem_or_der
     return hashlib.sha256(der).hexdigest()
+
+
+def read_input_file(path: Path, what: str) -> bytes:
+    """A file named on the command line (``what``: "CA", "policy"…); a
+    :class:`StoreError` that names it when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{what} file not found: {path}") from None
+    except OSError as e:
+        raise StoreError(f"{what} file {path}: {e.strerror or e.__class__.__name__}") from None
+
+
+def check_tls_files(*, ca: Path, cert: Path | None = None, key: Path | None = None) -> None:
+    """The files a TLS context is made of, read before OpenSSL reads them so that a mistake
+    is named: a file that cannot be read (:class:`StoreError`); a CA or certificate file
+    without a PEM certificate, a key file without an unencrypted PEM private key, or a
+    certificate and key that do not match (ValueError). ``key`` None: the key is in the
+    certificate's file."""
+    try:
+        x509.load_pem_x509_certificates(read_input_file(ca, "CA"))
+    except ValueError:
+        raise ValueError(f"CA file {ca} holds no PEM certificate") from None
+    if cert is None:
+        return
+    try:
+        leaf = x509.load_pem_x509_certificate(read_input_file(cert, "certificate"))
+    except ValueError:
+        raise ValueError(f"certificate file {cert} holds no PEM certificate") from None
+    key = key or cert
+    try:
+        private = serialization.load_pem_private_key(read_input_file(key, "key"), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"key file {key} holds no unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        raise ValueError(f"certificate {cert} and key {key} do not match")
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

@@ -424,6 +424,11 @@ class PostgresServiceStore(_SqlStore):
             # after ``busy_timeout`` instead of stalling every request
             self.conn = psycopg.connect(
                 url, autocommit=True, options=f"-c lock_timeout={int(busy_timeout * 1000)}")
+        except psycopg.Error as e:
+            from ..station.journal_pg import connect_error
+
+            raise connect_error("service state", url, e) from None
+        try:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
                 for stmt in (SCHEMA + PG_AUDIT).split(";"):

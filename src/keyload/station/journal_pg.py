@@ -114,7 +114,7 @@ class PostgresJournal:
         try:
             self.db = psycopg.connect(url, autocommit=True, application_name="keyload")
         except psycopg.Error as e:
-            raise StoreError(f"journal {self.where}: cannot connect ({_msg(e)})") from None
+            raise connect_error("journal", url, e) from None
         try:
             with self._lock:
                 have = self.db.execute(
@@ -368,7 +368,7 @@ class PostgresJournal:
         try:
             conn = psycopg.connect(self.url, application_name="keyload-rows")
         except psycopg.Error as e:
-            raise StoreError(f"journal {self.where}: cannot connect ({_msg(e)})") from None
+            raise connect_error("journal", self.url, e) from None
         try:
             with conn, conn.cursor(name="keyload_rows") as cur:
                 cur.itersize = self.BATCH
@@ -416,6 +416,12 @@ def _claimable(current: list[LoadRow], station: str, now: float, limit: int) -> 
             seen.add(h)
             take.append(h)
     return set(take[:limit])
+
+
+def connect_error(what: str, url: str, e: psycopg.Error) -> StoreError:
+    """A failed connection as one line: ``what``, the URL without its password, and the
+    server's (or the network's) reason."""
+    return StoreError(f"{what} {describe_url(url)}: cannot connect ({_msg(e)})")
 
 
 def _msg(e: psycopg.Error) -> str:

@@ -30,6 +30,37 @@ from .storage import KekSource, Vault
 KEYSTORE_FILE = "keystore.sealed"
 KIND = "authority-keystore"
 
+# ANSI X9.143 (TR-31) key usages of a symmetric key (keyload holds AES and HMAC keys):
+# the asymmetric ones (D1, E7, K2, K3, S0-S2) and codes X9.143 does not assign are refused.
+KEY_USAGES = {
+    "B0": "base derivation key (BDK)", "B1": "initial DUKPT key", "B2": "base key variant key",
+    "B3": "key derivation key (non-X9.24)", "C0": "card verification key",
+    "D0": "data encryption", "D2": "decimalization table encryption",
+    "D3": "sensitive data encryption", "E0": "EMV master key: application cryptograms",
+    "E1": "EMV master key: secure messaging, confidentiality",
+    "E2": "EMV master key: secure messaging, integrity",
+    "E3": "EMV master key: data authentication code", "E4": "EMV master key: dynamic numbers",
+    "E5": "EMV master key: card personalization", "E6": "EMV master key: other",
+    "I0": "initialization vector", "K0": "key encryption or wrapping",
+    "K1": "TR-31 key block protection key", "K4": "ISO 20038 key block protection key",
+    "M0": "ISO 16609 MAC algorithm 1", "M1": "ISO 9797-1 MAC algorithm 1",
+    "M2": "ISO 9797-1 MAC algorithm 2", "M3": "ISO 9797-1 MAC algorithm 3",
+    "M4": "ISO 9797-1 MAC algorithm 4", "M5": "ISO 9797-1:1999 MAC algorithm 5",
+    "M6": "ISO 9797-1:2011 MAC algorithm 5 (CMAC)", "M7": "HMAC",
+    "M8": "ISO 9797-1:2011 MAC algorithm 6", "P0": "PIN encryption", "P1": "PIN generation",
+    "V0": "PIN verification (other)", "V1": "PIN verification (IBM 3624)",
+    "V2": "PIN verification (VISA PVV)", "V3": "PIN verification (X9.132 algorithm 1)",
+    "V4": "PIN verification (X9.132 algorithm 2)", "V5": "PIN verification (X9.132 algorithm 3)",
+}
+
+
+def check_usage(usage: str) -> str:
+    """``usage`` when it is one of :data:`KEY_USAGES`, else ValueError listing them."""
+    if usage not in KEY_USAGES:
+        raise ValueError(f"--usage {usage!r}: not an X9.143 key usage of a symmetric key; "
+                         f"accepted: {' '.join(KEY_USAGES)} (README: key usages)")
+    return usage
+
 
 @dataclass
 class _AppKey:

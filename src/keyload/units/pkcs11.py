@@ -179,6 +179,10 @@ class WrongPin(Pkcs11Error, WrongPassphrase):
     """The PIN does not open this token (also a :class:`WrongPassphrase` for the CLI)."""
 
 
+class NoPin(Pkcs11Error, WrongPassphrase):
+    """No PIN was given (for the CLI, as a missing passphrase)."""
+
+
 # -- templates ------------------------------------------------------------------------
 def secret_template(key_type: CKK, *, token: bool, extractable: bool,
                     allow: Iterable[A] = (), sensitive: bool = True) -> dict[A, Any]:
@@ -348,7 +352,7 @@ class Pkcs11Keystore:
         if pin is None:
             pin = os.environ.get(PIN_ENV)
         if not pin:
-            raise Pkcs11Error(f"no PIN for token {token_label!r}: pass pin= or set {PIN_ENV}")
+            raise NoPin(f"no PIN for token {token_label!r}: set {PIN_ENV} to its user PIN")
         try:
             lib = pkcs11.lib(module)
         except (OSError, RuntimeError) as e:

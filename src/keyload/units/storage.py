@@ -151,20 +151,20 @@ class KekSource:
             if confirm and getpass.getpass("again: ") != p:
                 raise StoreError("the passphrases differ")
             if not p:
-                raise StoreError("empty passphrase")
+                raise WrongPassphrase("empty passphrase")
             return p
-        raise StoreError(f"no passphrase: set {ENV_PASSPHRASE} (or {ENV_KEK}), or run at a "
-                         "terminal")
+        raise WrongPassphrase(f"no passphrase: set {ENV_PASSPHRASE} (or {ENV_KEK}), or run "
+                              "at a terminal")
 
     def get_raw_kek(self) -> Secret:
         if not self.kek_hex:
-            raise StoreError(f"this vault needs its KEK in {ENV_KEK}")
-        try:
+            raise WrongPassphrase(f"this vault needs its KEK in {ENV_KEK}")
+        try:  # a malformed value is an input error (never shown), not a wrong KEK
             raw = bytes.fromhex(self.kek_hex)
         except ValueError:
-            raise StoreError(f"{ENV_KEK} must be 64 hex digits") from None
+            raise ValueError(f"{ENV_KEK} must be 64 hex digits") from None
         if len(raw) != 32:
-            raise StoreError(f"{ENV_KEK} must be 64 hex digits")
+            raise ValueError(f"{ENV_KEK} must be 64 hex digits")
         return Secret.take(raw)
 
 
