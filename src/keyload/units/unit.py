@@ -276,9 +276,9 @@ class Unit:
     def _select(self, cmd: CommandAPDU) -> bytes:
         if (cmd.p1, cmd.p2) != (0x04, 0x00):
             raise WrongP1P2()
+        self._pending = None  # any SELECT leaves the download: its challenge goes with it
         if cmd.data != AID_UNIT:
             raise StatusError("application not found", sw=SW.UNKNOWN_SET)
-        self._pending = None
         return b""
 
     def _init(self, cmd: CommandAPDU) -> bytes:
