@@ -17,7 +17,7 @@ CASES: list[dict[str, Any]] = json.loads(KLP1_VECTORS.read_text())["cases"]
 def test_vector_file_has_both_kinds() -> None:
     kinds = {c["kind"] for c in CASES}
     assert kinds == {"export", "import"}
-    assert len(CASES) == 153
+    assert len(CASES) == 160
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -527,7 +527,7 @@ def test_sas_from_another_authority_is_integrity_failure(keyload_script: Path,
 # -- conformance ---------------------------------------------------------------------------
 def test_conformance_public_vectors(keyload_script: Path) -> None:
     res = ok(run("conformance", KLP1_VECTORS))
-    assert res.last_line() == "153 passed, 0 failed"
+    assert res.last_line() == "160 passed, 0 failed"
     assert "FAIL" not in res.stdout and res.stderr == ""
 
 
@@ -555,18 +555,18 @@ def test_conformance_detects_altered_cases(keyload_script: Path,
     assert len(fails) == 2, res.describe()
     assert sum(export_name in f for f in fails) == 1
     assert sum(import_name in f for f in fails) == 1
-    assert lines[-1] == "151 passed, 2 failed"
+    assert lines[-1] == "158 passed, 2 failed"
 
 
 def test_conformance_json(keyload_script: Path,
                           altered_vectors: tuple[Path, str, str]) -> None:
     good = ok(run("conformance", "--json", KLP1_VECTORS)).json()
-    assert good == {"passed": 153, "failed": 0, "failures": []}
+    assert good == {"passed": 160, "failed": 0, "failures": []}
     path, export_name, import_name = altered_vectors
     res = run("conformance", path, "--json")
     assert res.rc == 1, res.describe()
     out = res.json()
-    assert (out["passed"], out["failed"]) == (151, 2)
+    assert (out["passed"], out["failed"]) == (158, 2)
     assert sorted(f["case"] for f in out["failures"]) == sorted([export_name, import_name])
     assert all(f["file"].endswith("altered.json") for f in out["failures"])
 
