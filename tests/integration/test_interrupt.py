@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from keyload.station.audit import AuditLog
 from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards, sigint_deferred
 from keyload.station.customize import UnitSource
 from keyload.station.journal import (
@@ -93,6 +94,23 @@ def test_sqlite_ctrl_c_right_after_commit_keeps_the_claim(tmp_path: Path) -> Non
     assert [(r.sn, r.state) for r in again] == \
         [(sn, CLAIMED) for sn in SERIALS[:2] for _ in PLAN] + [(SERIALS[2], PLANNED)] * 2
     j.close()
+
+
+def test_audit_append_ctrl_c_right_after_commit_keeps_the_record(tmp_path: Path) -> None:
+    """The audit log's own transaction: an interrupt once COMMIT is done is no StoreError
+    (it was 'cannot rollback'), the record stands and the chain still verifies."""
+    log = AuditLog(tmp_path / "audit.db")
+    log.append("first", {"n": 1})
+    real = log.db
+    log.db = _CtrlC(real, "COMMIT")  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        log.append("second", {"n": 2})
+    assert not real.in_transaction
+    log.db = real
+    log.append("third", {"n": 3})
+    count, problems = log.verify()
+    assert (count, problems) == (3, [])
+    log.close()
 
 
 def test_sqlite_ctrl_c_before_commit_rolls_back(tmp_path: Path) -> None:

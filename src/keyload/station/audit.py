@@ -17,6 +17,7 @@ decode, is a DamagedStore naming the file (no chain is walked over garbage).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -193,8 +194,10 @@ class AuditLog(SqliteBatch):
                 try:
                     seq, h = self._insert(who, action, d)
                     self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
+                except BaseException:  # a Ctrl-C once COMMIT is done passes as it came
+                    if self.db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.db.execute("ROLLBACK")
                     raise
                 self._write_head(seq, h)
         except sqlite3.Error as e:
