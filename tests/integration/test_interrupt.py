@@ -307,3 +307,19 @@ def test_ctrl_c_at_several_moments_then_resume(tmp_path: Path) -> None:
                         timeout=60, check=False)
     assert json.loads(st.stdout)["states"] == {"planned": 0, "claimed": 0, "exported": 0,
                                                "imported": 2 * UNITS, "failed": 0}
+
+
+@pytest.mark.parametrize("delay", [0.25, 0.35, 0.5])
+def test_ctrl_c_while_the_command_starts_is_exit_130_without_traceback(
+        tmp_path: Path, delay: float) -> None:
+    """A Ctrl-C in the first half second, while ``keyload``'s modules are still being
+    imported (or the demo is setting up), ends it as a later one does: one line, 130."""
+    cmd = [str(KEYLOAD), "demo", "--units", "2000", "--workdir", str(tmp_path / "w")]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=cli_env())
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "keyload: interrupted", err

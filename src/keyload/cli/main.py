@@ -207,13 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "json"):
-        args.json = False
-    if not hasattr(args, "home"):
-        args.home = None
+    _python_handles_sigint()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "json"):
+            args.json = False
+        if not hasattr(args, "home"):
+            args.home = None
         rc: int = args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("keyload: interrupted\n")
@@ -225,6 +226,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
         return exit_code(e)
     return rc
+
+
+def _python_handles_sigint() -> None:
+    """From here on a Ctrl-C is a KeyboardInterrupt (see :mod:`keyload.cli`)."""
+    import signal
+    import threading
+
+    from . import _interrupted_early
+
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _interrupted_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _quiet_stdout() -> None:
