@@ -49,8 +49,8 @@ UNIT_MEANING = {
     0x6982: "integrity check failed (CAS, unwrap or length; or data meant for another unit, "
             "set or challenge)",
     0x6985: "no pending challenge (out of order, or replay)",
-    0x6986: "slot policy refuses (slot locked, key type not accepted, or key version not "
-            "higher than the loaded one)",
+    0x6986: "slot policy refuses (slot locked, key type not accepted, key length not "
+            "fitting its type, or key version not higher than the loaded one)",
     0x6988: "authenticity check failed (SAS wrong, or a symmetric SAS sent to a unit that "
             "requires the authority's signature)",
     0x6581: "memory failure in the unit: nothing was stored",
@@ -60,8 +60,9 @@ AUTHORITY_MEANING = {
     0x6A81: "suite not offered by the authority",
     0x6A82: "the authority holds no transport key for this set",
     0x6A88: "the authority holds no key with this REF1",
-    0x6986: "export policy refuses (set or slot not allowed for this key)",
-    0x6581: "the authority could not record the export: nothing was sent",
+    0x6986: "export policy refuses (set or slot not allowed for this key, or a key "
+            "whose length does not fit its type)",
+    0x6581: "the authority could not record the export, or failed: nothing was sent",
 }
 
 
