@@ -11,7 +11,8 @@ EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/
 comma := ,
 SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql
 
-.PHONY: venv demo test lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps
+.PHONY: venv demo test lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps \
+	venv-floors test-floors
 
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -22,6 +23,20 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+# The declared floors: a venv of its own with every dependency at the lowest version
+# pyproject.toml allows (constraints/floors.txt), for `make test-floors`.
+FLOORS_VENV ?= .venv-floors
+FLOORS_BIN := $(FLOORS_VENV)/bin
+FLOORS_STAMP := $(FLOORS_VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(FLOORS_STAMP): pyproject.toml constraints/floors.txt
+	$(PY) -m venv $(FLOORS_VENV)
+	$(FLOORS_BIN)/python -m pip install -q --upgrade pip
+	$(FLOORS_BIN)/python -m pip install -q -c constraints/floors.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+venv-floors: $(FLOORS_STAMP)
 
 # Debian packages for the hardware paths (SoftHSM2 + pkcs11-tool, pcscd + vpcd, and what
 # pyscard needs to build). Run as root. Without them those tests skip (and fail in CI).
@@ -44,6 +59,15 @@ unit-tests: venv
 
 test: lint typecheck unit-tests
 
+# `make test` again at the floors: lint, types (the floor mypy, then the newest one in
+# .venv against the floor libraries) and the whole suite, which checks that the floors are
+# what got installed.
+test-floors: venv-floors venv
+	$(FLOORS_BIN)/ruff check src tests benchmarks
+	$(FLOORS_BIN)/mypy --cache-dir $(FLOORS_VENV)/mypy-cache
+	$(BIN)/mypy --cache-dir $(FLOORS_VENV)/mypy-cache-newest --python-executable $(FLOORS_BIN)/python
+	KEYLOAD_FLOORS=constraints/floors.txt $(FLOORS_BIN)/python -m pytest -q -p no:cacheprovider
+
 conformance: venv
 	$(BIN)/keyload conformance tests/vectors/klp1/*.json
 
@@ -59,4 +83,4 @@ bench-service: venv
 	$(BIN)/python benchmarks/service.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FLOORS_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
