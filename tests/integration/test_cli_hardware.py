@@ -195,8 +195,8 @@ def test_pkcs11_demo_home_used_by_later_commands(pkcs11_demo: DemoHome) -> None:
     slots = {s["ref2"]: s for s in st["slots"]}
     assert slots[2]["state"] == "loaded" and slots[2]["kcv"] == keys["MAC-A"]["kcv"]
     assert slots[1]["state"] == "loaded" and slots[1]["type"] == "aes256"
-    # without the PIN: a clear error naming the variable
-    assert_error(keyload("key", "list", home=home), EXIT_STORE, PIN_ENV)
+    # without the PIN: a clear error naming the variable (exit 5, as a missing passphrase)
+    assert_error(keyload("key", "list", home=home), EXIT_PASSPHRASE, PIN_ENV)
     assert_error(keyload("key", "list", home=home, pin="000000"), EXIT_PASSPHRASE,
                  "wrong PIN")
 

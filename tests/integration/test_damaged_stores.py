@@ -32,7 +32,7 @@ LEDGER_VERIFY = ("ledger", "verify")
 # which commands read which file (every record of it, or at least its last one)
 READERS = {
     EXPORTS: [AUTHORITY_EXPORTS, RECEIPTS, LOAD],
-    AUDIT: [AUDIT_VERIFY, RECEIPTS, LOAD, LEDGER_VERIFY],
+    AUDIT: [AUDIT_VERIFY, RECEIPTS, LOAD],  # ledger verify opens no audit log
     STATION: [RECEIPTS, LOAD],
     JOURNAL: [RECEIPTS, CAMPAIGN_STATUS, LEDGER_VERIFY],
 }

@@ -180,13 +180,13 @@ def test_postgres_journal_claims_whole_units_in_order(backend: Factory) -> None:
 
     b = j.claim("c", "b", 10, 10.0, t + 1)  # a's live claims are not b's
     assert units_of(b) == [2, 3, 4] and complete(b)
-    j.exported(a[0], 2, b"r" * 16, b"H" * 12, b"KCV", t + 2)
+    j.exported(a[0], 2, b"r" * 16, b"H" * 12, b"KCV-5", t + 2)
 
     again = j.claim("c", "a", 10, 10.0, t + 3)  # a resumes its own claims, and only them
     assert units_of(again) == [0, 1] and complete(again)
     assert [r.state for r in again] == [EXPORTED, CLAIMED, CLAIMED, CLAIMED]
     e = again[0]
-    assert (e.suite, e.r, e.header, e.kcv, e.attempts) == (2, b"r" * 16, b"H" * 12, b"KCV", 1)
+    assert (e.suite, e.r, e.header, e.kcv, e.attempts) == (2, b"r" * 16, b"H" * 12, b"KCV-5", 1)
     assert units_of(j.claim("c", "b", 1, 10.0, t + 3)) == [2]  # b's own first
     assert j.claim("c", "x", 10, 10.0, t + 4) == []  # nothing planned, no lease expired
     assert j.counts("c")[CLAIMED] == 9 and j.counts("c")[EXPORTED] == 1
@@ -198,8 +198,8 @@ def test_postgres_journal_lease_take_over(backend: Factory) -> None:
     t = 5000.0
     mine = j.claim("c", "dead", 3, 2.0, t)
     assert units_of(mine) == [0, 1, 2]
-    j.exported(mine[0], 1, b"R" * 16, b"H" * 12, b"K" * 3, t + 0.5)
-    j.imported(mine[1], suite=1, r=b"Q" * 16, header=b"h" * 12, kcv=b"k" * 3, rct=b"T" * 16,
+    j.exported(mine[0], 1, b"R" * 16, b"H" * 12, b"K" * 5, t + 0.5)
+    j.imported(mine[1], suite=1, r=b"Q" * 16, header=b"h" * 12, kcv=b"k" * 5, rct=b"T" * 16,
                reconciled=False, now=t + 0.6)
     for now in (t + 1.0, t + 1.99, t + 2.0):  # not before the lease has passed
         assert k.claim("c", "alive", 10, 2.0, now) == []
@@ -225,7 +225,7 @@ def test_postgres_journal_claim_unit(backend: Factory) -> None:
     assert k.claim_unit("c", sn_of(1), "b", 2.0, t + 1) == []  # a's, live
     assert k.claim_unit("c", sn_of(9), "b", 2.0, t + 1) == []  # not in the campaign
     assert units_of(k.claim("c", "b", 5, 2.0, t + 1)) == [0, 2]  # not unit 1
-    j.imported(got[0], suite=1, r=b"r" * 16, header=b"h" * 12, kcv=b"k" * 3, rct=b"c" * 16,
+    j.imported(got[0], suite=1, r=b"r" * 16, header=b"h" * 12, kcv=b"k" * 5, rct=b"c" * 16,
                reconciled=False, now=t + 1)
     again = j.claim_unit("c", sn_of(1), "a", 2.0, t + 1.5)  # its own: a resume
     assert [(r.ref2, r.state) for r in again] == [(2, CLAIMED)]
@@ -274,10 +274,10 @@ def test_postgres_journal_outcomes_and_counts(backend: Factory) -> None:
     rows = j.claim("c", "a", 3, 30.0, t)
     assert len(rows) == 6
     r0, r1, r2, r3 = rows[:4]
-    j.exported(r0, 1, b"r" * 16, b"h" * 12, b"kcv", t + 1)
-    j.imported(r0, suite=1, r=b"r" * 16, header=b"h" * 12, kcv=b"kcv", rct=b"c" * 16,
+    j.exported(r0, 1, b"r" * 16, b"h" * 12, b"kcv-5", t + 1)
+    j.imported(r0, suite=1, r=b"r" * 16, header=b"h" * 12, kcv=b"kcv-5", rct=b"c" * 16,
                reconciled=False, now=t + 2)
-    j.imported(r1, suite=None, r=None, header=b"H" * 12, kcv=b"KCV", rct=None,
+    j.imported(r1, suite=None, r=None, header=b"H" * 12, kcv=b"KCV-5", rct=None,
                reconciled=True, now=t + 3)
     j.failed(r2, "6986", "unit IMPORTKEY: policy", t + 4, final=True)
     j.failed(r3, None, "unit IMPORTKEY: transport", t + 5, final=False)
@@ -285,7 +285,7 @@ def test_postgres_journal_outcomes_and_counts(backend: Factory) -> None:
     got = {(r.seq, r.ref2): r for r in j.rows("c")}
     a = got[(0, 1)]
     assert (a.state, a.suite, a.r, a.header, a.kcv, a.rct, a.reconciled, a.attempts,
-            a.updated) == (IMPORTED, 1, b"r" * 16, b"h" * 12, b"kcv", b"c" * 16, False, 1, t + 2)
+            a.updated) == (IMPORTED, 1, b"r" * 16, b"h" * 12, b"kcv-5", b"c" * 16, False, 1, t + 2)
     b = got[(0, 2)]
     assert (b.state, b.suite, b.r, b.rct, b.reconciled, b.header) == (
         IMPORTED, None, None, None, True, b"H" * 12)
@@ -301,7 +301,7 @@ def test_postgres_journal_outcomes_and_counts(backend: Factory) -> None:
     # nor a's live claims
     again = j.claim("c", "b", 5, 30.0, t + 6)
     assert [(r.seq, r.ref2, r.state) for r in again] == [(1, 2, PLANNED)]
-    j.imported(again[0], suite=2, r=b"x" * 16, header=b"y" * 12, kcv=b"z" * 3, rct=b"w" * 16,
+    j.imported(again[0], suite=2, r=b"x" * 16, header=b"y" * 12, kcv=b"z" * 5, rct=b"w" * 16,
                reconciled=False, now=t + 7)
     done = {(r.seq, r.ref2): r for r in j.rows("c")}[(1, 2)]
     assert (done.state, done.sw, done.reason, done.attempts) == (IMPORTED, None, None, 1)
@@ -338,7 +338,7 @@ def test_postgres_journal_concurrent_claims_are_disjoint(backend: Factory) -> No
                     break
                 claims.append(rows)
                 for r in rows:  # done: so the next claim is not a resume of these
-                    j.imported(r, suite=1, r=None, header=b"h", kcv=b"k", rct=None,
+                    j.imported(r, suite=1, r=None, header=b"h" * 12, kcv=b"k" * 5, rct=None,
                                reconciled=False, now=time.time())
         except BaseException as e:
             errors.append(e)

@@ -494,12 +494,13 @@ def test_service_ledger_state_option_errors(base: Base, tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database " * 100)
     assert_error(cli("ledger", "verify", "--state", junk, home=home), EXIT_STORE,
-                 "not a readable database")
+                 f"damaged store {junk}: not a SQLite database")
     # the default service.db, when damaged, is an error too (not silently skipped)
     service_db(home).write_bytes(b"damaged " * 200)
     for p in home.glob("service.db-*"):
         p.unlink()
-    assert_error(cli("ledger", "verify", home=home), EXIT_STORE, "not a readable database")
+    assert_error(cli("ledger", "verify", home=home), EXIT_STORE,
+                 "service.db: not a SQLite database")
 
 
 def test_service_ledger_campaign_option_leaves_service_out_unless_state(base: Base) -> None:
