@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..records.sql import is_postgres_url
 from ..station.audit import AuditLog
-from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
 from ..units.storage import SqliteBatch

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
+from ..records.sql import is_postgres_url
 from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
-from ..station.pgserver import is_postgres_url
 from ..units.storage import SqliteBatch, open_sqlite
 from .commit import Busy
 from .policy import Rate
