@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
-from ..records.sql import is_postgres_url
+from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
 from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
-from ..units.storage import SqliteBatch, open_sqlite
 from .commit import Busy
 from .policy import Rate
 from .rates import MemoryRates

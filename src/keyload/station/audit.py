@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import StoreError
+from ..records.sql import SqliteBatch
 from ..units.authority import ExportRecord
-from ..units.storage import SqliteBatch
 from ..units.stored import hex_col, int_col, num_col, open_records, reading, text_col
 
 GENESIS = bytes(32)

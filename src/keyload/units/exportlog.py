@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 from ..core.errors import StoreError
+from ..records.sql import SqliteBatch
 from . import stored as col
 from .authority import ExportRecord
-from .storage import SqliteBatch
 from .stored import open_records, reading
 
 _SCHEMA = """
