@@ -1,6 +1,8 @@
 """Records at rest: the SQL helpers every record database of keyload shares.
 
 Which store a ``--journal`` / ``--state`` value names (a SQLite file or a PostgreSQL URL),
-opening a SQLite record database and grouping its commits (:mod:`~keyload.records.sql`).
-It depends on ``core`` only, so the units, the station and the service can all use it.
+opening a SQLite record database and grouping its commits (:mod:`~keyload.records.sql`),
+and reading one so that a damaged file or row is one error naming the file
+(:mod:`~keyload.records.stored`). It depends on ``core`` only, so the units, the station
+and the service can all use it.
 """

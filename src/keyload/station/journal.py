@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..records.sql import is_postgres_url
-from ..units.stored import (
+from ..records.stored import (
     H_SIZE,
     KCV_SIZE,
     R_SIZE,

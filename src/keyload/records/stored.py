@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.errors import DamagedStore, StoreError
-from ..records.sql import open_sqlite
+from .sql import open_sqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # the sizes of the stored fields (PROTOCOL.md): bytes, or (least, most)
