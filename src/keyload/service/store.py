@@ -424,7 +424,7 @@ class PostgresServiceStore(_SqlStore):
             self.conn = psycopg.connect(
                 url, autocommit=True, options=f"-c lock_timeout={int(busy_timeout * 1000)}")
         except psycopg.Error as e:
-            from ..station.journal_pg import connect_error
+            from ..records.postgres import connect_error
 
             raise connect_error("service state", url, e) from None
         try:
