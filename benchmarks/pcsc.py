@@ -1,7 +1,7 @@
 """PC/SC throughput: KLP1 loads into virtual cards through pcscd and the vpcd readers.
 
 Run ``python benchmarks/pcsc.py [--seconds S] [--fed N] [--json]``. It starts pcscd with
-the vpcd readers (or reuses a running one, see ``keyload.transports.pcscd.running_pcscd``),
+the vpcd readers (or reuses a running one, see ``keyload.lab.pcscd.running_pcscd``),
 uses the readers alone for its duration, and at the end removes every card and stops the
 pcscd it started. Without pyscard, the vpcd driver or pcscd (``pcsc_available()``) it
 says why and exits with status 0.
@@ -174,8 +174,8 @@ def _best_rate(op: Callable[[], object], seconds: float) -> float:
 
 
 def one_card(world: World, pcscd: Any, port: int, seconds: float) -> OneCard:
+    from keyload.lab.cards import VirtualCard
     from keyload.transports.pcsc import PcscConnection, wait_for_card, wait_for_removal
-    from keyload.transports.vcard import VirtualCard
 
     reader = pcscd.reader_for_port(port)
     unit = world.unit(slots=STATUS_LOADS)
@@ -210,8 +210,8 @@ def one_card(world: World, pcscd: Any, port: int, seconds: float) -> OneCard:
 
 # -- (c) cards fed with removal ------------------------------------------------------------------
 def fed_with_removal(world: World, pcscd: Any, port: int, n: int) -> float:
+    from keyload.lab.cards import CardFeeder
     from keyload.transports.pcsc import cards_in_reader, wait_for_removal
-    from keyload.transports.vcard import CardFeeder
 
     reader = pcscd.reader_for_port(port)
     units = [world.unit() for _ in range(n)]
@@ -235,8 +235,8 @@ def fed_with_removal(world: World, pcscd: Any, port: int, n: int) -> float:
 # -- (d) cards swapped in place --------------------------------------------------------------------
 def swapped(world: World, pcscd: Any, ports: tuple[int, ...], n: int) -> float:
     """``n`` units per reader through ``ports`` (one station thread per reader): units/s."""
+    from keyload.lab.cards import CardFeeder
     from keyload.transports.pcsc import cards_in_reader, wait_for_card, wait_for_removal
-    from keyload.transports.vcard import CardFeeder
 
     readers = {p: pcscd.reader_for_port(p) for p in ports}
     feeds = {p: [world.unit() for _ in range(n)] for p in ports}  # setup
@@ -304,7 +304,7 @@ def readers_busy() -> bool:
     silently: this only says why the run seems to hang)."""
     import fcntl
 
-    from keyload.transports.pcscd import lock_path
+    from keyload.lab.pcscd import lock_path
 
     try:
         fd = os.open(lock_path(), os.O_RDONLY)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds: float = args.seconds
     signal.signal(signal.SIGTERM, _terminate)  # unwind: the cleanup runs
 
-    from keyload.transports.pcscd import (
+    from keyload.lab.pcscd import (
         VPCD_PORTS,
         lock_path,
         pcsc_available,

@@ -59,9 +59,9 @@ from keyload.core import messages as msg
 from keyload.core.keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyAttributes, KeyHeader, KeyType
 from keyload.core.klp1 import LABEL_DL, LABEL_SAS, LABEL_T1, LABEL_TA, cas_message, lv
 from keyload.core.suites import SUITE_ECBDIV
+from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
-from keyload.units.softhsm import make_token, softhsm_available, softhsm_missing_reason
 
 TARGET_RATIO = 0.80
 REPETITIONS = 3

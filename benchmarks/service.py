@@ -51,10 +51,10 @@ from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
+from keyload.lab.pgserver import postgres_available, private_postgres
 from keyload.service.client import HttpsAuthority, ServiceClient, client_context
 from keyload.service.pki import init_pki
 from keyload.station.load import AuthorityClient, LoadResult, UnitClient, load_key
-from keyload.station.pgserver import postgres_available, private_postgres
 from keyload.transports.local import LocalConnection
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore

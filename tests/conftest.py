@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keyload.transports.pcscd import Pcscd, pcsc_available, running_pcscd
+from keyload.lab.pcscd import Pcscd, pcsc_available, running_pcscd
 from keyload.units.storage import KekSource
 
 VECTORS = Path(__file__).resolve().parent / "vectors"

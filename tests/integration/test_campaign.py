@@ -148,9 +148,9 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
 
 def test_cards_in_readers_campaign(tmp_path: Path) -> None:
     """Cards come in any order, one is a stranger; each unit is found by its SN."""
+    from keyload.lab.cards import CardFeeder
+    from keyload.lab.pcscd import pcsc_available, running_pcscd
     from keyload.transports.pcsc import cards_in_reader
-    from keyload.transports.pcscd import pcsc_available, running_pcscd
-    from keyload.transports.vcard import CardFeeder
 
     avail = pcsc_available()
     require(avail.ok, f"PC/SC with vpcd: {avail.reason}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from keyload.core.errors import StoreError, TransportError
+from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.campaign import ATTEMPTS, RunOptions, run_campaign
 from keyload.station.journal import (
     EXPORTED,
@@ -23,7 +24,6 @@ from keyload.station.journal import (
     SqliteJournal,
 )
 from keyload.station.load import LoadFailed, UnitClient, load_key
-from keyload.station.pgserver import make_database, postgres_available, private_postgres
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 

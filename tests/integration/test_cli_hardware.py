@@ -33,8 +33,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from keyload.cli.demo import DEMO_PIN
-from keyload.transports.pcscd import pcsc_available
-from keyload.units.softhsm import find_module
+from keyload.lab.pcscd import pcsc_available
+from keyload.lab.softhsm import find_module
 
 from ..conftest import require
 from .cli_helpers import (

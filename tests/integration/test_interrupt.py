@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.audit import AuditLog
 from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards, sigint_deferred
 from keyload.station.customize import UnitSource
@@ -28,7 +29,6 @@ from keyload.station.journal import (
     PlannedLoad,
     SqliteJournal,
 )
-from keyload.station.pgserver import make_database, postgres_available, private_postgres
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 

@@ -49,6 +49,9 @@ from keyload.core.apdu import CommandAPDU
 from keyload.core.errors import IntegrityError
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
+from keyload.lab.cards import CardFeeder, VirtualCard
+from keyload.lab.pcscd import VPCD_PORTS
+from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.station.load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
@@ -58,11 +61,8 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
-from keyload.transports.pcscd import VPCD_PORTS
-from keyload.transports.vcard import CardFeeder, VirtualCard
 from keyload.units.authority import INS_EXPORT, INS_IMPORT, Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
-from keyload.units.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from ..conftest import require
@@ -216,7 +216,7 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     labels = {t: f"matrix-{t}" for t in TRANSPORTS}
     tokens = [make_token(d, label=label, user_pin=PIN) for label in labels.values()]
     module = tokens[0].module
-    p11.reinitialize(module)  # SoftHSM reads SOFTHSM2_CONF now (keyload.units.softhsm)
+    p11.reinitialize(module)  # SoftHSM reads SOFTHSM2_CONF now (keyload.lab.softhsm)
     hsm = SoftHsm(module, labels)
     try:
         yield hsm

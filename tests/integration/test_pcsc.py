@@ -18,6 +18,8 @@ import pytest
 
 from keyload.core.apdu import CommandAPDU
 from keyload.core.errors import TransportError
+from keyload.lab.cards import CardFeeder, CardOS, LongApdus, VirtualCard, make_atr
+from keyload.lab.pcscd import VPCD_PORTS, Pcscd, running_pcscd
 from keyload.station.customize import customize
 from keyload.station.load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
 from keyload.transports import Connection
@@ -36,8 +38,6 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
-from keyload.transports.pcscd import VPCD_PORTS, Pcscd, running_pcscd
-from keyload.transports.vcard import CardFeeder, CardOS, LongApdus, VirtualCard, make_atr
 from keyload.units.authority import INS_IMPORT
 from keyload.units.unit import Unit
 

@@ -37,10 +37,7 @@ from keyload.core.keys import KeyAttributes, KeyHeader, KeyType, aes_kcv, kcv
 from keyload.core.primitives import aes_cmac, aes_ecb_encrypt_into, ecbdiv_into
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
-from keyload.station.load import AuthorityClient, LoadFailed, UnitClient, load_key
-from keyload.transports.local import LocalConnection
-from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
-from keyload.units.softhsm import (
+from keyload.lab.softhsm import (
     SoftHsmError,
     SoftHsmToken,
     make_token,
@@ -49,6 +46,9 @@ from keyload.units.softhsm import (
     token_labels,
     write_conf,
 )
+from keyload.station.load import AuthorityClient, LoadFailed, UnitClient, load_key
+from keyload.transports.local import LocalConnection
+from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from ..conftest import KLP1_VECTORS, require

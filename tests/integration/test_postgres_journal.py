@@ -6,7 +6,7 @@ lease and not before), outcomes, counts, rows and events. On top: concurrent cla
 disjoint units and together all of them, the station guard, and three station processes
 on one PostgreSQL journal with one of them killed (SIGKILL) mid-run.
 
-PostgreSQL runs privately (:mod:`keyload.station.pgserver`): the tests skip where it is
+PostgreSQL runs privately (:mod:`keyload.lab.pgserver`): the tests skip where it is
 absent, and fail in CI.
 """
 
@@ -32,6 +32,7 @@ import pytest
 
 from keyload.core.errors import StoreError
 from keyload.core.keys import KeyAttributes, KeyType
+from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.fleet import EmulatedFleet
 from keyload.station.journal import (
     CLAIMED,
@@ -45,7 +46,6 @@ from keyload.station.journal import (
     PlannedLoad,
     SqliteJournal,
 )
-from keyload.station.pgserver import make_database, postgres_available, private_postgres
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.exportlog import SqliteExportLog
 from keyload.units.keystore import SoftwareKeystore

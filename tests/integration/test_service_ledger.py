@@ -25,6 +25,7 @@ import pytest
 
 from keyload.core.errors import KeyloadError
 from keyload.core.keys import KeyHeader
+from keyload.lab.pgserver import postgres_available, private_postgres
 from keyload.service.client import HttpsAuthority
 from keyload.service.ledger import (
     ServiceLedgerCheck,
@@ -38,7 +39,6 @@ from keyload.service.ledger import (
     verify_service_ledger,
 )
 from keyload.station.load import UnitClient, load_key
-from keyload.station.pgserver import postgres_available, private_postgres
 from keyload.station.report import LEDGER_FIELDS
 from keyload.transports.local import LocalConnection
 from keyload.units.authority import Authority

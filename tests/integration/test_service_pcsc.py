@@ -32,10 +32,10 @@ import pytest
 
 from keyload.core import messages as msg
 from keyload.core.keys import KeyHeader
+from keyload.lab.cards import VirtualCard
+from keyload.lab.pcscd import VPCD_PORTS, Pcscd
 from keyload.station.load import UnitClient
 from keyload.transports.pcsc import PcscConnection, wait_for_card, wait_for_removal
-from keyload.transports.pcscd import VPCD_PORTS, Pcscd
-from keyload.transports.vcard import VirtualCard
 from keyload.units.unit import Unit
 
 from .test_service import (

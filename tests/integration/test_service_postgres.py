@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from keyload.lab.pgserver import postgres_available, private_postgres
 from keyload.service.store import PostgresServiceStore
-from keyload.station.pgserver import postgres_available, private_postgres
 
 from ..conftest import require
 from .test_service import (

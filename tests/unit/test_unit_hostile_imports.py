@@ -30,7 +30,7 @@ from keyload.core.messages import ExportRequest, ExportResponse, ImportData, Imp
 from keyload.core.primitives import aes_cmac, aes_kwp_wrap, hmac_sha256
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
-from keyload.transports.vcard import CardOS
+from keyload.lab.cards import CardOS
 from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
 from keyload.units.keystore import KEYSTORE_FILE, KIND, SoftwareKeystore
 from keyload.units.storage import KekSource, Vault

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PolicyRefused, StoreError
+from ..records.sql import is_postgres_url
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -33,7 +34,6 @@ from ..station.campaign import ATTEMPTS, Interrupt, RunOptions, run_campaign, si
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
 from ..station.load import AuthorityClient
-from ..station.pgserver import is_postgres_url
 from ..station.progress import Progress
 from ..station.report import (
     build_report,

@@ -415,7 +415,7 @@ def unit_list(args: argparse.Namespace) -> int:
 
 def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
-    from ..transports.vcard import CardFeeder
+    from ..lab.cards import CardFeeder
 
     home = _home(args)
     given = [check_sn(parse_hex(x, "SN")) for x in args.sn]

@@ -92,7 +92,7 @@ def _make_authority(kind: str, home: Home, stack: ExitStack,
         ks = SoftwareKeystore.create(home.authority_dir, home.source)
         stack.callback(ks.close)
         return ks
-    from ..units.softhsm import make_token, softhsm_available, softhsm_missing_reason
+    from ..lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 
     if not softhsm_available():
         raise KeyloadError(f"--authority pkcs11: {softhsm_missing_reason()} (as root: "
@@ -112,7 +112,7 @@ def _make_authority(kind: str, home: Home, stack: ExitStack,
 
 
 def _pcscd(stack: ExitStack) -> Any:
-    from ..transports.pcscd import pcsc_available, running_pcscd
+    from ..lab.pcscd import pcsc_available, running_pcscd
 
     avail = pcsc_available()
     if not avail.ok:
@@ -301,8 +301,8 @@ def _authority_conn(args: argparse.Namespace, authority: Authority, stack: ExitS
                     ) -> Connection:
     if args.authority != "card":
         return LocalConnection(authority)
+    from ..lab.cards import VirtualCard
     from ..transports.pcsc import PcscConnection, wait_for_card
-    from ..transports.vcard import VirtualCard
 
     pcscd = _pcscd(stack)
     card = VirtualCard(authority, AUTHORITY_PORT).start()
@@ -364,8 +364,8 @@ def _run_campaign(args: argparse.Namespace, home: Home, show: bool, intr: Interr
 def _run_pcsc(args: argparse.Namespace, home: Home, show: bool) -> Summary:
     """Units fed through a PC/SC reader one after another (not a resumable campaign: the
     feeder presents cards in its own order)."""
+    from ..lab.cards import CardFeeder
     from ..transports.pcsc import cards_in_reader
-    from ..transports.vcard import CardFeeder
 
     with ExitStack() as stack:
         ks = home.open_keystore()

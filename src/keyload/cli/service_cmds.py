@@ -62,11 +62,11 @@ def serve(args: argparse.Namespace) -> int:
     same listening socket; each opens its own keystore and store after the fork, so they
     share only what is meant to be shared: the state database (replay cache, rate
     counters, ledger) and the audit chain."""
+    from ..records.sql import is_postgres_url
     from ..service.ledger import describe_state
     from ..service.pki import check_tls_files, read_input_file
     from ..service.policy import Policy
     from ..service.server import bind, raise_fd_limit, runs_on, server_context
-    from ..station.pgserver import is_postgres_url
 
     if args.check_policy is not None:
         return check_policy(Path(args.check_policy), as_json=args.json)

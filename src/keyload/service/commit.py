@@ -61,7 +61,7 @@ class Busy(StoreError):
 
 
 class Batched(Protocol):
-    """A database that can group-commit (:class:`~keyload.units.storage.SqliteBatch`)."""
+    """A database that can group-commit (:class:`~keyload.records.sql.SqliteBatch`)."""
 
     def begin_batch(self) -> None: ...
 

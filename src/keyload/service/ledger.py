@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 
 from ..core.errors import MalformedData, StatusError, StoreError
 from ..core.keys import KeyHeader
+from ..records.sql import is_postgres_url
+from ..records.stored import check_file
 from ..station.audit import AuditLog
-from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
-from ..units.stored import check_file
 from .store import (
     CLAIMED,
     EXPORTED,

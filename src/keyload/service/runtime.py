@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..records.sql import SqliteBatch, is_postgres_url
 from ..station.audit import AuditLog
-from ..station.pgserver import is_postgres_url
 from ..units.authority import Authority, AuthorityBackend
 from ..units.exportlog import SqliteExportLog
-from ..units.storage import SqliteBatch
 from .app import ServiceApp
 from .commit import Batched, Checkpointer, GroupCommit
 from .guard import ConnectionLimits

@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
+from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
 from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
-from ..station.pgserver import is_postgres_url
-from ..units.storage import SqliteBatch, open_sqlite
 from .commit import Busy
 from .policy import Rate
 from .rates import MemoryRates
@@ -425,7 +424,7 @@ class PostgresServiceStore(_SqlStore):
             self.conn = psycopg.connect(
                 url, autocommit=True, options=f"-c lock_timeout={int(busy_timeout * 1000)}")
         except psycopg.Error as e:
-            from ..station.journal_pg import connect_error
+            from ..records.postgres import connect_error
 
             raise connect_error("service state", url, e) from None
         try:

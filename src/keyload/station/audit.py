@@ -11,7 +11,7 @@ reported as damaged, never taken as good (an attacker who can rewrite both files
 rewrite history: anchor the head elsewhere, e.g. in the ledger export, for that).
 
 Opening the SQLite log reads its last record, and verifying reads them all, in
-:func:`~keyload.units.stored.reading`: a damaged file, or a record whose columns do not
+:func:`~keyload.records.stored.reading`: a damaged file, or a record whose columns do not
 decode, is a DamagedStore naming the file (no chain is walked over garbage).
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import StoreError
+from ..records.sql import SqliteBatch
+from ..records.stored import hex_col, int_col, num_col, open_records, reading, text_col
 from ..units.authority import ExportRecord
-from ..units.storage import SqliteBatch
-from ..units.stored import hex_col, int_col, num_col, open_records, reading, text_col
 
 GENESIS = bytes(32)
 HEAD_SIZE = 128  # the head file: one JSON object, padded to a fixed size

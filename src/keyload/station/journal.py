@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
-from ..units.stored import (
+from ..records.sql import is_postgres_url
+from ..records.stored import (
     H_SIZE,
     KCV_SIZE,
     R_SIZE,
@@ -50,7 +51,6 @@ from ..units.stored import (
     reading,
     text_col,
 )
-from .pgserver import is_postgres_url
 
 PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = (
     "planned", "claimed", "exported", "imported", "failed")

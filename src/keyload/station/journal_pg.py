@@ -51,9 +51,9 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg.conninfo import conninfo_to_dict
 
 from ..core.errors import StoreError
+from ..records.postgres import connect_error, describe_url, pg_reason
 from .journal import (
     _COLS,
     PLANNED,
@@ -74,17 +74,6 @@ OPEN = ("planned", "claimed", "exported")
 _SCHEMA_LOCK = 0x6B6C_6A6E_6C00_0001  # advisory lock: one process creates the tables
 _HEAD = ("ref2 = (SELECT min(m.ref2) FROM loads m WHERE m.campaign = h.campaign "
          "AND m.sn = h.sn)")
-
-
-def describe_url(url: str) -> str:
-    """The URL without its password (for messages)."""
-    try:
-        d = conninfo_to_dict(url)
-    except psycopg.Error:
-        return "postgresql journal"
-    host = d.get("host") or "localhost"
-    port = f":{d['port']}" if d.get("port") else ""
-    return f"postgresql://{d.get('user') or ''}@{host}{port}/{d.get('dbname') or ''}"
 
 
 def station_key(campaign_id: str, station: str) -> int:
@@ -128,7 +117,7 @@ class PostgresJournal:
                             self.db.execute(stmt)
         except psycopg.Error as e:
             self.db.close()
-            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+            raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
 
     # -- plumbing ------------------------------------------------------------------
     @contextmanager
@@ -136,7 +125,7 @@ class PostgresJournal:
         try:
             yield
         except psycopg.Error as e:
-            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+            raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
 
     def _x(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._errors(), self._lock:
@@ -177,7 +166,7 @@ class PostgresJournal:
             raise StoreError(f"campaign {c.id!r} exists already, or a unit is listed twice")\
                 from None
         except psycopg.Error as e:
-            raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+            raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
 
     def campaign(self, campaign_id: str) -> Campaign:
         rows = self._x("SELECT id, set_id, created, plan, source, units FROM campaigns "
@@ -211,12 +200,12 @@ class PostgresJournal:
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
                 attempt += 1
                 if attempt >= self.CLAIM_RETRIES:
-                    raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                    raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
                 time.sleep(0.01 * attempt)
                 waited = time.monotonic() - t0
                 continue
             except psycopg.Error as e:
-                raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
             if rows or not skipped or waited > self.SKIP_PATIENCE_S:
                 return rows
             time.sleep(self.SKIP_WAIT_S)  # units were being claimed by others: look again
@@ -305,10 +294,10 @@ class PostgresJournal:
                     return rows
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
                 if attempt == self.CLAIM_RETRIES:
-                    raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                    raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
                 time.sleep(0.01 * attempt)
             except psycopg.Error as e:
-                raise StoreError(f"journal {self.where}: claim: {_msg(e)}") from None
+                raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
         return []  # not reached
 
     @staticmethod
@@ -328,10 +317,10 @@ class PostgresJournal:
                 return
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
                 if attempt == self.CLAIM_RETRIES:
-                    raise StoreError(f"journal {self.where}: renew: {_msg(e)}") from None
+                    raise StoreError(f"journal {self.where}: renew: {pg_reason(e)}") from None
                 time.sleep(0.01 * attempt)
             except psycopg.Error as e:
-                raise StoreError(f"journal {self.where}: renew: {_msg(e)}") from None
+                raise StoreError(f"journal {self.where}: renew: {pg_reason(e)}") from None
 
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None:
@@ -381,7 +370,7 @@ class PostgresJournal:
                         for t in batch:
                             yield row_of(t)
                 except psycopg.Error as e:
-                    raise StoreError(f"journal {self.where}: {_msg(e)}") from None
+                    raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
         finally:
             conn.close()
 
@@ -416,14 +405,3 @@ def _claimable(current: list[LoadRow], station: str, now: float, limit: int) -> 
             seen.add(h)
             take.append(h)
     return set(take[:limit])
-
-
-def connect_error(what: str, url: str, e: psycopg.Error) -> StoreError:
-    """A failed connection as one line: ``what``, the URL without its password, and the
-    server's (or the network's) reason."""
-    return StoreError(f"{what} {describe_url(url)}: cannot connect ({_msg(e)})")
-
-
-def _msg(e: psycopg.Error) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -5,7 +5,7 @@ SQLite (WAL). A row holds what the authority needs to verify the unit's receipt 
 
 Opening reads every row (one a load: a damaged file is found before a load, not after
 it, when the receipt could not be kept) and every read decodes its rows in
-:func:`~keyload.units.stored.reading`: a damaged file, or a row that does not decode (a
+:func:`~keyload.records.stored.reading`: a damaged file, or a row that does not decode (a
 loaded row needs every field of its receipt), is a DamagedStore naming the file.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..units.stored import (
+from ..records.stored import (
     H_SIZE,
     KCV_SIZE,
     R_SIZE,

@@ -50,7 +50,7 @@ from . import Connection
 
 try:
     from smartcard import scard as _scard  # type: ignore[import-untyped,unused-ignore]
-except ImportError:  # reported by keyload.transports.pcscd.pcsc_available()
+except ImportError:  # reported by keyload.lab.pcscd.pcsc_available()
     _scard = None
 
 LongApdus = Literal["auto", "extended", "chaining"]

@@ -1,8 +1,8 @@
 """The authority's export records in SQLite (PROTOCOL.md §8): never key material.
 
 Opening reads the last record (so a damaged file is found before anything is exported,
-not after), and every read decodes its rows in :func:`~.stored.reading`: a damaged file
-or row is a DamagedStore naming the file."""
+not after), and every read decodes its rows in :func:`~keyload.records.stored.reading`:
+a damaged file or row is a DamagedStore naming the file."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 from ..core.errors import StoreError
-from . import stored as col
+from ..records import stored as col
+from ..records.sql import SqliteBatch
+from ..records.stored import open_records, reading
 from .authority import ExportRecord
-from .storage import SqliteBatch
-from .stored import open_records, reading
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (

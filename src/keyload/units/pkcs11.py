@@ -87,7 +87,7 @@ PKCS#11 logs in an *application*, not a session: one login per token and process
 shared by every keystore on that token (a second keystore must present the same PIN,
 checked against a salted hash of the one that logged in); the login ends when the last of
 them closes. SoftHSM reads ``SOFTHSM2_CONF`` when the module is initialized: see
-:mod:`keyload.units.softhsm` and :func:`reinitialize`.
+:mod:`keyload.lab.softhsm` and :func:`reinitialize`.
 """
 
 from __future__ import annotations

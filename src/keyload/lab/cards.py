@@ -47,7 +47,7 @@ from typing import Literal
 
 from ..core.apdu import CommandAPDU, sw_bytes
 from ..core.errors import TransportError, WrongLength
-from .local import CardApplication
+from ..transports.local import CardApplication
 
 log = logging.getLogger("keyload.vcard")
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.errors import DamagedStore, StoreError
-from .storage import open_sqlite
+from .sql import open_sqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # the sizes of the stored fields (PROTOCOL.md): bytes, or (least, most)
@@ -124,7 +124,7 @@ def check_file(path: Path) -> None:
 
 
 def open_records(path: Path, schema: str) -> sqlite3.Connection:
-    """:func:`~.storage.open_sqlite` for a record database, after :func:`check_file`."""
+    """:func:`~keyload.records.sql.open_sqlite` for a record database, after :func:`check_file`."""
     check_file(path)
     with reading(path):
         return open_sqlite(path, schema)

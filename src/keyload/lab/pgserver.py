@@ -28,7 +28,6 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeGuard
 
 from ..core.errors import StoreError
 
@@ -39,12 +38,6 @@ SUPERUSER = "keyload"
 SERVER_USER = "postgres"  # who runs the server when we are root
 _TOOLS = ("initdb", "pg_ctl", "postgres")
 _SOCKET_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN"
-
-
-def is_postgres_url(where: str | Path | None) -> TypeGuard[str]:
-    """Whether a ``--journal`` / ``--state`` value names a PostgreSQL database (a
-    ``postgresql://`` URL) rather than a SQLite file."""
-    return where is not None and str(where).startswith(("postgresql://", "postgres://"))
 
 
 def _version_key(p: Path) -> tuple[int, ...]:

@@ -108,7 +108,7 @@ def pcsc_available() -> Availability:
         return Availability(False, f"the vpcd driver {VPCD_DRIVER} is missing "
                                    "(apt-get install vsmartcard-vpcd)")
     if socket_answers():
-        from .pcsc import list_readers
+        from ..transports.pcsc import list_readers
 
         try:
             found = vpcd_readers(list_readers())
@@ -177,7 +177,7 @@ class Pcscd:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes] | None, deadline: float) -> tuple[str, ...]:
-    from .pcsc import list_readers
+    from ..transports.pcsc import list_readers
 
     last = "the socket does not answer"
     while time.monotonic() < deadline:

@@ -1,0 +1,58 @@
+"""SQL helpers shared by the record databases (SQLite files, PostgreSQL URLs)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import TypeGuard
+
+from ..core.errors import StoreError
+
+
+def is_postgres_url(where: str | Path | None) -> TypeGuard[str]:
+    """Whether a ``--journal`` / ``--state`` value names a PostgreSQL database (a
+    ``postgresql://`` URL) rather than a SQLite file."""
+    return where is not None and str(where).startswith(("postgresql://", "postgres://"))
+
+
+def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A record database: autocommit, WAL, ``synchronous=NORMAL`` (a committed write
+    survives a crash of the process), usable from any thread, mode 0600; ``schema`` is
+    applied. Raises StoreError when the file cannot be opened as a database."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                             check_same_thread=False)
+        path.chmod(0o600)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(schema)
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: {e}") from None
+    return db
+
+
+class SqliteBatch:
+    """Group commit for a record database (``db`` from :func:`open_sqlite`, ``_lock``).
+
+    Between :meth:`begin_batch` and :meth:`commit_batch` every statement on the
+    connection, from any caller, is part of one ``BEGIN IMMEDIATE`` transaction: one
+    commit for many records. A caller that answers after a write must wait for the
+    commit (the service's :class:`~keyload.service.commit.GroupCommit` does).
+    """
+
+    db: sqlite3.Connection
+    _lock: threading.Lock
+
+    def begin_batch(self) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+
+    def commit_batch(self) -> None:
+        with self._lock:
+            self.db.execute("COMMIT")
+
+    def rollback_batch(self) -> None:
+        with self._lock:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
