@@ -253,9 +253,14 @@ def open_import(
             raise IntegrityError()
         # 8. SAS
         if verify_key is not None:
-            if not header.ed25519 or not ed25519_verify(
-                    verify_key, data.sas, sas_message_ed25519(data.h, sn, data.ref2, sc.ta)):
-                raise AuthenticityError("SAS signature not valid for the authority's key")
+            bad_sas = "SAS signature not valid for the authority's key"
+            if not header.ed25519:
+                raise AuthenticityError(bad_sas)
+            try:
+                ed25519_verify(verify_key, data.sas,
+                               sas_message_ed25519(data.h, sn, data.ref2, sc.ta))
+            except AuthenticityError:
+                raise AuthenticityError(bad_sas) from None
         else:
             if header.ed25519:
                 raise AuthenticityError("signed SAS but the unit holds no authority key")

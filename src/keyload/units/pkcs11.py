@@ -114,6 +114,7 @@ from pkcs11.types import DeriveMixin, SignMixin, WrapMixin
 
 from ..core import messages as msg
 from ..core.errors import (
+    AuthenticityError,
     DamagedStore,
     NoSuchKey,
     PolicyRefused,
@@ -759,9 +760,11 @@ class Pkcs11Keystore:
                                A.DECRYPT: False, A.DERIVE: False, A.UNWRAP: False},
                         "the SAS key")
             probe = b"keyload SAS key self-test"
-            if not ed25519_verify(raw_pub, _sign(priv, probe, CKM.EDDSA), probe):
+            try:
+                ed25519_verify(raw_pub, _sign(priv, probe, CKM.EDDSA), probe)
+            except AuthenticityError:
                 raise Pkcs11Error("the token's Ed25519 signature does not verify with the "
-                                  "public key")
+                                  "public key") from None
         except BaseException:
             self._destroy_quietly(*made)
             raise
