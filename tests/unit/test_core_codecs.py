@@ -371,6 +371,18 @@ def test_response_check_unexpected_sw(sw: int) -> None:
     assert info.value.code == sw
 
 
+@pytest.mark.parametrize("raw", [0x6F00, 0x6A83, 0x9001])
+def test_unexpected_status_sw_is_the_word_received(raw: int) -> None:
+    """``.sw`` is the status word received (it was the class default 6A80), so a handler
+    that converts it at the boundary answers that word."""
+    e = UnexpectedStatus(raw)
+    assert e.sw == raw and e.code == raw and e.raw == raw
+    assert sw_bytes(e.sw) == raw.to_bytes(2, "big")
+    assert str(e) == f"{raw:04X} unexpected status word"
+    assert e.detail == f"unexpected status word {raw:04X}"
+    assert isinstance(e, StatusError)
+
+
 def test_unexpected_status_keeps_its_own_code() -> None:
     """An SW outside §6 is reported as itself (``code``), never as a known refusal."""
     e = error_for_sw(0x6F00)
