@@ -444,10 +444,6 @@ def test_tampered_importkey_refused_6982(world: World, set_name: str) -> None:
 
 
 # -- no derived object survives, on success or failure ---------------------------------
-class Boom(Exception):
-    pass
-
-
 def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, nth: int,
              exc: Exception | None = None) -> None:
     real = getattr(p11, name)

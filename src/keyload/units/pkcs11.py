@@ -780,11 +780,6 @@ class Pkcs11Keystore:
         """The token's CKM_AES_KEY_WRAP_PAD is RFC 5649 for any key length (self-test)."""
         return self._wrap_any_length
 
-    @property
-    def diversifies_aes192(self) -> bool:
-        """The token truncates a 32-byte ECB derivation to 24 bytes (self-test)."""
-        return self._aes192_div
-
     def set_infos(self) -> list[SetInfo]:
         return [t.info for t in self._sets.values()]
 
