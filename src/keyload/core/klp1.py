@@ -121,7 +121,10 @@ def sas_message_ed25519(h: bytes, sn: bytes, ref2: int, ta: Buf) -> bytes:
 
 
 def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
-    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA'); the message buffer is wiped."""
+    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA') (PROTOCOL.md §4).
+
+    The MAC is fed the parts, so TA' is never copied into a message buffer: there is
+    nothing of it to wipe here (the caller wipes ``ta``)."""
     return aes_cmac_parts(ksas, LABEL_SAS + h, ta)  # no copy of TA' to wipe
 
 

@@ -3,7 +3,26 @@
 The status word is checked in one place (:meth:`ResponseAPDU.check`) and becomes a typed
 error; :class:`LoadFailed` says at which step, on which side, and keeps that error.
 
->>> # see tests/integration/test_station.py for a runnable end-to-end example
+>>> from keyload.core.keys import KeyAttributes, KeyType
+>>> from keyload.transports.local import LocalConnection
+>>> from keyload.units.authority import Authority, ExportPolicy
+>>> from keyload.units.keystore import SoftwareKeystore
+>>> from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
+>>> ks = SoftwareKeystore.ephemeral()
+>>> set_id = ks.generate_set("A").set_id
+>>> _ = ks.generate_key(b"TMK", KeyType.AES256, KeyAttributes("K0", "B", "E"), version=1,
+...                     diversify=False, policy=ExportPolicy(None, None))
+>>> unit = Unit(MemoryUnitStore(UnitState.new(b"SN-1", ks.transport_key_copy(set_id),
+...                                           {1: Slot(1, frozenset({KeyType.AES256}))})))
+>>> station = AuthorityClient(LocalConnection(Authority(ks)))
+>>> res = load_key(UnitClient(LocalConnection(unit)), station, b"TMK", 1)
+>>> res.sn, res.ref2, res.key_version, res.kcv == unit.state.slots[1].kcv
+(b'SN-1', 1, 1, True)
+>>> try:  # the same version again: the unit refuses, nothing changes
+...     load_key(UnitClient(LocalConnection(unit)), station, b"TMK", 1)
+... except LoadFailed as e:
+...     print(e.step, f"{e.sw:04X}")
+unit IMPORTKEY 6986
 """
 
 from __future__ import annotations
