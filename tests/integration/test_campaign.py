@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from keyload.core.errors import KcvMismatch, TransportError
 from keyload.core.keys import KeyHeader
-from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards
+from keyload.station.campaign import RunOptions, is_transient, run_campaign, run_campaign_cards
 from keyload.station.journal import (
     CLAIMED,
     EXPORTED,
     IMPORTED,
     Campaign,
+    LoadState,
     PlannedLoad,
     SqliteJournal,
 )
-from keyload.station.load import UnitClient, load_key
+from keyload.station.load import LoadFailed, Step, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 from keyload.units.unit import Unit
@@ -195,3 +199,36 @@ def test_station_name_is_exclusive(tmp_path: Path) -> None:
     j2.lock_station("c", "s2")
     j.close()
     j2.close()
+
+
+def test_load_states_are_an_enum_stored_as_the_same_strings(tmp_path: Path) -> None:
+    """LoadState members are what the journal stores: a journal written before them (plain
+    strings) reads back as members, and counts print as before."""
+    w, j, units = _setup(tmp_path, 2)
+    db = sqlite3.connect(tmp_path / "journal.db")
+    try:
+        assert {s for (s,) in db.execute("SELECT state FROM loads")} == {"planned"}
+        [first, *_] = j.rows("c")
+        assert first.state is LoadState.PLANNED and first.state == "planned"
+        run_campaign(j, "c", w.client(), _connector(units), RunOptions(station="s1"))
+        assert {s for (s,) in db.execute("SELECT state FROM loads")} == {"imported"}
+        with db:  # a row as an older keyload wrote it: the plain text 'failed'
+            db.execute("UPDATE loads SET state = 'failed' WHERE sn = ? AND ref2 = ?",
+                       (first.sn.hex(), first.ref2))
+        got = {(r.sn, r.ref2): r.state for r in j.rows("c")}
+        assert got[first.sn, first.ref2] is LoadState.FAILED
+        assert {type(s) for s in got.values()} == {LoadState}
+        assert json.dumps(j.counts("c")) == json.dumps(
+            {"planned": 0, "claimed": 0, "exported": 0, "imported": 3, "failed": 1})
+    finally:
+        db.close()
+
+
+def test_failure_steps_are_an_enum_with_the_same_text() -> None:
+    kcv = LoadFailed("KCV check", KcvMismatch("the unit's KCV differs from the authority's"))
+    assert kcv.step is Step.KCV and str(kcv).startswith("KCV check: ")
+    assert not is_transient(kcv)  # a KCV mismatch is never retried
+    lost = LoadFailed(Step.IMPORT, TransportError("card removed"))
+    assert lost.step == "unit IMPORTKEY" and is_transient(lost)
+    with pytest.raises(ValueError):
+        LoadFailed("no such step", TransportError("x"))

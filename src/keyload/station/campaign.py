@@ -29,7 +29,7 @@ from ..core.keys import KeyHeader
 from ..transports import Connection
 from .customize import UnitSource
 from .journal import CLAIMED, EXPORTED, Journal, LoadRow
-from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
 from .progress import Progress
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
@@ -71,7 +71,7 @@ class RunSummary:
 def is_transient(e: LoadFailed) -> bool:
     """Retry transport errors and unit memory failures; never security refusals."""
     return isinstance(e.cause, (TransportError, MemoryFailure)) or \
-        (not isinstance(e.cause, StatusError) and not e.step.startswith(("KCV",)))
+        (not isinstance(e.cause, StatusError) and e.step != Step.KCV)
 
 
 class Interrupt:
@@ -196,7 +196,7 @@ def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
             client.select()
         except KeyloadError as e:  # no such unit, no answer: each load uses an attempt
             cause = e.cause if isinstance(e, LoadFailed) else e
-            unreachable = LoadFailed("unit not reachable", cause)
+            unreachable = LoadFailed(Step.UNIT_UNREACHABLE, cause)
             retry = [_failed(sh, row, unreachable, opts) for row in rows]
             if not any(retry):
                 _count_unit(sh, sn)
@@ -238,7 +238,7 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
         try:
             held = _reconcile(client, row)
         except KeyloadError as e:
-            raise LoadFailed("unit GET SLOT STATUS", e) from None
+            raise LoadFailed(Step.UNIT_STATUS, e) from None
         if held is not None:
             same = row.state == EXPORTED and held == (row.header, row.kcv)
             j.imported(row, suite=row.suite if same else None, r=row.r if same else None,
