@@ -99,10 +99,12 @@ def test_crash_after_import_is_reconciled_not_exported_again(tmp_path: Path) -> 
 def test_crash_before_import_loads_again(tmp_path: Path) -> None:
     """Claimed (and even exported) but the unit never got IMPORTKEY: the load runs."""
     w, j, units = _setup(tmp_path, 2)
-    rows = j.claim("c", "dead", 1, 0.01, time.time())
+    t0 = time.time()
+    rows = j.claim("c", "dead", 1, 0.01, t0)
     assert {r.state for r in j.rows("c") if r.sn == rows[0].sn} == {CLAIMED}
-    time.sleep(0.05)  # the dead station's lease expires
-    s = run_campaign(j, "c", w.client(), _connector(units), RunOptions(station="other"))
+    later = t0 + 1.0  # the dead station's lease has expired by then
+    s = run_campaign(j, "c", w.client(), _connector(units),
+                     RunOptions(station="other", clock=lambda: later))
     assert s.loads_done == 4 and s.reconciled == 0
     assert all(_holds_plan(u) for u in units.values())
 
@@ -135,13 +137,14 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
             raise TransportError("reader jammed")
         yield LocalConnection(units[sn])
 
-    first = run_campaign(j, "c", w.client(), connect, RunOptions(station="s", lease_s=0.01))
+    now = [time.time()]  # the run's clock: it moves only when the test moves it
+    opts = RunOptions(station="s", lease_s=0.01, clock=lambda: now[0])
+    first = run_campaign(j, "c", w.client(), connect, opts)
     assert first.loads_failed == 1  # the locked slot: refused once, for good
     assert first.loads_retried == 2  # the jammed unit's two loads, tried again
     if j.counts("c")[IMPORTED] < 3:  # the jammed unit's claim waits for its lease
-        time.sleep(0.05)
-        again = run_campaign(j, "c", w.client(), connect, RunOptions(station="s",
-                                                                      lease_s=0.01))
+        now[0] += 1.0  # ... which has expired by now
+        again = run_campaign(j, "c", w.client(), connect, opts)
         assert again.loads_failed == 0  # the final refusal is not tried again
     counts = j.counts("c")
     assert counts["failed"] == 1 and counts[IMPORTED] == 3
