@@ -153,6 +153,7 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
     assert _holds_plan(units[sns[1]])
 
 
+@pytest.mark.hardware
 def test_cards_in_readers_campaign(tmp_path: Path) -> None:
     """Cards come in any order, one is a stranger; each unit is found by its SN."""
     from keyload.transports.pcsc import cards_in_reader

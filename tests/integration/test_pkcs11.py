@@ -53,6 +53,8 @@ from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from ..conftest import KLP1_VECTORS, require
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 HAVE_PYTHON_PKCS11 = importlib.util.find_spec("pkcs11") is not None
 if HAVE_PYTHON_PKCS11:
     import pkcs11 as ck
