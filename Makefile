@@ -11,7 +11,7 @@ EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/
 comma := ,
 SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql
 
-.PHONY: venv demo test lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps \
+.PHONY: venv demo test test-fast lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps \
 	venv-floors test-floors
 
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -58,6 +58,10 @@ unit-tests: venv
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit-tests
+
+# The quick loop while developing: the suite without the slow and the hardware tests.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not hardware"
 
 # `make test` again at the floors: lint, types (the floor mypy, then the newest one in
 # .venv against the floor libraries) and the whole suite, which checks that the floors are

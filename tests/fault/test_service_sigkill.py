@@ -20,11 +20,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from keyload.core import messages as msg
 from keyload.service.client import ServiceClient
 from keyload.station.audit import AuditLog
 
 from ..integration.test_service import PASSPHRASE, World, build_world, policy_doc
+
+pytestmark = pytest.mark.slow
 
 KILLS = 3
 CLIENTS = 8

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from keyload.core.keys import KeyAttributes, KeyType
@@ -80,10 +79,6 @@ def slots_snapshot(unit: Unit) -> list[tuple[int, bytes | None, bytes | None, by
 
 def unit_client(unit: Unit) -> UnitClient:
     return UnitClient(LocalConnection(unit))
-
-
-def random_sn() -> bytes:
-    return os.urandom(8)
 
 
 __all__ = ["Secret"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from keyload.core.errors import KcvMismatch, TransportError
 from keyload.core.keys import KeyHeader
-from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards
+from keyload.station.campaign import RunOptions, is_transient, run_campaign, run_campaign_cards
 from keyload.station.journal import (
     CLAIMED,
     EXPORTED,
     IMPORTED,
     Campaign,
+    LoadState,
     PlannedLoad,
     SqliteJournal,
 )
-from keyload.station.load import UnitClient, load_key
+from keyload.station.load import LoadFailed, Step, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 from keyload.units.unit import Unit
@@ -95,10 +99,12 @@ def test_crash_after_import_is_reconciled_not_exported_again(tmp_path: Path) -> 
 def test_crash_before_import_loads_again(tmp_path: Path) -> None:
     """Claimed (and even exported) but the unit never got IMPORTKEY: the load runs."""
     w, j, units = _setup(tmp_path, 2)
-    rows = j.claim("c", "dead", 1, 0.01, time.time())
+    t0 = time.time()
+    rows = j.claim("c", "dead", 1, 0.01, t0)
     assert {r.state for r in j.rows("c") if r.sn == rows[0].sn} == {CLAIMED}
-    time.sleep(0.05)  # the dead station's lease expires
-    s = run_campaign(j, "c", w.client(), _connector(units), RunOptions(station="other"))
+    later = t0 + 1.0  # the dead station's lease has expired by then
+    s = run_campaign(j, "c", w.client(), _connector(units),
+                     RunOptions(station="other", clock=lambda: later))
     assert s.loads_done == 4 and s.reconciled == 0
     assert all(_holds_plan(u) for u in units.values())
 
@@ -131,13 +137,14 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
             raise TransportError("reader jammed")
         yield LocalConnection(units[sn])
 
-    first = run_campaign(j, "c", w.client(), connect, RunOptions(station="s", lease_s=0.01))
+    now = [time.time()]  # the run's clock: it moves only when the test moves it
+    opts = RunOptions(station="s", lease_s=0.01, clock=lambda: now[0])
+    first = run_campaign(j, "c", w.client(), connect, opts)
     assert first.loads_failed == 1  # the locked slot: refused once, for good
     assert first.loads_retried == 2  # the jammed unit's two loads, tried again
     if j.counts("c")[IMPORTED] < 3:  # the jammed unit's claim waits for its lease
-        time.sleep(0.05)
-        again = run_campaign(j, "c", w.client(), connect, RunOptions(station="s",
-                                                                      lease_s=0.01))
+        now[0] += 1.0  # ... which has expired by now
+        again = run_campaign(j, "c", w.client(), connect, opts)
         assert again.loads_failed == 0  # the final refusal is not tried again
     counts = j.counts("c")
     assert counts["failed"] == 1 and counts[IMPORTED] == 3
@@ -146,6 +153,7 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
     assert _holds_plan(units[sns[1]])
 
 
+@pytest.mark.hardware
 def test_cards_in_readers_campaign(tmp_path: Path) -> None:
     """Cards come in any order, one is a stranger; each unit is found by its SN."""
     from keyload.lab.cards import CardFeeder
@@ -195,3 +203,36 @@ def test_station_name_is_exclusive(tmp_path: Path) -> None:
     j2.lock_station("c", "s2")
     j.close()
     j2.close()
+
+
+def test_load_states_are_an_enum_stored_as_the_same_strings(tmp_path: Path) -> None:
+    """LoadState members are what the journal stores: a journal written before them (plain
+    strings) reads back as members, and counts print as before."""
+    w, j, units = _setup(tmp_path, 2)
+    db = sqlite3.connect(tmp_path / "journal.db")
+    try:
+        assert {s for (s,) in db.execute("SELECT state FROM loads")} == {"planned"}
+        [first, *_] = j.rows("c")
+        assert first.state is LoadState.PLANNED and first.state == "planned"
+        run_campaign(j, "c", w.client(), _connector(units), RunOptions(station="s1"))
+        assert {s for (s,) in db.execute("SELECT state FROM loads")} == {"imported"}
+        with db:  # a row as an older keyload wrote it: the plain text 'failed'
+            db.execute("UPDATE loads SET state = 'failed' WHERE sn = ? AND ref2 = ?",
+                       (first.sn.hex(), first.ref2))
+        got = {(r.sn, r.ref2): r.state for r in j.rows("c")}
+        assert got[first.sn, first.ref2] is LoadState.FAILED
+        assert {type(s) for s in got.values()} == {LoadState}
+        assert json.dumps(j.counts("c")) == json.dumps(
+            {"planned": 0, "claimed": 0, "exported": 0, "imported": 3, "failed": 1})
+    finally:
+        db.close()
+
+
+def test_failure_steps_are_an_enum_with_the_same_text() -> None:
+    kcv = LoadFailed("KCV check", KcvMismatch("the unit's KCV differs from the authority's"))
+    assert kcv.step is Step.KCV and str(kcv).startswith("KCV check: ")
+    assert not is_transient(kcv)  # a KCV mismatch is never retried
+    lost = LoadFailed(Step.IMPORT, TransportError("card removed"))
+    assert lost.step == "unit IMPORTKEY" and is_transient(lost)
+    with pytest.raises(ValueError):
+        LoadFailed("no such step", TransportError("x"))

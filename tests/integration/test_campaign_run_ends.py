@@ -34,7 +34,7 @@ PLAN = (PlannedLoad(b"DIV", 1, 1), PlannedLoad(b"MAC", 2, 1))
 GHOST = b"GHOST-01"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.hardware)])
 def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]:
     if request.param == "sqlite":
         j: Journal = SqliteJournal(tmp_path / "journal.db")
@@ -58,17 +58,18 @@ def test_unreachable_unit_fails_after_its_attempts_and_exported_is_reconciled(
     serials = [b"U-0", GHOST, b"U-1", b"U-2"]
     journal.create_campaign(Campaign("c", w.set_a, time.time(), PLAN, {}, 4), serials)
     # a dead station exported U-1's loads and the unit imported them; nothing more journaled
-    rows = journal.claim("c", "dead", 1, 0.01, time.time())
+    t0 = time.time()
+    rows = journal.claim("c", "dead", 1, 0.01, t0)
     assert [r.sn for r in rows] == [b"U-0", b"U-0"]
-    rows = journal.claim_unit("c", b"U-1", "dead", 0.01, time.time())
+    rows = journal.claim_unit("c", b"U-1", "dead", 0.01, t0)
     client = UnitClient(LocalConnection(units[b"U-1"]))
     client.select()
     for row in rows:
         load_key(client, w.client(), row.ref1, row.ref2, select=False,
                  on_export=lambda i, s, r, row=row: journal.exported(
-                     row, s, i.r, r.header, r.kcv, time.time()))
+                     row, s, i.r, r.header, r.kcv, t0))
     exports_u1 = [r for r in w.log.records if r.sn == b"U-1"]
-    time.sleep(0.05)  # the dead station's leases expire
+    opts = RunOptions(station="s1", clock=lambda: t0 + 1.0)  # the dead leases have expired
     attempts: dict[bytes, int] = {}
 
     @contextmanager
@@ -80,7 +81,7 @@ def test_unreachable_unit_fails_after_its_attempts_and_exported_is_reconciled(
             raise TransportError("reader jammed")
         yield LocalConnection(units[sn])
 
-    s = run_campaign(journal, "c", w.client(), connect, RunOptions(station="s1"))
+    s = run_campaign(journal, "c", w.client(), connect, opts)
     assert attempts[GHOST] == ATTEMPTS and attempts[b"U-1"] == 2
     assert s.units_seen == 4 and s.loads_done == 6 and s.loads_failed == 2
     assert s.reconciled == 2  # U-1: reconciled after its jammed attempt, not exported again
@@ -93,7 +94,7 @@ def test_unreachable_unit_fails_after_its_attempts_and_exported_is_reconciled(
     ghost = [r for r in journal.rows("c") if r.sn == GHOST]
     assert [(r.state, r.attempts, r.station) for r in ghost] == [(FAILED, ATTEMPTS, None)] * 2
     # a second run has nothing to do and tries nobody again
-    again = run_campaign(journal, "c", w.client(), connect, RunOptions(station="s1"))
+    again = run_campaign(journal, "c", w.client(), connect, opts)
     assert again.units_seen == 0 and attempts[GHOST] == ATTEMPTS
 
 

@@ -255,8 +255,26 @@ def test_a_wrong_kek_is_still_a_passphrase_error(kek_home: Path) -> None:
                  id="fetch"),
 ])
 def test_an_empty_sn_is_an_input_error(home: Home, args: tuple[str, ...]) -> None:
+    """A caller's mistake, not a card's status word: no "6A80 MALFORMED" in the line."""
     before = files(home.root)
-    assert_error(run(*args, home=home.root), EXIT_INPUT, "SN must be 1 to 32 bytes")
+    line = assert_error(run(*args, home=home.root), EXIT_INPUT, "SN must be 1 to 32 bytes")
+    assert line == "keyload: error: SN must be 1 to 32 bytes"
+    assert files(home.root) == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(("load", "--unit", SN, "--ref1", "R" * 33, "--ref2", "1"),
+                 "REF1 must be 1 to 32 bytes", id="long-ref1"),
+    pytest.param(("load", "--unit", SN, "--ref1", "0x" + "31" * 33, "--ref2", "1"),
+                 "REF1 must be 1 to 32 bytes", id="long-hex-ref1"),
+    pytest.param(("load", "--unit", SN, "--ref1", "TMK", "--ref2", "255"),
+                 "REF2 must be in 1..254", id="ref2-255"),
+])
+def test_a_bad_ref_is_an_input_error_not_a_status_word(home: Home, args: tuple[str, ...],
+                                                       message: str) -> None:
+    before = files(home.root)
+    line = assert_error(run(*args, home=home.root), EXIT_INPUT, message)
+    assert line == f"keyload: error: {message}"
     assert files(home.root) == before
 
 

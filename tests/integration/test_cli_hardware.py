@@ -49,6 +49,8 @@ from .cli_helpers import (
     xor,
 )
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 3, 4, 5
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN_ENV = "KEYLOAD_PKCS11_PIN"

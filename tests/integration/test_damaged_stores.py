@@ -90,6 +90,7 @@ CASES = [pytest.param(name, damage, args, id=f"{name.split('/')[-1]}-{how}-{'-'.
          if not (args == CAMPAIGN_STATUS and how in ("rct-zz", "header-odd-length"))]
 
 
+@pytest.mark.slow  # the damaged-store matrix: one CLI run per case
 @pytest.mark.parametrize(("name", "damage", "args"), CASES)
 def test_a_damaged_store_is_exit_4_naming_it(base_home: Path, tmp_path: Path, name: str,
                                              damage: Callable[[Path], None],

@@ -36,6 +36,8 @@ from ..conftest import require
 from .cli_helpers import KEYLOAD, cli_env
 from .fixtures import make_world
 
+pytestmark = pytest.mark.slow
+
 PLAN = (PlannedLoad(b"K-AES", 1, 3), PlannedLoad(b"K-MAC", 2, None))
 SERIALS = [b"KL" + i.to_bytes(6, "big") for i in range(3)]
 

@@ -67,6 +67,8 @@ from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from ..conftest import require
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 HAVE_PYTHON_PKCS11 = importlib.util.find_spec("pkcs11") is not None
 
 UNIT_PORT, AUTHORITY_PORT = VPCD_PORTS  # 35963: units; 35964: the authority card

@@ -43,6 +43,8 @@ from keyload.units.unit import Unit
 
 from .fixtures import World, make_world, slots_snapshot
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 PORT_A, PORT_B = VPCD_PORTS
 PLAN = [(b"AES", 1), (b"MAC", 2)]
 

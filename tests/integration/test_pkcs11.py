@@ -53,6 +53,8 @@ from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from ..conftest import KLP1_VECTORS, require
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 HAVE_PYTHON_PKCS11 = importlib.util.find_spec("pkcs11") is not None
 if HAVE_PYTHON_PKCS11:
     import pkcs11 as ck
@@ -444,10 +446,6 @@ def test_tampered_importkey_refused_6982(world: World, set_name: str) -> None:
 
 
 # -- no derived object survives, on success or failure ---------------------------------
-class Boom(Exception):
-    pass
-
-
 def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, nth: int,
              exc: Exception | None = None) -> None:
     real = getattr(p11, name)

@@ -54,6 +54,8 @@ from keyload.units.unit import Slot
 
 from ..conftest import require
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 PASSPHRASE = "correct horse battery staple"
 PLAN = (PlannedLoad(b"K-AES", 1, 3), PlannedLoad(b"K-MAC", 2, None))
 _db_numbers = itertools.count(1)

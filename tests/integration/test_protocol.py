@@ -156,13 +156,11 @@ def test_rollback_and_same_version_refused(world: World) -> None:
     assert e.value.sw == SW.POLICY and slots_snapshot(unit) == before
     # a higher version goes in
     from keyload.core.keys import KeyAttributes
+    from keyload.core.secret import Secret
     from keyload.units.authority import ExportPolicy
 
-    world.ks.generate_key(b"AES", KeyType.AES256, KeyAttributes("K0", "B", "E"), version=6,
-                          diversify=False, policy=ExportPolicy(None, None)) \
-        if False else None  # generate_key refuses an existing REF1; use add_key(replace)
-    from keyload.core.secret import Secret
 
+    # generate_key refuses an existing REF1: add_key(replace=True) gives version 6
     world.ks.add_key(b"AES", KeyType.AES256, Secret(os.urandom(32)),
                      KeyAttributes("K0", "B", "E"), version=6, diversify=False,
                      policy=ExportPolicy(None, None), replace=True)

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from keyload.core import messages as msg
+from keyload.core.errors import SW
 from keyload.service.client import (
     Receipt,
     ServiceClient,
@@ -429,6 +430,14 @@ def test_own_receipt_refused_for_good_is_kept_in_refused(gated: Gated) -> None:
     doc = json.loads(kept.read_text())
     assert doc["refused"]["status"] == 409 and doc["sn"] == sn.hex()
     assert in_ledger(g, sn) == []
+
+
+def test_service_refused_is_a_status_error_of_6986() -> None:
+    e = ServiceRefused(429, "rate-limited", "too many requests", 2.0)
+    assert e.sw == SW.POLICY and e.code == 0x6986
+    assert str(e) == "service refused (HTTP 429 rate-limited): too many requests"
+    assert e.detail == "HTTP 429 rate-limited: too many requests"
+    assert (e.status, e.slug, e.retry_after) == (429, "rate-limited", 2.0)
 
 
 # -- the client: Retry-After, and never sleeping past the deadline ------------------------

@@ -556,6 +556,7 @@ def test_a_certificate_from_another_ca_ends_the_handshake_and_nothing_is_served(
 
 
 # -- 10. refusals do not accumulate ---------------------------------------------------------
+@pytest.mark.slow
 def test_refused_requests_do_not_grow_memory(world: World) -> None:
     """100,000 refused requests (401, 403, 404) over pipelined keep-alive connections: the
     objects the server keeps alive afterwards stay flat. A refusal raised as one shared

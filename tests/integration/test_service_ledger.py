@@ -591,6 +591,7 @@ def test_service_ledger_verify_while_the_service_runs(base: Base, tmp_path: Path
         svc.stop()
 
 
+@pytest.mark.hardware
 def test_service_ledger_postgres_state(base: Base, tmp_path: Path) -> None:
     ok_pg, why = postgres_available()
     require(ok_pg, f"PostgreSQL: {why}")
@@ -875,6 +876,7 @@ def test_unreceipted_campaign_option_leaves_them_out(unreceipted: Unreceipted) -
     assert doc["service"]["without_receipt"] == NO_UNRECEIPTED
 
 
+@pytest.mark.hardware
 def test_unreceipted_postgres_state(base: Base, tmp_path: Path) -> None:
     ok_pg, why = postgres_available()
     require(ok_pg, f"PostgreSQL: {why}")

@@ -49,6 +49,8 @@ from .test_service import (
     start_service,
 )
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 PORT = VPCD_PORTS[0]
 EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_REFUSED = 1, 2, 3, 6  # keyload.cli.main
 

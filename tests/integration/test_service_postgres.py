@@ -26,6 +26,8 @@ from .test_service import (
     start_service,
 )
 
+pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Running, str]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,12 +14,6 @@ from pathlib import Path
 import pytest
 
 from .cli_helpers import KEYLOAD, cli_env, ok, run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -46,15 +40,19 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"clients": {"terminal-1": {"sets": [set_id],
                                                              "ref1": ["TMK-1"]}}}))
-    port = _free_port()
     srv = subprocess.Popen(
         [str(KEYLOAD), "serve", "--home", str(home), "--cert", str(pki / "server.pem"),
          "--key", str(pki / "server.key"), "--ca", str(pki / "ca.pem"), "--policy",
-         str(policy), "--port", str(port), "--workers", "2"],
+         str(policy), "--port", "0", "--workers", "2"],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None
-        assert "(2 workers)" in srv.stdout.readline()
+        first = srv.stdout.readline()  # the port the server bound (no pick-then-bind race)
+        assert "(2 workers)" in first, first
+        found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
+        assert found is not None, first
+        port = int(found.group(1))
+        assert port > 0
         deadline = time.monotonic() + 10
         while not (workers := _workers_of(srv.pid)) and time.monotonic() < deadline:
             time.sleep(0.05)

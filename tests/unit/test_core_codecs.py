@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,21 @@ from keyload.core.keys import (
     kcv,
 )
 from keyload.core.messages import (
+    T_R,
+    T_REF1,
+    T_REF2,
+    T_SET,
+    T_SN,
+    T_SUITE,
     ExportRequest,
     ExportResponse,
     ImportData,
     ImportResponse,
     InitResponse,
     SlotStatus,
+    check_ref1,
+    check_ref2,
+    check_sn,
 )
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors"
@@ -160,6 +170,38 @@ def test_tlv_every_proper_prefix_is_malformed(
 def test_tlv_trailing_bytes_are_malformed(items: list[tuple[int, bytes]], extra: bytes) -> None:
     with pytest.raises(MalformedData):
         tlv.decode(tlv.encode(items) + extra, [t for t, _ in items])
+
+
+@pytest.mark.parametrize(("check", "value", "text"), [
+    (check_sn, b"", "SN must be 1 to 32 bytes"),
+    (check_sn, bytes(33), "SN must be 1 to 32 bytes"),
+    (check_ref1, b"", "REF1 must be 1 to 32 bytes"),
+    (check_ref1, bytes(33), "REF1 must be 1 to 32 bytes"),
+    (check_ref2, 0, "REF2 must be in 1..254"),
+    (check_ref2, 255, "REF2 must be in 1..254"),
+], ids=["sn-empty", "sn-33", "ref1-empty", "ref1-33", "ref2-0", "ref2-255"])
+def test_a_callers_bad_value_is_a_value_error(check: Any, value: Any, text: str) -> None:
+    """check_sn/ref1/ref2 judge what a caller gives: a ValueError, not a status word."""
+    with pytest.raises(ValueError, match=r"^" + re.escape(text) + "$") as info:
+        check(value)
+    assert type(info.value) is ValueError
+
+
+@pytest.mark.parametrize(("tag", "value", "text"), [
+    (T_SN, b"", "SN must be 1 to 32 bytes"),
+    (T_REF1, bytes(33), "REF1 must be 1 to 32 bytes"),
+    (T_REF2, b"\xff", "REF2 must be in 1..254"),
+], ids=["sn", "ref1", "ref2"])
+def test_the_same_field_in_a_message_is_malformed_data(tag: int, value: bytes,
+                                                        text: str) -> None:
+    """The same rules on a message received (EXPORTKEY data) answer 6A80."""
+    fields = {T_SN: b"SN-1", T_REF1: b"TMK", T_REF2: b"\x01", T_SET: bytes(5),
+              T_SUITE: b"\x01", T_R: bytes(16)}
+    fields[tag] = value
+    order = (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2)
+    with pytest.raises(MalformedData) as info:
+        ExportRequest.decode(tlv.encode([(t, fields[t]) for t in order]))
+    assert info.value.sw == SW.MALFORMED and info.value.detail == text
 
 
 TAGS = (0xC7, 0xC8, 0xC9, 0xCA, 0xCB)
@@ -369,6 +411,18 @@ def test_response_check_unexpected_sw(sw: int) -> None:
     assert info.value.raw == sw
     assert str(info.value) == f"{sw:04X} unexpected status word"
     assert info.value.code == sw
+
+
+@pytest.mark.parametrize("raw", [0x6F00, 0x6A83, 0x9001])
+def test_unexpected_status_sw_is_the_word_received(raw: int) -> None:
+    """``.sw`` is the status word received (it was the class default 6A80), so a handler
+    that converts it at the boundary answers that word."""
+    e = UnexpectedStatus(raw)
+    assert e.sw == raw and e.code == raw and e.raw == raw
+    assert sw_bytes(e.sw) == raw.to_bytes(2, "big")
+    assert str(e) == f"{raw:04X} unexpected status word"
+    assert e.detail == f"unexpected status word {raw:04X}"
+    assert isinstance(e, StatusError)
 
 
 def test_unexpected_status_keeps_its_own_code() -> None:

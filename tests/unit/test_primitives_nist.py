@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from keyload.core.errors import IntegrityError
+from keyload.core.errors import AuthenticityError, IntegrityError
 from keyload.core.primitives import (
     aes_cmac,
     aes_cmac_verify,
@@ -29,6 +29,9 @@ from keyload.core.primitives import (
     aes_kw_wrap,
     aes_kwp_unwrap,
     aes_kwp_wrap,
+    ed25519_public,
+    ed25519_sign,
+    ed25519_verify,
     hmac_sha256,
     kbkdf_cmac_into,
 )
@@ -265,3 +268,22 @@ def test_hmac_rfc4231(rec: dict[str, str]) -> None:
     key, msg, md = _h(rec["KEY"]), _h(rec["MSG"]), _h(rec["MD"])
     assert int(rec["LEN"]) == 8 * len(msg)
     assert hmac_sha256(key, msg) == md
+
+
+# --- Ed25519: verify returns None or raises, like aes_cmac_verify ------------------------
+
+
+def test_ed25519_verify_returns_none_or_raises_authenticity_error() -> None:
+    sk = bytes(range(32))
+    pub = ed25519_public(sk)
+    msg = b"keyload verify contract"
+    sig = ed25519_sign(sk, msg)
+    assert ed25519_verify(pub, sig, msg) is None  # type: ignore[func-returns-value]
+    bad_sig = bytes([sig[0] ^ 1]) + sig[1:]
+    for args in ((pub, bad_sig, msg), (pub, sig, msg + b"\x00"),
+                 (ed25519_public(bytes(32)), sig, msg),  # another key
+                 (pub[:31], sig, msg), (pub, sig[:63], msg)):  # malformed key / signature
+        with pytest.raises(AuthenticityError) as info:
+            ed25519_verify(*args)
+        assert type(info.value) is AuthenticityError
+        assert str(info.value) == "6988 AUTHENTICITY: authenticity check failed"

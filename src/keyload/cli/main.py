@@ -58,7 +58,9 @@ def exit_code(e: BaseException) -> int:
         return EXIT_INTEGRITY
     if isinstance(e, ServiceUnreachable):
         return EXIT_UNREACHABLE
-    if isinstance(e, MalformedData):  # raised here, not by a card: a bad value given to us
+    # a message or header read outside a load (a file, a unit's status answer) that does
+    # not parse; a bad value given by the caller is a ValueError (the default below)
+    if isinstance(e, MalformedData):
         return EXIT_INPUT
     if isinstance(e, StatusError):
         return EXIT_REFUSED

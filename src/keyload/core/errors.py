@@ -62,13 +62,21 @@ class KeyloadError(Exception):
 class StatusError(KeyloadError):
     """A refusal that maps to one status word (PROTOCOL.md §6)."""
 
-    sw: SW = SW.MALFORMED
+    #: The status word: a :class:`SW` for the words of §6, a plain int for any other.
+    sw: int = SW.MALFORMED
 
-    def __init__(self, detail: str | None = None, *, sw: SW | None = None) -> None:
+    def __init__(self, detail: str | None = None, *, sw: int | None = None,
+                 message: str | None = None) -> None:
+        """``message``, when given, is the whole text (else ``"6A80 MALFORMED: detail"``)."""
         if sw is not None:
             self.sw = sw
-        self.detail = detail or self.sw.meaning
-        super().__init__(f"{self.sw.hex} {self.sw.name}: {self.detail}")
+        if message is None:
+            word = SW(self.sw)
+            self.detail = detail or word.meaning
+            message = f"{word.hex} {word.name}: {self.detail}"
+        else:
+            self.detail = detail or message
+        super().__init__(message)
 
     @property
     def code(self) -> int:
@@ -113,7 +121,7 @@ class IntegrityError(StatusError):
 
     sw = SW.INTEGRITY
 
-    def __init__(self, detail: str | None = None, *, sw: SW | None = None) -> None:
+    def __init__(self, detail: str | None = None, *, sw: int | None = None) -> None:
         super().__init__("integrity check failed", sw=sw)
 
 
@@ -163,12 +171,8 @@ class UnexpectedStatus(StatusError):
 
     def __init__(self, raw: int) -> None:
         self.raw = raw
-        KeyloadError.__init__(self, f"{raw:04X} unexpected status word")
-        self.detail = f"unexpected status word {raw:04X}"
-
-    @property
-    def code(self) -> int:
-        return self.raw
+        super().__init__(f"unexpected status word {raw:04X}", sw=raw,
+                         message=f"{raw:04X} unexpected status word")
 
 
 def error_for_sw(sw: int, context: str = "") -> StatusError:

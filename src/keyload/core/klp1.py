@@ -121,7 +121,10 @@ def sas_message_ed25519(h: bytes, sn: bytes, ref2: int, ta: Buf) -> bytes:
 
 
 def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
-    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA'); the message buffer is wiped."""
+    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA') (PROTOCOL.md §4).
+
+    The MAC is fed the parts, so TA' is never copied into a message buffer: there is
+    nothing of it to wipe here (the caller wipes ``ta``)."""
     return aes_cmac_parts(ksas, LABEL_SAS + h, ta)  # no copy of TA' to wipe
 
 
@@ -253,9 +256,14 @@ def open_import(
             raise IntegrityError()
         # 8. SAS
         if verify_key is not None:
-            if not header.ed25519 or not ed25519_verify(
-                    verify_key, data.sas, sas_message_ed25519(data.h, sn, data.ref2, sc.ta)):
-                raise AuthenticityError("SAS signature not valid for the authority's key")
+            bad_sas = "SAS signature not valid for the authority's key"
+            if not header.ed25519:
+                raise AuthenticityError(bad_sas)
+            try:
+                ed25519_verify(verify_key, data.sas,
+                               sas_message_ed25519(data.h, sn, data.ref2, sc.ta))
+            except AuthenticityError:
+                raise AuthenticityError(bad_sas) from None
         else:
             if header.ed25519:
                 raise AuthenticityError("signed SAS but the unit holds no authority key")

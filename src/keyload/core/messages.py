@@ -6,7 +6,8 @@ tags, order, duplicates, trailing data, or a field of the wrong length.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from . import tlv
 from .errors import MalformedData
@@ -19,29 +20,42 @@ T_KCV, T_STATE, T_RCT, T_E0 = 0xCD, 0xCE, 0xCF, 0xE0
 
 SLOT_EMPTY, SLOT_LOADED, SLOT_LOCKED = 0x00, 0x01, 0x02
 
+T = TypeVar("T")
+
 
 def check_sn(sn: bytes) -> bytes:
+    """A caller's SN: 1 to 32 bytes, else ``ValueError`` (a caller mistake, not 6A80)."""
     if not 1 <= len(sn) <= 32:
-        raise MalformedData("SN must be 1 to 32 bytes")
+        raise ValueError("SN must be 1 to 32 bytes")
     return sn
 
 
 def check_ref1(ref1: bytes) -> bytes:
+    """A caller's REF1: 1 to 32 bytes, else ``ValueError``."""
     if not 1 <= len(ref1) <= 32:
-        raise MalformedData("REF1 must be 1 to 32 bytes")
+        raise ValueError("REF1 must be 1 to 32 bytes")
     return ref1
 
 
 def check_ref2(ref2: int) -> int:
+    """A caller's REF2: 1..254, else ``ValueError``."""
     if not 1 <= ref2 <= 254:
-        raise MalformedData("REF2 must be in 1..254")
+        raise ValueError("REF2 must be in 1..254")
     return ref2
+
+
+def _field(check: Callable[[T], T], value: T) -> T:
+    """``check`` applied to a field of a message: its ValueError is :class:`MalformedData`."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise MalformedData(str(e)) from None
 
 
 def _ref2(v: bytes) -> int:
     if len(v) != 1:
         raise MalformedData("REF2 must be one byte")
-    return check_ref2(v[0])
+    return _field(check_ref2, v[0])
 
 
 def _fixed(v: bytes, n: int, what: str) -> bytes:
@@ -72,7 +86,8 @@ class InitResponse(NamedTuple):
             raise MalformedData("no suite listed")
         if 0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5:
             return cls(sn, r, set_id, suites)
-        return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"), suites)
+        return cls(_field(check_sn, sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"),
+                   suites)
 
 
 class ExportRequest(NamedTuple):
@@ -97,8 +112,8 @@ class ExportRequest(NamedTuple):
         if (0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5 and len(suite) == 1
                 and 0 < len(ref1) <= 32 and len(ref2) == 1 and 0 < ref2[0] < 255):
             return cls(sn, r, set_id, suite[0], ref1, ref2[0])  # fast path: all valid
-        return cls(check_sn(sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"),
-                   _fixed(suite, 1, "suite id")[0], check_ref1(ref1), _ref2(ref2))
+        return cls(_field(check_sn, sn), _fixed(r, 16, "R"), _fixed(set_id, 5, "set id"),
+                   _fixed(suite, 1, "suite id")[0], _field(check_ref1, ref1), _ref2(ref2))
 
 
 class ImportData(NamedTuple):

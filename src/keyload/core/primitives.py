@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from .errors import IntegrityError
+from .errors import AuthenticityError, IntegrityError
 
 Buf = bytes | bytearray | memoryview
 
@@ -197,10 +197,13 @@ def ed25519_public(private_key: Buf) -> bytes:
     return pk.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
-    """True when ``signature`` is a valid Ed25519 signature of ``message``."""
+def ed25519_verify(public_key: bytes, signature: bytes, message: bytes) -> None:
+    """Verify an Ed25519 (RFC 8032) signature of ``message``; raise AuthenticityError.
+
+    Like :func:`aes_cmac_verify`, it returns None or raises: a bad signature, and a public
+    key that is not a point (not 32 bytes, or not on the curve), are the same error.
+    """
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):
-        return False
-    return True
+        raise AuthenticityError() from None

@@ -47,10 +47,3 @@ def get_suite(suite_id: int) -> Suite:
     except KeyError:
         raise Unsupported(f"suite {suite_id:#04x} not supported") from None
 
-
-def choose_suite(unit_suites: bytes | tuple[int, ...], authority_suites: frozenset[int]) -> int:
-    """First suite of (0x01, 0x02) both sides support, else 6A81 (PROTOCOL.md §5)."""
-    for s in PREFERENCE:
-        if s in unit_suites and s in authority_suites:
-            return s
-    raise Unsupported("no suite in common between unit and authority")

@@ -52,8 +52,8 @@ class ServiceRefused(StatusError):
         self.status = status
         self.slug = slug
         self.retry_after = retry_after  # seconds, from the answer's Retry-After
-        KeyloadError.__init__(self, f"service refused (HTTP {status} {slug}): {detail}")
-        self.detail = f"HTTP {status} {slug}: {detail}"
+        super().__init__(f"HTTP {status} {slug}: {detail}",
+                         message=f"service refused (HTTP {status} {slug}): {detail}")
 
 
 class ServiceUnreachable(TransportError):

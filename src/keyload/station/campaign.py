@@ -29,7 +29,7 @@ from ..core.keys import KeyHeader
 from ..transports import Connection
 from .customize import UnitSource
 from .journal import CLAIMED, EXPORTED, Journal, LoadRow
-from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
 from .progress import Progress
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
@@ -46,6 +46,8 @@ class RunOptions:
     lease_s: float = 60.0
     retries: int = ATTEMPTS  # attempts per load, at least 1
     workers: int = 1
+    #: Wall-clock time (seconds) for leases and journal stamps; a test passes its own.
+    clock: Callable[[], float] = time.time
 
 
 @dataclass
@@ -71,7 +73,7 @@ class RunSummary:
 def is_transient(e: LoadFailed) -> bool:
     """Retry transport errors and unit memory failures; never security refusals."""
     return isinstance(e.cause, (TransportError, MemoryFailure)) or \
-        (not isinstance(e.cause, StatusError) and not e.step.startswith(("KCV",)))
+        (not isinstance(e.cause, StatusError) and e.step != Step.KCV)
 
 
 class Interrupt:
@@ -150,7 +152,8 @@ class _Shared:
             if time.monotonic() - self.renewed < self.opts.lease_s / 3:
                 return
             self.renewed = time.monotonic()
-        self.journal.renew(campaign_id, self.opts.station, self.opts.lease_s, time.time())
+        self.journal.renew(campaign_id, self.opts.station, self.opts.lease_s,
+                           self.opts.clock())
 
 
 class _LockedAuthority(AuthorityClient):
@@ -196,7 +199,7 @@ def _process_unit(sh: _Shared, rows: list[LoadRow], connect: Connector,
             client.select()
         except KeyloadError as e:  # no such unit, no answer: each load uses an attempt
             cause = e.cause if isinstance(e, LoadFailed) else e
-            unreachable = LoadFailed("unit not reachable", cause)
+            unreachable = LoadFailed(Step.UNIT_UNREACHABLE, cause)
             retry = [_failed(sh, row, unreachable, opts) for row in rows]
             if not any(retry):
                 _count_unit(sh, sn)
@@ -220,7 +223,7 @@ def _failed(sh: _Shared, row: LoadRow, e: LoadFailed, opts: RunOptions) -> bool:
     retry = is_transient(e) and row.attempts + 1 < opts.retries
     sw = None if e.sw is None else f"{e.sw:04X}"
     reason = f"{e.step}: {e.reason}"
-    sh.journal.failed(row, sw, reason, time.time(), final=not retry)
+    sh.journal.failed(row, sw, reason, opts.clock(), final=not retry)
     with sh.lock:
         if retry:
             sh.summary.loads_retried += 1
@@ -238,24 +241,24 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
         try:
             held = _reconcile(client, row)
         except KeyloadError as e:
-            raise LoadFailed("unit GET SLOT STATUS", e) from None
+            raise LoadFailed(Step.UNIT_STATUS, e) from None
         if held is not None:
             same = row.state == EXPORTED and held == (row.header, row.kcv)
             j.imported(row, suite=row.suite if same else None, r=row.r if same else None,
                        header=held[0], kcv=held[1], rct=None, reconciled=True,
-                       now=time.time())
+                       now=sh.opts.clock())
             with sh.lock:
                 s.reconciled += 1
                 s.loads_done += 1
             return
 
     def journal_export(init: msg.InitResponse, suite: int, resp: msg.ExportResponse) -> None:
-        j.exported(row, suite, init.r, resp.header, resp.kcv, time.time())
+        j.exported(row, suite, init.r, resp.header, resp.kcv, sh.opts.clock())
 
     res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2, select=False,
                                on_export=journal_export)
     j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv, rct=res.rct,
-               reconciled=False, now=time.time())
+               reconciled=False, now=sh.opts.clock())
     with sh.lock:
         s.loads_done += 1
 
@@ -307,7 +310,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
                     client.select()
                     sn = client.initialize().sn
                     rows = journal.claim_unit(campaign_id, sn, opts.station, opts.lease_s,
-                                              time.time())
+                                              opts.clock())
                     if not rows:
                         summary.failures.append((sn.hex(), 0, None,
                                                  "not in this campaign, or already done"))
@@ -335,7 +338,7 @@ def _running(sh: _Shared, campaign_id: str) -> Iterator[None]:
         sh.stop.set()
         s.interrupted = True
     finally:
-        sh.journal.event(campaign_id, sh.opts.station, time.time(), s.loads_done,
+        sh.journal.event(campaign_id, sh.opts.station, sh.opts.clock(), s.loads_done,
                          s.loads_failed)
         s.elapsed = time.monotonic() - t0
         if sh.progress is not None:
@@ -346,7 +349,7 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
              stop: threading.Event) -> Iterator[list[list[LoadRow]]]:
     while not stop.is_set():
         rows = journal.claim(campaign_id, opts.station, opts.batch_units, opts.lease_s,
-                             time.time())
+                             opts.clock())
         if not rows:
             return
         yield [list(g) for _, g in groupby(rows, key=lambda r: r.seq)]
@@ -373,7 +376,7 @@ def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
             now = time.monotonic()
             if now - last_event >= 1.0:
                 last_event = now
-                journal.event(campaign_id, opts.station, time.time(), summary.loads_done,
+                journal.event(campaign_id, opts.station, opts.clock(), summary.loads_done,
                               summary.loads_failed)
     return summary
 

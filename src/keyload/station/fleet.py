@@ -17,7 +17,7 @@ from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.storage import KekSource, Vault
 from ..units.unit import FileUnitStore, Slot, Unit, UnitState
-from .load import LoadFailed
+from .load import LoadFailed, Step
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class EmulatedUnitSource:
         try:
             unit = self.fleet.open_unit(self.sn)
         except KeyloadError as e:
-            raise LoadFailed("open unit", e) from None
+            raise LoadFailed(Step.OPEN_UNIT, e) from None
         try:
             yield LocalConnection(unit)
         finally:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,9 +53,19 @@ from ..records.stored import (
     text_col,
 )
 
-PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = (
-    "planned", "claimed", "exported", "imported", "failed")
-STATES = (PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED)
+
+class LoadState(StrEnum):
+    """Where a planned load stands (the diagram above); the value is what is stored."""
+
+    PLANNED = "planned"
+    CLAIMED = "claimed"
+    EXPORTED = "exported"
+    IMPORTED = "imported"
+    FAILED = "failed"
+
+
+PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = LoadState
+STATES = tuple(LoadState)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -124,7 +135,7 @@ class LoadRow:
     ref2: int
     ref1: bytes
     version: int | None
-    state: str
+    state: LoadState
     attempts: int
     station: str | None
     lease: float | None
@@ -145,11 +156,12 @@ _COLS = ("campaign, seq, sn, ref2, ref1, version, state, attempts, station, leas
 
 def row_of(t: Sequence[Any]) -> LoadRow:
     """A ``loads`` row (columns as in ``_COLS``); DamagedRow when a column does not decode."""
-    if t[6] not in STATES:
+    if not isinstance(t[6], str) or t[6] not in STATES:
         raise DamagedRow("state is not a load state")
     return LoadRow(text_col(t[0], "campaign"), int_col(t[1], "seq"),
                    hex_col(t[2], "sn", SN_SIZE), int_col(t[3], "ref2"),
-                   hex_col(t[4], "ref1", REF1_SIZE), opt_int_col(t[5], "version"), t[6],
+                   hex_col(t[4], "ref1", REF1_SIZE), opt_int_col(t[5], "version"),
+                   LoadState(t[6]),
                    int_col(t[7], "attempts"), t[8], t[9], opt_int_col(t[10], "suite"),
                    opt_hex_col(t[11], "r", R_SIZE), opt_hex_col(t[12], "header", H_SIZE),
                    opt_hex_col(t[13], "kcv", KCV_SIZE), opt_hex_col(t[14], "rct", RCT_SIZE),
@@ -376,7 +388,7 @@ class SqliteJournal:
         self._x(*failed_write(row, sw, reason, now, final))
 
     def counts(self, campaign_id: str) -> dict[str, int]:
-        out = dict.fromkeys(STATES, 0)
+        out: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, n in self._x("SELECT state, count(*) FROM loads WHERE campaign = ? "
                                 "GROUP BY state", (campaign_id,)):
             out[state] = int(n)

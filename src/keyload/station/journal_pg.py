@@ -339,7 +339,7 @@ class PostgresJournal:
         self._x(pg_params(sql), args)
 
     def counts(self, campaign_id: str) -> dict[str, int]:
-        out = dict.fromkeys(STATES, 0)
+        out: dict[str, int] = dict.fromkeys(STATES, 0)
         for state, n in self._x("SELECT state, count(*) FROM loads WHERE campaign = %s "
                                 "GROUP BY state", (campaign_id,)):
             out[state] = int(n)

@@ -3,12 +3,32 @@
 The status word is checked in one place (:meth:`ResponseAPDU.check`) and becomes a typed
 error; :class:`LoadFailed` says at which step, on which side, and keeps that error.
 
->>> # see tests/integration/test_station.py for a runnable end-to-end example
+>>> from keyload.core.keys import KeyAttributes, KeyType
+>>> from keyload.transports.local import LocalConnection
+>>> from keyload.units.authority import Authority, ExportPolicy
+>>> from keyload.units.keystore import SoftwareKeystore
+>>> from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
+>>> ks = SoftwareKeystore.ephemeral()
+>>> set_id = ks.generate_set("A").set_id
+>>> _ = ks.generate_key(b"TMK", KeyType.AES256, KeyAttributes("K0", "B", "E"), version=1,
+...                     diversify=False, policy=ExportPolicy(None, None))
+>>> unit = Unit(MemoryUnitStore(UnitState.new(b"SN-1", ks.transport_key_copy(set_id),
+...                                           {1: Slot(1, frozenset({KeyType.AES256}))})))
+>>> station = AuthorityClient(LocalConnection(Authority(ks)))
+>>> res = load_key(UnitClient(LocalConnection(unit)), station, b"TMK", 1)
+>>> res.sn, res.ref2, res.key_version, res.kcv == unit.state.slots[1].kcv
+(b'SN-1', 1, 1, True)
+>>> try:  # the same version again: the unit refuses, nothing changes
+...     load_key(UnitClient(LocalConnection(unit)), station, b"TMK", 1)
+... except LoadFailed as e:
+...     print(e.step, f"{e.sw:04X}")
+unit IMPORTKEY 6986
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from typing import NamedTuple
 
 from ..core import messages as msg
@@ -21,11 +41,25 @@ from ..transports import Connection
 from ..units.authority import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
 
 
+class Step(StrEnum):
+    """Where a download failed; the value is the text reports and journals carry."""
+
+    OPEN_UNIT = "open unit"
+    UNIT_UNREACHABLE = "unit not reachable"
+    UNIT_STATUS = "unit GET SLOT STATUS"
+    UNIT_INIT = "unit INITIALIZE DOWNLOAD"
+    SUITE = "suite negotiation"
+    EXPORT = "authority EXPORTKEY"
+    IMPORT = "unit IMPORTKEY"
+    KCV = "KCV check"
+
+
 class LoadFailed(KeyloadError):
     """A download failed at ``step``; ``cause`` is the typed error (with its SW if any)."""
 
-    def __init__(self, step: str, cause: KeyloadError, *, sn: bytes | None = None) -> None:
-        self.step = step
+    def __init__(self, step: Step | str, cause: KeyloadError, *,
+                 sn: bytes | None = None) -> None:
+        self.step = Step(step)
         self.cause = cause
         self.sn = sn  # known once INITIALIZE DOWNLOAD has answered
         super().__init__(f"{step}: {cause}")
@@ -139,7 +173,7 @@ class LoadResult(NamedTuple):
         return KeyHeader.decode(self.header).version
 
 
-def _step(step: str, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
+def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
     return LoadFailed(step, e, sn=sn)
 
 
@@ -160,11 +194,11 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
             unit.select()
         init = unit.initialize()
     except KeyloadError as e:
-        raise _step("unit INITIALIZE DOWNLOAD", e) from None
+        raise _step(Step.UNIT_INIT, e) from None
     candidates = [s for s in PREFERENCE if s in init.suites and
                   (authority.suites is None or s in authority.suites)]
     if not candidates:
-        raise _step("suite negotiation", Unsupported("no suite in common between unit and "
+        raise _step(Step.SUITE, Unsupported("no suite in common between unit and "
                                                      "authority"), init.sn)
     resp: msg.ExportResponse | None = None
     suite = candidates[0]
@@ -175,18 +209,18 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
             break
         except Unsupported as e:
             if authority.suites is not None or suite == candidates[-1]:
-                raise _step("authority EXPORTKEY", e, init.sn) from None
+                raise _step(Step.EXPORT, e, init.sn) from None
         except KeyloadError as e:
-            raise _step("authority EXPORTKEY", e, init.sn) from None
+            raise _step(Step.EXPORT, e, init.sn) from None
     assert resp is not None
     if on_export is not None:
         on_export(init, suite, resp)
     try:
         ans = unit.import_key(resp.import_data)
     except KeyloadError as e:
-        raise _step("unit IMPORTKEY", e, init.sn) from None
+        raise _step(Step.IMPORT, e, init.sn) from None
     if not ct_equal(ans.kcv, resp.kcv):
-        raise _step("KCV check", KcvMismatch("the unit's KCV differs from the authority's"),
+        raise _step(Step.KCV, KcvMismatch("the unit's KCV differs from the authority's"),
                     init.sn)
     header = resp.header or msg.ImportData.decode(resp.import_data).h
     return LoadResult(init.sn, init.set_id, ref1, ref2, suite, init.r, header, ans.kcv, ans.rct)

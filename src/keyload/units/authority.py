@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -226,7 +226,3 @@ class Authority:
                       type(e).__name__, apdu[1] if len(apdu) > 1 else 0)
             return sw_bytes(SW.MEMORY_FAILURE)
 
-
-def describe_sets(sets: Iterable[SetInfo]) -> list[dict[str, str]]:
-    return [{"set_id": s.set_id.hex(), "name": s.name, "sas": "ed25519" if s.signed else "cmac"}
-            for s in sets]

@@ -322,9 +322,10 @@ def parse_ref1(text: str) -> bytes:
     """``0x3175`` is hex; anything else is its ASCII bytes."""
     if text.startswith("0x"):
         try:
-            return msg.check_ref1(bytes.fromhex(text[2:]))
+            raw = bytes.fromhex(text[2:])
         except ValueError:
             raise ValueError(f"bad hex REF1 {text!r}") from None
+        return msg.check_ref1(raw)
     if not text.isascii():
         raise ValueError("REF1 must be ASCII or 0x-hex")
     return msg.check_ref1(text.encode())

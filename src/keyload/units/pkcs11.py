@@ -114,6 +114,7 @@ from pkcs11.types import DeriveMixin, SignMixin, WrapMixin
 
 from ..core import messages as msg
 from ..core.errors import (
+    AuthenticityError,
     DamagedStore,
     NoSuchKey,
     PolicyRefused,
@@ -759,9 +760,11 @@ class Pkcs11Keystore:
                                A.DECRYPT: False, A.DERIVE: False, A.UNWRAP: False},
                         "the SAS key")
             probe = b"keyload SAS key self-test"
-            if not ed25519_verify(raw_pub, _sign(priv, probe, CKM.EDDSA), probe):
+            try:
+                ed25519_verify(raw_pub, _sign(priv, probe, CKM.EDDSA), probe)
+            except AuthenticityError:
                 raise Pkcs11Error("the token's Ed25519 signature does not verify with the "
-                                  "public key")
+                                  "public key") from None
         except BaseException:
             self._destroy_quietly(*made)
             raise
@@ -776,11 +779,6 @@ class Pkcs11Keystore:
     def wraps_any_length(self) -> bool:
         """The token's CKM_AES_KEY_WRAP_PAD is RFC 5649 for any key length (self-test)."""
         return self._wrap_any_length
-
-    @property
-    def diversifies_aes192(self) -> bool:
-        """The token truncates a 32-byte ECB derivation to 24 bytes (self-test)."""
-        return self._aes192_div
 
     def set_infos(self) -> list[SetInfo]:
         return [t.info for t in self._sets.values()]
