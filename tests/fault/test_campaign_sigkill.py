@@ -22,8 +22,11 @@ from keyload.units.storage import KekSource
 
 pytestmark = pytest.mark.slow
 
-UNITS = 1200
+UNITS = 2000
 KILLS = 22
+# each killed run may import at most this many more loads (plus what lands between two
+# polls): 22 runs cannot finish the 2 x 2,000 loads, so every run is cut in its work
+MORE = (4, 40)
 PASS = "fault-test-passphrase"
 
 
@@ -40,45 +43,56 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _campaign_runs(workdir: Path) -> int:
-    """How many times the campaign was started (its audit records), 0 before any."""
-    if not (workdir / "audit.db").exists():
+def _count(db_path: Path, sql: str) -> int:
+    """One count read on a read-only connection of its own; 0 while there is nothing."""
+    if not db_path.exists():
         return 0
     try:
-        db = sqlite3.connect(f"file:{workdir / 'audit.db'}?mode=ro", uri=True, timeout=5)
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
-            return int(db.execute("SELECT count(*) FROM audit WHERE action = 'campaign run'")
-                       .fetchone()[0])
+            return int(db.execute(sql).fetchone()[0])
         finally:
             db.close()
     except sqlite3.Error:  # the table is not there yet
         return 0
 
 
-def _demo(workdir: Path, *, kill_after: float | None,
+def _campaign_runs(workdir: Path) -> int:
+    """How many times the campaign was started (its audit records), 0 before any."""
+    return _count(workdir / "audit.db",
+                  "SELECT count(*) FROM audit WHERE action = 'campaign run'")
+
+
+def _imported(workdir: Path) -> int:
+    return _count(workdir / "journal.db", "SELECT count(*) FROM loads WHERE state = 'imported'")
+
+
+def _demo(workdir: Path, *, kill_after: float | None, more: int = 0,
           after_start: bool = False) -> subprocess.CompletedProcess[str] | None:
     """Run the demo; with ``kill_after``, SIGKILL it that many seconds after it starts or,
-    with ``after_start``, after its campaign starts (however slow the setup is here).
-    None when it was killed; its result when it ended by itself first."""
+    with ``after_start``, after its campaign starts (however slow the setup is here), or
+    as soon as it has imported ``more`` loads, whichever comes first. None when it was
+    killed; its result when it ended by itself first."""
     cmd = [str(_keyload()), "demo", "--units", str(UNITS), "--workdir", str(workdir),
            "--quiet"]
     if kill_after is None:
         return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600,
                               check=False)
-    runs = _campaign_runs(workdir)
+    runs, done = _campaign_runs(workdir), _imported(workdir)
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    try:
-        if after_start:
-            deadline = time.monotonic() + 120
-            while _campaign_runs(workdir) == runs and p.poll() is None and \
-                    time.monotonic() < deadline:
-                time.sleep(0.02)
-        p.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        return None
+    if after_start:
+        deadline = time.monotonic() + 120
+        while _campaign_runs(workdir) == runs and p.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.01)
+    kill_at = time.monotonic() + kill_after
+    while p.poll() is None:
+        if time.monotonic() >= kill_at or _imported(workdir) >= done + more:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return None
+        time.sleep(0.01)
     return subprocess.CompletedProcess(cmd, p.returncode)  # it finished before the kill
 
 
@@ -88,19 +102,22 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     killed = 0
     for i in range(KILLS):
         # half the kills at a random moment from the start (the setup, the first claims,
-        # loads and slot writes), half within the campaign once it has started: so the
-        # campaign is cut many times however long the setup takes on this machine
+        # loads and slot writes), half within the campaign once it has started; each
+        # also once a few more loads are in, so that the campaign is cut many times
+        # however fast this machine is, and never finishes before the last kill
+        more = rng.randint(*MORE)
         if i % 2:
-            ended = _demo(work, kill_after=rng.uniform(0.05, 2.0), after_start=True)
+            ended = _demo(work, kill_after=rng.uniform(0.05, 2.0), more=more,
+                          after_start=True)
         else:
-            ended = _demo(work, kill_after=rng.uniform(0.3, 4.0))
+            ended = _demo(work, kill_after=rng.uniform(0.3, 4.0), more=more)
         killed += ended is None  # a run that ended by itself first was not killed
     final = _demo(work, kill_after=None)
     assert final is not None
     assert final.returncode == 0, final.stderr[-2000:]
     assert final.stdout.strip().splitlines()[-1] == \
         f"customized {UNITS} of {UNITS} units, 0 failed"
-    assert killed >= 20, f"only {killed} of {KILLS} runs were killed before they ended"
+    assert killed == KILLS, f"only {killed} of {KILLS} runs were killed before they ended"
 
     # every receipt verifies, the audit chain is whole
     k = str(_keyload())
