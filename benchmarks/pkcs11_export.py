@@ -136,7 +136,7 @@ def measure_all(benches: list[Bench], seconds: float) -> dict[str, Rate]:
 
 # -- the inputs shared by every measurement ------------------------------------------------
 def ecbdiv_data(label: bytes, context: bytes, nblocks: int) -> bytes:
-    """``B_1 || … || B_n`` of KLP1 ECBDIV (PROTOCOL.md §4): the data the token encrypts."""
+    """``B_1 || … || B_n`` of KLP1 ECBDIV (docs/protocol.md §4): the data the token encrypts."""
     h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
     return b"".join(h + bytes((i,)) for i in range(1, nblocks + 1))
 

@@ -1,4 +1,4 @@
-"""Every case of klp1-public.json through the library (PROTOCOL.md §9)."""
+"""Every case of klp1-public.json through the library (docs/protocol.md §9)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ TIMEOUT_S = 120
 
 # -- check values, computed independently of keyload ------------------------------------
 def aes_kcv(key: bytes) -> str:
-    """Leftmost 5 bytes of AES-CMAC(key, 16 zero bytes), upper-case hex (PROTOCOL.md §2)."""
+    """Leftmost 5 bytes of AES-CMAC(key, 16 zero bytes), upper-case hex (docs/protocol.md §2)."""
     c = cmac.CMAC(algorithms.AES(key))
     c.update(bytes(16))
     return c.finalize()[:5].hex().upper()

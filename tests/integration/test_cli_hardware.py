@@ -111,7 +111,7 @@ def _require_pcsc() -> None:
 
 
 def _ecbdiv(key: bytes, label: bytes, context: bytes, nbytes: int) -> bytes:
-    """KLP1 suite 0x02 (PROTOCOL.md §4), independently of keyload."""
+    """KLP1 suite 0x02 (docs/protocol.md §4), independently of keyload."""
     h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
     data = b"".join(h + bytes((i,)) for i in range(1, -(-nbytes // 16) + 1))
     enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 (ECBDIV is ECB)

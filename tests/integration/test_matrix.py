@@ -17,7 +17,7 @@ an HMAC-SHA256 key), and customizes four units through the cell's transport:
 
 What each load must show, computed here with ``cryptography`` and hashlib only (not with
 keyload): the key the unit stored is KLP1's TA' (KBKDF for suite 0x01, ECBDIV for 0x02,
-PROTOCOL.md §4), its KCV (§2) is the one the authority answered in EXPORTKEY and the one
+docs/protocol.md §4), its KCV (§2) is the one the authority answered in EXPORTKEY and the one
 the unit answered, the header says what was loaded, and the unit's receipt is the RCT of
 §4 and verifies with :meth:`Authority.verify_receipt` (a forged one does not). Each unit
 also gets one tampered IMPORTKEY (a station on the unit side flips one bit of W, SAS, CAS
@@ -87,7 +87,7 @@ FLIPS = [("W", 0xC9, 17), ("SAS", 0xCA, 40), ("CAS", 0xCB, 15),
          ("H key version", 0xC8, 8)]
 
 
-# -- KLP1 computed independently (PROTOCOL.md §2, §4), cryptography + hashlib only ------
+# -- KLP1 computed independently (docs/protocol.md §2, §4), cryptography + hashlib only ------
 def _cmac(key: bytes, data: bytes) -> bytes:
     c = cmac.CMAC(algorithms.AES(key))
     c.update(data)

@@ -194,7 +194,7 @@ def test_suite2_vector_byte_for_byte(vectors: VectorWorld, case: dict[str, Any])
     out = vectors.authority.export(bytes.fromhex(e["export_request"]))
     assert out.hex() == e["export_response"]
     assert vectors.ks.session_object_count() == before == 0
-    # the receipt the token computes is the one of PROTOCOL.md §4
+    # the receipt the token computes is the one of docs/protocol.md §4
     h, kcv_ = bytes.fromhex(e["H"]), bytes.fromhex(e["kcv"])
     sn, r = bytes.fromhex(case["SN"]), bytes.fromhex(case["R"])
     set_id = bytes.fromhex(e["set_id"])

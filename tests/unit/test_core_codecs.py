@@ -1,4 +1,4 @@
-"""TLV, APDU, key header / attributes / KCV and KLP1 message codecs (PROTOCOL.md §2, §3, §5)."""
+"""TLV, APDU, key header, attributes, KCV and KLP1 message codecs (docs/protocol.md §2-§5)."""
 
 from __future__ import annotations
 
@@ -527,7 +527,7 @@ def test_kcv_vectors(case: dict[str, Any]) -> None:
     assert aes_kcv(t) == _h(exp["set_id"])
     assert kcv(KeyType.AES256, t) == _h(exp["set_id"])
     if kt == KeyType.HMAC_SHA256:
-        # independent check with the standard library (PROTOCOL.md §2)
+        # independent check with the standard library (docs/protocol.md §2)
         assert hmac.new(ta, bytes(16), hashlib.sha256).digest()[:5] == _h(exp["kcv"])
         if len(ta) in (16, 24, 32):  # same bytes as an AES key: the KCVs must differ
             assert aes_kcv(ta) != _h(exp["kcv"])

@@ -2,7 +2,7 @@
 
 Export cases are reproduced through the pure functions (derive_t1, derive_session,
 diversify_into, export_key). Import cases are replayed through a minimal unit written here
-(PROTOCOL.md §7 steps 1-4 and the slot policy of step 6 in the test, steps 5-8 by
+(docs/protocol.md §7 steps 1-4 and the slot policy of step 6 in the test, steps 5-8 by
 ``open_import``) so that every status word of the vectors is checked against the core.
 """
 
@@ -202,7 +202,7 @@ def test_receipt_agrees_with_import_ok(imp: dict[str, Any]) -> None:
 
 
 class _Unit:
-    """PROTOCOL.md §7 steps 1-4 and the step-6 slot policy; steps 5-8 are open_import."""
+    """docs/protocol.md §7 steps 1-4 and the step-6 slot policy; steps 5-8 are open_import."""
 
     def __init__(self, case: dict[str, Any]) -> None:
         self.t = _h(case["T"])
@@ -396,7 +396,7 @@ def test_open_import_bad_cas(case: dict[str, Any]) -> None:
     with pytest.raises(IntegrityError):
         _open(case, d, sc=sc, policy=policy, verify_key=vk, r=_flip(_h(case["R"])))
     assert sc.wiped
-    assert policy.live == []  # CAS is checked before the policy (PROTOCOL.md §7 step 5)
+    assert policy.live == []  # CAS is checked before the policy (docs/protocol.md §7 step 5)
 
 
 @pytest.mark.parametrize("case", _export_params())
@@ -453,7 +453,7 @@ def test_open_import_wrong_signature(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", _export_params())
 def test_open_import_wrong_length(case: dict[str, Any]) -> None:
     """W holds 8 bytes more than H[3] says (H fits its type, CAS valid): IntegrityError
-    after the unwrap (PROTOCOL.md §7 step 7)."""
+    after the unwrap (docs/protocol.md §7 step 7)."""
     exp = case["expected"]
     ta = _h(exp["TA_loaded"])
     data = _forge(case, w=aes_kwp_wrap(_h(exp["Kenc"]), ta + bytes(8)))

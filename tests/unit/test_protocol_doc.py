@@ -499,3 +499,24 @@ def test_each_check_notices_a_changed_value(check: Callable[[str], list[str]], o
 def test_check_order_parser_notices_a_changed_step() -> None:
     changed = _swap("else 6986: the slot is not", "else 6A86: the slot is not")
     assert check_order(changed) != check_order(DOC)
+
+
+def test_every_protocol_citation_names_the_document_and_one_of_its_sections() -> None:
+    """The code, the tests and the README cite the protocol as ``docs/protocol.md §N`` (the
+    page in this repository), and every N they cite is a section of it."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    sections = {m.group(1) for m in re.finditer(r"^## (\d+)\. ", DOC, re.M)}
+    files = [*root.joinpath("src").rglob("*.py"), *root.joinpath("tests").rglob("*.py"),
+             *root.joinpath("benchmarks").rglob("*.py"), root / "README.md"]
+    bare, cited = [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        bare += [f"{f.relative_to(root)}: {m.group(0)}"
+                 for m in re.finditer(r"(?<!docs/)PROTOCOL\.md", text)]
+        for m in re.finditer(r"docs/protocol\.md §(\d+)", text):
+            cited += 1
+            assert m.group(1) in sections, f"{f.relative_to(root)} cites §{m.group(1)}"
+    assert bare == []
+    assert cited > 40

@@ -1,4 +1,4 @@
-"""A unit and an authority under hostile input (PROTOCOL.md §3, §6, §7, §8).
+"""A unit and an authority under hostile input (docs/protocol.md §3, §6, §7, §8).
 
 The messages here are built by a holder of T (the test), so they pass CAS: what they
 test is what an authenticated but odd message does. The key length must fit the key type
@@ -36,10 +36,10 @@ from keyload.units.keystore import KEYSTORE_FILE, KIND, SoftwareKeystore
 from keyload.units.storage import KekSource, Vault
 from keyload.units.unit import FileUnitStore, MemoryUnitStore, Slot, Unit, UnitState
 
-# PROTOCOL.md §6, written out here (not taken from the code under test).
+# docs/protocol.md §6, written out here (not taken from the code under test).
 SECTION_6 = frozenset({0x9000, 0x6700, 0x6A80, 0x6A81, 0x6A82, 0x6A86, 0x6A88, 0x6982,
                        0x6983, 0x6985, 0x6986, 0x6988, 0x6581, 0x6D00, 0x6E00})
-# PROTOCOL.md §3: the lengths that fit each key type; any other type fits none.
+# docs/protocol.md §3: the lengths that fit each key type; any other type fits none.
 FITS = {0x01: frozenset({16}), 0x02: frozenset({24}), 0x03: frozenset({32}),
         0x10: frozenset(range(16, 65))}
 TYPES = tuple(FITS)
@@ -101,7 +101,7 @@ def _challenge(unit: Unit) -> bytes:
 
 
 def _session(suite_id: int, r: bytes, ref2: int) -> tuple[bytes, bytes, bytes]:
-    """Kenc, Kmac, Ksas as the holder of T derives them (PROTOCOL.md §4)."""
+    """Kenc, Kmac, Ksas as the holder of T derives them (docs/protocol.md §4)."""
     suite = get_suite(suite_id if suite_id in (1, 2) else 1)
     t1, s = bytearray(32), bytearray(96)
     klp1.derive_t1(suite, T, SN, t1)
@@ -110,7 +110,7 @@ def _session(suite_id: int, r: bytes, ref2: int) -> tuple[bytes, bytes, bytes]:
 
 
 def _header(key_type: int, length: int, *, flags: int = 0) -> bytes:
-    """H (PROTOCOL.md §3): suite 0x01, usage K0, mode B, version 7, exportability N."""
+    """H (docs/protocol.md §3): suite 0x01, usage K0, mode B, version 7, exportability N."""
     return bytes((1, 1, key_type, length)) + b"K0B" + (7).to_bytes(2, "big") + b"N" + \
         bytes((flags, 0))
 
@@ -135,7 +135,7 @@ def importkey(data: bytes) -> bytes:
 
 
 # =========================================================================================
-# The length rule (PROTOCOL.md §3, §7 step 6): regression cases
+# The length rule (docs/protocol.md §3, §7 step 6): regression cases
 # =========================================================================================
 
 LENGTHS = (1, 5, 8, 15, 16, 17, 20, 23, 24, 25, 31, 32, 33, 40, 48, 63, 64, 65, 96, 128, 255)
@@ -259,7 +259,7 @@ def test_open_import_refuses_a_misfit_whatever_the_slot_policy() -> None:
 
 
 # =========================================================================================
-# No exception leaves an APDU handler (PROTOCOL.md §6)
+# No exception leaves an APDU handler (docs/protocol.md §6)
 # =========================================================================================
 
 class _BrokenStore(MemoryUnitStore):
@@ -377,7 +377,7 @@ def test_export_key_refuses_a_key_that_does_not_fit() -> None:
 
 
 # =========================================================================================
-# Bounded fuzzing: the generator holds T (PROTOCOL.md §6, §7, §8)
+# Bounded fuzzing: the generator holds T (docs/protocol.md §6, §7, §8)
 # =========================================================================================
 #
 # Each example drives one fresh unit (or authority) through a few commands. Authenticated
@@ -429,7 +429,7 @@ def _mutate(data: st.DataObject, body: bytes, mutation: str) -> bytes:
 def _check_answer(rapdu: bytes) -> int:
     """Every answer is a status word of §6; a refusal carries no data."""
     sw = _sw(rapdu)
-    assert sw in SECTION_6, f"{sw:04X} is not a status word of PROTOCOL.md §6"
+    assert sw in SECTION_6, f"{sw:04X} is not a status word of docs/protocol.md §6"
     if sw != 0x9000:
         assert len(rapdu) == 2
     return sw
@@ -437,7 +437,7 @@ def _check_answer(rapdu: bytes) -> int:
 
 def _expected_import_sw(unit: Unit, before: Snapshot, r: bytes | None, ref2: int, h: bytes,
                         ta: bytes, *, w_ok: bool, sas_ok: bool, cas_ok: bool) -> int:
-    """PROTOCOL.md §7, steps 1-8, for a message with a well-formed TLV (C8 12, CB 16)."""
+    """docs/protocol.md §7, steps 1-8, for a message with a well-formed TLV (C8 12, CB 16)."""
     if r is None:
         return 0x6985
     if not 1 <= ref2 <= 254:
@@ -575,7 +575,7 @@ AUTH_REF1 = [b"AES1", b"DIV2", b"MAC3"]
 
 
 def _expected_export_sw(fields: list[bytes], set_ids: list[bytes]) -> int:
-    """PROTOCOL.md §8 for a well-formed TLV in the order of §5."""
+    """docs/protocol.md §8 for a well-formed TLV in the order of §5."""
     sn, r, set_id, suite, ref1, ref2 = fields
     if (not 1 <= len(sn) <= 32 or len(r) != 16 or len(set_id) != 5 or len(suite) != 1
             or not 1 <= len(ref1) <= 32 or len(ref2) != 1 or not 1 <= ref2[0] <= 254):

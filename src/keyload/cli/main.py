@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # conformance
     p = add(sub, "conformance", commands.conformance,
-            "run KLP1 vector files (PROTOCOL.md §9)")
+            "run KLP1 vector files (docs/protocol.md §9)")
     p.add_argument("files", nargs="+", metavar="FILE")
     return parser
 

@@ -1,1 +1,1 @@
-"""Pure protocol and crypto for KLP1 (PROTOCOL.md): no I/O, no logging of values."""
+"""Pure protocol and crypto for KLP1 (docs/protocol.md): no I/O, no logging of values."""

@@ -1,7 +1,7 @@
 """ISO/IEC 7816-4 command and response APDUs, short and extended length.
 
 ``CommandAPDU.encode`` picks short form when the data fit in 255 bytes and Ne in 256,
-extended form otherwise (PROTOCOL.md §5). ``CommandAPDU.decode`` accepts all seven
+extended form otherwise (docs/protocol.md §5). ``CommandAPDU.decode`` accepts all seven
 cases (1, 2S, 3S, 4S, 2E, 3E, 4E) and raises :class:`WrongLength` (6700) on any
 inconsistency.
 

@@ -1,4 +1,4 @@
-"""Status words (PROTOCOL.md §6) and the typed errors of keyload.
+"""Status words (docs/protocol.md §6) and the typed errors of keyload.
 
 One root, :class:`KeyloadError`. Errors that a card or authority answers with a status
 word derive from :class:`StatusError` and carry that word; the text never holds key
@@ -11,7 +11,7 @@ from enum import IntEnum
 
 
 class SW(IntEnum):
-    """ISO/IEC 7816-4 status words used by KLP1 (PROTOCOL.md §6)."""
+    """ISO/IEC 7816-4 status words used by KLP1 (docs/protocol.md §6)."""
 
     SUCCESS = 0x9000
     WRONG_LENGTH = 0x6700
@@ -60,7 +60,7 @@ class KeyloadError(Exception):
 
 
 class StatusError(KeyloadError):
-    """A refusal that maps to one status word (PROTOCOL.md §6)."""
+    """A refusal that maps to one status word (docs/protocol.md §6)."""
 
     #: The status word: a :class:`SW` for the words of §6, a plain int for any other.
     sw: int = SW.MALFORMED
@@ -167,7 +167,7 @@ _BY_SW: dict[int, type[StatusError]] = {
 
 
 class UnexpectedStatus(StatusError):
-    """A status word outside PROTOCOL.md §6 (kept as a raw integer)."""
+    """A status word outside docs/protocol.md §6 (kept as a raw integer)."""
 
     def __init__(self, raw: int) -> None:
         self.raw = raw

@@ -1,4 +1,4 @@
-"""Key types, the 12-byte key header H and key check values (PROTOCOL.md §2, §3)."""
+"""Key types, the 12-byte key header H and key check values (docs/protocol.md §2, §3)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .errors import MalformedData, Unsupported
 from .primitives import Buf, aes_cmac, hmac_sha256
 
 HEADER_VERSION = 0x01
-_HEADER = struct.Struct(">BBBB2s1sH1sBx")  # H (PROTOCOL.md §3); the last byte is ignored
+_HEADER = struct.Struct(">BBBB2s1sH1sBx")  # H (docs/protocol.md §3); the last byte is ignored
 HEADER_LEN = 12
 FLAG_DIVERSIFIED = 0x01
 FLAG_ED25519 = 0x02
@@ -74,7 +74,7 @@ _TYPE_LABEL = {
 
 
 def length_fits(key_type: int, length: int) -> bool:
-    """Whether a key of ``length`` bytes fits ``key_type`` (PROTOCOL.md §3): 16, 24 or 32
+    """Whether a key of ``length`` bytes fits ``key_type`` (docs/protocol.md §3): 16, 24 or 32
     bytes for AES-128, -192, -256, 16 to 64 for HMAC-SHA256. A type §3 does not define
     fits no length. A unit refuses a misfit with 6986 (§7 step 6); an authority never
     wraps one.
@@ -121,7 +121,7 @@ class KeyAttributes:
 
 
 class KeyHeader(NamedTuple):
-    """The 12-byte key header H (PROTOCOL.md §3)."""
+    """The 12-byte key header H (docs/protocol.md §3)."""
 
     suite: int
     key_type: int
@@ -157,6 +157,6 @@ class KeyHeader(NamedTuple):
                    exp.decode("latin-1"), flags, hv)
 
     def check_supported(self, suites: frozenset[int] | tuple[int, ...]) -> None:
-        """Header version 1 and a supported suite, else 6A81 (PROTOCOL.md §7 step 4)."""
+        """Header version 1 and a supported suite, else 6A81 (docs/protocol.md §7 step 4)."""
         if self.header_version != HEADER_VERSION or self.suite not in suites:
             raise Unsupported("header version or suite not supported")

@@ -1,4 +1,4 @@
-"""The KLP1 cryptography, both sides (PROTOCOL.md §4, §7, §8), as pure functions.
+"""The KLP1 cryptography, both sides (docs/protocol.md §4, §7, §8), as pure functions.
 
 Volatile key material (T1, Kenc, Kmac, Ksas, TA' in clear on the unit side) lives only in
 buffers owned by a :class:`Scratch`; every function wipes them before it returns, on
@@ -55,7 +55,7 @@ _HEADER = struct.Struct(">BBBB2s1sH1sBB")
 
 def encode_header(suite: int, key_type: int, key_length: int, usage: str, mode: str,
                   version: int, exportability: str, flags: int) -> bytes:
-    """H (PROTOCOL.md §3) without building a KeyHeader; same bytes as KeyHeader.encode."""
+    """H (docs/protocol.md §3) without building a KeyHeader; same bytes as KeyHeader.encode."""
     return _HEADER.pack(1, suite, key_type, key_length, usage.encode("ascii"),
                         mode.encode("ascii"), version, exportability.encode("ascii"), flags, 0)
 
@@ -121,7 +121,7 @@ def sas_message_ed25519(h: bytes, sn: bytes, ref2: int, ta: Buf) -> bytes:
 
 
 def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
-    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA') (PROTOCOL.md §4).
+    """SAS = AES-CMAC(Ksas, "KLP1-SAS" || H || TA') (docs/protocol.md §4).
 
     The MAC is fed the parts, so TA' is never copied into a message buffer: there is
     nothing of it to wipe here (the caller wipes ``ta``)."""
@@ -162,7 +162,7 @@ def export_key(
     scratch: Scratch | None = None,
     kcv_: bytes | None = None,
 ) -> Exported:
-    """Build the IMPORTKEY data for one unit (PROTOCOL.md §4, §8). Wipes its buffers.
+    """Build the IMPORTKEY data for one unit (docs/protocol.md §4, §8). Wipes its buffers.
 
     A key whose length does not fit its type (§3) is never wrapped: PolicyRefused (6986).
     """
@@ -223,7 +223,7 @@ def open_import(
     verify_key: bytes | None,
     scratch: Scratch | None = None,
 ) -> Opened:
-    """Unit steps 5–8 of PROTOCOL.md §7: CAS, slot policy, unwrap, SAS. Wipes its buffers.
+    """Unit steps 5–8 of docs/protocol.md §7: CAS, slot policy, unwrap, SAS. Wipes its buffers.
 
     Steps 1–4 (challenge, TLV, slot, header/suite) are the caller's; step 9 (store) too.
     Step 6 is ``check_policy`` (the slot's rules) and then the rule of §3 that holds for

@@ -1,4 +1,4 @@
-"""KLP1 messages (PROTOCOL.md §5): strict TLV encode/decode with length checks.
+"""KLP1 messages (docs/protocol.md §5): strict TLV encode/decode with length checks.
 
 Each ``decode`` raises :class:`MalformedData` (6A80) on any structural fault: wrong
 tags, order, duplicates, trailing data, or a field of the wrong length.

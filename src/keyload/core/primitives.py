@@ -1,7 +1,7 @@
 """Every cryptographic primitive keyload uses, each a thin call into pyca/cryptography.
 
 Nothing here is hand-written cryptography: these wrappers fix the parameters KLP1 uses
-(PROTOCOL.md §2, §4) and turn library exceptions into keyload's typed errors. Keys may be
+(docs/protocol.md §2, §4) and turn library exceptions into keyload's typed errors. Keys may be
 ``bytes``, ``bytearray`` or a :class:`~keyload.core.secret.Secret` buffer; derived keys are
 written into caller-owned buffers (``*_into``) so that they can be wiped.
 """
@@ -142,7 +142,7 @@ def aes_ecb_encrypt_into(key: Buf, data: Buf, out: bytearray) -> None:
 
 
 def ecbdiv_into(key: Buf, out: bytearray, *, label: bytes, context: bytes) -> None:
-    """KLP1 suite 0x02 KDF (PROTOCOL.md §4): leftmost L bits of AES-ECB_K(B_1 || … || B_n).
+    """KLP1 suite 0x02 KDF (docs/protocol.md §4): leftmost L bits of AES-ECB_K(B_1 || … || B_n).
 
     ``h = SHA-256(label || 0x00 || context)[0:15]``, ``B_i = h || [i]_8``; ``len(out)`` gives L.
     """

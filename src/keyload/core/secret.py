@@ -1,7 +1,7 @@
 """Secret bytes: a redacted, wipeable buffer.
 
 A :class:`Secret` keeps key material in a ``bytearray`` so that it can be overwritten
-with zeros (:meth:`Secret.wipe`) as soon as it is no longer needed (PROTOCOL.md §7).
+with zeros (:meth:`Secret.wipe`) as soon as it is no longer needed (docs/protocol.md §7).
 Its ``repr`` and ``str`` never show the value, and it refuses to be pickled, formatted
 into text or compared with ``==`` (comparison is constant-time through :meth:`equals`).
 

@@ -1,4 +1,4 @@
-"""KLP1 suites (PROTOCOL.md §4): the KDF each one uses.
+"""KLP1 suites (docs/protocol.md §4): the KDF each one uses.
 
 - 0x01 KBKDF: SP 800-108r1 counter mode, PRF AES-CMAC, 8-bit counter before
   ``label || 0x00 || context || [L]_16``.
@@ -21,7 +21,7 @@ KdfInto = Callable[[Buf, bytearray, bytes, bytes], None]
 
 SUITE_KBKDF = 0x01
 SUITE_ECBDIV = 0x02
-PREFERENCE = (SUITE_KBKDF, SUITE_ECBDIV)  # the station's order (PROTOCOL.md §5)
+PREFERENCE = (SUITE_KBKDF, SUITE_ECBDIV)  # the station's order (docs/protocol.md §5)
 
 
 def _ecbdiv(key: Buf, out: bytearray, label: bytes, context: bytes) -> None:

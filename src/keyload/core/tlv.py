@@ -1,4 +1,4 @@
-"""BER-TLV with one-byte tags, as KLP1 uses it (PROTOCOL.md §5).
+"""BER-TLV with one-byte tags, as KLP1 uses it (docs/protocol.md §5).
 
 A length is one byte below 0x80, else ``81 xx`` (0x80–0xFF) or ``82 xx xx``
 (0x100–0xFFFF). Decoding is strict: only the shortest length form is accepted, every

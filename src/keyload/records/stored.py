@@ -28,7 +28,7 @@ from ..core.errors import DamagedStore, StoreError
 from .sql import open_sqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-# the sizes of the stored fields (PROTOCOL.md): bytes, or (least, most)
+# the sizes of the stored fields (docs/protocol.md §3, §5): bytes, or (least, most)
 SN_SIZE = REF1_SIZE = (1, 32)
 SET_ID_SIZE = KCV_SIZE = 5
 R_SIZE = RCT_SIZE = 16

@@ -24,7 +24,7 @@ _HEXB = "^([0-9a-fA-F]{2})"
 _PROBLEM = "urn:keyload:problem:"
 MAX_BODY = Limits().max_body  # the policy's default; a deployment may set 256..1 MiB
 
-# EXPORTKEY command data as KLP1 TLV (PROTOCOL.md §5): C1 SN (1-32), C2 R (16), C3 set
+# EXPORTKEY command data as KLP1 TLV (docs/protocol.md §5): C1 SN (1-32), C2 R (16), C3 set
 # (5), C4 suite (1), C6 REF1 (1-32), C7 REF2 (1), each with a one-byte tag and a one-byte
 # (shortest-form) length: 6 * 2 + 1 + 16 + 5 + 1 + 1 + 1 = 37 to 6 * 2 + 32 + 16 + 5 + 1
 # + 32 + 1 = 99 bytes.
@@ -128,7 +128,7 @@ def openapi_document() -> dict[str, Any]:
             "title": "keyload remote download service",
             "version": __version__,
             "description": (
-                "KLP1 EXPORTKEY over HTTPS for units in the field (PROTOCOL.md §5, §8). "
+                "KLP1 EXPORTKEY over HTTPS for units in the field (docs/protocol.md §5, §8). "
                 "Requests are made over TLS; every route but /v1/health and /openapi.json "
                 "needs a client certificate issued by the service's CA (401 without one); "
                 "the authorization policy names clients by certificate CN. "
@@ -305,7 +305,7 @@ def openapi_document() -> dict[str, Any]:
                         "instance": {"type": "string",
                                      "pattern": "^urn:keyload:request:[0-9a-f]{16}$"},
                         "sw": {"type": "string", "pattern": "^[0-9A-F]{4}$",
-                               "description": "the status word (PROTOCOL.md §6) when the "
+                               "description": "the status word (docs/protocol.md §6) when the "
                                               "KLP1 data or the authority is at fault"},
                     }},
             },

@@ -2,7 +2,7 @@
 
 A :class:`Problem` names a ``type`` (``urn:keyload:problem:<slug>``), an HTTP status and
 a one-line detail that never holds key material or message bytes. Refusals by the
-authority carry their status word in ``sw`` (PROTOCOL.md §6), so a client can turn a
+authority carry their status word in ``sw`` (docs/protocol.md §6), so a client can turn a
 problem back into the same typed error a local authority would have raised.
 """
 
@@ -41,7 +41,7 @@ class Problem(Exception):
         return json.dumps(doc).encode()
 
 
-# How the authority's status words (PROTOCOL.md §8) map to HTTP.
+# How the authority's status words (docs/protocol.md §8) map to HTTP.
 _SW_STATUS: dict[int, tuple[int, str, str]] = {
     SW.MALFORMED: (400, "malformed", "malformed EXPORTKEY request"),
     SW.WRONG_LENGTH: (400, "malformed", "malformed EXPORTKEY request"),

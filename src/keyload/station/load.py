@@ -1,4 +1,4 @@
-"""One KLP1 download: SELECT, INITIALIZE DOWNLOAD, EXPORTKEY, IMPORTKEY (PROTOCOL.md §5).
+"""One KLP1 download: SELECT, INITIALIZE DOWNLOAD, EXPORTKEY, IMPORTKEY (docs/protocol.md §5).
 
 The status word is checked in one place (:meth:`ResponseAPDU.check`) and becomes a typed
 error; :class:`LoadFailed` says at which step, on which side, and keeps that error.
@@ -75,7 +75,7 @@ class LoadFailed(KeyloadError):
         return str(self.cause)
 
 
-# What each status word means on each side (PROTOCOL.md §6), for operators' messages.
+# What each status word means on each side (docs/protocol.md §6), for operators' messages.
 UNIT_MEANING = {
     0x6A80: "malformed data",
     0x6A81: "suite or header version not supported by the unit",

@@ -56,7 +56,7 @@ class LedgerCheck:
 
 
 def verify_ledger(journal: Journal, campaign: str, authority: Authority) -> LedgerCheck:
-    """The authority verifies every receipt (PROTOCOL.md §8). Reconciled loads whose
+    """The authority verifies every receipt (docs/protocol.md §8). Reconciled loads whose
     receipt was lost in a crash are counted apart: the unit's slot status backs them."""
     out = LedgerCheck(invalid_rows=[])
     camp = journal.campaign(campaign)

@@ -9,7 +9,7 @@
 - :class:`CommandChaining`: a command whose data exceed 255 bytes (or Ne 256) is cut
   into short APDUs with CLA bit ``0x10`` on all pieces but the last.
 
-Long commands: KLP1 (PROTOCOL.md §5) specifies *extended length*, and the unit and
+Long commands: KLP1 (docs/protocol.md §5) specifies *extended length*, and the unit and
 authority applications decode extended APDUs but not chains; so extended length is sent
 as is, which PC/SC passes through over T=1. Chaining is used only when the card says it
 does chaining and either says it has no extended length (card capabilities in the ATR's

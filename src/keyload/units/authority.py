@@ -1,4 +1,4 @@
-"""The authority (AS, first security unit): EXPORTKEY and receipt checks (PROTOCOL.md §8).
+"""The authority (AS, first security unit): EXPORTKEY and receipt checks (docs/protocol.md §8).
 
 :class:`Authority` is the role: it parses requests, applies the checks in the order of §8
 (TLV 6A80, set id 6A82, suite 6A81, REF1 6A88, export policy 6986 — which includes a key
@@ -110,7 +110,7 @@ class Capabilities:
 
 @dataclass(frozen=True, slots=True)
 class ExportRecord:
-    """One export, as recorded (PROTOCOL.md §8): never key material."""
+    """One export, as recorded (docs/protocol.md §8): never key material."""
 
     time: float
     set_id: bytes
@@ -148,7 +148,7 @@ class AuthorityBackend(Protocol):
         ...
 
     def export(self, req: msg.ExportRequest) -> Exported:
-        """The wrap of PROTOCOL.md §4 for an already-checked request."""
+        """The wrap of docs/protocol.md §4 for an already-checked request."""
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
@@ -221,7 +221,7 @@ class Authority:
             raise InsNotSupported()
         except StatusError as e:
             return sw_bytes(e.sw)
-        except Exception as e:  # no exception leaves the card (PROTOCOL.md §6)
+        except Exception as e:  # no exception leaves the card (docs/protocol.md §6)
             log.error("authority: %s while handling INS %02X; answered 6581",
                       type(e).__name__, apdu[1] if len(apdu) > 1 else 0)
             return sw_bytes(SW.MEMORY_FAILURE)

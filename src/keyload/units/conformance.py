@@ -1,4 +1,4 @@
-"""Run KLP1 conformance vector files (PROTOCOL.md §9) through the real roles.
+"""Run KLP1 conformance vector files (docs/protocol.md §9) through the real roles.
 
 Export cases go through :class:`~keyload.units.authority.Authority` over an ephemeral
 software keystore (plus the suite functions for the intermediates); import cases through

@@ -1,4 +1,4 @@
-"""The authority's export records in SQLite (PROTOCOL.md §8): never key material.
+"""The authority's export records in SQLite (docs/protocol.md §8): never key material.
 
 Opening reads the last record (so a damaged file is found before anything is exported,
 not after), and every read decodes its rows in :func:`~keyload.records.stored.reading`:

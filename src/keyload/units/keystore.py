@@ -1,7 +1,7 @@
 """The software authority: a keystore of transport keys, application keys and an
 optional Ed25519 signing key, sealed at rest in a vault (see :mod:`keyload.units.storage`).
 
-Transport keys are found by set id (= KCV(T), PROTOCOL.md §1), application keys by REF1.
+Transport keys are found by set id (= KCV(T), docs/protocol.md §1), application keys by REF1.
 Values are held as :class:`~keyload.core.secret.Secret` and wiped by :meth:`close`.
 Every change is written atomically; a wrong passphrase or a damaged file is a clear
 :class:`~keyload.core.errors.StoreError` and the previous file stays readable.
@@ -210,7 +210,7 @@ class SoftwareKeystore:
         if not 0 <= version <= 0xFFFF:
             raise ValueError("key version must be in 0..65535")
         if diversify and not key_type.is_aes:
-            raise ValueError("only AES keys can be diversified (PROTOCOL.md §4)")
+            raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
         if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
             raise ValueError("an HMAC key must have a MAC usage (M…)")
         old = self._keys.get(ref1)

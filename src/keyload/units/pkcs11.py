@@ -1,7 +1,7 @@
 """The authority's keys in a PKCS#11 token (an HSM, or SoftHSM2 for tests), through
 python-pkcs11: an :class:`~keyload.units.authority.AuthorityBackend`.
 
-KLP1 suite 0x02 (ECBDIV, PROTOCOL.md §4) runs entirely inside the token: T1, Kenc, Kmac,
+KLP1 suite 0x02 (ECBDIV, docs/protocol.md §4) runs entirely inside the token: T1, Kenc, Kmac,
 Ksas and a diversified TA' are derived with ``CKM_AES_ECB_ENCRYPT_DATA`` as session
 objects, TA' is wrapped with ``CKM_AES_KEY_WRAP_PAD`` (RFC 5649), CAS and RCT are
 ``CKM_AES_CMAC``, and the Ed25519 SAS is ``CKM_EDDSA`` over a message holding
@@ -29,7 +29,7 @@ metadata             CKO_DATA, ``CKA_APPLICATION`` ``keyload``, ``CKA_LABEL`` = 
                      data object, so the JSON carries the link).
 ===================  ========================================================================
 
-Key check values (PROTOCOL.md §2), computed once, when a key enters the token:
+Key check values (docs/protocol.md §2), computed once, when a key enters the token:
 
 - imported (a clear value, e.g. components assembled on the host): on the host, then
   ``C_CreateObject`` with the final template (also ``CKA_COPYABLE`` false) and the host
@@ -196,7 +196,7 @@ def secret_template(key_type: CKK, *, token: bool, extractable: bool,
     return t
 
 
-# session objects of one export (PROTOCOL.md §4)
+# session objects of one export (docs/protocol.md §4)
 _T1 = secret_template(CKK.AES, token=False, extractable=False, allow=(A.DERIVE,))
 _KENC = secret_template(CKK.AES, token=False, extractable=False, allow=(A.WRAP,))
 _KMAC = secret_template(CKK.AES, token=False, extractable=False, allow=(A.SIGN,))
@@ -209,7 +209,7 @@ _EPHEMERAL = secret_template(CKK.AES, token=False, extractable=True, allow=(A.WR
 
 
 def _ecbdiv_data(label: bytes, context: bytes, nblocks: int) -> bytes:
-    """``B_1 || … || B_n`` of KLP1 ECBDIV (PROTOCOL.md §4): the data the token encrypts."""
+    """``B_1 || … || B_n`` of KLP1 ECBDIV (docs/protocol.md §4): the data the token encrypts."""
     h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
     return b"".join(h + bytes((i,)) for i in range(1, nblocks + 1))
 
@@ -616,7 +616,7 @@ class Pkcs11Keystore:
         if not 0 <= version <= 0xFFFF:
             raise ValueError("key version must be in 0..65535")
         if diversify and not key_type.is_aes:
-            raise ValueError("only AES keys can be diversified (PROTOCOL.md §4)")
+            raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
         if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
             raise ValueError("an HMAC key must have a MAC usage (M…)")
         self._check_length(length)
@@ -816,7 +816,7 @@ class Pkcs11Keystore:
             raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
 
     def export(self, req: msg.ExportRequest) -> Exported:
-        """PROTOCOL.md §4, suite 0x02, in the token; every derived object is destroyed."""
+        """docs/protocol.md §4, suite 0x02, in the token; every derived object is destroyed."""
         if req.suite != SUITE_ECBDIV:
             raise Unsupported(f"suite {req.suite:#04x} not offered by this PKCS#11 authority")
         with self._lock:

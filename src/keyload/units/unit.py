@@ -1,6 +1,6 @@
 """The unit (EI, second security unit) emulator: a card application speaking KLP1 APDUs.
 
-Commands (PROTOCOL.md §5): SELECT, INITIALIZE DOWNLOAD, IMPORTKEY, GET SLOT STATUS. Each
+Commands (docs/protocol.md §5): SELECT, INITIALIZE DOWNLOAD, IMPORTKEY, GET SLOT STATUS. Each
 INS goes to a handler that raises a status-word error; :meth:`Unit.process_apdu` turns it
 into the SW at the boundary and never raises: an error nobody planned for (a bug, a store
 failing in an unforeseen way) answers 6581, "nothing was stored" (§6), and is logged by its
@@ -76,7 +76,7 @@ class Slot:
         return msg.SLOT_EMPTY if self.header is None else msg.SLOT_LOADED
 
     def check_policy(self, h: KeyHeader) -> None:
-        """PROTOCOL.md §7 step 6 on the authenticated header, this slot's part, else 6986
+        """docs/protocol.md §7 step 6 on the authenticated header, this slot's part, else 6986
         (the length rule of §3, the same for every slot, is checked by ``open_import``)."""
         if self.locked:
             raise PolicyRefused("slot is locked")
@@ -216,7 +216,7 @@ def open_unit_vault(directory: Path, source: KekSource | None = None) -> Vault:
 
 
 class Unit:
-    """The unit application: APDUs in, APDUs out (PROTOCOL.md §5–§7)."""
+    """The unit application: APDUs in, APDUs out (docs/protocol.md §5–§7)."""
 
     def __init__(self, store: SlotStore, *, rng: Callable[[int], bytes] = os.urandom) -> None:
         self.store = store
@@ -251,7 +251,7 @@ class Unit:
     def process_apdu(self, apdu: bytes) -> bytes:
         """C-APDU in, R-APDU out; never raises (errors become status words).
 
-        Any command with the IMPORTKEY INS ends the pending challenge (PROTOCOL.md §7
+        Any command with the IMPORTKEY INS ends the pending challenge (docs/protocol.md §7
         step 1), one refused for its encoding (a wrong Lc: 6700) as well. An unexpected
         error answers 6581: the slots change only after a successful commit, so nothing
         was stored."""
@@ -267,7 +267,7 @@ class Unit:
             return handler(cmd) + b"\x90\x00"
         except StatusError as e:
             return sw_bytes(e.sw)
-        except Exception as e:  # no exception leaves the card (PROTOCOL.md §6)
+        except Exception as e:  # no exception leaves the card (docs/protocol.md §6)
             log.error("unit: %s while handling INS %02X; answered 6581", type(e).__name__,
                       apdu[1] if len(apdu) > 1 else 0)
             return sw_bytes(SW.MEMORY_FAILURE)
@@ -303,7 +303,7 @@ class Unit:
         return self.import_key(cmd.data, r)
 
     def import_key(self, data: bytes, r: bytes) -> bytes:
-        """Steps 2–9 of PROTOCOL.md §7 with challenge ``r``; returns ``CD CF``."""
+        """Steps 2–9 of docs/protocol.md §7 with challenge ``r``; returns ``CD CF``."""
         st = self.state
         # 2. TLV structure, order and lengths
         d = msg.ImportData.decode(data)
