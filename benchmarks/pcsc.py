@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from time import perf_counter
 from typing import Any
@@ -61,6 +61,7 @@ from keyload.station.customize import Summary, customize
 from keyload.station.load import AuthorityClient, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
+from keyload.transports.wrappers import LockedConnection
 from keyload.units.authority import INS_STATUS, Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
@@ -81,18 +82,6 @@ ACCEPTS = frozenset({KeyType.AES256})
 
 
 # -- the authority and the units ---------------------------------------------------------------
-@dataclass
-class Locked:
-    """One authority shared by several station threads (its keystore is not thread-safe)."""
-
-    inner: Connection
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def transmit(self, apdu: bytes) -> bytes:
-        with self.lock:
-            return self.inner.transmit(apdu)
-
-
 @dataclass
 class Counting:
     """Counts the C-APDUs sent on one connection."""
@@ -116,7 +105,7 @@ class World:
                              policy=ExportPolicy(None, None))
         self.authority = Authority(self.ks)
         self.suites = self.authority.capabilities().suites
-        self.client = AuthorityClient(Locked(LocalConnection(self.authority)),
+        self.client = AuthorityClient(LockedConnection(LocalConnection(self.authority)),
                                       suites=self.suites, select=False)
         self._t = self.ks.transport_key_copy(self.set_id)
         self._serial = 0

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -23,11 +23,10 @@ from keyload.lab.pcscd import VPCD_PORTS, Pcscd, running_pcscd
 from keyload.station.customize import customize
 from keyload.station.load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
 from keyload.transports import Connection
+from keyload.transports.iso7816 import CommandChaining, GetResponse
 from keyload.transports.local import CardApplication, LocalConnection
 from keyload.transports.pcsc import (
     CardProtocol,
-    CommandChaining,
-    GetResponse,
     NoCard,
     PcscConnection,
     PcscError,
@@ -38,6 +37,7 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
+from keyload.transports.wrappers import LockedConnection
 from keyload.units.authority import INS_IMPORT
 from keyload.units.unit import Unit
 
@@ -60,18 +60,6 @@ class Counting:
     def transmit(self, apdu: bytes) -> bytes:
         self.count += 1
         return self.inner.transmit(apdu)
-
-
-@dataclass
-class Locked:
-    """One authority shared by several station threads (its keystore is not thread-safe)."""
-
-    inner: Connection
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def transmit(self, apdu: bytes) -> bytes:
-        with self.lock:
-            return self.inner.transmit(apdu)
 
 
 @dataclass
@@ -277,7 +265,7 @@ def test_feeder_cards_customized_in_turn(pcscd: Pcscd, world: World) -> None:
 def test_two_readers_driven_from_two_threads(pcscd: Pcscd, world: World) -> None:
     n = 3
     lock = threading.Lock()
-    authority = AuthorityClient(Locked(LocalConnection(world.authority), lock),
+    authority = AuthorityClient(LockedConnection(LocalConnection(world.authority), lock),
                                 suites=world.authority.capabilities().suites, select=False)
     feeds = {port: [world.unit(b"R%d-%02d" % (port, i)) for i in range(n)]
              for port in VPCD_PORTS}

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from keyload.core.secret import Secret
-from keyload.transports.local import LocalConnection, TracingConnection
+from keyload.transports.local import LocalConnection
+from keyload.transports.wrappers import TracingConnection
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 STATUS_1 = bytes.fromhex("8016000100")  # GET SLOT STATUS, slot 1

@@ -1,6 +1,8 @@
 """Bytes in, bytes out: a connection is one method, ``transmit(apdu) -> rapdu``.
 
-Tracing and (later) chaining or GET RESPONSE are wrappers stacked around a connection.
+Everything else is a wrapper stacked around a connection: ISO/IEC 7816-4 GET RESPONSE
+and chaining (:mod:`.iso7816`), tracing and locking (:mod:`.wrappers`). Connections:
+in-process (:mod:`.local`) and PC/SC readers (:mod:`.pcsc`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """PC/SC readers through pyscard: a connection to the card in a reader, and card feeds.
 
 :class:`PcscConnection` is a :class:`~keyload.transports.Connection` (``transmit(apdu)
--> rapdu``) on ``SCardTransmit``, with two ISO/IEC 7816-4 wrappers stacked in it:
-
-- :class:`GetResponse`: ``61xx`` is followed by GET RESPONSE (``00 C0 00 00 xx``) until
-  all response data are in; ``6Cxx`` (wrong Le) resends the same command once with
-  Le = xx. Both are how a T=0 card returns data; a T=1 card rarely uses them.
-- :class:`CommandChaining`: a command whose data exceed 255 bytes (or Ne 256) is cut
-  into short APDUs with CLA bit ``0x10`` on all pieces but the last.
+-> rapdu``) on ``SCardTransmit``, with the two ISO/IEC 7816-4 wrappers of
+:mod:`keyload.transports.iso7816` stacked in it: :class:`~.iso7816.GetResponse` (61xx,
+6Cxx) on every command, :class:`~.iso7816.CommandChaining` on long ones when chaining is
+the way to send them.
 
 Long commands: KLP1 (docs/protocol.md §5) specifies *extended length*, and the unit and
 authority applications decode extended APDUs but not chains; so extended length is sent
@@ -44,9 +41,9 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any, Literal
 
-from ..core.apdu import CommandAPDU
-from ..core.errors import TransportError, WrongLength
+from ..core.errors import TransportError
 from . import Connection
+from .iso7816 import CommandChaining, GetResponse, is_long
 
 try:
     from smartcard import scard as _scard  # type: ignore[import-untyped,unused-ignore]
@@ -334,79 +331,6 @@ def parse_atr(atr: bytes) -> AtrInfo:
     return AtrInfo(offered, extended, chaining, bytes(hist))
 
 
-# -- ISO/IEC 7816-4 wrappers -------------------------------------------------------------
-class GetResponse:
-    """61xx: GET RESPONSE until the data are complete; 6Cxx: resend once with Le = xx."""
-
-    MAX_ROUNDS = 256  # 256 x 256 bytes: more than any extended response
-
-    def __init__(self, inner: Connection) -> None:
-        self.inner = inner
-
-    def transmit(self, apdu: bytes) -> bytes:
-        r = self.inner.transmit(apdu)
-        if len(r) == 2 and r[0] == 0x6C:
-            fixed = _with_le(apdu, r[1] or 256)
-            if fixed is not None:
-                r = self.inner.transmit(fixed)
-        if len(r) < 2 or r[-2] != 0x61:
-            return r
-        data = bytearray()
-        cla = apdu[0] & 0x03 if (apdu[0] & 0x60) == 0 else 0x00  # keep the logical channel
-        for _ in range(self.MAX_ROUNDS):
-            data += r[:-2]
-            le = r[-1]
-            r = self.inner.transmit(bytes((cla, 0xC0, 0x00, 0x00, le)))
-            if len(r) == 2 and r[0] == 0x6C:
-                r = self.inner.transmit(bytes((cla, 0xC0, 0x00, 0x00, r[1])))
-            if len(r) < 2 or r[-2] != 0x61:
-                return bytes(data) + r
-        raise TransportError("the card keeps announcing more response data (61xx)")
-
-
-def _with_le(apdu: bytes, ne: int) -> bytes | None:
-    try:
-        cmd = CommandAPDU.decode(apdu)
-    except WrongLength:
-        return None
-    return CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, cmd.data, ne=ne).encode()
-
-
-def _is_long(apdu: bytes) -> bool:
-    """Extended-length encoding (the only way to carry > 255 bytes or Ne > 256)."""
-    return len(apdu) >= 7 and apdu[4] == 0
-
-
-class CommandChaining:
-    """Sends a long command as a chain of short ones (ISO/IEC 7816-4 §5.3.3): all pieces
-    but the last carry CLA bit 0x10 and no Le; a piece not answered 9000 ends the chain
-    and its answer is returned. Short commands pass unchanged."""
-
-    PIECE = 255
-
-    def __init__(self, inner: Connection) -> None:
-        self.inner = inner
-
-    def transmit(self, apdu: bytes) -> bytes:
-        if not _is_long(apdu):
-            return self.inner.transmit(apdu)
-        try:
-            cmd = CommandAPDU.decode(apdu)
-        except WrongLength:
-            raise ValueError("malformed extended C-APDU") from None
-        if (cmd.cla & 0x60) != 0:
-            raise TransportError(f"CLA {cmd.cla:02X} has no chaining bit")
-        data = cmd.data
-        pieces = [data[i:i + self.PIECE] for i in range(0, len(data), self.PIECE)] or [b""]
-        for piece in pieces[:-1]:
-            r = self.inner.transmit(CommandAPDU(cmd.cla | 0x10, cmd.ins, cmd.p1, cmd.p2,
-                                                piece).encode())
-            if r[-2:] != b"\x90\x00":
-                return r
-        return self.inner.transmit(CommandAPDU(cmd.cla, cmd.ins, cmd.p1, cmd.p2, pieces[-1],
-                                               ne=min(cmd.ne, 256)).encode())
-
-
 # -- connection ------------------------------------------------------------------------
 class _RawTransmit:
     """SCardTransmit itself, with the error mapping."""
@@ -508,7 +432,7 @@ class PcscConnection:
     def transmit(self, apdu: bytes) -> bytes:
         if len(apdu) < 4:
             raise ValueError("a C-APDU has at least 4 bytes")
-        if _is_long(apdu) and self.long_apdus == "chaining":
+        if is_long(apdu) and self.long_apdus == "chaining":
             return self._chained.transmit(apdu)
         return self._raw.transmit(apdu)
 
@@ -622,8 +546,8 @@ def cards_in_reader(reader: str, count: int | None = None, timeout: float | None
             n += 1
 
 
-__all__ = ["AtrInfo", "CardProtocol", "CardRemoved", "CardTimeout", "CommandChaining",
-           "Disposition", "GetResponse", "NoCard", "PcscConnection", "PcscContext",
+__all__ = ["AtrInfo", "CardProtocol", "CardRemoved", "CardTimeout",
+           "Disposition", "NoCard", "PcscConnection", "PcscContext",
            "PcscError", "PcscUnitSource", "ReaderUnavailable", "ServiceUnavailable",
            "cards_in_reader", "list_readers", "parse_atr", "wait_for_card",
            "wait_for_removal"]
