@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from keyload.service.commit import GroupCommit
+from keyload.core.errors import StoreError
+from keyload.service.commit import Busy, GroupCommit
 from keyload.service.policy import Policy, Rate
 from keyload.service.rates import MemoryRates
 from keyload.service.runtime import Instance, open_instance
@@ -240,6 +241,72 @@ def test_service_without_group_commit_writes_each_request(h: Harness) -> None:
 
 
 # -- health ----------------------------------------------------------------------------
+class _Refuses:
+    """A database that cannot begin or cannot commit (``sqlite3`` says why)."""
+
+    def __init__(self, *, begin: str | None = None, commit: str | None = None) -> None:
+        self.begin, self.commit = begin, commit
+
+    def begin_batch(self) -> None:
+        if self.begin:
+            raise sqlite3.OperationalError(self.begin)
+
+    def commit_batch(self) -> None:
+        if self.commit:
+            raise sqlite3.OperationalError(self.commit)
+
+    def rollback_batch(self) -> None:
+        pass
+
+
+async def _each_error(gc: GroupCommit, n: int, *, close: bool = False
+                      ) -> list[BaseException | None]:
+    """What each of ``n`` requests of one pass gets from a batch (``close``: the group
+    commit is closed while they wait)."""
+    async def one(i: int) -> BaseException | None:
+        try:
+            await gc.run(lambda: i, timeout=5.0)
+        except StoreError as e:
+            return e
+        return None
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    if close:
+        await asyncio.sleep(0.05)  # handed over, waiting for the lock
+        gc.close()
+    return list(await asyncio.gather(*tasks))
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["loop", "thread"])
+@pytest.mark.parametrize(("part", "kind"), [
+    (_Refuses(begin="database is locked"), Busy),
+    (_Refuses(begin="disk I/O error"), StoreError),
+    (_Refuses(commit="disk I/O error"), StoreError),
+], ids=["begin-busy", "begin-fails", "commit-fails"])
+def test_service_batch_error_is_one_object_per_request(thread: bool, part: _Refuses,
+                                                       kind: type[StoreError]) -> None:
+    """No shared error objects: the requests of a failed batch each get an error of their
+    own (one object raised in several requests would carry each one's traceback and
+    context into the others)."""
+    gc = GroupCommit([part], busy_timeout=0.02, thread=thread)
+    try:
+        errors = asyncio.run(_each_error(gc, 3))
+    finally:
+        gc.close()
+    assert [type(e) for e in errors] == [kind] * 3
+    assert len({id(e) for e in errors}) == 3
+    assert len({str(e) for e in errors}) == 1
+    assert all(e is not None and e.__context__ is None for e in errors)
+
+
+def test_service_requests_waiting_at_close_each_get_their_own_busy() -> None:
+    gc = GroupCommit([_Refuses(begin="database is locked")], busy_timeout=10.0)
+    errors = asyncio.run(_each_error(gc, 3, close=True))
+    assert [type(e) for e in errors] == [Busy] * 3
+    assert [str(e) for e in errors] == ["the service is stopping"] * 3
+    assert len({id(e) for e in errors}) == 3
+
+
 def test_service_health_probes_the_state(h: Harness) -> None:
     r = h.request("GET", "/v1/health", client=False)
     assert r["status"] == 200

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import logging
 import os
@@ -305,13 +306,17 @@ class GroupCommit:
 
 
 def _settle(jobs: list[_Job[Any]], error: StoreError | None) -> None:
+    """Each job's answer: its value, the error its own work raised, or the batch's error,
+    copied for each request (one exception object raised in several requests would
+    collect every one's frames in its traceback, and a context set in one would show in
+    the others)."""
     for job in jobs:
         if job.fut.done():
             continue
         if job.cancelled:  # its request was answered 503 already: nobody waits
             job.fut.cancel()
         elif error is not None:
-            job.fut.set_exception(error)
+            job.fut.set_exception(copy.copy(error))
         elif job.ok:
             job.fut.set_result(job.value)
         else:
