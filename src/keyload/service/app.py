@@ -99,7 +99,7 @@ def _problem_answer(p: P.Problem, rid: str, req: Req) -> Answer:
         req.detail["sw"] = f"{p.sw:04X}"
     hdrs = [(b"content-type", P.PROBLEM_JSON.encode())]
     hdrs += [(k.lower().encode(), v.encode()) for k, v in p.headers.items()]
-    return p.status, hdrs, p.body(f"urn:keyload:request:{rid}")
+    return p.status, hdrs, p.body(rid)
 
 
 def _state_down(e: StoreError) -> P.Problem:
@@ -300,10 +300,8 @@ class ServiceApp(KeyRoutes):
             ans = _problem_answer(_state_down(e), rid, req)
         except Exception as e:  # the one place: no traceback, no values leave
             log.error("internal error: %s", e.__class__.__name__)
-            req.detail["problem"] = "internal"
-            bug = P.Problem(500, "internal", "internal error", "internal error")
-            ans = 500, [(b"content-type", P.PROBLEM_JSON.encode())], \
-                bug.body(f"urn:keyload:request:{rid}")
+            ans = _problem_answer(P.Problem(500, "internal", "internal error",
+                                            "internal error"), rid, req)
         self.store.append("request", {
             "id": rid, "instance": self.instance, "client": req.client,
             "method": req.method[:16], "route": route, "status": ans[0], **req.detail})

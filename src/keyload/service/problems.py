@@ -33,9 +33,12 @@ class Problem(Exception):
     def type(self) -> str:
         return f"urn:keyload:problem:{self.slug}"
 
-    def body(self, instance: str) -> bytes:
+    def body(self, request_id: str) -> bytes:
+        """The problem+json document of the answer to request ``request_id`` (its
+        ``instance``: ``urn:keyload:request:<id>``, as the ``x-request-id`` header)."""
         doc: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status,
-                               "detail": self.detail, "instance": instance}
+                               "detail": self.detail,
+                               "instance": f"urn:keyload:request:{request_id}"}
         if self.sw is not None:
             doc["sw"] = f"{self.sw:04X}"
         return json.dumps(doc).encode()

@@ -144,11 +144,12 @@ _PHRASES = {400: "Bad Request", 408: "Request Timeout", 429: "Too Many Requests"
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
-class _Guarded:
-    """What both HTTP protocols add to uvicorn's: the connection limits of the app's
-    :class:`~.guard.Connections`, a deadline for every request head, and the server's
-    own answers (a malformed head, a timeout, a refused connection) as problem+json,
-    counted in the metrics and in the address's aggregated audit record."""
+class _Guarded(asyncio.Protocol):
+    """What both HTTP protocols add to uvicorn's (it comes first in their bases): the
+    connection limits of the app's :class:`~.guard.Connections`, a deadline for every
+    request head, and the server's own answers (a malformed head, a timeout, a refused
+    connection) as problem+json, counted in the metrics and in the address's aggregated
+    audit record."""
 
     app: Any
     transport: asyncio.Transport
@@ -161,6 +162,17 @@ class _Guarded:
     _head_timer: asyncio.TimerHandle | None = None
     _door: Doorway | None = None  # admitted before TLS by this doorway, as _door_peer
     _door_peer = ""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """uvicorn's ``connection_made`` on a transport whose writes of one loop pass
+        leave as one, then the guard's admission (on the real transport: socket, TLS
+        object)."""
+        super().connection_made(_Corked(transport, self.loop))  # type: ignore[arg-type]
+        self._guard_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard_lost()
+        super().connection_lost(exc)
 
     def _guard_made(self, transport: asyncio.Transport) -> bool:
         """After the handshake: classify, admit or refuse; arm the head deadline."""
@@ -225,7 +237,7 @@ class _Guarded:
                 retry_after: int | None = None) -> None:
         """Answer on the connection itself and close it."""
         rid = os.urandom(8).hex()
-        body = Problem(status, slug, title, detail).body(f"urn:keyload:request:{rid}")
+        body = Problem(status, slug, title, detail).body(rid)
         head = [f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}",
                 "content-type: application/problem+json", f"content-length: {len(body)}",
                 "cache-control: no-store", f"x-request-id: {rid}", "connection: close"]
@@ -251,24 +263,9 @@ class _Guarded:
                      " ".join(msg.split())[:120] or "the request is not valid HTTP/1.1")
 
 
-def _made(proto: _Guarded, base_made: Callable[[Any], None],
-          transport: asyncio.Transport) -> None:
-    """uvicorn's ``connection_made`` on a transport whose writes of one loop pass leave
-    as one, then the guard's admission (on the real transport: socket, TLS object)."""
-    base_made(_Corked(transport, proto.loop))
-    proto._guard_made(transport)
-
-
 class MtlsH11Protocol(_Guarded, H11Protocol):
     """uvicorn's h11 protocol, with the ASGI TLS extension in every request's scope and
     the service's connection guard."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        _made(self, super().connection_made, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._guard_lost()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted and self.service is not None:
@@ -298,13 +295,6 @@ def _httptools_protocol() -> type[asyncio.Protocol] | None:
 
         _in_head = True  # from a message's first byte to the end of its headers
         _head_bytes = 0
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            _made(self, super().connection_made, transport)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._guard_lost()
-            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
