@@ -60,7 +60,7 @@ from .commit import Busy, GroupCommit
 from .exchanges import KeyRoutes
 from .guard import AnonymousAudit, ConnectionLimits, Connections, Doorway, peer_of
 from .identity import Identities
-from .metrics import Metrics, commit_metrics
+from .metrics import Metrics, commit_metrics, connection_metrics
 from .openapi import openapi_document
 from .policy import ClientRule, Policy
 from .rates import MemoryRates
@@ -324,12 +324,8 @@ class ServiceApp(KeyRoutes):
         text = self.metrics.render(self.instance)
         if self.commits is not None:
             text += commit_metrics(self.instance, self.commits)
-        conns = {**self.connections.counts(), "refused_before_tls": self.doorway.refused}
-        text += ("# HELP keyload_connections Open connections by pool; refused and evicted "
-                 "since start.\n# TYPE keyload_connections gauge\n")
-        for k, v in conns.items():
-            text += f'keyload_connections{{instance="{self.instance}",kind="{k}"}} {v}\n'
-        return text
+        return text + connection_metrics(self.instance, {
+            **self.connections.counts(), "refused_before_tls": self.doorway.refused})
 
     # -- policy ------------------------------------------------------------------------
     def reload_policy(self) -> bool:

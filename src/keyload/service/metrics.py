@@ -34,43 +34,61 @@ class Metrics:
         self.events[event] = self.events.get(event, 0) + 1
 
     def render(self, instance: str) -> str:
-        out = ["# HELP keyload_requests_total HTTP requests by route and status.",
-               "# TYPE keyload_requests_total counter"]
+        out = _head("keyload_requests_total", "counter",
+                    "HTTP requests by route and status.")
         for (route, status), n in sorted(self.requests.items()):
-            out.append(f'keyload_requests_total{{instance="{instance}",route="{route}",'
-                       f'status="{status}"}} {n}')
-        out += ["# HELP keyload_events_total Exports, receipts, replays, rate limits.",
-                "# TYPE keyload_events_total counter"]
+            out.append(_sample("keyload_requests_total", instance, n, route=route,
+                               status=str(status)))
+        out += _head("keyload_events_total", "counter",
+                     "Exports, receipts, replays, rate limits.")
         for ev, n in sorted(self.events.items()):
-            out.append(f'keyload_events_total{{instance="{instance}",event="{ev}"}} {n}')
-        out += ["# HELP keyload_request_seconds Time to answer a request.",
-                "# TYPE keyload_request_seconds histogram"]
+            out.append(_sample("keyload_events_total", instance, n, event=ev))
+        out += _head("keyload_request_seconds", "histogram", "Time to answer a request.")
         acc = 0
         for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.buckets, strict=True):
             acc += n
-            out.append(f'keyload_request_seconds_bucket{{instance="{instance}",le="{le}"}} '
-                       f'{acc}')
-        out.append(f'keyload_request_seconds_sum{{instance="{instance}"}} '
-                   f'{self.latency_sum:.6f}')
-        out.append(f'keyload_request_seconds_count{{instance="{instance}"}} '
-                   f'{self.latency_count}')
-        return "\n".join(out) + "\n"
+            out.append(_sample("keyload_request_seconds_bucket", instance, acc, le=le))
+        out.append(_sample("keyload_request_seconds_sum", instance, f"{self.latency_sum:.6f}"))
+        out.append(_sample("keyload_request_seconds_count", instance, self.latency_count))
+        return _text(out)
 
 
 def commit_metrics(instance: str, gc: GroupCommit) -> str:
-    return (
-        "# HELP keyload_commit_batches_total Group commits (one transaction per database).\n"
-        "# TYPE keyload_commit_batches_total counter\n"
-        f'keyload_commit_batches_total{{instance="{instance}"}} {gc.batches}\n'
-        "# HELP keyload_commit_requests_total Requests whose writes were group-committed.\n"
-        "# TYPE keyload_commit_requests_total counter\n"
-        f'keyload_commit_requests_total{{instance="{instance}"}} {gc.requests}\n'
-        "# HELP keyload_commit_failed_total Batches that could not begin or commit "
-        "(busy: a lock held elsewhere).\n"
-        "# TYPE keyload_commit_failed_total counter\n"
-        f'keyload_commit_failed_total{{instance="{instance}",reason="busy"}} {gc.busy}\n'
-        f'keyload_commit_failed_total{{instance="{instance}",reason="error"}} '
-        f'{gc.failed - gc.busy}\n')
+    """The group commit's counters (:mod:`.commit`)."""
+    return _text([
+        *_head("keyload_commit_batches_total", "counter",
+               "Group commits (one transaction per database)."),
+        _sample("keyload_commit_batches_total", instance, gc.batches),
+        *_head("keyload_commit_requests_total", "counter",
+               "Requests whose writes were group-committed."),
+        _sample("keyload_commit_requests_total", instance, gc.requests),
+        *_head("keyload_commit_failed_total", "counter",
+               "Batches that could not begin or commit (busy: a lock held elsewhere)."),
+        _sample("keyload_commit_failed_total", instance, gc.busy, reason="busy"),
+        _sample("keyload_commit_failed_total", instance, gc.failed - gc.busy, reason="error"),
+    ])
 
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "commit_metrics"]
+def connection_metrics(instance: str, counts: dict[str, int]) -> str:
+    """Open connections by pool, and the refused and evicted ones (:mod:`.guard`)."""
+    return _text([*_head("keyload_connections", "gauge",
+                         "Open connections by pool; refused and evicted since start."),
+                  *(_sample("keyload_connections", instance, v, kind=k)
+                    for k, v in counts.items())])
+
+
+# -- the text exposition format, one place -----------------------------------------------
+def _head(name: str, kind: str, help_text: str) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
+def _sample(name: str, instance: str, value: object, **labels: str) -> str:
+    more = "".join(f',{k}="{v}"' for k, v in labels.items())
+    return f'{name}{{instance="{instance}"{more}}} {value}'
+
+
+def _text(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["LATENCY_BUCKETS", "Metrics", "commit_metrics", "connection_metrics"]
