@@ -190,6 +190,11 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 HEX = frozenset("0123456789abcdef")
 
 
+def _is_fingerprint(v: Any) -> bool:
+    """A certificate's SHA-256 fingerprint: 64 hex digits, either case."""
+    return isinstance(v, str) and len(v) == 64 and set(v.lower()) <= HEX
+
+
 def _deny(d: Any, where: str) -> tuple[frozenset[str], frozenset[int]]:
     if not isinstance(d, dict) or not set(d) <= {"sha256", "serials"}:
         raise ValueError(f"{where}: an object with 'sha256' and/or 'serials' (lists)")
@@ -200,7 +205,7 @@ def _deny(d: Any, where: str) -> tuple[frozenset[str], frozenset[int]]:
         raise ValueError(f"{where}.serials: a list of certificate serial numbers (hex)")
     fps: set[str] = set()
     for i, fp in enumerate(shas):
-        if not isinstance(fp, str) or len(fp) != 64 or not set(fp.lower()) <= HEX:
+        if not _is_fingerprint(fp):
             raise ValueError(f"{where}.sha256[{i}]: 64 hex digits")
         fps.add(fp.lower())
     nums: set[int] = set()
@@ -239,8 +244,7 @@ def _rule(name: str, c: Any, where: str) -> ClientRule:
     else:
         raise ValueError(f"{where}.ref1: a list of REF1s (text or 0x-hex), or \"any\"")
     sha = c.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or
-                            any(ch not in "0123456789abcdef" for ch in sha.lower())):
+    if sha is not None and not _is_fingerprint(sha):
         raise ValueError(f"{where}.sha256: 64 hex digits")
     metrics = c.get("metrics", False)
     if not isinstance(metrics, bool):
