@@ -35,13 +35,13 @@ from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
 from keyload.station.campaign import RunOptions, run_campaign
 from keyload.station.customize import customize
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     IMPORTED,
     Campaign,
     LoadRow,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.load import AuthorityClient
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection

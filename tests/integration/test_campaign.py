@@ -15,15 +15,15 @@ import pytest
 from keyload.core.errors import KcvMismatch, TransportError
 from keyload.core.keys import KeyHeader
 from keyload.station.campaign import RunOptions, is_transient, run_campaign, run_campaign_cards
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     CLAIMED,
     EXPORTED,
     IMPORTED,
     Campaign,
     LoadState,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.load import LoadFailed, Step, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection

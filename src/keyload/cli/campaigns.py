@@ -32,7 +32,8 @@ from ..service.ledger import (
 )
 from ..station.campaign import ATTEMPTS, Interrupt, RunOptions, run_campaign, sigint_deferred
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
-from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
+from ..station.journal import open_journal
+from ..station.journal.model import Campaign, Journal, PlannedLoad
 from ..station.load import AuthorityClient
 from ..station.progress import Progress
 from ..station.report import (

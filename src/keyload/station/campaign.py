@@ -28,7 +28,7 @@ from ..core.errors import KeyloadError, MemoryFailure, StatusError, StoreError, 
 from ..core.keys import KeyHeader
 from ..transports import Connection
 from .customize import UnitSource
-from .journal import CLAIMED, EXPORTED, Journal, LoadRow
+from .journal.model import CLAIMED, EXPORTED, Journal, LoadRow
 from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
 from .progress import Progress
 

@@ -18,7 +18,7 @@ from ..core.keys import KeyHeader
 from ..units.authority import Authority, ExportRecord
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
-from .journal import FAILED, IMPORTED, Journal, LoadRow
+from .journal.model import FAILED, IMPORTED, Journal, LoadRow
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
