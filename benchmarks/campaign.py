@@ -85,7 +85,7 @@ def bench_journal(units: int) -> dict[str, float]:
     plan = [(b"K1", 1), (b"K2", 2)]
     client, _, fleet = _world(units)
     t0 = time.perf_counter()
-    s = customize([_Src(u) for u in fleet], plan, client, total=units)
+    s = customize([_Src(u) for u in fleet], plan, client)
     bare = time.perf_counter() - t0
     assert s.loads_ok == 2 * units
 

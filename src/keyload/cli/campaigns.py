@@ -35,7 +35,6 @@ from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import open_journal
 from ..station.journal.model import Campaign, Journal, PlannedLoad
 from ..station.load import AuthorityClient
-from ..station.progress import Progress
 from ..station.report import (
     build_report,
     ledger,
@@ -48,6 +47,7 @@ from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
 from .context import Home
 from .output import emit_json, kv, table
+from .progress import Progress
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -226,8 +226,9 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         def connect(sn: bytes) -> EmulatedUnitSource:
             return EmulatedUnitSource(fleet, sn)
 
-        summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(), opts,
-                               progress=prog, interrupt=interrupt)
+        with prog:
+            summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(),
+                                   opts, on_unit=prog.update, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
@@ -265,9 +266,10 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
         audit.append("campaign run", {"campaign": name, "station": opts.station,
                                       "reader": reader})
         prog = Progress(cards or 1, label="cards", enabled=show and cards is not None)
-        summary = run_campaign_cards(journal, name, client,
-                                     cards_in_reader(reader, count=cards, timeout=30.0),
-                                     opts, progress=prog, interrupt=interrupt)
+        with prog:
+            summary = run_campaign_cards(journal, name, client,
+                                         cards_in_reader(reader, count=cards, timeout=30.0),
+                                         opts, on_unit=prog.update, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
