@@ -30,12 +30,20 @@ from ..service.ledger import (
     service_ledger,
     verify_service_ledger,
 )
-from ..station.campaign import ATTEMPTS, Interrupt, RunOptions, run_campaign, sigint_deferred
+from ..station.campaign import (
+    ATTEMPTS,
+    Interrupt,
+    RunOptions,
+    RunSummary,
+    run_campaign,
+    sigint_deferred,
+)
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import open_journal
 from ..station.journal.model import Campaign, Journal, PlannedLoad
 from ..station.load import AuthorityClient
 from ..station.report import (
+    CampaignStatus,
     build_report,
     ledger,
     status,
@@ -204,7 +212,7 @@ def campaign_create(args: argparse.Namespace) -> int:
 
 
 def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
-                 show: bool, interrupt: Interrupt) -> tuple[dict[str, object], int]:
+                 show: bool, interrupt: Interrupt) -> tuple[RunSummary, CampaignStatus, int]:
     """Run (or resume) a campaign over the home's emulated units, in-process."""
     camp = journal.campaign(name)
     journal.lock_station(name, opts.station)
@@ -236,8 +244,7 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         audit.close()
         fleet.close()
         ks.close()
-    st = status(journal, name)
-    return {"run": summary.to_json(), "status": st}, (130 if summary.interrupted else 0)
+    return summary, status(journal, name), (130 if summary.interrupted else 0)
 
 
 def _station_name(args: argparse.Namespace) -> str:
@@ -251,7 +258,7 @@ def _opts(args: argparse.Namespace) -> RunOptions:
 
 def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader: str,
                cards: int | None, *, show: bool,
-               interrupt: Interrupt) -> tuple[dict[str, object], int]:
+               interrupt: Interrupt) -> tuple[RunSummary, CampaignStatus, int]:
     """Run a campaign over the cards presented in a PC/SC reader, in any order."""
     from ..station.campaign import run_campaign_cards
     from ..transports.pcsc import cards_in_reader
@@ -276,8 +283,7 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
     finally:
         audit.close()
         ks.close()
-    return {"run": summary.to_json(), "status": status(journal, name)}, \
-        (130 if summary.interrupted else 0)
+    return summary, status(journal, name), (130 if summary.interrupted else 0)
 
 
 def campaign_run(args: argparse.Namespace) -> int:
@@ -293,30 +299,28 @@ def campaign_run(args: argparse.Namespace) -> int:
         journal = _journal(args, home)
         try:
             if args.reader:
-                out, rc = run_reader(home, journal, args.name, _opts(args), args.reader,
-                                     args.cards, show=show, interrupt=intr)
+                summary, st, rc = run_reader(home, journal, args.name, _opts(args),
+                                             args.reader, args.cards, show=show,
+                                             interrupt=intr)
             else:
-                out, rc = run_emulated(home, journal, args.name, _opts(args), show=show,
-                                       interrupt=intr)
+                summary, st, rc = run_emulated(home, journal, args.name, _opts(args),
+                                               show=show, interrupt=intr)
         finally:
             journal.close()
-        st = out["status"]
-        assert isinstance(st, dict)
         if args.json:
-            emit_json(out)
+            emit_json({"run": summary.to_json(), "status": st.to_json()})
         else:
             _print_status(st)
         if rc or intr.stop.is_set():
             raise KeyboardInterrupt
-    return 0 if st["states"]["failed"] == 0 else 1
+    return 0 if st.states["failed"] == 0 else 1
 
 
-def _print_status(st: dict[str, object]) -> None:
-    states = st["states"]
-    assert isinstance(states, dict)
-    kv([("campaign", st["campaign"]), ("set", st["set_id"]), ("units", st["units"]),
-        ("loads", st["loads"])] + [(k, f"{v:,}") for k, v in states.items()])
-    print(f"{states['imported']:,} of {st['loads']:,} loads imported, {states['failed']:,} "
+def _print_status(st: CampaignStatus) -> None:
+    states = st.states
+    kv([("campaign", st.campaign), ("set", st.set_id.hex()), ("units", st.units),
+        ("loads", st.loads)] + [(k, f"{v:,}") for k, v in states.items()])
+    print(f"{states['imported']:,} of {st.loads:,} loads imported, {states['failed']:,} "
           "failed")
 
 
@@ -329,7 +333,7 @@ def campaign_status(args: argparse.Namespace) -> int:
     finally:
         journal.close()
     if args.json:
-        emit_json(sts if not args.name else sts[0])
+        emit_json([st.to_json() for st in sts] if not args.name else sts[0].to_json())
     else:
         for st in sts:
             _print_status(st)
