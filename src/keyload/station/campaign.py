@@ -27,8 +27,7 @@ from ..core import messages as msg
 from ..core.errors import KeyloadError, MemoryFailure, StatusError, StoreError, TransportError
 from ..core.keys import KeyHeader
 from ..transports import Connection
-from .customize import UnitSource
-from .drive import UnitDone, drive_unit
+from .drive import UnitDone, UnitSource, drive_unit
 from .journal.model import CLAIMED, EXPORTED, Journal, LoadRow
 from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
 

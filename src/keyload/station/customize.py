@@ -10,23 +10,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from ..core.errors import KeyloadError
-from ..transports import Connection
-from .drive import UnitDone, drive_unit
+from .drive import UnitDone, UnitSource, drive_unit
 from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
-
-
-class UnitSource(Protocol):
-    """A unit the station can reach: its SN (as listed) and a way to connect."""
-
-    @property
-    def label(self) -> str: ...
-
-    def connect(self) -> AbstractContextManager[Connection]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,24 @@ What a load is, how it runs and what becomes of a failure are the caller's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
 
 from ..core.errors import TransportError
+from ..transports import Connection
 from .load import LoadFailed
 
 L = TypeVar("L")
+
+
+class UnitSource(Protocol):
+    """A unit the station can reach: its SN (as listed) and a way to connect."""
+
+    @property
+    def label(self) -> str: ...
+
+    def connect(self) -> AbstractContextManager[Connection]: ...
+
 
 UnitDone = Callable[[bool], None]
 """Called once a unit is done, with True when none of its loads failed (a progress line's
