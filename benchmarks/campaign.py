@@ -35,13 +35,13 @@ from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
 from keyload.station.campaign import RunOptions, run_campaign
 from keyload.station.customize import customize
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     IMPORTED,
     Campaign,
     LoadRow,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.load import AuthorityClient
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
@@ -85,7 +85,7 @@ def bench_journal(units: int) -> dict[str, float]:
     plan = [(b"K1", 1), (b"K2", 2)]
     client, _, fleet = _world(units)
     t0 = time.perf_counter()
-    s = customize([_Src(u) for u in fleet], plan, client, total=units)
+    s = customize([_Src(u) for u in fleet], plan, client)
     bare = time.perf_counter() - t0
     assert s.loads_ok == 2 * units
 

@@ -208,8 +208,7 @@ def fed_with_removal(world: World, pcscd: Any, port: int, n: int) -> float:
     try:
         start = perf_counter()
         feeder.start()
-        summary = customize(cards_in_reader(reader, n, timeout=10), PLAN, world.client,
-                            total=n)
+        summary = customize(cards_in_reader(reader, n, timeout=10), PLAN, world.client)
         elapsed = perf_counter() - start
         feeder.wait(5)
     finally:
@@ -236,7 +235,7 @@ def swapped(world: World, pcscd: Any, ports: tuple[int, ...], n: int) -> float:
         try:
             summaries[port] = customize(
                 cards_in_reader(readers[port], n, timeout=10, expect_removal=False), PLAN,
-                world.client, total=n)
+                world.client)
         except BaseException as e:  # reported by the main thread
             errors.append(e)
 

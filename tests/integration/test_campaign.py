@@ -15,15 +15,15 @@ import pytest
 from keyload.core.errors import KcvMismatch, TransportError
 from keyload.core.keys import KeyHeader
 from keyload.station.campaign import RunOptions, is_transient, run_campaign, run_campaign_cards
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     CLAIMED,
     EXPORTED,
     IMPORTED,
     Campaign,
     LoadState,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.load import LoadFailed, Step, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
@@ -151,6 +151,35 @@ def test_security_refusal_is_final_and_transport_error_retried(tmp_path: Path) -
     failed = next(r for r in j.rows("c", ["failed"]))
     assert failed.sw == "6986" and failed.sn == sns[0] and failed.ref2 == 1
     assert _holds_plan(units[sns[1]])
+
+
+def test_a_run_reads_time_from_its_clock_alone(tmp_path: Path) -> None:
+    """Leases are renewed once a third of the lease has passed on the run's clock, and
+    every stamp in the journal is that clock's: a test moves time without sleeping."""
+    w, j, units = _setup(tmp_path, 6)
+    now = [1000.0]
+    renewals: list[float] = []
+    renew = j.renew
+
+    def watched(campaign_id: str, station: str, lease_s: float, at: float) -> None:
+        renewals.append(at)
+        renew(campaign_id, station, lease_s, at)
+
+    j.renew = watched  # type: ignore[method-assign]
+
+    @contextmanager
+    def connect(sn: bytes) -> Iterator[Connection]:
+        now[0] += 10.0  # each unit takes ten seconds of the run's clock
+        yield LocalConnection(units[sn])
+
+    s = run_campaign(j, "c", w.client(), connect,
+                     RunOptions(station="s", batch_units=6, lease_s=60.0,
+                                clock=lambda: now[0]))
+    assert s.loads_done == 12 and s.units_seen == 6
+    assert renewals == [1020.0, 1040.0, 1060.0]
+    assert {r.updated for r in j.rows("c")} <= {1010.0 + 10 * i for i in range(6)}
+    # an event after the batch (a second or more since the last one), one as the run ends
+    assert [t for t, *_ in j.events("c")] == [1060.0, 1060.0]
 
 
 @pytest.mark.hardware

@@ -14,15 +14,15 @@ import pytest
 from keyload.core.errors import StoreError, TransportError
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.campaign import ATTEMPTS, RunOptions, run_campaign
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     EXPORTED,
     FAILED,
     IMPORTED,
     Campaign,
     Journal,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.load import LoadFailed, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
@@ -43,7 +43,7 @@ def journal(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Journal]
         return
     ok, why = postgres_available()
     require(ok, f"PostgreSQL: {why}")
-    from keyload.station.journal_pg import PostgresJournal
+    from keyload.station.journal.postgres import PostgresJournal
 
     with private_postgres(tmp_path / "pg") as url:
         j = PostgresJournal(make_database(url, "ends"))

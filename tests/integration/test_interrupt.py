@@ -20,15 +20,15 @@ import pytest
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.audit import AuditLog
 from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards, sigint_deferred
-from keyload.station.customize import UnitSource
-from keyload.station.journal import (
+from keyload.station.drive import UnitSource
+from keyload.station.journal.model import (
     CLAIMED,
     IMPORTED,
     PLANNED,
     Campaign,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 
@@ -147,7 +147,7 @@ def test_postgres_ctrl_c_in_a_claim(tmp_path: Path) -> None:
     """After COMMIT the claim stands, before it nothing is claimed; never a StoreError."""
     ok, why = postgres_available()
     require(ok, f"PostgreSQL: {why}")
-    from keyload.station.journal_pg import PostgresJournal
+    from keyload.station.journal.postgres import PostgresJournal
 
     with private_postgres(tmp_path / "pg") as server:
         for moment, claimed in (("COMMIT", SERIALS[:2]), ("UPDATE loads", [])):

@@ -246,7 +246,7 @@ def test_feeder_cards_customized_in_turn(pcscd: Pcscd, world: World) -> None:
             yield src
 
     with CardFeeder(units, PORT_A) as feeder:
-        summary = customize(sources(), PLAN, world.client(), total=n, on_result=results.append)
+        summary = customize(sources(), PLAN, world.client(), on_result=results.append)
         assert feeder.wait(5)
         assert feeder.error is None
     assert summary.units == n and summary.customized == n and not summary.failures
@@ -273,7 +273,7 @@ def test_two_readers_driven_from_two_threads(pcscd: Pcscd, world: World) -> None
 
     def station(port: int) -> None:
         reader = pcscd.reader_for_port(port)
-        summaries[port] = customize(cards_in_reader(reader, n, 10), PLAN, authority, total=n)
+        summaries[port] = customize(cards_in_reader(reader, n, 10), PLAN, authority)
 
     with CardFeeder(feeds[PORT_A], PORT_A) as fa, CardFeeder(feeds[PORT_B], PORT_B) as fb:
         threads = [threading.Thread(target=station, args=(p,)) for p in VPCD_PORTS]

@@ -34,7 +34,7 @@ from keyload.core.errors import StoreError
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.station.fleet import EmulatedFleet
-from keyload.station.journal import (
+from keyload.station.journal.model import (
     CLAIMED,
     EXPORTED,
     FAILED,
@@ -44,8 +44,8 @@ from keyload.station.journal import (
     Journal,
     LoadRow,
     PlannedLoad,
-    SqliteJournal,
 )
+from keyload.station.journal.sqlite import SqliteJournal
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.exportlog import SqliteExportLog
 from keyload.units.keystore import SoftwareKeystore
@@ -83,7 +83,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]
     """Opens journals on one shared store (each call: a new connection)."""
     opened: list[Journal] = []
     if request.param == "postgres":
-        from keyload.station.journal_pg import PostgresJournal
+        from keyload.station.journal.postgres import PostgresJournal
 
         url: str = request.getfixturevalue("pg_url")
 
@@ -415,7 +415,7 @@ DRIVER = textwrap.dedent("""
 
     from keyload.station.campaign import RunOptions, run_campaign
     from keyload.station.fleet import EmulatedFleet
-    from keyload.station.journal_pg import PostgresJournal
+    from keyload.station.journal.postgres import PostgresJournal
     from keyload.station.load import AuthorityClient
     from keyload.transports.local import LocalConnection
     from keyload.units.authority import Authority
@@ -468,7 +468,7 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
     """Three station processes share one PostgreSQL journal and a directory of units; one
     is killed mid-run; a final run finishes. Every unit ends with exactly the planned keys,
     every load imported once, receipts verify, and nothing imported was exported again."""
-    from keyload.station.journal_pg import PostgresJournal
+    from keyload.station.journal.postgres import PostgresJournal
 
     n_units, lease = 240, 2.0
     source = KekSource(passphrase=PASSPHRASE)

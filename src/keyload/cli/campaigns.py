@@ -30,12 +30,20 @@ from ..service.ledger import (
     service_ledger,
     verify_service_ledger,
 )
-from ..station.campaign import ATTEMPTS, Interrupt, RunOptions, run_campaign, sigint_deferred
+from ..station.campaign import (
+    ATTEMPTS,
+    Interrupt,
+    RunOptions,
+    RunSummary,
+    run_campaign,
+    sigint_deferred,
+)
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
-from ..station.journal import Campaign, Journal, PlannedLoad, open_journal
+from ..station.journal import open_journal
+from ..station.journal.model import Campaign, Journal, PlannedLoad
 from ..station.load import AuthorityClient
-from ..station.progress import Progress
 from ..station.report import (
+    CampaignStatus,
     build_report,
     ledger,
     status,
@@ -47,6 +55,7 @@ from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
 from .context import Home
 from .output import emit_json, kv, table
+from .progress import Progress
 
 
 def _home(args: argparse.Namespace) -> Home:
@@ -203,7 +212,7 @@ def campaign_create(args: argparse.Namespace) -> int:
 
 
 def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
-                 show: bool, interrupt: Interrupt) -> tuple[dict[str, object], int]:
+                 show: bool, interrupt: Interrupt) -> tuple[RunSummary, CampaignStatus, int]:
     """Run (or resume) a campaign over the home's emulated units, in-process."""
     camp = journal.campaign(name)
     journal.lock_station(name, opts.station)
@@ -225,8 +234,9 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         def connect(sn: bytes) -> EmulatedUnitSource:
             return EmulatedUnitSource(fleet, sn)
 
-        summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(), opts,
-                               progress=prog, interrupt=interrupt)
+        with prog:
+            summary = run_campaign(journal, name, client, lambda sn: connect(sn).connect(),
+                                   opts, on_unit=prog.update, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
@@ -234,8 +244,7 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         audit.close()
         fleet.close()
         ks.close()
-    st = status(journal, name)
-    return {"run": summary.to_json(), "status": st}, (130 if summary.interrupted else 0)
+    return summary, status(journal, name), (130 if summary.interrupted else 0)
 
 
 def _station_name(args: argparse.Namespace) -> str:
@@ -249,7 +258,7 @@ def _opts(args: argparse.Namespace) -> RunOptions:
 
 def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader: str,
                cards: int | None, *, show: bool,
-               interrupt: Interrupt) -> tuple[dict[str, object], int]:
+               interrupt: Interrupt) -> tuple[RunSummary, CampaignStatus, int]:
     """Run a campaign over the cards presented in a PC/SC reader, in any order."""
     from ..station.campaign import run_campaign_cards
     from ..transports.pcsc import cards_in_reader
@@ -264,17 +273,17 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
         audit.append("campaign run", {"campaign": name, "station": opts.station,
                                       "reader": reader})
         prog = Progress(cards or 1, label="cards", enabled=show and cards is not None)
-        summary = run_campaign_cards(journal, name, client,
-                                     cards_in_reader(reader, count=cards, timeout=30.0),
-                                     opts, progress=prog, interrupt=interrupt)
+        with prog:
+            summary = run_campaign_cards(journal, name, client,
+                                         cards_in_reader(reader, count=cards, timeout=30.0),
+                                         opts, on_unit=prog.update, interrupt=interrupt)
         audit.append("campaign stop", {"campaign": name, "station": opts.station,
                                        **{k: v for k, v in summary.to_json().items()
                                           if k != "failures"}})
     finally:
         audit.close()
         ks.close()
-    return {"run": summary.to_json(), "status": status(journal, name)}, \
-        (130 if summary.interrupted else 0)
+    return summary, status(journal, name), (130 if summary.interrupted else 0)
 
 
 def campaign_run(args: argparse.Namespace) -> int:
@@ -290,30 +299,28 @@ def campaign_run(args: argparse.Namespace) -> int:
         journal = _journal(args, home)
         try:
             if args.reader:
-                out, rc = run_reader(home, journal, args.name, _opts(args), args.reader,
-                                     args.cards, show=show, interrupt=intr)
+                summary, st, rc = run_reader(home, journal, args.name, _opts(args),
+                                             args.reader, args.cards, show=show,
+                                             interrupt=intr)
             else:
-                out, rc = run_emulated(home, journal, args.name, _opts(args), show=show,
-                                       interrupt=intr)
+                summary, st, rc = run_emulated(home, journal, args.name, _opts(args),
+                                               show=show, interrupt=intr)
         finally:
             journal.close()
-        st = out["status"]
-        assert isinstance(st, dict)
         if args.json:
-            emit_json(out)
+            emit_json({"run": summary.to_json(), "status": st.to_json()})
         else:
             _print_status(st)
         if rc or intr.stop.is_set():
             raise KeyboardInterrupt
-    return 0 if st["states"]["failed"] == 0 else 1
+    return 0 if st.states["failed"] == 0 else 1
 
 
-def _print_status(st: dict[str, object]) -> None:
-    states = st["states"]
-    assert isinstance(states, dict)
-    kv([("campaign", st["campaign"]), ("set", st["set_id"]), ("units", st["units"]),
-        ("loads", st["loads"])] + [(k, f"{v:,}") for k, v in states.items()])
-    print(f"{states['imported']:,} of {st['loads']:,} loads imported, {states['failed']:,} "
+def _print_status(st: CampaignStatus) -> None:
+    states = st.states
+    kv([("campaign", st.campaign), ("set", st.set_id.hex()), ("units", st.units),
+        ("loads", st.loads)] + [(k, f"{v:,}") for k, v in states.items()])
+    print(f"{states['imported']:,} of {st.loads:,} loads imported, {states['failed']:,} "
           "failed")
 
 
@@ -326,7 +333,7 @@ def campaign_status(args: argparse.Namespace) -> int:
     finally:
         journal.close()
     if args.json:
-        emit_json(sts if not args.name else sts[0])
+        emit_json([st.to_json() for st in sts] if not args.name else sts[0].to_json())
     else:
         for st in sts:
             _print_status(st)

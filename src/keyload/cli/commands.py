@@ -16,7 +16,7 @@ from ..core.messages import check_ref2, check_sn
 from ..core.primitives import ct_equal
 from ..core.suites import get_suite
 from ..station.fleet import EmulatedFleet
-from ..station.journal import STATES
+from ..station.journal.model import STATES
 from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
 from ..station.records import LoadRecords
 from ..station.report import Receipt, campaign_receipts, check_receipts
@@ -574,7 +574,8 @@ def _station_receipts(home: Home) -> tuple[list[Receipt], dict[tuple[bytes, byte
         finally:
             records.close()
     if home.journal_path.exists():
-        from ..station.journal import IMPORTED, open_journal
+        from ..station.journal import open_journal
+        from ..station.journal.model import IMPORTED
 
         journal = open_journal(home.journal_path)
         try:

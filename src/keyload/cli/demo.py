@@ -34,7 +34,6 @@ from ..station.customize import Failure, Summary, customize
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import open_journal
 from ..station.load import AuthorityClient
-from ..station.progress import Progress
 from ..station.records import LoadRecords
 from ..station.report import verify_ledger
 from ..transports import Connection
@@ -45,6 +44,7 @@ from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource, atomic_write
 from ..units.unit import Slot, Unit
 from .context import Home, Keystore, open_pkcs11
 from .output import emit_json, kv, table
+from .progress import Progress
 
 DEMO_PASSPHRASE = "keyload-demo"
 DEMO_PIN = "246810"  # the demo token's user PIN, announced likewise
@@ -337,10 +337,11 @@ def _run_campaign(args: argparse.Namespace, home: Home, show: bool, intr: Interr
         prog = Progress(max(open_units, 1), label="units customized", stream=sys.stderr,
                         enabled=show and open_units > 0)
         audit.append("campaign run", {"campaign": CAMPAIGN, "station": "demo"})
-        run = run_campaign(journal, CAMPAIGN, client,
-                           lambda sn: EmulatedUnitSource(fleet, sn).connect(),
-                           RunOptions(station="demo", batch_units=32, lease_s=30.0),
-                           progress=prog, interrupt=intr)
+        with prog:
+            run = run_campaign(journal, CAMPAIGN, client,
+                               lambda sn: EmulatedUnitSource(fleet, sn).connect(),
+                               RunOptions(station="demo", batch_units=32, lease_s=30.0),
+                               on_unit=prog.update, interrupt=intr)
         if run.interrupted:
             raise KeyboardInterrupt
         s = Summary(units=camp.units)
@@ -398,5 +399,6 @@ def _run_pcsc(args: argparse.Namespace, home: Home, show: bool) -> Summary:
         plan = [(ref1, slot) for ref1, *_, slot in DEMO_KEYS]
         prog = Progress(len(serials), label="units customized", stream=sys.stderr,
                         enabled=show)
-        return customize(units, plan, client, total=len(serials), on_result=records.add,
-                         on_failure=records.add_failure, progress=prog)
+        with prog:
+            return customize(units, plan, client, on_result=records.add,
+                             on_failure=records.add_failure, on_unit=prog.update)

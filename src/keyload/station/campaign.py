@@ -27,10 +27,9 @@ from ..core import messages as msg
 from ..core.errors import KeyloadError, MemoryFailure, StatusError, StoreError, TransportError
 from ..core.keys import KeyHeader
 from ..transports import Connection
-from .customize import UnitSource
-from .journal import CLAIMED, EXPORTED, Journal, LoadRow
+from .drive import UnitDone, UnitSource, drive_unit
+from .journal.model import CLAIMED, EXPORTED, Journal, LoadRow
 from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
-from .progress import Progress
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
 
@@ -46,7 +45,8 @@ class RunOptions:
     lease_s: float = 60.0
     retries: int = ATTEMPTS  # attempts per load, at least 1
     workers: int = 1
-    #: Wall-clock time (seconds) for leases and journal stamps; a test passes its own.
+    #: Wall-clock time (seconds): leases, their renewal, journal stamps and events. The
+    #: run reads no other clock but for its elapsed time; a test passes its own.
     clock: Callable[[], float] = time.time
 
 
@@ -132,28 +132,28 @@ class _Shared:
     """What worker threads share: the authority (serialized), counters, the journal."""
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
-                 progress: Progress | None, opts: RunOptions,
+                 on_unit: UnitDone | None, opts: RunOptions,
                  interrupt: Interrupt | None) -> None:
         self.journal = journal
         self.authority = authority
         self.summary = summary
-        self.progress = progress
+        self.on_unit = on_unit
         self.opts = opts
         self.lock = threading.Lock()
         self.interrupt = interrupt or Interrupt()
         self.stop = self.interrupt.stop
         self.failed_units: set[bytes] = set()  # units with a load failed for good
-        self.renewed = time.monotonic()
+        self.renewed = opts.clock()
 
     def keep_lease(self, campaign_id: str) -> None:
         """Renew this station's claims once a third of the lease has passed, so that a
         long batch is never taken over while it is still being worked on."""
+        now = self.opts.clock()
         with self.lock:
-            if time.monotonic() - self.renewed < self.opts.lease_s / 3:
+            if now - self.renewed < self.opts.lease_s / 3:
                 return
-            self.renewed = time.monotonic()
-        self.journal.renew(campaign_id, self.opts.station, self.opts.lease_s,
-                           self.opts.clock())
+            self.renewed = now
+        self.journal.renew(campaign_id, self.opts.station, self.opts.lease_s, now)
 
 
 class _LockedAuthority(AuthorityClient):
@@ -213,8 +213,8 @@ def _count_unit(sh: _Shared, sn: bytes | None, *, ok: bool = True) -> None:
     with sh.lock:
         ok = ok and sn not in sh.failed_units
         sh.summary.units_seen += 1
-        if sh.progress is not None:
-            sh.progress.update(ok=ok)
+        if sh.on_unit is not None:
+            sh.on_unit(ok)
 
 
 def _failed(sh: _Shared, row: LoadRow, e: LoadFailed, opts: RunOptions) -> bool:
@@ -271,22 +271,20 @@ def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
     left claimed (Ctrl-C, the unit gone), brings it back in a later claim."""
     sh.keep_lease(rows[0].campaign)
     retry = False
-    for row in rows:
-        if sh.stop.is_set():
-            return  # the rest stays claimed, reconciled by the next run
-        try:
-            _load_row(sh, client, row)
-        except LoadFailed as e:
-            retry = _failed(sh, row, e, opts) or retry
-            if isinstance(e.cause, TransportError):
-                return  # the unit is gone; the rest of its loads stay claimed
-    if not retry:
+
+    def failed(row: LoadRow, e: LoadFailed) -> None:
+        nonlocal retry
+        retry = _failed(sh, row, e, opts) or retry
+
+    # a stop, or the unit gone: the rest stays claimed, reconciled by the next run
+    if drive_unit(rows, lambda row: _load_row(sh, client, row), failed, stop=sh.stop.is_set) \
+            and not retry:
         _count_unit(sh, rows[0].sn)
 
 
 def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityClient,
                        cards: Iterable[UnitSource], opts: RunOptions, *,
-                       progress: Progress | None = None,
+                       on_unit: UnitDone | None = None,
                        interrupt: Interrupt | None = None) -> RunSummary:
     """Run a campaign over whatever cards the readers present (a feeder's order).
 
@@ -296,7 +294,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt)
     feed = iter(cards)
     with _running(sh, campaign_id):
         while not sh.stop.is_set():
@@ -341,8 +339,6 @@ def _running(sh: _Shared, campaign_id: str) -> Iterator[None]:
         sh.journal.event(campaign_id, sh.opts.station, sh.opts.clock(), s.loads_done,
                          s.loads_failed)
         s.elapsed = time.monotonic() - t0
-        if sh.progress is not None:
-            sh.progress.close()
 
 
 def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
@@ -357,15 +353,15 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
 
 def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  connect: Connector, opts: RunOptions, *,
-                 progress: Progress | None = None,
+                 on_unit: UnitDone | None = None,
                  interrupt: Interrupt | None = None) -> RunSummary:
     """Run (or resume) a campaign until no load is left to claim, or Ctrl-C (raised, or
     asked for through ``interrupt``): then ``interrupted`` is set in the summary."""
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, progress, opts, interrupt)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
-    last_event = time.monotonic()
+    last_event = opts.clock()
     with _running(sh, campaign_id):
         for batch in _batches(journal, campaign_id, opts, sh.stop):
             if opts.workers <= 1:
@@ -373,10 +369,10 @@ def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                     _process_unit(sh, rows, connect, opts)
             else:
                 _run_threads(sh, batch, connect, opts)
-            now = time.monotonic()
+            now = opts.clock()
             if now - last_event >= 1.0:
                 last_event = now
-                journal.event(campaign_id, opts.station, opts.clock(), summary.loads_done,
+                journal.event(campaign_id, opts.station, now, summary.loads_done,
                               summary.loads_failed)
     return summary
 

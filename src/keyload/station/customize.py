@@ -10,23 +10,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from ..core.errors import KeyloadError, TransportError
-from ..transports import Connection
+from ..core.errors import KeyloadError
+from .drive import UnitDone, UnitSource, drive_unit
 from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
-from .progress import Progress
-
-
-class UnitSource(Protocol):
-    """A unit the station can reach: its SN (as listed) and a way to connect."""
-
-    @property
-    def label(self) -> str: ...
-
-    def connect(self) -> AbstractContextManager[Connection]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,61 +62,67 @@ def customize(
     plan: list[tuple[bytes, int]],
     authority: AuthorityClient,
     *,
-    total: int,
     on_result: Callable[[LoadResult], None] | None = None,
     on_failure: Callable[[bytes, bytes, int, LoadFailed], None] | None = None,
-    progress: Progress | None = None,
+    on_unit: UnitDone | None = None,
 ) -> Summary:
-    """Run ``plan`` on every unit; never stops on one unit's failure."""
+    """Run ``plan`` on every unit (:func:`~.drive.drive_unit`); never stops on one unit's
+    failure. ``on_unit(ok)`` is called once a unit is done."""
     s = Summary()
     t0 = time.monotonic()
     for src in units:
         s.units += 1
-        ok = True
-        done = 0
-        try:
-            with src.connect() as conn:
-                client = UnitClient(conn)
-                first = True
-                for ref1, ref2 in plan:
-                    try:
-                        res = load_key(client, authority, ref1, ref2, select=first)
-                    except LoadFailed as e:
-                        ok = False
-                        done += 1
-                        s.loads_failed += 1
-                        sw = None if e.sw is None else f"{e.sw:04X}"
-                        label = e.sn.hex() if e.sn is not None else src.label
-                        s.failures.append(Failure(label, ref1, ref2, e.step, sw, e.reason))
-                        if on_failure is not None:
-                            on_failure(e.sn if e.sn is not None else _label_bytes(src.label),
-                                       ref1, ref2, e)
-                        if isinstance(e.cause, TransportError):
-                            break  # the unit is gone: the rest of its plan cannot run
-                        continue
-                    first = False
-                    done += 1
-                    s.loads_ok += 1
-                    s.by_suite[res.suite] += 1
-                    if on_result is not None:
-                        on_result(res)
-        except KeyloadError as e:  # the unit could not be reached, or was lost
-            ok = False
-            cause = e.cause if isinstance(e, LoadFailed) else e
-            step = e.step if isinstance(e, LoadFailed) else "connect"
-            s.loads_failed += len(plan) - done
-            s.failures.append(Failure(src.label, b"", 0, step, None, str(cause)))
-        else:
-            if done < len(plan):  # broke off after a transport failure
-                s.loads_failed += len(plan) - done
+        ok = _customize_unit(src, plan, authority, s, on_result, on_failure)
         if ok:
             s.customized += 1
-        if progress is not None:
-            progress.update(ok=ok)
+        if on_unit is not None:
+            on_unit(ok)
     s.elapsed = time.monotonic() - t0
-    if progress is not None:
-        progress.close()
     return s
+
+
+def _customize_unit(src: UnitSource, plan: list[tuple[bytes, int]], authority: AuthorityClient,
+                    s: Summary, on_result: Callable[[LoadResult], None] | None,
+                    on_failure: Callable[[bytes, bytes, int, LoadFailed], None] | None
+                    ) -> bool:
+    """One unit through the plan, counted in ``s``: True when every load succeeded."""
+    ran = 0
+    ok = True
+    try:
+        with src.connect() as conn:
+            client = UnitClient(conn)
+            selected = False  # until a load succeeds, each one selects the application
+
+            def run(load: tuple[bytes, int]) -> None:
+                nonlocal ran, selected
+                res = load_key(client, authority, load[0], load[1], select=not selected)
+                selected = True
+                ran += 1
+                s.loads_ok += 1
+                s.by_suite[res.suite] += 1
+                if on_result is not None:
+                    on_result(res)
+
+            def failed(load: tuple[bytes, int], e: LoadFailed) -> None:
+                nonlocal ran, ok
+                ok = False
+                ran += 1
+                s.loads_failed += 1
+                sw = None if e.sw is None else f"{e.sw:04X}"
+                label = e.sn.hex() if e.sn is not None else src.label
+                s.failures.append(Failure(label, load[0], load[1], e.step, sw, e.reason))
+                if on_failure is not None:
+                    on_failure(e.sn if e.sn is not None else _label_bytes(src.label),
+                               load[0], load[1], e)
+
+            drive_unit(plan, run, failed)
+    except KeyloadError as e:  # the unit could not be reached, or was lost
+        ok = False
+        cause = e.cause if isinstance(e, LoadFailed) else e
+        step = e.step if isinstance(e, LoadFailed) else "connect"
+        s.failures.append(Failure(src.label, b"", 0, step, None, str(cause)))
+    s.loads_failed += len(plan) - ran  # left: broke off after a transport failure
+    return ok
 
 
 def _label_bytes(label: str) -> bytes:

@@ -12,7 +12,7 @@ loaded row needs every field of its receipt), is a DamagedStore naming the file.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +105,13 @@ def _row(t: tuple[object, ...]) -> LoadRow:
 
 
 class LoadRecords:
-    def __init__(self, path: Path, *, station: str = "local") -> None:
+    """``clock``: the wall-clock time (seconds) each row is stamped with."""
+
+    def __init__(self, path: Path, *, station: str = "local",
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.station = station
+        self.clock = clock
         self.db = open_records(path, _SCHEMA)
         try:
             for _ in self.rows():  # one row a load: read them all before another one
@@ -120,7 +124,7 @@ class LoadRecords:
         self.db.execute(
             "INSERT INTO loads (time, station, sn, set_id, ref1, ref2, status, suite, r, header,"
             " key_version, kcv, rct) VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?, ?)",
-            (time.time(), self.station, result.sn.hex(), result.set_id.hex(), result.ref1.hex(),
+            (self.clock(), self.station, result.sn.hex(), result.set_id.hex(), result.ref1.hex(),
              result.ref2, result.suite, result.r.hex(), result.header.hex(), result.key_version,
              result.kcv.hex(), result.rct.hex()))
 
@@ -129,7 +133,7 @@ class LoadRecords:
         self.db.execute(
             "INSERT INTO loads (time, station, sn, ref1, ref2, status, step, sw, reason) "
             "VALUES (?, ?, ?, ?, ?, 'failed', ?, ?, ?)",
-            (time.time(), self.station, sn.hex(), ref1.hex(), ref2, err.step, sw, err.reason))
+            (self.clock(), self.station, sn.hex(), ref1.hex(), ref2, err.step, sw, err.reason))
 
     def rows(self) -> Iterator[LoadRow]:
         with reading(self.path):

@@ -8,7 +8,7 @@ import html
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from ..core.keys import KeyHeader
 from ..units.authority import Authority, ExportRecord
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
-from .journal import FAILED, IMPORTED, Journal, LoadRow
+from .journal.model import FAILED, IMPORTED, Journal, LoadRow, PlannedLoad
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
@@ -89,60 +89,130 @@ def write_ledger_csv(entries: Iterable[dict[str, Any]], stream: io.TextIOBase | 
     return n
 
 
-def status(journal: Journal, campaign: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class CampaignStatus:
+    """Where a campaign stands: its plan and its loads by state (every state present)."""
+
+    campaign: str
+    set_id: bytes
+    units: int
+    loads: int
+    states: dict[str, int]
+    plan: tuple[PlannedLoad, ...]
+
+    @property
+    def done(self) -> bool:
+        """Every planned load imported."""
+        return self.states[IMPORTED] == self.loads
+
+    def to_json(self) -> dict[str, Any]:
+        return {"campaign": self.campaign, "set_id": self.set_id.hex(), "units": self.units,
+                "loads": self.loads, "states": dict(self.states),
+                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
+                         for p in self.plan],
+                "done": self.done}
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCount:
+    """Loads failed for good with one status word (``-``: none) at one step."""
+
+    sw: str
+    step: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailedLoad:
+    sn: bytes
+    ref2: int
+    ref1: bytes
+    sw: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """Loads per second at ``t`` seconds after the campaign's first event."""
+
+    t: float
+    rate: float
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignReport:
+    """A campaign's status with its outcome: reconciliations, loads by station, failures
+    by status word (and the first :data:`MAX_FAILURES` failed loads), throughput."""
+
+    status: CampaignStatus
+    reconciled: int
+    by_station: dict[str, int]
+    failures_by_sw: tuple[FailureCount, ...]
+    failures: tuple[FailedLoad, ...]
+    throughput: tuple[Throughput, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.status.to_json(), "reconciled": self.reconciled,
+                "by_station": dict(self.by_station),
+                "failures_by_sw": [{"sw": f.sw, "step": f.step, "count": f.count}
+                                   for f in self.failures_by_sw],
+                "failures": [{"sn": f.sn.hex(), "ref2": f.ref2, "ref1": display_ref1(f.ref1),
+                              "sw": f.sw, "reason": f.reason} for f in self.failures],
+                "throughput": [{"t": p.t, "rate": p.rate} for p in self.throughput]}
+
+
+MAX_FAILURES = 1000
+"""Failed loads listed one by one in a report (all are counted by status word)."""
+
+
+def status(journal: Journal, campaign: str) -> CampaignStatus:
     camp = journal.campaign(campaign)
     counts = journal.counts(campaign)
-    total = sum(counts.values())
-    return {"campaign": campaign, "set_id": camp.set_id.hex(), "units": camp.units,
-            "loads": total, "states": counts,
-            "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
-                     for p in camp.plan],
-            "done": counts[IMPORTED] == total}
+    return CampaignStatus(campaign, camp.set_id, camp.units, sum(counts.values()), counts,
+                          camp.plan)
 
 
-def build_report(journal: Journal, campaign: str) -> dict[str, Any]:
+def build_report(journal: Journal, campaign: str) -> CampaignReport:
     st = status(journal, campaign)
     by_sw: Counter[tuple[str, str]] = Counter()
-    failures = []
+    failures: list[FailedLoad] = []
     reconciled = 0
     by_station: Counter[str] = Counter()
     for row in journal.rows(campaign, [IMPORTED, FAILED]):
         if row.state == FAILED:
             by_sw[(row.sw or "-", (row.reason or "").split(":")[0])] += 1
-            failures.append({"sn": row.sn.hex(), "ref2": row.ref2, "ref1": display_ref1(row.ref1),
-                             "sw": row.sw, "reason": row.reason})
+            if len(failures) < MAX_FAILURES:
+                failures.append(FailedLoad(row.sn, row.ref2, row.ref1, row.sw, row.reason))
         else:
             reconciled += int(row.reconciled)
             by_station[row.station or "-"] += 1
-    events = journal.events(campaign)
-    series = _throughput(events)
-    return {**st, "reconciled": reconciled, "by_station": dict(by_station),
-            "failures_by_sw": [{"sw": sw, "step": step, "count": n}
-                               for (sw, step), n in by_sw.most_common()],
-            "failures": failures[:1000], "throughput": series}
+    return CampaignReport(st, reconciled, dict(by_station),
+                          tuple(FailureCount(sw, step, n)
+                                for (sw, step), n in by_sw.most_common()),
+                          tuple(failures), tuple(_throughput(journal.events(campaign))))
 
 
-def _throughput(events: list[tuple[float, str, int, int]]) -> list[dict[str, float]]:
+def _throughput(events: list[tuple[float, str, int, int]]) -> list[Throughput]:
     """Loads/s over time, from each station's cumulative counters (per run)."""
-    out: list[dict[str, float]] = []
+    out: list[Throughput] = []
     last: dict[str, tuple[float, int]] = {}
     t0 = events[0][0] if events else 0.0
     for t, station, done, _ in events:
         prev = last.get(station)
         if prev is not None and done >= prev[1] and t > prev[0]:
-            out.append({"t": round(t - t0, 3), "rate": (done - prev[1]) / (t - prev[0])})
+            out.append(Throughput(round(t - t0, 3), (done - prev[1]) / (t - prev[0])))
         last[station] = (t, done)
     return out
 
 
-def _svg_chart(series: list[dict[str, float]], width: int = 720, height: int = 220) -> str:
+def _svg_chart(series: Sequence[Throughput], width: int = 720, height: int = 220) -> str:
     if not series:
         return "<p>No throughput samples yet.</p>"
-    tmax = max(p["t"] for p in series) or 1.0
-    rmax = max(p["rate"] for p in series) or 1.0
+    tmax = max(p.t for p in series) or 1.0
+    rmax = max(p.rate for p in series) or 1.0
     pad = 40
-    pts = " ".join(f"{pad + (width - 2 * pad) * p['t'] / tmax:.1f},"
-                   f"{height - pad - (height - 2 * pad) * p['rate'] / rmax:.1f}" for p in series)
+    pts = " ".join(f"{pad + (width - 2 * pad) * p.t / tmax:.1f},"
+                   f"{height - pad - (height - 2 * pad) * p.rate / rmax:.1f}" for p in series)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'role="img" aria-label="loads per second over time">'
             f'<rect width="100%" height="100%" fill="#fff"/>'
@@ -154,45 +224,48 @@ def _svg_chart(series: list[dict[str, float]], width: int = 720, height: int = 2
             f'font-size="12" text-anchor="end">{tmax:,.0f} s</text></svg>')
 
 
-def render_html(rep: dict[str, Any]) -> str:
+def render_html(rep: CampaignReport) -> str:
     e = html.escape
-    states = "".join(f"<tr><td>{e(k)}</td><td>{v:,}</td></tr>" for k, v in rep["states"].items())
-    fails = "".join(f"<tr><td>{e(str(f['sw']))}</td><td>{e(f['step'])}</td>"
-                    f"<td>{f['count']:,}</td></tr>" for f in rep["failures_by_sw"]) or \
+    st = rep.status
+    states = "".join(f"<tr><td>{e(k)}</td><td>{v:,}</td></tr>" for k, v in st.states.items())
+    fails = "".join(f"<tr><td>{e(str(f.sw))}</td><td>{e(f.step)}</td>"
+                    f"<td>{f.count:,}</td></tr>" for f in rep.failures_by_sw) or \
         "<tr><td colspan=3>none</td></tr>"
-    plan = "".join(f"<tr><td>{e(p['ref1'])}</td><td>{p['ref2']}</td><td>{p['version']}</td></tr>"
-                   for p in rep["plan"])
+    plan = "".join(f"<tr><td>{e(display_ref1(p.ref1))}</td><td>{p.ref2}</td>"
+                   f"<td>{p.version}</td></tr>" for p in st.plan)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>keyload campaign {e(rep['campaign'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>keyload campaign {e(st.campaign)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;
 text-align:left}}th{{background:#f4f4f4}}</style></head><body>
-<h1>Campaign {e(rep['campaign'])}</h1>
-<p>Set {e(rep['set_id'])}: {rep['units']:,} units, {rep['loads']:,} planned loads;
-{rep['states']['imported']:,} imported ({rep['reconciled']:,} reconciled with the unit after
-an interruption), {rep['states']['failed']:,} failed. {'Complete.' if rep['done'] else ''}</p>
+<h1>Campaign {e(st.campaign)}</h1>
+<p>Set {e(st.set_id.hex())}: {st.units:,} units, {st.loads:,} planned loads;
+{st.states['imported']:,} imported ({rep.reconciled:,} reconciled with the unit after
+an interruption), {st.states['failed']:,} failed. {'Complete.' if st.done else ''}</p>
 <h2>Plan</h2><table><tr><th>REF1</th><th>REF2</th><th>version</th></tr>{plan}</table>
 <h2>Loads by state</h2><table><tr><th>state</th><th>loads</th></tr>{states}</table>
 <h2>Failures by status word</h2><table><tr><th>SW</th><th>step</th><th>count</th></tr>{fails}
-</table><h2>Throughput</h2>{_svg_chart(rep['throughput'])}
+</table><h2>Throughput</h2>{_svg_chart(rep.throughput)}
 </body></html>
 """
 
 
-def write_report(rep: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_report(rep: CampaignReport, out_dir: Path) -> list[Path]:
+    """The report as ``NAME.json`` (:meth:`CampaignReport.to_json`), ``NAME.csv`` (loads by
+    state, failures by status word) and ``NAME.html``, in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = rep["campaign"]
+    name = rep.status.campaign
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.html"]
-    atomic_write(paths[0], json.dumps(rep, indent=1).encode(), mode=0o644)
+    atomic_write(paths[0], json.dumps(rep.to_json(), indent=1).encode(), mode=0o644)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["state", "loads"])
-    for k, v in rep["states"].items():
+    for k, v in rep.status.states.items():
         w.writerow([k, v])
     w.writerow([])
     w.writerow(["sw", "step", "count"])
-    for f in rep["failures_by_sw"]:
-        w.writerow([f["sw"], f["step"], f["count"]])
+    for f in rep.failures_by_sw:
+        w.writerow([f.sw, f.step, f.count])
     atomic_write(paths[1], buf.getvalue().encode(), mode=0o644)
     atomic_write(paths[2], render_html(rep).encode(), mode=0o644)
     return paths

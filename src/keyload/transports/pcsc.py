@@ -475,7 +475,7 @@ class PcscConnection:
 # -- the station's view: units in readers ---------------------------------------------
 @dataclass(frozen=True)
 class PcscUnitSource:
-    """A unit in a reader, as :class:`keyload.station.customize.UnitSource`: ``label`` is
+    """A unit in a reader, as :class:`keyload.station.drive.UnitSource`: ``label`` is
     ``<reader>#<sequence>`` (the SN is learnt from INITIALIZE DOWNLOAD, see the module
     docstring); ``connect()`` connects, and at the end unpowers the card.
 

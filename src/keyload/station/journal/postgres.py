@@ -1,6 +1,6 @@
 """The campaign journal on PostgreSQL: several stations on several machines, one campaign.
 
-Same schema, states and semantics as :class:`~keyload.station.journal.SqliteJournal` (the
+Same schema, states and semantics as :class:`~keyload.station.journal.sqlite.SqliteJournal` (the
 reference); what differs is how a claim stays exclusive when stations claim at the same
 time without a database-wide write lock.
 
@@ -45,32 +45,19 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
 
-from ..core.errors import StoreError
-from ..records.postgres import connect_error, describe_url, pg_reason
-from .journal import (
-    _COLS,
-    PLANNED,
-    SCHEMA,
-    STATES,
-    Campaign,
-    LoadRow,
-    campaign_from_row,
-    campaign_to_row,
-    exported_write,
-    failed_write,
-    imported_write,
-    pg_params,
-    row_of,
-)
+from ...core.errors import StoreError
+from ...records.postgres import connect_error, describe_url, pg_reason
+from . import sql as shared
+from .model import PLANNED, Campaign, LoadRow
 
-OPEN = ("planned", "claimed", "exported")
+_T = TypeVar("_T")
 _SCHEMA_LOCK = 0x6B6C_6A6E_6C00_0001  # advisory lock: one process creates the tables
 _HEAD = ("ref2 = (SELECT min(m.ref2) FROM loads m WHERE m.campaign = h.campaign "
          "AND m.sn = h.sn)")
@@ -84,7 +71,7 @@ def station_key(campaign_id: str, station: str) -> int:
 
 
 def schema_statements() -> list[str]:
-    return [s.strip() for s in SCHEMA.split(";") if s.strip()]
+    return [s.strip() for s in shared.SCHEMA.split(";") if s.strip()]
 
 
 class PostgresJournal:
@@ -134,9 +121,7 @@ class PostgresJournal:
 
     # -- the station guard -----------------------------------------------------------
     def lock_station(self, campaign_id: str, station: str) -> None:
-        """Be the only live process running ``station`` on this campaign (until close).
-
-        Raise StoreError when another live connection holds it. Idempotent."""
+        """A session advisory lock (see :meth:`Journal.lock_station`)."""
         key = station_key(campaign_id, station)
         if key in self._stations:
             return
@@ -149,12 +134,12 @@ class PostgresJournal:
 
     # -- planning --------------------------------------------------------------------
     def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
-        """Write the campaign and every planned load in one transaction (COPY, flat memory)."""
+        """With ``COPY``, in one transaction."""
         plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
         try:
             with self._lock, self.db.transaction():
                 self.db.execute("INSERT INTO campaigns (id, set_id, created, plan, source, "
-                                "units) VALUES (%s, %s, %s, %s, %s, %s)", campaign_to_row(c))
+                                "units) VALUES (%s, %s, %s, %s, %s, %s)", shared.campaign_to_row(c))
                 with self.db.cursor() as cur, cur.copy(
                         "COPY loads (campaign, seq, sn, ref2, ref1, version, state) "
                         "FROM STDIN") as cp:
@@ -173,7 +158,7 @@ class PostgresJournal:
                        "WHERE id = %s", (campaign_id,))
         if not rows:
             raise StoreError(f"no campaign {campaign_id!r} in {self.where}")
-        return campaign_from_row(rows[0])
+        return shared.campaign_from_row(rows[0])
 
     def campaigns(self) -> list[str]:
         return [t[0] for t in self._x("SELECT id FROM campaigns ORDER BY created, id")]
@@ -181,12 +166,8 @@ class PostgresJournal:
     # -- running ---------------------------------------------------------------------
     def claim(self, campaign_id: str, station: str, units: int, lease_s: float,
               now: float) -> list[LoadRow]:
-        """Claim up to ``units`` units (all their open loads), committed before returning.
-
-        First this station's own unfinished claims (a resume), then claims of stations
-        whose lease expired (a take-over), then planned units. Rows come back with their
-        state before the claim, so the caller reconciles loads claimed or exported before.
-        """
+        """See :meth:`Journal.claim` and the module's *Claims*: units another station is
+        claiming are skipped, and looked at again while nothing else was found."""
         if units <= 0:
             return []
         t0 = time.monotonic()
@@ -244,8 +225,8 @@ class PostgresJournal:
                     if not heads:
                         continue
                     locked = [t[0] for t in heads]
-                    current = [row_of(t) for t in self.db.execute(
-                        f"SELECT {_COLS} FROM loads WHERE campaign = %s AND sn = ANY(%s) "  # noqa: S608
+                    current = [shared.row_of(t) for t in self.db.execute(
+                        f"SELECT {shared.COLUMNS} FROM loads WHERE campaign = %s AND sn = ANY(%s) "  # noqa: S608
                         "AND state IN ('planned', 'claimed', 'exported') "
                         "ORDER BY seq, ref2 FOR UPDATE",
                         (campaign_id, locked)).fetchall()]
@@ -265,90 +246,83 @@ class PostgresJournal:
 
     def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
                    now: float) -> list[LoadRow]:
-        """Claim one unit's open loads (a card that came into a reader), as :meth:`claim`
-        would: planned ones, this station's own, or another's whose lease expired.
-
-        The unit's head row is locked first (waiting, not skipping: a card is in the
+        """The unit's head row is locked first (waiting, not skipping: a card is in the
         reader), then the loads are read again and claimed on the latest committed state.
         """
-        for attempt in range(1, self.CLAIM_RETRIES + 1):
+        def tx() -> list[LoadRow]:
+            with self.db.transaction():
+                head = self.db.execute(
+                    f"SELECT h.sn FROM loads h WHERE h.campaign = %s AND h.sn = %s "  # noqa: S608
+                    f"AND h.{_HEAD} FOR UPDATE OF h", (campaign_id, sn.hex())).fetchall()
+                if not head:
+                    return []
+                rows = [shared.row_of(t) for t in self.db.execute(
+                    f"SELECT {shared.COLUMNS} FROM loads WHERE campaign = %s AND sn = %s AND "  # noqa: S608
+                    "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
+                    "(station = %s OR lease < %s))) ORDER BY ref2 FOR UPDATE",
+                    (campaign_id, sn.hex(), station, now)).fetchall()]
+                if rows:
+                    self.db.execute(
+                        "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
+                        "'claimed' ELSE state END, station = %s, lease = %s, updated = %s "
+                        "WHERE campaign = %s AND sn = %s AND ref2 = ANY(%s)",
+                        (station, now + lease_s, now, campaign_id, sn.hex(),
+                         [r.ref2 for r in rows]))
+                return rows
+
+        return self._retrying("claim", tx)
+
+    def _retrying(self, what: str, tx: Callable[[], _T]) -> _T:
+        """Run ``tx`` (under the connection's lock) again after a deadlock or a
+        serialization failure, which PostgreSQL breaks (rare), up to CLAIM_RETRIES times."""
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                with self._lock, self.db.transaction():
-                    head = self.db.execute(
-                        f"SELECT h.sn FROM loads h WHERE h.campaign = %s AND h.sn = %s "  # noqa: S608
-                        f"AND h.{_HEAD} FOR UPDATE OF h", (campaign_id, sn.hex())).fetchall()
-                    if not head:
-                        return []
-                    rows = [row_of(t) for t in self.db.execute(
-                        f"SELECT {_COLS} FROM loads WHERE campaign = %s AND sn = %s AND "  # noqa: S608
-                        "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
-                        "(station = %s OR lease < %s))) ORDER BY ref2 FOR UPDATE",
-                        (campaign_id, sn.hex(), station, now)).fetchall()]
-                    if rows:
-                        self.db.execute(
-                            "UPDATE loads SET state = CASE state WHEN 'planned' THEN "
-                            "'claimed' ELSE state END, station = %s, lease = %s, updated = %s "
-                            "WHERE campaign = %s AND sn = %s AND ref2 = ANY(%s)",
-                            (station, now + lease_s, now, campaign_id, sn.hex(),
-                             [r.ref2 for r in rows]))
-                    return rows
+                with self._lock:
+                    return tx()
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
-                if attempt == self.CLAIM_RETRIES:
-                    raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
+                if attempt >= self.CLAIM_RETRIES:
+                    raise StoreError(f"journal {self.where}: {what}: {pg_reason(e)}") from None
                 time.sleep(0.01 * attempt)
             except psycopg.Error as e:
-                raise StoreError(f"journal {self.where}: claim: {pg_reason(e)}") from None
-        return []  # not reached
+                raise StoreError(f"journal {self.where}: {what}: {pg_reason(e)}") from None
 
     @staticmethod
     def _units(rows: list[LoadRow]) -> int:
         return len({r.seq for r in rows})
 
     def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None:
-        """Extend this station's open claims. It locks many rows at once, so it can meet a
-        take-over of an expired claim in a deadlock: PostgreSQL breaks it, and it retries."""
-        for attempt in range(1, self.CLAIM_RETRIES + 1):
-            try:
-                with self._lock:
-                    self.db.execute(
-                        "UPDATE loads SET lease = %s WHERE campaign = %s AND station = %s "
-                        "AND state IN ('claimed', 'exported')",
-                        (now + lease_s, campaign_id, station))
-                return
-            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
-                if attempt == self.CLAIM_RETRIES:
-                    raise StoreError(f"journal {self.where}: renew: {pg_reason(e)}") from None
-                time.sleep(0.01 * attempt)
-            except psycopg.Error as e:
-                raise StoreError(f"journal {self.where}: renew: {pg_reason(e)}") from None
+        """It locks many rows at once, so it can meet a take-over of an expired claim in
+        a deadlock: PostgreSQL breaks it, and it retries."""
+        def tx() -> None:
+            self.db.execute("UPDATE loads SET lease = %s WHERE campaign = %s AND station = %s "
+                            "AND state IN ('claimed', 'exported')",
+                            (now + lease_s, campaign_id, station))
+
+        self._retrying("renew", tx)
 
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None:
-        sql, args = exported_write(row, suite, r, header, kcv, now)
-        self._x(pg_params(sql), args)
+        sql, args = shared.exported_write(row, suite, r, header, kcv, now)
+        self._x(shared.pg_params(sql), args)
 
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
                  kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
-        sql, args = imported_write(row, suite, r, header, kcv, rct, reconciled, now)
-        self._x(pg_params(sql), args)
+        sql, args = shared.imported_write(row, suite, r, header, kcv, rct, reconciled, now)
+        self._x(shared.pg_params(sql), args)
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
                final: bool) -> None:
-        """Record a failure; ``final`` False puts the load back to planned (retry later)."""
-        sql, args = failed_write(row, sw, reason, now, final)
-        self._x(pg_params(sql), args)
+        sql, args = shared.failed_write(row, sw, reason, now, final)
+        self._x(shared.pg_params(sql), args)
 
     def counts(self, campaign_id: str) -> dict[str, int]:
-        out: dict[str, int] = dict.fromkeys(STATES, 0)
-        for state, n in self._x("SELECT state, count(*) FROM loads WHERE campaign = %s "
-                                "GROUP BY state", (campaign_id,)):
-            out[state] = int(n)
-        return out
+        return shared.counts_of(self._x(shared.pg_params(shared.COUNTS), (campaign_id,)))
 
     def rows(self, campaign_id: str, states: Sequence[str] | None = None) -> Iterator[LoadRow]:
-        """Every load of the campaign (optionally in ``states``), by (seq, REF2), streamed
-        through a server-side cursor on a connection of its own (flat memory)."""
-        sql = f"SELECT {_COLS} FROM loads WHERE campaign = %s"  # noqa: S608
+        """Streamed through a server-side cursor on a connection of its own (flat memory)."""
+        sql = f"SELECT {shared.COLUMNS} FROM loads WHERE campaign = %s"  # noqa: S608
         args: list[Any] = [campaign_id]
         if states:
             sql += " AND state = ANY(%s)"
@@ -368,7 +342,7 @@ class PostgresJournal:
                         if not batch:
                             return
                         for t in batch:
-                            yield row_of(t)
+                            yield shared.row_of(t)
                 except psycopg.Error as e:
                     raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
         finally:

@@ -1,13 +1,16 @@
 """A live progress line on stderr: done/total, rate, ETA, failures.
 
 On a terminal it redraws one line; elsewhere it prints a line every few seconds, so logs
-of long runs stay readable. It never prints key material (it only sees counts).
+of long runs stay readable. It never prints key material (it only sees counts): a run
+calls :meth:`Progress.update` once a unit (its ``on_unit`` callback), and the ``with``
+block around the run ends the line.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from types import TracebackType
 from typing import TextIO
 
 
@@ -34,7 +37,14 @@ class Progress:
         self.start = time.monotonic()
         self._last = 0.0
 
-    def update(self, *, ok: bool) -> None:
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def update(self, ok: bool) -> None:
         self.done += 1
         self.total = max(self.total, self.done)  # a total that was an estimate: never below
         if not ok:

@@ -1,0 +1,124 @@
+"""What a campaign journal holds: campaigns, their planned loads and each load's state,
+and the interface every journal (SQLite, PostgreSQL) gives a campaign."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class LoadState(StrEnum):
+    """Where a planned load stands (the diagram in :mod:`keyload.station.journal`); the
+    value is what is stored."""
+
+    PLANNED = "planned"
+    CLAIMED = "claimed"
+    EXPORTED = "exported"
+    IMPORTED = "imported"
+    FAILED = "failed"
+
+
+PLANNED, CLAIMED, EXPORTED, IMPORTED, FAILED = LoadState
+STATES = tuple(LoadState)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLoad:
+    ref1: bytes
+    ref2: int
+    version: int | None = None  # the key version to hold at the end (None: any)
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    id: str
+    set_id: bytes
+    created: float
+    plan: tuple[PlannedLoad, ...]
+    source: dict[str, Any]
+    units: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRow:
+    campaign: str
+    seq: int
+    sn: bytes
+    ref2: int
+    ref1: bytes
+    version: int | None
+    state: LoadState
+    attempts: int
+    station: str | None
+    lease: float | None
+    suite: int | None
+    r: bytes | None
+    header: bytes | None
+    kcv: bytes | None
+    rct: bytes | None
+    reconciled: bool
+    sw: str | None
+    reason: str | None
+    updated: float | None
+
+
+class Journal(Protocol):
+    """What a campaign needs from its journal (SQLite or PostgreSQL). Times (``now``) are
+    the caller's clock; a lease runs until ``now + lease_s``."""
+
+    def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
+        """Write the campaign and every planned load in one transaction (flat memory)."""
+        ...
+
+    def campaign(self, campaign_id: str) -> Campaign: ...
+    def campaigns(self) -> list[str]: ...
+
+    def claim(self, campaign_id: str, station: str, units: int, lease_s: float,
+              now: float) -> list[LoadRow]:
+        """Claim up to ``units`` units (all their open loads), committed before returning.
+
+        First this station's own unfinished claims (a resume), then claims of stations
+        whose lease expired (a take-over), then planned units. Rows come back with their
+        state before the claim, so the caller reconciles loads claimed or exported before.
+        """
+        ...
+
+    def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
+                   now: float) -> list[LoadRow]:
+        """Claim one unit's open loads (a card that came into a reader), as :meth:`claim`
+        would: planned ones, this station's own, or another's whose lease expired."""
+        ...
+
+    def renew(self, campaign_id: str, station: str, lease_s: float, now: float) -> None:
+        """Extend this station's open claims."""
+        ...
+
+    def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
+                 now: float) -> None: ...
+    def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
+                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None: ...
+
+    def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
+               final: bool) -> None:
+        """Record a failure; ``final`` False puts the load back to planned (retry later)."""
+        ...
+
+    def counts(self, campaign_id: str) -> dict[str, int]: ...
+
+    def rows(self, campaign_id: str, states: Sequence[str] | None = None) -> Iterator[LoadRow]:
+        """Every load of the campaign (optionally in ``states``), by (seq, REF2), streamed."""
+        ...
+
+    def event(self, campaign_id: str, station: str, now: float, done: int,
+              failed: int) -> None: ...
+    def events(self, campaign_id: str) -> list[tuple[float, str, int, int]]: ...
+
+    def lock_station(self, campaign_id: str, station: str) -> None:
+        """Be the only live process running ``station`` on this campaign (until close): a
+        station resumes its own claims at once, so two processes must not share a name.
+        Raise StoreError when another live process holds it. Idempotent."""
+        ...
+
+    def close(self) -> None: ...
