@@ -35,6 +35,7 @@ from keyload.core.errors import (
 )
 from keyload.core.keys import KeyAttributes, KeyHeader, KeyType, aes_kcv, kcv
 from keyload.core.primitives import aes_cmac, aes_ecb_encrypt_into, ecbdiv_into
+from keyload.core.ref1 import display_ref1
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
 from keyload.lab.softhsm import (
@@ -566,7 +567,7 @@ def test_pkcs11_tool_shows_the_attributes(hsm: Hsm, world: World) -> None:
             access = _flags(o["Access"])
             assert {"sensitive", "extractable"} <= access
             info = next(k for k in ks.key_infos() if o["label"].startswith(
-                f"keyload key {p11.display_ref1(k.ref1)} v"))
+                f"keyload key {display_ref1(k.ref1)} v"))
             assert o["Usage"] == ("derive" if info.diversify else "none")
         sas = [o for o in objs if o.get("label") == "keyload SAS"
                and o["kind"].startswith("Private Key Object")]

@@ -58,8 +58,8 @@ from ..core import messages as msg
 from ..core.errors import SW, StatusError, StoreError
 from ..core.keys import KeyHeader
 from ..core.primitives import ct_equal
+from ..core.ref1 import display_ref1
 from ..units.authority import Authority
-from ..units.keystore import display_ref1
 from . import problems as P
 from .commit import Busy, GroupCommit
 from .guard import AnonymousAudit, ConnectionLimits, Connections, Doorway, peer_of

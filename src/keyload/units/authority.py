@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..core import messages as msg
+from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
 from ..core.errors import (
     SW,
@@ -40,10 +41,6 @@ from ..core.errors import (
 from ..core.keys import KeyAttributes, KeyType, length_fits
 from ..core.klp1 import Exported
 from ..core.primitives import ct_equal
-
-AID_AUTHORITY = bytes.fromhex("F04B4C50314153")
-AID_UNIT = bytes.fromhex("F04B4C50314549")
-INS_SELECT, INS_INIT, INS_EXPORT, INS_IMPORT, INS_STATUS = 0xA4, 0x10, 0x12, 0x14, 0x16
 
 log = logging.getLogger("keyload.authority")
 

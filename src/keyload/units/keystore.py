@@ -22,6 +22,7 @@ from ..core import messages as msg
 from ..core.errors import NoSuchKey, StoreError, UnknownSet
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
+from ..core.ref1 import display_ref1
 from ..core.secret import Secret, scrub
 from ..core.suites import SUITES, get_suite
 from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo
@@ -310,22 +311,3 @@ class SoftwareKeystore:
         return klp1.receipt(get_suite(suite), t.value.buffer, sn, r, ref2, h, kcv_,
                             scratch=self._scratch)
 
-
-def display_ref1(ref1: bytes) -> str:
-    """REF1 as text when it is printable ASCII, else ``0x…``."""
-    if ref1.isascii() and all(0x21 <= c < 0x7F for c in ref1) and not ref1.startswith(b"0x"):
-        return ref1.decode()
-    return "0x" + ref1.hex()
-
-
-def parse_ref1(text: str) -> bytes:
-    """``0x3175`` is hex; anything else is its ASCII bytes."""
-    if text.startswith("0x"):
-        try:
-            raw = bytes.fromhex(text[2:])
-        except ValueError:
-            raise ValueError(f"bad hex REF1 {text!r}") from None
-        return msg.check_ref1(raw)
-    if not text.isascii():
-        raise ValueError("REF1 must be ASCII or 0x-hex")
-    return msg.check_ref1(text.encode())

@@ -135,10 +135,10 @@ from ..core.primitives import (
     ed25519_public,
     ed25519_verify,
 )
+from ..core.ref1 import display_ref1
 from ..core.secret import Secret, scrub
 from ..core.suites import SUITE_ECBDIV
 from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo
-from .keystore import display_ref1
 
 PIN_ENV = "KEYLOAD_PKCS11_PIN"
 APPLICATION = "keyload"
