@@ -337,11 +337,8 @@ def unit_create(args: argparse.Namespace) -> int:
                 t.wipe()
                 raise ValueError("the components do not make this set's transport key "
                                  "(KCV differs)")
-        elif isinstance(ks, SoftwareKeystore):
+        else:  # a token's T never leaves it: then give the components
             t = ks.transport_key_copy(set_id)
-        else:
-            raise ValueError("T never leaves this token: give the set's components with "
-                             "--components N")
     finally:
         ks.close()
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)

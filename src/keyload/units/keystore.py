@@ -25,7 +25,7 @@ from ..core.klp1 import Exported, Scratch
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret, scrub
 from ..core.suites import SUITES, get_suite
-from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo
+from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo, validate_new_key
 from .storage import KekSource, Vault
 
 KEYSTORE_FILE = "keystore.sealed"
@@ -206,20 +206,10 @@ class SoftwareKeystore:
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
                 replace: bool = False) -> KeyInfo:
-        msg.check_ref1(ref1)
-        key_type.check_length(len(value))
-        if not 0 <= version <= 0xFFFF:
-            raise ValueError("key version must be in 0..65535")
-        if diversify and not key_type.is_aes:
-            raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
-        if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
-            raise ValueError("an HMAC key must have a MAC usage (M…)")
         old = self._keys.get(ref1)
-        if old is not None:
-            if not replace:
-                raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
-            if version <= old.info.version:
-                raise ValueError("a replacing key needs a higher version")
+        validate_new_key(ref1, key_type, len(value), attrs, version=version,
+                         diversify=diversify, old=None if old is None else old.info,
+                         replace=replace)
         info = KeyInfo(ref1, key_type, len(value), attrs, version, diversify, policy,
                        kcv(key_type, value.buffer), label)
         self._keys[ref1] = _AppKey(info, value)
