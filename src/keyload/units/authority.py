@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
@@ -32,8 +32,10 @@ from ..core.errors import (
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
+    NoSuchKey,
     PolicyRefused,
     StatusError,
+    UnknownSet,
     Unsupported,
     WrongLength,
     WrongP1P2,
@@ -45,6 +47,8 @@ from ..core.ref1 import display_ref1
 from ..core.secret import Secret
 
 log = logging.getLogger("keyload.authority")
+
+_Entry = TypeVar("_Entry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,22 @@ class AuthorityBackend(Protocol):
                 kcv: bytes) -> bytes:
         """The RCT the unit should have answered for this load."""
         ...
+
+
+def find_set(sets: Mapping[bytes, _Entry], set_id: bytes) -> _Entry:
+    """A backend's entry for ``set_id``, else UnknownSet (6A82)."""
+    try:
+        return sets[set_id]
+    except KeyError:
+        raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+
+
+def find_key(keys: Mapping[bytes, _Entry], ref1: bytes) -> _Entry:
+    """A backend's entry for application key ``ref1``, else NoSuchKey (6A88)."""
+    try:
+        return keys[ref1]
+    except KeyError:
+        raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
 
 
 def validate_new_key(ref1: bytes, key_type: KeyType, length: int, attrs: KeyAttributes, *,

@@ -19,13 +19,20 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..core import klp1
 from ..core import messages as msg
-from ..core.errors import NoSuchKey, StoreError, UnknownSet
+from ..core.errors import StoreError
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
-from ..core.ref1 import display_ref1
 from ..core.secret import Secret, scrub
 from ..core.suites import SUITES, get_suite
-from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo, validate_new_key
+from .authority import (
+    Capabilities,
+    ExportPolicy,
+    KeyInfo,
+    SetInfo,
+    find_key,
+    find_set,
+    validate_new_key,
+)
 from .storage import KekSource, Vault
 
 KEYSTORE_FILE = "keystore.sealed"
@@ -268,10 +275,7 @@ class SoftwareKeystore:
     def _transport(self, set_id: bytes) -> _TransportKey:
         if self._closed:
             raise StoreError("the keystore is closed")
-        try:
-            return self._sets[set_id]
-        except KeyError:
-            raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+        return find_set(self._sets, set_id)
 
     def set_info(self, set_id: bytes) -> SetInfo:
         return self._transport(set_id).info
@@ -279,10 +283,7 @@ class SoftwareKeystore:
     def key_info(self, ref1: bytes) -> KeyInfo:
         if self._closed:
             raise StoreError("the keystore is closed")
-        try:
-            return self._keys[ref1].info
-        except KeyError:
-            raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
+        return find_key(self._keys, ref1).info
 
     def export(self, req: msg.ExportRequest) -> Exported:
         t = self._transport(req.set_id)

@@ -18,10 +18,9 @@ from pkcs11 import Attribute as A
 from pkcs11 import ObjectClass as CKO
 from pkcs11 import exceptions as pkx
 
-from ...core.errors import DamagedStore, NoSuchKey, UnknownSet
+from ...core.errors import DamagedStore
 from ...core.keys import KeyAttributes, KeyType
-from ...core.ref1 import display_ref1
-from ..authority import ExportPolicy, KeyInfo, SetInfo
+from ..authority import ExportPolicy, KeyInfo, SetInfo, find_key, find_set
 from .objects import ID_SAS, raw_ed25519_point
 from .session import LoginKey, Pkcs11Error, token_error
 
@@ -160,16 +159,10 @@ class TokenIndex:
 
     # -- lookups ----------------------------------------------------------------------------
     def _set(self, set_id: bytes) -> SetEntry:
-        try:
-            return self._sets[set_id]
-        except KeyError:
-            raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+        return find_set(self._sets, set_id)
 
     def _key(self, ref1: bytes) -> KeyEntry:
-        try:
-            return self._keys[ref1]
-        except KeyError:
-            raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
+        return find_key(self._keys, ref1)
 
     def set_info(self, set_id: bytes) -> SetInfo:
         return self._set(set_id).info

@@ -154,16 +154,9 @@ class Provisioning(TokenIndex):
                     label = f"keyload T {set_id.hex()}"
                     doc = {"kind": "set", "key_id": key_id.hex(), "set_id": set_id.hex(),
                            "name": name, "signed": signed}
-                    if value is None:
-                        t, meta = self._install(
-                            lambda: pre.copy(final(key_id, label)), label,
-                            {**fin, **size, A.NEVER_EXTRACTABLE: True,
-                             A.ALWAYS_SENSITIVE: True}, key_id, doc)
-                    else:
-                        ident = {A.ID: key_id, A.LABEL: label}
-                        t, meta = self._install(
-                            lambda: self._create({**fin, **ident, **LOCKED}, value),
-                            label, {**fin, **size, **LOCKED}, key_id, doc)
+                    t, meta = self._install_key(
+                        pre if value is None else value, fin, size, key_id, label, doc,
+                        generated={A.NEVER_EXTRACTABLE: True, A.ALWAYS_SENSITIVE: True})
             except pkx.PKCS11Error as e:
                 raise token_error("make a transport key", e) from e
             info = SetInfo(set_id, name, signed)
@@ -231,20 +224,30 @@ class Provisioning(TokenIndex):
                     info = KeyInfo(ref1, key_type, length, attrs, version, diversify, policy,
                                    check, label)
                     doc = key_doc(key_id, info)
-                    if value is None:
-                        k, meta = self._install(lambda: pre.copy(final(key_id, obj_label)),
-                                                obj_label, {**fin, **size}, key_id, doc)
-                    else:
-                        ident = {A.ID: key_id, A.LABEL: obj_label}
-                        k, meta = self._install(
-                            lambda: self._create({**fin, **ident, **LOCKED}, value),
-                            obj_label, {**fin, **size, **LOCKED}, key_id, doc)
+                    k, meta = self._install_key(pre if value is None else value, fin, size,
+                                                key_id, obj_label, doc)
             except pkx.PKCS11Error as e:
                 raise token_error("make an application key", e) from e
             self._keys[ref1] = KeyEntry(info, k, meta, key_id)
             if old is not None:
                 self._destroy_quietly(old.meta, old.key)
             return info
+
+    def _install_key(self, source: pkcs11.Object | Secret, fin: dict[A, Any],
+                     size: dict[A, Any], key_id: bytes, label: str, doc: dict[str, Any], *,
+                     generated: dict[A, Any] | None = None) -> tuple[pkcs11.Object,
+                                                                     pkcs11.Object]:
+        """Install a secret key with final template ``fin``: copied from its session
+        precursor (generated in the token; its attributes read back with ``generated``
+        too), or created from its value (imported: also not copyable). ``size`` is read
+        back only.
+        """
+        if isinstance(source, Secret):
+            ident = {A.ID: key_id, A.LABEL: label}
+            return self._install(lambda: self._create({**fin, **ident, **LOCKED}, source),
+                                 label, {**fin, **size, **LOCKED}, key_id, doc)
+        return self._install(lambda: source.copy(final(key_id, label)), label,
+                             {**fin, **size, **(generated or {})}, key_id, doc)
 
     def _install(self, make: Callable[[], pkcs11.Object], label: str, want: dict[A, Any],
                  key_id: bytes, doc: dict[str, Any]) -> tuple[pkcs11.Object, pkcs11.Object]:
