@@ -155,7 +155,7 @@ class AuthorityBackend(Protocol):
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
-                kcv: bytes) -> bytes:
+                kcv_: bytes) -> bytes:
         """The RCT the unit should have answered for this load."""
         ...
 
