@@ -12,7 +12,12 @@ import pytest
 
 from keyload.core.keys import KeyAttributes, KeyComponents, KeyType, aes_kcv, kcv
 from keyload.core.secret import Secret
-from keyload.units.authority import ExportPolicy, KeyAdministration, validate_new_key
+from keyload.units.authority import (
+    ExportPolicy,
+    KeyAdministration,
+    validate_new_key,
+    validate_new_set,
+)
 from keyload.units.keystore import SoftwareKeystore
 
 ANY = ExportPolicy(None, None)
@@ -85,6 +90,20 @@ def test_software_keystore_applies_validate_new_key() -> None:
         ks.generate_key(b"H", KeyType.HMAC_SHA256, ENC, version=1, diversify=False,
                         policy=ANY)
     assert [k.version for k in ks.key_infos()] == [3]
+
+
+def test_validate_new_set_on_the_software_keystore() -> None:
+    validate_new_set(32, signed=True, has_signer=True)
+    with pytest.raises(ValueError, match=r"a transport key is AES-256 \(32 bytes\)"):
+        validate_new_set(16, signed=False, has_signer=True)
+    ks = SoftwareKeystore.ephemeral()
+    with pytest.raises(ValueError, match=r"a transport key is AES-256 \(32 bytes\)"):
+        ks.add_set(Secret(os.urandom(16)), "short")
+    with pytest.raises(ValueError, match="a signed set needs the authority's signing key"):
+        ks.generate_set("signed", signed=True)
+    ks.set_signing_key()
+    assert ks.generate_set("signed", signed=True).signed
+    assert [s.name for s in ks.set_infos()] == ["signed"]
 
 
 # -- components --------------------------------------------------------------------------

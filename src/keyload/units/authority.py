@@ -201,12 +201,21 @@ def validate_new_key(ref1: bytes, key_type: KeyType, length: int, attrs: KeyAttr
             raise ValueError("a replacing key needs a higher version")
 
 
+def validate_new_set(length: int, *, signed: bool, has_signer: bool) -> None:
+    """The rules for a transport key a backend is about to take in or make: ValueError
+    unless T is AES-256 (32 bytes) and, for a signed set, the authority can sign."""
+    if length != 32:
+        raise ValueError("a transport key is AES-256 (32 bytes)")
+    if signed and not has_signer:
+        raise ValueError("a signed set needs the authority's signing key first")
+
+
 class KeyAdministration(AuthorityBackend, Protocol):
     """What administering an authority's keys needs, on any backend (software keystore,
     PKCS#11 token): sets, application keys and the signing key, as the CLI manages them.
 
     Values given to ``add_*`` and ``set_signing_key`` are :class:`Secret`; every new key
-    passes :func:`validate_new_key`.
+    passes :func:`validate_new_key`, every new set :func:`validate_new_set`.
     """
 
     def set_infos(self) -> list[SetInfo]: ...

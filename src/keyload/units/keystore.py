@@ -32,6 +32,7 @@ from .authority import (
     find_key,
     find_set,
     validate_new_key,
+    validate_new_set,
 )
 from .storage import KekSource, Vault
 
@@ -191,10 +192,7 @@ class SoftwareKeystore:
 
         ``signed``: exports to this set carry an Ed25519 SAS (units hold the public key).
         """
-        if len(value) != 32:
-            raise ValueError("a transport key is AES-256 (32 bytes)")
-        if signed and self._signer is None:
-            raise ValueError("a signed set needs the authority's signing key first")
+        validate_new_set(len(value), signed=signed, has_signer=self._signer is not None)
         set_id = aes_kcv(value.buffer)
         if set_id in self._sets:
             raise ValueError(f"set {set_id.hex()} already exists")

@@ -46,7 +46,7 @@ from ...core.keys import KeyAttributes, KeyType, kcv
 from ...core.primitives import ct_equal, ed25519_public, ed25519_verify
 from ...core.ref1 import display_ref1
 from ...core.secret import Secret, scrub
-from ..authority import ExportPolicy, KeyInfo, SetInfo, validate_new_key
+from ..authority import ExportPolicy, KeyInfo, SetInfo, validate_new_key, validate_new_set
 from .index import KeyEntry, SetEntry, TokenIndex, key_doc
 from .objects import (
     ED25519_OID,
@@ -114,8 +114,6 @@ class Provisioning(TokenIndex):
         consumed: ``value`` is wiped once it is in the token (or on failure).
         """
         try:
-            if len(value) != 32:
-                raise ValueError("a transport key is AES-256 (32 bytes)")
             return self._new_set(value, name, signed)
         finally:
             value.wipe()
@@ -132,8 +130,8 @@ class Provisioning(TokenIndex):
 
     def _new_set(self, value: Secret | None, name: str, signed: bool) -> SetInfo:
         with self._lock:
-            if signed and self._signer is None:
-                raise ValueError("a signed set needs the authority's signing key first")
+            validate_new_set(32 if value is None else len(value), signed=signed,
+                             has_signer=self._signer is not None)
             fin = secret_template(CKK.AES, token=True, extractable=False, allow=(A.DERIVE,))
             size = {A.VALUE_LEN: 32}  # read back only: C_CreateObject refuses CKA_VALUE_LEN
             try:
