@@ -54,6 +54,7 @@ from importlib.metadata import version
 from time import perf_counter
 from typing import Any
 
+from keyload.core.aids import INS_STATUS
 from keyload.core.apdu import CommandAPDU
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.secret import Secret
@@ -62,7 +63,7 @@ from keyload.station.load import AuthorityClient, UnitClient, load_key
 from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 from keyload.transports.wrappers import LockedConnection
-from keyload.units.authority import INS_STATUS, Authority, ExportPolicy
+from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 

@@ -45,6 +45,7 @@ import pytest
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from keyload.core.aids import INS_EXPORT, INS_IMPORT
 from keyload.core.apdu import CommandAPDU
 from keyload.core.errors import IntegrityError
 from keyload.core.keys import KeyAttributes, KeyType
@@ -61,7 +62,7 @@ from keyload.transports.pcsc import (
     wait_for_card,
     wait_for_removal,
 )
-from keyload.units.authority import INS_EXPORT, INS_IMPORT, Authority, ExportPolicy
+from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 

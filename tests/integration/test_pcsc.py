@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from keyload.core.aids import INS_IMPORT
 from keyload.core.apdu import CommandAPDU
 from keyload.core.errors import TransportError
 from keyload.lab.cards import CardFeeder, CardOS, LongApdus, VirtualCard, make_atr
@@ -38,7 +39,6 @@ from keyload.transports.pcsc import (
     wait_for_removal,
 )
 from keyload.transports.wrappers import LockedConnection
-from keyload.units.authority import INS_IMPORT
 from keyload.units.unit import Unit
 
 from .fixtures import World, make_world, slots_snapshot

@@ -35,6 +35,7 @@ from keyload.core.errors import (
 )
 from keyload.core.keys import KeyAttributes, KeyHeader, KeyType, aes_kcv, kcv
 from keyload.core.primitives import aes_cmac, aes_ecb_encrypt_into, ecbdiv_into
+from keyload.core.ref1 import display_ref1
 from keyload.core.secret import Secret
 from keyload.core.suites import get_suite
 from keyload.lab.softhsm import (
@@ -61,6 +62,9 @@ if HAVE_PYTHON_PKCS11:
     from pkcs11 import exceptions as pkx
 
     from keyload.units import pkcs11 as p11
+    from keyload.units.pkcs11 import export as p11_export
+    from keyload.units.pkcs11 import objects as p11_objects
+    from keyload.units.pkcs11 import provision as p11_provision
 
 PIN = "24681357"
 TOKENS = ("vectors", "world", "gen", "pins", "fails", "lister")
@@ -242,7 +246,7 @@ def _ecb_oracle(ks: Any, key: Any, block: bytes) -> bytes:
     logged-in application do with a DERIVE key (module doc, 'not enforced')."""
     tmpl = p11.secret_template(ck.KeyType.GENERIC_SECRET, token=False, extractable=True,
                                sensitive=False)
-    d = p11._derive(key, block, tmpl, 128)
+    d = p11_objects.derive(key, block, tmpl, 128)
     try:
         return bytes(d[ck.Attribute.VALUE])
     finally:
@@ -448,7 +452,7 @@ def test_tampered_importkey_refused_6982(world: World, set_name: str) -> None:
 # -- no derived object survives, on success or failure ---------------------------------
 def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, nth: int,
              exc: Exception | None = None) -> None:
-    real = getattr(p11, name)
+    real = getattr(p11_export, name)
     calls = {"n": 0}
 
     def wrapper(*a: Any, **kw: Any) -> Any:
@@ -457,20 +461,20 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, nth: int,
             raise exc if exc is not None else pkx.FunctionFailed()
         return real(*a, **kw)
 
-    monkeypatch.setattr(p11, name, wrapper)
+    monkeypatch.setattr(p11_export, name, wrapper)
 
 
 @pytest.mark.parametrize(("name", "nth", "ref1", "set_name"), [
-    ("_derive", 1, b"DIV192", "A"),  # T1
-    ("_derive", 3, b"DIV192", "A"),  # Kmac
-    ("_derive", 5, b"DIV192", "A"),  # TA'
-    ("_sign", 1, b"DIV192", "A"),  # KCV of TA'
-    ("_wrap", 1, b"AES", "S"),  # W
-    ("_wrap", 2, b"AES", "A"),  # TA' under the ephemeral key (clear SAS)
+    ("derive", 1, b"DIV192", "A"),  # T1
+    ("derive", 3, b"DIV192", "A"),  # Kmac
+    ("derive", 5, b"DIV192", "A"),  # TA'
+    ("sign", 1, b"DIV192", "A"),  # KCV of TA'
+    ("wrap", 1, b"AES", "S"),  # W
+    ("wrap", 2, b"AES", "A"),  # TA' under the ephemeral key (clear SAS)
     ("aes_kwp_unwrap", 1, b"DIV128", "A"),  # on the host
-    ("_sign", 2, b"GENDIV", "S"),  # Ed25519 SAS
-    ("_sign", 2, b"MAC", "A"),  # symmetric SAS
-    ("_sign", 3, b"DIV128", "S"),  # CAS
+    ("sign", 2, b"GENDIV", "S"),  # Ed25519 SAS
+    ("sign", 2, b"MAC", "A"),  # symmetric SAS
+    ("sign", 3, b"DIV128", "S"),  # CAS
 ])
 def test_every_derived_object_destroyed_on_failure(
         world: World, monkeypatch: pytest.MonkeyPatch, name: str, nth: int, ref1: bytes,
@@ -566,7 +570,7 @@ def test_pkcs11_tool_shows_the_attributes(hsm: Hsm, world: World) -> None:
             access = _flags(o["Access"])
             assert {"sensitive", "extractable"} <= access
             info = next(k for k in ks.key_infos() if o["label"].startswith(
-                f"keyload key {p11.display_ref1(k.ref1)} v"))
+                f"keyload key {display_ref1(k.ref1)} v"))
             assert o["Usage"] == ("derive" if info.diversify else "none")
         sas = [o for o in objs if o.get("label") == "keyload SAS"
                and o["kind"].startswith("Private Key Object")]
@@ -671,7 +675,7 @@ def test_refused_signing_key_import_is_reported(hsm: Hsm, monkeypatch: pytest.Mo
     ks = hsm.open("fails")
     before = ks.token_object_count()
     # a key the token stores but cannot use (curve parameters it does not sign with)
-    monkeypatch.setattr(p11, "ED25519_OID", bytes.fromhex("06032b6571"))  # Ed448
+    monkeypatch.setattr(p11_provision, "ED25519_OID", bytes.fromhex("06032b6571"))  # Ed448
     v = Secret(os.urandom(32))
     with pytest.raises(p11.Pkcs11Error, match="refused the imported Ed25519 private key"):
         ks.set_signing_key(v)
@@ -709,7 +713,7 @@ def test_keystore_closed(hsm: Hsm) -> None:
 
 
 def test_error_text_has_no_key_material(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    _fail_on(monkeypatch, "_wrap", 1)
+    _fail_on(monkeypatch, "wrap", 1)
     unit = world.unit(b"QUIET", "S")
     i = _uc(unit).initialize()
     with pytest.raises(p11.Pkcs11Error) as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from keyload.core import aids as codes
 from keyload.core import keys, klp1, suites
 from keyload.core import messages as msg
 from keyload.core.apdu import encode_command
@@ -25,7 +26,6 @@ from keyload.core.errors import SW, MemoryFailure, Unsupported
 from keyload.core.keys import KeyAttributes, KeyType, aes_kcv
 from keyload.core.primitives import aes_cmac, aes_ecb_encrypt_into
 from keyload.core.secret import Secret
-from keyload.units import authority as auth
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
@@ -168,14 +168,14 @@ def command_problems(text: str) -> list[str]:
     problems: list[str] = []
     aids = table(sec["5"], "AID", "keyload name")
     for row in aids:
-        if getattr(auth, row["keyload name"], None) != _hex(row["AID"]):
+        if getattr(codes, row["keyload name"], None) != _hex(row["AID"]):
             problems.append(f"{row['keyload name']} differs from the code")
-    problems += [f"{k} missing from the AID table" for k in vars(auth)
+    problems += [f"{k} missing from the AID table" for k in vars(codes)
                  if k.startswith("AID_") and k not in {r["keyload name"] for r in aids}]
     cmds = table(sec["5"], "command", "CLA", "INS", "keyload name")
     for row in cmds:
         ins = int(row["INS"], 16)
-        if getattr(auth, row["keyload name"], None) != ins:
+        if getattr(codes, row["keyload name"], None) != ins:
             problems.append(f"{row['command']}: INS {ins:02X} is not {row['keyload name']}")
         # the role the document names must know the command: anything but 6D00/6E00
         p2 = 1 if row["P2"] == "REF2" else int(row["P2"], 16)
@@ -184,12 +184,12 @@ def command_problems(text: str) -> list[str]:
         for who, role in (("unit", unit.process_apdu), ("authority", authority.process_apdu)):
             if who in row["to"] and role(apdu)[-2:] in (b"\x6d\x00", b"\x6e\x00"):
                 problems.append(f"{row['command']}: the {who} does not know {apdu.hex()}")
-    problems += [f"{k} missing from the command table" for k in vars(auth)
+    problems += [f"{k} missing from the command table" for k in vars(codes)
                  if k.startswith("INS_") and k not in {r["keyload name"] for r in cmds}]
     for row in aids:  # each application answers SELECT of its own AID with 9000
         unit, authority = _roles()
         app = unit.process_apdu if row["application"] == "unit" else authority.process_apdu
-        select = encode_command(0x00, auth.INS_SELECT, 0x04, 0x00, _hex(row["AID"]))
+        select = encode_command(0x00, codes.INS_SELECT, 0x04, 0x00, _hex(row["AID"]))
         if app(select) != b"\x90\x00":
             problems.append(f"SELECT of the {row['application']} AID is not 9000")
     return problems
@@ -288,7 +288,7 @@ def _unit_answer(fault: str) -> int:
     data = msg.ImportData(2 if fault == "slot" else 1, h, w, sas, cas).encode()
     if fault == "structure":
         data += b"\x00"
-    answer = unit.process_apdu(encode_command(0x80, auth.INS_IMPORT, 0, 0, data, 256))
+    answer = unit.process_apdu(encode_command(0x80, codes.INS_IMPORT, 0, 0, data, 256))
     return int.from_bytes(answer[-2:], "big")
 
 
@@ -350,24 +350,24 @@ def example_want() -> dict[str, bytes]:
     # the unit role: its R is the vector's, it supports both suites, slot 3 takes AES-192
     state = UnitState.new(sn, Secret(bytearray(t)), {ref2: Slot(ref2, frozenset({2}))})
     unit = Unit(MemoryUnitStore(state), rng=lambda n: r)
-    init = encode_command(0x80, auth.INS_INIT, 0, 0, b"", 256)
+    init = encode_command(0x80, codes.INS_INIT, 0, 0, b"", 256)
     want["INITIALIZE DOWNLOAD command"] = init
     want["INITIALIZE DOWNLOAD response"] = unit.process_apdu(init)[:-2]
     req = msg.ExportRequest(sn, r, want["set id"], s.id, ref1, ref2).encode()
-    want["EXPORTKEY command"] = encode_command(0x80, auth.INS_EXPORT, 0, 0, req, 256)
+    want["EXPORTKEY command"] = encode_command(0x80, codes.INS_EXPORT, 0, 0, req, 256)
     answer = Authority(ks).process_apdu(want["EXPORTKEY command"])
     assert answer[-2:] == b"\x90\x00"
     want["EXPORTKEY response"] = answer[:-2]
     resp = msg.ExportResponse.decode(answer[:-2])
     d = msg.ImportData.decode(resp.import_data)
     want.update({"H": d.h, "W": d.w, "SAS": d.sas, "CAS": d.cas, "KCV": resp.kcv})
-    imp = encode_command(0x80, auth.INS_IMPORT, 0, 0, resp.import_data, 256)
+    imp = encode_command(0x80, codes.INS_IMPORT, 0, 0, resp.import_data, 256)
     want["IMPORTKEY command"] = imp
     answer = unit.process_apdu(imp)
     assert answer[-2:] == b"\x90\x00"
     want["IMPORTKEY response"] = answer[:-2]
     want["RCT"] = msg.ImportResponse.decode(answer[:-2]).rct
-    status = encode_command(0x80, auth.INS_STATUS, 0, ref2, b"", 256)
+    status = encode_command(0x80, codes.INS_STATUS, 0, ref2, b"", 256)
     want["GET SLOT STATUS command"] = status
     want["GET SLOT STATUS response"] = unit.process_apdu(status)[:-2]
     ks.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import PolicyRefused, StoreError
+from ..core.ref1 import display_ref1, parse_ref1
 from ..records.sql import is_postgres_url
 from ..service.ledger import (
     AGE_BUCKETS,
@@ -52,7 +53,6 @@ from ..station.report import (
     write_report,
 )
 from ..transports.local import LocalConnection
-from ..units.keystore import display_ref1, parse_ref1
 from .context import Home
 from .output import emit_json, kv, table
 from .progress import Progress

@@ -14,6 +14,7 @@ from ..core.errors import KeyloadError, StoreError
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.messages import check_ref2, check_sn
 from ..core.primitives import ct_equal
+from ..core.ref1 import display_ref1, parse_ref1
 from ..core.suites import get_suite
 from ..station.fleet import EmulatedFleet
 from ..station.journal.model import STATES
@@ -24,7 +25,7 @@ from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
 from ..units.exportlog import SqliteExportLog
-from ..units.keystore import SoftwareKeystore, check_usage, display_ref1, parse_ref1
+from ..units.keystore import SoftwareKeystore, check_usage
 from ..units.unit import Slot
 from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
 from .output import emit_json, kv, table
@@ -336,11 +337,8 @@ def unit_create(args: argparse.Namespace) -> int:
                 t.wipe()
                 raise ValueError("the components do not make this set's transport key "
                                  "(KCV differs)")
-        elif isinstance(ks, SoftwareKeystore):
+        else:  # a token's T never leaves it: then give the components
             t = ks.transport_key_copy(set_id)
-        else:
-            raise ValueError("T never leaves this token: give the set's components with "
-                             "--components N")
     finally:
         ks.close()
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)

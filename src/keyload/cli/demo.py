@@ -28,6 +28,7 @@ from typing import Any
 
 from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyType
+from ..core.ref1 import display_ref1
 from ..core.secret import Secret
 from ..station.campaign import Interrupt, RunOptions, run_campaign, sigint_deferred
 from ..station.customize import Failure, Summary, customize
@@ -39,7 +40,7 @@ from ..station.report import verify_ledger
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.authority import Authority, ExportPolicy
-from ..units.keystore import SoftwareKeystore, display_ref1
+from ..units.keystore import SoftwareKeystore
 from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource, atomic_write
 from ..units.unit import Slot, Unit
 from .context import Home, Keystore, open_pkcs11

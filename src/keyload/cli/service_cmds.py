@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import InitResponse, check_ref2, check_sn
+from ..core.ref1 import display_ref1, parse_ref1
 from ..station.fleet import EmulatedFleet
 from ..station.load import UnitClient, load_key
 from ..transports import Connection
 from ..transports.local import LocalConnection
-from ..units.keystore import display_ref1, parse_ref1
 from .commands import parse_hex
 from .context import Home
 from .output import emit_json, table

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
 from .errors import MalformedData, Unsupported
 from .primitives import Buf, aes_cmac, hmac_sha256
+from .secret import Secret
 
 HEADER_VERSION = 0x01
 _HEADER = struct.Struct(">BBBB2s1sH1sBx")  # H (docs/protocol.md §3); the last byte is ignored
@@ -160,3 +162,67 @@ class KeyHeader(NamedTuple):
         """Header version 1 and a supported suite, else 6A81 (docs/protocol.md §7 step 4)."""
         if self.header_version != HEADER_VERSION or self.suite not in suites:
             raise Unsupported("header version or suite not supported")
+
+
+class KeyComponents:
+    """A key as the XOR of ``count`` components, taken one at a time (a key ceremony).
+
+    :meth:`add` answers each component's KCV (``kcv_of``) so that it can be shown right
+    after the component is entered. Refused (ValueError, everything wiped): components of
+    different lengths, a component equal to an earlier one (the same KCV: two equal
+    components cancel out), and, from two components on, a combined key that is all zeros
+    or equals one of its components (the others then cancel out).
+
+    >>> kc = KeyComponents(2)
+    >>> kcvs = [kc.add(Secret(bytes([1] * 16))), kc.add(Secret(bytes([3] * 16)))]
+    >>> key, _ = kc.combined()
+    >>> bytes(key) == bytes([2] * 16)
+    True
+    """
+
+    def __init__(self, count: int, *,
+                 kcv_of: Callable[[bytearray], bytes] = aes_kcv) -> None:
+        if count < 1:
+            raise ValueError("at least one component")
+        self.count = count
+        self.kcv_of = kcv_of
+        self.kcvs: list[bytes] = []
+        self._total: Secret | None = None
+
+    def add(self, component: Secret) -> bytes:
+        """XOR ``component`` in (it is wiped); its KCV."""
+        c = component
+        if self._total is None:
+            self._total = Secret(len(c))
+        total = self._total
+        if len(c) != len(total):
+            c.wipe()
+            total.wipe()
+            raise ValueError("components must have the same length")
+        k = self.kcv_of(c.buffer)
+        if k in self.kcvs:
+            c.wipe()
+            total.wipe()
+            raise ValueError(f"component {len(self.kcvs) + 1} is the same as component "
+                             f"{self.kcvs.index(k) + 1} (same KCV): equal components cancel out")
+        self.kcvs.append(k)
+        for j in range(len(c)):
+            total.buffer[j] ^= c.buffer[j]
+        c.wipe()
+        return k
+
+    def combined(self) -> tuple[Secret, list[bytes]]:
+        """The key and the components' KCVs, once all ``count`` are in (the caller wipes
+        the key)."""
+        total = self._total
+        if total is None or len(self.kcvs) != self.count:
+            raise ValueError(f"{self.count} components are needed, {len(self.kcvs)} given")
+        if self.count > 1:
+            if not any(total.buffer):
+                total.wipe()
+                raise ValueError("the components combine to an all-zero key")
+            if self.kcv_of(total.buffer) in self.kcvs:
+                total.wipe()
+                raise ValueError("the combined key equals one of its components (the others "
+                                 "cancel out)")
+        return total, self.kcvs

@@ -37,6 +37,9 @@ LABEL_SAS = b"KLP1-SAS"
 LABEL_CAS = b"KLP1-CAS"
 LABEL_RCT = b"KLP1-RCT"
 
+# where Kenc, Kmac and Ksas stand in KDF(T1, "KLP1-DL", …, 768) (docs/protocol.md §4)
+KENC, KMAC, KSAS = slice(0, 32), slice(32, 64), slice(64, 96)
+
 
 def lv(x: bytes) -> bytes:
     return bytes((len(x),)) + x
@@ -117,7 +120,12 @@ def diversify_into(suite: Suite, ta: Buf, sn: bytes, out: bytearray) -> None:
 
 
 def sas_message_ed25519(h: bytes, sn: bytes, ref2: int, ta: Buf) -> bytes:
-    return LABEL_SAS + h + lv(sn) + bytes((ref2,)) + sha256(ta)
+    return sas_message_ed25519_of_digest(h, sn, ref2, sha256(ta))
+
+
+def sas_message_ed25519_of_digest(h: bytes, sn: bytes, ref2: int, ta_sha256: bytes) -> bytes:
+    """The message the Ed25519 SAS signs, given SHA-256(TA') (a token's ``C_DigestKey``)."""
+    return LABEL_SAS + h + lv(sn) + bytes((ref2,)) + ta_sha256
 
 
 def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
@@ -174,7 +182,7 @@ def export_key(
         derive_session(suite, sc.t1, sn, r, ref2, sc.session)
         sc.t1[:] = _ZERO32  # T1 is no longer needed
         session = memoryview(sc.session)
-        kenc, kmac, ksas = session[0:32], session[32:64], session[64:96]
+        kenc, kmac, ksas = session[KENC], session[KMAC], session[KSAS]
         flags = 0
         if diversify:
             if not key_type.is_aes:
@@ -239,7 +247,7 @@ def open_import(
         derive_session(suite, sc.t1, sn, r, data.ref2, sc.session)
         sc.t1[:] = _ZERO32
         session = memoryview(sc.session)
-        kenc, kmac, ksas = session[0:32], session[32:64], session[64:96]
+        kenc, kmac, ksas = session[KENC], session[KMAC], session[KSAS]
         # 5. CAS before any decryption
         want = aes_cmac(kmac, cas_message(sn, r, data.ref2, data.h, data.w, data.sas))
         if not ct_equal(want, data.cas):
@@ -284,7 +292,7 @@ def receipt(suite: Suite, t: Buf, sn: bytes, r: bytes, ref2: int, h: bytes, kcv_
     try:
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, ref2, sc.session)
-        return aes_cmac(memoryview(sc.session)[32:64], rct_message(sn, r, ref2, h, kcv_))
+        return aes_cmac(memoryview(sc.session)[KMAC], rct_message(sn, r, ref2, h, kcv_))
     finally:
         sc.wipe()
 

@@ -39,6 +39,7 @@ __all__ = [
     "aes_kwp_unwrap",
     "aes_kwp_wrap",
     "ct_equal",
+    "ecbdiv_blocks",
     "ecbdiv_into",
     "ed25519_public",
     "ed25519_sign",
@@ -141,14 +142,22 @@ def aes_ecb_encrypt_into(key: Buf, data: Buf, out: bytearray) -> None:
         tmp[:] = bytes(len(tmp))
 
 
-def ecbdiv_into(key: Buf, out: bytearray, *, label: bytes, context: bytes) -> None:
-    """KLP1 suite 0x02 KDF (docs/protocol.md §4): leftmost L bits of AES-ECB_K(B_1 || … || B_n).
+def ecbdiv_blocks(label: bytes, context: bytes, n: int) -> bytes:
+    """``B_1 || … || B_n`` of KLP1 suite 0x02 (docs/protocol.md §4): the data AES-ECB
+    encrypts, here or in a token (``CKM_AES_ECB_ENCRYPT_DATA``).
 
-    ``h = SHA-256(label || 0x00 || context)[0:15]``, ``B_i = h || [i]_8``; ``len(out)`` gives L.
+    ``h = SHA-256(label || 0x00 || context)[0:15]``, ``B_i = h || [i]_8``.
+    """
+    h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
+    return b"".join(h + bytes((i,)) for i in range(1, n + 1))
+
+
+def ecbdiv_into(key: Buf, out: bytearray, *, label: bytes, context: bytes) -> None:
+    """KLP1 suite 0x02 KDF (docs/protocol.md §4): leftmost L bits of AES-ECB_K(B_1 || … || B_n)
+    (:func:`ecbdiv_blocks`); ``len(out)`` gives L.
     """
     n = -(-len(out) // 16)
-    h = hashlib.sha256(label + b"\x00" + context).digest()[:15]
-    blocks = b"".join(h + bytes((i,)) for i in range(1, n + 1))
+    blocks = ecbdiv_blocks(label, context, n)
     if len(out) == 16 * n:
         aes_ecb_encrypt_into(key, blocks, out)
         return

@@ -36,8 +36,8 @@ from urllib.parse import urlsplit
 
 from ..core import messages as msg
 from ..core.errors import SW, KeyloadError, StatusError, TransportError, error_for_sw
+from ..core.ref1 import display_ref1
 from ..station.load import AuthorityClient, LoadResult
-from ..units.keystore import display_ref1
 from ..units.storage import atomic_write, ensure_private_dir
 from .pki import check_tls_files
 

@@ -20,8 +20,8 @@ from ..core import messages as msg
 from ..core.errors import SW, StatusError
 from ..core.keys import KeyHeader
 from ..core.primitives import ct_equal
+from ..core.ref1 import display_ref1
 from ..units.authority import Authority
-from ..units.keystore import display_ref1
 from . import problems as P
 from .metrics import Metrics
 from .policy import ClientRule, Policy

@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 
 from ..core.errors import MalformedData, StatusError, StoreError
 from ..core.keys import KeyHeader
+from ..core.ref1 import display_ref1
 from ..records.sql import is_postgres_url
 from ..records.stored import check_file
 from ..station.audit import AuditLog
 from ..units.authority import Authority
-from ..units.keystore import display_ref1
 from .store import (
     CLAIMED,
     EXPORTED,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..units.keystore import parse_ref1
+from ..core.ref1 import parse_ref1
 
 ANY = "any"
 

@@ -32,13 +32,13 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from ..core import messages as msg
+from ..core.aids import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
 from ..core.apdu import ResponseAPDU, encode_command
 from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
 from ..core.keys import KeyHeader
 from ..core.primitives import ct_equal
 from ..core.suites import PREFERENCE
 from ..transports import Connection
-from ..units.authority import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
 
 
 class Step(StrEnum):

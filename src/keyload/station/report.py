@@ -15,8 +15,8 @@ from typing import Any
 
 from ..core.errors import KeyloadError
 from ..core.keys import KeyHeader
+from ..core.ref1 import display_ref1
 from ..units.authority import Authority, ExportRecord
-from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
 from .journal.model import FAILED, IMPORTED, Journal, LoadRow, PlannedLoad
 

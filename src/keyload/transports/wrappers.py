@@ -16,12 +16,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..core.aids import COMMAND_NAMES
 from . import Connection
 
 log = logging.getLogger("keyload.transport")
 
-_INS_NAMES = {0xA4: "SELECT", 0x10: "INITIALIZE DOWNLOAD", 0x12: "EXPORTKEY",
-              0x14: "IMPORTKEY", 0x16: "GET SLOT STATUS"}
 
 
 @dataclass
@@ -36,7 +35,7 @@ class TracingConnection:
         r = self.inner.transmit(apdu)
         if self.counter is not None:
             self.counter()
-        ins = _INS_NAMES.get(apdu[1], f"INS {apdu[1]:02X}") if len(apdu) > 1 else "?"
+        ins = COMMAND_NAMES.get(apdu[1], f"INS {apdu[1]:02X}") if len(apdu) > 1 else "?"
         log.debug("%s %s: %d bytes out, %d bytes back, SW %s", self.name, ins, len(apdu),
                   len(r), r[-2:].hex().upper() if len(r) >= 2 else "--")
         return r

@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..core import messages as msg
+from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
 from ..core.errors import (
     SW,
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
+    NoSuchKey,
     PolicyRefused,
     StatusError,
+    UnknownSet,
     Unsupported,
     WrongLength,
     WrongP1P2,
@@ -40,12 +43,12 @@ from ..core.errors import (
 from ..core.keys import KeyAttributes, KeyType, length_fits
 from ..core.klp1 import Exported
 from ..core.primitives import ct_equal
-
-AID_AUTHORITY = bytes.fromhex("F04B4C50314153")
-AID_UNIT = bytes.fromhex("F04B4C50314549")
-INS_SELECT, INS_INIT, INS_EXPORT, INS_IMPORT, INS_STATUS = 0xA4, 0x10, 0x12, 0x14, 0x16
+from ..core.ref1 import display_ref1
+from ..core.secret import Secret
 
 log = logging.getLogger("keyload.authority")
+
+_Entry = TypeVar("_Entry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +155,101 @@ class AuthorityBackend(Protocol):
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
-                kcv: bytes) -> bytes:
+                kcv_: bytes) -> bytes:
         """The RCT the unit should have answered for this load."""
         ...
+
+
+def find_set(sets: Mapping[bytes, _Entry], set_id: bytes) -> _Entry:
+    """A backend's entry for ``set_id``, else UnknownSet (6A82)."""
+    try:
+        return sets[set_id]
+    except KeyError:
+        raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+
+
+def find_key(keys: Mapping[bytes, _Entry], ref1: bytes) -> _Entry:
+    """A backend's entry for application key ``ref1``, else NoSuchKey (6A88)."""
+    try:
+        return keys[ref1]
+    except KeyError:
+        raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
+
+
+def validate_new_key(ref1: bytes, key_type: KeyType, length: int, attrs: KeyAttributes, *,
+                     version: int, diversify: bool, old: KeyInfo | None,
+                     replace: bool) -> None:
+    """The rules for a key a backend is about to take in or make, whatever the backend:
+    ValueError (a caller mistake) when one is broken.
+
+    REF1 of 1 to 32 bytes; a length that fits the type (docs/protocol.md §3); a version in
+    0..65535; diversification for AES keys only (§4); a MAC usage (``M…``) for an HMAC key;
+    and, when ``old`` holds the key of that REF1, ``replace`` and a higher version.
+    """
+    msg.check_ref1(ref1)
+    key_type.check_length(length)
+    if not 0 <= version <= 0xFFFF:
+        raise ValueError("key version must be in 0..65535")
+    if diversify and not key_type.is_aes:
+        raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
+    if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
+        raise ValueError("an HMAC key must have a MAC usage (M…)")
+    if old is not None:
+        if not replace:
+            raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
+        if version <= old.version:
+            raise ValueError("a replacing key needs a higher version")
+
+
+def validate_new_set(length: int, *, signed: bool, has_signer: bool) -> None:
+    """The rules for a transport key a backend is about to take in or make: ValueError
+    unless T is AES-256 (32 bytes) and, for a signed set, the authority can sign."""
+    if length != 32:
+        raise ValueError("a transport key is AES-256 (32 bytes)")
+    if signed and not has_signer:
+        raise ValueError("a signed set needs the authority's signing key first")
+
+
+class KeyAdministration(AuthorityBackend, Protocol):
+    """What administering an authority's keys needs, on any backend (software keystore,
+    PKCS#11 token): sets, application keys and the signing key, as the CLI manages them.
+
+    Values given to ``add_*`` and ``set_signing_key`` are :class:`Secret`; every new key
+    passes :func:`validate_new_key`, every new set :func:`validate_new_set`.
+    """
+
+    def set_infos(self) -> list[SetInfo]: ...
+
+    def key_infos(self) -> list[KeyInfo]: ...
+
+    def public_key(self) -> bytes | None:
+        """The Ed25519 SAS public key, or None when the authority has none."""
+        ...
+
+    def add_set(self, value: Secret, name: str, *, signed: bool = False) -> SetInfo:
+        """Take in a transport key T (32 bytes); its set id is KCV(T)."""
+        ...
+
+    def generate_set(self, name: str, *, signed: bool = False) -> SetInfo: ...
+
+    def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
+                version: int, diversify: bool, policy: ExportPolicy, label: str = "",
+                replace: bool = False) -> KeyInfo: ...
+
+    def generate_key(self, ref1: bytes, key_type: KeyType, attrs: KeyAttributes, *,
+                     version: int, diversify: bool, policy: ExportPolicy,
+                     length: int | None = None, label: str = "") -> KeyInfo: ...
+
+    def set_signing_key(self, value: Secret | None = None) -> bytes:
+        """Generate (``value`` None) or take in the Ed25519 SAS key; its public key."""
+        ...
+
+    def transport_key_copy(self, set_id: bytes) -> Secret:
+        """A copy of T, to personalize an emulated unit; ValueError where T never leaves
+        the backend."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Authority:

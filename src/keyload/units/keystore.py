@@ -19,12 +19,21 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..core import klp1
 from ..core import messages as msg
-from ..core.errors import NoSuchKey, StoreError, UnknownSet
+from ..core.errors import StoreError
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
 from ..core.secret import Secret, scrub
 from ..core.suites import SUITES, get_suite
-from .authority import Capabilities, ExportPolicy, KeyInfo, SetInfo
+from .authority import (
+    Capabilities,
+    ExportPolicy,
+    KeyInfo,
+    SetInfo,
+    find_key,
+    find_set,
+    validate_new_key,
+    validate_new_set,
+)
 from .storage import KekSource, Vault
 
 KEYSTORE_FILE = "keystore.sealed"
@@ -183,10 +192,7 @@ class SoftwareKeystore:
 
         ``signed``: exports to this set carry an Ed25519 SAS (units hold the public key).
         """
-        if len(value) != 32:
-            raise ValueError("a transport key is AES-256 (32 bytes)")
-        if signed and self._signer is None:
-            raise ValueError("a signed set needs the authority's signing key first")
+        validate_new_set(len(value), signed=signed, has_signer=self._signer is not None)
         set_id = aes_kcv(value.buffer)
         if set_id in self._sets:
             raise ValueError(f"set {set_id.hex()} already exists")
@@ -205,20 +211,10 @@ class SoftwareKeystore:
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
                 replace: bool = False) -> KeyInfo:
-        msg.check_ref1(ref1)
-        key_type.check_length(len(value))
-        if not 0 <= version <= 0xFFFF:
-            raise ValueError("key version must be in 0..65535")
-        if diversify and not key_type.is_aes:
-            raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
-        if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
-            raise ValueError("an HMAC key must have a MAC usage (M…)")
         old = self._keys.get(ref1)
-        if old is not None:
-            if not replace:
-                raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
-            if version <= old.info.version:
-                raise ValueError("a replacing key needs a higher version")
+        validate_new_key(ref1, key_type, len(value), attrs, version=version,
+                         diversify=diversify, old=None if old is None else old.info,
+                         replace=replace)
         info = KeyInfo(ref1, key_type, len(value), attrs, version, diversify, policy,
                        kcv(key_type, value.buffer), label)
         self._keys[ref1] = _AppKey(info, value)
@@ -277,10 +273,7 @@ class SoftwareKeystore:
     def _transport(self, set_id: bytes) -> _TransportKey:
         if self._closed:
             raise StoreError("the keystore is closed")
-        try:
-            return self._sets[set_id]
-        except KeyError:
-            raise UnknownSet(f"no transport key for set {set_id.hex()}") from None
+        return find_set(self._sets, set_id)
 
     def set_info(self, set_id: bytes) -> SetInfo:
         return self._transport(set_id).info
@@ -288,10 +281,7 @@ class SoftwareKeystore:
     def key_info(self, ref1: bytes) -> KeyInfo:
         if self._closed:
             raise StoreError("the keystore is closed")
-        try:
-            return self._keys[ref1].info
-        except KeyError:
-            raise NoSuchKey(f"no application key {display_ref1(ref1)}") from None
+        return find_key(self._keys, ref1).info
 
     def export(self, req: msg.ExportRequest) -> Exported:
         t = self._transport(req.set_id)
@@ -310,22 +300,3 @@ class SoftwareKeystore:
         return klp1.receipt(get_suite(suite), t.value.buffer, sn, r, ref2, h, kcv_,
                             scratch=self._scratch)
 
-
-def display_ref1(ref1: bytes) -> str:
-    """REF1 as text when it is printable ASCII, else ``0x…``."""
-    if ref1.isascii() and all(0x21 <= c < 0x7F for c in ref1) and not ref1.startswith(b"0x"):
-        return ref1.decode()
-    return "0x" + ref1.hex()
-
-
-def parse_ref1(text: str) -> bytes:
-    """``0x3175`` is hex; anything else is its ASCII bytes."""
-    if text.startswith("0x"):
-        try:
-            raw = bytes.fromhex(text[2:])
-        except ValueError:
-            raise ValueError(f"bad hex REF1 {text!r}") from None
-        return msg.check_ref1(raw)
-    if not text.isascii():
-        raise ValueError("REF1 must be ASCII or 0x-hex")
-    return msg.check_ref1(text.encode())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core import messages as msg
+from ..core.aids import AID_UNIT, INS_IMPORT, INS_INIT, INS_SELECT, INS_STATUS
 from ..core.apdu import CommandAPDU, sw_bytes
 from ..core.errors import (
     SW,
@@ -46,7 +47,6 @@ from ..core.keys import KeyHeader, aes_kcv
 from ..core.klp1 import Scratch, open_import
 from ..core.secret import Secret
 from ..core.suites import SUITES, get_suite
-from .authority import AID_UNIT, INS_IMPORT, INS_INIT, INS_SELECT, INS_STATUS
 from .storage import KekSource, Vault
 
 UNIT_KIND = "unit"
