@@ -15,6 +15,7 @@ from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.messages import check_ref2, check_sn
 from ..core.primitives import ct_equal
 from ..core.suites import get_suite
+from ..records.exportlog import SqliteExportLog
 from ..station.fleet import EmulatedFleet
 from ..station.journal import STATES
 from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
@@ -23,7 +24,6 @@ from ..station.report import Receipt, campaign_receipts, check_receipts
 from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
-from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore, check_usage, display_ref1, parse_ref1
 from ..units.unit import Slot
 from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex

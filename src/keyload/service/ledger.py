@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 
 from ..core.errors import MalformedData, StatusError, StoreError
 from ..core.keys import KeyHeader
+from ..records.audit import AuditLog
 from ..records.sql import is_postgres_url
 from ..records.stored import check_file
-from ..station.audit import AuditLog
 from ..units.authority import Authority
 from ..units.keystore import display_ref1
 from .store import (

@@ -21,7 +21,6 @@ receipt: never key material.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -30,8 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
+from ..records.audit import AuditLog, AuditProblem, PostgresAudit
 from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
-from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
 from .commit import Busy
 from .policy import Rate
 from .rates import MemoryRates
@@ -73,18 +72,6 @@ CREATE TABLE IF NOT EXISTS rate_log (
     t DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rate_log_key_t ON rate_log (key, t);
-"""
-
-PG_AUDIT = """
-CREATE TABLE IF NOT EXISTS audit (
-    seq BIGINT PRIMARY KEY,
-    time DOUBLE PRECISION NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    prev TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
 """
 
 CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
@@ -361,7 +348,8 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
 
 
 class PostgresServiceStore(_SqlStore):
-    """The same tables in PostgreSQL (psycopg 3), plus the audit chain as a table.
+    """The same tables in PostgreSQL (psycopg 3), plus the audit chain and its head
+    (:class:`~keyload.records.audit.PostgresAudit`, on this connection).
 
     Audit appends take a transaction-scoped advisory lock, so the chain stays linear with
     any number of instances writing; ``verify_audit`` recomputes it.
@@ -402,7 +390,7 @@ class PostgresServiceStore(_SqlStore):
             return RATE_LIMITED
         return ADMITTED if int(rows[0][1]) == 1 else REPLAYED
 
-    AUDIT_LOCK = 0x4B4C5031  # "KLP1"
+    AUDIT_LOCK = PostgresAudit.LOCK
 
     def __init__(self, url: str, *, actor: str = "service", busy_timeout: float = 2.0) -> None:
         try:
@@ -414,10 +402,9 @@ class PostgresServiceStore(_SqlStore):
         self.actor = actor
         self._lock = threading.Lock()
         # an open batch: its psycopg pipeline (statements go out without a wait) and what
-        # ends it, and the chain's head in it
+        # ends it
         self._pipe: Any = None
         self._pipe_end: contextlib.ExitStack | None = None
-        self._batch_head: tuple[int, bytes] | None = None
         try:
             # a lock held elsewhere (another instance stuck mid-batch) fails a statement
             # after ``busy_timeout`` instead of stalling every request
@@ -427,12 +414,14 @@ class PostgresServiceStore(_SqlStore):
             from ..records.postgres import connect_error
 
             raise connect_error("service state", url, e) from None
+        self.audit = PostgresAudit(self.conn, actor=actor)
         try:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
-                for stmt in (SCHEMA + PG_AUDIT).split(";"):
+                for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         self.conn.execute(stmt)
+                self.audit.create()
         except psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
@@ -472,14 +461,11 @@ class PostgresServiceStore(_SqlStore):
         except self._psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
-    @property
-    def _in_batch(self) -> bool:
-        return self._pipe_end is not None
-
     def _end_batch(self) -> contextlib.ExitStack:
         """Leave the batch's state; what ends its pipeline (closing it sends the rest)."""
         end = self._pipe_end or contextlib.ExitStack()
-        self._pipe, self._pipe_end, self._batch_head = None, None, None
+        self._pipe, self._pipe_end = None, None
+        self.audit.abandon_batch()
         return end
 
     def begin_batch(self) -> None:
@@ -488,13 +474,14 @@ class PostgresServiceStore(_SqlStore):
                 self._pipe_end = contextlib.ExitStack()
                 self._pipe = self._pipe_end.enter_context(self.conn.pipeline())
                 self.conn.execute("BEGIN")
-                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
+                self.audit.begin_batch()
         except self._psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
     def commit_batch(self) -> None:
         try:
             with self._lock:
+                self.audit.end_batch()
                 cur = self.conn.execute("COMMIT")
                 self._end_batch().close()  # sends what is queued; raises its error
                 if cur.statusmessage != "COMMIT":  # PostgreSQL ends a failed one "ROLLBACK"
@@ -510,39 +497,29 @@ class PostgresServiceStore(_SqlStore):
                 self.conn.execute("ROLLBACK")
 
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
-        d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-        who = actor or self.actor
         try:
             with self._lock:
-                if self._in_batch:  # the batch holds the audit lock
-                    seq, h = self._audit_insert(who, action, d)
-                    self._batch_head = (seq, h)
-                    return seq
-                with self.conn.transaction():
-                    self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
-                    seq, h = self._audit_insert(who, action, d)
+                return self.audit.append(action, detail, actor=actor)
         except self._psycopg.Error as e:
             raise _pg_error("audit", e) from None
-        return seq
-
-    def _audit_insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
-        row = chain_row(self._batch_head or last_record(self.conn), who, action, d)
-        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
-        return row[0], bytes.fromhex(row[6])
 
     def ping(self) -> None:
         self._x("SELECT 1 FROM audit LIMIT 1")
 
     def verify_audit(self) -> tuple[int, list[AuditProblem]]:
-        """(records, problems) of the audit chain in this database (no head file here:
-        the chain lives with the rest of the state)."""
-        n, problems, _ = check_chain(self._x(
-            "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"))
-        return n, problems
+        """(records, problems) of the audit chain in this database, its head included."""
+        try:
+            with self._lock:
+                return self.audit.verify()
+        except self._psycopg.Error as e:
+            raise _pg_error("audit", e) from None
 
     def audit_records(self) -> list[tuple[str, str, dict[str, Any]]]:
-        return [(a, act, json.loads(d)) for a, act, d in
-                self._x("SELECT actor, action, detail FROM audit ORDER BY seq")]
+        try:
+            with self._lock:
+                return self.audit.records()
+        except self._psycopg.Error as e:
+            raise _pg_error("audit", e) from None
 
     def close(self) -> None:
         self.conn.close()

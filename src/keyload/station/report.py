@@ -15,7 +15,8 @@ from typing import Any
 
 from ..core.errors import KeyloadError
 from ..core.keys import KeyHeader
-from ..units.authority import Authority, ExportRecord
+from ..records.exportlog import ExportRecord
+from ..units.authority import Authority
 from ..units.keystore import display_ref1
 from ..units.storage import atomic_write
 from .journal import FAILED, IMPORTED, Journal, LoadRow

@@ -40,6 +40,7 @@ from ..core.errors import (
 from ..core.keys import KeyAttributes, KeyType, length_fits
 from ..core.klp1 import Exported
 from ..core.primitives import ct_equal
+from ..records.exportlog import ExportRecord
 
 AID_AUTHORITY = bytes.fromhex("F04B4C50314153")
 AID_UNIT = bytes.fromhex("F04B4C50314549")
@@ -106,20 +107,6 @@ class Capabilities:
     suites: frozenset[int]
     ed25519: bool
     backend: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExportRecord:
-    """One export, as recorded (docs/protocol.md §8): never key material."""
-
-    time: float
-    set_id: bytes
-    sn: bytes
-    ref1: bytes
-    ref2: int
-    suite: int
-    key_version: int
-    kcv: bytes
 
 
 class ExportLog(Protocol):
