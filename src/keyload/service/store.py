@@ -30,10 +30,11 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..records.audit import AuditLog, AuditProblem, PostgresAudit
+from ..records.ledger import LedgerEntry
 from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
 from .commit import Busy
 from .policy import Rate
-from .rates import MemoryRates
+from .rates import RATE_SCHEMA, LogRates, MemoryRates
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -67,12 +68,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     time DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (sn, r)
 );
-CREATE TABLE IF NOT EXISTS rate_log (
-    key TEXT NOT NULL,
-    t DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rate_log_key_t ON rate_log (key, t);
-"""
+""" + RATE_SCHEMA
 
 CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
 ADMITTED, RATE_LIMITED, REPLAYED = "admitted", "rate-limited", "replayed"
@@ -93,22 +89,6 @@ class Challenge:
     header: bytes | None = None
     kcv: bytes | None = None
     key_version: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    sn: bytes
-    r: bytes
-    set_id: bytes
-    ref1: bytes
-    ref2: int
-    suite: int
-    header: bytes
-    key_version: int
-    kcv: bytes
-    rct: bytes
-    client: str
-    time: float
 
 
 class ServiceStore(Protocol):
@@ -173,21 +153,19 @@ def _ch(t: Any) -> Challenge:
 
 def _le(t: Any) -> LedgerEntry:
     sn, r, set_id, ref1, ref2, suite, header, ver, kcv, rct, client, tm = t
-    return LedgerEntry(bytes.fromhex(sn), bytes.fromhex(r), bytes.fromhex(set_id),
-                       bytes.fromhex(ref1), int(ref2), int(suite), bytes.fromhex(header),
-                       int(ver), bytes.fromhex(kcv), bytes.fromhex(rct), client, float(tm))
+    return LedgerEntry("service", float(tm), bytes.fromhex(ref1), int(ver), int(suite),
+                       bytes.fromhex(set_id), bytes.fromhex(sn), bytes.fromhex(r), int(ref2),
+                       bytes.fromhex(header), bytes.fromhex(kcv), bytes.fromhex(rct),
+                       client=client)
 
 
 class _SqlStore(ABC):
     """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style).
 
-    Rate limits are sliding logs (``rate_log``: one row per admitted request): a request
-    is admitted when fewer than ``limit`` rows of its key lie in ``(now - window, now]``,
-    so no interval of the window's length ever admits more than the limit (a fixed
-    window lets twice the limit through across its boundary)."""
+    The rate counters are ``_rates`` (:mod:`.rates`): sliding logs in the ``rate_log``
+    table, or in memory when one process owns the state."""
 
-    _hits = 0
-    _horizon = 0.0  # the longest window seen: older rows are of no use
+    _rates: MemoryRates | LogRates
 
     @abstractmethod
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -205,24 +183,10 @@ class _SqlStore(ABC):
     def hit(self, key: str, rate: Rate, now: float) -> bool:
         """Count the key's window and, under the limit, log this one (in one transaction:
         a batch, or the caller's)."""
-        n = int(self._x("SELECT COUNT(*) FROM rate_log WHERE key = ? AND t > ?",
-                        (key, now - rate.window_s))[0][0])
-        if n >= rate.limit:
-            return False
-        self._w("INSERT INTO rate_log (key, t) VALUES (?, ?)", (key, now))
-        self._tidy(rate, now)
-        return True
+        return self._rates.hit(key, rate, now)
 
     def retry_after(self, key: str, rate: Rate, now: float) -> float:
-        rows = self._x("SELECT t FROM rate_log WHERE key = ? AND t > ? ORDER BY t DESC "
-                       "LIMIT 1 OFFSET ?", (key, now - rate.window_s, rate.limit - 1))
-        return max(0.0, float(rows[0][0]) + rate.window_s - now) if rows else 0.0
-
-    def _tidy(self, rate: Rate, now: float) -> None:
-        self._horizon = max(self._horizon, rate.window_s)
-        self._hits += 1
-        if self._hits % 4096 == 0:
-            self._w("DELETE FROM rate_log WHERE t <= ?", (now - self._horizon,))
+        return self._rates.retry_after(key, rate, now)
 
     def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
         if not self.hit(key, rate, now):
@@ -295,17 +259,7 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
         self.db = open_sqlite(path, SCHEMA)
         self.audit = audit
         self._lock = threading.Lock()
-        self._rates = None if shared_rates else MemoryRates()
-
-    def hit(self, key: str, rate: Rate, now: float) -> bool:
-        if self._rates is not None:
-            return self._rates.hit(key, rate, now)
-        return super().hit(key, rate, now)
-
-    def retry_after(self, key: str, rate: Rate, now: float) -> float:
-        if self._rates is not None:
-            return self._rates.retry_after(key, rate, now)
-        return super().retry_after(key, rate, now)
+        self._rates = LogRates(self._x, self._w) if shared_rates else MemoryRates()
 
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
@@ -359,33 +313,20 @@ class PostgresServiceStore(_SqlStore):
     in opposite orders — and holds it to the commit.
     """
 
-    _ADMIT = (
-        "WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
-        "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
-        "RETURNING 1), "
-        "c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
-        "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM w) < ? "
+    _ADMIT = LogRates.COUNT_AND_LOG + (  # noqa: S608 (constants)
+        ", c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, "
+        "time) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM w) < ? "
         "ON CONFLICT (sn, r) DO NOTHING RETURNING 1) "
         "SELECT (SELECT COUNT(*) FROM h), (SELECT COUNT(*) FROM c)")
-
-    _HIT = ("WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
-            "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
-            "RETURNING 1) SELECT (SELECT COUNT(*) FROM h)")
-
-    def hit(self, key: str, rate: Rate, now: float) -> bool:
-        """The count and the log in one statement (one round trip)."""
-        rows = self._x(self._HIT, (key, now - rate.window_s, key, now, rate.limit))
-        self._tidy(rate, now)
-        return int(rows[0][0]) == 1
 
     def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
         """The sliding-log count and the claim in one statement (one round trip). A batch
         holds the audit lock, and statements of one transaction see each other's rows,
         so the count is exact across instances and within a batch."""
         rows = self._x(self._ADMIT, (
-            key, now - rate.window_s, key, now, rate.limit, c.sn.hex(), c.r.hex(), c.client,
+            *LogRates.args(key, rate, now), c.sn.hex(), c.r.hex(), c.client,
             c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite, CLAIMED, now, rate.limit))
-        self._tidy(rate, now)
+        self._rates.tidy(rate, now)
         if int(rows[0][0]) != 1:
             return RATE_LIMITED
         return ADMITTED if int(rows[0][1]) == 1 else REPLAYED
@@ -415,6 +356,7 @@ class PostgresServiceStore(_SqlStore):
 
             raise connect_error("service state", url, e) from None
         self.audit = PostgresAudit(self.conn, actor=actor)
+        self._rates: LogRates = LogRates(self._x, self._w, one_statement=True)
         try:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
