@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from keyload.core import messages as msg
+from keyload.records.audit import AuditLog
 from keyload.service.client import ServiceClient
-from keyload.station.audit import AuditLog
 
 from ..integration.test_service import PASSPHRASE, World, build_world, policy_doc
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
-from keyload.station.audit import AuditLog
+from keyload.records.audit import AuditLog
 from keyload.station.campaign import RunOptions, run_campaign, run_campaign_cards, sigint_deferred
 from keyload.station.drive import UnitSource
 from keyload.station.journal.model import (

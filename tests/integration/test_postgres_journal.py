@@ -33,6 +33,7 @@ import pytest
 from keyload.core.errors import StoreError
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
+from keyload.records.exportlog import SqliteExportLog
 from keyload.station.fleet import EmulatedFleet
 from keyload.station.journal.model import (
     CLAIMED,
@@ -47,7 +48,6 @@ from keyload.station.journal.model import (
 )
 from keyload.station.journal.sqlite import SqliteJournal
 from keyload.units.authority import Authority, ExportPolicy
-from keyload.units.exportlog import SqliteExportLog
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.storage import KekSource
 from keyload.units.unit import Slot
@@ -419,7 +419,7 @@ DRIVER = textwrap.dedent("""
     from keyload.station.load import AuthorityClient
     from keyload.transports.local import LocalConnection
     from keyload.units.authority import Authority
-    from keyload.units.exportlog import SqliteExportLog
+    from keyload.records.exportlog import SqliteExportLog
     from keyload.units.keystore import SoftwareKeystore
     from keyload.units.storage import KekSource
 

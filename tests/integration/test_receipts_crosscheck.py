@@ -63,7 +63,7 @@ def test_an_untouched_home_verifies_and_lists_the_refused_export(home: Path) -> 
 
 @pytest.mark.parametrize(("statement", "reasons"), [
     pytest.param("UPDATE loads SET key_version = 4 WHERE id = 1",
-                 ["key version differs from the key header's"], id="key-version"),
+                 ["header version differs from the entry's key version"], id="key-version"),
     pytest.param("UPDATE loads SET ref1 = '544d4b' WHERE id = 1",  # PIN -> TMK
                  ["no export recorded"], id="ref1"),
     pytest.param("UPDATE loads SET ref2 = 1 WHERE id = 1",
@@ -91,7 +91,7 @@ def test_an_edited_export_record_makes_its_receipt_invalid(home: Path) -> None:
         "id = (SELECT min(id) FROM exports WHERE ref1 = '50494e')")
     out = receipts(home, EXIT_FAILED)
     assert out["invalid"] == 1
-    assert "key version differs from the export" in out["invalid_rows"][0]["reason"]
+    assert "differs from the export: key_version" in out["invalid_rows"][0]["reason"]
 
 
 def test_an_edited_campaign_row_is_invalid(home: Path) -> None:
@@ -99,7 +99,8 @@ def test_an_edited_campaign_row_is_invalid(home: Path) -> None:
     out = receipts(home, EXIT_FAILED)
     assert (out["verified"], out["invalid"]) == (4, 1)
     assert out["invalid_rows"][0]["source"] == "campaign spring"
-    assert "key version differs from the key header's" in out["invalid_rows"][0]["reason"]
+    assert "header version differs from the entry's key version" in \
+        out["invalid_rows"][0]["reason"]
 
 
 def test_a_deleted_row_shows_its_export_without_receipt(home: Path) -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from keyload.core import messages as msg
 from keyload.core.keys import KeyAttributes, KeyType
+from keyload.records.audit import AuditLog
 from keyload.service.client import HttpsAuthority, ServiceClient, ServiceRefused
 from keyload.service.guard import ConnectionLimits
 from keyload.service.openapi import render
@@ -32,7 +33,6 @@ from keyload.service.pki import create_ca, init_pki, issue
 from keyload.service.policy import Policy
 from keyload.service.runtime import Instance, open_instance
 from keyload.service.server import ServerThread, bind, make_config, server_context
-from keyload.station.audit import AuditLog
 from keyload.station.fleet import EmulatedFleet
 from keyload.station.load import LoadFailed, UnitClient, load_key
 from keyload.transports.local import LocalConnection

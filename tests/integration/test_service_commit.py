@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 
 from keyload.core.errors import StoreError
+from keyload.records.audit import AuditLog
 from keyload.service.commit import Busy, GroupCommit
 from keyload.service.policy import Policy, Rate
 from keyload.service.rates import MemoryRates
 from keyload.service.runtime import Instance, open_instance
 from keyload.service.store import EXPORTED
-from keyload.station.audit import AuditLog
 from keyload.units.keystore import SoftwareKeystore
 
 from .test_service import World, build_world, policy_doc

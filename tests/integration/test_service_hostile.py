@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 from keyload.core import messages as msg
+from keyload.records.audit import AuditLog
 from keyload.service.client import ServiceClient
 from keyload.service.guard import ConnectionLimits
 from keyload.service.policy import Rate
-from keyload.station.audit import AuditLog
 
 from .test_service import (
     Running,

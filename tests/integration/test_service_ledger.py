@@ -26,6 +26,7 @@ import pytest
 from keyload.core.errors import KeyloadError
 from keyload.core.keys import KeyHeader
 from keyload.lab.pgserver import postgres_available, private_postgres
+from keyload.records.ledger import LEDGER_FIELDS
 from keyload.service.client import HttpsAuthority
 from keyload.service.ledger import (
     ServiceLedgerCheck,
@@ -39,7 +40,6 @@ from keyload.service.ledger import (
     verify_service_ledger,
 )
 from keyload.station.load import UnitClient, load_key
-from keyload.station.report import LEDGER_FIELDS
 from keyload.transports.local import LocalConnection
 from keyload.units.authority import Authority
 from keyload.units.keystore import SoftwareKeystore

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from keyload.records.audit import AuditLog
 from keyload.service.client import ServiceClient
 from keyload.service.pki import fingerprint
-from keyload.station.audit import AuditLog
 
 from .test_service import PASSPHRASE, World, build_world, policy_doc
 

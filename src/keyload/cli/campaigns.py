@@ -46,6 +46,7 @@ from ..station.load import AuthorityClient
 from ..station.report import (
     CampaignStatus,
     build_report,
+    invalid_rows,
     ledger,
     status,
     verify_ledger,
@@ -404,9 +405,8 @@ def ledger_verify(args: argparse.Namespace) -> int:
         for n in _campaign_names(args, home, journal):
             assert journal is not None
             chk = verify_ledger(journal, n, authority)
-            ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.without_receipt
-            invalid += [{"source": "campaign", "campaign": n, **r}
-                        for r in chk.invalid_rows or []]
+            ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.reconciled
+            invalid += [{"source": "campaign", "campaign": n, **r} for r in invalid_rows(chk)]
         svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
             store, authority, now=time.time(), state=describe_state(args.state, home.root))
     svc_rows = [{"source": "service", "campaign": None, **r} for r in svc.invalid_rows]

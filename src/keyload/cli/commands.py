@@ -16,15 +16,16 @@ from ..core.messages import check_ref2, check_sn
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.suites import get_suite
+from ..records.exportlog import SqliteExportLog
+from ..records.ledger import LedgerEntry
 from ..station.fleet import EmulatedFleet
 from ..station.journal.model import STATES
 from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
 from ..station.records import LoadRecords
-from ..station.report import Receipt, campaign_receipts, check_receipts
+from ..station.report import campaign_entries, check_receipts, station_entry
 from ..transports.local import LocalConnection
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
-from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore, check_usage
 from ..units.unit import Slot
 from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
@@ -552,10 +553,11 @@ def receipts_verify(args: argparse.Namespace) -> int:
     return 0 if chk.invalid == 0 else 1
 
 
-def _station_receipts(home: Home) -> tuple[list[Receipt], dict[tuple[bytes, bytes, int], str]]:
+def _station_receipts(home: Home) -> tuple[list[LedgerEntry],
+                                           dict[tuple[bytes, bytes, int], str]]:
     """The receipts of ``station.db`` and of every campaign in ``journal.db``; and what
     the station recorded for loads that ended without one, by (SN, REF1, REF2)."""
-    receipts: list[Receipt] = []
+    receipts: list[LedgerEntry] = []
     failures: dict[tuple[bytes, bytes, int], str] = {}
     if home.station_db.exists():
         records = LoadRecords(home.station_db)
@@ -566,9 +568,7 @@ def _station_receipts(home: Home) -> tuple[list[Receipt], dict[tuple[bytes, byte
                         f"load failed at {row.step}" + (f": SW {row.sw}" if row.sw else "")
                     continue
                 assert row.set_id is not None
-                receipts.append(Receipt("station", row.time, row.sn, row.set_id, row.ref1,
-                                        row.ref2, row.suite, row.r, row.header,
-                                        row.key_version, row.kcv, row.rct))
+                receipts.append(station_entry(row))
         finally:
             records.close()
     if home.journal_path.exists():
@@ -578,7 +578,7 @@ def _station_receipts(home: Home) -> tuple[list[Receipt], dict[tuple[bytes, byte
         journal = open_journal(home.journal_path)
         try:
             for name in journal.campaigns():
-                receipts += campaign_receipts(journal, name)
+                receipts += campaign_entries(journal, name)
                 for jr in journal.rows(name, [s for s in STATES if s != IMPORTED]):
                     failures[(jr.sn, jr.ref1, jr.ref2)] = f"campaign {name}: load {jr.state}" \
                         + (f", SW {jr.sw}" if jr.sw else "")

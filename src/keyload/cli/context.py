@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from ..core.errors import StoreError
 from ..core.keys import KeyComponents, aes_kcv
 from ..core.secret import Secret
-from ..station.audit import AuditedExportLog, AuditLog
+from ..records.audit import AuditedExportLog, AuditLog
+from ..records.exportlog import SqliteExportLog
 from ..units.authority import Authority, AuthorityBackend
-from ..units.exportlog import SqliteExportLog
 from ..units.keystore import SoftwareKeystore
 from ..units.storage import KekSource, atomic_write, ensure_private_dir
 

@@ -30,13 +30,14 @@ from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyType
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
+from ..records.ledger import verify_entries
 from ..station.campaign import Interrupt, RunOptions, run_campaign, sigint_deferred
 from ..station.customize import Failure, Summary, customize
 from ..station.fleet import EmulatedFleet, EmulatedUnitSource
 from ..station.journal import open_journal
 from ..station.load import AuthorityClient
 from ..station.records import LoadRecords
-from ..station.report import verify_ledger
+from ..station.report import station_entries, verify_ledger
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.authority import Authority, ExportPolicy
@@ -57,27 +58,6 @@ DEMO_KEYS = [
     (b"TMK-A", KeyType.AES256, "K0", "B", "E", True, 1),
     (b"MAC-A", KeyType.HMAC_SHA256, "M7", "C", "N", False, 2),
 ]
-
-
-def verify_receipts(authority: Authority, records: LoadRecords
-                    ) -> tuple[int, int, list[dict[str, Any]]]:
-    """The authority checks every recorded receipt: (verified, invalid, invalid rows)."""
-    ok = bad = 0
-    invalid: list[dict[str, Any]] = []
-    for row in records.rows():
-        if row.status != "loaded":
-            continue
-        try:
-            if not (row.set_id and row.r and row.header and row.kcv and row.rct and row.suite):
-                raise KeyloadError("incomplete record")
-            authority.verify_receipt(suite=row.suite, set_id=row.set_id, sn=row.sn, r=row.r,
-                                     ref2=row.ref2, h=row.header, kcv=row.kcv, rct=row.rct)
-            ok += 1
-        except KeyloadError:  # a forged receipt, an unknown set, a damaged row
-            bad += 1
-            invalid.append({"sn": row.sn.hex(), "ref1": display_ref1(row.ref1),
-                            "ref2": row.ref2})
-    return ok, bad, invalid
 
 
 def _source() -> tuple[KekSource, bool]:
@@ -264,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         bad = chk.invalid if chk else 0
         if args.transport == "pcsc":
             records = LoadRecords(home.station_db)
-            ok, bad, _ = verify_receipts(home.authority(ks), records)
+            chk = verify_entries(station_entries(records), home.authority(ks))
+            ok, bad = chk.verified, chk.invalid
             records.close()
     finally:
         journal.close()

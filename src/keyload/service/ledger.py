@@ -29,26 +29,22 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from ..core.errors import MalformedData, StatusError, StoreError
-from ..core.keys import KeyHeader
+from ..core.errors import StoreError
 from ..core.ref1 import display_ref1
+from ..records.audit import AuditLog
+from ..records.ledger import Export, LedgerEntry, ReceiptChecker, verify_entries
 from ..records.sql import is_postgres_url
 from ..records.stored import check_file
-from ..station.audit import AuditLog
-from ..units.authority import Authority
 from .store import (
     CLAIMED,
     EXPORTED,
     RECEIPTED,
     Challenge,
-    LedgerEntry,
     PostgresServiceStore,
     SqliteServiceStore,
 )
 
 SERVICE_DB = "service.db"
-KCV_LEN = 5
-R_LEN = 16
 
 
 class LedgerSource(Protocol):
@@ -179,75 +175,35 @@ class ServiceLedgerCheck:
                 "without_receipt": self.without_receipt.to_json()}
 
 
-def entry_problems(e: LedgerEntry, export: Challenge | None,
-                   authority: Authority) -> list[str]:
-    """Why ``e`` is not a genuine, consistent ledger entry (empty when it is)."""
-    out: list[str] = []
-    if export is None:
-        out.append("no export recorded for this (SN, R)")
-    else:
-        if export.state != RECEIPTED:
-            out.append(f"the export is {export.state}, not receipted")
-        differ = [name for name, mine, theirs in (
-            ("client", e.client, export.client), ("set_id", e.set_id, export.set_id),
-            ("ref1", e.ref1, export.ref1), ("ref2", e.ref2, export.ref2),
-            ("suite", e.suite, export.suite), ("header", e.header, export.header),
-            ("kcv", e.kcv, export.kcv), ("key_version", e.key_version, export.key_version),
-        ) if mine != theirs]
-        if differ:
-            out.append("differs from the export: " + ", ".join(differ))
-    if len(e.kcv) != KCV_LEN:
-        out.append(f"KCV is {len(e.kcv)} bytes, not {KCV_LEN}")
-    try:
-        h = KeyHeader.decode(e.header)
-        if h.suite != e.suite:
-            out.append("header suite differs from the entry's")
-        if h.version != e.key_version:
-            out.append("header version differs from the entry's key version")
-    except MalformedData:
-        out.append("header malformed")
-    if len(e.r) != R_LEN:
-        out.append(f"R is {len(e.r)} bytes, not {R_LEN}")
-    try:
-        authority.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r, ref2=e.ref2,
-                                 h=e.header, kcv=e.kcv, rct=e.rct)
-    except StatusError as err:
-        out.append(f"receipt does not verify (SW {err.sw:04X})")
-    return out
+def _export(c: Challenge | None) -> Export | None:
+    """The export the service recorded for an entry's (SN, R), as the verifier compares it."""
+    return None if c is None else Export(
+        c.set_id, c.ref1, c.ref2, c.suite, c.key_version, c.kcv, c.header, c.client,
+        unreceipted=None if c.state == RECEIPTED else c.state)
 
 
-def verify_service_ledger(store: LedgerSource, authority: Authority, *, now: float,
+def verify_service_ledger(store: LedgerSource, checker: ReceiptChecker, *, now: float,
                           state: str | None = None) -> ServiceLedgerCheck:
     """Check every entry of the service's ledger (see the module's docstring), and find
     the exports without a receipt, aged as of ``now`` (seconds since the epoch). Refusals
     by the authority make an entry invalid; a store or keystore failure is raised."""
-    out = ServiceLedgerCheck(state=state,
-                             without_receipt=exports_without_receipt(
-                                 store.unreceipted_exports(), now))
-    for e in store.ledger():
-        problems = entry_problems(e, store.challenge(e.sn, e.r), authority)
-        if not problems:
-            out.verified += 1
-            continue
-        out.invalid += 1
-        out.invalid_rows.append({"sn": e.sn.hex(), "ref2": e.ref2, "ref1": display_ref1(e.ref1),
-                                 "set_id": e.set_id.hex(), "r": e.r.hex(), "client": e.client,
-                                 "time": e.time, "reason": "; ".join(problems)})
-    return out
-
-
-def service_ledger_entry(e: LedgerEntry) -> dict[str, Any]:
-    """One service entry in the export's shape (:data:`~keyload.station.report.LEDGER_FIELDS`)."""
-    return {"campaign": None, "sn": e.sn.hex(), "ref2": e.ref2, "ref1": display_ref1(e.ref1),
-            "key_version": e.key_version, "kcv": e.kcv.hex().upper(), "suite": e.suite,
-            "r": e.r.hex(), "header": e.header.hex(), "receipt": e.rct.hex(),
-            "reconciled": False, "station": None, "time": e.time, "source": "service",
-            "client": e.client, "set_id": e.set_id.hex()}
+    chk = verify_entries(store.ledger(), checker,
+                         export_of=lambda e: _export(store.challenge(e.sn, e.r or b"")),
+                         matched_by="(SN, R)")
+    return ServiceLedgerCheck(
+        state=state, verified=chk.verified, invalid=chk.invalid,
+        invalid_rows=[{"sn": e.sn.hex(), "ref2": e.ref2, "ref1": display_ref1(e.ref1),
+                       "set_id": e.set_id.hex(), "r": (e.r or b"").hex(), "client": e.client,
+                       "time": e.time, "reason": i.reason}
+                      for i in chk.invalid_entries for e in (i.entry,)],
+        without_receipt=exports_without_receipt(store.unreceipted_exports(), now))
 
 
 def service_ledger(store: LedgerSource) -> Iterator[dict[str, Any]]:
+    """The service's ledger in the export's shape
+    (:data:`~keyload.records.ledger.LEDGER_FIELDS`)."""
     for e in store.ledger():
-        yield service_ledger_entry(e)
+        yield e.to_row(display_ref1(e.ref1))
 
 
 # -- opening the state, for reading -----------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..records.audit import AuditLog
+from ..records.exportlog import SqliteExportLog
 from ..records.sql import SqliteBatch, is_postgres_url
-from ..station.audit import AuditLog
 from ..units.authority import Authority, AuthorityBackend
-from ..units.exportlog import SqliteExportLog
 from .app import ServiceApp
 from .commit import Batched, Checkpointer, GroupCommit
 from .guard import ConnectionLimits

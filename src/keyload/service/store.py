@@ -21,7 +21,6 @@ receipt: never key material.
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -30,11 +29,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..core.errors import StoreError
+from ..records.audit import AuditLog, AuditProblem, PostgresAudit
+from ..records.ledger import LedgerEntry
 from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
-from ..station.audit import AuditLog, AuditProblem, chain_row, check_chain, last_record
 from .commit import Busy
 from .policy import Rate
-from .rates import MemoryRates
+from .rates import RATE_SCHEMA, LogRates, MemoryRates
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS challenges (
@@ -68,24 +68,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     time DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (sn, r)
 );
-CREATE TABLE IF NOT EXISTS rate_log (
-    key TEXT NOT NULL,
-    t DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rate_log_key_t ON rate_log (key, t);
-"""
-
-PG_AUDIT = """
-CREATE TABLE IF NOT EXISTS audit (
-    seq BIGINT PRIMARY KEY,
-    time DOUBLE PRECISION NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    prev TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
+""" + RATE_SCHEMA
 
 CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
 ADMITTED, RATE_LIMITED, REPLAYED = "admitted", "rate-limited", "replayed"
@@ -106,22 +89,6 @@ class Challenge:
     header: bytes | None = None
     kcv: bytes | None = None
     key_version: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    sn: bytes
-    r: bytes
-    set_id: bytes
-    ref1: bytes
-    ref2: int
-    suite: int
-    header: bytes
-    key_version: int
-    kcv: bytes
-    rct: bytes
-    client: str
-    time: float
 
 
 class ServiceStore(Protocol):
@@ -186,21 +153,19 @@ def _ch(t: Any) -> Challenge:
 
 def _le(t: Any) -> LedgerEntry:
     sn, r, set_id, ref1, ref2, suite, header, ver, kcv, rct, client, tm = t
-    return LedgerEntry(bytes.fromhex(sn), bytes.fromhex(r), bytes.fromhex(set_id),
-                       bytes.fromhex(ref1), int(ref2), int(suite), bytes.fromhex(header),
-                       int(ver), bytes.fromhex(kcv), bytes.fromhex(rct), client, float(tm))
+    return LedgerEntry("service", float(tm), bytes.fromhex(ref1), int(ver), int(suite),
+                       bytes.fromhex(set_id), bytes.fromhex(sn), bytes.fromhex(r), int(ref2),
+                       bytes.fromhex(header), bytes.fromhex(kcv), bytes.fromhex(rct),
+                       client=client)
 
 
 class _SqlStore(ABC):
     """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style).
 
-    Rate limits are sliding logs (``rate_log``: one row per admitted request): a request
-    is admitted when fewer than ``limit`` rows of its key lie in ``(now - window, now]``,
-    so no interval of the window's length ever admits more than the limit (a fixed
-    window lets twice the limit through across its boundary)."""
+    The rate counters are ``_rates`` (:mod:`.rates`): sliding logs in the ``rate_log``
+    table, or in memory when one process owns the state."""
 
-    _hits = 0
-    _horizon = 0.0  # the longest window seen: older rows are of no use
+    _rates: MemoryRates | LogRates
 
     @abstractmethod
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -218,24 +183,10 @@ class _SqlStore(ABC):
     def hit(self, key: str, rate: Rate, now: float) -> bool:
         """Count the key's window and, under the limit, log this one (in one transaction:
         a batch, or the caller's)."""
-        n = int(self._x("SELECT COUNT(*) FROM rate_log WHERE key = ? AND t > ?",
-                        (key, now - rate.window_s))[0][0])
-        if n >= rate.limit:
-            return False
-        self._w("INSERT INTO rate_log (key, t) VALUES (?, ?)", (key, now))
-        self._tidy(rate, now)
-        return True
+        return self._rates.hit(key, rate, now)
 
     def retry_after(self, key: str, rate: Rate, now: float) -> float:
-        rows = self._x("SELECT t FROM rate_log WHERE key = ? AND t > ? ORDER BY t DESC "
-                       "LIMIT 1 OFFSET ?", (key, now - rate.window_s, rate.limit - 1))
-        return max(0.0, float(rows[0][0]) + rate.window_s - now) if rows else 0.0
-
-    def _tidy(self, rate: Rate, now: float) -> None:
-        self._horizon = max(self._horizon, rate.window_s)
-        self._hits += 1
-        if self._hits % 4096 == 0:
-            self._w("DELETE FROM rate_log WHERE t <= ?", (now - self._horizon,))
+        return self._rates.retry_after(key, rate, now)
 
     def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
         if not self.hit(key, rate, now):
@@ -308,17 +259,7 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
         self.db = open_sqlite(path, SCHEMA)
         self.audit = audit
         self._lock = threading.Lock()
-        self._rates = None if shared_rates else MemoryRates()
-
-    def hit(self, key: str, rate: Rate, now: float) -> bool:
-        if self._rates is not None:
-            return self._rates.hit(key, rate, now)
-        return super().hit(key, rate, now)
-
-    def retry_after(self, key: str, rate: Rate, now: float) -> float:
-        if self._rates is not None:
-            return self._rates.retry_after(key, rate, now)
-        return super().retry_after(key, rate, now)
+        self._rates = LogRates(self._x, self._w) if shared_rates else MemoryRates()
 
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
@@ -361,7 +302,8 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
 
 
 class PostgresServiceStore(_SqlStore):
-    """The same tables in PostgreSQL (psycopg 3), plus the audit chain as a table.
+    """The same tables in PostgreSQL (psycopg 3), plus the audit chain and its head
+    (:class:`~keyload.records.audit.PostgresAudit`, on this connection).
 
     Audit appends take a transaction-scoped advisory lock, so the chain stays linear with
     any number of instances writing; ``verify_audit`` recomputes it.
@@ -371,38 +313,25 @@ class PostgresServiceStore(_SqlStore):
     in opposite orders — and holds it to the commit.
     """
 
-    _ADMIT = (
-        "WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
-        "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
-        "RETURNING 1), "
-        "c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, time) "
-        "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM w) < ? "
+    _ADMIT = LogRates.COUNT_AND_LOG + (  # noqa: S608 (constants)
+        ", c AS (INSERT INTO challenges (sn, r, client, set_id, ref1, ref2, suite, state, "
+        "time) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE (SELECT n FROM w) < ? "
         "ON CONFLICT (sn, r) DO NOTHING RETURNING 1) "
         "SELECT (SELECT COUNT(*) FROM h), (SELECT COUNT(*) FROM c)")
-
-    _HIT = ("WITH w AS (SELECT COUNT(*) AS n FROM rate_log WHERE key = ? AND t > ?), "
-            "h AS (INSERT INTO rate_log (key, t) SELECT ?, ? WHERE (SELECT n FROM w) < ? "
-            "RETURNING 1) SELECT (SELECT COUNT(*) FROM h)")
-
-    def hit(self, key: str, rate: Rate, now: float) -> bool:
-        """The count and the log in one statement (one round trip)."""
-        rows = self._x(self._HIT, (key, now - rate.window_s, key, now, rate.limit))
-        self._tidy(rate, now)
-        return int(rows[0][0]) == 1
 
     def admit(self, key: str, rate: Rate, c: Challenge, now: float) -> str:
         """The sliding-log count and the claim in one statement (one round trip). A batch
         holds the audit lock, and statements of one transaction see each other's rows,
         so the count is exact across instances and within a batch."""
         rows = self._x(self._ADMIT, (
-            key, now - rate.window_s, key, now, rate.limit, c.sn.hex(), c.r.hex(), c.client,
+            *LogRates.args(key, rate, now), c.sn.hex(), c.r.hex(), c.client,
             c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite, CLAIMED, now, rate.limit))
-        self._tidy(rate, now)
+        self._rates.tidy(rate, now)
         if int(rows[0][0]) != 1:
             return RATE_LIMITED
         return ADMITTED if int(rows[0][1]) == 1 else REPLAYED
 
-    AUDIT_LOCK = 0x4B4C5031  # "KLP1"
+    AUDIT_LOCK = PostgresAudit.LOCK
 
     def __init__(self, url: str, *, actor: str = "service", busy_timeout: float = 2.0) -> None:
         try:
@@ -414,10 +343,9 @@ class PostgresServiceStore(_SqlStore):
         self.actor = actor
         self._lock = threading.Lock()
         # an open batch: its psycopg pipeline (statements go out without a wait) and what
-        # ends it, and the chain's head in it
+        # ends it
         self._pipe: Any = None
         self._pipe_end: contextlib.ExitStack | None = None
-        self._batch_head: tuple[int, bytes] | None = None
         try:
             # a lock held elsewhere (another instance stuck mid-batch) fails a statement
             # after ``busy_timeout`` instead of stalling every request
@@ -427,12 +355,15 @@ class PostgresServiceStore(_SqlStore):
             from ..records.postgres import connect_error
 
             raise connect_error("service state", url, e) from None
+        self.audit = PostgresAudit(self.conn, actor=actor)
+        self._rates: LogRates = LogRates(self._x, self._w, one_statement=True)
         try:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK + 1,))
-                for stmt in (SCHEMA + PG_AUDIT).split(";"):
+                for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         self.conn.execute(stmt)
+                self.audit.create()
         except psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
@@ -472,14 +403,11 @@ class PostgresServiceStore(_SqlStore):
         except self._psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
-    @property
-    def _in_batch(self) -> bool:
-        return self._pipe_end is not None
-
     def _end_batch(self) -> contextlib.ExitStack:
         """Leave the batch's state; what ends its pipeline (closing it sends the rest)."""
         end = self._pipe_end or contextlib.ExitStack()
-        self._pipe, self._pipe_end, self._batch_head = None, None, None
+        self._pipe, self._pipe_end = None, None
+        self.audit.abandon_batch()
         return end
 
     def begin_batch(self) -> None:
@@ -488,13 +416,14 @@ class PostgresServiceStore(_SqlStore):
                 self._pipe_end = contextlib.ExitStack()
                 self._pipe = self._pipe_end.enter_context(self.conn.pipeline())
                 self.conn.execute("BEGIN")
-                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
+                self.audit.begin_batch()
         except self._psycopg.Error as e:
             raise _pg_error("service state", e) from None
 
     def commit_batch(self) -> None:
         try:
             with self._lock:
+                self.audit.end_batch()
                 cur = self.conn.execute("COMMIT")
                 self._end_batch().close()  # sends what is queued; raises its error
                 if cur.statusmessage != "COMMIT":  # PostgreSQL ends a failed one "ROLLBACK"
@@ -510,39 +439,29 @@ class PostgresServiceStore(_SqlStore):
                 self.conn.execute("ROLLBACK")
 
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
-        d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-        who = actor or self.actor
         try:
             with self._lock:
-                if self._in_batch:  # the batch holds the audit lock
-                    seq, h = self._audit_insert(who, action, d)
-                    self._batch_head = (seq, h)
-                    return seq
-                with self.conn.transaction():
-                    self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.AUDIT_LOCK,))
-                    seq, h = self._audit_insert(who, action, d)
+                return self.audit.append(action, detail, actor=actor)
         except self._psycopg.Error as e:
             raise _pg_error("audit", e) from None
-        return seq
-
-    def _audit_insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
-        row = chain_row(self._batch_head or last_record(self.conn), who, action, d)
-        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
-        return row[0], bytes.fromhex(row[6])
 
     def ping(self) -> None:
         self._x("SELECT 1 FROM audit LIMIT 1")
 
     def verify_audit(self) -> tuple[int, list[AuditProblem]]:
-        """(records, problems) of the audit chain in this database (no head file here:
-        the chain lives with the rest of the state)."""
-        n, problems, _ = check_chain(self._x(
-            "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"))
-        return n, problems
+        """(records, problems) of the audit chain in this database, its head included."""
+        try:
+            with self._lock:
+                return self.audit.verify()
+        except self._psycopg.Error as e:
+            raise _pg_error("audit", e) from None
 
     def audit_records(self) -> list[tuple[str, str, dict[str, Any]]]:
-        return [(a, act, json.loads(d)) for a, act, d in
-                self._x("SELECT actor, action, detail FROM audit ORDER BY seq")]
+        try:
+            with self._lock:
+                return self.audit.records()
+        except self._psycopg.Error as e:
+            raise _pg_error("audit", e) from None
 
     def close(self) -> None:
         self.conn.close()

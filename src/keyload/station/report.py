@@ -8,74 +8,68 @@ import html
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyloadError
-from ..core.keys import KeyHeader
 from ..core.ref1 import display_ref1
-from ..units.authority import Authority, ExportRecord
+from ..records.exportlog import ExportRecord
+from ..records.ledger import (
+    LEDGER_FIELDS,
+    Export,
+    KeyFacts,
+    LedgerCheck,
+    LedgerEntry,
+    ReceiptChecker,
+    verify_entries,
+)
+from ..units.authority import Authority
 from ..units.storage import atomic_write
-from .journal.model import FAILED, IMPORTED, Journal, LoadRow, PlannedLoad
-
-# "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
-# or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
-# columns came later, so that older readers of the CSV by position still work.
-LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
-                 "header", "receipt", "reconciled", "station", "time", "source", "client",
-                 "set_id"]
+from .journal.model import FAILED, IMPORTED, Journal, PlannedLoad
+from .records import LoadRecords
+from .records import LoadRow as StationRow
 
 
-def ledger_entry(row: LoadRow, set_id: bytes | None = None) -> dict[str, Any]:
-    version = KeyHeader.decode(row.header).version if row.header else row.version
-    return {"campaign": row.campaign, "sn": row.sn.hex(), "ref2": row.ref2,
-            "ref1": display_ref1(row.ref1), "key_version": version,
-            "kcv": None if row.kcv is None else row.kcv.hex().upper(), "suite": row.suite,
-            "r": None if row.r is None else row.r.hex(),
-            "header": None if row.header is None else row.header.hex(),
-            "receipt": None if row.rct is None else row.rct.hex(),
-            "reconciled": row.reconciled, "station": row.station, "time": row.updated,
-            "source": "campaign", "client": None,
-            "set_id": None if set_id is None else set_id.hex()}
+def campaign_entries(journal: Journal, campaign: str) -> Iterator[LedgerEntry]:
+    """A campaign's imported loads as ledger entries (reconciled ones without ``rct``)."""
+    set_id = journal.campaign(campaign).set_id
+    for row in journal.rows(campaign, [IMPORTED]):
+        yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite, set_id,
+                          row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
+                          campaign=row.campaign, station=row.station,
+                          reconciled=row.reconciled)
+
+
+def station_entry(row: StationRow) -> LedgerEntry:
+    """A single load the station recorded (``station.db``) as a ledger entry."""
+    return LedgerEntry("station", row.time, row.ref1, row.key_version, row.suite,
+                       row.set_id or b"", row.sn, row.r, row.ref2, row.header, row.kcv,
+                       row.rct, station=row.station)
+
+
+def station_entries(records: LoadRecords) -> Iterator[LedgerEntry]:
+    """The single loads ``station.db`` recorded as loaded, as ledger entries."""
+    return (station_entry(row) for row in records.rows() if row.status == "loaded")
 
 
 def ledger(journal: Journal, campaign: str) -> Iterator[dict[str, Any]]:
-    set_id = journal.campaign(campaign).set_id
-    for row in journal.rows(campaign, [IMPORTED]):
-        yield ledger_entry(row, set_id)
+    """A campaign's ledger in the export's shape (:data:`LEDGER_FIELDS`)."""
+    for e in campaign_entries(journal, campaign):
+        yield e.to_row(display_ref1(e.ref1))
 
 
-@dataclass
-class LedgerCheck:
-    verified: int = 0
-    invalid: int = 0
-    without_receipt: int = 0
-    invalid_rows: list[dict[str, Any]] | None = None
-
-
-def verify_ledger(journal: Journal, campaign: str, authority: Authority) -> LedgerCheck:
+def verify_ledger(journal: Journal, campaign: str, checker: ReceiptChecker) -> LedgerCheck:
     """The authority verifies every receipt (docs/protocol.md §8). Reconciled loads whose
     receipt was lost in a crash are counted apart: the unit's slot status backs them."""
-    out = LedgerCheck(invalid_rows=[])
-    camp = journal.campaign(campaign)
-    for row in journal.rows(campaign, [IMPORTED]):
-        if row.rct is None:
-            out.without_receipt += 1
-            continue
-        try:
-            if row.suite is None or row.r is None or row.header is None or row.kcv is None:
-                raise KeyloadError("incomplete ledger row")
-            authority.verify_receipt(suite=row.suite, set_id=camp.set_id, sn=row.sn, r=row.r,
-                                     ref2=row.ref2, h=row.header, kcv=row.kcv, rct=row.rct)
-            out.verified += 1
-        except KeyloadError:
-            out.invalid += 1
-            assert out.invalid_rows is not None
-            out.invalid_rows.append({"sn": row.sn.hex(), "ref2": row.ref2,
-                                     "ref1": display_ref1(row.ref1)})
-    return out
+    return verify_entries(campaign_entries(journal, campaign), checker)
+
+
+def invalid_rows(chk: LedgerCheck) -> list[dict[str, Any]]:
+    """A campaign's or the station's invalid entries as rows (SN, REF2, REF1)."""
+    return [{"sn": i.entry.sn.hex(), "ref2": i.entry.ref2, "ref1": display_ref1(i.entry.ref1)}
+            for i in chk.invalid_entries]
 
 
 def write_ledger_csv(entries: Iterable[dict[str, Any]], stream: io.TextIOBase | Any) -> int:
@@ -272,25 +266,6 @@ def write_report(rep: CampaignReport, out_dir: Path) -> list[Path]:
 
 
 # -- receipts against the authority's export records (``keyload receipts``) -------------
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """A receipt as a station recorded it (``station.db`` or a campaign's ledger), or a
-    load reconciled without one (``rct`` None): what it claims was loaded where."""
-
-    source: str  # "station" or "campaign NAME"
-    time: float
-    sn: bytes
-    set_id: bytes
-    ref1: bytes
-    ref2: int
-    suite: int | None
-    r: bytes | None
-    header: bytes | None
-    key_version: int | None  # the row's own key version column (None: not recorded)
-    kcv: bytes | None
-    rct: bytes | None
-
-
 @dataclass
 class ReceiptsCheck:
     """Every receipt checked against the export it claims and by the authority's MAC;
@@ -330,81 +305,57 @@ class _Exports:
         self.taken[i] = True
         return self.records[i]
 
+    def export_of(self, e: LedgerEntry) -> Export | None:
+        """The export ``e`` claims, taken (the authority records no header nor client)."""
+        x = self.take(e.download, e.time or 0.0)
+        return None if x is None else Export(
+            x.set_id, x.ref1, x.ref2, x.suite, x.key_version, x.kcv,
+            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version"))
+
     def left(self) -> Iterator[ExportRecord]:
         return (e for e, taken in zip(self.records, self.taken, strict=True) if not taken)
 
 
-def receipt_problems(rc: Receipt, export: ExportRecord | None,
-                     authority: Authority) -> list[str]:
-    """Why ``rc`` is not the genuine receipt of the export it claims (empty when it is).
-
-    The MAC binds SN, R, REF2, H and the KCV; the export record binds the rest to what
-    the authority sent: set, REF1, suite and key version (the one in H and the row's
-    own column), and H's key type, length, usage, mode and exportability to the key's
-    while it is still at that version."""
-    if rc.suite is None or rc.r is None or rc.header is None or rc.kcv is None or \
-            rc.rct is None:
-        return ["incomplete record"]
-    out: list[str] = []
-    try:
-        h = KeyHeader.decode(rc.header)
-    except KeyloadError:
-        return ["key header malformed"]
-    if h.suite != rc.suite:
-        out.append("key header's suite differs from the record's")
-    if rc.key_version is not None and rc.key_version != h.version:
-        out.append("key version differs from the key header's")
-    if export is None:
-        out.append("no export recorded for this unit, slot, key and KCV")
-    else:
-        if export.suite != rc.suite:
-            out.append("suite differs from the export")
-        if export.key_version != h.version:
-            out.append("key version differs from the export")
+def key_facts(authority: Authority) -> Callable[[bytes], KeyFacts | None]:
+    """The authority's keys as they are now, by REF1 (None: the key is gone: its
+    receipts' MACs still count)."""
+    def facts(ref1: bytes) -> KeyFacts | None:
         try:
-            info = authority.backend.key_info(rc.ref1)
+            info = authority.backend.key_info(ref1)
         except KeyloadError:
-            info = None  # the key is gone: its receipt's MAC still counts
-        if info is not None and info.version == h.version and (
-                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != (
-                int(info.key_type), info.length, info.attrs.usage, info.attrs.mode,
-                info.attrs.exportability):
-            out.append("key header's type or attributes differ from the key's")
-    try:
-        authority.verify_receipt(suite=rc.suite, set_id=rc.set_id, sn=rc.sn, r=rc.r,
-                                 ref2=rc.ref2, h=rc.header, kcv=rc.kcv, rct=rc.rct)
-    except KeyloadError:
-        out.append("receipt does not verify")
-    return out
+            return None
+        return KeyFacts(info.version, int(info.key_type), info.length, info.attrs.usage,
+                        info.attrs.mode, info.attrs.exportability)
+    return facts
 
 
-def check_receipts(receipts: Iterable[Receipt], exports: Iterable[ExportRecord],
+def check_receipts(receipts: Iterable[LedgerEntry], exports: Iterable[ExportRecord],
                    authority: Authority, *, accounted: Iterable[tuple[Any, ...]] = (),
                    failures: dict[tuple[bytes, bytes, int], str] | None = None
                    ) -> ReceiptsCheck:
     """Check every receipt (reconciled loads, ``rct`` None, are counted apart) against
-    the authority's export records and MAC; list the exports left over.
+    the authority's export records and MAC (:func:`~keyload.records.ledger.verify_entries`);
+    list the exports left over.
+
+    The MAC binds SN, R, REF2, H and the KCV; the export record binds the rest to what
+    the authority sent: set, REF1, suite and key version (the one in H and the row's
+    own column), and H's key type, length, usage, mode and exportability to the key's
+    while it is still at that version.
 
     ``accounted``: downloads (set, SN, REF1, REF2, KCV) whose receipt is kept and
     checked elsewhere (the service's ledger). ``failures``: what the station recorded
     for a download that did not end in a receipt, by (SN, REF1, REF2), shown with the
     exports left over."""
     ex = _Exports(exports)
-    out = ReceiptsCheck()
     for key in accounted:
         ex.take(key, float("inf"))
-    for rc in sorted(receipts, key=lambda x: x.time):
-        export = ex.take(_download(rc.set_id, rc.sn, rc.ref1, rc.ref2, rc.kcv), rc.time)
-        if rc.rct is None:
-            out.reconciled += 1
-            continue
-        problems = receipt_problems(rc, export, authority)
-        if not problems:
-            out.verified += 1
-            continue
-        out.invalid += 1
-        out.invalid_rows.append({"source": rc.source, "sn": rc.sn.hex(), "ref2": rc.ref2,
-                                 "ref1": display_ref1(rc.ref1), "reason": "; ".join(problems)})
+    chk = verify_entries(sorted(receipts, key=lambda x: x.time or 0.0), authority,
+                         export_of=ex.export_of, matched_by="unit, slot, key and KCV",
+                         key_now=key_facts(authority))
+    out = ReceiptsCheck(chk.verified, chk.invalid, chk.reconciled, [
+        {"source": i.entry.label, "sn": i.entry.sn.hex(), "ref2": i.entry.ref2,
+         "ref1": display_ref1(i.entry.ref1), "reason": i.reason}
+        for i in chk.invalid_entries])
     for e in ex.left():
         out.without_receipt.append({
             "time": e.time, "set_id": e.set_id.hex(), "sn": e.sn.hex(),
@@ -412,11 +363,3 @@ def check_receipts(receipts: Iterable[Receipt], exports: Iterable[ExportRecord],
             "key_version": e.key_version, "kcv": e.kcv.hex().upper(),
             "station": (failures or {}).get((e.sn, e.ref1, e.ref2))})
     return out
-
-
-def campaign_receipts(journal: Journal, campaign: str) -> Iterator[Receipt]:
-    """A campaign's imported loads as receipts (reconciled ones without ``rct``)."""
-    set_id = journal.campaign(campaign).set_id
-    for row in journal.rows(campaign, [IMPORTED]):
-        yield Receipt(f"campaign {campaign}", row.updated or 0.0, row.sn, set_id, row.ref1,
-                      row.ref2, row.suite, row.r, row.header, row.version, row.kcv, row.rct)

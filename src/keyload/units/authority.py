@@ -45,6 +45,7 @@ from ..core.klp1 import Exported
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
+from ..records.exportlog import ExportRecord
 
 log = logging.getLogger("keyload.authority")
 
@@ -109,20 +110,6 @@ class Capabilities:
     suites: frozenset[int]
     ed25519: bool
     backend: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExportRecord:
-    """One export, as recorded (docs/protocol.md §8): never key material."""
-
-    time: float
-    set_id: bytes
-    sn: bytes
-    ref1: bytes
-    ref2: int
-    suite: int
-    key_version: int
-    kcv: bytes
 
 
 class ExportLog(Protocol):

@@ -13,6 +13,12 @@ rewrite history: anchor the head elsewhere, e.g. in the ledger export, for that)
 Opening the SQLite log reads its last record, and verifying reads them all, in
 :func:`~keyload.records.stored.reading`: a damaged file, or a record whose columns do not
 decode, is a DamagedStore naming the file (no chain is walked over garbage).
+
+The same chain lives in PostgreSQL (:class:`PostgresAudit`, the state several service
+instances share): the ``audit`` table, and its head as the one row of ``audit_head``,
+written in the transaction of the records it names (so it never moves backwards, and
+cutting records off the end is found there too). Both stores share the record's hash,
+the walk over the records and the verdict on the head; only where they keep them differs.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import StoreError
+from ..records.exportlog import ExportRecord
 from ..records.sql import SqliteBatch
 from ..records.stored import hex_col, int_col, num_col, open_records, reading, text_col
-from ..units.authority import ExportRecord
 
 GENESIS = bytes(32)
 HEAD_SIZE = 128  # the head file: one JSON object, padded to a fixed size
@@ -49,6 +55,33 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 """
+
+
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGINT PRIMARY KEY,
+    time DOUBLE PRECISION NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+PG_HEAD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_head (
+    one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+)
+"""
+ALL_RECORDS = "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"
+CUT = "the chain's head differs: records were cut off the end or the head was changed"
+
+
+def detail_text(detail: dict[str, Any]) -> str:
+    """A record's details as stored (and hashed): canonical JSON."""
+    return json.dumps(detail, sort_keys=True, separators=(",", ":"))
 
 
 def record_hash(prev: bytes, seq: int, t: float, actor: str, action: str, detail: str) -> bytes:
@@ -111,9 +144,24 @@ def check_chain(rows: Iterable[Any], head_seq: int = 0) -> tuple[int, list[Audit
     return n, problems, at_head
 
 
-def _last_seq(db: Any) -> int:
+def verify_chain(db: Any, head: tuple[int, str] | None, head_problem: str) -> tuple[
+        int, list[AuditProblem]]:
+    """(records checked, problems found) of the chain in ``db`` (SQLite or psycopg), read
+    after its head (``head``: (seq, hash hex), None when it is missing or damaged, which
+    ``head_problem`` says).
+
+    The head may be behind the last record (a crash between a commit and the head's
+    write): that is not a problem as long as the record at the head's sequence number
+    has the head's hash; a head past the last record, or naming another hash, is."""
+    head_seq, head_hash = head or (0, "")
+    n, problems, at_head = check_chain(db.execute(ALL_RECORDS), head_seq)
     last = last_record(db)
-    return 0 if last is None else last[0]
+    if head is None:
+        if n:
+            problems.append(AuditProblem(0, head_problem))
+    elif head_seq > (0 if last is None else last[0]) or (head_seq and at_head != head_hash):
+        problems.append(AuditProblem(head_seq, CUT))
+    return n, problems
 
 
 class AuditLog(SqliteBatch):
@@ -182,7 +230,7 @@ class AuditLog(SqliteBatch):
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
-        d = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        d = detail_text(detail)
         who = actor or self.actor
         try:
             with self._lock:
@@ -219,37 +267,107 @@ class AuditLog(SqliteBatch):
             raise StoreError(f"audit log {self.path}: {e.__class__.__name__}") from None
 
     def verify(self) -> tuple[int, list[AuditProblem]]:
-        """(records checked, problems found): edits, removals, reorders, a cut tail.
-
-        The head may be behind the last record (a crash between a commit and the head's
-        write): that is not a problem as long as the record at the head's sequence number
-        has the head's hash; a head past the last record, or naming another hash, is."""
-        head_seq, head_hash, head_problem = 0, "", None
+        """(records checked, problems found): edits, removals, reorders, a cut tail
+        (:func:`verify_chain`)."""
+        head: tuple[int, str] | None = None
+        problem = ""
         try:
-            head = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
-            head_seq, head_hash = int(head["seq"]), str(head["hash"])
+            d = json.loads(self.head_path.read_bytes().rstrip(b" \n\x00"))
+            head = int(d["seq"]), str(d["hash"])
         except FileNotFoundError:
-            head_problem = "the head file is missing"
+            problem = "the head file is missing"
         except (ValueError, KeyError, TypeError):
-            head_problem = "the head file is damaged"
+            problem = "the head file is damaged"
         with reading(self.path):
-            n, problems, at_head = check_chain(self.db.execute(
-                "SELECT seq, time, actor, action, detail, prev, hash FROM audit ORDER BY seq"),
-                head_seq)
-            last = _last_seq(self.db)
-        if head_problem is not None:
-            if n:
-                problems.append(AuditProblem(0, head_problem))
-        elif head_seq > last or (head_seq and at_head != head_hash):
-            problems.append(AuditProblem(head_seq, "the chain's head differs: records were "
-                                                   "cut off the end or the head was changed"))
-        return n, problems
+            return verify_chain(self.db, head, problem)
 
     def close(self) -> None:
         self.db.close()
         if self._head_fd is not None:
             os.close(self._head_fd)
             self._head_fd = None
+
+
+class PostgresAudit:
+    """The audit chain as tables of a PostgreSQL database, over a psycopg connection the
+    caller holds and serializes (the service's state shares it, so that a batch of
+    requests and their records commit in one transaction).
+
+    Appends take a transaction-scoped advisory lock (:attr:`LOCK`), so the chain stays
+    linear with any number of writers; the head row is written in the same transaction
+    as the records it names. In a batch (:meth:`begin_batch`, inside the caller's
+    transaction) appends share that transaction and the head is written once, by
+    :meth:`end_batch`, before the caller commits. psycopg errors pass to the caller.
+    """
+
+    LOCK = 0x4B4C5031  # "KLP1"
+
+    def __init__(self, conn: Any, *, actor: str = "service") -> None:
+        self.conn = conn
+        self.actor = actor
+        self.in_batch = False
+        self._batch_head: tuple[int, bytes] | None = None
+
+    def create(self) -> None:
+        """Create the tables (in the caller's transaction). A head table made now, over
+        records already there, starts at their last record."""
+        had_head = self.conn.execute("SELECT to_regclass('audit_head')").fetchone()[0]
+        self.conn.execute(PG_SCHEMA)
+        self.conn.execute(PG_HEAD_SCHEMA)
+        if had_head is None:
+            last = last_record(self.conn)
+            if last is not None:
+                self._write_head(*last)
+
+    def _write_head(self, seq: int, h: bytes) -> None:
+        self.conn.execute(
+            "INSERT INTO audit_head (one, seq, hash) VALUES (TRUE, %s, %s) ON CONFLICT (one) "
+            "DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash "
+            "WHERE audit_head.seq < EXCLUDED.seq", (seq, h.hex()))
+
+    def _insert(self, who: str, action: str, d: str) -> tuple[int, bytes]:
+        row = chain_row(self._batch_head or last_record(self.conn), who, action, d)
+        self.conn.execute("INSERT INTO audit VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
+        return row[0], bytes.fromhex(row[6])
+
+    def begin_batch(self) -> None:
+        """Take the chain's lock in the caller's open transaction, held to its end."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
+        self.in_batch = True
+        self._batch_head = None
+
+    def end_batch(self) -> None:
+        """Write the head of the batch's records (before the caller commits)."""
+        head, self._batch_head, self.in_batch = self._batch_head, None, False
+        if head is not None:
+            self._write_head(*head)
+
+    def abandon_batch(self) -> None:
+        self._batch_head, self.in_batch = None, False
+
+    def append(self, action: str, detail: dict[str, Any], *, actor: str | None = None) -> int:
+        who, d = actor or self.actor, detail_text(detail)
+        if self.in_batch:  # the batch holds the lock; its head is written at its end
+            seq, h = self._insert(who, action, d)
+            self._batch_head = (seq, h)
+            return seq
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK,))
+            seq, h = self._insert(who, action, d)
+            self._write_head(seq, h)
+        return seq
+
+    def verify(self) -> tuple[int, list[AuditProblem]]:
+        """(records checked, problems found), as :meth:`AuditLog.verify`: the head row is
+        read first, so records appended meanwhile are no problem."""
+        row = self.conn.execute("SELECT seq, hash FROM audit_head").fetchone()
+        head = None if row is None else (int_col(row[0], "seq"), text_col(row[1], "hash"))
+        return verify_chain(self.conn, head, "the head record is missing")
+
+    def records(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(actor, action, details) of every record, in order."""
+        return [(a, act, json.loads(d)) for a, act, d in self.conn.execute(
+            "SELECT actor, action, detail FROM audit ORDER BY seq").fetchall()]
 
 
 class AuditedExportLog:

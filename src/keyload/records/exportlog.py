@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import StoreError
-from ..records import stored as col
-from ..records.sql import SqliteBatch
-from ..records.stored import open_records, reading
-from .authority import ExportRecord
+from . import stored as col
+from .sql import SqliteBatch
+from .stored import open_records, reading
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (
@@ -29,6 +29,20 @@ CREATE TABLE IF NOT EXISTS exports (
     kcv TEXT NOT NULL
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRecord:
+    """One export, as recorded (docs/protocol.md §8): never key material."""
+
+    time: float
+    set_id: bytes
+    sn: bytes
+    ref1: bytes
+    ref2: int
+    suite: int
+    key_version: int
+    kcv: bytes
 
 
 class SqliteExportLog(SqliteBatch):

@@ -1,0 +1,235 @@
+"""The ledger: which unit holds which key, with the unit's receipt; and its one verifier.
+
+A :class:`LedgerEntry` is a load as one of keyload's records holds it: a single load
+(``station.db``), a campaign's (the journal) or one whose receipt a field client posted
+to the service (the service's state). :func:`verify_entries` checks any of them the same
+way (docs/protocol.md §8):
+
+- an entry without a receipt is a load reconciled with the unit after a crash (its slot
+  status backs it): counted apart, not checked;
+- an entry missing its suite, R, header or KCV is incomplete;
+- its header must parse, with the entry's suite and (when the entry records one) key
+  version; its KCV and R must have their sizes;
+- when the caller knows the export the entry claims (the authority's export records, or
+  the service's replay cache), every field that export recorded must match the entry's,
+  and an export the service recorded must be receipted;
+- when the caller knows the key's current description, a header at the key's version
+  must carry the key's type, length and attributes;
+- the authority recomputes the receipt over (set, SN, R, REF2, header, KCV).
+
+The receipt binds the header and the KCV; the export binds what it does not (REF1, the
+client, the key version column). A refusal by the authority makes an entry invalid; a
+store or keystore failure is raised. Nothing here reads or writes a database: the callers
+turn their rows into entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..core.errors import KeyloadError, StatusError
+from ..core.keys import KeyHeader
+
+# "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
+# or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
+# columns came later, so that older readers of the CSV by position still work.
+LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
+                 "header", "receipt", "reconciled", "station", "time", "source", "client",
+                 "set_id"]
+KCV_LEN = 5
+R_LEN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One load with its receipt (``rct`` None: reconciled with the unit, no receipt).
+
+    ``source``: "station" (a single load), "campaign" (``campaign`` names it) or
+    "service" (``client`` names who posted the receipt). ``key_version``: the version
+    the record keeps in its own column (None: it keeps none)."""
+
+    source: str
+    time: float | None
+    ref1: bytes
+    key_version: int | None
+    suite: int | None
+    # what the receipt covers, in the MAC's order (docs/protocol.md §8), and the receipt
+    set_id: bytes
+    sn: bytes
+    r: bytes | None
+    ref2: int
+    header: bytes | None
+    kcv: bytes | None
+    rct: bytes | None
+    campaign: str | None = None
+    station: str | None = None
+    client: str | None = None
+    reconciled: bool = False
+
+    @property
+    def label(self) -> str:
+        """Where the entry comes from, for people: ``station``, ``campaign NAME``, ``service``."""
+        return f"campaign {self.campaign}" if self.campaign is not None else self.source
+
+    @property
+    def download(self) -> tuple[bytes, bytes, bytes, int, bytes | None]:
+        """What the entry claims was downloaded: (set, SN, REF1, REF2, KCV)."""
+        return self.set_id, self.sn, self.ref1, self.ref2, self.kcv
+
+    def to_row(self, ref1_text: str) -> dict[str, Any]:
+        """The entry in the ledger export's shape (:data:`LEDGER_FIELDS`); ``ref1_text``:
+        REF1 as people read it. A campaign's key version is its header's when it has one."""
+        version = self.key_version
+        if self.source == "campaign" and self.header is not None:
+            version = KeyHeader.decode(self.header).version
+        return {"campaign": self.campaign, "sn": self.sn.hex(), "ref2": self.ref2,
+                "ref1": ref1_text, "key_version": version,
+                "kcv": None if self.kcv is None else self.kcv.hex().upper(),
+                "suite": self.suite, "r": None if self.r is None else self.r.hex(),
+                "header": None if self.header is None else self.header.hex(),
+                "receipt": None if self.rct is None else self.rct.hex(),
+                "reconciled": self.reconciled, "station": self.station, "time": self.time,
+                "source": self.source, "client": self.client, "set_id": self.set_id.hex()}
+
+
+COMPARED = ("client", "set_id", "ref1", "ref2", "suite", "header", "kcv", "key_version")
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """An export as recorded where the key left (the authority's export records, or the
+    service's replay cache): each field of ``recorded`` is compared with the entry's (the
+    key version with the entry's column, else its header's)."""
+
+    set_id: bytes
+    ref1: bytes
+    ref2: int
+    suite: int
+    key_version: int | None
+    kcv: bytes | None
+    header: bytes | None = None
+    client: str | None = None
+    unreceipted: str | None = None  # the service's state of an export it has no receipt for
+    recorded: tuple[str, ...] = COMPARED
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """A key as the authority holds it now: its version and what its header must say."""
+
+    version: int
+    key_type: int
+    length: int
+    usage: str
+    mode: str
+    exportability: str
+
+
+class ReceiptChecker(Protocol):
+    """What verifying needs of the authority (:class:`~keyload.units.authority.Authority`)."""
+
+    def verify_receipt(self, *, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int,
+                       h: bytes, kcv: bytes, rct: bytes) -> None:
+        """None for the unit's genuine receipt; a StatusError otherwise."""
+        ...
+
+
+def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | None = None,
+                   matched_by: str | None = None,
+                   key_now: Callable[[bytes], KeyFacts | None] | None = None) -> list[str]:
+    """Why ``e``, which has a receipt, is not a genuine, consistent entry (empty when it
+    is). ``export``: the export it claims, looked up by ``matched_by`` (None, with
+    ``matched_by`` given: none was recorded; ``matched_by`` None: no export is known to
+    compare with); ``key_now``: the current facts of a key by REF1 (None: the key is
+    gone)."""
+    if not e.set_id or e.suite is None or e.r is None or e.header is None or e.kcv is None \
+            or e.rct is None:
+        return ["incomplete record"]
+    out: list[str] = []
+    try:
+        h: KeyHeader | None = KeyHeader.decode(e.header)
+    except KeyloadError:
+        h = None
+    version = e.key_version if e.key_version is not None or h is None else h.version
+    if export is not None:
+        if export.unreceipted is not None:
+            out.append(f"the export is {export.unreceipted}, not receipted")
+        mine = {"client": e.client, "set_id": e.set_id, "ref1": e.ref1, "ref2": e.ref2,
+                "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version}
+        differ = [name for name in export.recorded if mine[name] != getattr(export, name)]
+        if differ:
+            out.append("differs from the export: " + ", ".join(differ))
+    elif matched_by is not None:
+        out.append(f"no export recorded for this {matched_by}")
+    if len(e.kcv) != KCV_LEN:
+        out.append(f"KCV is {len(e.kcv)} bytes, not {KCV_LEN}")
+    if h is None:
+        out.append("header malformed")
+    else:
+        if h.suite != e.suite:
+            out.append("header suite differs from the entry's")
+        if e.key_version is not None and h.version != e.key_version:
+            out.append("header version differs from the entry's key version")
+        facts = key_now(e.ref1) if key_now is not None else None
+        if facts is not None and facts.version == h.version and (
+                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != (
+                facts.key_type, facts.length, facts.usage, facts.mode, facts.exportability):
+            out.append("key header's type or attributes differ from the key's")
+    if len(e.r) != R_LEN:
+        out.append(f"R is {len(e.r)} bytes, not {R_LEN}")
+    try:
+        checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r, ref2=e.ref2,
+                               h=e.header, kcv=e.kcv, rct=e.rct)
+    except StatusError as err:
+        out.append(f"receipt does not verify (SW {err.sw:04X})")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """An entry that does not verify, and why."""
+
+    entry: LedgerEntry
+    problems: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+
+@dataclass
+class LedgerCheck:
+    """How many entries verify; those reconciled without a receipt; the invalid ones."""
+
+    verified: int = 0
+    reconciled: int = 0
+    invalid_entries: list[Invalid] = field(default_factory=list)
+
+    @property
+    def invalid(self) -> int:
+        return len(self.invalid_entries)
+
+
+def verify_entries(entries: Iterable[LedgerEntry], checker: ReceiptChecker, *,
+                   export_of: Callable[[LedgerEntry], Export | None] | None = None,
+                   matched_by: str = "",
+                   key_now: Callable[[bytes], KeyFacts | None] | None = None) -> LedgerCheck:
+    """Check every entry, in the order given (:func:`entry_problems`). ``export_of``: the
+    export an entry claims, asked for every entry, those without a receipt too (so that
+    they take theirs); None when no export is known to compare with."""
+    out = LedgerCheck()
+    for e in entries:
+        export = None if export_of is None else export_of(e)
+        if e.rct is None:
+            out.reconciled += 1
+            continue
+        problems = entry_problems(e, checker, export=export,
+                                  matched_by=None if export_of is None else matched_by,
+                                  key_now=key_now)
+        if problems:
+            out.invalid_entries.append(Invalid(e, tuple(problems)))
+        else:
+            out.verified += 1
+    return out
