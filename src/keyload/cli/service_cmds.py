@@ -10,10 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import check_ref2, check_sn
-from ..station.fleet import EmulatedFleet
-from ..station.load import UnitClient
-from ..transports import Connection
-from ..transports.local import LocalConnection
 from ..units.keystore import display_ref1, parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt
 from .commands import parse_hex
@@ -186,7 +182,7 @@ def fetch(args: argparse.Namespace) -> int:
     only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
     :data:`EXIT_FAILED` when the service refused a pending one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import ExpectedUnit, fetch_key
+    from ..service.fetch import fetch_key, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -212,33 +208,13 @@ def fetch(args: argparse.Namespace) -> int:
                            key=Path(args.key))
     home = home_of(args)
     outbox = Outbox(home.root)
-    fleet = None
-    closer: list[object] = []
     try:
         resent = _send_pending(args, client, outbox, deadline)
         if args.resend:
             return _resend_report(args, resent)
-        conn: Connection
-        if args.reader:
-            from ..transports.pcsc import PcscConnection
-
-            pc = PcscConnection(args.reader)
-            closer.append(pc)
-            conn = pc
-        else:
-            assert sn is not None
-            fleet = EmulatedFleet.open(home.units_dir, home.source)
-            unit = fleet.open_unit(sn)
-            closer.append(unit)
-            conn = LocalConnection(unit)
-        unit_client = ExpectedUnit(conn, sn, args.reader) if args.reader and sn is not None \
-            else UnitClient(conn)
-        res, d = fetch_key(client, unit_client, ref1, args.ref2, deadline=deadline)
+        with unit_for(home.units_dir, home.source, sn, args.reader) as unit:
+            res, d = fetch_key(client, unit, ref1, args.ref2, deadline=deadline)
     finally:
-        for c in closer:
-            c.close()  # type: ignore[attr-defined]
-        if fleet is not None:
-            fleet.close()
         client.close()
     out: dict[str, Any] = {
         "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),

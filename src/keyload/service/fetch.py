@@ -4,13 +4,17 @@ its receipt delivered or kept in the outbox, and the outbox's pending receipts s
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..core.messages import InitResponse
+from ..station.fleet import EmulatedFleet
 from ..station.load import LoadResult, UnitClient, load_key
 from ..transports import Connection
+from ..transports.local import LocalConnection
+from ..units.storage import KekSource
 from .client import Delivery, HttpsAuthority, Outbox, Pending, ServiceClient, deliver_receipt
 
 
@@ -27,6 +31,28 @@ class ExpectedUnit(UnitClient):
             raise ValueError(f"the card in reader {self.reader!r} is unit {init.sn.hex()}, "
                              f"not {self.expected.hex()} (--unit)")
         return init
+
+
+@contextmanager
+def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
+             reader: str | None) -> Iterator[UnitClient]:
+    """The unit to load: the card in ``reader`` (which must be unit ``sn`` when it is
+    given), or else the emulated unit ``sn`` of ``units_dir``."""
+    with ExitStack() as stack:
+        conn: Connection
+        if reader:
+            from ..transports.pcsc import PcscConnection
+
+            conn = PcscConnection(reader)
+            stack.callback(conn.close)
+            yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
+            return
+        assert sn is not None
+        fleet = EmulatedFleet.open(units_dir, source)
+        stack.callback(fleet.close)
+        unit = fleet.open_unit(sn)
+        stack.callback(unit.close)
+        yield UnitClient(LocalConnection(unit))
 
 
 def fetch_key(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *,
