@@ -211,7 +211,7 @@ def test_damaged_unit_file(tmp_path: Path, kek_source: KekSource) -> None:
 
 
 def test_kek_source_and_home_never_show_the_passphrase_or_kek(tmp_path: Path) -> None:
-    from keyload.cli.context import Home
+    from keyload.station.home import Home
 
     secret, kek = "correct horse battery staple", "a5" * 32
     src = KekSource(passphrase=secret, kek_hex=kek)

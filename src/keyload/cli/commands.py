@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,17 @@ from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.suites import get_suite
 from ..records.exportlog import SqliteExportLog
-from ..records.ledger import LedgerEntry
 from ..station.fleet import EmulatedFleet
-from ..station.journal.model import STATES
-from ..station.load import AuthorityClient, LoadFailed, UnitClient, load_key
-from ..station.records import LoadRecords
-from ..station.report import campaign_entries, check_receipts, station_entry
-from ..transports.local import LocalConnection
+from ..station.home import Keystore
+from ..station.run import load_one, unit_slots, units_in_turn
+from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
-from ..units.keystore import SoftwareKeystore, check_usage
+from ..units.keystore import check_usage
 from ..units.unit import Slot
-from .context import Home, Keystore, open_pkcs11, read_components, read_secret_hex
-from .output import emit_json, kv, table
-
-
-def _home(args: argparse.Namespace) -> Home:
-    return Home.resolve(args.home)
+from .args import home_of
+from .context import read_components, read_secret_hex
+from .output import emit_json, emitted, kv, table
 
 
 def parse_hex(text: str, what: str) -> bytes:
@@ -84,37 +77,26 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
 
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     home.ensure()
-    ks: Keystore
+    cfg: dict[str, Any] | None = None
+    where = str(home.authority_dir)
     if args.pkcs11:
         if not args.token:
             raise ValueError("--pkcs11 needs --token LABEL")
-        if (home.authority_dir / "backend.json").exists() or \
-                (home.authority_dir / "vault.json").exists():
-            raise StoreError(f"an authority already exists in {home.authority_dir}")
-        cfg: dict[str, Any] = {"backend": "pkcs11", "module": args.pkcs11,
-                               "token": args.token, "clear_sas": args.clear_sas}
+        cfg = {"backend": "pkcs11", "module": args.pkcs11, "token": args.token,
+               "clear_sas": args.clear_sas}
         conf = os.environ.get("SOFTHSM2_CONF")
         if conf and "softhsm" in args.pkcs11:
             cfg["softhsm2_conf"] = str(Path(conf).resolve())
-        ks = open_pkcs11(cfg)  # checks module, token and PIN before anything is written
-        home.write_backend_config(cfg)
         where = f"token {args.token!r} of {args.pkcs11}"
-    else:
-        if (home.authority_dir / "backend.json").exists():  # a PKCS#11 authority is here
-            raise StoreError(f"an authority already exists in {home.authority_dir} (its "
-                             "keys are in a PKCS#11 token: backend.json)")
-        ks = SoftwareKeystore.create(home.authority_dir, home.source)
-        where = str(home.authority_dir)
+    ks = home.create_authority(cfg)  # a token: module, token and PIN checked first
     try:
         pub = ks.set_signing_key() if args.signing_key else None
         caps = ks.capabilities()
-        if args.json:
-            emit_json({"authority": where, "backend": caps.backend,
-                       "suites": sorted(caps.suites),
-                       "signing_public_key": None if pub is None else pub.hex()})
-        else:
+        if not emitted(args, {"authority": where, "backend": caps.backend,
+                              "suites": sorted(caps.suites),
+                              "signing_public_key": None if pub is None else pub.hex()}):
             print(f"authority created in {where} ({caps.backend}; suites "
                   f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))})")
             if pub is not None:
@@ -125,7 +107,7 @@ def authority_init(args: argparse.Namespace) -> int:
 
 
 def authority_show(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     ks = home.open_keystore()
     try:
         pub = ks.public_key()
@@ -137,9 +119,7 @@ def authority_show(args: argparse.Namespace) -> int:
                 "keys": [key_json(k) for k in ks.key_infos()]}
     finally:
         ks.close()
-    if args.json:
-        emit_json(info)
-    else:
+    if not emitted(args, info):
         kv([("backend", info["backend"]), ("suites", ", ".join(f"{s:#04x}" for s in
                                                                info["suites"])),
             ("signing key", info["signing_public_key"] or "none"),
@@ -148,7 +128,7 @@ def authority_show(args: argparse.Namespace) -> int:
 
 
 def authority_exports(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     path = home.authority_dir / "exports.db"
     if not path.exists():
         raise StoreError(f"no export records at {path}")
@@ -161,9 +141,7 @@ def authority_exports(args: argparse.Namespace) -> int:
     rows = [{"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
              "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
              "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
-    if args.json:
-        emit_json({"total": len(recs), "records": rows})
-    else:
+    if not emitted(args, {"total": len(recs), "records": rows}):
         table(["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
               [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
                 r["kcv"]] for r in rows])
@@ -173,7 +151,7 @@ def authority_exports(args: argparse.Namespace) -> int:
 
 # -- sets ----------------------------------------------------------------------------
 def set_create(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     ks = home.open_keystore()
     try:
         taken = [i.set_id.hex() for i in ks.set_infos() if i.name == args.name]
@@ -188,10 +166,8 @@ def set_create(args: argparse.Namespace) -> int:
             info = ks.generate_set(args.name, signed=args.signed)
     finally:
         ks.close()
-    if args.json:
-        emit_json({"set_id": info.set_id.hex(), "name": info.name, "signed": info.signed,
-                   "component_kcvs": [k.hex().upper() for k in kcvs]})
-    else:
+    if not emitted(args, {"set_id": info.set_id.hex(), "name": info.name, "signed": info.signed,
+                          "component_kcvs": [k.hex().upper() for k in kcvs]}):
         for i, k in enumerate(kcvs, 1):
             print(f"component {i} KCV  {k.hex().upper()}")
         print(f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
@@ -199,15 +175,13 @@ def set_create(args: argparse.Namespace) -> int:
 
 
 def set_list(args: argparse.Namespace) -> int:
-    ks = _home(args).open_keystore()
+    ks = home_of(args).open_keystore()
     try:
         sets = ks.set_infos()
     finally:
         ks.close()
-    if args.json:
-        emit_json([{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
-                   for s in sets])
-    else:
+    if not emitted(args, [{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
+                          for s in sets]):
         table(["set id", "name", "SAS"],
               [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
     return 0
@@ -249,7 +223,7 @@ def _known_sets(ks: Keystore, policy: ExportPolicy) -> None:
 
 def key_generate(args: argparse.Namespace) -> int:
     ref1, kt, attrs, policy = _key_common(args)
-    ks = _home(args).open_keystore()
+    ks = home_of(args).open_keystore()
     try:
         _known_sets(ks, policy)
         info = ks.generate_key(ref1, kt, attrs, version=args.key_version,
@@ -263,7 +237,7 @@ def key_generate(args: argparse.Namespace) -> int:
 
 def key_import(args: argparse.Namespace) -> int:
     ref1, kt, attrs, policy = _key_common(args)
-    ks = _home(args).open_keystore()
+    ks = home_of(args).open_keystore()
     try:
         _known_sets(ks, policy)
         length = kt.default_length if kt.is_aes else None
@@ -281,14 +255,12 @@ def key_import(args: argparse.Namespace) -> int:
 
 
 def key_list(args: argparse.Namespace) -> int:
-    ks = _home(args).open_keystore()
+    ks = home_of(args).open_keystore()
     try:
         keys = ks.key_infos()
     finally:
         ks.close()
-    if args.json:
-        emit_json([key_json(k) for k in keys])
-    else:
+    if not emitted(args, [key_json(k) for k in keys]):
         table(["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
               [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
                 k.attrs.exportability, k.version, "yes" if k.diversify else "no",
@@ -321,7 +293,7 @@ def parse_slots(specs: list[str], locked: list[int]) -> dict[int, Slot]:
 
 
 def unit_create(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     set_id = parse_hex(args.set_id, "set id")
     sn = check_sn(parse_hex(args.sn, "SN"))
     slots = parse_slots(args.slot, args.lock)
@@ -348,45 +320,17 @@ def unit_create(args: argparse.Namespace) -> int:
     finally:
         t.wipe()
         fleet.close()
-    if args.json:
-        emit_json({"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)})
-    else:
+    if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}):
         print(f"unit {sn.hex()} created in set {set_id.hex()} with slots "
               f"{', '.join(map(str, sorted(slots)))}")
     return 0
 
 
 def unit_status(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     sn = check_sn(parse_hex(args.sn, "SN"))
-    fleet = EmulatedFleet.open(home.units_dir, home.source)
-    try:
-        unit = fleet.open_unit(sn)
-        try:
-            client = UnitClient(LocalConnection(unit))
-            client.select()
-            sts = [client.slot_status(r) for r in sorted(unit.state.slots)]
-            accepts = {r: sorted(KeyType(t).label for t in s.accepts)
-                       for r, s in unit.state.slots.items()}
-            set_id = unit.state.set_id
-        finally:
-            unit.close()
-    finally:
-        fleet.close()
-    from ..core.keys import KeyHeader
-
-    rows: list[dict[str, Any]] = []
-    for st in sts:
-        h = KeyHeader.decode(st.h) if st.h else None
-        rows.append({"ref2": st.ref2, "state": ["empty", "loaded", "locked"][st.state],
-                     "accepts": accepts[st.ref2],
-                     "type": None if h is None else KeyType(h.key_type).label,
-                     "usage": None if h is None else h.usage,
-                     "version": None if h is None else h.version,
-                     "kcv": None if st.kcv is None else st.kcv.hex().upper()})
-    if args.json:
-        emit_json({"sn": sn.hex(), "set_id": set_id.hex(), "slots": rows})
-    else:
+    set_id, rows = unit_slots(home, sn)
+    if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": rows}):
         print(f"unit {sn.hex()}, set {set_id.hex()}")
         table(["REF2", "state", "accepts", "type", "usage", "version", "KCV"],
               [[r["ref2"], r["state"], ",".join(r["accepts"]), r["type"] or "-",
@@ -396,16 +340,13 @@ def unit_status(args: argparse.Namespace) -> int:
 
 
 def unit_list(args: argparse.Namespace) -> int:
-    home = _home(args)
-    if not home.root.is_dir():
-        raise StoreError(f"no keyload home at {home.root}")
+    home = home_of(args)
+    home.existing()
     if not (home.units_dir / "vault.json").exists():
         serials: list[bytes] = []
     else:
         serials = sorted(bytes.fromhex(p.stem) for p in home.units_dir.glob("*.unit"))
-    if args.json:
-        emit_json([s.hex() for s in serials])
-    else:
+    if not emitted(args, [s.hex() for s in serials]):
         for s in serials:
             print(s.hex())
         print(f"{len(serials)} units")
@@ -416,23 +357,14 @@ def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
     from ..lab.cards import CardFeeder
 
-    home = _home(args)
+    home = home_of(args)
     given = [check_sn(parse_hex(x, "SN")) for x in args.sn]
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
         serials = given or fleet.serials()
         for sn in serials:
             fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
-
-        def apps() -> Iterator[Any]:
-            for sn in serials:
-                unit = fleet.open_unit(sn)
-                try:
-                    yield unit
-                finally:
-                    unit.close()
-
-        feeder = CardFeeder(apps(), args.port, remove=True)
+        feeder = CardFeeder(units_in_turn(fleet, serials), args.port, remove=True)
         # the feeder logs the failure that stops it, and keeps it: it is this command's
         # error line, so it is not logged too (one line, not two)
         thread = f"feeder:{args.port}"
@@ -460,40 +392,15 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
-    home = _home(args)
+    home = home_of(args)
     sn = check_sn(parse_hex(args.unit, "SN"))
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
-    ks = home.open_keystore()
-    fleet = None
-    try:
-        authority = home.authority(ks)
-        fleet = EmulatedFleet.open(home.units_dir, home.source)
-        unit = fleet.open_unit(sn)
-        try:
-            ac = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
-            records = LoadRecords(home.station_db)
-            try:
-                try:
-                    res = load_key(UnitClient(LocalConnection(unit)), ac, ref1, args.ref2)
-                except LoadFailed as e:
-                    records.add_failure(sn, ref1, args.ref2, e)
-                    raise
-                records.add(res)
-            finally:
-                records.close()
-        finally:
-            unit.close()
-    finally:
-        ks.close()
-        if fleet is not None:
-            fleet.close()
+    res = load_one(home, sn, ref1, args.ref2)
     out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
            "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
            "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex()}
-    if args.json:
-        emit_json(out)
-    else:
+    if not emitted(args, out):
         print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
               f"{out['receipt']}")
@@ -505,39 +412,24 @@ def receipts_verify(args: argparse.Namespace) -> int:
     receipt against the authority's export record and MAC; then the exports left with
     neither a receipt nor a reconciliation (the service's ledger, ``service.db``,
     accounts for its own exports: ``keyload ledger verify`` checks it)."""
-    home = _home(args)
-    if not home.station_db.exists() and not home.journal_path.exists():
-        raise StoreError(f"no station records or campaign journal in {home.root}")
-    exports_path = home.authority_dir / "exports.db"
-    if not exports_path.exists():
-        raise StoreError(f"no export records at {exports_path}")
-    ks = home.open_keystore()
-    try:
-        authority = home.authority(ks)
-        receipts, failures = _station_receipts(home)
-        accounted: list[tuple[Any, ...]] = []
+    home = home_of(args)
+
+    def accounted() -> list[tuple[Any, ...]]:
         from ..service.ledger import open_service_state
 
         state = open_service_state(None, home.root, home.audit_path)
-        if state is not None:
-            try:
-                accounted = [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
-            finally:
-                state.close()
-        log = SqliteExportLog(exports_path)
+        if state is None:
+            return []
         try:
-            chk = check_receipts(receipts, log.records(), authority, accounted=accounted,
-                                 failures=failures)
+            return [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
         finally:
-            log.close()
-    finally:
-        ks.close()
+            state.close()
+
+    chk = check_home_receipts(home, accounted)
     lost = chk.without_receipt
-    if args.json:
-        emit_json({"verified": chk.verified, "invalid": chk.invalid,
-                   "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,
-                   "exports_without_receipt": len(lost), "without_receipt": lost})
-    else:
+    if not emitted(args, {"verified": chk.verified, "invalid": chk.invalid,
+                          "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,
+                          "exports_without_receipt": len(lost), "without_receipt": lost}):
         for row in chk.invalid_rows:
             print(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
                   f"{row['ref1']}: {row['reason']}")
@@ -551,40 +443,6 @@ def receipts_verify(args: argparse.Namespace) -> int:
                   "lost, slot status recorded")
         print(f"{chk.verified} receipts verified, {chk.invalid} invalid")
     return 0 if chk.invalid == 0 else 1
-
-
-def _station_receipts(home: Home) -> tuple[list[LedgerEntry],
-                                           dict[tuple[bytes, bytes, int], str]]:
-    """The receipts of ``station.db`` and of every campaign in ``journal.db``; and what
-    the station recorded for loads that ended without one, by (SN, REF1, REF2)."""
-    receipts: list[LedgerEntry] = []
-    failures: dict[tuple[bytes, bytes, int], str] = {}
-    if home.station_db.exists():
-        records = LoadRecords(home.station_db)
-        try:
-            for row in records.rows():
-                if row.status != "loaded":
-                    failures[(row.sn, row.ref1, row.ref2)] = \
-                        f"load failed at {row.step}" + (f": SW {row.sw}" if row.sw else "")
-                    continue
-                assert row.set_id is not None
-                receipts.append(station_entry(row))
-        finally:
-            records.close()
-    if home.journal_path.exists():
-        from ..station.journal import open_journal
-        from ..station.journal.model import IMPORTED
-
-        journal = open_journal(home.journal_path)
-        try:
-            for name in journal.campaigns():
-                receipts += campaign_entries(journal, name)
-                for jr in journal.rows(name, [s for s in STATES if s != IMPORTED]):
-                    failures[(jr.sn, jr.ref1, jr.ref2)] = f"campaign {name}: load {jr.state}" \
-                        + (f", SW {jr.sw}" if jr.sw else "")
-        finally:
-            journal.close()
-    return receipts, failures
 
 
 # -- conformance ---------------------------------------------------------------------
@@ -603,9 +461,7 @@ def conformance(args: argparse.Namespace) -> int:
             failures.append({"file": r.file, "case": r.name, "reason": r.reason})
             if not args.json:
                 print(f"FAIL {r.name} ({Path(r.file).name}): {r.reason}")
-    if args.json:
-        emit_json({"passed": passed, "failed": failed, "failures": failures})
-    else:
+    if not emitted(args, {"passed": passed, "failed": failed, "failures": failures}):
         print(f"{passed} passed, {failed} failed")
     sys.stdout.flush()
     return 0 if failed == 0 else 1

@@ -15,64 +15,37 @@ production. The demo token's PIN is ``$KEYLOAD_PKCS11_PIN`` or a demo PIN, likew
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from ..core.errors import KeyloadError
-from ..core.keys import KeyAttributes, KeyType
-from ..core.ref1 import display_ref1
-from ..core.secret import Secret
-from ..records.ledger import verify_entries
-from ..station.campaign import Interrupt, RunOptions, run_campaign, sigint_deferred
-from ..station.customize import Failure, Summary, customize
-from ..station.fleet import EmulatedFleet, EmulatedUnitSource
+from ..station.campaign import Interrupt, RunOptions, RunSummary, sigint_deferred
+from ..station.demo import CAMPAIGN, demo_source, prepare_workdir, setup_demo, write_marker
+from ..station.fleet import EmulatedFleet
+from ..station.home import Home, Keystore
 from ..station.journal import open_journal
-from ..station.load import AuthorityClient
-from ..station.records import LoadRecords
-from ..station.report import station_entries, verify_ledger
+from ..station.journal.model import Journal
+from ..station.report import verify_ledger
+from ..station.run import journal_summary, open_work, run_emulated, run_reader, units_in_turn
 from ..transports import Connection
 from ..transports.local import LocalConnection
-from ..units.authority import Authority, ExportPolicy
-from ..units.keystore import SoftwareKeystore
-from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource, atomic_write
-from ..units.unit import Slot, Unit
-from .context import Home, Keystore, open_pkcs11
+from ..units.authority import Authority
+from ..units.storage import ENV_KEK, ENV_PASSPHRASE
 from .output import emit_json, kv, table
 from .progress import Progress
 
-DEMO_PASSPHRASE = "keyload-demo"
 DEMO_PIN = "246810"  # the demo token's user PIN, announced likewise
 PIN_ENV = "KEYLOAD_PKCS11_PIN"
 UNIT_PORT, AUTHORITY_PORT = 35963, 35964  # the two vpcd readers
 
-# (REF1, type, usage, mode, exportability, diversify, slot)
-DEMO_KEYS = [
-    (b"TMK-A", KeyType.AES256, "K0", "B", "E", True, 1),
-    (b"MAC-A", KeyType.HMAC_SHA256, "M7", "C", "N", False, 2),
-]
 
-
-def _source() -> tuple[KekSource, bool]:
-    env = KekSource.from_env()
-    if env.passphrase or env.kek_hex:
-        return KekSource(passphrase=env.passphrase, kek_hex=env.kek_hex), False
-    return KekSource(passphrase=DEMO_PASSPHRASE), True
-
-
-def _make_authority(kind: str, home: Home, stack: ExitStack,
-                    say: Callable[[str], None]) -> Keystore:
+def _make_authority(kind: str, home: Home) -> Keystore:
     if kind != "pkcs11":
-        ks = SoftwareKeystore.create(home.authority_dir, home.source)
-        stack.callback(ks.close)
-        return ks
+        return home.create_authority()
     from ..lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 
     if not softhsm_available():
@@ -84,12 +57,9 @@ def _make_authority(kind: str, home: Home, stack: ExitStack,
         os.environ.pop("SOFTHSM2_CONF")  # this process talks to the demo token only
     tok = make_token(home.root / "softhsm", label="keyload-demo", user_pin=pin,
                      so_pin=os.urandom(8).hex())
-    cfg = {"backend": "pkcs11", "module": tok.module, "token": tok.label,
-           "softhsm2_conf": str(tok.conf.resolve()), "clear_sas": False}
-    p11 = open_pkcs11(cfg, pin=pin)
-    stack.callback(p11.close)
-    home.write_backend_config(cfg)
-    return p11
+    return home.create_authority({"backend": "pkcs11", "module": tok.module,
+                                  "token": tok.label, "softhsm2_conf": str(tok.conf.resolve()),
+                                  "clear_sas": False}, pin=pin)
 
 
 def _pcscd(stack: ExitStack) -> Any:
@@ -102,105 +72,12 @@ def _pcscd(stack: ExitStack) -> Any:
     return stack.enter_context(running_pcscd())
 
 
-MARKER = "demo.json"
-SETUP_PARTS = ("authority", "units", "softhsm", "journal.db", "audit.db", "station.db")
-
-
-def _prepare_workdir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The workdir, and whether a finished setup is there to resume.
-
-    A workdir holding a demo made with the same arguments is resumed; one whose setup
-    was interrupted (no load has run yet) is set up again; anything else is refused.
-    """
-    if not args.workdir:
-        return Path(tempfile.mkdtemp(prefix="keyload-demo-")), False
-    root = Path(args.workdir)
-    if not root.exists() or not any(root.iterdir()):
-        return root, False
-    want = {"units": args.units, "authority": args.authority, "transport": args.transport}
-    try:
-        marker = json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        raise ValueError(f"{root} is not empty: give a new or empty --workdir") from None
-    if {k: marker.get(k) for k in want} != want:
-        raise ValueError(f"{root} holds a demo made with other arguments "
-                         f"({', '.join(f'--{k} {v}' for k, v in marker.items() if k in want)})")
-    if marker.get("state") == "ready":
-        return root, True
-    for part in SETUP_PARTS:  # an interrupted setup: nothing was loaded yet, start over
-        path = root / part
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            for p in root.glob(part + "*"):
-                p.unlink()
-    return root, False
-
-
-def _write_marker(root: Path, args: argparse.Namespace, state: str) -> None:
-    atomic_write(root / MARKER, json.dumps(
-        {"units": args.units, "authority": args.authority, "transport": args.transport,
-         "state": state}).encode())
-
-
-def _setup(args: argparse.Namespace, home: Home, stack: ExitStack,
-           say: Callable[[str], None], show: bool, intr: Interrupt) -> list[bytes]:
-    """Authority, sets, keys, the set's units and the planned campaign."""
-    ks = _make_authority(args.authority, home, stack, say)
-    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
-    stack.callback(fleet.close)
-    pub = ks.set_signing_key()
-    # T as the key ceremony makes it: generated once, installed in the authority and
-    # handed to the card manufacturer for the units (then wiped)
-    t = Secret.take(os.urandom(32))
-    stack.callback(t.wipe)
-    set_a = ks.add_set(Secret(t.buffer), "operator-a", signed=True)
-    set_b = ks.generate_set("operator-b", signed=True)
-    for ref1, kt, usage, mode, exp, div, slot in DEMO_KEYS:
-        ks.generate_key(ref1, kt, KeyAttributes(usage, mode, exp), version=1, diversify=div,
-                        policy=ExportPolicy(frozenset({set_a.set_id}), frozenset({slot})))
-    ks.generate_key(b"PIN-B", KeyType.AES128, KeyAttributes("P0", "E", "N"), version=1,
-                    diversify=False,
-                    policy=ExportPolicy(frozenset({set_b.set_id}), frozenset({3})))
-    caps = ks.capabilities()
-    names = ", ".join(display_ref1(k.ref1) for k in ks.key_infos())
-    say(f"authority ({caps.backend}, suites "
-        f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))}): sets operator-a "
-        f"{set_a.set_id.hex()}, operator-b {set_b.set_id.hex()} (Ed25519 SAS); keys {names}")
-    # the set's units, as a card manufacturer delivers them: SN, T, slots
-    slots = {1: Slot(1, frozenset({KeyType.AES256})),
-             2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
-             3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
-             4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
-    serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, args.units + 1)]
-    prog = Progress(len(serials), label="units created", stream=sys.stderr, enabled=show)
-    for sn in serials:
-        intr.check()  # Ctrl-C: the setup is made again by the next run
-        fleet.create_unit(sn, t, dict(slots), verify_key=pub)
-        prog.update(ok=True)
-    prog.close()
-    t.wipe()
-    ks.close()
-    journal = open_journal(home.journal_path)
-    try:
-        from .campaigns import create_campaign
-
-        create_campaign(home, journal, CAMPAIGN, set_a.set_id,
-                        [(ref1, slot) for ref1, *_, slot in DEMO_KEYS], serials,
-                        {"demo": args.units})
-    finally:
-        journal.close()
-    return serials
-
-
-CAMPAIGN = "demo"
-
-
 def run(args: argparse.Namespace) -> int:
     if args.units < 1:
         raise ValueError("--units must be at least 1")
-    root, resume = _prepare_workdir(args)
-    source, demo_pass = _source()
+    want = {"units": args.units, "authority": args.authority, "transport": args.transport}
+    root, resume = prepare_workdir(args.workdir, want)
+    source, demo_pass = demo_source()
     home = Home(root, source)
     home.ensure()
 
@@ -224,33 +101,28 @@ def run(args: argparse.Namespace) -> int:
         if resume:
             say("resuming the campaign in this workdir")
         else:
-            _write_marker(root, args, "setup")
-            with ExitStack() as stack:
-                _setup(args, home, stack, say, show, intr)
-            _write_marker(root, args, "ready")
+            write_marker(root, want, "setup")
+            with Progress(args.units, label="units created", stream=sys.stderr,
+                          enabled=show) as prog:
+                setup_demo(home, _make_authority(args.authority, home), args.units, say=say,
+                           on_unit=prog.update, interrupt=intr)
+            write_marker(root, want, "ready")
         setup_s = time.monotonic() - t_setup
-        if args.transport != "pcsc":
-            summary, run_s, reconciled, this_run = _run_campaign(args, home, show, intr)
+        with ExitStack() as stack:
+            journal = open_journal(home.journal_path)
+            stack.callback(journal.close)
+            run = _run_campaign(args, home, journal, stack, show, intr) \
+                if args.transport != "pcsc" else _run_pcsc(args, home, journal, stack, show,
+                                                           intr)
+            if run.interrupted:
+                raise KeyboardInterrupt
+            summary = journal_summary(journal, CAMPAIGN, run)
+            ks = home.open_keystore()
+            stack.callback(ks.close)
+            chk = verify_ledger(journal, CAMPAIGN, home.authority(ks))
         intr.check()
-    if args.transport == "pcsc":
-        summary = _run_pcsc(args, home, show)
-        run_s, reconciled, this_run = summary.elapsed, 0, summary.loads_ok
-    ks = home.open_keystore()
-    journal = open_journal(home.journal_path)
-    try:
-        chk = verify_ledger(journal, CAMPAIGN, home.authority(ks)) \
-            if args.transport != "pcsc" else None
-        ok = chk.verified if chk else 0
-        bad = chk.invalid if chk else 0
-        if args.transport == "pcsc":
-            records = LoadRecords(home.station_db)
-            chk = verify_entries(station_entries(records), home.authority(ks))
-            ok, bad = chk.verified, chk.invalid
-            records.close()
-    finally:
-        journal.close()
-        ks.close()
-
+    ok, bad, reconciled, this_run, run_s = \
+        chk.verified, chk.invalid, run.reconciled, run.loads_done, run.elapsed
     if args.json:
         out = summary.to_json()
         out.update(workdir=str(root), authority=args.authority, transport=args.transport,
@@ -279,108 +151,58 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.failed_units == 0 and bad == 0 else 1
 
 
-def _authority_conn(args: argparse.Namespace, authority: Authority, stack: ExitStack
-                    ) -> Connection:
+def _authority_conn(args: argparse.Namespace
+                    ) -> Callable[[Authority, ExitStack], Connection]:
+    """How the campaign reaches the authority: in-process, or as a virtual card."""
     if args.authority != "card":
-        return LocalConnection(authority)
-    from ..lab.cards import VirtualCard
-    from ..transports.pcsc import PcscConnection, wait_for_card
+        return lambda authority, stack: LocalConnection(authority)
 
-    pcscd = _pcscd(stack)
-    card = VirtualCard(authority, AUTHORITY_PORT).start()
-    stack.callback(card.stop)
-    reader = pcscd.reader_for_port(AUTHORITY_PORT)
-    wait_for_card(reader, timeout=10)
-    pconn = PcscConnection(reader)
-    stack.callback(pconn.close)
-    return pconn
+    def card(authority: Authority, stack: ExitStack) -> Connection:
+        from ..lab.cards import VirtualCard
+        from ..transports.pcsc import PcscConnection, wait_for_card
 
-
-def _run_campaign(args: argparse.Namespace, home: Home, show: bool, intr: Interrupt
-                  ) -> tuple[Summary, float, int, int]:
-    """The demo's campaign (resumable): run, then read the outcome from the journal."""
-    with ExitStack() as stack:
-        journal = open_journal(home.journal_path)
-        stack.callback(journal.close)
-        journal.lock_station(CAMPAIGN, "demo")
-        ks = home.open_keystore()
-        stack.callback(ks.close)
-        fleet = EmulatedFleet.open(home.units_dir, home.source)
-        stack.callback(fleet.close)
-        audit = home.audit()
-        stack.callback(audit.close)
-        authority = home.authority(ks, audit)
-        client = AuthorityClient(_authority_conn(args, authority, stack),
-                                 suites=ks.capabilities().suites)
-        camp = journal.campaign(CAMPAIGN)
-        counts = journal.counts(CAMPAIGN)
-        open_units = -(-(counts["planned"] + counts["claimed"] + counts["exported"])
-                       // len(camp.plan))
-        prog = Progress(max(open_units, 1), label="units customized", stream=sys.stderr,
-                        enabled=show and open_units > 0)
-        audit.append("campaign run", {"campaign": CAMPAIGN, "station": "demo"})
-        with prog:
-            run = run_campaign(journal, CAMPAIGN, client,
-                               lambda sn: EmulatedUnitSource(fleet, sn).connect(),
-                               RunOptions(station="demo", batch_units=32, lease_s=30.0),
-                               on_unit=prog.update, interrupt=intr)
-        if run.interrupted:
-            raise KeyboardInterrupt
-        s = Summary(units=camp.units)
-        bad_units: set[bytes] = set()
-        for row in journal.rows(CAMPAIGN):
-            if row.state == "imported":
-                s.loads_ok += 1
-                if row.suite is not None:
-                    s.by_suite[row.suite] += 1
-            else:
-                s.loads_failed += 1
-                bad_units.add(row.sn)
-                step, _, reason = (row.reason or "").partition(": ")
-                s.failures.append(Failure(row.sn.hex(), row.ref1, row.ref2, step or row.state,
-                                          row.sw, reason or row.state))
-        s.customized = camp.units - len(bad_units)
-        s.elapsed = run.elapsed
-        return s, run.elapsed, run.reconciled, run.loads_done
-
-
-def _run_pcsc(args: argparse.Namespace, home: Home, show: bool) -> Summary:
-    """Units fed through a PC/SC reader one after another (not a resumable campaign: the
-    feeder presents cards in its own order)."""
-    from ..lab.cards import CardFeeder
-    from ..transports.pcsc import cards_in_reader
-
-    with ExitStack() as stack:
-        ks = home.open_keystore()
-        stack.callback(ks.close)
-        fleet = EmulatedFleet.open(home.units_dir, home.source)
-        stack.callback(fleet.close)
-        records = LoadRecords(home.station_db, station=f"demo@{os.uname().nodename}")
-        stack.callback(records.close)
-        authority = home.authority(ks)
-        client = AuthorityClient(_authority_conn(args, authority, stack),
-                                 suites=ks.capabilities().suites)
         pcscd = _pcscd(stack)
-        serials = fleet.serials()
+        vc = VirtualCard(authority, AUTHORITY_PORT).start()
+        stack.callback(vc.stop)
+        reader = pcscd.reader_for_port(AUTHORITY_PORT)
+        wait_for_card(reader, timeout=10)
+        pconn = PcscConnection(reader)
+        stack.callback(pconn.close)
+        return pconn
 
-        def unit_apps() -> Iterator[Unit]:
-            for sn in serials:
-                u = fleet.open_unit(sn)
-                try:
-                    yield u
-                finally:
-                    u.close()
+    return card
 
-        feeder = CardFeeder(unit_apps(), UNIT_PORT).start()
-        stack.callback(feeder.stop)
-        units = cards_in_reader(pcscd.reader_for_port(UNIT_PORT), count=len(serials),
-                                timeout=15)
-        if show:
-            print("units are fed through the reader one after another (pcscd polls a "
-                  "virtual reader every 400 ms: about 1 unit/s)", flush=True)
-        plan = [(ref1, slot) for ref1, *_, slot in DEMO_KEYS]
-        prog = Progress(len(serials), label="units customized", stream=sys.stderr,
-                        enabled=show)
-        with prog:
-            return customize(units, plan, client, on_result=records.add,
-                             on_failure=records.add_failure, on_unit=prog.update)
+
+OPTS = RunOptions(station="demo", batch_units=32, lease_s=30.0)
+
+
+def _run_campaign(args: argparse.Namespace, home: Home, journal: Journal,
+                  stack: ExitStack, show: bool, intr: Interrupt) -> RunSummary:
+    """The demo's campaign over the units in-process (resumable)."""
+    units = open_work(journal, CAMPAIGN)[1]
+    with Progress(max(units, 1), label="units customized", stream=sys.stderr,
+                  enabled=show and units > 0) as prog:
+        return run_emulated(home, journal, CAMPAIGN, OPTS, interrupt=intr,
+                            connect=_authority_conn(args), on_unit=prog.update)
+
+
+def _run_pcsc(args: argparse.Namespace, home: Home, journal: Journal,
+              stack: ExitStack, show: bool, intr: Interrupt) -> RunSummary:
+    """The demo's campaign over its units fed through a PC/SC reader one after another,
+    as cards in a personalization machine."""
+    from ..lab.cards import CardFeeder
+
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    stack.callback(fleet.close)
+    pcscd = _pcscd(stack)
+    serials = fleet.serials()
+    feeder = CardFeeder(units_in_turn(fleet, serials), UNIT_PORT).start()
+    stack.callback(feeder.stop)
+    if show:
+        print("units are fed through the reader one after another (pcscd polls a "
+              "virtual reader every 400 ms: about 1 unit/s)", flush=True)
+    with Progress(len(serials), label="units customized", stream=sys.stderr,
+                  enabled=show) as prog:
+        return run_reader(home, journal, CAMPAIGN, OPTS, pcscd.reader_for_port(UNIT_PORT),
+                          len(serials), on_unit=prog.update, interrupt=intr,
+                          connect=_authority_conn(args), timeout=15)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..core.errors import (
@@ -41,6 +41,7 @@ from ..core.errors import (
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
 from . import campaigns, commands, demo, service_cmds
+from .args import SET_ID, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
@@ -75,136 +76,90 @@ def exit_code(e: BaseException) -> int:
     return EXIT_INPUT
 
 
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--home", default=argparse.SUPPRESS,
-                   help="keyload home directory (default $KEYLOAD_HOME or ./keyload-home)")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                   help="print machine-readable JSON")
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
     parser = argparse.ArgumentParser(
-        prog="keyload", parents=[common],
+        prog="keyload", parents=[common()],
         description="Load application keys into fleets of security units over KLP1.")
     parser.add_argument("--version", action="version", version=f"keyload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-            fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        return sp
+    a = group(sub, "authority", "the software authority (first security unit)")
+    cmd(a, "init", commands.authority_init,
+        "create the authority: a sealed software keystore, or a PKCS#11 token",
+        opt("--signing-key", action="store_true", help="also generate an Ed25519 SAS signing key"),
+        opt("--pkcs11", metavar="MODULE", help="keep the keys in a PKCS#11 token (path of the "
+            "module); the PIN comes from $KEYLOAD_PKCS11_PIN"),
+        opt("--token", metavar="LABEL", help="the token's label (with --pkcs11)"),
+        opt("--clear-sas", action="store_true", help="(PKCS#11) allow exports to unsigned sets: "
+            "the symmetric SAS needs the key in clear outside the token for an instant"))
+    cmd(a, "show", commands.authority_show, "what the authority holds (never key values)")
+    cmd(a, "exports", commands.authority_exports, "the authority's export records",
+        opt("--limit", type=int, default=20))
 
-    # authority
-    a = sub.add_parser("authority", help="the software authority (first security unit)")
-    asub = a.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(asub, "init", commands.authority_init,
-            "create the authority: a sealed software keystore, or a PKCS#11 token")
-    p.add_argument("--signing-key", action="store_true",
-                   help="also generate an Ed25519 SAS signing key")
-    p.add_argument("--pkcs11", metavar="MODULE",
-                   help="keep the keys in a PKCS#11 token (path of the module); the PIN "
-                        "comes from $KEYLOAD_PKCS11_PIN")
-    p.add_argument("--token", metavar="LABEL", help="the token's label (with --pkcs11)")
-    p.add_argument("--clear-sas", action="store_true",
-                   help="(PKCS#11) allow exports to unsigned sets: the symmetric SAS needs "
-                        "the key in clear outside the token for an instant")
-    add(asub, "show", commands.authority_show, "what the authority holds (never key values)")
-    p = add(asub, "exports", commands.authority_exports, "the authority's export records")
-    p.add_argument("--limit", type=int, default=20)
+    s = group(sub, "set", "sets of units and their transport keys")
+    cmd(s, "create", commands.set_create, "create a set: generate T or assemble it",
+        opt("--name", required=True), opt("--components", type=int, default=0, metavar="N",
+        help="assemble T from N hex components (read without echo, or from stdin)"),
+        opt("--signed", action="store_true", help="exports to this set carry an Ed25519 SAS"))
+    cmd(s, "list", commands.set_list, "list sets")
 
-    # set
-    s = sub.add_parser("set", help="sets of units and their transport keys")
-    ssub = s.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(ssub, "create", commands.set_create, "create a set: generate T or assemble it")
-    p.add_argument("--name", required=True)
-    p.add_argument("--components", type=int, default=0, metavar="N",
-                   help="assemble T from N hex components (read without echo, or from stdin)")
-    p.add_argument("--signed", action="store_true",
-                   help="exports to this set carry an Ed25519 SAS")
-    add(ssub, "list", commands.set_list, "list sets")
+    k = group(sub, "key", "application keys (by REF1)")
+    key_opts = (
+        opt("--ref1", required=True, help="REF1: ASCII text, or 0x-prefixed hex"),
+        opt("--type", required=True, help="aes128, aes192, aes256, hmac-sha256"),
+        opt("--usage", required=True, help="X9.143 key usage, e.g. K0, P0, M7"),
+        opt("--mode", required=True, help="X9.143 mode of use, e.g. B, E, D, C"),
+        opt("--exportability", required=True, choices=["N", "E", "S"]),
+        opt("--version", dest="key_version", type=int, required=True),
+        opt("--diversify", action="store_true",
+            help="diversify per unit: TA' = KDF(TA, SN) (AES only)"),
+        opt("--sets", required=True,
+            help="set ids allowed to receive the key, comma separated, or 'any'"),
+        opt("--slots", required=True, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
+        opt("--label", default=""))
+    cmd(k, "generate", commands.key_generate, "generate an application key", *key_opts,
+        opt("--length", type=int, help="HMAC key length in bytes (16-64)"))
+    cmd(k, "import", commands.key_import, "import an application key (value or components)",
+        *key_opts, opt("--components", type=int, default=1, metavar="N"))
+    cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
-    # key
-    k = sub.add_parser("key", help="application keys (by REF1)")
-    ksub = k.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    for name, fn, help_ in (("generate", commands.key_generate, "generate an application key"),
-                            ("import", commands.key_import,
-                             "import an application key (value or components)")):
-        p = add(ksub, name, fn, help_)
-        p.add_argument("--ref1", required=True, help="REF1: ASCII text, or 0x-prefixed hex")
-        p.add_argument("--type", required=True, help="aes128, aes192, aes256, hmac-sha256")
-        p.add_argument("--usage", required=True, help="X9.143 key usage, e.g. K0, P0, M7")
-        p.add_argument("--mode", required=True, help="X9.143 mode of use, e.g. B, E, D, C")
-        p.add_argument("--exportability", required=True, choices=["N", "E", "S"])
-        p.add_argument("--version", dest="key_version", type=int, required=True)
-        p.add_argument("--diversify", action="store_true",
-                       help="diversify per unit: TA' = KDF(TA, SN) (AES only)")
-        p.add_argument("--sets", required=True,
-                       help="set ids allowed to receive the key, comma separated, or 'any'")
-        p.add_argument("--slots", required=True,
-                       help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'")
-        p.add_argument("--label", default="")
-        if name == "generate":
-            p.add_argument("--length", type=int, help="HMAC key length in bytes (16-64)")
-        else:
-            p.add_argument("--components", type=int, default=1, metavar="N")
-    add(ksub, "list", commands.key_list, "list application keys (never a value)")
+    u = group(sub, "unit", "emulated units")
+    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
+        opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
+        opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
+            "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
+            "1=aes256)"),
+        opt("--lock", action="append", type=int, default=[], metavar="REF2",
+            help="lock this slot"),
+        opt("--suites", default="1,2", help="suites the unit speaks (default 1,2)"),
+        opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
+            "key as N components (needed when T lives in a token)"))
+    cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)",
+        opt("--sn", required=True))
+    cmd(u, "list", commands.unit_list, "list emulated units")
+    cmd(u, "serve-card", commands.unit_serve_card,
+        "serve emulated units as virtual cards to pcscd (vpcd), one after another",
+        opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
+        opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
-    # unit
-    u = sub.add_parser("unit", help="emulated units")
-    usub = u.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(usub, "create", commands.unit_create, "create an emulated unit of a set")
-    p.add_argument("--set", required=True, dest="set_id", help="set id (hex)")
-    p.add_argument("--sn", required=True, help="serial number, hex (1-32 bytes)")
-    p.add_argument("--slot", action="append", default=[], metavar="REF2=TYPES",
-                   help="a slot and the key types it accepts, e.g. 1=aes256 or "
-                        "2=aes128,aes256 (repeatable; default 1=aes256)")
-    p.add_argument("--lock", action="append", type=int, default=[], metavar="REF2",
-                   help="lock this slot")
-    p.add_argument("--suites", default="1,2", help="suites the unit speaks (default 1,2)")
-    p.add_argument("--components", type=int, default=0, metavar="N",
-                   help="give the set's transport key as N components (needed when T "
-                        "lives in a token)")
-    p = add(usub, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)")
-    p.add_argument("--sn", required=True)
-    add(usub, "list", commands.unit_list, "list emulated units")
-    p = add(usub, "serve-card", commands.unit_serve_card,
-            "serve emulated units as virtual cards to pcscd (vpcd), one after another")
-    p.add_argument("--sn", action="append", default=[], help="a unit (repeatable; default all)")
-    p.add_argument("--port", type=int, default=35963, help="vpcd port (35963: first reader)")
-
-    # load
-    p = add(sub, "load", commands.load, "load one key into one unit")
-    p.add_argument("--unit", required=True, metavar="SN", help="the unit's SN (hex)")
-    p.add_argument("--ref1", required=True)
-    p.add_argument("--ref2", required=True, type=int)
-
-    # receipts
-    p = add(sub, "receipts", commands.receipts_verify,
-            "have the authority verify every receipt in the station records")
-
-    # demo
-    p = add(sub, "demo", demo.run, "customize a set of emulated units end to end")
-    p.add_argument("--units", type=int, default=1000)
-    p.add_argument("--workdir", help="keep everything in this directory (default: a temporary "
-                                     "one)")
-    p.add_argument("--authority", choices=["software", "pkcs11", "card"], default="software",
-                   help="software keystore, a PKCS#11 token (SoftHSM2), or the authority "
-                        "as a smart card over PC/SC")
-    p.add_argument("--transport", choices=["local", "pcsc"], default="local",
-                   help="reach the units in-process, or as cards fed through a PC/SC reader")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    campaigns.add_parsers(sub, common)
-    service_cmds.add_parsers(sub, common)
-
-    # conformance
-    p = add(sub, "conformance", commands.conformance,
-            "run KLP1 vector files (docs/protocol.md §9)")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    cmd(sub, "load", commands.load, "load one key into one unit",
+        opt("--unit", required=True, metavar="SN", help="the unit's SN (hex)"),
+        opt("--ref1", required=True), opt("--ref2", required=True, type=int))
+    cmd(sub, "receipts", commands.receipts_verify,
+        "have the authority verify every receipt in the station records")
+    cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",
+        opt("--units", type=int, default=1000),
+        opt("--workdir", help="keep everything in this directory (default: a temporary one)"),
+        opt("--authority", choices=["software", "pkcs11", "card"], default="software",
+            help="software keystore, a PKCS#11 token (SoftHSM2), or the authority as a smart "
+                 "card over PC/SC"),
+        opt("--transport", choices=["local", "pcsc"], default="local",
+            help="reach the units in-process, or as cards fed through a PC/SC reader"),
+        opt("--quiet", action="store_true", help="no progress bar"))
+    campaigns.add_parsers(sub)
+    service_cmds.add_parsers(sub)
+    cmd(sub, "conformance", commands.conformance, "run KLP1 vector files (docs/protocol.md §9)",
+        opt("files", nargs="+", metavar="FILE"))
     return parser
 
 

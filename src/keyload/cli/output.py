@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -33,3 +34,10 @@ def kv(pairs: Sequence[tuple[str, Any]], *, stream: TextIO | None = None) -> Non
 def emit_json(obj: Any, *, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     out.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def emitted(args: argparse.Namespace, obj: Any) -> bool:
+    """With ``--json``, ``obj`` is printed as JSON (True); else the caller prints text."""
+    if args.json:
+        emit_json(obj)
+    return bool(args.json)

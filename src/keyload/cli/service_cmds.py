@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.messages import InitResponse, check_ref2, check_sn
+from ..core.messages import check_ref2, check_sn
 from ..core.ref1 import display_ref1, parse_ref1
-from ..station.fleet import EmulatedFleet
-from ..station.load import UnitClient, load_key
-from ..transports import Connection
-from ..transports.local import LocalConnection
+from .args import Opt, Sub, cmd, group, home_of, opt
 from .commands import parse_hex
-from .context import Home
-from .output import emit_json, table
+from .output import emit_json, emitted, table
 
 if TYPE_CHECKING:
-    from ..service.client import Outbox, ServiceClient
-
-
-def _home(args: argparse.Namespace) -> Home:
-    return Home.resolve(args.home)
+    from ..service.client import Outbox, Pending, ServiceClient
 
 
 # -- pki -----------------------------------------------------------------------------
@@ -37,10 +26,8 @@ def pki_init(args: argparse.Namespace) -> int:
     issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
                       hosts=tuple(args.host or ()))
     rows = [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued]
-    if args.json:
-        emit_json([{"name": i.name, "cert": str(i.cert), "key": str(i.key),
-                    "sha256": i.sha256} for i in issued])
-    else:
+    if not emitted(args, [{"name": i.name, "cert": str(i.cert), "key": str(i.key),
+                           "sha256": i.sha256} for i in issued]):
         table(["name", "certificate", "key (0600)", "sha256"], rows)
     return 0
 
@@ -49,23 +36,22 @@ def pki_client(args: argparse.Namespace) -> int:
     from ..service.pki import issue
 
     i = issue(Path(args.dir), args.name, server=False)
-    if args.json:
-        emit_json({"name": i.name, "cert": str(i.cert), "key": str(i.key), "sha256": i.sha256})
-    else:
+    if not emitted(args, {"name": i.name, "cert": str(i.cert), "key": str(i.key),
+                          "sha256": i.sha256}):
         print(f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
     return 0
 
 
 # -- serve ---------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    """Serve until stopped. ``--workers N`` forks N-1 more processes that accept on the
-    same listening socket; each opens its own keystore and store after the fork, so they
-    share only what is meant to be shared: the state database (replay cache, rate
-    counters, ledger) and the audit chain."""
+    """Serve until stopped (:func:`keyload.service.runtime.serve`, ``--workers``
+    processes), once the flags and files are checked and the socket is bound."""
     from ..records.sql import is_postgres_url
     from ..service.ledger import describe_state
     from ..service.pki import check_tls_files, read_input_file
     from ..service.policy import Policy
+    from ..service.runtime import ServeOptions
+    from ..service.runtime import serve as serve_workers
     from ..service.server import bind, raise_fd_limit, runs_on, server_context
 
     if args.check_policy is not None:
@@ -77,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: a TCP port, 0..65535 (0: any free one)")
-    home = _home(args)
+    home = home_of(args)
     check_tls_files(ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key))
     read_input_file(Path(args.policy), "policy")
     policy = Policy.load(Path(args.policy))
@@ -103,29 +89,12 @@ def serve(args: argparse.Namespace) -> int:
     print(f"keyload service listening on https://{host}:{port}"
           + (f" ({args.workers} workers)" if args.workers > 1 else "") + "\n" + about,
           flush=True)
-    children: list[int] = []
-    parent = os.getpid()
-    try:
-        for _ in range(args.workers - 1):
-            pid = os.fork()
-            if pid == 0:  # a worker: serve, then leave without running the parent's cleanup
-                code = 1
-                try:
-                    _die_with(parent)
-                    _serve_one(args, home, policy, ctx, sock, port)
-                    code = 0
-                finally:
-                    os._exit(code)
-            children.append(pid)
-        _serve_one(args, home, policy, ctx, sock, port, children)
-    finally:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        sock.close()
+    serve_workers(ServeOptions(
+        home_root=home.root, authority_dir=home.authority_dir, audit_path=home.audit_path,
+        policy_path=Path(args.policy), state=args.state,
+        instance=args.instance or socket.gethostname(), limits=limits, host=args.host,
+        port=port, http=args.http, loop=args.loop, workers=args.workers,
+        busy_timeout=args.busy_timeout), home.open_keystore, policy, ctx, sock)
     return 0
 
 
@@ -163,20 +132,6 @@ def check_policy(path: Path, *, as_json: bool = False) -> int:
     return 0
 
 
-def _die_with(parent: int) -> None:
-    """A worker ends when the process that started it ends, however it ends (the server
-    re-raises SIGTERM after its shutdown, so the parent may not get to stop its workers)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 def connection_limits(args: argparse.Namespace) -> Any:
     """The ``serve`` flags' :class:`~keyload.service.guard.ConnectionLimits`."""
     from ..service.guard import ConnectionLimits
@@ -202,52 +157,7 @@ def connection_limits(args: argparse.Namespace) -> Any:
         anonymous_connect_rate=rate_of("--anonymous-connect-rate", args.anonymous_connect_rate))
 
 
-def _serve_one(args: argparse.Namespace, home: Home, policy: Any, ctx: Any,
-               sock: socket.socket, port: int, children: list[int] | None = None) -> None:
-    from ..service.runtime import open_instance
-    from ..service.server import Server, make_config
-
-    limits = connection_limits(args)
-    ks = home.open_keystore()
-    try:
-        inst = open_instance(ks, policy, home_root=home.root,
-                             authority_dir=home.authority_dir, audit_path=home.audit_path,
-                             state=args.state, instance=args.instance or socket.gethostname(),
-                             processes=args.workers, limits=limits,
-                             policy_path=Path(args.policy), busy_timeout=args.busy_timeout)
-        if children:  # SIGHUP to the first process reloads every worker's policy
-            def tell_workers() -> None:
-                for pid in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGHUP)
-
-            inst.app.after_reload = tell_workers
-        try:
-            config = make_config(inst.app, ctx, host=args.host, port=port, http=args.http,
-                                 loop=args.loop)
-            Server(config, handshake_timeout=limits.handshake_timeout).run(sockets=[sock])
-        finally:
-            inst.close()
-    finally:
-        ks.close()
-
-
 # -- fetch ---------------------------------------------------------------------------
-class _ExpectedUnit(UnitClient):
-    """A unit in a reader that must be the one ``--unit`` names: stops before EXPORTKEY."""
-
-    def __init__(self, conn: Connection, sn: bytes, reader: str) -> None:
-        super().__init__(conn)
-        self.expected, self.reader = sn, reader
-
-    def initialize(self) -> InitResponse:
-        init = super().initialize()
-        if init.sn != self.expected:
-            raise ValueError(f"the card in reader {self.reader!r} is unit {init.sn.hex()}, "
-                             f"not {self.expected.hex()} (--unit)")
-        return init
-
-
 EXIT_FAILED = 1  # cli.main: the job ran but something failed (here: a receipt refused)
 EXIT_PENDING = 8  # done, evidence pending: the key is loaded, its receipt kept in HOME/outbox
 
@@ -271,7 +181,8 @@ def fetch(args: argparse.Namespace) -> int:
     The server's pending receipts (``HOME/outbox``) are sent first; with ``--resend``,
     only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
     :data:`EXIT_FAILED` when the service refused a pending one for good."""
-    from ..service.client import HttpsAuthority, Outbox, ServiceClient, deliver_receipt
+    from ..service.client import Outbox, ServiceClient
+    from ..service.fetch import fetch_key, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -295,37 +206,15 @@ def fetch(args: argparse.Namespace) -> int:
         check_ref2(args.ref2)
     client = ServiceClient(args.server, ca=Path(args.ca), cert=Path(args.cert),
                            key=Path(args.key))
-    home = _home(args)
+    home = home_of(args)
     outbox = Outbox(home.root)
-    fleet = None
-    closer: list[object] = []
     try:
         resent = _send_pending(args, client, outbox, deadline)
         if args.resend:
             return _resend_report(args, resent)
-        conn: Connection
-        if args.reader:
-            from ..transports.pcsc import PcscConnection
-
-            pc = PcscConnection(args.reader)
-            closer.append(pc)
-            conn = pc
-        else:
-            assert sn is not None
-            fleet = EmulatedFleet.open(home.units_dir, home.source)
-            unit = fleet.open_unit(sn)
-            closer.append(unit)
-            conn = LocalConnection(unit)
-        unit_client = _ExpectedUnit(conn, sn, args.reader) if args.reader and sn is not None \
-            else UnitClient(conn)
-        res = load_key(unit_client, HttpsAuthority(client), ref1, args.ref2)
-        # the key is in the unit: its receipt must get through, or be kept
-        d = deliver_receipt(client, res, until=time.monotonic() + deadline)
+        with unit_for(home.units_dir, home.source, sn, args.reader) as unit:
+            res, d = fetch_key(client, unit, ref1, args.ref2, deadline=deadline)
     finally:
-        for c in closer:
-            c.close()  # type: ignore[attr-defined]
-        if fleet is not None:
-            fleet.close()
         client.close()
     out: dict[str, Any] = {
         "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
@@ -377,41 +266,15 @@ def _fetch_rc(resent: list[dict[str, Any]], *, own_pending: bool = False) -> int
 
 def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbox,
                   deadline: float) -> list[dict[str, Any]]:
-    """Send the server's pending receipts, oldest first, within ``deadline`` seconds in
-    all; once one stays pending, the younger ones wait too. One report per receipt."""
-    from ..service.client import deliver_receipt
+    """The server's pending receipts sent (:func:`keyload.service.fetch.send_pending`),
+    each told as it goes."""
+    from ..service.fetch import send_pending
 
-    items, damaged = outbox.pending(args.server)
-    for path in damaged:
+    def damaged(path: Path) -> None:
         print(f"keyload: warning: {path} is not a readable pending receipt (left as it is)",
               file=sys.stderr, flush=True)
-    until = time.monotonic() + deadline
-    blocked = ""
-    report: list[dict[str, Any]] = []
-    for p in items:
-        entry: dict[str, Any] = {
-            "file": str(p.path), "sn": p.doc.get("sn"), "ref1": p.doc.get("ref1"),
-            "ref2": p.doc.get("ref2"), "key_version": p.doc.get("key_version"),
-            "time": p.doc.get("time")}
-        if blocked:
-            entry.update(status="pending", ledger=False, detail=f"not sent: {blocked}",
-                         path=str(p.path))
-        else:
-            d = deliver_receipt(client, p.receipt, until=until)
-            if d.outcome == "recorded":
-                outbox.remove(p)
-                entry.update(status="recorded", ledger=True, detail=d.answer.get("status"),
-                             path=None)
-            elif d.outcome == "refused":
-                moved = outbox.refuse(p, d)
-                entry.update(status="refused", ledger=False, detail=d.error,
-                             path=str(moved))
-            else:
-                outbox.retried(p, d)
-                blocked = "an older receipt is still pending"
-                entry.update(status="pending", ledger=False, detail=d.error,
-                             path=str(p.path))
-        report.append(entry)
+
+    def sent(p: Pending, entry: dict[str, Any]) -> None:
         if not args.json:
             what = {"recorded": "recorded by the service",
                     "refused": f"REFUSED by the service ({entry['detail']}): moved to "
@@ -419,7 +282,9 @@ def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbo
                     "pending": f"still pending ({entry['detail']}): kept at "
                                f"{entry['path']}"}[entry["status"]]
             print(f"resent the receipt of {p.label}: {what}", flush=True)
-    return report
+
+    return send_pending(client, outbox, args.server, deadline, on_damaged=damaged,
+                        on_sent=sent)
 
 
 def _resend_report(args: argparse.Namespace, resent: list[dict[str, Any]]) -> int:
@@ -434,97 +299,86 @@ def _resend_report(args: argparse.Namespace, resent: list[dict[str, Any]]) -> in
     return rc
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                common: argparse.ArgumentParser) -> None:
-    def add(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-            fn: object, help_: str) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, parents=[common], help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        return sp
+def add_parsers(sub: Sub) -> None:
+    k = group(sub, "pki", "a test CA, server and client certificates (mTLS)")
+    cmd(k, "init", pki_init, "create a CA, a server certificate and client certificates",
+        opt("--dir", required=True, help="where to write them (created, mode 0700)"),
+        opt("--client", action="append", metavar="NAME",
+            help="a client certificate with this CN (repeatable; default 'client')"),
+        opt("--host", action="append", metavar="NAME", help="a DNS name or IP of the server "
+            "(repeatable; default localhost, 127.0.0.1, ::1)"))
+    cmd(k, "client", pki_client, "issue one more client certificate", opt("--dir", required=True),
+        opt("--name", required=True, help="the client's name (certificate CN)"))
 
-    k = sub.add_parser("pki", help="a test CA, server and client certificates (mTLS)")
-    ksub = k.add_subparsers(dest="sub", required=True, metavar="ACTION")
-    p = add(ksub, "init", pki_init, "create a CA, a server certificate and client certificates")
-    p.add_argument("--dir", required=True, help="where to write them (created, mode 0700)")
-    p.add_argument("--client", action="append", metavar="NAME",
-                   help="a client certificate with this CN (repeatable; default 'client')")
-    p.add_argument("--host", action="append", metavar="NAME",
-                   help="a DNS name or IP of the server (repeatable; default localhost, "
-                        "127.0.0.1, ::1)")
-    p = add(ksub, "client", pki_client, "issue one more client certificate")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--name", required=True, help="the client's name (certificate CN)")
+    def seconds(flag: str, help_: str) -> Opt:
+        return opt(flag, type=float, default=10.0, metavar="S", help=help_)
 
-    p = add(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS")
-    p.set_defaults(usage_error=p.error)  # --cert/--key/--ca/--policy: checked by serve()
-    p.add_argument("--cert", help="the server's certificate (PEM; required to serve)")
-    p.add_argument("--key", help="the server's private key (PEM; required to serve)")
-    p.add_argument("--ca", help="the CA that issues client certificates (required to serve)")
-    p.add_argument("--policy", help="authorization policy and limits (JSON; required to "
-                                    "serve)")
-    p.add_argument("--check-policy", metavar="FILE",
-                   help="only check this policy file and print its summary (clients, deny "
-                        "list, limits, sha256 of the file): exit 0 when valid, 3 when not")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8443, help="0: any free port (printed)")
-    p.add_argument("--state", help="shared state: a SQLite file (default HOME/service.db) "
-                                   "or a postgresql:// URL shared by several instances")
-    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
-                   help="HTTP parser (default auto: httptools when installed, else h11)")
-    p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
-                   help="event loop (default auto: uvloop when installed)")
-    p.add_argument("--instance", help="this instance's name in audit and metrics "
-                                      "(default: the host name)")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="S",
-                   help="a TLS handshake not done S seconds after accept is dropped (10)")
-    p.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
-                   help="a request head not complete S seconds after its first byte (or "
-                        "the handshake) is answered 408 and the connection closed (10)")
-    p.add_argument("--body-timeout", type=float, default=10.0, metavar="S",
-                   help="a request body not complete S seconds after its head: 408 (10)")
-    p.add_argument("--max-connections", type=int, default=4096, metavar="N",
-                   help="connections with an authorized client certificate (4096)")
-    p.add_argument("--max-anonymous", type=int, default=1024, metavar="N",
-                   help="connections without one; when full, the oldest is closed (1024)")
-    p.add_argument("--max-per-address", type=int, default=256, metavar="N",
-                   help="open sockets from one address, TLS handshakes included, an IPv6 "
-                        "/64 counting as one; more are closed before TLS (256)")
-    p.add_argument("--anonymous-connect-rate", default="30/60", metavar="N/S",
-                   help="connections without an authorized certificate per S seconds "
-                        "from one address; past it the address is refused before TLS "
-                        "until the window lets one more in (30/60)")
-    p.add_argument("--connect-rate", default="200/10", metavar="N/S",
-                   help="new connections per S seconds from one address; more are closed "
-                        "before TLS (200/10)")
-    p.add_argument("--max-anonymous-per-address", type=int, default=8, metavar="N",
-                   help="of which without an authorized certificate (8)")
-    p.add_argument("--anonymous-rate", default="20/1", metavar="N/S",
-                   help="requests per S seconds from one address without an authorized "
-                        "certificate, health probes included (20/1)")
-    p.add_argument("--busy-timeout", type=float, default=2.0, metavar="S",
-                   help="how long a database lock held elsewhere is waited for before "
-                        "requests are answered 503 (2)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes accepting on the same socket (they share the state)")
+    def count(flag: str, default: int, help_: str) -> Opt:
+        return opt(flag, type=int, default=default, metavar="N", help=help_)
 
-    p = add(sub, "fetch", fetch,
-            "load a key into a local unit from a remote keyload service")
+    # --cert/--key/--ca/--policy: checked by serve()
+    cmd(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS",
+        opt("--cert", help="the server's certificate (PEM; required to serve)"),
+        opt("--key", help="the server's private key (PEM; required to serve)"),
+        opt("--ca", help="the CA that issues client certificates (required to serve)"),
+        opt("--policy", help="authorization policy and limits (JSON; required to serve)"),
+        opt("--check-policy", metavar="FILE", help="only check this policy file and print its "
+            "summary (clients, deny list, limits, sha256 of the file): exit 0 when valid, 3 "
+            "when not"),
+        opt("--host", default="127.0.0.1"),
+        opt("--port", type=int, default=8443, help="0: any free port (printed)"),
+        opt("--state", help="shared state: a SQLite file (default HOME/service.db) or a "
+            "postgresql:// URL shared by several instances"),
+        opt("--http", choices=["auto", "h11", "httptools"], default="auto",
+            help="HTTP parser (default auto: httptools when installed, else h11)"),
+        opt("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+            help="event loop (default auto: uvloop when installed)"),
+        opt("--instance", help="this instance's name in audit and metrics (default: the host "
+            "name)"),
+        seconds("--handshake-timeout",
+                "a TLS handshake not done S seconds after accept is dropped (10)"),
+        seconds("--head-timeout", "a request head not complete S seconds after its first byte "
+                "(or the handshake) is answered 408 and the connection closed (10)"),
+        seconds("--body-timeout",
+                "a request body not complete S seconds after its head: 408 (10)"),
+        count("--max-connections", 4096,
+              "connections with an authorized client certificate (4096)"),
+        count("--max-anonymous", 1024,
+              "connections without one; when full, the oldest is closed (1024)"),
+        count("--max-per-address", 256, "open sockets from one address, TLS handshakes "
+              "included, an IPv6 /64 counting as one; more are closed before TLS (256)"),
+        opt("--anonymous-connect-rate", default="30/60", metavar="N/S", help="connections "
+            "without an authorized certificate per S seconds from one address; past it the "
+            "address is refused before TLS until the window lets one more in (30/60)"),
+        opt("--connect-rate", default="200/10", metavar="N/S", help="new connections per S "
+            "seconds from one address; more are closed before TLS (200/10)"),
+        count("--max-anonymous-per-address", 8,
+              "of which without an authorized certificate (8)"),
+        opt("--anonymous-rate", default="20/1", metavar="N/S", help="requests per S seconds "
+            "from one address without an authorized certificate, health probes included "
+            "(20/1)"),
+        opt("--busy-timeout", type=float, default=2.0, metavar="S", help="how long a database "
+            "lock held elsewhere is waited for before requests are answered 503 (2)"),
+        opt("--workers", type=int, default=1,
+            help="processes accepting on the same socket (they share the state)"),
+        usage_error=True)
+
+    # --unit/--reader, --ref1, --ref2: checked by fetch()
+    p = cmd(sub, "fetch", fetch, "load a key into a local unit from a remote keyload service",
+            opt("--server", required=True, metavar="URL", help="https://host:port"),
+            opt("--unit", metavar="SN", help="the unit's SN (hex): an emulated unit of the "
+                "home; with --reader (optional there), the SN the card in the reader must "
+                "have"),
+            opt("--reader", help="reach the unit through this PC/SC reader instead (the SN "
+                "comes from the card)"),
+            opt("--ref1", help="the key to load (required unless --resend)"),
+            opt("--ref2", type=int, help="the unit's slot (required unless --resend)"),
+            opt("--ca", required=True, help="the CA that issued the server certificate"),
+            opt("--cert", required=True, help="this client's certificate (PEM)"),
+            opt("--key", required=True, help="this client's private key (PEM)"),
+            opt("--resend", action="store_true", help="only send this server's pending "
+                "receipts (HOME/outbox), oldest first; no unit, --ref1 or --ref2"),
+            opt("--receipt-deadline", type=float, default=30.0, metavar="SECONDS",
+                help="how long to keep trying to deliver receipts (default 30) before "
+                     "keeping them in HOME/outbox (exit 8)"), usage_error=True)
     p.epilog = FETCH_EPILOG
-    p.set_defaults(usage_error=p.error)  # --unit/--reader, --ref1, --ref2: checked by fetch()
-    p.add_argument("--server", required=True, metavar="URL", help="https://host:port")
-    p.add_argument("--unit", metavar="SN",
-                   help="the unit's SN (hex): an emulated unit of the home; with --reader "
-                        "(optional there), the SN the card in the reader must have")
-    p.add_argument("--reader", help="reach the unit through this PC/SC reader instead (the "
-                                    "SN comes from the card)")
-    p.add_argument("--ref1", help="the key to load (required unless --resend)")
-    p.add_argument("--ref2", type=int, help="the unit's slot (required unless --resend)")
-    p.add_argument("--ca", required=True, help="the CA that issued the server certificate")
-    p.add_argument("--cert", required=True, help="this client's certificate (PEM)")
-    p.add_argument("--key", required=True, help="this client's private key (PEM)")
-    p.add_argument("--resend", action="store_true",
-                   help="only send this server's pending receipts (HOME/outbox), oldest "
-                        "first; no unit, --ref1 or --ref2")
-    p.add_argument("--receipt-deadline", type=float, default=30.0, metavar="SECONDS",
-                   help="how long to keep trying to deliver receipts (default 30) before "
-                        "keeping them in HOME/outbox (exit 8)")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..records.audit import AuditLog
 from ..records.exportlog import SqliteExportLog
@@ -84,3 +91,102 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     return Instance(ServiceApp(authority, store, policy, instance=instance, commits=commits,
                                limits=limits, policy_path=policy_path),
                     store, exports, checkpoints)
+
+
+class OwnedBackend(AuthorityBackend, Protocol):
+    """A backend the worker opened and closes (a keystore)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What every worker process serves with (the ``keyload serve`` flags)."""
+
+    home_root: Path
+    authority_dir: Path
+    audit_path: Path
+    policy_path: Path
+    state: str | None
+    instance: str
+    limits: ConnectionLimits
+    host: str
+    port: int  # the bound port
+    http: str = "auto"
+    loop: str = "auto"
+    workers: int = 1
+    busy_timeout: float = 2.0
+
+
+def serve(opts: ServeOptions, open_keystore: Callable[[], OwnedBackend], policy: Policy,
+          ctx: ssl.SSLContext, sock: socket.socket) -> None:
+    """Serve until stopped. ``opts.workers`` > 1 forks that many minus one more processes
+    that accept on the same listening socket; each opens its own keystore and store after
+    the fork, so they share only what is meant to be shared: the state database (replay
+    cache, rate counters, ledger) and the audit chain. The socket is closed at the end."""
+    children: list[int] = []
+    parent = os.getpid()
+    try:
+        for _ in range(opts.workers - 1):
+            pid = os.fork()
+            if pid == 0:  # a worker: serve, then leave without running the parent's cleanup
+                code = 1
+                try:
+                    _die_with(parent)
+                    _serve_one(opts, open_keystore, policy, ctx, sock)
+                    code = 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        _serve_one(opts, open_keystore, policy, ctx, sock, children)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        sock.close()
+
+
+def _die_with(parent: int) -> None:
+    """A worker ends when the process that started it ends, however it ends (the server
+    re-raises SIGTERM after its shutdown, so the parent may not get to stop its workers)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _serve_one(opts: ServeOptions, open_keystore: Callable[[], OwnedBackend],
+               policy: Policy, ctx: ssl.SSLContext, sock: socket.socket,
+               children: list[int] | None = None) -> None:
+    from .server import Server, make_config
+
+    ks = open_keystore()
+    try:
+        inst = open_instance(ks, policy, home_root=opts.home_root,
+                             authority_dir=opts.authority_dir, audit_path=opts.audit_path,
+                             state=opts.state, instance=opts.instance,
+                             processes=opts.workers, limits=opts.limits,
+                             policy_path=opts.policy_path, busy_timeout=opts.busy_timeout)
+        if children:  # SIGHUP to the first process reloads every worker's policy
+            def tell_workers() -> None:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)
+
+            inst.app.after_reload = tell_workers
+        try:
+            config = make_config(inst.app, ctx, host=opts.host, port=opts.port,
+                                 http=opts.http, loop=opts.loop)
+            Server(config, handshake_timeout=opts.limits.handshake_timeout).run(sockets=[sock])
+        finally:
+            inst.close()
+    finally:
+        ks.close()

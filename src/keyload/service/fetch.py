@@ -1,0 +1,105 @@
+"""A remote download from the client's side: one key into one unit from the service,
+its receipt delivered or kept in the outbox, and the outbox's pending receipts sent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..core.messages import InitResponse
+from ..station.fleet import EmulatedFleet
+from ..station.load import LoadResult, UnitClient, load_key
+from ..transports import Connection
+from ..transports.local import LocalConnection
+from ..units.storage import KekSource
+from .client import Delivery, HttpsAuthority, Outbox, Pending, ServiceClient, deliver_receipt
+
+
+class ExpectedUnit(UnitClient):
+    """A unit in a reader that must be the one ``--unit`` names: stops before EXPORTKEY."""
+
+    def __init__(self, conn: Connection, sn: bytes, reader: str) -> None:
+        super().__init__(conn)
+        self.expected, self.reader = sn, reader
+
+    def initialize(self) -> InitResponse:
+        init = super().initialize()
+        if init.sn != self.expected:
+            raise ValueError(f"the card in reader {self.reader!r} is unit {init.sn.hex()}, "
+                             f"not {self.expected.hex()} (--unit)")
+        return init
+
+
+@contextmanager
+def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
+             reader: str | None) -> Iterator[UnitClient]:
+    """The unit to load: the card in ``reader`` (which must be unit ``sn`` when it is
+    given), or else the emulated unit ``sn`` of ``units_dir``."""
+    with ExitStack() as stack:
+        conn: Connection
+        if reader:
+            from ..transports.pcsc import PcscConnection
+
+            conn = PcscConnection(reader)
+            stack.callback(conn.close)
+            yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
+            return
+        assert sn is not None
+        fleet = EmulatedFleet.open(units_dir, source)
+        stack.callback(fleet.close)
+        unit = fleet.open_unit(sn)
+        stack.callback(unit.close)
+        yield UnitClient(LocalConnection(unit))
+
+
+def fetch_key(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *,
+              deadline: float) -> tuple[LoadResult, Delivery]:
+    """Load the key into the unit from the service; then its receipt, tried for
+    ``deadline`` seconds (the key is in the unit: the receipt must get through, or be
+    kept by the caller)."""
+    res = load_key(unit, HttpsAuthority(client), ref1, ref2)
+    return res, deliver_receipt(client, res, until=time.monotonic() + deadline)
+
+
+def send_pending(client: ServiceClient, outbox: Outbox, server: str, deadline: float, *,
+                 on_damaged: Callable[[Path], None],
+                 on_sent: Callable[[Pending, dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Send the server's pending receipts, oldest first, within ``deadline`` seconds in
+    all; once one stays pending, the younger ones wait too. One report per receipt, each
+    also given to ``on_sent`` as it is made (a file that is not a pending receipt, left as
+    it is, to ``on_damaged``)."""
+    items, damaged = outbox.pending(server)
+    for path in damaged:
+        on_damaged(path)
+    until = time.monotonic() + deadline
+    blocked = ""
+    report: list[dict[str, Any]] = []
+    for p in items:
+        entry: dict[str, Any] = {
+            "file": str(p.path), "sn": p.doc.get("sn"), "ref1": p.doc.get("ref1"),
+            "ref2": p.doc.get("ref2"), "key_version": p.doc.get("key_version"),
+            "time": p.doc.get("time")}
+        if blocked:
+            entry.update(status="pending", ledger=False, detail=f"not sent: {blocked}",
+                         path=str(p.path))
+        else:
+            d = deliver_receipt(client, p.receipt, until=until)
+            if d.outcome == "recorded":
+                outbox.remove(p)
+                entry.update(status="recorded", ledger=True, detail=d.answer.get("status"),
+                             path=None)
+            elif d.outcome == "refused":
+                moved = outbox.refuse(p, d)
+                entry.update(status="refused", ledger=False, detail=d.error,
+                             path=str(moved))
+            else:
+                outbox.retried(p, d)
+                blocked = "an older receipt is still pending"
+                entry.update(status="pending", ledger=False, detail=d.error,
+                             path=str(p.path))
+        report.append(entry)
+        on_sent(p, entry)
+    return report

@@ -1,0 +1,128 @@
+"""The demo's world: its workdir (made, resumed or refused), an authority's sets and
+keys, a set of emulated units as a card manufacturer delivers them, and the planned
+campaign that customizes them (two loads per unit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.keys import KeyAttributes, KeyType
+from ..core.ref1 import display_ref1
+from ..core.secret import Secret
+from ..units.authority import ExportPolicy
+from ..units.storage import KekSource, atomic_write
+from ..units.unit import Slot
+from .campaign import Interrupt
+from .drive import UnitDone
+from .fleet import EmulatedFleet
+from .home import Home, Keystore
+from .journal import open_journal
+from .plan import create_campaign
+
+DEMO_PASSPHRASE = "keyload-demo"
+CAMPAIGN = "demo"
+MARKER = "demo.json"
+SETUP_PARTS = ("authority", "units", "softhsm", "journal.db", "audit.db", "station.db")
+
+# (REF1, type, usage, mode, exportability, diversify, slot)
+DEMO_KEYS = [
+    (b"TMK-A", KeyType.AES256, "K0", "B", "E", True, 1),
+    (b"MAC-A", KeyType.HMAC_SHA256, "M7", "C", "N", False, 2),
+]
+
+
+def demo_source() -> tuple[KekSource, bool]:
+    """The vaults' KEK source: ``$KEYLOAD_PASSPHRASE`` or ``$KEYLOAD_KEK`` when set, else
+    the demo passphrase (True: the caller says so plainly)."""
+    env = KekSource.from_env()
+    if env.passphrase or env.kek_hex:
+        return KekSource(passphrase=env.passphrase, kek_hex=env.kek_hex), False
+    return KekSource(passphrase=DEMO_PASSPHRASE), True
+
+
+def prepare_workdir(workdir: str | None, want: dict[str, object]) -> tuple[Path, bool]:
+    """The workdir, and whether a finished setup is there to resume.
+
+    A workdir holding a demo made with the same arguments (``want``) is resumed; one
+    whose setup was interrupted (no load has run yet) is set up again; anything else is
+    refused.
+    """
+    if not workdir:
+        return Path(tempfile.mkdtemp(prefix="keyload-demo-")), False
+    root = Path(workdir)
+    if not root.exists() or not any(root.iterdir()):
+        return root, False
+    try:
+        marker = json.loads((root / MARKER).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{root} is not empty: give a new or empty --workdir") from None
+    if {k: marker.get(k) for k in want} != want:
+        raise ValueError(f"{root} holds a demo made with other arguments "
+                         f"({', '.join(f'--{k} {v}' for k, v in marker.items() if k in want)})")
+    if marker.get("state") == "ready":
+        return root, True
+    for part in SETUP_PARTS:  # an interrupted setup: nothing was loaded yet, start over
+        path = root / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            for p in root.glob(part + "*"):
+                p.unlink()
+    return root, False
+
+
+def write_marker(root: Path, want: dict[str, object], state: str) -> None:
+    atomic_write(root / MARKER, json.dumps({**want, "state": state}).encode())
+
+
+def setup_demo(home: Home, ks: Keystore, units: int, *, say: Callable[[str], None],
+               on_unit: UnitDone, interrupt: Interrupt) -> None:
+    """Sets, keys, the set's ``units`` units and the planned campaign, in a new
+    authority ``ks`` (closed here); what the authority holds is told to ``say``."""
+    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+    # T as the key ceremony makes it: generated once, installed in the authority and
+    # handed to the card manufacturer for the units (then wiped)
+    t = Secret.take(os.urandom(32))
+    try:
+        pub = ks.set_signing_key()
+        set_a = ks.add_set(Secret(t.buffer), "operator-a", signed=True)
+        set_b = ks.generate_set("operator-b", signed=True)
+        for ref1, kt, usage, mode, exp, div, slot in DEMO_KEYS:
+            ks.generate_key(ref1, kt, KeyAttributes(usage, mode, exp), version=1,
+                            diversify=div,
+                            policy=ExportPolicy(frozenset({set_a.set_id}), frozenset({slot})))
+        ks.generate_key(b"PIN-B", KeyType.AES128, KeyAttributes("P0", "E", "N"), version=1,
+                        diversify=False,
+                        policy=ExportPolicy(frozenset({set_b.set_id}), frozenset({3})))
+        caps = ks.capabilities()
+        names = ", ".join(display_ref1(k.ref1) for k in ks.key_infos())
+        say(f"authority ({caps.backend}, suites "
+            f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))}): sets operator-a "
+            f"{set_a.set_id.hex()}, operator-b {set_b.set_id.hex()} (Ed25519 SAS); "
+            f"keys {names}")
+        # the set's units, as a card manufacturer delivers them: SN, T, slots
+        slots = {1: Slot(1, frozenset({KeyType.AES256})),
+                 2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
+                 3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
+                 4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
+        serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, units + 1)]
+        for sn in serials:
+            interrupt.check()  # Ctrl-C: the setup is made again by the next run
+            fleet.create_unit(sn, t, dict(slots), verify_key=pub)
+            on_unit(True)
+    finally:
+        t.wipe()
+        fleet.close()
+        ks.close()
+    journal = open_journal(home.journal_path)
+    try:
+        create_campaign(home, journal, CAMPAIGN, set_a.set_id,
+                        [(ref1, slot) for ref1, *_, slot in DEMO_KEYS], serials,
+                        {"demo": units})
+    finally:
+        journal.close()

@@ -1,0 +1,181 @@
+"""Running a campaign of a home: over its emulated units, in-process (the one wiring the
+``campaign run`` command and the demo share), or over the cards in a PC/SC reader; one
+load into one emulated unit, and what its slots hold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+from ..core.keys import KeyHeader, KeyType
+from ..transports import Connection
+from ..transports.local import LocalConnection
+from ..units.authority import Authority
+from ..units.unit import Unit
+from .campaign import Interrupt, RunOptions, RunSummary, run_campaign, run_campaign_cards
+from .customize import Failure, Summary
+from .drive import UnitDone
+from .fleet import EmulatedFleet, EmulatedUnitSource
+from .home import Home
+from .journal.model import Journal
+from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from .records import LoadRecords
+
+
+def _local(authority: Authority, stack: ExitStack) -> Connection:
+    return LocalConnection(authority)
+
+
+def _stop_record(name: str, opts: RunOptions, summary: RunSummary) -> dict[str, Any]:
+    return {"campaign": name, "station": opts.station,
+            **{k: v for k, v in summary.to_json().items() if k != "failures"}}
+
+
+def open_work(journal: Journal, name: str) -> tuple[int, int, int]:
+    """What a run of campaign ``name`` has before it: (open loads, units they make up
+    (rounded up), the units a progress line counts: all of them while no load is
+    imported yet, else the open ones)."""
+    camp = journal.campaign(name)
+    counts = journal.counts(name)
+    todo = counts["planned"] + counts["claimed"] + counts["exported"]
+    open_units = -(-todo // max(len(camp.plan), 1))
+    return todo, open_units, (open_units if counts["imported"] else camp.units)
+
+
+def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
+                 on_unit: UnitDone | None, interrupt: Interrupt,
+                 connect: Callable[[Authority, ExitStack], Connection] = _local
+                 ) -> RunSummary:
+    """Run (or resume) a campaign over the home's emulated units, in-process; the
+    authority is reached through ``connect`` (in-process by default)."""
+    journal.campaign(name)
+    journal.lock_station(name, opts.station)
+    with ExitStack() as stack:
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        stack.callback(fleet.close)
+        audit = home.audit()
+        stack.callback(audit.close)
+        client = AuthorityClient(connect(home.authority(ks, audit), stack),
+                                 suites=ks.capabilities().suites)
+        todo, _, _ = open_work(journal, name)
+        audit.append("campaign run", {"campaign": name, "station": opts.station,
+                                      "open_loads": todo})
+        summary = run_campaign(journal, name, client,
+                               lambda sn: EmulatedUnitSource(fleet, sn).connect(), opts,
+                               on_unit=on_unit, interrupt=interrupt)
+        audit.append("campaign stop", _stop_record(name, opts, summary))
+    return summary
+
+
+def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader: str,
+               cards: int | None, *, on_unit: UnitDone | None, interrupt: Interrupt,
+               connect: Callable[[Authority, ExitStack], Connection] = _local,
+               timeout: float = 30.0) -> RunSummary:
+    """Run a campaign over the cards presented in a PC/SC reader, in any order (until
+    ``cards`` are done, or the reader stays empty ``timeout`` seconds)."""
+    from ..transports.pcsc import cards_in_reader
+
+    journal.campaign(name)
+    journal.lock_station(name, opts.station)
+    with ExitStack() as stack:
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        audit = home.audit()
+        stack.callback(audit.close)
+        client = AuthorityClient(connect(home.authority(ks, audit), stack),
+                                 suites=ks.capabilities().suites)
+        audit.append("campaign run", {"campaign": name, "station": opts.station,
+                                      "reader": reader})
+        summary = run_campaign_cards(journal, name, client,
+                                     cards_in_reader(reader, count=cards, timeout=timeout),
+                                     opts, on_unit=on_unit, interrupt=interrupt)
+        audit.append("campaign stop", _stop_record(name, opts, summary))
+    return summary
+
+
+def journal_summary(journal: Journal, name: str, run: RunSummary) -> Summary:
+    """A campaign's outcome as a :class:`Summary`, read from its journal (every run's
+    loads, not only ``run``'s)."""
+    camp = journal.campaign(name)
+    s = Summary(units=camp.units)
+    bad_units: set[bytes] = set()
+    for row in journal.rows(name):
+        if row.state == "imported":
+            s.loads_ok += 1
+            if row.suite is not None:
+                s.by_suite[row.suite] += 1
+        else:
+            s.loads_failed += 1
+            bad_units.add(row.sn)
+            step, _, reason = (row.reason or "").partition(": ")
+            s.failures.append(Failure(row.sn.hex(), row.ref1, row.ref2, step or row.state,
+                                      row.sw, reason or row.state))
+    s.customized = camp.units - len(bad_units)
+    s.elapsed = run.elapsed
+    return s
+
+
+def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int) -> LoadResult:
+    """Load one key into one emulated unit of the home; the load (or its failure) is
+    recorded in ``station.db``."""
+    with ExitStack() as stack:
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        authority = home.authority(ks)
+        fleet = EmulatedFleet.open(home.units_dir, home.source)
+        stack.callback(fleet.close)
+        unit = fleet.open_unit(sn)
+        stack.callback(unit.close)
+        ac = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
+        records = LoadRecords(home.station_db)
+        stack.callback(records.close)
+        try:
+            res = load_key(UnitClient(LocalConnection(unit)), ac, ref1, ref2)
+        except LoadFailed as e:
+            records.add_failure(sn, ref1, ref2, e)
+            raise
+        records.add(res)
+    return res
+
+
+def unit_slots(home: Home, sn: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    """An emulated unit's set id and its slots as GET SLOT STATUS gives them (with the
+    key types each accepts, and the loaded key's header and KCV; never a value)."""
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    try:
+        unit = fleet.open_unit(sn)
+        try:
+            client = UnitClient(LocalConnection(unit))
+            client.select()
+            sts = [client.slot_status(r) for r in sorted(unit.state.slots)]
+            accepts = {r: sorted(KeyType(t).label for t in s.accepts)
+                       for r, s in unit.state.slots.items()}
+            set_id = unit.state.set_id
+        finally:
+            unit.close()
+    finally:
+        fleet.close()
+    rows: list[dict[str, Any]] = []
+    for st in sts:
+        h = KeyHeader.decode(st.h) if st.h else None
+        rows.append({"ref2": st.ref2, "state": ["empty", "loaded", "locked"][st.state],
+                     "accepts": accepts[st.ref2],
+                     "type": None if h is None else KeyType(h.key_type).label,
+                     "usage": None if h is None else h.usage,
+                     "version": None if h is None else h.version,
+                     "kcv": None if st.kcv is None else st.kcv.hex().upper()})
+    return set_id, rows
+
+
+def units_in_turn(fleet: EmulatedFleet, serials: list[bytes]) -> Iterator[Unit]:
+    """The units, one after another, each closed once the next is asked for (as a feeder
+    presents cards)."""
+    for sn in serials:
+        unit = fleet.open_unit(sn)
+        try:
+            yield unit
+        finally:
+            unit.close()
