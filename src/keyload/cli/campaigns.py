@@ -134,7 +134,7 @@ def campaign_status(args: argparse.Namespace) -> int:
         sts = [status(journal, n) for n in names]
     finally:
         journal.close()
-    if not emitted(args, sts if not args.name else sts[0]):
+    if not emitted(args, [st.to_json() for st in sts] if not args.name else sts[0].to_json()):
         for st in sts:
             _print_status(st)
     return 0
