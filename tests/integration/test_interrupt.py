@@ -33,6 +33,7 @@ from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 
 from ..conftest import require
+from ..helpers import sqlite_count
 from .cli_helpers import KEYLOAD, cli_env
 from .fixtures import make_world
 
@@ -225,16 +226,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _count(work: Path, sql: str) -> int:
-    if not (work / "journal.db").exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{work / 'journal.db'}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(db.execute(sql).fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:  # not created yet
-        return 0
+    return sqlite_count(work / "journal.db", sql)
 
 
 IMPORTED_SQL = "SELECT count(*) FROM loads WHERE state = 'imported'"
