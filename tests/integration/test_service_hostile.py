@@ -130,6 +130,7 @@ def fast(world: World) -> Iterator[Running]:
 
 
 # -- 1. no denial of service without a certificate ------------------------------------------
+@pytest.mark.slow  # waits out idle and trickle timeouts
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_idle_and_trickling_anonymous_connections_are_cut_and_never_starve_clients(
         world: World, http: str) -> None:
@@ -326,6 +327,7 @@ def test_anonymous_requests_are_limited_per_address_and_audited_once_per_minute(
 
 
 # -- 5. one external writer does not freeze the service ---------------------------------------
+@pytest.mark.slow  # waits out the busy timeout of each database
 @pytest.mark.parametrize("db", ["audit.db", "service.db", "authority/exports.db"])
 def test_a_writer_holding_a_database_gets_prompt_503s_and_health_says_busy(
         world: World, db: str) -> None:
@@ -375,6 +377,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow  # a service per parser, many malformed requests
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_malformed_http_is_answered_problem_json_counted_and_audited(world: World,
                                                                      http: str) -> None:
@@ -421,6 +424,7 @@ def test_malformed_http_is_answered_problem_json_counted_and_audited(world: Worl
 
 
 # -- 8. sliding windows ---------------------------------------------------------------------
+@pytest.mark.slow  # sends across several window lengths
 def test_no_window_length_admits_more_than_the_limit(world: World) -> None:
     run = start_service(world, policy_doc(world, per_sn={"limit": 10, "window_s": 60}))
     now = [59.9]
