@@ -31,6 +31,7 @@ from keyload.service.guard import ConnectionLimits
 from keyload.service.policy import Rate
 from keyload.station.audit import AuditLog
 
+from ..helpers import copy_world
 from .test_service import (
     Running,
     World,
@@ -116,9 +117,15 @@ def export_ok(run: Running, sn: bytes, client: str = "other") -> int:
     return raw(run, "POST", "/v1/exportkey", export_json(i, b"TMK-1", 1), client=client)[0]
 
 
+@pytest.fixture(scope="module")
+def prepared_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("hostile-world"), units=4)
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    return build_world(tmp_path, units=4)
+def world(prepared_world: World, tmp_path: Path) -> World:
+    """The module's world, a copy of its own for each test (the service writes its home)."""
+    return copy_world(prepared_world, tmp_path / "world")
 
 
 @pytest.fixture
