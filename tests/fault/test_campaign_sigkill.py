@@ -20,6 +20,8 @@ from keyload.core.keys import KeyHeader
 from keyload.station.fleet import EmulatedFleet
 from keyload.units.storage import KekSource
 
+from ..helpers import sqlite_count
+
 pytestmark = pytest.mark.slow
 
 UNITS = 2000
@@ -43,28 +45,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _count(db_path: Path, sql: str) -> int:
-    """One count read on a read-only connection of its own; 0 while there is nothing."""
-    if not db_path.exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(db.execute(sql).fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:  # the table is not there yet
-        return 0
-
-
 def _campaign_runs(workdir: Path) -> int:
     """How many times the campaign was started (its audit records), 0 before any."""
-    return _count(workdir / "audit.db",
-                  "SELECT count(*) FROM audit WHERE action = 'campaign run'")
+    return sqlite_count(workdir / "audit.db",
+                        "SELECT count(*) FROM audit WHERE action = 'campaign run'")
 
 
 def _imported(workdir: Path) -> int:
-    return _count(workdir / "journal.db", "SELECT count(*) FROM loads WHERE state = 'imported'")
+    return sqlite_count(workdir / "journal.db",
+                        "SELECT count(*) FROM loads WHERE state = 'imported'")
 
 
 def _demo(workdir: Path, *, kill_after: float | None, more: int = 0,

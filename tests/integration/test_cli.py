@@ -39,6 +39,8 @@ from .cli_helpers import (
     xor,
 )
 
+pytestmark = pytest.mark.slow  # the worked session and most tests run the console script
+
 EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE, EXIT_REFUSED, EXIT_INTEGRITY = (
     2, 3, 4, 5, 6, 7)
 

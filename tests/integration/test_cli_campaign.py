@@ -13,6 +13,8 @@ import pytest
 
 from .cli_helpers import KEYLOAD, Result, assert_error, ok, run
 
+pytestmark = pytest.mark.slow  # every test runs the console script (a process each)
+
 EXIT_FAILED, EXIT_INPUT, EXIT_STORE = 1, 3, 4
 
 

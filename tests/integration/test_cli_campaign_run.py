@@ -9,8 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from .cli_helpers import KEYLOAD, Result, assert_error, cli_env, ok, run
 from .test_cli_campaign import Home, _home
+
+pytestmark = pytest.mark.slow  # campaign runs of the console script, with retries
 
 EXIT_FAILED, EXIT_INPUT = 1, 3
 DEADLINE_S = 60.0

@@ -15,6 +15,8 @@ import pytest
 
 from .cli_helpers import KEYLOAD, assert_error, ok, run
 
+pytestmark = pytest.mark.slow  # every test runs the console script (a process each)
+
 EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 3, 4, 5
 
 SN = "0a0b0c0d01"

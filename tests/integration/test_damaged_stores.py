@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from .cli_helpers import KEYLOAD, assert_error, run
-from .store_homes import CAMPAIGN, UNITS, copy_home, make_home, sql
+from .cli_helpers import assert_error, run
+from .store_homes import CAMPAIGN, UNITS, copy_home, sql
+
+pytestmark = pytest.mark.slow  # a home made with the console script; each test runs it
 
 EXIT_STORE = 4
 
@@ -36,13 +38,6 @@ READERS = {
     STATION: [RECEIPTS, LOAD],
     JOURNAL: [RECEIPTS, CAMPAIGN_STATUS, LEDGER_VERIFY],
 }
-
-
-@pytest.fixture(scope="module")
-def base_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not KEYLOAD.is_file():
-        pytest.skip(f"the keyload console script is not installed at {KEYLOAD}")
-    return make_home(tmp_path_factory.mktemp("damaged-stores") / "home")
 
 
 def flip_4096(path: Path) -> None:

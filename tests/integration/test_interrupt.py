@@ -33,6 +33,7 @@ from keyload.transports import Connection
 from keyload.transports.local import LocalConnection
 
 from ..conftest import require
+from ..helpers import sqlite_count
 from .cli_helpers import KEYLOAD, cli_env
 from .fixtures import make_world
 
@@ -220,38 +221,30 @@ def test_sigint_while_waiting_for_a_card_stops_at_once(tmp_path: Path) -> None:
 
 # -- the console script, interrupted with SIGINT -------------------------------------------
 UNITS = 2000
-DELAYS = (0.0, 0.05, 0.3, 0.7, 1.2, 0.15)  # after the first load of each run was journaled
+# each run is interrupted once it has journaled this many imports (the first one at once,
+# later ones some way into the run), however fast or slow this machine is
+MORE = (1, 3, 25, 60, 100, 12)
 EXIT_INTERRUPTED = 130
 
 
 def _count(work: Path, sql: str) -> int:
-    if not (work / "journal.db").exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{work / 'journal.db'}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(db.execute(sql).fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:  # not created yet
-        return 0
+    return sqlite_count(work / "journal.db", sql)
 
 
 IMPORTED_SQL = "SELECT count(*) FROM loads WHERE state = 'imported'"
 
 
-def _interrupt(cmd: list[str], work: Path, delay: float, out: Path) -> tuple[int, str, str]:
-    """Start ``cmd``, wait until it has journaled a new import, wait ``delay``, SIGINT."""
+def _interrupt(cmd: list[str], work: Path, more: int, out: Path) -> tuple[int, str, str]:
+    """Start ``cmd``, wait until it has journaled ``more`` new imports, then SIGINT."""
     before = _count(work, IMPORTED_SQL)
     with (out.with_suffix(".out")).open("wb") as fo, (out.with_suffix(".err")).open("wb") as fe:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
                              env=cli_env())
         try:
             deadline = time.monotonic() + 300
-            while _count(work, IMPORTED_SQL) == before and p.poll() is None:
-                assert time.monotonic() < deadline, "no load journaled in 300 s"
-                time.sleep(0.02)
-            time.sleep(delay)
+            while _count(work, IMPORTED_SQL) < before + more and p.poll() is None:
+                assert time.monotonic() < deadline, f"not {more} loads journaled in 300 s"
+                time.sleep(0.005)
             assert p.poll() is None, f"{cmd[1]} ended before the interrupt: raise UNITS"
             t0 = time.monotonic()
             p.send_signal(signal.SIGINT)
@@ -261,7 +254,7 @@ def _interrupt(cmd: list[str], work: Path, delay: float, out: Path) -> tuple[int
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    print(f"{cmd[1]}: SIGINT {delay:.2f} s after a load, exit {rc} {took:.3f} s later")
+    print(f"{cmd[1]}: SIGINT after {more} loads, exit {rc} {took:.3f} s later")
     return rc, out.with_suffix(".out").read_text(), out.with_suffix(".err").read_text()
 
 
@@ -272,9 +265,9 @@ def test_ctrl_c_at_several_moments_then_resume(tmp_path: Path) -> None:
     demo = [str(KEYLOAD), "demo", "--units", str(UNITS), "--workdir", str(work)]
     # the demo's home, resumed as the demo's station (its claims are its own)
     run_ = [str(KEYLOAD), "campaign", "run", "demo", "--station", "demo", "--home", str(work)]
-    for i, delay in enumerate(DELAYS):
+    for i, more in enumerate(MORE):
         cmd = demo if i % 2 == 0 else [*run_, "--workers", str(1 + i // 2)]
-        rc, out, err = _interrupt(cmd, work, delay, tmp_path / f"run{i}")
+        rc, out, err = _interrupt(cmd, work, more, tmp_path / f"run{i}")
         what = f"{' '.join(cmd[1:3])} #{i}\n--- stdout ---\n{out[-2000:]}\n--- stderr ---\n" \
                f"{err[-2000:]}"
         assert rc == EXIT_INTERRUPTED, what

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -424,9 +423,10 @@ DRIVER = textwrap.dedent("""
     from keyload.units.storage import KekSource
 
     url, campaign, station, auth_dir, units_dir, log_path = sys.argv[1:7]
-    batch, lease, workers, delay, slow_import = (
-        int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9]), float(sys.argv[10]),
-        float(sys.argv[11]))
+    batch, lease, workers, delay = (int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9]),
+                                    float(sys.argv[10]))
+    hold_at, hold_moment, marker, clock_ahead = (int(sys.argv[11]), sys.argv[12],
+                                                 Path(sys.argv[13]), float(sys.argv[14]))
     source = KekSource(passphrase=os.environ["KL_TEST_PASSPHRASE"])
     ks = SoftwareKeystore.open(Path(auth_dir), source)
     authority = Authority(ks, log=SqliteExportLog(Path(log_path)))
@@ -434,17 +434,26 @@ DRIVER = textwrap.dedent("""
     fleet = EmulatedFleet.open(Path(units_dir), source)
     journal = PostgresJournal(url)
     journal.lock_station(campaign, station)
+    imports = 0
 
-    class SlowImport:  # IMPORTKEY takes a while before and after the unit stores the key
+    def hold():  # say so, then stay there until the test kills this process
+        marker.write_text("held")
+        time.sleep(3600)
+
+    class HoldImport:  # the hold_at-th IMPORTKEY stops before or after the unit stores it
         def __init__(self, unit):
             self.inner = LocalConnection(unit)
 
         def transmit(self, apdu):
+            global imports
             if apdu[1] != 0x14:
                 return self.inner.transmit(apdu)
-            time.sleep(slow_import)
+            imports += 1
+            if imports == hold_at and hold_moment == "before":
+                hold()
             answer = self.inner.transmit(apdu)
-            time.sleep(slow_import)
+            if imports == hold_at and hold_moment == "after":
+                hold()
             return answer
 
     @contextmanager
@@ -452,25 +461,36 @@ DRIVER = textwrap.dedent("""
         time.sleep(delay)  # a unit takes a while to reach
         unit = fleet.open_unit(sn)
         try:
-            yield SlowImport(unit) if slow_import else LocalConnection(unit)
+            yield HoldImport(unit) if hold_at else LocalConnection(unit)
         finally:
             unit.close()
 
     summary = run_campaign(journal, campaign, client, connect,
                            RunOptions(station=station, batch_units=batch, lease_s=lease,
-                                      workers=workers))
+                                      workers=workers,
+                                      clock=lambda: time.time() + clock_ahead))
     journal.close()
     print(json.dumps(summary.to_json()))
 """)
 
 
-def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Path) -> None:
+HOLD_AT = 7  # the victim is killed in its 7th load, its first 6 imported
+
+
+@pytest.mark.parametrize("moment", ["before", "after"],
+                         ids=["killed-before-the-unit-stores", "killed-after-the-unit-stores"])
+def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Path,
+                                                      moment: str) -> None:
     """Three station processes share one PostgreSQL journal and a directory of units; one
-    is killed mid-run; a final run finishes. Every unit ends with exactly the planned keys,
-    every load imported once, receipts verify, and nothing imported was exported again."""
+    is killed mid-run, in its 7th load between EXPORTKEY and the journaled import: before
+    the unit stores the key (the load must run again) or after (reconciled: the unit holds
+    the key, it must not be exported again). The others leave its claims alone while its
+    lease lasts; a final run, its clock past that lease, takes them over and finishes.
+    Every unit ends with exactly the planned keys, every load imported once, receipts
+    verify, and only the load the kill cut before the unit stored it is exported twice."""
     from keyload.station.journal.postgres import PostgresJournal
 
-    n_units, lease = 240, 2.0
+    n_units, lease = 240, 60.0
     source = KekSource(passphrase=PASSPHRASE)
     auth_dir, units_dir = tmp_path / "authority", tmp_path / "units"
     anyp = ExportPolicy(None, None)
@@ -496,16 +516,17 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
 
     driver = tmp_path / "station_driver.py"
     driver.write_text(DRIVER)
+    marker = tmp_path / "victim-held"
     env = {**os.environ, "KL_TEST_PASSPHRASE": PASSPHRASE}
     logs: dict[str, Path] = {}
 
-    def start(label: str, station: str, batch: int, workers: int, delay: float,
-              slow_import: float = 0.0) -> subprocess.Popen[str]:
+    def start(label: str, station: str, batch: int, workers: int, delay: float, *,
+              hold_at: int = 0, clock_ahead: float = 0.0) -> subprocess.Popen[str]:
         logs[label] = tmp_path / f"exports-{label}.db"
         return subprocess.Popen(
             [sys.executable, str(driver), pg_url, "multi", station, str(auth_dir),
              str(units_dir), str(logs[label]), str(batch), str(lease), str(workers),
-             str(delay), str(slow_import)],
+             str(delay), str(hold_at), moment, str(marker), str(clock_ahead)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(p: subprocess.Popen[str], label: str) -> dict[str, Any]:
@@ -515,39 +536,35 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
         assert summary["loads_failed"] == 0, summary
         return summary
 
-    procs = {"a": start("a", "station-a", 4, 2, 0.004),
-             "b": start("b", "station-b", 4, 1, 0.004),
-             "victim": start("victim", "station-c", 6, 1, 0.0, slow_import=0.06)}
-    try:
-        import psycopg
+    def victims() -> list[LoadRow]:
+        return [r for r in journal.rows("multi") if r.station == "station-c"]
 
-        with psycopg.connect(pg_url, autocommit=True) as watch:
-            deadline = time.monotonic() + 60
-            while True:  # kill the victim after some work, between EXPORTKEY and the
-                # journaled import: its IMPORTKEY takes 120 ms and the unit stores the key
-                # half-way; the kill lands at a random moment in there, before (the load
-                # must run again) or after (reconciled: the unit holds the key, it must not
-                # be exported again)
-                done, in_flight = watch.execute(
-                    "SELECT count(*) FILTER (WHERE state = 'imported'), count(*) FILTER "
-                    "(WHERE state = 'exported') FROM loads WHERE campaign = 'multi' AND "
-                    "station = 'station-c'").fetchone() or (0, 0)
-                if done >= 6 and in_flight > 0:
-                    break
-                if procs["victim"].poll() is not None:
-                    out, err = procs["victim"].communicate()
-                    pytest.fail(f"the victim ended before its kill:\n{out}\n{err[-3000:]}")
-                assert time.monotonic() < deadline, "the victim made no progress"
-                time.sleep(0.0002)
-        time.sleep(random.SystemRandom().uniform(0.0, 0.09))
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def wait_for(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not done():
+            if procs["victim"].poll() is not None:
+                out, err = procs["victim"].communicate()
+                pytest.fail(f"the victim ended before {what}:\n{out}\n{err[-3000:]}")
+            assert time.monotonic() < deadline, f"the victim made no progress: {what}"
+            time.sleep(0.01)
+
+    try:
+        procs["victim"] = start("victim", "station-c", 6, 1, 0.0, hold_at=HOLD_AT)
+        wait_for("its first claim", lambda: bool(victims()))  # its batch is its own
+        procs["a"] = start("a", "station-a", 4, 2, 0.004)
+        procs["b"] = start("b", "station-b", 4, 1, 0.004)
+        wait_for("its hold", marker.exists)
+
+        def both_at_work() -> bool:  # the kill lands while the other two are loading
+            by = [r.station for r in journal.rows("multi", [IMPORTED])]
+            return by.count("station-a") >= 4 and by.count("station-b") >= 4
+
+        wait_for("the others' work", both_at_work)
         procs["victim"].send_signal(signal.SIGKILL)
         procs["victim"].communicate(timeout=30)
         assert procs["victim"].returncode == -signal.SIGKILL
-        orphaned = {(r.sn, r.ref2) for r in journal.rows("multi", [CLAIMED, EXPORTED])
-                    if r.station == "station-c"}
-        assert orphaned, "the kill left no claim to take over"
-        assert any(r.state == EXPORTED for r in journal.rows("multi", [EXPORTED])
-                   if (r.sn, r.ref2) in orphaned), "the kill left no export in flight"
         summaries = {label: finish(procs[label], label) for label in ("a", "b")}
     finally:
         for p in procs.values():
@@ -555,20 +572,30 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
                 p.kill()
                 p.communicate()
 
-    # whatever the victim held and nobody took over yet: taken over once its lease passed
-    open_leases = [r.lease for r in journal.rows("multi", [CLAIMED, EXPORTED, PLANNED])
-                   if r.lease is not None]
-    if open_leases:
-        time.sleep(max(0.0, max(open_leases) - time.time()) + 0.05)
-    summaries["final"] = finish(start("final", "station-a", 8, 1, 0.0), "final")
+    # the victim's first batch (6 units, 12 loads): 6 imported, the 7th exported, 5 claimed,
+    # and the others left those claims alone while its lease lasts
+    left = victims()
+    assert sorted(r.state for r in left) == [CLAIMED] * 5 + [EXPORTED] + [IMPORTED] * 6
+    [held] = [(r.sn, r.ref2) for r in left if r.state == EXPORTED]
+    orphaned = {(r.sn, r.ref2) for r in left if r.state != IMPORTED}
+    by_victim = {(r.sn, r.ref2) for r in left if r.state == IMPORTED}
+    assert journal.counts("multi") == {PLANNED: 0, CLAIMED: 5, EXPORTED: 1,
+                                       IMPORTED: 2 * n_units - 6, FAILED: 0}
+    assert sum(s["loads_done"] for s in summaries.values()) == 2 * n_units - 12
+    assert all(s["reconciled"] == 0 for s in summaries.values())
+
+    # a final run whose clock is past the dead station's lease takes over what it held
+    summaries["final"] = finish(start("final", "station-a", 8, 1, 0.0,
+                                      clock_ahead=lease + 1.0), "final")
+    assert (summaries["final"]["loads_done"], summaries["final"]["reconciled"]) == \
+        (6, 1 if moment == "after" else 0)
     assert journal.counts("multi") == {PLANNED: 0, CLAIMED: 0, EXPORTED: 0,
                                        IMPORTED: 2 * n_units, FAILED: 0}
-    assert sum(s["loads_done"] for s in summaries.values()) <= 2 * n_units
 
     rows = list(journal.rows("multi"))
     by_load = {(r.sn, r.ref2): r for r in rows}
-    for key in orphaned:
-        assert by_load[key].station != "station-c", "the dead station's claim was not taken"
+    assert {key for key, r in by_load.items() if r.station == "station-c"} == by_victim
+    assert all(by_load[key].station == "station-a" for key in orphaned)
 
     # every unit holds exactly the planned key versions, as the journal says
     with_version = {p.ref2: p.version for p in plan}
@@ -585,7 +612,6 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
 
     # every receipt the journal holds is the unit's genuine one
     checker = Authority(SoftwareKeystore.open(auth_dir, source))
-    reconciled = [r for r in rows if r.reconciled]
     for r in rows:
         if r.reconciled:
             assert r.rct is None
@@ -594,8 +620,11 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
         assert r.kcv is not None and r.rct is not None
         checker.verify_receipt(suite=r.suite, set_id=set_id, sn=r.sn, r=r.r, ref2=r.ref2,
                                h=r.header, kcv=r.kcv, rct=r.rct)
+    # only the load the unit stored before the kill is reconciled (the unit holds its key)
+    assert {(r.sn, r.ref2) for r in rows if r.reconciled} == \
+        ({held} if moment == "after" else set())
 
-    # the authority's export records, per process: no load imported by two stations
+    # the authority's export records, per process
     records: list[tuple[float, str, bytes, int]] = []
     for label, path in logs.items():
         log = SqliteExportLog(path)
@@ -605,21 +634,17 @@ def test_postgres_multi_station_with_a_station_killed(pg_url: str, tmp_path: Pat
     for _, label, sn, ref2 in sorted(records):
         exports[(sn, ref2)].append(label)
     assert set(exports) == set(by_load), "every load was exported at least once"
+    # the load cut before the unit stored it is exported again, by the final run; the
+    # one the unit stored is not (the unit refuses a version it holds, and the second
+    # import succeeded with a genuine receipt); nothing else is exported twice
     twice = {k: v for k, v in exports.items() if len(v) > 1}
-    # the victim (one worker) had at most one load between EXPORTKEY and its import when
-    # it died: only that one may be exported again, by another station, and only because
-    # the unit had not stored it (the unit refuses a version it holds: the second import
-    # succeeded, with a genuine receipt, so it did not hold it)
-    assert len(twice) <= 1, twice
-    for key, who in twice.items():
-        assert who[0] == "victim" and len(who) == 2 and who[1] != "victim", who
-        assert not by_load[key].reconciled and by_load[key].station != "station-c"
-    for key, row in by_load.items():
-        if row.station == "station-c":  # imported by the victim before it died
-            assert exports[key] == ["victim"], (key, exports[key])
+    assert twice == ({held: ["victim", "final"]} if moment == "before" else {})
+    for key in by_victim:
+        assert exports[key] == ["victim"], (key, exports[key])
+    for key in orphaned - {held}:
+        assert exports[key] == ["final"], (key, exports[key])
     per_unit: dict[bytes, set[str]] = defaultdict(set)
     for (sn, _), who in exports.items():
         per_unit[sn].update(who)
     for sn, labels in per_unit.items():  # a unit was split only by the kill
         assert len(labels - {"victim"}) <= 1, (sn.hex(), labels)
-    assert {(r.sn, r.ref2) for r in reconciled} <= orphaned

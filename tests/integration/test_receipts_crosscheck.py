@@ -13,19 +13,14 @@ from typing import Any
 
 import pytest
 
-from .cli_helpers import KEYLOAD, assert_error, run
-from .store_homes import UNITS, copy_home, make_home, sql
+from .cli_helpers import assert_error, run
+from .store_homes import UNITS, copy_home, sql
+
+pytestmark = pytest.mark.slow  # a home made with the console script; each test runs it
 
 EXIT_FAILED, EXIT_STORE = 1, 4
 REFUSED = {"sn": UNITS[2], "ref1": "PIN", "ref2": 1, "key_version": 3,
            "station": "load failed at unit IMPORTKEY: SW 6986"}
-
-
-@pytest.fixture(scope="module")
-def base_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not KEYLOAD.is_file():
-        pytest.skip(f"the keyload console script is not installed at {KEYLOAD}")
-    return make_home(tmp_path_factory.mktemp("receipts") / "home")
 
 
 @pytest.fixture

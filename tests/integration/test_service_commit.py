@@ -31,6 +31,7 @@ from keyload.service.runtime import Instance, open_instance
 from keyload.service.store import EXPORTED
 from keyload.units.keystore import SoftwareKeystore
 
+from ..helpers import copy_world
 from .test_service import World, build_world, policy_doc
 
 JSON_CT = (b"content-type", b"application/json")
@@ -93,9 +94,14 @@ class Harness:
             log.close()
 
 
+@pytest.fixture(scope="module")
+def prepared_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("commit-world"))
+
+
 @pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    w = build_world(tmp_path)
+def h(prepared_world: World, tmp_path: Path) -> Iterator[Harness]:
+    w = copy_world(prepared_world, tmp_path / "world")  # a copy of its own for each test
     ks = w.open_keystore()
     inst = open_instance(ks, Policy.from_json(policy_doc(w)), home_root=w.home,
                          authority_dir=w.home / "authority", audit_path=w.home / "audit.db")

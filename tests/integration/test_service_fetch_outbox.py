@@ -42,6 +42,8 @@ from keyload.units.keystore import SoftwareKeystore
 
 from .test_service import World, build_world, policy_doc, run_cli, slot_state
 
+pytestmark = pytest.mark.slow  # console-script loads and fetches that wait out receipt deadlines
+
 EXIT_PENDING = 8
 EXIT_FAILED = 1
 EXIT_REFUSED = 6

@@ -31,6 +31,7 @@ from keyload.service.client import ServiceClient
 from keyload.service.guard import ConnectionLimits
 from keyload.service.policy import Rate
 
+from ..helpers import copy_world
 from .test_service import (
     Running,
     World,
@@ -116,9 +117,15 @@ def export_ok(run: Running, sn: bytes, client: str = "other") -> int:
     return raw(run, "POST", "/v1/exportkey", export_json(i, b"TMK-1", 1), client=client)[0]
 
 
+@pytest.fixture(scope="module")
+def prepared_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return build_world(tmp_path_factory.mktemp("hostile-world"), units=4)
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    return build_world(tmp_path, units=4)
+def world(prepared_world: World, tmp_path: Path) -> World:
+    """The module's world, a copy of its own for each test (the service writes its home)."""
+    return copy_world(prepared_world, tmp_path / "world")
 
 
 @pytest.fixture
@@ -130,6 +137,7 @@ def fast(world: World) -> Iterator[Running]:
 
 
 # -- 1. no denial of service without a certificate ------------------------------------------
+@pytest.mark.slow  # waits out idle and trickle timeouts
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_idle_and_trickling_anonymous_connections_are_cut_and_never_starve_clients(
         world: World, http: str) -> None:
@@ -326,6 +334,7 @@ def test_anonymous_requests_are_limited_per_address_and_audited_once_per_minute(
 
 
 # -- 5. one external writer does not freeze the service ---------------------------------------
+@pytest.mark.slow  # waits out the busy timeout of each database
 @pytest.mark.parametrize("db", ["audit.db", "service.db", "authority/exports.db"])
 def test_a_writer_holding_a_database_gets_prompt_503s_and_health_says_busy(
         world: World, db: str) -> None:
@@ -375,6 +384,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow  # a service per parser, many malformed requests
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_malformed_http_is_answered_problem_json_counted_and_audited(world: World,
                                                                      http: str) -> None:
@@ -421,6 +431,7 @@ def test_malformed_http_is_answered_problem_json_counted_and_audited(world: Worl
 
 
 # -- 8. sliding windows ---------------------------------------------------------------------
+@pytest.mark.slow  # sends across several window lengths
 def test_no_window_length_admits_more_than_the_limit(world: World) -> None:
     run = start_service(world, policy_doc(world, per_sn={"limit": 10, "window_s": 60}))
     now = [59.9]

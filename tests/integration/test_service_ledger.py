@@ -49,6 +49,8 @@ from ..conftest import require
 from .cli_helpers import KEYLOAD, Result, assert_error, assert_no_secrets, ok, run
 from .test_service import PASSPHRASE, World, build_world, policy_doc, start_service
 
+pytestmark = pytest.mark.slow  # `keyload ledger` runs of the console script and real fetches
+
 EXIT_FAILED, EXIT_STORE = 1, 4
 LEGACY_KEYS = {"verified", "invalid", "reconciled_without_receipt", "invalid_rows"}
 NO_UNRECEIPTED = {"total": 0, "claimed": 0, "by_client": [],

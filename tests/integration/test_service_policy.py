@@ -226,6 +226,7 @@ def test_check_policy_prints_a_summary(tmp_path: Path, certs: dict[str, Cert]) -
     assert not (tmp_path / "home").exists()  # checking touches no home
 
 
+@pytest.mark.slow  # the console script, a process per case
 def test_check_policy_json(tmp_path: Path) -> None:
     f = write(tmp_path, base(deny={"serials": ["abc"]}))
     res = ok(run("serve", "--check-policy", f, "--json", home=tmp_path / "home"))
@@ -233,6 +234,7 @@ def test_check_policy_json(tmp_path: Path) -> None:
     assert res.json()["denied_serials"] == 1
 
 
+@pytest.mark.slow  # the console script, a process per case
 def test_check_policy_without_cert_key_ca_policy(tmp_path: Path) -> None:
     """The server's files are not needed to check a policy (and are not looked at)."""
     f = write(tmp_path, base())
@@ -240,6 +242,7 @@ def test_check_policy_without_cert_key_ca_policy(tmp_path: Path) -> None:
            home=tmp_path / "home"))
 
 
+@pytest.mark.slow  # the console script, a process per case
 @pytest.mark.parametrize(("doc", "needle"), [
     (base(deny={"sha256": [FP, FP, "12"]}), "policy.deny.sha256[2]: 64 hex digits"),
     (base(deny={"serials": ["0xZZ"]}), "policy.deny.serials[0]: a serial number in hex"),
@@ -255,6 +258,7 @@ def test_check_policy_refuses_a_bad_file(tmp_path: Path, doc: Any, needle: str) 
                  needle)
 
 
+@pytest.mark.slow  # the console script, a process per case
 def test_check_policy_of_a_missing_or_non_json_file(tmp_path: Path) -> None:
     assert_error(run("serve", "--check-policy", tmp_path / "nope.json",
                      home=tmp_path / "home"), 4, "nope.json")
@@ -263,6 +267,7 @@ def test_check_policy_of_a_missing_or_non_json_file(tmp_path: Path) -> None:
     assert_error(run("serve", "--check-policy", f, home=tmp_path / "home"), 3, "not JSON")
 
 
+@pytest.mark.slow  # the console script, a process per case
 def test_serve_still_needs_its_files_without_check_policy(tmp_path: Path) -> None:
     res = run("serve", "--policy", write(tmp_path, base()), home=tmp_path / "home")
     assert res.rc == 2, res.describe()

@@ -14,11 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from keyload.records.audit import AuditLog
 from keyload.service.client import ServiceClient
 from keyload.service.pki import fingerprint
 
 from .test_service import PASSPHRASE, World, build_world, policy_doc
+
+pytestmark = pytest.mark.slow  # `keyload serve --workers` processes, reloaded
 
 
 def _serve(w: World, policy: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:

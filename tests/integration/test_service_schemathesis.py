@@ -187,6 +187,7 @@ def exportkey_400_only_for_bad_klp1(ctx: CheckContext, response: Response,
     raise AssertionError(f"a schema-valid {case.media_type} EXPORTKEY refused: {doc}")
 
 
+@pytest.mark.slow  # fuzzing: generated requests for every operation
 @schema.parametrize()
 def test_service_conforms_to_its_openapi_document(case: Case[Any], svc: Running) -> None:
     ca, cert = _tls(svc)

@@ -15,6 +15,8 @@ import pytest
 
 from .cli_helpers import KEYLOAD, cli_env, ok, run
 
+pytestmark = pytest.mark.slow  # a home made with the console script; `keyload serve --workers`
+
 
 def _workers_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,

@@ -548,6 +548,7 @@ def _fuzz_raw(data: st.DataObject, app: Unit | Authority, ins: list[int]) -> byt
     return app.process_apdu(apdu)
 
 
+@pytest.mark.slow  # fuzzing: 250 sequences of up to 4 commands
 @pytest.mark.parametrize("signed", [False, True], ids=["cmac-sas", "ed25519-sas"])
 @FUZZ
 @given(data=st.data())
@@ -601,6 +602,7 @@ def _import_as_unit(set_t: bytes, signed: bool, sn: bytes, r: bytes, ref2: int,
     return unit.process_apdu(importkey(ExportResponse.decode(response).import_data))
 
 
+@pytest.mark.slow  # fuzzing: 250 sequences of up to 3 requests
 @FUZZ
 @given(data=st.data())
 def test_fuzz_authority(data: st.DataObject) -> None:
