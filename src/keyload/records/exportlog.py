@@ -43,6 +43,11 @@ class ExportRecord:
     suite: int
     key_version: int
     kcv: bytes
+    # suite 0x03 (docs/protocol.md §10.4): what verifying the unit's receipt later needs
+    r: bytes | None = None
+    h: bytes | None = None
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
 
 class SqliteExportLog(SqliteBatch):
