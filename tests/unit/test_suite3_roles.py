@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from keyload.core.primitives import aes_cmac, aes_kwp_wrap, ecbdiv_into
 from keyload.core.secret import Secret
 from keyload.core.suite3 import cas3_message, t1_context, verify_receipt3
 from keyload.core.suites import SUITE_ECBDIV, get_suite
-from keyload.records.exportlog import ExportRecord
+from keyload.records.exportlog import ExportRecord, SqliteExportLog
 from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
 from keyload.units.keystore import SoftwareKeystore
 from keyload.units.storage import KekSource, Vault
@@ -331,3 +332,38 @@ def test_pkcs11_backend_offers_no_identity_set() -> None:
     with pytest.raises(ValueError, match="identity sets"):
         Pkcs11Keystore.generate_identity_set(object(), "x",  # type: ignore[arg-type]
                                              authority_id=b"A")
+
+
+def test_sqlite_export_log_keeps_what_verifies_the_receipt(tmp_path: Path) -> None:
+    """§10.4: the record keeps R, H, E_A and C_U; a table made before them gains them."""
+    path = tmp_path / "exports.db"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE exports (id INTEGER PRIMARY KEY, time REAL NOT NULL, "
+                      "set_id TEXT NOT NULL, sn TEXT NOT NULL, ref1 TEXT NOT NULL, "
+                      "ref2 INTEGER NOT NULL, suite INTEGER NOT NULL, "
+                      "key_version INTEGER NOT NULL, kcv TEXT NOT NULL);"
+                      "INSERT INTO exports VALUES (1, 1.0, '0102030405', '01', '4b31', 1, 1, 1, "
+                      "'0102030405');")
+    old.commit()
+    old.close()
+    world = World()
+    log = SqliteExportLog(path)
+    world.authority.log = log
+    unit = world.enrol(b"SN-0010")
+    req = world.request(unit)
+    sw, data = world.export(req)
+    assert sw == 0x9000
+    sw, resp = tx(unit, IMPORT, ExportResponse3.decode(data).import_data)
+    assert sw == 0x9000
+    log.close()
+    log = SqliteExportLog(path)
+    first, record = log.records()
+    log.close()
+    assert (first.r, first.h, first.e_a, first.c_u) == (None, None, None, None)
+    assert record.r == req.base.r and record.c_u == req.c_u.encode()
+    assert record.e_a is not None and record.h is not None
+    verify_receipt3(req.c_u, sn=record.sn, r=record.r, ref2=record.ref2, ref1=record.ref1,
+                    h=record.h, kcv_=record.kcv, e_a=record.e_a,
+                    rct=messages3.ImportResponse3.decode(resp).rct)
+    raw = path.read_bytes()
+    assert KEY not in raw and KEY.hex().encode() not in raw
