@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keyload.core import messages3
 from keyload.core.apdu import CommandAPDU, ResponseAPDU
@@ -109,6 +111,7 @@ def test_full_download_and_receipt_with_certificates_only(world: World) -> None:
     assert sw == 0x9000
     er = ExportResponse3.decode(data)
     assert er.kcv == kcv(KeyType.AES256, KEY)
+    assert world.ks._scratch3.wiped  # Z, T1 and the session keys at the authority
     e_u = unit._pending_e
     assert e_u is not None and any(e_u)
     sw, resp = tx(unit, IMPORT, er.import_data)
@@ -172,8 +175,11 @@ def test_station_in_the_middle_is_refused_6988(world: World) -> None:
                                                    e_s_pub))
     forged = ImportData3(d.ref1, d.ref2, d.h, w, e_s_pub, d.c_a, d.sas, cas).encode()
     before = _snapshot(unit)
+    e_u = unit._pending_e
+    assert e_u is not None and any(e_u)
     assert tx(unit, IMPORT, forged)[0] == 0x6988
     assert _snapshot(unit) == before
+    assert e_u == bytearray(32) and unit._scratch3.wiped  # wiped on the refusal too
     assert tx(unit, IMPORT, data)[0] == 0x6985  # the challenge went with the refusal
 
 
@@ -367,3 +373,33 @@ def test_sqlite_export_log_keeps_what_verifies_the_receipt(tmp_path: Path) -> No
                     rct=messages3.ImportResponse3.decode(resp).rct)
     raw = path.read_bytes()
     assert KEY not in raw and KEY.hex().encode() not in raw
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ins=st.sampled_from([INIT, IMPORT, STATUS, GENKEY, PUTCERT]),
+       p2=st.integers(0, 255), data=st.binary(max_size=400), cut=st.integers(0, 40))
+def test_hostile_commands_answer_a_status_word(ins: int, p2: int, data: bytes,
+                                               cut: int) -> None:
+    """Whatever arrives, an enrolled unit of an identity set answers a status word of §6
+    and its slots and identity stay as they were (an IMPORTKEY built from a genuine one,
+    cut or with odd data, included)."""
+    world = _SHARED
+    if not _UNITS:  # one enrolled unit for every example
+        _UNITS.append(world.enrol(b"SN-HOSTILE"))
+    unit = _UNITS[0]
+    sw_e, exported = world.export(world.request(unit))
+    assert sw_e == 0x9000
+    genuine = ExportResponse3.decode(exported).import_data
+    body = genuine[:-cut] + data if cut else data
+    before = (_snapshot(unit), unit.state.certificate, unit.state.q_ca)
+    sw, _ = tx(unit, ins, body if ins == IMPORT else data, p2)
+    assert sw in SECTION_6
+    if ins != IMPORT or sw != 0x9000:
+        assert (_snapshot(unit), unit.state.certificate, unit.state.q_ca) == before
+    assert unit._taken_e is None
+
+
+SECTION_6 = frozenset({0x9000, 0x6700, 0x6A80, 0x6A81, 0x6A82, 0x6A86, 0x6A88, 0x6982,
+                       0x6983, 0x6985, 0x6986, 0x6988, 0x6581, 0x6D00, 0x6E00})
+_SHARED = World()
+_UNITS: list[Unit] = []
