@@ -21,6 +21,7 @@ class SW(IntEnum):
     WRONG_P1P2 = 0x6A86
     NOT_FOUND = 0x6A88
     INTEGRITY = 0x6982
+    REVOKED = 0x6983
     NO_CHALLENGE = 0x6985
     POLICY = 0x6986
     AUTHENTICITY = 0x6988
@@ -46,6 +47,7 @@ _MEANING = {
     SW.WRONG_P1P2: "wrong P1/P2",
     SW.NOT_FOUND: "REF1 or slot unknown",
     SW.INTEGRITY: "integrity check failed",
+    SW.REVOKED: "the unit is revoked",
     SW.NO_CHALLENGE: "no pending challenge",
     SW.POLICY: "policy refuses",
     SW.AUTHENTICITY: "authenticity check failed",
@@ -125,6 +127,12 @@ class IntegrityError(StatusError):
         super().__init__("integrity check failed", sw=sw)
 
 
+class Revoked(StatusError):
+    """The authority: this unit's certificate is revoked (suite 0x03, docs/protocol.md §10.4)."""
+
+    sw = SW.REVOKED
+
+
 class NoChallenge(StatusError):
     sw = SW.NO_CHALLENGE
 
@@ -160,6 +168,7 @@ _BY_SW: dict[int, type[StatusError]] = {
     SW.NO_CHALLENGE: NoChallenge,
     SW.POLICY: PolicyRefused,
     SW.AUTHENTICITY: AuthenticityError,
+    SW.REVOKED: Revoked,
     SW.MEMORY_FAILURE: MemoryFailure,
     SW.INS_NOT_SUPPORTED: InsNotSupported,
     SW.CLA_NOT_SUPPORTED: ClaNotSupported,

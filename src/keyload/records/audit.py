@@ -383,4 +383,7 @@ class AuditedExportLog:
         self.audit.append("export", {
             "set_id": record.set_id.hex(), "sn": record.sn.hex(), "ref1": record.ref1.hex(),
             "ref2": record.ref2, "suite": record.suite, "key_version": record.key_version,
-            "kcv": record.kcv.hex()}, actor="authority")
+            "kcv": record.kcv.hex(),
+            **{k: v.hex() for k, v in (("r", record.r), ("h", record.h), ("e_a", record.e_a),
+                                       ("c_u", record.c_u)) if v is not None}},
+            actor="authority")

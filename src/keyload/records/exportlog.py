@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS exports (
     kcv TEXT NOT NULL
 );
 """
+#: suite 0x03 (docs/protocol.md §10.4): R, H, E_A and C_U, NULL for the other suites; added
+#: to a table made before they existed
+_SUITE3_COLUMNS = ("r", "h", "e_a", "c_u")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,11 @@ class ExportRecord:
     suite: int
     key_version: int
     kcv: bytes
+    # suite 0x03 (docs/protocol.md §10.4): what verifying the unit's receipt later needs
+    r: bytes | None = None
+    h: bytes | None = None
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
 
 class SqliteExportLog(SqliteBatch):
@@ -57,6 +65,11 @@ class SqliteExportLog(SqliteBatch):
         self._lock = threading.Lock()
         self.db = open_records(path, _SCHEMA)
         try:
+            with reading(path):
+                have = {row[1] for row in self.db.execute("PRAGMA table_info(exports)")}
+                for name in _SUITE3_COLUMNS:
+                    if name not in have:
+                        self.db.execute(f"ALTER TABLE exports ADD COLUMN {name} TEXT")
             self._read("ORDER BY id DESC LIMIT 1")
         except BaseException:
             self.db.close()
@@ -71,10 +84,12 @@ class SqliteExportLog(SqliteBatch):
 
     def _append(self, record: ExportRecord) -> None:
         self.db.execute(
-            "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv, "
+            "r, h, e_a, c_u) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.time, record.set_id.hex(), record.sn.hex(), record.ref1.hex(), record.ref2,
-             record.suite, record.key_version, record.kcv.hex()))
+             record.suite, record.key_version, record.kcv.hex(),
+             *(None if v is None else v.hex()
+               for v in (record.r, record.h, record.e_a, record.c_u))))
 
     def records(self) -> list[ExportRecord]:
         return self._read("ORDER BY id")
@@ -82,7 +97,8 @@ class SqliteExportLog(SqliteBatch):
     def _read(self, tail: str) -> list[ExportRecord]:
         with reading(self.path):
             return [_record(t) for t in self.db.execute(
-                "SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv "  # noqa: S608
+                "SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv, "  # noqa: S608
+                "r, h, e_a, c_u "
                 f"FROM exports {tail}")]
 
     def count(self) -> int:
@@ -98,4 +114,6 @@ def _record(t: tuple[object, ...]) -> ExportRecord:
                         col.hex_col(t[2], "sn", col.SN_SIZE),
                         col.hex_col(t[3], "ref1", col.REF1_SIZE), col.int_col(t[4], "ref2"),
                         col.int_col(t[5], "suite"), col.int_col(t[6], "key_version"),
-                        col.hex_col(t[7], "kcv", col.KCV_SIZE))
+                        col.hex_col(t[7], "kcv", col.KCV_SIZE),
+                        col.opt_hex_col(t[8], "r", 16), col.opt_hex_col(t[9], "h", 12),
+                        col.opt_hex_col(t[10], "e_a", 65), col.opt_hex_col(t[11], "c_u"))

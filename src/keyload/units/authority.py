@@ -1,4 +1,5 @@
-"""The authority (AS, first security unit): EXPORTKEY and receipt checks (docs/protocol.md §8).
+"""The authority (AS, first security unit): EXPORTKEY and receipt checks (docs/protocol.md §8,
+and §10.4 for identity sets, suite 0x03).
 
 :class:`Authority` is the role: it parses requests, applies the checks in the order of §8
 (TLV 6A80, set id 6A82, suite 6A81, REF1 6A88, export policy 6986 — which includes a key
@@ -7,13 +8,15 @@ answers. As a card application its :meth:`Authority.process_apdu` never raises: 
 nobody planned for answers 6581 (nothing exported, nothing recorded), logged by its class
 name only. The key material and the cryptography sit behind an
 :class:`AuthorityBackend` (software keystore here; PKCS#11 token or card elsewhere), which
-says what it can do through :meth:`AuthorityBackend.capabilities`.
+says what it can do through :meth:`AuthorityBackend.capabilities`. A backend that holds
+identity sets (suite 0x03) is also an :class:`IdentityBackend`: the set CA key, the
+authority key with C_A, and the register of the units it certified (active or revoked).
 
 >>> from keyload.units.keystore import SoftwareKeystore
 >>> ks = SoftwareKeystore.ephemeral()
 >>> authority = Authority(ks)
 >>> sorted(authority.capabilities().suites)
-[1, 2]
+[1, 2, 3]
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
@@ -32,19 +35,24 @@ from ..core.errors import (
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
+    NoChallenge,
     NoSuchKey,
     PolicyRefused,
+    Revoked,
     StatusError,
     UnknownSet,
     Unsupported,
     WrongLength,
     WrongP1P2,
 )
+from ..core.identity import ROLE_UNIT, Certificate, verify_certificate
 from ..core.keys import KeyAttributes, KeyType, length_fits
 from ..core.klp1 import Exported
+from ..core.messages3 import ExportRequest3, ExportResponse3, decode_export_request
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
+from ..core.suite3 import SUITE_ECDH, Exported3, check_export_request, verify_receipt3
 from ..records.exportlog import ExportRecord
 
 log = logging.getLogger("keyload.authority")
@@ -98,11 +106,36 @@ class KeyInfo:
 
 @dataclass(frozen=True, slots=True)
 class SetInfo:
-    """A set of units sharing one transport key; ``signed``: SAS is Ed25519 for this set."""
+    """A set of units sharing one transport key; ``signed``: SAS is Ed25519 for this set.
+
+    ``identity``: a set of units with their own identities (suite 0x03, docs/protocol.md
+    §10): no transport key; its set id is that of the set CA's key.
+    """
 
     set_id: bytes
     name: str
     signed: bool = False
+    identity: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySetInfo:
+    """An identity set's public part: Q_CA and the authority's certificate C_A."""
+
+    set_id: bytes
+    name: str
+    q_ca: bytes
+    c_a: Certificate
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRecord:
+    """A unit the authority certified (docs/protocol.md §10.4): its certificate and status."""
+
+    set_id: bytes
+    sn: bytes
+    certificate: Certificate
+    revoked: bool = False  # from then on EXPORTKEY answers 6983
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +177,24 @@ class AuthorityBackend(Protocol):
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
                 kcv_: bytes) -> bytes:
         """The RCT the unit should have answered for this load."""
+        ...
+
+
+@runtime_checkable
+class IdentityBackend(Protocol):
+    """What the authority needs of a backend for identity sets (suite 0x03)."""
+
+    def identity_set(self, set_id: bytes) -> IdentitySetInfo:
+        """Raise UnknownSet (6A82) when ``set_id`` is not an identity set held here."""
+        ...
+
+    def unit_record(self, set_id: bytes, sn: bytes) -> UnitRecord | None:
+        """The register's entry for (set id, SN), None for a unit it never certified."""
+        ...
+
+    def export3(self, req: ExportRequest3) -> Exported3:
+        """The export of docs/protocol.md §10.3 for an already-checked request, with a
+        fresh e_A; everything derived is wiped before it returns."""
         ...
 
 
@@ -219,6 +270,11 @@ class KeyAdministration(AuthorityBackend, Protocol):
 
     def generate_set(self, name: str, *, signed: bool = False) -> SetInfo: ...
 
+    def generate_identity_set(self, name: str, *, authority_id: bytes) -> SetInfo:
+        """Make the set CA key, the authority key and C_A (subject ``authority_id``) of a new
+        identity set (suite 0x03); ValueError on a backend that holds none."""
+        ...
+
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
                 replace: bool = False) -> KeyInfo: ...
@@ -248,30 +304,82 @@ class Authority:
         self.log = log
         self.clock = clock
         self._caps = backend.capabilities()
+        # §10.4: the (set id, SN, R) served, kept while this authority runs
+        self._served: set[tuple[bytes, bytes, bytes]] = set()
 
     def capabilities(self) -> Capabilities:
         return self._caps
 
     def export(self, request: bytes) -> bytes:
         """EXPORTKEY data in, response data (``E0{…} CD``) out; StatusError on refusal."""
-        req = msg.ExportRequest.decode(request)
+        req = decode_export_request(request)
+        if isinstance(req, ExportRequest3):
+            return self.export_request3(req).encode()
         return self.export_request(req).encode()
 
-    def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
-        self.backend.set_info(req.set_id)
-        if req.suite not in self._caps.suites:
-            offers = ", ".join(f"{s:#04x}" for s in sorted(self._caps.suites))
-            raise Unsupported(f"authority does not offer suite {req.suite:#04x} "
-                              f"(offers {offers})")
-        info = self.backend.key_info(req.ref1)
+    def _offered(self, set_info: SetInfo, suite: int, identity_message: bool) -> None:
+        """§8 and §10.4: the suite offered for this set and matching the message, else 6A81."""
+        identity = set_info.identity
+        if (suite not in self._caps.suites or identity != (suite == SUITE_ECDH)
+                or identity != identity_message):
+            offers = "0x03" if identity else ", ".join(
+                f"{s:#04x}" for s in sorted(self._caps.suites - {SUITE_ECDH}))
+            raise Unsupported(f"the authority offers suite {offers} for this set, "
+                              f"not {suite:#04x} with this message")
+
+    def _checked_key(self, ref1: bytes, set_id: bytes, ref2: int) -> KeyInfo:
+        """REF1 known (6A88) and the key's export policy (6986)."""
+        info = self.backend.key_info(ref1)
         if not length_fits(info.key_type, info.length):
             raise PolicyRefused("export policy: the key's length does not fit its type")
-        info.policy.check(req.set_id, req.ref2)
+        info.policy.check(set_id, ref2)
+        return info
+
+    def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
+        self._offered(self.backend.set_info(req.set_id), req.suite, False)
+        info = self._checked_key(req.ref1, req.set_id, req.ref2)
         out = self.backend.export(req)
         if self.log is not None:
             self.log.append(ExportRecord(self.clock(), req.set_id, req.sn, req.ref1, req.ref2,
                                          req.suite, info.version, out.kcv))
         return msg.ExportResponse(out.import_data, out.kcv)
+
+    def _identity_backend(self) -> IdentityBackend:
+        backend = self.backend
+        if not isinstance(backend, IdentityBackend):
+            raise Unsupported("this authority holds no identity sets")
+        return backend
+
+    def export_request3(self, req: ExportRequest3) -> ExportResponse3:
+        """EXPORTKEY of suite 0x03, the checks in the order of docs/protocol.md §10.4."""
+        base = req.base
+        self._offered(self.backend.set_info(base.set_id), base.suite, True)  # 6A82, 6A81
+        ident = self._identity_backend()
+        check_export_request(req, q_ca=ident.identity_set(base.set_id).q_ca)  # 6982
+        record = ident.unit_record(base.set_id, base.sn)
+        if record is not None and record.revoked:
+            raise Revoked(f"unit {base.sn.hex()} is revoked")
+        served = (base.set_id, base.sn, base.r)
+        if served in self._served:
+            raise NoChallenge("this challenge was served before")
+        info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
+        out = ident.export3(req)
+        if self.log is not None:
+            self.log.append(ExportRecord(self.clock(), base.set_id, base.sn, base.ref1,
+                                         base.ref2, base.suite, info.version, out.kcv,
+                                         r=base.r, h=out.header, e_a=out.e_a,
+                                         c_u=req.c_u.encode()))
+        self._served.add(served)
+        return ExportResponse3(out.import_data, out.kcv)
+
+    def verify_receipt3(self, *, set_id: bytes, c_u: Certificate, r: bytes, ref2: int,
+                        ref1: bytes, h: bytes, kcv: bytes, e_a: bytes, rct: bytes) -> None:
+        """Return None when ``rct`` is the receipt of the unit of ``c_u`` (valid under the
+        set's Q_CA) for this load, else raise IntegrityError. Needs no secret."""
+        q_ca = self._identity_backend().identity_set(set_id).q_ca
+        verify_certificate(c_u, q_ca=q_ca, role=ROLE_UNIT, set_id=set_id)
+        verify_receipt3(c_u, sn=c_u.subject, r=r, ref2=ref2, ref1=ref1, h=h, kcv_=kcv,
+                        e_a=e_a, rct=rct)
 
     def verify_receipt(self, *, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int,
                        h: bytes, kcv: bytes, rct: bytes) -> None:

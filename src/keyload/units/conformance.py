@@ -1,9 +1,11 @@
-"""Run KLP1 conformance vector files (docs/protocol.md §9) through the real roles.
+"""Run KLP1 conformance vector files (docs/protocol.md §9, §10.6) through the real roles.
 
 Export cases go through :class:`~keyload.units.authority.Authority` over an ephemeral
-software keystore (plus the suite functions for the intermediates); import cases through
-the :class:`~keyload.units.unit.Unit` emulator's APDU interface. A failure names the case
-and the field that differs, never a value.
+software keystore (plus the suite functions for the intermediates); import, initialize and
+enrol cases through the :class:`~keyload.units.unit.Unit` emulator's APDU interface. Suite
+0x03 cases (``"suite": 3``) give the authority the identity set, keys and revocations the
+case describes, and the unit its d_U, C_U or Q_CA and pending challenge (R, e_U). A failure
+names the case and the field that differs, never a value.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from typing import Any
 
 from ..core import klp1
 from ..core.apdu import CommandAPDU, ResponseAPDU
+from ..core.ecc import ecdh_into, public_point
 from ..core.errors import KeyloadError
+from ..core.identity import identity_set_id
 from ..core.keys import KeyAttributes, KeyHeader, KeyType
+from ..core.messages3 import ExportRequest3, ExportResponse3, ImportData3, InitResponse3
+from ..core.primitives import ecbdiv_into
 from ..core.secret import Secret
-from ..core.suites import get_suite
-from .authority import Authority, ExportPolicy
+from ..core.suite3 import SUITE_ECDH, t1_context
+from ..core.suites import SUITE_ECBDIV, get_suite
+from .authority import Authority, ExportPolicy, SetInfo
 from .keystore import SoftwareKeystore
 from .unit import MemoryUnitStore, Slot, Unit, UnitState
 
@@ -118,7 +125,7 @@ def run_export(case: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def _unit_for(case: dict[str, Any]) -> Unit:
+def _slots(case: dict[str, Any]) -> dict[int, Slot]:
     slots: dict[int, Slot] = {}
     for s in case["slots"]:
         accepts = frozenset(int(x) for x in s["accepts"])
@@ -131,8 +138,20 @@ def _unit_for(case: dict[str, Any]) -> Unit:
             kcv = bytes(5)
         slots[int(s["ref2"])] = Slot(int(s["ref2"]), accepts, bool(s["locked"]), header, kcv,
                                      key)
-    state = UnitState.new(bytes.fromhex(case["SN"]), Secret(bytes.fromhex(case["T"])), slots,
-                          verify_key=_h(case.get("verify_key")), suites=(0x01, 0x02))
+    return slots
+
+
+def _unit_for(case: dict[str, Any]) -> Unit:
+    if case.get("suite") == SUITE_ECDH:
+        state = UnitState.new_identity(bytes.fromhex(case["SN"]), _slots(case),
+                                       unit_key=Secret(bytes.fromhex(case["unit_key"])),
+                                       q_ca=bytes.fromhex(case["ca_public"]))
+        unit = Unit(MemoryUnitStore(state))
+        unit.set_challenge(_h(case.get("R")), _h(case.get("eph_unit")))
+        return unit
+    state = UnitState.new(bytes.fromhex(case["SN"]), Secret(bytes.fromhex(case["T"])),
+                          _slots(case), verify_key=_h(case.get("verify_key")),
+                          suites=(0x01, 0x02))
     unit = Unit(MemoryUnitStore(state))
     unit.set_challenge(_h(case.get("R")))
     return unit
@@ -161,19 +180,169 @@ def run_import(case: dict[str, Any]) -> list[str]:
         return diffs
     if rapdu.data.hex() != exp["response"].lower():
         diffs.append("response")
-    ref2 = data[2]
+    ref2 = ImportData3.decode(data).ref2 if case.get("suite") == SUITE_ECDH else data[2]
     slot = unit.state.slots[ref2]
     if slot.key is None or slot.key.buffer.hex() != exp["stored"].lower():
         diffs.append("stored")
     if slot.kcv is None or slot.kcv.hex() != exp["kcv"].lower():
         diffs.append("kcv")
-    if rapdu.data[-16:].hex() != exp["receipt"].lower():
+    rct_len = 64 if case.get("suite") == SUITE_ECDH else 16
+    if rapdu.data[-rct_len:].hex() != exp["receipt"].lower():
         diffs.append("receipt")
+    if "ref1" in exp and (slot.ref1 is None or slot.ref1.hex() != exp["ref1"].lower()):
+        diffs.append("ref1")
     # a replay of the same data is refused and changes nothing
     snap = _snapshot(unit)
     replay = ResponseAPDU.decode(unit.process_apdu(import_apdu(data)))
     if replay.sw != 0x6985 or _snapshot(unit) != snap:
         diffs.append("replay not refused with 6985")
+    return diffs
+
+
+# -- suite 0x03 (docs/protocol.md §10.6) ------------------------------------------------
+
+
+class _VectorKeystore(SoftwareKeystore):
+    """A keystore that also answers for the T sets a case names by set id alone (a T with
+    a given KCV cannot be made): they exist, and are not identity sets."""
+
+    def __init__(self, transport_sets: frozenset[bytes]) -> None:
+        super().__init__(None)
+        self.transport_sets = transport_sets
+
+    def set_info(self, set_id: bytes) -> SetInfo:
+        if set_id in self.transport_sets:
+            return SetInfo(set_id, "vector T set")
+        return super().set_info(set_id)
+
+
+def _authority3(case: dict[str, Any]) -> _VectorKeystore:
+    held = case["authority"]
+    ks = _VectorKeystore(frozenset(bytes.fromhex(x) for x in held["transport_sets"]))
+    sn = bytes.fromhex(case["SN"])
+    for set_hex in held["identity_sets"]:
+        info = ks.add_identity_set(Secret(bytes.fromhex(case["ca_key"])),
+                                   Secret(bytes.fromhex(case["authority_key"])), "vector",
+                                   authority_id=bytes.fromhex(case["authority_id"]))
+        if info.set_id.hex() != set_hex.lower():
+            raise ValueError("an identity set's id is not that of ca_key")
+        for sn_hex in held["revoked"]:
+            revoked = bytes.fromhex(sn_hex)
+            q = public_point(bytes.fromhex(case["unit_key"])) if revoked == sn else None
+            if q is None:
+                raise ValueError("a revoked SN other than the case's has no key")
+            ks.certify_unit(info.set_id, revoked, q)
+            ks.revoke_unit(info.set_id, revoked)
+    k = case["key"]
+    for entry in held["keys"]:
+        slots = entry["slots"]
+        if not 1 <= len(entry["REF1"]) // 2 <= 32:
+            continue  # no request can name it (C6 is 1-32 bytes): held or not, 6A88
+        ks.add_key(bytes.fromhex(entry["REF1"]), KeyType(k["type"]),
+                   Secret(bytes.fromhex(k["value"])),
+                   KeyAttributes(k["usage"], k["mode"], k["exportability"]),
+                   version=int(k["version"]), diversify=bool(k["diversify"]),
+                   policy=ExportPolicy(None, None if slots is None
+                                       else frozenset(int(x) for x in slots)))
+    e_a = bytes.fromhex(case["eph_authority"])
+    ks.draw = lambda n: e_a[:n]
+    return ks
+
+
+def _intermediates3(case: dict[str, Any], req: ExportRequest3, e_a: bytes) -> dict[str, bytes]:
+    """Z, T1 and the session keys recomputed from the case's e_A (§10.3)."""
+    base = req.base
+    z, t1, sess = bytearray(32), bytearray(32), bytearray(96)
+    ecdh_into(bytes.fromhex(case["eph_authority"]), req.e_u, z)
+    ecbdiv_into(z, t1, label=klp1.LABEL_T1, context=t1_context(base.sn, base.r, req.e_u, e_a))
+    klp1.derive_session(get_suite(SUITE_ECBDIV), t1, base.sn, base.r, base.ref2, sess)
+    out = {"Z": bytes(z), "T1": bytes(t1), "Kenc": bytes(sess[:32]),
+           "Kmac": bytes(sess[32:64]), "Ksas": bytes(sess[64:])}
+    for b in (z, t1, sess):
+        b[:] = bytes(len(b))
+    return out
+
+
+def run_export3(case: dict[str, Any]) -> list[str]:
+    """A suite 0x03 export case through the authority role (§10.4, §10.6)."""
+    diffs: list[str] = []
+    exp = case["expected"]
+    data = bytes.fromhex(case["export_request"])
+    ks = _authority3(case)
+    try:
+        rapdu = ResponseAPDU.decode(Authority(ks).process_apdu(
+            CommandAPDU(0x80, 0x12, 0, 0, data, ne=65536).encode()))
+        if f"{rapdu.sw:04X}" != exp["sw"].upper():
+            return [f"sw {rapdu.sw:04X}, expected {exp['sw'].upper()}"]
+        if rapdu.sw != 0x9000:
+            return diffs
+        req = ExportRequest3.decode(data)
+        er = ExportResponse3.decode(rapdu.data)
+        d = ImportData3.decode(er.import_data)
+        got = {"set_id": req.base.set_id, "C_U": req.c_u.encode(), "C_A": d.c_a.encode(),
+               "E_U": req.e_u, "E_A": d.e_a, "sigU": req.sig_u, "H": d.h, "W": d.w,
+               "SAS": d.sas, "CAS": d.cas, "kcv": er.kcv, "import_data": er.import_data,
+               "import_apdu": import_apdu(er.import_data), "export_request": data,
+               "export_response": rapdu.data,
+               **_intermediates3(case, req, d.e_a)}
+        if ks.identity_set(req.base.set_id).c_a != d.c_a:
+            diffs.append("C_A held")
+        k = case["key"]
+        value = bytes.fromhex(k["value"])
+        ta = bytearray(value)
+        if k["diversify"]:
+            klp1.diversify_into(get_suite(SUITE_ECBDIV), value, req.base.sn, ta)
+        got["TA_loaded"] = bytes(ta)
+        diffs += [name for name, v in got.items() if v.hex() != exp[name].lower()]
+    finally:
+        ks.close()
+    return diffs
+
+
+def _unit3(case: dict[str, Any], draws: list[bytes], *, certificate: bytes | None) -> Unit:
+    state = UnitState.new_identity(bytes.fromhex(case["SN"]), {},
+                                   unit_key=Secret(bytes.fromhex(case["unit_key"])),
+                                   certificate=certificate)
+    queue = list(draws)
+    return Unit(MemoryUnitStore(state), rng=lambda n: queue.pop(0)[:n])
+
+
+def run_initialize(case: dict[str, Any]) -> list[str]:
+    """INITIALIZE DOWNLOAD of a unit of an identity set, its R and e_U those of the case."""
+    exp = case["expected"]
+    unit = _unit3(case, [bytes.fromhex(case["R"]), bytes.fromhex(case["eph_unit"])],
+                  certificate=bytes.fromhex(case["C_U"]))
+    rapdu = ResponseAPDU.decode(unit.process_apdu(
+        CommandAPDU(0x80, 0x10, 0, 0, ne=65536).encode()))
+    if rapdu.sw != 0x9000:
+        return [f"sw {rapdu.sw:04X}, expected 9000"]
+    diffs = [] if rapdu.data.hex() == exp["response"].lower() else ["response"]
+    if unit.state.set_id.hex() != case["set_id"].lower():
+        diffs.append("set_id")
+    if InitResponse3.decode(rapdu.data).r != unit.pending:
+        diffs.append("pending challenge")
+    return diffs
+
+
+def run_enrol(case: dict[str, Any]) -> list[str]:
+    """PUT CERTIFICATE to a unit that has its key and no certificate (§10.2)."""
+    exp = case["expected"]
+    unit = _unit3(case, [], certificate=None)
+    data = bytes.fromhex(case["data"])
+    rapdu = ResponseAPDU.decode(unit.process_apdu(
+        CommandAPDU(0x80, 0x1A, 0, 0, data).encode()))
+    if f"{rapdu.sw:04X}" != exp["sw"].upper():
+        return [f"sw {rapdu.sw:04X}, expected {exp['sw'].upper()}"]
+    st = unit.state
+    if rapdu.sw != 0x9000:
+        return [] if st.certificate is None and st.q_ca is None else ["state changed"]
+    diffs = []
+    if st.certificate is None or st.q_ca is None or st.set_id != identity_set_id(st.q_ca):
+        diffs.append("certificate not stored")
+    again = ResponseAPDU.decode(unit.process_apdu(
+        CommandAPDU(0x80, 0x1A, 0, 0, data).encode()))
+    if again.sw != 0x6985:
+        diffs.append("a second PUT CERTIFICATE not refused with 6985")
     return diffs
 
 
@@ -186,9 +355,13 @@ def run_case(case: dict[str, Any]) -> list[str]:
     kind = case.get("kind")
     try:
         if kind == "export":
-            return run_export(case)
+            return run_export3(case) if case.get("suite") == SUITE_ECDH else run_export(case)
         if kind == "import":
             return run_import(case)
+        if kind == "initialize":
+            return run_initialize(case)
+        if kind == "enrol":
+            return run_enrol(case)
     except (KeyError, ValueError, TypeError, RecursionError) as e:
         return [f"malformed case ({e.__class__.__name__}: {' '.join(str(e).split())[:120]})"]
     except KeyloadError as e:  # e.g. a suite this build does not offer

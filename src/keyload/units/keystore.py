@@ -1,7 +1,11 @@
-"""The software authority: a keystore of transport keys, application keys and an
-optional Ed25519 signing key, sealed at rest in a vault (see :mod:`keyload.units.storage`).
+"""The software authority: a keystore of transport keys, identity sets, application keys
+and an optional Ed25519 signing key, sealed at rest in a vault (see
+:mod:`keyload.units.storage`).
 
 Transport keys are found by set id (= KCV(T), docs/protocol.md §1), application keys by REF1.
+An identity set (suite 0x03, §10) holds the set CA key d_CA, the authority key d_A with its
+certificate C_A, and the register of the units it certified (SN → C_U, active or revoked);
+its set id is that of Q_CA. Each export draws a fresh e_A, wiped after it.
 Values are held as :class:`~keyload.core.secret.Secret` and wiped by :meth:`close`.
 Every change is written atomically; a wrong passphrase or a damaged file is a clear
 :class:`~keyload.core.errors.StoreError` and the previous file stays readable.
@@ -10,6 +14,7 @@ Every change is written atomically; a wrong passphrase or a damaged file is a cl
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +24,28 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..core import klp1
 from ..core import messages as msg
+from ..core.ecc import EcdsaKey, scalar_from
 from ..core.errors import StoreError
+from ..core.identity import (
+    ROLE_AUTHORITY,
+    ROLE_UNIT,
+    Certificate,
+    identity_set_id,
+    issue_certificate,
+)
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
+from ..core.messages3 import ExportRequest3
 from ..core.secret import Secret, scrub
+from ..core.suite3 import SUITE_ECDH, Exported3, Scratch3, export_key3
 from ..core.suites import SUITES, get_suite
 from .authority import (
     Capabilities,
     ExportPolicy,
+    IdentitySetInfo,
     KeyInfo,
     SetInfo,
+    UnitRecord,
     find_key,
     find_set,
     validate_new_key,
@@ -83,12 +100,36 @@ class _TransportKey:
     value: Secret
 
 
+class _IdentitySet:
+    """d_CA, d_A (as signers over wipeable scalars), C_A and the register of units."""
+
+    def __init__(self, name: str, ca: Secret, authority: Secret, authority_id: bytes) -> None:
+        self.ca_value, self.authority_value = ca, authority
+        self.ca, self.authority = EcdsaKey(ca.buffer), EcdsaKey(authority.buffer)
+        set_id = identity_set_id(self.ca.public)
+        self.info = SetInfo(set_id, name, identity=True)
+        c_a = issue_certificate(self.ca, role=ROLE_AUTHORITY, set_id=set_id,
+                                subject=authority_id, public_key=self.authority.public)
+        self.public = IdentitySetInfo(set_id, name, self.ca.public, c_a)
+        self.units: dict[bytes, UnitRecord] = {}
+
+    def wipe(self) -> None:
+        for k in (self.ca, self.authority):
+            k.wipe()
+        self.ca_value.wipe()
+        self.authority_value.wipe()
+
+
 class SoftwareKeystore:
     """An :class:`~keyload.units.authority.AuthorityBackend` in software."""
 
     def __init__(self, vault: Vault | None = None) -> None:
         self.vault = vault
         self._sets: dict[bytes, _TransportKey] = {}
+        self._identities: dict[bytes, _IdentitySet] = {}
+        self._scratch3 = Scratch3()
+        #: where e_A comes from: fresh randomness per export (vectors replay theirs)
+        self.draw: Callable[[int], bytes] = os.urandom
         self._keys: dict[bytes, _AppKey] = {}
         self._signing: Secret | None = None
         self._signer: Ed25519PrivateKey | None = None
@@ -146,6 +187,16 @@ class SoftwareKeystore:
             self._keys[info.ref1] = _AppKey(info, value)
         if meta.get("signing_key") is not None:
             self._set_signing(secrets[meta["signing_key"]])
+        for d in meta.get("identity_sets", []):
+            ident = _IdentitySet(d["name"], secrets[d["ca"]], secrets[d["authority"]],
+                                 bytes.fromhex(d["authority_id"]))
+            if ident.info.set_id.hex() != d["set_id"]:
+                raise ValueError("set id does not match its CA key")
+            for u in d["units"]:
+                cert = Certificate.decode(bytes.fromhex(u["certificate"]))
+                ident.units[cert.subject] = UnitRecord(ident.info.set_id, cert.subject, cert,
+                                                       bool(u["revoked"]))
+            self._identities[ident.info.set_id] = ident
 
     def save(self) -> None:
         if self.vault is None:
@@ -169,6 +220,15 @@ class SoftwareKeystore:
         if self._signing is not None:
             meta["signing_key"] = len(secrets)
             secrets.append(self._signing)
+        meta["identity_sets"] = []
+        for ident in self._identities.values():
+            meta["identity_sets"].append({
+                "set_id": ident.info.set_id.hex(), "name": ident.info.name,
+                "ca": len(secrets), "authority": len(secrets) + 1,
+                "authority_id": ident.public.c_a.subject.hex(),
+                "units": [{"certificate": u.certificate.encode().hex(), "revoked": u.revoked}
+                          for u in ident.units.values()]})
+            secrets += [ident.ca_value, ident.authority_value]
         self.vault.write_packed(KEYSTORE_FILE, KIND, meta, secrets)
 
     def close(self) -> None:
@@ -177,8 +237,12 @@ class SoftwareKeystore:
             t.value.wipe()
         for k in self._keys.values():
             k.value.wipe()
+        for ident in self._identities.values():
+            ident.wipe()
         self._sets.clear()
         self._keys.clear()
+        self._identities.clear()
+        self._scratch3.wipe()
         self._closed = True
         if self._signing is not None:
             self._signing.wipe()
@@ -194,8 +258,7 @@ class SoftwareKeystore:
         """
         validate_new_set(len(value), signed=signed, has_signer=self._signer is not None)
         set_id = aes_kcv(value.buffer)
-        if set_id in self._sets:
-            raise ValueError(f"set {set_id.hex()} already exists")
+        self._check_new_set_id(set_id)
         info = SetInfo(set_id, name, signed)
         self._sets[set_id] = _TransportKey(info, value)
         try:
@@ -207,6 +270,93 @@ class SoftwareKeystore:
 
     def generate_set(self, name: str, *, signed: bool = False) -> SetInfo:
         return self.add_set(Secret.take(os.urandom(32)), name, signed=signed)
+
+    def _check_new_set_id(self, set_id: bytes) -> None:
+        """docs/protocol.md §10.1: no two sets (of either kind) with one set id."""
+        if set_id in self._sets or set_id in self._identities:
+            raise ValueError(f"set {set_id.hex()} already exists")
+
+    # -- identity sets (suite 0x03) ---------------------------------------------
+    def add_identity_set(self, ca: Secret, authority: Secret, name: str, *,
+                         authority_id: bytes) -> SetInfo:
+        """Take in d_CA and d_A (32-byte P-256 scalars) and issue C_A for ``authority_id``
+        (1 to 32 bytes). The values are kept (and wiped by :meth:`close`)."""
+        ident = _IdentitySet(name, ca, authority, authority_id)
+        try:
+            self._check_new_set_id(ident.info.set_id)
+        except ValueError:
+            ident.wipe()
+            raise
+        self._identities[ident.info.set_id] = ident
+        try:
+            self.save()
+        except BaseException:
+            del self._identities[ident.info.set_id]
+            ident.wipe()
+            raise
+        return ident.info
+
+    def generate_identity_set(self, name: str, *, authority_id: bytes) -> SetInfo:
+        return self.add_identity_set(Secret.take(bytes(scalar_from(os.urandom))),
+                                     Secret.take(bytes(scalar_from(os.urandom))), name,
+                                     authority_id=authority_id)
+
+    def _identity(self, set_id: bytes) -> _IdentitySet:
+        if self._closed:
+            raise StoreError("the keystore is closed")
+        return find_set(self._identities, set_id)
+
+    def identity_set(self, set_id: bytes) -> IdentitySetInfo:
+        return self._identity(set_id).public
+
+    def certify_unit(self, set_id: bytes, sn: bytes, public_key: bytes) -> Certificate:
+        """Issue C_U for (SN, Q_U) and register the unit as active. ValueError for an SN
+        already in the register or a key that is not a P-256 point."""
+        ident = self._identity(set_id)
+        msg.check_sn(sn)
+        if sn in ident.units:
+            raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
+        cert = issue_certificate(ident.ca, role=ROLE_UNIT, set_id=set_id, subject=sn,
+                                 public_key=public_key)
+        ident.units[sn] = UnitRecord(set_id, sn, cert)
+        self._save_or(lambda: ident.units.pop(sn))
+        return cert
+
+    def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
+        """Mark a certified unit revoked: EXPORTKEY answers it 6983 from then on."""
+        ident = self._identity(set_id)
+        old = ident.units.get(sn)
+        if old is None:
+            raise ValueError(f"unit {sn.hex()} is not in the register of set {set_id.hex()}")
+        ident.units[sn] = UnitRecord(set_id, sn, old.certificate, True)
+        self._save_or(lambda: ident.units.__setitem__(sn, old))
+        return ident.units[sn]
+
+    def _save_or(self, undo: Callable[[], object]) -> None:
+        try:
+            self.save()
+        except BaseException:
+            undo()
+            raise
+
+    def unit_records(self, set_id: bytes) -> list[UnitRecord]:
+        return list(self._identity(set_id).units.values())
+
+    def unit_record(self, set_id: bytes, sn: bytes) -> UnitRecord | None:
+        return self._identity(set_id).units.get(sn)
+
+    def export3(self, req: ExportRequest3) -> Exported3:
+        ident = self._identity(req.base.set_id)
+        k = self._keys[req.base.ref1]
+        i = k.info
+        e_a = scalar_from(self.draw)
+        try:
+            return export_key3(req, authority=ident.authority, c_a=ident.public.c_a,
+                               e_a_scalar=e_a, key_type=i.key_type, key=k.value.buffer,
+                               attributes=i.attrs, version=i.version, diversify=i.diversify,
+                               scratch=self._scratch3)
+        finally:
+            e_a[:] = bytes(len(e_a))
 
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
@@ -257,7 +407,8 @@ class SoftwareKeystore:
         return self._signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def set_infos(self) -> list[SetInfo]:
-        return [t.info for t in self._sets.values()]
+        return [t.info for t in self._sets.values()] + \
+            [i.info for i in self._identities.values()]
 
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
@@ -268,7 +419,7 @@ class SoftwareKeystore:
 
     # -- AuthorityBackend ------------------------------------------------------
     def capabilities(self) -> Capabilities:
-        return Capabilities(frozenset(SUITES), True, "software")
+        return Capabilities(frozenset(SUITES) | {SUITE_ECDH}, True, "software")
 
     def _transport(self, set_id: bytes) -> _TransportKey:
         if self._closed:
@@ -276,6 +427,9 @@ class SoftwareKeystore:
         return find_set(self._sets, set_id)
 
     def set_info(self, set_id: bytes) -> SetInfo:
+        ident = self._identities.get(set_id)
+        if ident is not None and not self._closed:
+            return ident.info
         return self._transport(set_id).info
 
     def key_info(self, ref1: bytes) -> KeyInfo:

@@ -122,6 +122,11 @@ class Provisioning(TokenIndex):
         """Generate T in the token (it never leaves); returns its set id."""
         return self._new_set(None, name, signed)
 
+    def generate_identity_set(self, name: str, *, authority_id: bytes) -> SetInfo:
+        """Not yet: identity sets (suite 0x03) live in the software keystore (ValueError)."""
+        raise ValueError("identity sets (suite 0x03) are not supported on a PKCS#11 token yet; "
+                         "use the software keystore")
+
     def transport_key_copy(self, set_id: bytes) -> Secret:
         """Never: T does not leave the token (ValueError). An emulated unit of a PKCS#11
         set is made from the components T was imported from."""
