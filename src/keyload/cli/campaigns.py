@@ -36,14 +36,18 @@ from ..station.plan import campaign_units, open_home_journal, plan_loads, record
 from ..station.report import (
     CampaignStatus,
     build_report,
-    invalid_rows,
-    ledger,
     status,
-    verify_ledger,
     write_ledger_csv,
     write_report,
 )
 from ..station.run import open_work, run_emulated, run_reader
+from ..station.verify import (
+    LedgersCheck,
+    campaigns_ledger,
+    ledger_campaigns,
+    ledger_journal,
+    verify_campaigns,
+)
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
 from .output import emitted, kv, table
 from .progress import Progress
@@ -166,28 +170,15 @@ def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
 
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
              home: Home) -> tuple[ServiceState | None, Journal | None]:
-    """The service's state (if included) and the journal, closed with ``stack``. None for
-    the journal when the home has none and no ``--journal`` is given (no campaign was
-    created here; none is created by reading)."""
+    """The service's state (if included) and the journal (if any), closed with ``stack``."""
     home.existing()  # a typo must not leave a new home behind
     store = _service_state(args, home)
     if store is not None:
         stack.callback(store.close)
-    if args.journal is None and not home.journal_path.exists():
-        return store, None
-    journal = _journal(args, home, create=False)
-    stack.callback(journal.close)
+    journal = ledger_journal(home, args.journal)
+    if journal is not None:
+        stack.callback(journal.close)
     return store, journal
-
-
-def _campaign_names(args: argparse.Namespace, home: Home,
-                    journal: Journal | None) -> list[str]:
-    if journal is None:
-        if args.campaign:
-            raise StoreError(f"no campaign {args.campaign!r}: no campaign journal at "
-                             f"{home.journal_path}")
-        return []
-    return [args.campaign] if args.campaign else journal.campaigns()
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -197,32 +188,22 @@ def ledger_verify(args: argparse.Namespace) -> int:
         ks = home.open_keystore()
         stack.callback(ks.close)
         authority = home.verifier(ks)
-        ok = bad = lost = 0
-        invalid: list[dict[str, object]] = []
-        for n in _campaign_names(args, home, journal):
-            assert journal is not None
-            chk = verify_ledger(journal, n, authority)
-            ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.reconciled
-            invalid += [{"source": "campaign", "campaign": n, **r} for r in invalid_rows(chk)]
+        camp = verify_campaigns(journal, ledger_campaigns(home, journal, args.campaign),
+                                authority)
         svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
             store, authority, now=time.time(), state=describe_state(args.state, home.root))
-    svc_rows = [{"source": "service", "campaign": None, **r} for r in svc.invalid_rows]
-    if not emitted(args, {"verified": ok + svc.verified, "invalid": bad + svc.invalid,
-                          "reconciled_without_receipt": lost, "invalid_rows": invalid + svc_rows,
-                          "campaigns": {"verified": ok, "invalid": bad,
-                                        "reconciled_without_receipt": lost,
-                                        "invalid_rows": invalid},
-                          "service": svc.to_json()}):
-        for r in invalid:
+    chk = LedgersCheck(camp, svc)
+    if not emitted(args, chk.to_json()):
+        for r in camp.invalid_rows:
             print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}")
         for r in svc.invalid_rows:
             print(f"INVALID receipt: service client {r['client']} unit {r['sn']} slot "
                   f"{r['ref2']}: {r['reason']}")
-        if lost:
-            print(f"{lost} loads reconciled with the unit after a crash: receipt lost, "
-                  "slot status recorded")
+        if camp.reconciled:
+            print(f"{camp.reconciled} loads reconciled with the unit after a crash: receipt "
+                  "lost, slot status recorded")
         _print_without_receipt(svc.without_receipt)
-        print(f"campaign ledger: {ok} receipts verified, {bad} invalid")
+        print(f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid")
         if svc.state is None:
             why = "--campaign given" if args.campaign else \
                 f"no {home.root / SERVICE_DB}"
@@ -237,8 +218,8 @@ def ledger_verify(args: argparse.Namespace) -> int:
             if wr.claimed:
                 print("service challenges left claimed (never exported nor refused): "
                       f"{wr.claimed}")
-        print(f"{ok + svc.verified} receipts verified, {bad + svc.invalid} invalid")
-    return 0 if bad + svc.invalid == 0 else 1
+        print(f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    return 0 if chk.invalid == 0 else 1
 
 
 def _print_without_receipt(wr: WithoutReceipt) -> None:
@@ -269,10 +250,9 @@ def ledger_export(args: argparse.Namespace) -> int:
     n_camp, n_svc = [0], [0]
     with contextlib.ExitStack() as stack:
         store, journal = _ledgers(stack, args, home)
-        names = _campaign_names(args, home, journal)
+        names = ledger_campaigns(home, journal, args.campaign)
         entries = itertools.chain(
-            _counted((e for c in names if journal is not None for e in ledger(journal, c)),
-                     n_camp),
+            _counted(campaigns_ledger(journal, names), n_camp),
             _counted(service_ledger(store) if store is not None else (), n_svc))
         out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
         try:
