@@ -104,7 +104,7 @@ def fetch(args: argparse.Namespace) -> int:
     only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
     :data:`EXIT_FAILED` when the service refused a pending one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import fetch_key, unit_for
+    from ..service.fetch import fetch_key, fetched_json, keep_undelivered, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -138,27 +138,18 @@ def fetch(args: argparse.Namespace) -> int:
             res, d = fetch_key(client, unit, ref1, args.ref2, deadline=deadline)
     finally:
         client.close()
-    out: dict[str, Any] = {
-        "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
-        "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
-        "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex(),
-        "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
-        "pending": None, "resent": resent}
+    kept = keep_undelivered(outbox, args.server, res, d)
+    out = fetched_json(res, display_ref1(ref1), d, kept, resent)
     loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
               f"agree)")
     if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
-        status = d.status or 0
-        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts,
-                           refused=status)
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service refused its receipt for good ({d.error}); the receipt is kept at "
               f"{kept}", file=sys.stderr, flush=True)
         assert d.reply is not None
         raise client.refusal(d.reply)
     if d.outcome == "pending":
-        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts)
-        out["pending"] = str(kept)
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
               f"keyload: the receipt is kept at {kept}; it will be sent by `keyload fetch "
@@ -175,15 +166,15 @@ def fetch(args: argparse.Namespace) -> int:
 
 
 def _fetch_rc(resent: list[dict[str, Any]], *, own_pending: bool = False) -> int:
-    refused = [e for e in resent if e["status"] == "refused"]
+    from ..service.fetch import resent_outcome
+
+    refused, pending = resent_outcome(resent)
     if refused:
         print(f"keyload: the service refused {len(refused)} pending receipt(s) for good; "
               f"kept with its reason in {Path(refused[0]['path']).parent}/ (exit "
               f"{EXIT_FAILED})", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    if own_pending or any(e["status"] == "pending" for e in resent):
-        return EXIT_PENDING
-    return 0
+    return EXIT_PENDING if own_pending or pending else 0
 
 
 def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbox,
