@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..core.errors import KeyloadError
 from ..core.keys import KeyAttributes, KeyType, kcv
@@ -281,10 +280,7 @@ def load(args: argparse.Namespace) -> int:
     sn = check_sn(parse_hex(args.unit, "SN"))
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
-    res = load_one(home, sn, ref1, args.ref2)
-    out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
-           "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
-           "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex()}
+    out = load_one(home, sn, ref1, args.ref2).to_json()
     if not emitted(args, out):
         print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
@@ -297,20 +293,10 @@ def receipts_verify(args: argparse.Namespace) -> int:
     receipt against the authority's export record and MAC; then the exports left with
     neither a receipt nor a reconciliation (the service's ledger, ``service.db``,
     accounts for its own exports: ``keyload ledger verify`` checks it)."""
+    from ..service.ledger import service_exports
+
     home = home_of(args)
-
-    def accounted() -> list[tuple[Any, ...]]:
-        from ..service.ledger import open_service_state
-
-        state = open_service_state(None, home.root, home.audit_path)
-        if state is None:
-            return []
-        try:
-            return [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
-        finally:
-            state.close()
-
-    chk = check_home_receipts(home, accounted)
+    chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
     lost = chk.without_receipt
     if not emitted(args, {"verified": chk.verified, "invalid": chk.invalid,
                           "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import check_ref2, check_sn
-from ..core.ref1 import display_ref1, parse_ref1
+from ..core.ref1 import parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt
 from .commands import parse_hex
 from .output import emit_json, emitted, kv, table
@@ -139,7 +139,7 @@ def fetch(args: argparse.Namespace) -> int:
     finally:
         client.close()
     kept = keep_undelivered(outbox, args.server, res, d)
-    out = fetched_json(res, display_ref1(ref1), d, kept, resent)
+    out = fetched_json(res, d, kept, resent)
     loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
               f"agree)")

@@ -114,16 +114,13 @@ def keep_undelivered(outbox: Outbox, server: str, res: LoadResult, d: Delivery) 
                        refused=(d.status or 0) if d.outcome == "refused" else None)
 
 
-def fetched_json(res: LoadResult, ref1: str, d: Delivery, kept: Path | None,
+def fetched_json(res: LoadResult, d: Delivery, kept: Path | None,
                  resent: list[dict[str, Any]]) -> dict[str, Any]:
-    """What ``keyload fetch --json`` prints of a key loaded (``ref1`` as text)."""
-    return {
-        "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": ref1, "ref2": res.ref2,
-        "suite": res.suite, "key_version": res.key_version, "kcv": res.kcv.hex().upper(),
-        "receipt": res.rct.hex(),
-        "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
-        "pending": None if kept is None or d.outcome != "pending" else str(kept),
-        "resent": resent}
+    """What ``keyload fetch --json`` prints of a key loaded."""
+    return {**res.to_json(),
+            "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
+            "pending": None if kept is None or d.outcome != "pending" else str(kept),
+            "resent": resent}
 
 
 def resent_outcome(resent: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:

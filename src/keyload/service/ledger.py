@@ -260,3 +260,15 @@ def open_service_state(state: str | None, home_root: Path,
     except BaseException:
         audit.close()
         raise
+
+
+def service_exports(home_root: Path, audit_path: Path) -> list[tuple[Any, ...]]:
+    """The exports the home's service state accounts for in its ledger, as (set id, SN,
+    REF1, REF2, KCV); none without a ``service.db``."""
+    state = open_service_state(None, home_root, audit_path)
+    if state is None:
+        return []
+    try:
+        return [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
+    finally:
+        state.close()
