@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from ..station.admin import (
     set_json,
     unit_serials,
 )
-from ..station.fleet import EmulatedFleet
-from ..station.run import load_one, unit_slots, units_in_turn
+from ..station.run import load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
@@ -239,38 +237,14 @@ def unit_list(args: argparse.Namespace) -> int:
 
 def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
-    from ..lab.cards import CardFeeder
+    from ..lab.demo import serve_cards
 
     home = home_of(args)
     given = [check_sn(parse_hex(x, "SN")) for x in args.sn]
-    fleet = EmulatedFleet.open(home.units_dir, home.source)
-    try:
-        serials = given or fleet.serials()
-        for sn in serials:
-            fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
-        feeder = CardFeeder(units_in_turn(fleet, serials), args.port, remove=True)
-        # the feeder logs the failure that stops it, and keeps it: it is this command's
-        # error line, so it is not logged too (one line, not two)
-        thread = f"feeder:{args.port}"
-        log = logging.getLogger("keyload.vcard")
-
-        def kept(r: logging.LogRecord) -> bool:
-            return r.threadName != thread or r.levelno < logging.ERROR
-
-        log.addFilter(kept)
-        feeder.start()
-        print(f"feeding {len(serials)} units to the vpcd reader on port {args.port} "
-              "(Ctrl-C stops)", flush=True)
-        try:
-            feeder.wait()
-        finally:
-            feeder.stop()
-            log.removeFilter(kept)
-        if feeder.error is not None:
-            raise KeyloadError(f"the card feeder stopped: {feeder.error}")
-    finally:
-        fleet.close()
-    print(f"{feeder.finished} units served")
+    served = serve_cards(home, given, args.port, lambda n: print(
+        f"feeding {n} units to the vpcd reader on port {args.port} (Ctrl-C stops)",
+        flush=True))
+    print(f"{served} units served")
     return 0
 
 

@@ -1,9 +1,10 @@
 """What ``keyload demo`` starts besides the station: a private SoftHSM2 token for its
 authority, pcscd with vpcd readers, the authority as a virtual card and the units fed
-through a reader one after another."""
+through a reader one after another; and the feed of ``keyload unit serve-card``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -87,3 +88,39 @@ def feed_units(home: Home, stack: ExitStack) -> tuple[str, int]:
     feeder = CardFeeder(units_in_turn(fleet, serials), UNIT_PORT).start()
     stack.callback(feeder.stop)
     return pcscd.reader_for_port(UNIT_PORT), len(serials)
+
+
+def serve_cards(home: Home, given: list[bytes], port: int,
+                started: Callable[[int], None]) -> int:
+    """Serve the home's emulated units ``given`` (default all) to pcscd's vpcd reader on
+    ``port``, one after another, until stopped; ``started`` is told how many once the
+    feeder runs. How many were served (KeyloadError when the feeder failed)."""
+    from .cards import CardFeeder
+
+    fleet = EmulatedFleet.open(home.units_dir, home.source)
+    try:
+        serials = given or fleet.serials()
+        for sn in serials:
+            fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
+        feeder = CardFeeder(units_in_turn(fleet, serials), port, remove=True)
+        # the feeder logs the failure that stops it, and keeps it: it is the caller's
+        # error, so it is not logged too (one line, not two)
+        thread = f"feeder:{port}"
+        log = logging.getLogger("keyload.vcard")
+
+        def kept(r: logging.LogRecord) -> bool:
+            return r.threadName != thread or r.levelno < logging.ERROR
+
+        log.addFilter(kept)
+        feeder.start()
+        started(len(serials))
+        try:
+            feeder.wait()
+        finally:
+            feeder.stop()
+            log.removeFilter(kept)
+        if feeder.error is not None:
+            raise KeyloadError(f"the card feeder stopped: {feeder.error}")
+    finally:
+        fleet.close()
+    return feeder.finished
