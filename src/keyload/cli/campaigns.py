@@ -13,9 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import StoreError
 from ..core.ref1 import display_ref1, parse_ref1
-from ..records.sql import is_postgres_url
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -25,8 +23,9 @@ from ..service.ledger import (
     describe_state,
     human_age,
     iso_utc,
-    open_service_state,
+    ledger_state,
     service_ledger,
+    verify_audit,
     verify_service_ledger,
 )
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
@@ -158,21 +157,12 @@ def campaign_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
-    """The service's state, when the ledger commands include it: ``--state`` given, or
-    no ``--campaign`` and the home has a ``service.db`` (never created here)."""
-    if args.campaign and args.state is None:
-        return None
-    if args.state is not None:
-        home.ensure()
-    return open_service_state(args.state, home.root, home.audit_path)
-
-
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
              home: Home) -> tuple[ServiceState | None, Journal | None]:
     """The service's state (if included) and the journal (if any), closed with ``stack``."""
     home.existing()  # a typo must not leave a new home behind
-    store = _service_state(args, home)
+    store = ledger_state(args.state, home.root, home.audit_path,
+                         campaign_only=bool(args.campaign), ensure=home.ensure)
     if store is not None:
         stack.callback(store.close)
     journal = ledger_journal(home, args.journal)
@@ -271,22 +261,7 @@ def ledger_export(args: argparse.Namespace) -> int:
 
 def audit_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
-    if is_postgres_url(args.state):  # the services' chain, in their shared PostgreSQL state
-        from ..service.store import PostgresServiceStore
-
-        pg = PostgresServiceStore(args.state)
-        try:
-            n, problems = pg.verify_audit()
-        finally:
-            pg.close()
-    else:
-        if not home.audit_path.exists():
-            raise StoreError(f"no audit log at {home.audit_path}")
-        audit = home.audit()
-        try:
-            n, problems = audit.verify()
-        finally:
-            audit.close()
+    n, problems = verify_audit(args.state, home.audit_path, home.audit)
     if not emitted(args, {"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                                      for p in problems]}):
         for p in problems:
