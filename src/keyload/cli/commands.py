@@ -31,7 +31,7 @@ from ..units.keystore import check_usage
 from ..units.unit import Slot
 from .args import home_of
 from .context import read_components, read_secret_hex
-from .output import emitted, kv, table
+from .output import emitted, kv, listed, table
 
 
 def parse_hex(text: str, what: str) -> bytes:
@@ -121,9 +121,8 @@ def _print_kcvs(kcvs: list[bytes]) -> None:
 
 def set_list(args: argparse.Namespace) -> int:
     sets = read_keystore(home_of(args), lambda ks: ks.set_infos())
-    if not emitted(args, [set_json(s) for s in sets]):
-        table(["set id", "name", "SAS"],
-              [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
+    listed(args, [set_json(s) for s in sets], ["set id", "name", "SAS"],
+           [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
     return 0
 
 
@@ -167,11 +166,11 @@ def key_import(args: argparse.Namespace) -> int:
 
 def key_list(args: argparse.Namespace) -> int:
     keys = read_keystore(home_of(args), lambda ks: ks.key_infos())
-    if not emitted(args, [key_json(k) for k in keys]):
-        table(["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
-              [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
-                k.attrs.exportability, k.version, "yes" if k.diversify else "no",
-                k.kcv.hex().upper(), k.policy.describe()] for k in keys])
+    listed(args, [key_json(k) for k in keys],
+           ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
+           [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
+             k.attrs.exportability, k.version, "yes" if k.diversify else "no",
+             k.kcv.hex().upper(), k.policy.describe()] for k in keys])
     return 0
 
 

@@ -42,3 +42,10 @@ def emitted(args: argparse.Namespace, obj: Any) -> bool:
     if args.json:
         emit_json(obj)
     return bool(args.json)
+
+
+def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
+           rows: Sequence[Sequence[Any]]) -> None:
+    """``obj`` as JSON with ``--json``, else ``rows`` as a table."""
+    if not emitted(args, obj):
+        table(headers, rows)

@@ -11,7 +11,7 @@ from ..core.messages import check_ref2, check_sn
 from ..core.ref1 import parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt
 from .commands import parse_hex
-from .output import emit_json, emitted, kv, table
+from .output import emit_json, emitted, kv, listed
 
 if TYPE_CHECKING:
     from ..service.client import Outbox, Pending, ServiceClient
@@ -23,10 +23,8 @@ def pki_init(args: argparse.Namespace) -> int:
 
     issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
                       hosts=tuple(args.host or ()))
-    rows = [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued]
-    if not emitted(args, [{"name": i.name, "cert": str(i.cert), "key": str(i.key),
-                           "sha256": i.sha256} for i in issued]):
-        table(["name", "certificate", "key (0600)", "sha256"], rows)
+    listed(args, [i.to_json() for i in issued], ["name", "certificate", "key (0600)", "sha256"],
+           [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued])
     return 0
 
 
@@ -34,8 +32,7 @@ def pki_client(args: argparse.Namespace) -> int:
     from ..service.pki import issue
 
     i = issue(Path(args.dir), args.name, server=False)
-    if not emitted(args, {"name": i.name, "cert": str(i.cert), "key": str(i.key),
-                          "sha256": i.sha256}):
+    if not emitted(args, i.to_json()):
         print(f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
     return 0
 
