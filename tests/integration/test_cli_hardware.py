@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from keyload.cli.demo import DEMO_PIN
+from keyload.lab.demo import DEMO_PIN
 from keyload.lab.pcscd import pcsc_available
 from keyload.lab.softhsm import find_module
 

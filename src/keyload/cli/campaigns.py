@@ -13,9 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import StoreError
 from ..core.ref1 import display_ref1, parse_ref1
-from ..records.sql import is_postgres_url
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -25,8 +23,9 @@ from ..service.ledger import (
     describe_state,
     human_age,
     iso_utc,
-    open_service_state,
+    ledger_state,
     service_ledger,
+    verify_audit,
     verify_service_ledger,
 )
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
@@ -36,14 +35,18 @@ from ..station.plan import campaign_units, open_home_journal, plan_loads, record
 from ..station.report import (
     CampaignStatus,
     build_report,
-    invalid_rows,
-    ledger,
     status,
-    verify_ledger,
     write_ledger_csv,
     write_report,
 )
 from ..station.run import open_work, run_emulated, run_reader
+from ..station.verify import (
+    LedgersCheck,
+    campaigns_ledger,
+    ledger_campaigns,
+    ledger_journal,
+    verify_campaigns,
+)
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
 from .output import emitted, kv, table
 from .progress import Progress
@@ -154,40 +157,18 @@ def campaign_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_state(args: argparse.Namespace, home: Home) -> ServiceState | None:
-    """The service's state, when the ledger commands include it: ``--state`` given, or
-    no ``--campaign`` and the home has a ``service.db`` (never created here)."""
-    if args.campaign and args.state is None:
-        return None
-    if args.state is not None:
-        home.ensure()
-    return open_service_state(args.state, home.root, home.audit_path)
-
-
 def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
              home: Home) -> tuple[ServiceState | None, Journal | None]:
-    """The service's state (if included) and the journal, closed with ``stack``. None for
-    the journal when the home has none and no ``--journal`` is given (no campaign was
-    created here; none is created by reading)."""
+    """The service's state (if included) and the journal (if any), closed with ``stack``."""
     home.existing()  # a typo must not leave a new home behind
-    store = _service_state(args, home)
+    store = ledger_state(args.state, home.root, home.audit_path,
+                         campaign_only=bool(args.campaign), ensure=home.ensure)
     if store is not None:
         stack.callback(store.close)
-    if args.journal is None and not home.journal_path.exists():
-        return store, None
-    journal = _journal(args, home, create=False)
-    stack.callback(journal.close)
+    journal = ledger_journal(home, args.journal)
+    if journal is not None:
+        stack.callback(journal.close)
     return store, journal
-
-
-def _campaign_names(args: argparse.Namespace, home: Home,
-                    journal: Journal | None) -> list[str]:
-    if journal is None:
-        if args.campaign:
-            raise StoreError(f"no campaign {args.campaign!r}: no campaign journal at "
-                             f"{home.journal_path}")
-        return []
-    return [args.campaign] if args.campaign else journal.campaigns()
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -197,32 +178,22 @@ def ledger_verify(args: argparse.Namespace) -> int:
         ks = home.open_keystore()
         stack.callback(ks.close)
         authority = home.verifier(ks)
-        ok = bad = lost = 0
-        invalid: list[dict[str, object]] = []
-        for n in _campaign_names(args, home, journal):
-            assert journal is not None
-            chk = verify_ledger(journal, n, authority)
-            ok, bad, lost = ok + chk.verified, bad + chk.invalid, lost + chk.reconciled
-            invalid += [{"source": "campaign", "campaign": n, **r} for r in invalid_rows(chk)]
+        camp = verify_campaigns(journal, ledger_campaigns(home, journal, args.campaign),
+                                authority)
         svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
             store, authority, now=time.time(), state=describe_state(args.state, home.root))
-    svc_rows = [{"source": "service", "campaign": None, **r} for r in svc.invalid_rows]
-    if not emitted(args, {"verified": ok + svc.verified, "invalid": bad + svc.invalid,
-                          "reconciled_without_receipt": lost, "invalid_rows": invalid + svc_rows,
-                          "campaigns": {"verified": ok, "invalid": bad,
-                                        "reconciled_without_receipt": lost,
-                                        "invalid_rows": invalid},
-                          "service": svc.to_json()}):
-        for r in invalid:
+    chk = LedgersCheck(camp, svc)
+    if not emitted(args, chk.to_json()):
+        for r in camp.invalid_rows:
             print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}")
         for r in svc.invalid_rows:
             print(f"INVALID receipt: service client {r['client']} unit {r['sn']} slot "
                   f"{r['ref2']}: {r['reason']}")
-        if lost:
-            print(f"{lost} loads reconciled with the unit after a crash: receipt lost, "
-                  "slot status recorded")
+        if camp.reconciled:
+            print(f"{camp.reconciled} loads reconciled with the unit after a crash: receipt "
+                  "lost, slot status recorded")
         _print_without_receipt(svc.without_receipt)
-        print(f"campaign ledger: {ok} receipts verified, {bad} invalid")
+        print(f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid")
         if svc.state is None:
             why = "--campaign given" if args.campaign else \
                 f"no {home.root / SERVICE_DB}"
@@ -237,8 +208,8 @@ def ledger_verify(args: argparse.Namespace) -> int:
             if wr.claimed:
                 print("service challenges left claimed (never exported nor refused): "
                       f"{wr.claimed}")
-        print(f"{ok + svc.verified} receipts verified, {bad + svc.invalid} invalid")
-    return 0 if bad + svc.invalid == 0 else 1
+        print(f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    return 0 if chk.invalid == 0 else 1
 
 
 def _print_without_receipt(wr: WithoutReceipt) -> None:
@@ -269,10 +240,9 @@ def ledger_export(args: argparse.Namespace) -> int:
     n_camp, n_svc = [0], [0]
     with contextlib.ExitStack() as stack:
         store, journal = _ledgers(stack, args, home)
-        names = _campaign_names(args, home, journal)
+        names = ledger_campaigns(home, journal, args.campaign)
         entries = itertools.chain(
-            _counted((e for c in names if journal is not None for e in ledger(journal, c)),
-                     n_camp),
+            _counted(campaigns_ledger(journal, names), n_camp),
             _counted(service_ledger(store) if store is not None else (), n_svc))
         out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115
         try:
@@ -291,22 +261,7 @@ def ledger_export(args: argparse.Namespace) -> int:
 
 def audit_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
-    if is_postgres_url(args.state):  # the services' chain, in their shared PostgreSQL state
-        from ..service.store import PostgresServiceStore
-
-        pg = PostgresServiceStore(args.state)
-        try:
-            n, problems = pg.verify_audit()
-        finally:
-            pg.close()
-    else:
-        if not home.audit_path.exists():
-            raise StoreError(f"no audit log at {home.audit_path}")
-        audit = home.audit()
-        try:
-            n, problems = audit.verify()
-        finally:
-            audit.close()
+    n, problems = verify_audit(args.state, home.audit_path, home.audit)
     if not emitted(args, {"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                                      for p in problems]}):
         for p in problems:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from ..core.errors import KeyloadError, StoreError
-from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
+from ..core.errors import KeyloadError
+from ..core.keys import KeyAttributes, KeyType, kcv
 from ..core.messages import check_ref2, check_sn
-from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1, parse_ref1
-from ..core.suites import get_suite
-from ..records.exportlog import SqliteExportLog
-from ..station.fleet import EmulatedFleet
-from ..station.home import Keystore
-from ..station.run import load_one, unit_slots, units_in_turn
+from ..core.secret import Secret
+from ..station.admin import (
+    add_key,
+    authority_facts,
+    create_authority,
+    create_set,
+    create_unit,
+    export_rows,
+    key_json,
+    read_keystore,
+    set_json,
+    unit_serials,
+)
+from ..station.run import load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
@@ -26,7 +31,7 @@ from ..units.keystore import check_usage
 from ..units.unit import Slot
 from .args import home_of
 from .context import read_components, read_secret_hex
-from .output import emit_json, emitted, kv, table
+from .output import emitted, kv, listed, table
 
 
 def parse_hex(text: str, what: str) -> bytes:
@@ -67,58 +72,20 @@ def parse_sets(text: str) -> frozenset[bytes] | None:
     return sets
 
 
-def key_json(i: KeyInfo) -> dict[str, Any]:
-    return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
-            "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
-            "exportability": i.attrs.exportability, "version": i.version,
-            "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
-            "label": i.label}
-
-
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    home.ensure()
-    cfg: dict[str, Any] | None = None
-    where = str(home.authority_dir)
-    if args.pkcs11:
-        if not args.token:
-            raise ValueError("--pkcs11 needs --token LABEL")
-        cfg = {"backend": "pkcs11", "module": args.pkcs11, "token": args.token,
-               "clear_sas": args.clear_sas}
-        conf = os.environ.get("SOFTHSM2_CONF")
-        if conf and "softhsm" in args.pkcs11:
-            cfg["softhsm2_conf"] = str(Path(conf).resolve())
-        where = f"token {args.token!r} of {args.pkcs11}"
-    ks = home.create_authority(cfg)  # a token: module, token and PIN checked first
-    try:
-        pub = ks.set_signing_key() if args.signing_key else None
-        caps = ks.capabilities()
-        if not emitted(args, {"authority": where, "backend": caps.backend,
-                              "suites": sorted(caps.suites),
-                              "signing_public_key": None if pub is None else pub.hex()}):
-            print(f"authority created in {where} ({caps.backend}; suites "
-                  f"{', '.join(f'{s:#04x}' for s in sorted(caps.suites))})")
-            if pub is not None:
-                print(f"Ed25519 SAS public key: {pub.hex()}")
-    finally:
-        ks.close()
+    made = create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
+                            clear_sas=args.clear_sas, signing_key=args.signing_key)
+    if not emitted(args, made.to_json()):
+        print(f"authority created in {made.where} ({made.backend}; suites "
+              f"{', '.join(f'{s:#04x}' for s in made.suites)})")
+        if made.signing_public_key is not None:
+            print(f"Ed25519 SAS public key: {made.signing_public_key.hex()}")
     return 0
 
 
 def authority_show(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    ks = home.open_keystore()
-    try:
-        pub = ks.public_key()
-        caps = ks.capabilities()
-        info: dict[str, Any] = {"backend": caps.backend, "suites": sorted(caps.suites),
-                "signing_public_key": None if pub is None else pub.hex(),
-                "sets": [{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
-                         for s in ks.set_infos()],
-                "keys": [key_json(k) for k in ks.key_infos()]}
-    finally:
-        ks.close()
+    info = authority_facts(home_of(args))
     if not emitted(args, info):
         kv([("backend", info["backend"]), ("suites", ", ".join(f"{s:#04x}" for s in
                                                                info["suites"])),
@@ -128,62 +95,34 @@ def authority_show(args: argparse.Namespace) -> int:
 
 
 def authority_exports(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    path = home.authority_dir / "exports.db"
-    if not path.exists():
-        raise StoreError(f"no export records at {path}")
-    log = SqliteExportLog(path)
-    try:
-        recs = log.records()
-    finally:
-        log.close()
-    shown = recs[-args.limit:] if args.limit > 0 else recs
-    rows = [{"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
-             "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
-             "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
-    if not emitted(args, {"total": len(recs), "records": rows}):
+    total, rows = export_rows(home_of(args), args.limit)
+    if not emitted(args, {"total": total, "records": rows}):
         table(["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
               [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
                 r["kcv"]] for r in rows])
-        print(f"{len(recs)} exports recorded")
+        print(f"{total} exports recorded")
     return 0
 
 
 # -- sets ----------------------------------------------------------------------------
 def set_create(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    ks = home.open_keystore()
-    try:
-        taken = [i.set_id.hex() for i in ks.set_infos() if i.name == args.name]
-        if taken:  # sets are told apart by name in lists and reports
-            raise ValueError(f"a set named {args.name!r} exists already (set id "
-                             f"{taken[0]})")
-        kcvs: list[bytes] = []
-        if args.components:
-            value, kcvs = read_components(args.components, 32)
-            info = ks.add_set(value, args.name, signed=args.signed)
-        else:
-            info = ks.generate_set(args.name, signed=args.signed)
-    finally:
-        ks.close()
-    if not emitted(args, {"set_id": info.set_id.hex(), "name": info.name, "signed": info.signed,
-                          "component_kcvs": [k.hex().upper() for k in kcvs]}):
-        for i, k in enumerate(kcvs, 1):
-            print(f"component {i} KCV  {k.hex().upper()}")
+    info, kcvs = create_set(home_of(args), args.name, signed=args.signed, typed=(
+        (lambda: read_components(args.components, 32)) if args.components else None))
+    if not emitted(args, {**set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]}):
+        _print_kcvs(kcvs)
         print(f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
     return 0
 
 
+def _print_kcvs(kcvs: list[bytes]) -> None:
+    for i, k in enumerate(kcvs, 1):
+        print(f"component {i} KCV  {k.hex().upper()}")
+
+
 def set_list(args: argparse.Namespace) -> int:
-    ks = home_of(args).open_keystore()
-    try:
-        sets = ks.set_infos()
-    finally:
-        ks.close()
-    if not emitted(args, [{"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
-                          for s in sets]):
-        table(["set id", "name", "SAS"],
-              [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
+    sets = read_keystore(home_of(args), lambda ks: ks.set_infos())
+    listed(args, [set_json(s) for s in sets], ["set id", "name", "SAS"],
+           [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
     return 0
 
 
@@ -197,74 +136,41 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
     return ref1, kt, attrs, policy
 
 
-def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes] | None = None) -> None:
-    if args.json:
-        d = key_json(info)
-        if kcvs:
-            d["component_kcvs"] = [k.hex().upper() for k in kcvs]
-        emit_json(d)
-    else:
-        for i, k in enumerate(kcvs or [], 1):
-            print(f"component {i} KCV  {k.hex().upper()}")
+def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> None:
+    if not emitted(args, {**key_json(info), **({"component_kcvs": [k.hex().upper()
+                                                                    for k in kcvs]}
+                                                if kcvs else {})}):
+        _print_kcvs(kcvs)
         print(f"key {display_ref1(info.ref1)}: {info.key_type.label}, {info.attrs.usage}/"
               f"{info.attrs.mode}/{info.attrs.exportability}, version {info.version}, "
               f"KCV {info.kcv.hex().upper()}")
 
 
-def _known_sets(ks: Keystore, policy: ExportPolicy) -> None:
-    """``--sets`` names sets of this authority (a typo would make a key no unit can get)."""
-    if policy.sets is None:
-        return
-    missing = sorted(s.hex() for s in policy.sets - {i.set_id for i in ks.set_infos()})
-    if missing:
-        raise ValueError(f"--sets: no set {', '.join(missing)} in this authority "
-                         "(keyload set list)")
-
-
 def key_generate(args: argparse.Namespace) -> int:
-    ref1, kt, attrs, policy = _key_common(args)
-    ks = home_of(args).open_keystore()
-    try:
-        _known_sets(ks, policy)
-        info = ks.generate_key(ref1, kt, attrs, version=args.key_version,
-                               diversify=args.diversify, policy=policy, length=args.length,
-                               label=args.label)
-    finally:
-        ks.close()
-    _print_key(args, info)
+    _print_key(args, *add_key(home_of(args), *_key_common(args), version=args.key_version,
+                              diversify=args.diversify, label=args.label, length=args.length))
     return 0
 
 
 def key_import(args: argparse.Namespace) -> int:
-    ref1, kt, attrs, policy = _key_common(args)
-    ks = home_of(args).open_keystore()
-    try:
-        _known_sets(ks, policy)
-        length = kt.default_length if kt.is_aes else None
+    def typed(length: int | None) -> tuple[Secret, list[bytes]]:
         if args.components > 1:
-            value, kcvs = read_components(args.components, length,
-                                          kcv_of=lambda b: kcv(kt, b))
-        else:
-            value, kcvs = read_secret_hex("key value (hex): ", length=length), []
-        info = ks.add_key(ref1, kt, value, attrs, version=args.key_version,
-                          diversify=args.diversify, policy=policy, label=args.label)
-    finally:
-        ks.close()
-    _print_key(args, info, kcvs)
+            return read_components(args.components, length, kcv_of=lambda b: kcv(kt, b))
+        return read_secret_hex("key value (hex): ", length=length), []
+
+    ref1, kt, attrs, policy = _key_common(args)
+    _print_key(args, *add_key(home_of(args), ref1, kt, attrs, policy, version=args.key_version,
+                              diversify=args.diversify, label=args.label, typed=typed))
     return 0
 
 
 def key_list(args: argparse.Namespace) -> int:
-    ks = home_of(args).open_keystore()
-    try:
-        keys = ks.key_infos()
-    finally:
-        ks.close()
-    if not emitted(args, [key_json(k) for k in keys]):
-        table(["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
-              [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
-                k.attrs.exportability, k.version, "yes" if k.diversify else "no",
-                k.kcv.hex().upper(), k.policy.describe()] for k in keys])
+    keys = read_keystore(home_of(args), lambda ks: ks.key_infos())
+    listed(args, [key_json(k) for k in keys],
+           ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
+           [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
+             k.attrs.exportability, k.version, "yes" if k.diversify else "no",
+             k.kcv.hex().upper(), k.policy.describe()] for k in keys])
     return 0
 
 
@@ -297,29 +203,9 @@ def unit_create(args: argparse.Namespace) -> int:
     set_id = parse_hex(args.set_id, "set id")
     sn = check_sn(parse_hex(args.sn, "SN"))
     slots = parse_slots(args.slot, args.lock)
-    suites = tuple(int(x) for x in args.suites.split(","))
-    for s in suites:
-        get_suite(s)
-    ks = home.open_keystore()
-    try:
-        info = ks.set_info(set_id)
-        vk = ks.public_key() if info.signed else None
-        if args.components:  # T as the card manufacturer receives it: in components
-            t, _ = read_components(args.components, 32)
-            if not ct_equal(aes_kcv(t.buffer), set_id):
-                t.wipe()
-                raise ValueError("the components do not make this set's transport key "
-                                 "(KCV differs)")
-        else:  # a token's T never leaves it: then give the components
-            t = ks.transport_key_copy(set_id)
-    finally:
-        ks.close()
-    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
-    try:
-        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites)
-    finally:
-        t.wipe()
-        fleet.close()
+    create_unit(home, set_id, sn, slots, tuple(int(x) for x in args.suites.split(",")),
+                typed=(lambda: read_components(args.components, 32)) if args.components
+                else None)
     if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}):
         print(f"unit {sn.hex()} created in set {set_id.hex()} with slots "
               f"{', '.join(map(str, sorted(slots)))}")
@@ -340,12 +226,7 @@ def unit_status(args: argparse.Namespace) -> int:
 
 
 def unit_list(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    home.existing()
-    if not (home.units_dir / "vault.json").exists():
-        serials: list[bytes] = []
-    else:
-        serials = sorted(bytes.fromhex(p.stem) for p in home.units_dir.glob("*.unit"))
+    serials = unit_serials(home_of(args))
     if not emitted(args, [s.hex() for s in serials]):
         for s in serials:
             print(s.hex())
@@ -355,38 +236,14 @@ def unit_list(args: argparse.Namespace) -> int:
 
 def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
-    from ..lab.cards import CardFeeder
+    from ..lab.demo import serve_cards
 
     home = home_of(args)
     given = [check_sn(parse_hex(x, "SN")) for x in args.sn]
-    fleet = EmulatedFleet.open(home.units_dir, home.source)
-    try:
-        serials = given or fleet.serials()
-        for sn in serials:
-            fleet.open_unit(sn).close()  # every unit exists and opens, before any is fed
-        feeder = CardFeeder(units_in_turn(fleet, serials), args.port, remove=True)
-        # the feeder logs the failure that stops it, and keeps it: it is this command's
-        # error line, so it is not logged too (one line, not two)
-        thread = f"feeder:{args.port}"
-        log = logging.getLogger("keyload.vcard")
-
-        def kept(r: logging.LogRecord) -> bool:
-            return r.threadName != thread or r.levelno < logging.ERROR
-
-        log.addFilter(kept)
-        feeder.start()
-        print(f"feeding {len(serials)} units to the vpcd reader on port {args.port} "
-              "(Ctrl-C stops)", flush=True)
-        try:
-            feeder.wait()
-        finally:
-            feeder.stop()
-            log.removeFilter(kept)
-        if feeder.error is not None:
-            raise KeyloadError(f"the card feeder stopped: {feeder.error}")
-    finally:
-        fleet.close()
-    print(f"{feeder.finished} units served")
+    served = serve_cards(home, given, args.port, lambda n: print(
+        f"feeding {n} units to the vpcd reader on port {args.port} (Ctrl-C stops)",
+        flush=True))
+    print(f"{served} units served")
     return 0
 
 
@@ -396,10 +253,7 @@ def load(args: argparse.Namespace) -> int:
     sn = check_sn(parse_hex(args.unit, "SN"))
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
-    res = load_one(home, sn, ref1, args.ref2)
-    out = {"sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
-           "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
-           "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex()}
+    out = load_one(home, sn, ref1, args.ref2).to_json()
     if not emitted(args, out):
         print(f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
@@ -412,20 +266,10 @@ def receipts_verify(args: argparse.Namespace) -> int:
     receipt against the authority's export record and MAC; then the exports left with
     neither a receipt nor a reconciliation (the service's ledger, ``service.db``,
     accounts for its own exports: ``keyload ledger verify`` checks it)."""
+    from ..service.ledger import service_exports
+
     home = home_of(args)
-
-    def accounted() -> list[tuple[Any, ...]]:
-        from ..service.ledger import open_service_state
-
-        state = open_service_state(None, home.root, home.audit_path)
-        if state is None:
-            return []
-        try:
-            return [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
-        finally:
-            state.close()
-
-    chk = check_home_receipts(home, accounted)
+    chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
     lost = chk.without_receipt
     if not emitted(args, {"verified": chk.verified, "invalid": chk.invalid,
                           "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,

@@ -18,58 +18,19 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
 
-from ..core.errors import KeyloadError
+from ..lab.demo import DEMO_PIN, PIN_ENV, authority_connect, feed_units, make_authority
 from ..station.campaign import Interrupt, RunOptions, RunSummary, sigint_deferred
 from ..station.demo import CAMPAIGN, demo_source, prepare_workdir, setup_demo, write_marker
-from ..station.fleet import EmulatedFleet
-from ..station.home import Home, Keystore
+from ..station.home import Home
 from ..station.journal import open_journal
 from ..station.journal.model import Journal
 from ..station.report import verify_ledger
-from ..station.run import journal_summary, open_work, run_emulated, run_reader, units_in_turn
-from ..transports import Connection
-from ..transports.local import LocalConnection
-from ..units.authority import Authority
+from ..station.run import journal_summary, open_work, run_emulated, run_reader
 from ..units.storage import ENV_KEK, ENV_PASSPHRASE
 from .output import emit_json, kv, table
 from .progress import Progress
-
-DEMO_PIN = "246810"  # the demo token's user PIN, announced likewise
-PIN_ENV = "KEYLOAD_PKCS11_PIN"
-UNIT_PORT, AUTHORITY_PORT = 35963, 35964  # the two vpcd readers
-
-
-def _make_authority(kind: str, home: Home) -> Keystore:
-    if kind != "pkcs11":
-        return home.create_authority()
-    from ..lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
-
-    if not softhsm_available():
-        raise KeyloadError(f"--authority pkcs11: {softhsm_missing_reason()} (as root: "
-                           "make system-deps)")
-    pin = os.environ.get(PIN_ENV) or DEMO_PIN
-    if "SOFTHSM2_CONF" in os.environ and os.environ["SOFTHSM2_CONF"] != \
-            str(home.root / "softhsm" / "softhsm2.conf"):
-        os.environ.pop("SOFTHSM2_CONF")  # this process talks to the demo token only
-    tok = make_token(home.root / "softhsm", label="keyload-demo", user_pin=pin,
-                     so_pin=os.urandom(8).hex())
-    return home.create_authority({"backend": "pkcs11", "module": tok.module,
-                                  "token": tok.label, "softhsm2_conf": str(tok.conf.resolve()),
-                                  "clear_sas": False}, pin=pin)
-
-
-def _pcscd(stack: ExitStack) -> Any:
-    from ..lab.pcscd import pcsc_available, running_pcscd
-
-    avail = pcsc_available()
-    if not avail.ok:
-        raise KeyloadError(f"PC/SC is not available: {avail.reason} (as root: make "
-                           "system-deps; then pip install 'keyload[pcsc]')")
-    return stack.enter_context(running_pcscd())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             write_marker(root, want, "setup")
             with Progress(args.units, label="units created", stream=sys.stderr,
                           enabled=show) as prog:
-                setup_demo(home, _make_authority(args.authority, home), args.units, say=say,
+                setup_demo(home, make_authority(args.authority, home), args.units, say=say,
                            on_unit=prog.update, interrupt=intr)
             write_marker(root, want, "ready")
         setup_s = time.monotonic() - t_setup
@@ -151,28 +112,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary.failed_units == 0 and bad == 0 else 1
 
 
-def _authority_conn(args: argparse.Namespace
-                    ) -> Callable[[Authority, ExitStack], Connection]:
-    """How the campaign reaches the authority: in-process, or as a virtual card."""
-    if args.authority != "card":
-        return lambda authority, stack: LocalConnection(authority)
-
-    def card(authority: Authority, stack: ExitStack) -> Connection:
-        from ..lab.cards import VirtualCard
-        from ..transports.pcsc import PcscConnection, wait_for_card
-
-        pcscd = _pcscd(stack)
-        vc = VirtualCard(authority, AUTHORITY_PORT).start()
-        stack.callback(vc.stop)
-        reader = pcscd.reader_for_port(AUTHORITY_PORT)
-        wait_for_card(reader, timeout=10)
-        pconn = PcscConnection(reader)
-        stack.callback(pconn.close)
-        return pconn
-
-    return card
-
-
 OPTS = RunOptions(station="demo", batch_units=32, lease_s=30.0)
 
 
@@ -183,26 +122,18 @@ def _run_campaign(args: argparse.Namespace, home: Home, journal: Journal,
     with Progress(max(units, 1), label="units customized", stream=sys.stderr,
                   enabled=show and units > 0) as prog:
         return run_emulated(home, journal, CAMPAIGN, OPTS, interrupt=intr,
-                            connect=_authority_conn(args), on_unit=prog.update)
+                            connect=authority_connect(args.authority), on_unit=prog.update)
 
 
 def _run_pcsc(args: argparse.Namespace, home: Home, journal: Journal,
               stack: ExitStack, show: bool, intr: Interrupt) -> RunSummary:
     """The demo's campaign over its units fed through a PC/SC reader one after another,
     as cards in a personalization machine."""
-    from ..lab.cards import CardFeeder
-
-    fleet = EmulatedFleet.open(home.units_dir, home.source)
-    stack.callback(fleet.close)
-    pcscd = _pcscd(stack)
-    serials = fleet.serials()
-    feeder = CardFeeder(units_in_turn(fleet, serials), UNIT_PORT).start()
-    stack.callback(feeder.stop)
+    reader, n = feed_units(home, stack)
     if show:
         print("units are fed through the reader one after another (pcscd polls a "
               "virtual reader every 400 ms: about 1 unit/s)", flush=True)
-    with Progress(len(serials), label="units customized", stream=sys.stderr,
-                  enabled=show) as prog:
-        return run_reader(home, journal, CAMPAIGN, OPTS, pcscd.reader_for_port(UNIT_PORT),
-                          len(serials), on_unit=prog.update, interrupt=intr,
-                          connect=_authority_conn(args), timeout=15)
+    with Progress(n, label="units customized", stream=sys.stderr, enabled=show) as prog:
+        return run_reader(home, journal, CAMPAIGN, OPTS, reader, n, on_unit=prog.update,
+                          interrupt=intr, connect=authority_connect(args.authority),
+                          timeout=15)

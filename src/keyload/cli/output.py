@@ -24,11 +24,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
-def kv(pairs: Sequence[tuple[str, Any]], *, stream: TextIO | None = None) -> None:
+def kv(pairs: Sequence[tuple[str, Any]], *, indent: str = "",
+       stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     w = max((len(k) for k, _ in pairs), default=0)
     for k, v in pairs:
-        out.write(f"{k.ljust(w)}  {v}\n")
+        out.write(f"{indent}{k.ljust(w)}  {v}\n")
 
 
 def emit_json(obj: Any, *, stream: TextIO | None = None) -> None:
@@ -41,3 +42,10 @@ def emitted(args: argparse.Namespace, obj: Any) -> bool:
     if args.json:
         emit_json(obj)
     return bool(args.json)
+
+
+def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
+           rows: Sequence[Sequence[Any]]) -> None:
+    """``obj`` as JSON with ``--json``, else ``rows`` as a table."""
+    if not emitted(args, obj):
+        table(headers, rows)

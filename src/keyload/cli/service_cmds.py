@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import check_ref2, check_sn
-from ..core.ref1 import display_ref1, parse_ref1
+from ..core.ref1 import parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt
 from .commands import parse_hex
-from .output import emit_json, emitted, table
+from .output import emit_json, emitted, kv, listed
 
 if TYPE_CHECKING:
     from ..service.client import Outbox, Pending, ServiceClient
@@ -25,10 +23,8 @@ def pki_init(args: argparse.Namespace) -> int:
 
     issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
                       hosts=tuple(args.host or ()))
-    rows = [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued]
-    if not emitted(args, [{"name": i.name, "cert": str(i.cert), "key": str(i.key),
-                           "sha256": i.sha256} for i in issued]):
-        table(["name", "certificate", "key (0600)", "sha256"], rows)
+    listed(args, [i.to_json() for i in issued], ["name", "certificate", "key (0600)", "sha256"],
+           [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued])
     return 0
 
 
@@ -36,65 +32,31 @@ def pki_client(args: argparse.Namespace) -> int:
     from ..service.pki import issue
 
     i = issue(Path(args.dir), args.name, server=False)
-    if not emitted(args, {"name": i.name, "cert": str(i.cert), "key": str(i.key),
-                          "sha256": i.sha256}):
+    if not emitted(args, i.to_json()):
         print(f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
     return 0
 
 
 # -- serve ---------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    """Serve until stopped (:func:`keyload.service.runtime.serve`, ``--workers``
-    processes), once the flags and files are checked and the socket is bound."""
-    from ..records.sql import is_postgres_url
-    from ..service.ledger import describe_state
-    from ..service.pki import check_tls_files, read_input_file
-    from ..service.policy import Policy
-    from ..service.runtime import ServeOptions
-    from ..service.runtime import serve as serve_workers
-    from ..service.server import bind, raise_fd_limit, runs_on, server_context
+    """Serve until stopped (:func:`keyload.service.runtime.listen`, then ``--workers``
+    processes)."""
+    from ..service.guard import LIMIT_FLAGS, ConnectionLimits
+    from ..service.runtime import listen
 
     if args.check_policy is not None:
         return check_policy(Path(args.check_policy), as_json=args.json)
     missing = [f"--{n}" for n in ("cert", "key", "ca", "policy") if getattr(args, n) is None]
     if missing:
         args.usage_error(f"the following arguments are required: {', '.join(missing)}")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: a TCP port, 0..65535 (0: any free one)")
-    home = home_of(args)
-    check_tls_files(ca=Path(args.ca), cert=Path(args.cert), key=Path(args.key))
-    read_input_file(Path(args.policy), "policy")
-    policy = Policy.load(Path(args.policy))
-    limits = connection_limits(args)  # bad limits are refused before anything starts
-    ctx = server_context(Path(args.cert), Path(args.key), Path(args.ca))
-    home.ensure()
-    home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
-    sock = bind(args.host, args.port)
-    port = sock.getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    parser, loop = runs_on(args.http, args.loop)
-    fds = raise_fd_limit()
-    about = (f"  HTTP {parser}, event loop {loop}, state "
-             f"{describe_state(args.state, home.root)}, audit "
-             f"{'in the state' if is_postgres_url(args.state) else home.audit_path}\n"
-             f"  handshake and request-head timeouts {limits.handshake_timeout:g} s and "
-             f"{limits.head_timeout:g} s; connections: {limits.authorized} authorized, "
-             f"{limits.anonymous} anonymous, {limits.per_peer} per address "
-             f"({limits.anonymous_per_peer} anonymous); open files {fds}; "
-             f"SIGHUP reloads {args.policy}")
-    # until the server's own handler is in place, a SIGHUP must not end the process
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    print(f"keyload service listening on https://{host}:{port}"
-          + (f" ({args.workers} workers)" if args.workers > 1 else "") + "\n" + about,
-          flush=True)
-    serve_workers(ServeOptions(
-        home_root=home.root, authority_dir=home.authority_dir, audit_path=home.audit_path,
-        policy_path=Path(args.policy), state=args.state,
-        instance=args.instance or socket.gethostname(), limits=limits, host=args.host,
-        port=port, http=args.http, loop=args.loop, workers=args.workers,
-        busy_timeout=args.busy_timeout), home.open_keystore, policy, ctx, sock)
+    flags = {n: getattr(args, n) for n in LIMIT_FLAGS}
+    on = listen(lambda: home_of(args), cert=Path(args.cert), key=Path(args.key),
+                ca=Path(args.ca), policy_file=args.policy,
+                limits=lambda: ConnectionLimits.from_flags(**flags), state=args.state,
+                instance=args.instance, host=args.host, port=args.port, http=args.http,
+                loop=args.loop, workers=args.workers, busy_timeout=args.busy_timeout)
+    print(on.banner, flush=True)
+    on.serve()
     return 0
 
 
@@ -105,56 +67,13 @@ def check_policy(path: Path, *, as_json: bool = False) -> int:
     from ..service.policy import Policy
 
     read_input_file(path, "policy")
-    s = Policy.load(path).summary()
+    policy = Policy.load(path)
     if as_json:
-        emit_json({"policy": str(path), "valid": True, **s})
+        emit_json({"policy": str(path), "valid": True, **policy.summary()})
         return 0
-    lim = s["limits"]
-
-    def rate(r: dict[str, Any]) -> str:
-        return f"{r['limit']} per {r['window_s']:g} s"
-
-    names = ", ".join(s["client_names"]) or "(none)"
-    rows = [("sha256", s["sha256"]),
-            ("clients", f"{s['clients']}: {names}"),
-            ("metrics", ", ".join(s["metrics_clients"]) or "(none)"),
-            ("pinned", ", ".join(s["pinned_clients"]) or "(none)"),
-            ("deny", f"{s['denied_sha256']} certificate fingerprint(s), "
-                     f"{s['denied_serials']} serial number(s)"),
-            ("max_body", f"{lim['max_body']} bytes"),
-            ("per_client", rate(lim["per_client"])),
-            ("per_sn", rate(lim["per_sn"]))]
-    rows += [(f"per_client {n}", rate(r)) for n, r in lim["per_client_overrides"].items()]
     print(f"policy {path}: valid")
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+    kv(policy.summary_rows(), indent="  ")
     return 0
-
-
-def connection_limits(args: argparse.Namespace) -> Any:
-    """The ``serve`` flags' :class:`~keyload.service.guard.ConnectionLimits`."""
-    from ..service.guard import ConnectionLimits
-    from ..service.policy import Rate
-
-    def rate_of(flag: str, value: str) -> Rate:
-        try:
-            limit, _, window = value.partition("/")
-            rate = Rate(int(limit), float(window or 1))
-        except ValueError:
-            raise ValueError(f"{flag}: N/SECONDS, e.g. 20/1") from None
-        if rate.limit < 1 or not 0.001 <= rate.window_s <= 86400:
-            raise ValueError(f"{flag}: N >= 1 per 0.001..86400 s")
-        return rate
-
-    rate = rate_of("--anonymous-rate", args.anonymous_rate)
-    return ConnectionLimits(
-        handshake_timeout=args.handshake_timeout, head_timeout=args.head_timeout,
-        body_timeout=args.body_timeout, authorized=args.max_connections,
-        anonymous=args.max_anonymous, per_peer=args.max_per_address,
-        anonymous_per_peer=args.max_anonymous_per_address, anonymous_rate=rate,
-        connect_rate=rate_of("--connect-rate", args.connect_rate),
-        anonymous_connect_rate=rate_of("--anonymous-connect-rate", args.anonymous_connect_rate))
 
 
 # -- fetch ---------------------------------------------------------------------------
@@ -182,7 +101,7 @@ def fetch(args: argparse.Namespace) -> int:
     only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
     :data:`EXIT_FAILED` when the service refused a pending one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import fetch_key, unit_for
+    from ..service.fetch import fetch_key, fetched_json, keep_undelivered, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -216,27 +135,18 @@ def fetch(args: argparse.Namespace) -> int:
             res, d = fetch_key(client, unit, ref1, args.ref2, deadline=deadline)
     finally:
         client.close()
-    out: dict[str, Any] = {
-        "sn": res.sn.hex(), "set_id": res.set_id.hex(), "ref1": display_ref1(ref1),
-        "ref2": res.ref2, "suite": res.suite, "key_version": res.key_version,
-        "kcv": res.kcv.hex().upper(), "receipt": res.rct.hex(),
-        "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
-        "pending": None, "resent": resent}
+    kept = keep_undelivered(outbox, args.server, res, d)
+    out = fetched_json(res, d, kept, resent)
     loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
               f"agree)")
     if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
-        status = d.status or 0
-        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts,
-                           refused=status)
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service refused its receipt for good ({d.error}); the receipt is kept at "
               f"{kept}", file=sys.stderr, flush=True)
         assert d.reply is not None
         raise client.refusal(d.reply)
     if d.outcome == "pending":
-        kept = outbox.keep(args.server, res, error=d.error, attempts=d.attempts)
-        out["pending"] = str(kept)
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
               f"keyload: the receipt is kept at {kept}; it will be sent by `keyload fetch "
@@ -253,15 +163,15 @@ def fetch(args: argparse.Namespace) -> int:
 
 
 def _fetch_rc(resent: list[dict[str, Any]], *, own_pending: bool = False) -> int:
-    refused = [e for e in resent if e["status"] == "refused"]
+    from ..service.fetch import resent_outcome
+
+    refused, pending = resent_outcome(resent)
     if refused:
         print(f"keyload: the service refused {len(refused)} pending receipt(s) for good; "
               f"kept with its reason in {Path(refused[0]['path']).parent}/ (exit "
               f"{EXIT_FAILED})", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    if own_pending or any(e["status"] == "pending" for e in resent):
-        return EXIT_PENDING
-    return 0
+    return EXIT_PENDING if own_pending or pending else 0
 
 
 def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbox,

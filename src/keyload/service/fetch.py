@@ -103,3 +103,27 @@ def send_pending(client: ServiceClient, outbox: Outbox, server: str, deadline: f
         report.append(entry)
         on_sent(p, entry)
     return report
+
+
+def keep_undelivered(outbox: Outbox, server: str, res: LoadResult, d: Delivery) -> Path | None:
+    """The receipt of ``res`` kept in the outbox when the service did not record it:
+    pending (sent again later), or refused for good (kept with its reason); its path."""
+    if d.outcome == "recorded":
+        return None
+    return outbox.keep(server, res, error=d.error, attempts=d.attempts,
+                       refused=(d.status or 0) if d.outcome == "refused" else None)
+
+
+def fetched_json(res: LoadResult, d: Delivery, kept: Path | None,
+                 resent: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``keyload fetch --json`` prints of a key loaded."""
+    return {**res.to_json(),
+            "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
+            "pending": None if kept is None or d.outcome != "pending" else str(kept),
+            "resent": resent}
+
+
+def resent_outcome(resent: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """Of the pending receipts sent: those refused for good; whether any is still pending."""
+    return ([e for e in resent if e["status"] == "refused"],
+            any(e["status"] == "pending" for e in resent))

@@ -62,6 +62,40 @@ class ConnectionLimits:
             if getattr(self, name) < 1:
                 raise ValueError(f"connection limit {name}: at least 1")
 
+    @classmethod
+    def from_flags(cls, *, handshake_timeout: float, head_timeout: float,
+                   body_timeout: float, max_connections: int, max_anonymous: int,
+                   max_per_address: int, max_anonymous_per_address: int,
+                   anonymous_rate: str, connect_rate: str,
+                   anonymous_connect_rate: str) -> ConnectionLimits:
+        """The limits of the ``keyload serve`` flags of these names; a rate is ``N/S``
+        (``N`` per ``S`` seconds). ValueError names the flag that is wrong."""
+        rate = rate_flag("--anonymous-rate", anonymous_rate)
+        return cls(handshake_timeout=handshake_timeout, head_timeout=head_timeout,
+                   body_timeout=body_timeout, authorized=max_connections,
+                   anonymous=max_anonymous, per_peer=max_per_address,
+                   anonymous_per_peer=max_anonymous_per_address, anonymous_rate=rate,
+                   connect_rate=rate_flag("--connect-rate", connect_rate),
+                   anonymous_connect_rate=rate_flag("--anonymous-connect-rate",
+                                                    anonymous_connect_rate))
+
+
+LIMIT_FLAGS = ("handshake_timeout", "head_timeout", "body_timeout", "max_connections",
+               "max_anonymous", "max_per_address", "max_anonymous_per_address",
+               "anonymous_rate", "connect_rate", "anonymous_connect_rate")
+
+
+def rate_flag(flag: str, value: str) -> Rate:
+    """``N/S`` (or ``N``: per second) given for ``flag``."""
+    try:
+        limit, _, window = value.partition("/")
+        rate = Rate(int(limit), float(window or 1))
+    except ValueError:
+        raise ValueError(f"{flag}: N/SECONDS, e.g. 20/1") from None
+    if rate.limit < 1 or not 0.001 <= rate.window_s <= 86400:
+        raise ValueError(f"{flag}: N >= 1 per 0.001..86400 s")
+    return rate
+
 
 @functools.lru_cache(maxsize=4096)
 def peer_of(host: str | None) -> str:

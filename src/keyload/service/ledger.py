@@ -22,7 +22,7 @@ reported, not counted as invalid.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from ..core.errors import StoreError
 from ..core.ref1 import display_ref1
-from ..records.audit import AuditLog
+from ..records.audit import AuditLog, AuditProblem
 from ..records.ledger import Export, LedgerEntry, ReceiptChecker, verify_entries
 from ..records.sql import is_postgres_url
 from ..records.stored import check_file
@@ -260,3 +260,46 @@ def open_service_state(state: str | None, home_root: Path,
     except BaseException:
         audit.close()
         raise
+
+
+def service_exports(home_root: Path, audit_path: Path) -> list[tuple[Any, ...]]:
+    """The exports the home's service state accounts for in its ledger, as (set id, SN,
+    REF1, REF2, KCV); none without a ``service.db``."""
+    state = open_service_state(None, home_root, audit_path)
+    if state is None:
+        return []
+    try:
+        return [(e.set_id, e.sn, e.ref1, e.ref2, e.kcv) for e in state.ledger()]
+    finally:
+        state.close()
+
+
+def ledger_state(state: str | None, home_root: Path, audit_path: Path, *,
+                 campaign_only: bool, ensure: Callable[[], None]) -> ServiceState | None:
+    """The service's state when the ledger commands include it: ``state`` given (the
+    home ``ensure``d first), or no campaign named and the home has a ``service.db``."""
+    if campaign_only and state is None:
+        return None
+    if state is not None:
+        ensure()
+    return open_service_state(state, home_root, audit_path)
+
+
+def verify_audit(state: str | None, audit_path: Path,
+                 open_audit: Callable[[], AuditLog]) -> tuple[int, list[AuditProblem]]:
+    """(records, problems) of the audit chain: the services' in their shared PostgreSQL
+    ``state``, else the home's (``open_audit``), which must exist."""
+    if is_postgres_url(state):
+        assert state is not None
+        pg = PostgresServiceStore(state)
+        try:
+            return pg.verify_audit()
+        finally:
+            pg.close()
+    if not audit_path.exists():
+        raise StoreError(f"no audit log at {audit_path}")
+    audit = open_audit()
+    try:
+        return audit.verify()
+    finally:
+        audit.close()

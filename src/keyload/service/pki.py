@@ -42,6 +42,10 @@ class Issued:
     key: Path
     sha256: str
 
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "cert": str(self.cert), "key": str(self.key),
+                "sha256": self.sha256}
+
 
 def fingerprint(cert_pem_or_der: bytes) -> str:
     """SHA-256 of the certificate's DER, lower-case hex."""

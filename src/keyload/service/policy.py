@@ -124,6 +124,27 @@ class Policy:
                                                 if r.per_client is not None}},
         }
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """:meth:`summary` as (name, text) rows, for people."""
+        s = self.summary()
+        lim = s["limits"]
+
+        def rate(r: dict[str, Any]) -> str:
+            return f"{r['limit']} per {r['window_s']:g} s"
+
+        names = ", ".join(s["client_names"]) or "(none)"
+        rows = [("sha256", s["sha256"]),
+                ("clients", f"{s['clients']}: {names}"),
+                ("metrics", ", ".join(s["metrics_clients"]) or "(none)"),
+                ("pinned", ", ".join(s["pinned_clients"]) or "(none)"),
+                ("deny", f"{s['denied_sha256']} certificate fingerprint(s), "
+                         f"{s['denied_serials']} serial number(s)"),
+                ("max_body", f"{lim['max_body']} bytes"),
+                ("per_client", rate(lim["per_client"])),
+                ("per_sn", rate(lim["per_sn"]))]
+        return rows + [(f"per_client {n}", rate(r))
+                       for n, r in lim["per_client_overrides"].items()]
+
     def client(self, name: str, sha256: str) -> ClientRule | None:
         """The rule for a verified certificate, or None when it is not authorized."""
         rule = self.clients.get(name)

@@ -190,3 +190,79 @@ def _serve_one(opts: ServeOptions, open_keystore: Callable[[], OwnedBackend],
             inst.close()
     finally:
         ks.close()
+
+
+class ServeHome(Protocol):
+    """What ``serve`` needs of a station home."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def authority_dir(self) -> Path: ...
+    @property
+    def audit_path(self) -> Path: ...
+    def ensure(self) -> None: ...
+    def open_keystore(self) -> OwnedBackend: ...
+
+
+@dataclass
+class Listening:
+    """A bound socket and what to serve on it (:func:`listen`), and the lines that say so."""
+
+    opts: ServeOptions
+    open_keystore: Callable[[], OwnedBackend]
+    policy: Policy
+    ctx: ssl.SSLContext
+    sock: socket.socket
+    banner: str
+
+    def serve(self) -> None:
+        serve(self.opts, self.open_keystore, self.policy, self.ctx, self.sock)
+
+
+def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
+           policy_file: str, limits: Callable[[], ConnectionLimits], state: str | None,
+           instance: str | None, host: str, port: int, http: str, loop: str, workers: int,
+           busy_timeout: float) -> Listening:
+    """Everything ``keyload serve`` checks before it serves, in this order: the flags, the
+    TLS files, the policy, the limits, the keystore's passphrase or PIN; then the socket
+    is bound. SIGHUP is ignored from here until the server's own handler is in place."""
+    from .ledger import describe_state
+    from .pki import check_tls_files, read_input_file
+    from .server import bind, raise_fd_limit, runs_on, server_context
+
+    policy_path = Path(policy_file)
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port, 0..65535 (0: any free one)")
+    home = home_of()
+    check_tls_files(ca=ca, cert=cert, key=key)
+    read_input_file(policy_path, "policy")
+    policy = Policy.load(policy_path)
+    lim = limits()  # bad limits are refused before anything starts
+    ctx = server_context(cert, key, ca)
+    home.ensure()
+    home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
+    sock = bind(host, port)
+    port = sock.getsockname()[1]
+    parser, ev = runs_on(http, loop)
+    fds = raise_fd_limit()
+    audit = "in the state" if is_postgres_url(state) else home.audit_path
+    banner = (
+        f"keyload service listening on https://{f'[{host}]' if ':' in host else host}:{port}"
+        + (f" ({workers} workers)" if workers > 1 else "") + "\n"
+        f"  HTTP {parser}, event loop {ev}, state {describe_state(state, home.root)}, audit "
+        f"{audit}\n"
+        f"  handshake and request-head timeouts {lim.handshake_timeout:g} s and "
+        f"{lim.head_timeout:g} s; connections: {lim.authorized} authorized, "
+        f"{lim.anonymous} anonymous, {lim.per_peer} per address "
+        f"({lim.anonymous_per_peer} anonymous); open files {fds}; SIGHUP reloads "
+        f"{policy_file}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    opts = ServeOptions(
+        home_root=home.root, authority_dir=home.authority_dir, audit_path=home.audit_path,
+        policy_path=policy_path, state=state, instance=instance or socket.gethostname(),
+        limits=lim, host=host, port=port, http=http, loop=loop, workers=workers,
+        busy_timeout=busy_timeout)
+    return Listening(opts, home.open_keystore, policy, ctx, sock, banner)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
@@ -37,6 +37,7 @@ from ..core.apdu import ResponseAPDU, encode_command
 from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
 from ..core.keys import KeyHeader
 from ..core.primitives import ct_equal
+from ..core.ref1 import display_ref1
 from ..core.suites import PREFERENCE
 from ..transports import Connection
 
@@ -171,6 +172,13 @@ class LoadResult(NamedTuple):
     @property
     def key_version(self) -> int:
         return KeyHeader.decode(self.header).version
+
+    def to_json(self) -> dict[str, Any]:
+        """The load as ``keyload load --json`` prints it (never key material)."""
+        return {"sn": self.sn.hex(), "set_id": self.set_id.hex(),
+                "ref1": display_ref1(self.ref1), "ref2": self.ref2, "suite": self.suite,
+                "key_version": self.key_version, "kcv": self.kcv.hex().upper(),
+                "receipt": self.rct.hex()}
 
 
 def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:

@@ -1,0 +1,201 @@
+"""Administering a home: its authority, sets, application keys and emulated units
+(``keyload authority|set|key|unit …``). Key values typed by an operator come in through
+callbacks, asked for once the keystore is open."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..core.errors import StoreError
+from ..core.keys import KeyAttributes, KeyType, aes_kcv
+from ..core.primitives import ct_equal
+from ..core.ref1 import display_ref1
+from ..core.secret import Secret
+from ..core.suites import get_suite
+from ..records.exportlog import SqliteExportLog
+from ..units.authority import ExportPolicy, KeyInfo, SetInfo
+from ..units.unit import Slot
+from .fleet import EmulatedFleet
+from .home import Home, Keystore
+
+T = TypeVar("T")
+# an operator's key value: the value and the KCV of each component typed (none when whole)
+Typed = Callable[[], tuple[Secret, list[bytes]]]
+
+
+def key_json(i: KeyInfo) -> dict[str, Any]:
+    return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
+            "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
+            "exportability": i.attrs.exportability, "version": i.version,
+            "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
+            "label": i.label}
+
+
+def set_json(s: SetInfo) -> dict[str, Any]:
+    return {"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
+
+
+# -- the authority -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuthorityMade:
+    where: str  # the home's authority directory, or the token
+    backend: str
+    suites: list[int]
+    signing_public_key: bytes | None
+
+    def to_json(self) -> dict[str, Any]:
+        pub = self.signing_public_key
+        return {"authority": self.where, "backend": self.backend, "suites": self.suites,
+                "signing_public_key": None if pub is None else pub.hex()}
+
+
+def create_authority(home: Home, *, pkcs11: str | None = None, token: str | None = None,
+                     clear_sas: bool = False, signing_key: bool = False) -> AuthorityMade:
+    """A new authority in ``home``: a sealed software keystore, or the PKCS#11 token
+    ``token`` of module ``pkcs11``; with ``signing_key``, an Ed25519 SAS key too."""
+    home.ensure()
+    cfg: dict[str, Any] | None = None
+    where = str(home.authority_dir)
+    if pkcs11:
+        if not token:
+            raise ValueError("--pkcs11 needs --token LABEL")
+        cfg = {"backend": "pkcs11", "module": pkcs11, "token": token, "clear_sas": clear_sas}
+        conf = os.environ.get("SOFTHSM2_CONF")
+        if conf and "softhsm" in pkcs11:
+            cfg["softhsm2_conf"] = str(Path(conf).resolve())
+        where = f"token {token!r} of {pkcs11}"
+    ks = home.create_authority(cfg)  # a token: module, token and PIN checked first
+    try:
+        pub = ks.set_signing_key() if signing_key else None
+        caps = ks.capabilities()
+        return AuthorityMade(where, caps.backend, sorted(caps.suites), pub)
+    finally:
+        ks.close()
+
+
+def authority_facts(home: Home) -> dict[str, Any]:
+    """What the authority holds, never a key value."""
+    ks = home.open_keystore()
+    try:
+        pub = ks.public_key()
+        caps = ks.capabilities()
+        return {"backend": caps.backend, "suites": sorted(caps.suites),
+                "signing_public_key": None if pub is None else pub.hex(),
+                "sets": [set_json(s) for s in ks.set_infos()],
+                "keys": [key_json(k) for k in ks.key_infos()]}
+    finally:
+        ks.close()
+
+
+def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """How many exports the authority recorded, and the last ``limit`` (all: 0)."""
+    path = home.authority_dir / "exports.db"
+    if not path.exists():
+        raise StoreError(f"no export records at {path}")
+    log = SqliteExportLog(path)
+    try:
+        recs = log.records()
+    finally:
+        log.close()
+    shown = recs[-limit:] if limit > 0 else recs
+    return len(recs), [
+        {"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
+         "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
+         "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
+
+
+# -- sets and keys -------------------------------------------------------------------------
+def read_keystore(home: Home, read: Callable[[Keystore], T]) -> T:
+    """What ``read`` finds in the home's keystore, opened for it and closed after."""
+    ks = home.open_keystore()
+    try:
+        return read(ks)
+    finally:
+        ks.close()
+
+
+def create_set(home: Home, name: str, *, signed: bool,
+               typed: Typed | None = None) -> tuple[SetInfo, list[bytes]]:
+    """A new set, its transport key generated, or ``typed`` (in components); names are
+    unique, as sets are told apart by name in lists and reports."""
+    ks = home.open_keystore()
+    try:
+        taken = [i.set_id.hex() for i in ks.set_infos() if i.name == name]
+        if taken:
+            raise ValueError(f"a set named {name!r} exists already (set id {taken[0]})")
+        if typed is None:
+            return ks.generate_set(name, signed=signed), []
+        value, kcvs = typed()
+        return ks.add_set(value, name, signed=signed), kcvs
+    finally:
+        ks.close()
+
+
+def _known_sets(ks: Keystore, policy: ExportPolicy) -> None:
+    """``--sets`` names sets of this authority (a typo would make a key no unit can get)."""
+    if policy.sets is None:
+        return
+    missing = sorted(s.hex() for s in policy.sets - {i.set_id for i in ks.set_infos()})
+    if missing:
+        raise ValueError(f"--sets: no set {', '.join(missing)} in this authority "
+                         "(keyload set list)")
+
+
+def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
+            *, version: int, diversify: bool, label: str, length: int | None = None,
+            typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
+            ) -> tuple[KeyInfo, list[bytes]]:
+    """A new application key, generated (``length``: HMAC only), or ``typed`` (given the
+    length an AES key must have)."""
+    ks = home.open_keystore()
+    try:
+        _known_sets(ks, policy)
+        if typed is None:
+            return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
+                                   policy=policy, length=length, label=label), []
+        value, kcvs = typed(kt.default_length if kt.is_aes else None)
+        return ks.add_key(ref1, kt, value, attrs, version=version, diversify=diversify,
+                          policy=policy, label=label), kcvs
+    finally:
+        ks.close()
+
+
+# -- emulated units --------------------------------------------------------------------------
+def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
+                suites: tuple[int, ...], *, typed: Typed | None = None) -> None:
+    """An emulated unit of set ``set_id``; its transport key from the authority, or
+    ``typed`` in components (as a card manufacturer receives it; a token's never leaves)."""
+    for s in suites:
+        get_suite(s)
+    ks = home.open_keystore()
+    try:
+        info = ks.set_info(set_id)
+        vk = ks.public_key() if info.signed else None
+        if typed is not None:
+            t, _ = typed()
+            if not ct_equal(aes_kcv(t.buffer), set_id):
+                t.wipe()
+                raise ValueError("the components do not make this set's transport key "
+                                 "(KCV differs)")
+        else:
+            t = ks.transport_key_copy(set_id)
+    finally:
+        ks.close()
+    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+    try:
+        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites)
+    finally:
+        t.wipe()
+        fleet.close()
+
+
+def unit_serials(home: Home) -> list[bytes]:
+    """The home's emulated units (none when it has no units' vault)."""
+    home.existing()
+    if not (home.units_dir / "vault.json").exists():
+        return []
+    return sorted(bytes.fromhex(p.stem) for p in home.units_dir.glob("*.unit"))
