@@ -111,3 +111,52 @@ def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None:
         assert log.verify()[1] == []
     finally:
         log.close()
+
+
+def test_a_policy_changed_before_a_worker_listens_for_sighup_is_taken_at_its_start(
+        tmp_path: Path) -> None:
+    """A worker ignores SIGHUP until its handler is in place, so a reload sent while it
+    was starting would leave it on the old policy: at its start it reads the file again
+    when the file is no longer the policy it was given (and audits that, as a reload)."""
+    import asyncio
+
+    from keyload.service.policy import Policy
+    from keyload.service.runtime import open_instance
+
+    w = build_world(tmp_path, units=1)
+    doc = policy_doc(w)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(doc))
+    policy = Policy.load(path)
+    cert, _ = w.client_paths("other")
+    doc["deny"] = {"sha256": [fingerprint(cert.read_bytes())]}
+    path.write_text(json.dumps(doc))  # changed (and SIGHUP lost) while the worker started
+    ks = w.open_keystore()
+    inst = open_instance(ks, policy, home_root=w.home, authority_dir=w.home / "authority",
+                         audit_path=w.home / "audit.db", policy_path=path)
+    try:
+        async def start_and_stop() -> list[str]:
+            inbox: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+            sent: list[str] = []
+
+            async def send(m: dict[str, str]) -> None:
+                sent.append(m["type"])
+
+            await inbox.put({"type": "lifespan.startup"})
+            task = asyncio.create_task(inst.app({"type": "lifespan"}, inbox.get, send))
+            while "lifespan.startup.complete" not in sent:
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*list(inst.app._background))
+            await inbox.put({"type": "lifespan.shutdown"})
+            await task
+            return sent
+
+        assert asyncio.run(start_and_stop()) == ["lifespan.startup.complete",
+                                                 "lifespan.shutdown.complete"]
+        assert inst.app.policy.deny_sha256 == {fingerprint(cert.read_bytes()).lower()}
+        assert inst.app.policy.sha256 == Policy.load(path).sha256
+    finally:
+        inst.close()
+        ks.close()
+    reloads = [d for a, d in _actions(w) if a == "policy-reload"]
+    assert len(reloads) == 1 and reloads[0]["denied_sha256"] == 1

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -328,12 +329,12 @@ class ServiceApp(KeyRoutes):
             **self.connections.counts(), "refused_before_tls": self.doorway.refused})
 
     # -- policy ------------------------------------------------------------------------
-    def reload_policy(self) -> bool:
+    def reload_policy(self, *, tell_workers: bool = True) -> bool:
         """Read the policy file again (SIGHUP). A file that does not parse leaves the
         policy in force unchanged; either way the attempt is audited."""
         if self.policy_path is None:
             return False
-        if self.after_reload is not None:  # the workers read the file themselves
+        if tell_workers and self.after_reload is not None:  # they read the file themselves
             self.after_reload()
         try:
             new = Policy.load(self.policy_path)
@@ -349,6 +350,16 @@ class ServiceApp(KeyRoutes):
         self._audit_soon("policy-reload", {"file": self.policy_path.name, **new.summary(),
                                            "previous_clients": len(old.clients)})
         return True
+
+    def _policy_file_changed(self) -> bool:
+        """The policy file is no longer the policy in force (read from it, by digest)."""
+        if self.policy_path is None or self.policy.sha256 is None:
+            return False
+        try:
+            data = self.policy_path.read_bytes()
+        except OSError:
+            return True  # the reload says why, and is audited
+        return hashlib.sha256(data).hexdigest() != self.policy.sha256
 
     def _audit_soon(self, action: str, detail: dict[str, Any]) -> None:
         """An audit record from the event loop, without waiting for it."""
@@ -398,6 +409,10 @@ class ServiceApp(KeyRoutes):
                 self._flusher = loop.create_task(self._flush_loop())
                 with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                     loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+                # SIGHUP was ignored until now: a reload sent while this process started
+                # (each worker starts on its own) is taken here, from the file itself
+                if self._policy_file_changed():
+                    self.reload_policy(tell_workers=False)
                 await send({"type": "lifespan.startup.complete"})
             elif m["type"] == "lifespan.shutdown":
                 if self._flusher is not None:
