@@ -160,14 +160,16 @@ def test_authority_init_prints_signing_key(session: Session) -> None:
 
 def test_sets_created_and_listed(session: Session) -> None:
     a, b = session.res["set A"].json(), session.res["set B"].json()
-    assert a == {"set_id": session.set_a, "name": "A", "signed": False, "component_kcvs": []}
+    assert a == {"set_id": session.set_a, "name": "A", "signed": False,
+                 "kind": "transport key", "component_kcvs": []}
     assert b["name"] == "B" and b["signed"] is True
     assert all(re.fullmatch(r"[0-9a-f]{10}", x) for x in (session.set_a, session.set_b))
     assert session.set_a != session.set_b
     listed = session.res["set list"].json()
-    assert listed == [{"set_id": session.set_a, "name": "A", "signed": False},
-                      {"set_id": session.set_b, "name": "B", "signed": True},
-                      {"set_id": session.set_c, "name": "C", "signed": False}]
+    tk = "transport key"
+    assert listed == [{"set_id": session.set_a, "name": "A", "signed": False, "kind": tk},
+                      {"set_id": session.set_b, "name": "B", "signed": True, "kind": tk},
+                      {"set_id": session.set_c, "name": "C", "signed": False, "kind": tk}]
 
 
 def test_set_from_components_id_is_kcv_of_xor(session: Session) -> None:

@@ -23,6 +23,7 @@ from ..station.admin import (
     set_json,
     unit_serials,
 )
+from ..station.identity import create_identity_set, record_json, unit_records
 from ..station.run import load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -106,6 +107,15 @@ def authority_exports(args: argparse.Namespace) -> int:
 
 # -- sets ----------------------------------------------------------------------------
 def set_create(args: argparse.Namespace) -> int:
+    if args.identity:
+        if args.components or args.signed:
+            raise ValueError("an identity set has no transport key: --identity takes neither "
+                             "--components nor --signed")
+        made = create_identity_set(home_of(args), args.name)
+        if not emitted(args, set_json(made)):
+            print(f"identity set {made.name} created: set id {made.set_id.hex()} (from the "
+                  "set CA's key)")
+        return 0
     info, kcvs = create_set(home_of(args), args.name, signed=args.signed, typed=(
         (lambda: read_components(args.components, 32)) if args.components else None))
     if not emitted(args, {**set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]}):
@@ -121,8 +131,9 @@ def _print_kcvs(kcvs: list[bytes]) -> None:
 
 def set_list(args: argparse.Namespace) -> int:
     sets = read_keystore(home_of(args), lambda ks: ks.set_infos())
-    listed(args, [set_json(s) for s in sets], ["set id", "name", "SAS"],
-           [[s.set_id.hex(), s.name, "ed25519" if s.signed else "cmac"] for s in sets])
+    listed(args, [set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
+           [[s.set_id.hex(), s.name, "identity" if s.identity else "transport key",
+             "ecdsa" if s.identity else "ed25519" if s.signed else "cmac"] for s in sets])
     return 0
 
 
@@ -203,12 +214,16 @@ def unit_create(args: argparse.Namespace) -> int:
     set_id = parse_hex(args.set_id, "set id")
     sn = check_sn(parse_hex(args.sn, "SN"))
     slots = parse_slots(args.slot, args.lock)
-    create_unit(home, set_id, sn, slots, tuple(int(x) for x in args.suites.split(",")),
-                typed=(lambda: read_components(args.components, 32)) if args.components
-                else None)
-    if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}):
-        print(f"unit {sn.hex()} created in set {set_id.hex()} with slots "
-              f"{', '.join(map(str, sorted(slots)))}")
+    suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
+    cert = create_unit(home, set_id, sn, slots, suites,
+                       typed=(lambda: read_components(args.components, 32))
+                       if args.components else None)
+    out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
+    if cert is not None:
+        out["certificate"] = cert.encode().hex()
+    if not emitted(args, out):
+        print(f"unit {sn.hex()} {'created' if cert is None else 'enrolled'} in set "
+              f"{set_id.hex()} with slots {', '.join(map(str, sorted(slots)))}")
     return 0
 
 
@@ -226,6 +241,11 @@ def unit_status(args: argparse.Namespace) -> int:
 
 
 def unit_list(args: argparse.Namespace) -> int:
+    if args.set_id is not None:
+        records = unit_records(home_of(args), parse_hex(args.set_id, "set id"))
+        listed(args, [record_json(r) for r in records], ["SN", "status"],
+               [[r.sn.hex(), "revoked" if r.revoked else "active"] for r in records])
+        return 0
     serials = unit_serials(home_of(args))
     if not emitted(args, [s.hex() for s in serials]):
         for s in serials:

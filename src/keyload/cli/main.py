@@ -40,7 +40,7 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, demo, service_cmds
+from . import campaigns, commands, demo, identity, service_cmds
 from .args import SET_ID, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(s, "create", commands.set_create, "create a set: generate T or assemble it",
         opt("--name", required=True), opt("--components", type=int, default=0, metavar="N",
         help="assemble T from N hex components (read without echo, or from stdin)"),
-        opt("--signed", action="store_true", help="exports to this set carry an Ed25519 SAS"))
+        opt("--signed", action="store_true", help="exports to this set carry an Ed25519 SAS"),
+        opt("--identity", action="store_true", help="an identity set (suite 0x03): a set CA "
+            "key and an authority key instead of T; its units hold their own keys"))
     cmd(s, "list", commands.set_list, "list sets")
 
     k = group(sub, "key", "application keys (by REF1)")
@@ -131,12 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
             "1=aes256)"),
         opt("--lock", action="append", type=int, default=[], metavar="REF2",
             help="lock this slot"),
-        opt("--suites", default="1,2", help="suites the unit speaks (default 1,2)"),
+        opt("--suites", help="suites the unit speaks (default 1,2; a unit of an identity "
+            "set: 3)"),
         opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
             "key as N components (needed when T lives in a token)"))
     cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)",
         opt("--sn", required=True))
-    cmd(u, "list", commands.unit_list, "list emulated units")
+    cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
+        "register (each unit certified, active or revoked)",
+        opt("--set", dest="set_id", help="an identity set's id (hex)"))
+    cmd(u, "revoke", identity.unit_revoke, "revoke a unit of an identity set: its exports "
+        "are refused (6983) from then on", SET_ID, opt("--sn", required=True))
+    cmd(u, "certify", identity.unit_certify, "certify a unit of an identity set enrolled "
+        "elsewhere: print C_U", SET_ID, opt("--sn", required=True),
+        opt("--public-key", required=True, help="the unit's Q_U: an uncompressed P-256 point, "
+            "hex (65 bytes, 04 || X || Y)"))
     cmd(u, "serve-card", commands.unit_serve_card,
         "serve emulated units as virtual cards to pcscd (vpcd), one after another",
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),

@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..core.errors import StoreError
+from ..core.identity import Certificate
 from ..core.keys import KeyAttributes, KeyType, aes_kcv
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
+from ..core.suite3 import SUITE_ECDH
 from ..core.suites import get_suite
 from ..records.exportlog import SqliteExportLog
 from ..units.authority import ExportPolicy, KeyInfo, SetInfo
 from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
+from .identity import enrol_unit, unique_name
 
 T = TypeVar("T")
 # an operator's key value: the value and the KCV of each component typed (none when whole)
@@ -36,7 +39,8 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
 
 
 def set_json(s: SetInfo) -> dict[str, Any]:
-    return {"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed}
+    return {"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed,
+            "kind": "identity" if s.identity else "transport key"}
 
 
 # -- the authority -----------------------------------------------------------------------
@@ -124,9 +128,7 @@ def create_set(home: Home, name: str, *, signed: bool,
     unique, as sets are told apart by name in lists and reports."""
     ks = home.open_keystore()
     try:
-        taken = [i.set_id.hex() for i in ks.set_infos() if i.name == name]
-        if taken:
-            raise ValueError(f"a set named {name!r} exists already (set id {taken[0]})")
+        unique_name(ks, name)
         if typed is None:
             return ks.generate_set(name, signed=signed), []
         value, kcvs = typed()
@@ -166,14 +168,26 @@ def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: 
 
 # -- emulated units --------------------------------------------------------------------------
 def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
-                suites: tuple[int, ...], *, typed: Typed | None = None) -> None:
+                suites: tuple[int, ...] | None, *,
+                typed: Typed | None = None) -> Certificate | None:
     """An emulated unit of set ``set_id``; its transport key from the authority, or
-    ``typed`` in components (as a card manufacturer receives it; a token's never leaves)."""
-    for s in suites:
-        get_suite(s)
+    ``typed`` in components (as a card manufacturer receives it; a token's never leaves).
+    A unit of an identity set is enrolled instead (suite 0x03 only): its C_U is returned."""
+    if suites is not None and suites != (SUITE_ECDH,):
+        for s in suites:
+            if s == SUITE_ECDH:
+                raise ValueError("suite 0x03 is for the units of an identity set alone")
+            get_suite(s)
     ks = home.open_keystore()
     try:
         info = ks.set_info(set_id)
+        if info.identity:
+            if typed is not None or suites not in (None, (0x03,)):
+                raise ValueError(f"set {set_id.hex()} is an identity set: its units speak "
+                                 "suite 0x03 only and hold no transport key")
+            return enrol_unit(home, ks, set_id, sn, slots)
+        if suites == (SUITE_ECDH,):
+            raise ValueError("suite 0x03 is for the units of an identity set alone")
         vk = ks.public_key() if info.signed else None
         if typed is not None:
             t, _ = typed()
@@ -187,10 +201,11 @@ def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
         ks.close()
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
     try:
-        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites)
+        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites or (0x01, 0x02))
     finally:
         t.wipe()
         fleet.close()
+    return None
 
 
 def unit_serials(home: Home) -> list[bytes]:

@@ -1,0 +1,230 @@
+"""Identity sets (suite 0x03, docs/protocol.md §10) through the ``keyload`` console script:
+an identity set made in the software authority, emulated units enrolled in it (GENERATE
+UNIT KEY, the authority certifies, PUT CERTIFICATE), the register (``unit list --set``),
+revocation, certificates for units enrolled elsewhere; and each refusal with its exit
+code, its one error line and the stored state as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.conftest import require
+
+from .cli_helpers import KEYLOAD, Result, assert_error, ok, run, tree_files
+
+pytestmark = pytest.mark.slow  # every test runs the console script
+
+EXIT_INPUT, EXIT_REFUSED = 3, 6
+SN1, SN2 = "1d00000001", "1d00000002"
+
+
+def snapshot(home: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(home)): p.read_bytes() for p in tree_files(home)}
+
+
+def q_u() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+@dataclass
+class Home:
+    path: Path
+    t_set: str        # a transport-key set
+    id_set: str       # an identity set
+    created: Result   # set create --identity --json
+
+    def run(self, *args: str) -> Result:
+        return run(*args, home=self.path)
+
+    def copy(self, to: Path) -> Home:
+        shutil.copytree(self.path, to)
+        return Home(to, self.t_set, self.id_set, self.created)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    require(KEYLOAD.is_file(), f"the keyload console script is not installed at {KEYLOAD}")
+    path = tmp_path_factory.mktemp("identity") / "home"
+    ok(run("authority", "init", home=path))
+    t_set = ok(run("set", "create", "--name", "plain", "--json", home=path)).json()["set_id"]
+    created = ok(run("set", "create", "--name", "plant", "--identity", "--json", home=path))
+    home = Home(path, t_set, created.json()["set_id"], created)
+    ok(home.run("unit", "create", "--set", home.id_set, "--sn", SN1, "--slot", "1=aes256",
+                "--slot", "2=aes128"))
+    return home
+
+
+@pytest.fixture
+def home(base: Home, tmp_path: Path) -> Home:
+    return base.copy(tmp_path / "home")
+
+
+def register(home: Home) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = home.run("unit", "list", "--set", home.id_set, "--json").json()
+    return out
+
+
+def test_set_create_identity_and_set_list_show_its_kind(base: Home) -> None:
+    made = base.created.json()
+    assert made["name"] == "plant" and made["kind"] == "identity"
+    assert len(bytes.fromhex(made["set_id"])) == 5 and made["set_id"] != base.t_set
+    listed = {s["set_id"]: s for s in ok(base.run("set", "list", "--json")).json()}
+    assert listed[base.id_set]["kind"] == "identity"
+    assert listed[base.t_set]["kind"] == "transport key"
+    table = ok(base.run("set", "list")).stdout.splitlines()
+    assert table[0].split() == ["set", "id", "name", "kind", "SAS"]
+    row = next(r for r in table if r.startswith(base.id_set))
+    assert row.split() == [base.id_set, "plant", "identity", "ecdsa"]
+    text = ok(run("set", "create", "--name", "other", "--identity", home=base.path))
+    assert text.stdout.startswith("identity set other created: set id ")
+
+
+def test_unit_create_enrols_the_unit_and_registers_it(base: Home) -> None:
+    assert register(base) == [{"set_id": base.id_set, "sn": SN1, "status": "active",
+                               "certificate": register(base)[0]["certificate"]}]
+    cert = bytes.fromhex(register(base)[0]["certificate"])
+    assert bytes.fromhex(SN1) in cert and bytes.fromhex(base.id_set) in cert
+    # the unit holds its key and C_U: its slots answer as a unit of this set
+    st = ok(base.run("unit", "list")).stdout.splitlines()
+    assert SN1 in st
+    table = ok(base.run("unit", "list", "--set", base.id_set)).stdout.splitlines()
+    assert table[0].split() == ["SN", "status"] and table[2].split() == [SN1, "active"]
+
+
+def test_unit_create_json_gives_the_certificate(home: Home) -> None:
+    out = ok(home.run("unit", "create", "--set", home.id_set, "--sn", SN2, "--json")).json()
+    assert out["sn"] == SN2 and out["set_id"] == home.id_set and out["slots"] == [1]
+    assert {r["sn"]: r["certificate"] for r in register(home)}[SN2] == out["certificate"]
+
+
+def test_revoke_shows_in_the_register(home: Home) -> None:
+    res = ok(home.run("unit", "revoke", "--set", home.id_set, "--sn", SN1))
+    assert res.stdout.strip() == (f"unit {SN1} of set {home.id_set} revoked: its exports "
+                                  "are refused (6983)")
+    assert [(r["sn"], r["status"]) for r in register(home)] == [(SN1, "revoked")]
+
+
+def test_certify_prints_c_u_and_registers_the_unit(home: Home) -> None:
+    q = q_u()
+    c_u = ok(home.run("unit", "certify", "--set", home.id_set, "--sn", SN2, "--public-key",
+                      q.hex())).stdout.strip()
+    cert = bytes.fromhex(c_u)
+    assert q in cert and bytes.fromhex(SN2) in cert
+    assert {r["sn"]: (r["status"], r["certificate"]) for r in register(home)}[SN2] == (
+        "active", c_u)
+    js = ok(home.run("unit", "certify", "--set", home.id_set, "--sn", "1d03",
+                     "--public-key", q_u().hex(), "--json")).json()
+    assert js["sn"] == "1d03" and js["set_id"] == home.id_set
+    assert bytes.fromhex(js["certificate"])
+
+
+# -- refusals: exit code, one error line, nothing stored changed ---------------------------
+UNKNOWN = "0123456789"
+
+
+@pytest.mark.parametrize("argv", [
+    ("unit", "list", "--set", UNKNOWN),
+    ("unit", "revoke", "--set", UNKNOWN, "--sn", SN1),
+    ("unit", "create", "--set", UNKNOWN, "--sn", SN2),
+    ("unit", "certify", "--set", UNKNOWN, "--sn", SN2, "--public-key", "04" + "00" * 64),
+], ids=["list", "revoke", "create", "certify"])
+def test_unknown_set_is_refused(home: Home, argv: tuple[str, ...]) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run(*argv), EXIT_REFUSED, UNKNOWN)
+    assert snapshot(home.path) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ("unit", "list", "--set"),
+    ("unit", "revoke", "--sn", SN1, "--set"),
+    ("unit", "certify", "--sn", SN2, "--public-key", "04" + "11" * 64, "--set"),
+], ids=["list", "revoke", "certify"])
+def test_a_transport_key_set_given_identity_commands_is_refused(
+        home: Home, argv: tuple[str, ...]) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run(*argv, home.t_set), EXIT_INPUT, home.t_set,
+                 "not an identity set")
+    assert snapshot(home.path) == before
+
+
+@pytest.mark.parametrize("extra", [("--signed",), ("--components", "2")])
+def test_set_create_identity_with_transport_key_options_is_refused(
+        home: Home, extra: tuple[str, ...]) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run("set", "create", "--name", "x", "--identity", *extra), EXIT_INPUT,
+                 "--identity takes neither")
+    assert snapshot(home.path) == before
+
+
+@pytest.mark.parametrize("extra", [("--suites", "1,2"), ("--components", "2")])
+def test_unit_create_in_an_identity_set_with_transport_key_options_is_refused(
+        home: Home, extra: tuple[str, ...]) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run("unit", "create", "--set", home.id_set, "--sn", SN2, *extra),
+                 EXIT_INPUT, "is an identity set")
+    assert snapshot(home.path) == before
+
+
+def test_suite_3_for_a_unit_of_a_transport_key_set_is_refused(home: Home) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run("unit", "create", "--set", home.t_set, "--sn", SN2, "--suites", "3"),
+                 EXIT_INPUT, "identity set alone")
+    assert snapshot(home.path) == before
+
+
+@pytest.mark.parametrize(("key", "needle"), [
+    ("zz" * 65, "must be hex"),
+    ("04" + "11" * 64, "not an uncompressed P-256 point"),   # not on the curve
+    ("02" + "11" * 32, "not an uncompressed P-256 point"),   # compressed
+], ids=["not-hex", "off-curve", "compressed"])
+def test_certify_a_bad_public_key_is_refused(home: Home, key: str, needle: str) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run("unit", "certify", "--set", home.id_set, "--sn", SN2,
+                          "--public-key", key), EXIT_INPUT, needle)
+    assert snapshot(home.path) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ("unit", "create", "--sn", SN1, "--set"),
+    ("unit", "certify", "--sn", SN1, "--public-key", "", "--set"),
+], ids=["create", "certify"])
+def test_a_duplicate_sn_is_refused(home: Home, argv: tuple[str, ...]) -> None:
+    argv = tuple(q_u().hex() if a == "" else a for a in argv)
+    before = snapshot(home.path)
+    assert_error(home.run(*argv, home.id_set), EXIT_INPUT, SN1, "already certified")
+    assert snapshot(home.path) == before
+
+
+def test_revoking_a_unit_not_in_the_register_is_refused(home: Home) -> None:
+    before = snapshot(home.path)
+    assert_error(home.run("unit", "revoke", "--set", home.id_set, "--sn", SN2), EXIT_INPUT,
+                 SN2, "not in the register")
+    assert snapshot(home.path) == before
+
+
+def test_set_create_identity_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None:
+    """A home whose authority lives in a PKCS#11 token: no identity set there yet."""
+    from .test_cli_hardware import DEMO_PIN, _require_softhsm, keyload
+
+    require(KEYLOAD.is_file(), f"the keyload console script is not installed at {KEYLOAD}")
+    _require_softhsm()
+    root = tmp_path / "work"
+    ok(keyload("demo", "--units", "1", "--authority", "pkcs11", "--workdir", root, "--quiet"))
+    sets = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()
+    def files() -> dict[str, bytes]:  # the token's own bookkeeping changes at each login
+        return {k: v for k, v in snapshot(root).items() if not k.startswith("softhsm/")}
+
+    before = files()
+    res = keyload("set", "create", "--name", "plant", "--identity", home=root, pin=DEMO_PIN)
+    assert_error(res, EXIT_INPUT, "identity sets", "PKCS#11")
+    assert files() == before
+    assert ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json() == sets
+    assert json.loads((root / "authority" / "backend.json").read_text())["backend"] == "pkcs11"
