@@ -228,3 +228,56 @@ def test_set_create_identity_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None
     assert files() == before
     assert ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json() == sets
     assert json.loads((root / "authority" / "backend.json").read_text())["backend"] == "pkcs11"
+
+
+# -- loads: suite 0x03 chosen because the unit's set is an identity set --------------------
+def _with_key(home: Home) -> None:
+    ok(home.run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
+                "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+                "--slots", "1"))
+
+
+def test_load_into_a_unit_of_an_identity_set_and_its_receipt_verifies(home: Home) -> None:
+    _with_key(home)
+    kcv = next(k["kcv"] for k in home.run("key", "list", "--json").json())
+    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
+    assert (out["sn"], out["set_id"], out["suite"], out["ref2"]) == (SN1, home.id_set, 3, 1)
+    assert out["kcv"] == kcv and len(bytes.fromhex(out["receipt"])) == 64  # ECDSA r || s
+    exports = ok(home.run("authority", "exports", "--json")).json()["records"]
+    assert [(e["sn"], e["suite"], e["kcv"]) for e in exports] == [(SN1, 3, kcv)]
+    rec = ok(home.run("receipts"))
+    assert rec.last_line() == "1 receipts verified, 0 invalid"
+    js = ok(home.run("receipts", "--json")).json()
+    assert (js["verified"], js["invalid"], js["exports_without_receipt"]) == (1, 0, 0)
+
+
+def test_a_tampered_suite_3_receipt_is_invalid(home: Home) -> None:
+    import sqlite3
+
+    _with_key(home)
+    ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1"))
+    db = sqlite3.connect(home.path / "station.db")
+    (rct,) = db.execute("SELECT rct FROM loads").fetchone()
+    db.execute("UPDATE loads SET rct = ?", (rct[:-2] + ("00" if rct[-2:] != "00" else "01"),))
+    db.commit()
+    db.close()
+    res = home.run("receipts")
+    assert res.rc == 1 and res.last_line() == "0 receipts verified, 1 invalid", res.describe()
+    assert "receipt does not verify" in res.stdout
+
+
+def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
+    _with_key(home)
+    ok(home.run("unit", "revoke", "--set", home.id_set, "--sn", SN1))
+
+    def kept() -> dict[str, bytes]:  # the keystore and the units (a load records its tries)
+        return {k: v for k, v in snapshot(home.path).items()
+                if k.startswith(("units/", "authority/")) and k != "authority/exports.db"}
+
+    before = kept()
+    res = home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1")
+    assert_error(res, EXIT_REFUSED, "6983")
+    assert kept() == before
+    assert home.run("authority", "exports", "--json").json()["total"] == 0
+    rec = home.run("receipts", "--json").json()
+    assert (rec["verified"], rec["invalid"], rec["exports_without_receipt"]) == (0, 0, 0)

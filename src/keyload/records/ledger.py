@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core.errors import KeyloadError, StatusError
+from ..core.identity import Certificate
 from ..core.keys import KeyHeader
+from ..core.suite3 import SUITE_ECDH
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
@@ -113,6 +115,10 @@ class Export:
     client: str | None = None
     unreceipted: str | None = None  # the service's state of an export it has no receipt for
     recorded: tuple[str, ...] = COMPARED
+    # suite 0x03 (docs/protocol.md §10.5): the unit's certificate C_U and the authority's
+    # ephemeral key E_A it signed its receipt over, as the export recorded them
+    c_u: bytes | None = None
+    e_a: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +139,12 @@ class ReceiptChecker(Protocol):
     def verify_receipt(self, *, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int,
                        h: bytes, kcv: bytes, rct: bytes) -> None:
         """None for the unit's genuine receipt; a StatusError otherwise."""
+        ...
+
+    def verify_receipt3(self, *, set_id: bytes, c_u: Certificate, r: bytes, ref2: int,
+                        ref1: bytes, h: bytes, kcv: bytes, e_a: bytes, rct: bytes) -> None:
+        """None for the ECDSA receipt of the unit of ``c_u`` (suite 0x03); else a
+        StatusError."""
         ...
 
 
@@ -180,8 +192,20 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
     if len(e.r) != R_LEN:
         out.append(f"R is {len(e.r)} bytes, not {R_LEN}")
     try:
-        checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r, ref2=e.ref2,
-                               h=e.header, kcv=e.kcv, rct=e.rct)
+        if e.suite == SUITE_ECDH:
+            if export is None or export.c_u is None or export.e_a is None:
+                out.append("no certificate recorded to verify this suite 0x03 receipt")
+                return out
+            c_u = Certificate.decode(export.c_u)
+            if c_u.subject != e.sn:
+                out.append("the recorded certificate names another unit")
+                return out
+            checker.verify_receipt3(set_id=e.set_id, c_u=c_u, r=e.r, ref2=e.ref2,
+                                    ref1=e.ref1, h=e.header, kcv=e.kcv, e_a=export.e_a,
+                                    rct=e.rct)
+        else:
+            checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r,
+                                   ref2=e.ref2, h=e.header, kcv=e.kcv, rct=e.rct)
     except StatusError as err:
         out.append(f"receipt does not verify (SW {err.sw:04X})")
     return out

@@ -29,15 +29,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
 from ..core.apdu import ResponseAPDU, encode_command
 from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
 from ..core.keys import KeyHeader
+from ..core.messages3 import (
+    ExportRequest3,
+    ExportResponse3,
+    ImportData3,
+    ImportResponse3,
+    InitResponse3,
+)
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
+from ..core.suite3 import SUITE_ECDH
 from ..core.suites import PREFERENCE
 from ..transports import Connection
 
@@ -134,6 +142,15 @@ class UnitClient:
         r = self.conn.transmit(encode_command(0x80, INS_IMPORT, 0, 0, data, _ne(data)))
         return msg.ImportResponse.decode(_check(r, UNIT_MEANING))
 
+    def initialize3(self) -> InitResponse3:
+        """INITIALIZE DOWNLOAD of a unit of an identity set (suite 0x03, §10.3)."""
+        r = self.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"", 65536))
+        return InitResponse3.decode(_check(r, UNIT_MEANING))
+
+    def import_key3(self, data: bytes) -> ImportResponse3:
+        r = self.conn.transmit(encode_command(0x80, INS_IMPORT, 0, 0, data, _ne(data)))
+        return ImportResponse3.decode(_check(r, UNIT_MEANING))
+
     def slot_status(self, ref2: int) -> msg.SlotStatus:
         msg.check_ref2(ref2)
         r = self.conn.transmit(encode_command(0x80, INS_STATUS, 0, ref2, b"", 256))
@@ -154,6 +171,11 @@ class AuthorityClient:
         data = req.encode()
         r = self.conn.transmit(encode_command(0x80, INS_EXPORT, 0, 0, data, _ne(data)))
         return msg.ExportResponse.decode(_check(r, AUTHORITY_MEANING))
+
+    def export3(self, req: ExportRequest3) -> ExportResponse3:
+        data = req.encode()
+        r = self.conn.transmit(encode_command(0x80, INS_EXPORT, 0, 0, data, 65536))
+        return ExportResponse3.decode(_check(r, AUTHORITY_MEANING))
 
 
 class LoadResult(NamedTuple):
@@ -188,6 +210,35 @@ def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
 ExportHook = Callable[[msg.InitResponse, int, msg.ExportResponse], None]
 
 
+Init = TypeVar("Init", msg.InitResponse, InitResponse3)
+Imported = TypeVar("Imported", bound=msg.ImportResponse)
+
+
+def _initialized(unit: UnitClient, ref1: bytes, ref2: int, select: bool,
+                 initialize: Callable[[], Init]) -> Init:
+    """REF1 and REF2 checked, then SELECT and INITIALIZE DOWNLOAD."""
+    msg.check_ref1(ref1)
+    msg.check_ref2(ref2)
+    try:
+        if select:
+            unit.select()
+        return initialize()
+    except KeyloadError as e:
+        raise _step(Step.UNIT_INIT, e) from None
+
+
+def _imported(import_key: Callable[[bytes], Imported], data: bytes, kcv: bytes,
+              sn: bytes) -> Imported:
+    """IMPORTKEY, and the unit's KCV checked against the authority's."""
+    try:
+        ans = import_key(data)
+    except KeyloadError as e:
+        raise _step(Step.IMPORT, e, sn) from None
+    if not ct_equal(ans.kcv, kcv):
+        raise _step(Step.KCV, KcvMismatch("the unit's KCV differs from the authority's"), sn)
+    return ans
+
+
 def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
              select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
     """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed.
@@ -195,14 +246,7 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
     ``on_export(init, suite, response)`` runs after EXPORTKEY and before IMPORTKEY (a
     journal records the export there); if it raises, nothing is sent to the unit.
     """
-    msg.check_ref1(ref1)
-    msg.check_ref2(ref2)
-    try:
-        if select:
-            unit.select()
-        init = unit.initialize()
-    except KeyloadError as e:
-        raise _step(Step.UNIT_INIT, e) from None
+    init = _initialized(unit, ref1, ref2, select, unit.initialize)
     candidates = [s for s in PREFERENCE if s in init.suites and
                   (authority.suites is None or s in authority.suites)]
     if not candidates:
@@ -223,12 +267,24 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
     assert resp is not None
     if on_export is not None:
         on_export(init, suite, resp)
-    try:
-        ans = unit.import_key(resp.import_data)
-    except KeyloadError as e:
-        raise _step(Step.IMPORT, e, init.sn) from None
-    if not ct_equal(ans.kcv, resp.kcv):
-        raise _step(Step.KCV, KcvMismatch("the unit's KCV differs from the authority's"),
-                    init.sn)
+    ans = _imported(unit.import_key, resp.import_data, resp.kcv, init.sn)
     header = resp.header or msg.ImportData.decode(resp.import_data).h
     return LoadResult(init.sn, init.set_id, ref1, ref2, suite, init.r, header, ans.kcv, ans.rct)
+
+
+def load_key3(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
+              select: bool = True) -> LoadResult:
+    """Load key REF1 into slot REF2 of a unit of an identity set (suite 0x03, §10.3): the
+    unit's E_U, C_U and signature to the authority, its E0 back to the unit; the receipt is
+    the unit's ECDSA signature. Raise LoadFailed."""
+    init = _initialized(unit, ref1, ref2, select, unit.initialize3)
+    try:
+        resp = authority.export3(ExportRequest3(
+            msg.ExportRequest(init.sn, init.r, init.set_id, SUITE_ECDH, ref1, ref2),
+            init.e_u, init.c_u, init.sig_u))
+    except KeyloadError as e:
+        raise _step(Step.EXPORT, e, init.sn) from None
+    ans = _imported(unit.import_key3, resp.import_data, resp.kcv, init.sn)
+    header = ImportData3.decode(resp.import_data).h
+    return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, header, ans.kcv,
+                      ans.rct)

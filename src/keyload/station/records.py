@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.ecc import SIGNATURE_LEN
+from ..core.suite3 import SUITE_ECDH
 from ..records.stored import (
     H_SIZE,
     KCV_SIZE,
@@ -95,11 +97,13 @@ def _row(t: tuple[object, ...]) -> LoadRow:
     def opt(value: object, column: str) -> int | None:
         return int_col(value, column) if loaded else opt_int_col(value, column)
 
+    suite = opt(t[7], "suite")
+    rct_size = SIGNATURE_LEN if suite == SUITE_ECDH else RCT_SIZE  # ECDSA r || s, or a MAC
     return LoadRow(num_col(t[0], "time"), text_col(t[1], "station"), hex_col(t[2], "sn", SN_SIZE),
                    need(t[3], "set_id", SET_ID_SIZE), hex_col(t[4], "ref1", REF1_SIZE),
-                   int_col(t[5], "ref2"), status, opt(t[7], "suite"), need(t[8], "r", R_SIZE),
+                   int_col(t[5], "ref2"), status, suite, need(t[8], "r", R_SIZE),
                    need(t[9], "header", H_SIZE), opt(t[10], "key_version"),
-                   need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", RCT_SIZE),
+                   need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", rct_size),
                    None if t[13] is None else str(t[13]), None if t[14] is None else str(t[14]),
                    None if t[15] is None else str(t[15]))
 

@@ -19,7 +19,14 @@ from .drive import UnitDone
 from .fleet import EmulatedFleet, EmulatedUnitSource
 from .home import Home
 from .journal.model import Journal
-from .load import AuthorityClient, LoadFailed, LoadResult, UnitClient, load_key
+from .load import (
+    AuthorityClient,
+    LoadFailed,
+    LoadResult,
+    UnitClient,
+    load_key,
+    load_key3,
+)
 from .records import LoadRecords
 
 
@@ -133,7 +140,8 @@ def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int) -> LoadResult:
         records = LoadRecords(home.station_db)
         stack.callback(records.close)
         try:
-            res = load_key(UnitClient(LocalConnection(unit)), ac, ref1, ref2)
+            load = load_key3 if unit.state.identity else load_key
+            res = load(UnitClient(LocalConnection(unit)), ac, ref1, ref2)
         except LoadFailed as e:
             records.add_failure(sn, ref1, ref2, e)
             raise
