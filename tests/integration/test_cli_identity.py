@@ -245,6 +245,10 @@ def test_load_into_a_unit_of_an_identity_set_and_its_receipt_verifies(home: Home
     assert out["kcv"] == kcv and len(bytes.fromhex(out["receipt"])) == 64  # ECDSA r || s
     exports = ok(home.run("authority", "exports", "--json")).json()["records"]
     assert [(e["sn"], e["suite"], e["kcv"]) for e in exports] == [(SN1, 3, kcv)]
+    st = ok(home.run("unit", "status", "--sn", SN1, "--json")).json()
+    assert st["set_id"] == home.id_set
+    assert [(x["ref2"], x["state"], x["kcv"]) for x in st["slots"]] == [
+        (1, "loaded", kcv), (2, "empty", None)]
     rec = ok(home.run("receipts"))
     assert rec.last_line() == "1 receipts verified, 0 invalid"
     js = ok(home.run("receipts", "--json")).json()

@@ -32,17 +32,12 @@ from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
 from ..core import messages as msg
+from ..core import messages3 as msg3
+from ..core import tlv
 from ..core.aids import AID_AUTHORITY, AID_UNIT, INS_EXPORT, INS_IMPORT, INS_INIT, INS_STATUS
 from ..core.apdu import ResponseAPDU, encode_command
 from ..core.errors import KcvMismatch, KeyloadError, StatusError, Unsupported
 from ..core.keys import KeyHeader
-from ..core.messages3 import (
-    ExportRequest3,
-    ExportResponse3,
-    ImportData3,
-    ImportResponse3,
-    InitResponse3,
-)
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
 from ..core.suite3 import SUITE_ECDH
@@ -134,27 +129,36 @@ class UnitClient:
     def select(self) -> None:
         _select(self.conn, AID_UNIT)
 
+    def _call(self, ins: int, data: bytes = b"", *, p2: int = 0, ne: int = 256) -> bytes:
+        """One command to the unit; its answer's data, or the typed error of its SW."""
+        return _check(self.conn.transmit(encode_command(0x80, ins, 0, p2, data, ne)),
+                      UNIT_MEANING)
+
     def initialize(self) -> msg.InitResponse:
-        r = self.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"", 256))
-        return msg.InitResponse.decode(_check(r, UNIT_MEANING))
+        return msg.InitResponse.decode(self._call(INS_INIT))
 
     def import_key(self, data: bytes) -> msg.ImportResponse:
-        r = self.conn.transmit(encode_command(0x80, INS_IMPORT, 0, 0, data, _ne(data)))
-        return msg.ImportResponse.decode(_check(r, UNIT_MEANING))
+        return msg.ImportResponse.decode(self._call(INS_IMPORT, data, ne=_ne(data)))
 
-    def initialize3(self) -> InitResponse3:
+    def initialize3(self) -> msg3.InitResponse3:
         """INITIALIZE DOWNLOAD of a unit of an identity set (suite 0x03, §10.3)."""
-        r = self.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"", 65536))
-        return InitResponse3.decode(_check(r, UNIT_MEANING))
+        return msg3.InitResponse3.decode(self._call(INS_INIT, ne=65536))
 
-    def import_key3(self, data: bytes) -> ImportResponse3:
-        r = self.conn.transmit(encode_command(0x80, INS_IMPORT, 0, 0, data, _ne(data)))
-        return ImportResponse3.decode(_check(r, UNIT_MEANING))
+    def import_key3(self, data: bytes) -> msg3.ImportResponse3:
+        return msg3.ImportResponse3.decode(self._call(INS_IMPORT, data, ne=_ne(data)))
+
+    def slot_status3(self, ref2: int) -> msg.SlotStatus | msg3.SlotStatus3:
+        """GET SLOT STATUS of a unit of an identity set: a slot loaded by suite 0x03
+        answers its REF1 too (``SlotStatus3``), any other as in suites 0x01/0x02."""
+        msg.check_ref2(ref2)
+        data = self._call(INS_STATUS, p2=ref2)
+        if len(tlv.iter_tlv(data)) == len(msg3.SlotStatus3._fields):
+            return msg3.SlotStatus3.decode(data)
+        return msg.SlotStatus.decode(data)
 
     def slot_status(self, ref2: int) -> msg.SlotStatus:
         msg.check_ref2(ref2)
-        r = self.conn.transmit(encode_command(0x80, INS_STATUS, 0, ref2, b"", 256))
-        return msg.SlotStatus.decode(_check(r, UNIT_MEANING))
+        return msg.SlotStatus.decode(self._call(INS_STATUS, p2=ref2))
 
 
 class AuthorityClient:
@@ -172,10 +176,10 @@ class AuthorityClient:
         r = self.conn.transmit(encode_command(0x80, INS_EXPORT, 0, 0, data, _ne(data)))
         return msg.ExportResponse.decode(_check(r, AUTHORITY_MEANING))
 
-    def export3(self, req: ExportRequest3) -> ExportResponse3:
+    def export3(self, req: msg3.ExportRequest3) -> msg3.ExportResponse3:
         data = req.encode()
         r = self.conn.transmit(encode_command(0x80, INS_EXPORT, 0, 0, data, 65536))
-        return ExportResponse3.decode(_check(r, AUTHORITY_MEANING))
+        return msg3.ExportResponse3.decode(_check(r, AUTHORITY_MEANING))
 
 
 class LoadResult(NamedTuple):
@@ -210,7 +214,7 @@ def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
 ExportHook = Callable[[msg.InitResponse, int, msg.ExportResponse], None]
 
 
-Init = TypeVar("Init", msg.InitResponse, InitResponse3)
+Init = TypeVar("Init", msg.InitResponse, msg3.InitResponse3)
 Imported = TypeVar("Imported", bound=msg.ImportResponse)
 
 
@@ -279,12 +283,12 @@ def load_key3(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: i
     the unit's ECDSA signature. Raise LoadFailed."""
     init = _initialized(unit, ref1, ref2, select, unit.initialize3)
     try:
-        resp = authority.export3(ExportRequest3(
+        resp = authority.export3(msg3.ExportRequest3(
             msg.ExportRequest(init.sn, init.r, init.set_id, SUITE_ECDH, ref1, ref2),
             init.e_u, init.c_u, init.sig_u))
     except KeyloadError as e:
         raise _step(Step.EXPORT, e, init.sn) from None
     ans = _imported(unit.import_key3, resp.import_data, resp.kcv, init.sn)
-    header = ImportData3.decode(resp.import_data).h
+    header = msg3.ImportData3.decode(resp.import_data).h
     return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, header, ans.kcv,
                       ans.rct)

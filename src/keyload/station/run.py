@@ -158,7 +158,8 @@ def unit_slots(home: Home, sn: bytes) -> tuple[bytes, list[dict[str, Any]]]:
         try:
             client = UnitClient(LocalConnection(unit))
             client.select()
-            sts = [client.slot_status(r) for r in sorted(unit.state.slots)]
+            status = client.slot_status3 if unit.state.identity else client.slot_status
+            sts = [status(r) for r in sorted(unit.state.slots)]
             accepts = {r: sorted(KeyType(t).label for t in s.accepts)
                        for r, s in unit.state.slots.items()}
             set_id = unit.state.set_id
