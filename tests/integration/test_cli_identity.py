@@ -285,3 +285,13 @@ def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
     assert home.run("authority", "exports", "--json").json()["total"] == 0
     rec = home.run("receipts", "--json").json()
     assert (rec["verified"], rec["invalid"], rec["exports_without_receipt"]) == (0, 0, 0)
+
+
+def test_a_diversified_key_loads_by_suite_3_and_its_receipt_verifies(home: Home) -> None:
+    ok(home.run("key", "generate", "--ref1", "TMK-D", "--type", "aes256", "--usage", "K0",
+                "--mode", "B", "--exportability", "E", "--version", "1", "--diversify",
+                "--sets", home.id_set, "--slots", "1"))
+    master = next(k["kcv"] for k in home.run("key", "list", "--json").json())
+    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
+    assert out["suite"] == 3 and out["kcv"] != master  # TA' = KDF(TA, SN): its own KCV
+    assert ok(home.run("receipts")).last_line() == "1 receipts verified, 0 invalid"
