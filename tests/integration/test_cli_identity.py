@@ -295,3 +295,34 @@ def test_a_diversified_key_loads_by_suite_3_and_its_receipt_verifies(home: Home)
     out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
     assert out["suite"] == 3 and out["kcv"] != master  # TA' = KDF(TA, SN): its own KCV
     assert ok(home.run("receipts")).last_line() == "1 receipts verified, 0 invalid"
+
+
+def test_an_enrolment_the_authority_refuses_leaves_no_unit_behind(home: Home) -> None:
+    """The unit makes its key before the authority certifies it: when the authority
+    cannot (here its register cannot be written), the new unit's file is removed, so the
+    SN can be enrolled again and no unit without a certificate is left in the fleet."""
+    from keyload.core.errors import StoreError
+    from keyload.station.home import Home as StationHome
+    from keyload.station.identity import enrol_unit
+    from keyload.units.storage import KekSource
+    from keyload.units.unit import Slot
+
+    from .cli_helpers import PASSPHRASE
+
+    before = snapshot(home.path)
+    station_home = StationHome.resolve(str(home.path), KekSource(passphrase=PASSPHRASE))
+    ks = station_home.open_keystore()
+
+    def register_cannot_be_written(*_: object) -> None:
+        raise StoreError("register cannot be written")
+
+    ks.certify_unit = register_cannot_be_written  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreError, match="register cannot be written"):
+            enrol_unit(station_home, ks, bytes.fromhex(home.id_set), bytes.fromhex(SN2),
+                       {1: Slot(1, frozenset())})
+    finally:
+        ks.close()
+    assert snapshot(home.path) == before
+    ok(home.run("unit", "create", "--set", home.id_set, "--sn", SN2, "--slot", "1=aes256"))
+    assert [r["sn"] for r in register(home)] == [SN1, SN2]

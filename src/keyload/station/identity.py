@@ -73,16 +73,21 @@ def enrol_unit(home: Home, ks: Keystore, set_id: bytes, sn: bytes,
     q_ca = sks.identity_set(set_id).q_ca
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
     try:
-        unit = Unit(FileUnitStore.create(fleet.vault, UnitState.new_identity(sn, slots)))
+        store = FileUnitStore.create(fleet.vault, UnitState.new_identity(sn, slots))
+        unit = Unit(store)
+        enrolled = False
         try:
             answer = _unit_apdu(unit, INS_GENERATE_KEY, b"", "GENERATE UNIT KEY")
             (q_u,) = tlv.decode(answer, (T_PUBLIC,))
             cert = sks.certify_unit(set_id, sn, q_u)
             _unit_apdu(unit, INS_PUT_CERTIFICATE, PutCertificate(cert, q_ca).encode(),
                        "PUT CERTIFICATE")
+            enrolled = True
             return cert
         finally:
             unit.close()
+            if not enrolled:  # no unit without its certificate is left in the fleet
+                (fleet.vault.directory / store.filename).unlink(missing_ok=True)
     finally:
         fleet.close()
 
