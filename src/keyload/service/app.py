@@ -329,12 +329,12 @@ class ServiceApp(KeyRoutes):
             **self.connections.counts(), "refused_before_tls": self.doorway.refused})
 
     # -- policy ------------------------------------------------------------------------
-    def reload_policy(self, *, tell_workers: bool = True) -> bool:
+    def reload_policy(self) -> bool:
         """Read the policy file again (SIGHUP). A file that does not parse leaves the
         policy in force unchanged; either way the attempt is audited."""
         if self.policy_path is None:
             return False
-        if tell_workers and self.after_reload is not None:  # they read the file themselves
+        if self.after_reload is not None:  # the workers read the file themselves
             self.after_reload()
         try:
             new = Policy.load(self.policy_path)
@@ -409,10 +409,11 @@ class ServiceApp(KeyRoutes):
                 self._flusher = loop.create_task(self._flush_loop())
                 with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                     loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
-                # SIGHUP was ignored until now: a reload sent while this process started
-                # (each worker starts on its own) is taken here, from the file itself
+                # SIGHUP was ignored until now: a reload sent while this process started is
+                # taken here, from the file itself (each worker checks at its own start;
+                # the first process, which passes SIGHUP on, tells the workers again)
                 if self._policy_file_changed():
-                    self.reload_policy(tell_workers=False)
+                    self.reload_policy()
                 await send({"type": "lifespan.startup.complete"})
             elif m["type"] == "lifespan.shutdown":
                 if self._flusher is not None:
