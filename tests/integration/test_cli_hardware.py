@@ -183,7 +183,7 @@ def test_pkcs11_demo_home_used_by_later_commands(pkcs11_demo: DemoHome) -> None:
     assert (keys["TMK-A"]["type"], keys["TMK-A"]["diversify"]) == ("aes256", True)
     assert (keys["MAC-A"]["type"], keys["MAC-A"]["diversify"]) == ("hmac-sha256", False)
     show = ok(keyload("authority", "show", "--json", home=home, pin=DEMO_PIN)).json()
-    assert show["backend"] == "pkcs11" and show["suites"] == [2]
+    assert show["backend"] == "pkcs11" and show["suites"] == [2, 3]
     assert show["signing_public_key"] and all(s["signed"] for s in show["sets"])
     assert len(show["sets"]) == 2
     # the authority checks every receipt the demo recorded: station records (receipts), or
@@ -311,7 +311,8 @@ LOADED = re.compile(r"^loaded (\S+) v1 into unit 0102 slot (\d): KCV ([0-9A-F]{1
 
 def test_p11_authority_init(p11: P11Session) -> None:
     out = p11.res["authority init"].stdout
-    assert f"authority created in token {LABEL!r} of {p11.module} (pkcs11; suites 0x02)" in out
+    assert (f"authority created in token {LABEL!r} of {p11.module} "
+            "(pkcs11; suites 0x02, 0x03)") in out
     assert re.search(r"^Ed25519 SAS public key: [0-9a-f]{64}$", out, re.M)
     cfg = json.loads((p11.home / "authority" / "backend.json").read_text())
     assert cfg == {"backend": "pkcs11", "module": p11.module, "token": LABEL,

@@ -210,8 +210,9 @@ def test_revoking_a_unit_not_in_the_register_is_refused(home: Home) -> None:
     assert snapshot(home.path) == before
 
 
-def test_set_create_identity_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None:
-    """A home whose authority lives in a PKCS#11 token: no identity set there yet."""
+def test_set_create_identity_on_a_pkcs11_home_makes_it_in_the_token(tmp_path: Path) -> None:
+    """A home whose authority lives in a PKCS#11 token: the identity set is made there (its
+    loads: tests/integration/test_pkcs11_identity.py); no keystore file appears."""
     from .test_cli_hardware import DEMO_PIN, _require_softhsm, keyload
 
     require(KEYLOAD.is_file(), f"the keyload console script is not installed at {KEYLOAD}")
@@ -219,15 +220,14 @@ def test_set_create_identity_on_a_pkcs11_home_is_refused(tmp_path: Path) -> None
     root = tmp_path / "work"
     ok(keyload("demo", "--units", "1", "--authority", "pkcs11", "--workdir", root, "--quiet"))
     sets = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()
-    def files() -> dict[str, bytes]:  # the token's own bookkeeping changes at each login
-        return {k: v for k, v in snapshot(root).items() if not k.startswith("softhsm/")}
-
-    before = files()
-    res = keyload("set", "create", "--name", "plant", "--identity", home=root, pin=DEMO_PIN)
-    assert_error(res, EXIT_INPUT, "identity sets", "PKCS#11")
-    assert files() == before
-    assert ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json() == sets
+    made = ok(keyload("set", "create", "--name", "plant", "--identity", "--json", home=root,
+                      pin=DEMO_PIN)).json()
+    assert made["kind"] == "identity" and made["name"] == "plant"
+    after = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()
+    assert [s for s in after if s["set_id"] != made["set_id"]] == sets
+    assert {s["set_id"]: s["kind"] for s in after}[made["set_id"]] == "identity"
     assert json.loads((root / "authority" / "backend.json").read_text())["backend"] == "pkcs11"
+    assert not (root / "authority" / "keystore.sealed").exists()
 
 
 # -- loads: suite 0x03 chosen because the unit's set is an identity set --------------------

@@ -224,7 +224,7 @@ def test_suite1_vector_refused_6a81(vectors: VectorWorld) -> None:
 
 def test_capabilities(vectors: VectorWorld) -> None:
     caps = vectors.authority.capabilities()
-    assert caps.suites == frozenset({2}) and caps.ed25519 and caps.backend == "pkcs11"
+    assert caps.suites == frozenset({2, 3}) and caps.ed25519 and caps.backend == "pkcs11"
 
 
 def test_imported_T_set_id_is_software_kcv(hsm: Hsm) -> None:

@@ -331,15 +331,6 @@ def test_a_failing_store_answers_6581_and_changes_nothing(world: World,
     assert fresh.state.unit_key is None
 
 
-def test_pkcs11_backend_offers_no_identity_set() -> None:
-    pytest.importorskip("pkcs11")
-    from keyload.units.pkcs11 import Pkcs11Keystore
-
-    with pytest.raises(ValueError, match="identity sets"):
-        Pkcs11Keystore.generate_identity_set(object(), "x",  # type: ignore[arg-type]
-                                             authority_id=b"A")
-
-
 def test_sqlite_export_log_keeps_what_verifies_the_receipt(tmp_path: Path) -> None:
     """§10.4: the record keeps R, H, E_A and C_U; a table made before them gains them."""
     path = tmp_path / "exports.db"

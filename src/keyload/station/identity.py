@@ -11,8 +11,7 @@ from ..core.aids import INS_GENERATE_KEY, INS_PUT_CERTIFICATE
 from ..core.apdu import ResponseAPDU, encode_command
 from ..core.identity import T_PUBLIC, Certificate, PutCertificate
 from ..core.messages import check_sn
-from ..units.authority import SetInfo, UnitRecord
-from ..units.keystore import SoftwareKeystore
+from ..units.authority import IdentityAdministration, SetInfo, UnitRecord
 from ..units.unit import FileUnitStore, Slot, Unit, UnitState
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
@@ -45,11 +44,11 @@ def unique_name(ks: Keystore, name: str) -> None:
         raise ValueError(f"a set named {name!r} exists already (set id {taken[0]})")
 
 
-def _identity_set(ks: Keystore, set_id: bytes) -> SoftwareKeystore:
+def _identity_set(ks: Keystore, set_id: bytes) -> IdentityAdministration:
     """The keystore holding identity set ``set_id`` (an unknown set: 6A82); ValueError
     when ``set_id`` is a transport-key set."""
     info: SetInfo = ks.set_info(set_id)
-    if not info.identity or not isinstance(ks, SoftwareKeystore):
+    if not info.identity or not isinstance(ks, IdentityAdministration):
         raise ValueError(f"set {set_id.hex()} is a transport-key set, not an identity set "
                          "(keyload set create --identity)")
     return ks

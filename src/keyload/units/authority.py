@@ -198,6 +198,40 @@ class IdentityBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class IdentityAdministration(IdentityBackend, Protocol):
+    """The register of an identity set as a home administers it, on any backend (software
+    keystore, PKCS#11 token): certify a unit, revoke it, list the register. The refusals
+    are :func:`check_new_unit` and :func:`registered_unit`, whatever the backend."""
+
+    def certify_unit(self, set_id: bytes, sn: bytes, public_key: bytes) -> Certificate:
+        """Issue C_U for (SN, Q_U) and register the unit as active."""
+        ...
+
+    def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
+        """Mark a certified unit revoked: EXPORTKEY answers it 6983 from then on."""
+        ...
+
+    def unit_records(self, set_id: bytes) -> list[UnitRecord]: ...
+
+
+def check_new_unit(units: Mapping[bytes, UnitRecord], set_id: bytes, sn: bytes) -> None:
+    """The rules for a unit a backend is about to certify: a valid SN (1 to 32 bytes) not
+    yet in the register of ``set_id`` (``units``, by SN), else ValueError."""
+    msg.check_sn(sn)
+    if sn in units:
+        raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
+
+
+def registered_unit(units: Mapping[bytes, UnitRecord], set_id: bytes,
+                    sn: bytes) -> UnitRecord:
+    """The register's entry for ``sn`` (a unit to revoke), else ValueError."""
+    old = units.get(sn)
+    if old is None:
+        raise ValueError(f"unit {sn.hex()} is not in the register of set {set_id.hex()}")
+    return old
+
+
 def find_set(sets: Mapping[bytes, _Entry], set_id: bytes) -> _Entry:
     """A backend's entry for ``set_id``, else UnknownSet (6A82)."""
     try:

@@ -46,8 +46,10 @@ from .authority import (
     KeyInfo,
     SetInfo,
     UnitRecord,
+    check_new_unit,
     find_key,
     find_set,
+    registered_unit,
     validate_new_key,
     validate_new_set,
 )
@@ -313,9 +315,7 @@ class SoftwareKeystore:
         """Issue C_U for (SN, Q_U) and register the unit as active. ValueError for an SN
         already in the register or a key that is not a P-256 point."""
         ident = self._identity(set_id)
-        msg.check_sn(sn)
-        if sn in ident.units:
-            raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
+        check_new_unit(ident.units, set_id, sn)
         cert = issue_certificate(ident.ca, role=ROLE_UNIT, set_id=set_id, subject=sn,
                                  public_key=public_key)
         ident.units[sn] = UnitRecord(set_id, sn, cert)
@@ -325,9 +325,7 @@ class SoftwareKeystore:
     def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
         """Mark a certified unit revoked: EXPORTKEY answers it 6983 from then on."""
         ident = self._identity(set_id)
-        old = ident.units.get(sn)
-        if old is None:
-            raise ValueError(f"unit {sn.hex()} is not in the register of set {set_id.hex()}")
+        old = registered_unit(ident.units, set_id, sn)
         ident.units[sn] = UnitRecord(set_id, sn, old.certificate, True)
         self._save_or(lambda: ident.units.__setitem__(sn, old))
         return ident.units[sn]

@@ -47,6 +47,7 @@ from ...core.klp1 import (
 from ...core.primitives import aes_kwp_unwrap, ecbdiv_blocks
 from ...core.secret import scrub
 from ...core.suites import SUITE_ECBDIV
+from ..authority import KeyInfo
 from .index import KeyEntry, TokenIndex
 from .objects import (
     EPHEMERAL,
@@ -88,17 +89,31 @@ class Exporting(TokenIndex):
                 raise Pkcs11Error("a signed set, but the token holds no SAS key")
             if not signed and not self.clear_sas:
                 raise PolicyRefused(CLEAR_SAS_REFUSED)
-            i = k.info
-            if i.diversify and i.key_type == KeyType.AES192 and not self._aes192_div:
-                raise PolicyRefused("this token does not truncate ECB derivations to "
-                                    "CKA_VALUE_LEN: AES-192 keys cannot be diversified in it")
-            if i.length % 8 and not self._wrap_any_length:
-                raise PolicyRefused(f"this token cannot wrap a {i.length}-byte key as "
-                                    "RFC 5649 says (CKM_AES_KEY_WRAP_PAD defect)")
+            self._exportable(k.info)
             try:
                 return self._export(req, t.key, k, signed)
             except pkx.PKCS11Error as e:
                 raise token_error("export the key", e) from e
+
+    def _exportable(self, i: KeyInfo) -> None:
+        """What this token cannot do as KLP1 says (its self-test): PolicyRefused (6986)."""
+        if i.diversify and i.key_type == KeyType.AES192 and not self._aes192_div:
+            raise PolicyRefused("this token does not truncate ECB derivations to "
+                                "CKA_VALUE_LEN: AES-192 keys cannot be diversified in it")
+        if i.length % 8 and not self._wrap_any_length:
+            raise PolicyRefused(f"this token cannot wrap a {i.length}-byte key as "
+                                "RFC 5649 says (CKM_AES_KEY_WRAP_PAD defect)")
+
+    def _ta_prime(self, sc: Scope, k: KeyEntry, sn: bytes) -> tuple[pkcs11.Object, bytes, int]:
+        """TA' (a session object kept by ``sc`` when diversified, else TA), its KCV and the
+        header flag: TA' = ECBDIV(TA, "KLP1-TA", lv(SN), 8*len(TA)), its KCV by CMAC in
+        the token (docs/protocol.md §4)."""
+        i = k.info
+        if not i.diversify:
+            return k.key, i.kcv, 0
+        blocks = ecbdiv_blocks(LABEL_TA, lv(sn), -(-i.length // 16))
+        ta = sc.keep(derive(k.key, blocks, TA_DIV_SESSION, 8 * i.length))
+        return ta, sign(ta, bytes(16), CKM.AES_CMAC)[:5], FLAG_DIVERSIFIED
 
     def _export(self, req: msg.ExportRequest, t: pkcs11.Object, k: KeyEntry,
                 signed: bool) -> Exported:
@@ -111,17 +126,8 @@ class Exporting(TokenIndex):
             kmac = sc.keep(derive(t1, dl[KMAC], KMAC_SESSION, 256))
             ksas = None if signed else sc.keep(derive(t1, dl[KSAS], KSAS_SESSION, 256))
             sc.drop(t1)  # T1 is no longer needed
-            flags = FLAG_ED25519 if signed else 0
-            ta: pkcs11.Object
-            if i.diversify:
-                n = i.length
-                ta = sc.keep(derive(k.key, ecbdiv_blocks(LABEL_TA, lv(sn), -(-n // 16)),
-                                    TA_DIV_SESSION, 8 * n))
-                check = sign(ta, bytes(16), CKM.AES_CMAC)[:5]
-                flags |= FLAG_DIVERSIFIED
-            else:
-                ta = k.key
-                check = i.kcv
+            ta, check, flags = self._ta_prime(sc, k, sn)
+            flags |= FLAG_ED25519 if signed else 0
             h = KeyHeader(suite=SUITE_ECBDIV, key_type=i.key_type, key_length=i.length,
                           usage=i.attrs.usage, mode=i.attrs.mode, version=i.version,
                           exportability=i.attrs.exportability, flags=flags).encode()

@@ -4,12 +4,18 @@ Each token object keyload makes has a ``CKO_DATA`` companion (``CKA_APPLICATION`
 ``keyload``) holding JSON that names the object's ``CKA_ID`` (see
 :mod:`~keyload.units.pkcs11.objects`). :class:`TokenIndex` reads them all when a keystore
 opens, and is the state every part of :class:`~keyload.units.pkcs11.Pkcs11Keystore` works on.
+
+An identity set (suite 0x03) is one document naming its two key pairs and holding C_A;
+its register is one document per certified unit (set id, SN, C_U) and one per revocation
+(set id, SN), all beside the others, never modified: a revocation is added, not written
+over. At open the set id is recomputed from Q_CA and C_A checked under it.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +24,19 @@ from pkcs11 import Attribute as A
 from pkcs11 import ObjectClass as CKO
 from pkcs11 import exceptions as pkx
 
-from ...core.errors import DamagedStore
+from ...core.errors import DamagedStore, IntegrityError, MalformedData
+from ...core.identity import ROLE_AUTHORITY, Certificate, identity_set_id, verify_certificate
 from ...core.keys import KeyAttributes, KeyType
-from ..authority import ExportPolicy, KeyInfo, SetInfo, find_key, find_set
-from .objects import ID_SAS, raw_ed25519_point
+from ..authority import (
+    ExportPolicy,
+    IdentitySetInfo,
+    KeyInfo,
+    SetInfo,
+    UnitRecord,
+    find_key,
+    find_set,
+)
+from .objects import ID_SAS, raw_ed25519_point, raw_p256_point
 from .session import LoginKey, Pkcs11Error, token_error
 
 APPLICATION = "keyload"
@@ -41,6 +56,18 @@ class KeyEntry:
     key: pkcs11.Object
     meta: pkcs11.Object
     key_id: bytes
+
+
+@dataclass
+class IdentityEntry:
+    """An identity set in the token: d_CA and d_A (private key objects, SIGN only), its
+    public part, and the register of units by SN."""
+
+    info: SetInfo
+    public: IdentitySetInfo
+    ca: pkcs11.Object
+    authority: pkcs11.Object
+    units: dict[bytes, UnitRecord]
 
 
 def key_info_of(doc: dict[str, Any]) -> KeyInfo:
@@ -79,9 +106,11 @@ class TokenIndex:
     _lock: threading.RLock
     _sets: dict[bytes, SetEntry]
     _keys: dict[bytes, KeyEntry]
+    _identities: dict[bytes, IdentityEntry]
     _signer: pkcs11.Object | None
     _public: bytes | None
     _ed25519: bool
+    _p256: bool
     _aes192_div: bool
     _wrap_any_length: bool
 
@@ -108,8 +137,13 @@ class TokenIndex:
                     raise DamagedStore(f"keyload object {obj[A.LABEL]!r}: unknown format")
                 metas.append((doc, obj))
             best: dict[bytes, tuple[dict[str, Any], pkcs11.Object]] = {}
+            register: list[dict[str, Any]] = []
             for doc, obj in metas:
-                if doc["kind"] == "set":
+                if doc["kind"] == "identity":
+                    self._load_identity(doc)
+                elif doc["kind"] in ("unit", "revocation"):
+                    register.append(doc)
+                elif doc["kind"] == "set":
                     set_id = bytes.fromhex(doc["set_id"])
                     t = self._find_secret(bytes.fromhex(doc["key_id"]), doc)
                     self._sets[set_id] = SetEntry(
@@ -124,8 +158,9 @@ class TokenIndex:
                 key_id = bytes.fromhex(doc["key_id"])
                 self._keys[ref1] = KeyEntry(key_info_of(doc), self._find_secret(key_id, doc),
                                             obj, key_id)
+            self._load_register(register)
             self._load_signer()
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, MalformedData, IntegrityError) as e:
             raise DamagedStore(f"keyload metadata in token {self.token_label!r} is damaged "
                                f"({type(e).__name__})") from None
         except pkx.PKCS11Error as e:
@@ -138,6 +173,46 @@ class TokenIndex:
                                f"keyload {doc['kind']} {doc.get('label') or key_id.hex()}")
         return found[0]
 
+    def _key_pair(self, key_id: bytes, what: str) -> tuple[pkcs11.Object, bytes]:
+        """The private key object and the public point (65 bytes) of P-256 pair ``key_id``."""
+        privs = list(self.session.get_objects({A.CLASS: CKO.PRIVATE_KEY, A.ID: key_id}))
+        pubs = list(self.session.get_objects({A.CLASS: CKO.PUBLIC_KEY, A.ID: key_id}))
+        if len(privs) != 1 or len(pubs) != 1:
+            raise DamagedStore(f"token {self.token_label!r}: {what} is missing or duplicated")
+        return privs[0], raw_p256_point(bytes(pubs[0][A.EC_POINT]))
+
+    def _load_identity(self, doc: dict[str, Any]) -> None:
+        set_id = bytes.fromhex(doc["set_id"])
+        what = f"identity set {set_id.hex()}"
+        ca, q_ca = self._key_pair(bytes.fromhex(doc["ca_key"]), f"the CA key of {what}")
+        d_a, q_a = self._key_pair(bytes.fromhex(doc["authority_key"]),
+                                  f"the authority key of {what}")
+        c_a = Certificate.decode(bytes.fromhex(doc["c_a"]))
+        if identity_set_id(q_ca) != set_id or c_a.public_key != q_a:
+            raise DamagedStore(f"token {self.token_label!r}: the keys of {what} do not match "
+                               "its metadata")
+        verify_certificate(c_a, q_ca=q_ca, role=ROLE_AUTHORITY, set_id=set_id)
+        info = SetInfo(set_id, doc["name"], identity=True)
+        self._identities[set_id] = IdentityEntry(
+            info, IdentitySetInfo(set_id, info.name, q_ca, c_a), ca, d_a, {})
+
+    def _load_register(self, docs: list[dict[str, Any]]) -> None:
+        """Certified units first, then their revocations (a document each, §10.4)."""
+        for doc in sorted(docs, key=lambda d: d["kind"] != "unit"):
+            set_id, sn = bytes.fromhex(doc["set_id"]), bytes.fromhex(doc["sn"])
+            ident = self._identities.get(set_id)
+            old = None if ident is None else ident.units.get(sn)
+            cert: Certificate | None = None if old is None else old.certificate
+            if doc["kind"] == "unit":
+                cert = Certificate.decode(bytes.fromhex(doc["certificate"]))
+                fits = old is None and cert.set_id == set_id and cert.subject == sn
+            else:  # a revocation of a unit in the register
+                fits = cert is not None
+            if ident is None or cert is None or not fits:
+                raise DamagedStore(f"token {self.token_label!r}: the register of set "
+                                   f"{set_id.hex()} is damaged at unit {sn.hex()}")
+            ident.units[sn] = UnitRecord(set_id, sn, cert, doc["kind"] == "revocation")
+
     def _load_signer(self) -> None:
         privs = list(self.session.get_objects({A.CLASS: CKO.PRIVATE_KEY, A.ID: ID_SAS}))
         pubs = list(self.session.get_objects({A.CLASS: CKO.PUBLIC_KEY, A.ID: ID_SAS}))
@@ -149,6 +224,19 @@ class TokenIndex:
         point = bytes(pubs[0][A.EC_POINT])
         self._public = raw_ed25519_point(point)
         self._signer = privs[0]
+
+    def _check(self, obj: pkcs11.Object, want: dict[A, Any], what: str) -> None:
+        """Read back security attributes: a token that ignored a template is an error."""
+        got = obj.get_attributes(list(want))
+        wrong = [a.name for a, v in want.items() if got.get(a) != v]
+        if wrong:
+            raise Pkcs11Error(f"the token did not apply {', '.join(wrong)} to {what}")
+
+    def _destroy_quietly(self, *objs: pkcs11.Object) -> None:
+        """Remove superseded token objects; one left behind is ignored by :meth:`_load`."""
+        for o in objs:
+            with suppress(pkx.PKCS11Error):
+                o.destroy()
 
     def _put_meta(self, label: str, doc: dict[str, Any]) -> pkcs11.Object:
         doc = {"format": META_FORMAT, **doc}
@@ -164,14 +252,19 @@ class TokenIndex:
     def _key(self, ref1: bytes) -> KeyEntry:
         return find_key(self._keys, ref1)
 
+    def _identity(self, set_id: bytes) -> IdentityEntry:
+        return find_set(self._identities, set_id)
+
     def set_info(self, set_id: bytes) -> SetInfo:
-        return self._set(set_id).info
+        ident = self._identities.get(set_id)
+        return ident.info if ident is not None else self._set(set_id).info
 
     def key_info(self, ref1: bytes) -> KeyInfo:
         return self._key(ref1).info
 
     def set_infos(self) -> list[SetInfo]:
-        return [t.info for t in self._sets.values()]
+        return [t.info for t in self._sets.values()] + \
+            [i.info for i in self._identities.values()]
 
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]

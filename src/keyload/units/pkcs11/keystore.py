@@ -3,8 +3,10 @@ python-pkcs11: an :class:`~keyload.units.authority.AuthorityBackend` and
 :class:`~keyload.units.authority.KeyAdministration`.
 
 KLP1 suite 0x02 (ECBDIV, docs/protocol.md §4) runs entirely inside the token
-(:mod:`~keyload.units.pkcs11.export`). No key value reaches the host, except with the
-explicit ``clear_sas=True``. Suite 0x01 (KBKDF) is not offered: standard PKCS#11 2.40 has
+(:mod:`~keyload.units.pkcs11.export`), and so does suite 0x03 for identity sets (§10:
+P-256 keys, ECDH and ECDSA in the token, :mod:`~keyload.units.pkcs11.identity`) when the
+token has P-256. No key value reaches the host, except with the explicit
+``clear_sas=True``. Suite 0x01 (KBKDF) is not offered: standard PKCS#11 2.40 has
 no SP 800-108 KDF, and an :class:`~keyload.units.authority.Authority` over this backend
 refuses it with 6A81. Keys enter the token as :mod:`~keyload.units.pkcs11.provision`
 says, as the objects :mod:`~keyload.units.pkcs11.objects` describes; a self-test at open
@@ -30,10 +32,16 @@ import pkcs11
 from pkcs11 import Attribute as A
 from pkcs11 import exceptions as pkx
 
+from ...core.suite3 import SUITE_ECDH
 from ...core.suites import SUITE_ECBDIV
 from ..authority import Capabilities
-from .export import Exporting
-from .objects import ED25519_MECHANISMS, MANAGEMENT_MECHANISMS, SUITE2_MECHANISMS
+from .identity import IdentitySets
+from .objects import (
+    ED25519_MECHANISMS,
+    MANAGEMENT_MECHANISMS,
+    P256_MECHANISMS,
+    SUITE2_MECHANISMS,
+)
 from .provision import Provisioning
 from .selftest import self_test
 from .session import (
@@ -46,7 +54,7 @@ from .session import (
 )
 
 
-class Pkcs11Keystore(Provisioning, Exporting):
+class Pkcs11Keystore(Provisioning, IdentitySets):
     """An :class:`~keyload.units.authority.AuthorityBackend` over a PKCS#11 token.
 
     Open with :meth:`open`; one logged-in session is reused for every operation (guarded by
@@ -66,6 +74,7 @@ class Pkcs11Keystore(Provisioning, Exporting):
         self._lock = threading.RLock()
         self._sets = {}
         self._keys = {}
+        self._identities = {}
         self._signer = None
         self._public = None
         mechs = token.slot.get_mechanisms()
@@ -74,6 +83,7 @@ class Pkcs11Keystore(Provisioning, Exporting):
             raise Pkcs11Error(f"token {self.token_label!r} lacks {', '.join(missing)} "
                               "(needed for KLP1 suite 0x02)")
         self._ed25519 = all(m in mechs for m in ED25519_MECHANISMS)
+        self._p256 = all(m in mechs for m in P256_MECHANISMS)
         self._load()
         with self._lock:
             self._aes192_div, self._wrap_any_length = self_test(self.session)
@@ -111,6 +121,7 @@ class Pkcs11Keystore(Provisioning, Exporting):
             s, self._session = self._session, None
             self._sets.clear()
             self._keys.clear()
+            self._identities.clear()
             self._signer = None
             try:
                 with suppress(pkx.PKCS11Error):
@@ -126,8 +137,10 @@ class Pkcs11Keystore(Provisioning, Exporting):
 
     # -- what it can do, and what is in it --------------------------------------------------
     def capabilities(self) -> Capabilities:
-        """Suite 0x02 only (no SP 800-108 KDF here); Ed25519 when the token has CKM_EDDSA."""
-        return Capabilities(frozenset({SUITE_ECBDIV}), self._ed25519, "pkcs11")
+        """Suite 0x02 (no SP 800-108 KDF here, so not 0x01), and 0x03 when the token has
+        P-256 key generation, ECDSA and ECDH; Ed25519 when it has CKM_EDDSA."""
+        suites = {SUITE_ECBDIV, SUITE_ECDH} if self._p256 else {SUITE_ECBDIV}
+        return Capabilities(frozenset(suites), self._ed25519, "pkcs11")
 
     @property
     def wraps_any_length(self) -> bool:

@@ -70,13 +70,6 @@ class Provisioning(TokenIndex):
     """The key-administration calls (:class:`~keyload.units.authority.KeyAdministration`)."""
 
     # -- token helpers --------------------------------------------------------------------
-    def _check(self, obj: pkcs11.Object, want: dict[A, Any], what: str) -> None:
-        """Read back security attributes: a token that ignored a template is an error."""
-        got = obj.get_attributes(list(want))
-        wrong = [a.name for a, v in want.items() if got.get(a) != v]
-        if wrong:
-            raise Pkcs11Error(f"the token did not apply {', '.join(wrong)} to {what}")
-
     def _token_kcv(self, obj: pkcs11.Object, kt: KeyType) -> bytes:
         mech = CKM.SHA256_HMAC if kt == KeyType.HMAC_SHA256 else CKM.AES_CMAC
         return sign(obj, bytes(16), mech)[:5]
@@ -121,11 +114,6 @@ class Provisioning(TokenIndex):
     def generate_set(self, name: str, *, signed: bool = False) -> SetInfo:
         """Generate T in the token (it never leaves); returns its set id."""
         return self._new_set(None, name, signed)
-
-    def generate_identity_set(self, name: str, *, authority_id: bytes) -> SetInfo:
-        """Not yet: identity sets (suite 0x03) live in the software keystore (ValueError)."""
-        raise ValueError("identity sets (suite 0x03) are not supported on a PKCS#11 token yet; "
-                         "use the software keystore")
 
     def transport_key_copy(self, set_id: bytes) -> Secret:
         """Never: T does not leave the token (ValueError). An emulated unit of a PKCS#11
@@ -268,12 +256,6 @@ class Provisioning(TokenIndex):
                 obj.destroy()
             raise
         return obj, meta
-
-    def _destroy_quietly(self, *objs: pkcs11.Object) -> None:
-        """Remove superseded token objects; one left behind is ignored by :meth:`_load`."""
-        for o in objs:
-            with suppress(pkx.PKCS11Error):
-                o.destroy()
 
     # -- the Ed25519 SAS key ----------------------------------------------------------------
     def set_signing_key(self, value: Secret | None = None) -> bytes:
