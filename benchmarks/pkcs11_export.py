@@ -20,20 +20,32 @@ AES-256 application key (not diversified; ``--diversified`` for a diversified on
        unwrapped on the host (`cryptography`), SAS = CMAC by Ksas in the token over
        "KLP1-SAS" || H and the clear TA' (two ``C_SignUpdate``), destroy Ksas;
 
+   (c) suite 0x03, an identity set (docs/protocol.md §10): on the host, with
+       `cryptography`, the two ECDSA verifications the authority makes (C_U under Q_CA,
+       sigU under Q_U); then in the token ``C_GenerateKeyPair`` (e_A, E_A) as session
+       objects, read E_A, destroy E_A's object, ``C_DeriveKey`` Z (``CKM_ECDH1_DERIVE``,
+       ``CKD_NULL``), destroy e_A, ``C_DeriveKey`` T1 from Z (its data hashed on the
+       host: it holds E_A), destroy Z, Kenc and Kmac, destroy T1, [TA' and its CMAC KCV],
+       ``C_WrapKey`` W, destroy Kenc, ``CKM_ECDSA`` SAS by d_A over SHA-256 of the
+       message (hashed on the host), ``CKM_AES_CMAC`` CAS, destroy Kmac [and TA'];
+
 2. authority EXPORTKEY/s: ``Authority(Pkcs11Keystore).export(request)`` for the same key
-   and sets (the signed set, then the unsigned one with ``clear_sas=True``);
+   and sets (the signed set, then the unsigned one with ``clear_sas=True``, then the
+   identity set by suite 0x03, each request a fresh challenge of an emulated unit);
 3. for scale: ``Authority(SoftwareKeystore.ephemeral()).export(request)``, suite 0x02,
-   signed set, same key type.
+   signed set, and suite 0x03, an identity set; same key type.
 
 Before measuring, the bare calls' W, SAS and CAS are checked to be byte for byte those of
-``Pkcs11Keystore.export`` for the same request; after it, that no session object is left.
+``Pkcs11Keystore.export`` for the same request (suite 0x03, whose e_A and ECDSA nonces
+are fresh each time: the bare calls' answer is imported by the emulated unit, which
+checks CAS and SAS and unwraps the key); after it, that no session object is left.
 
 Each measurement is warmed up, then run for ``--seconds`` (default 2 s) of timed work,
 three times; the best repetition counts. The measurements take turns in chunks of about
 50 ms, so that a bare rate and what is compared with it see the same machine. The ratio is
 rate over rate (keyload's EXPORTKEY/s over the bare calls' /s); target at least 0.80. The
 last line printed is always ``ratio pkcs11/bare: X.XX`` for the signed path (with
-``--json``: the JSON object, nothing after it).
+``--json``: the JSON object, nothing after it); the suite-0x03 ratio is printed before.
 """
 
 from __future__ import annotations
@@ -56,12 +68,18 @@ from time import perf_counter
 from typing import Any
 
 from keyload.core import messages as msg
+from keyload.core.aids import INS_GENERATE_KEY, INS_IMPORT, INS_INIT, INS_PUT_CERTIFICATE
+from keyload.core.apdu import CommandAPDU, ResponseAPDU
+from keyload.core.identity import LABEL_CRT, PutCertificate
 from keyload.core.keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyAttributes, KeyHeader, KeyType
-from keyload.core.klp1 import LABEL_DL, LABEL_SAS, LABEL_T1, LABEL_TA, cas_message, lv
+from keyload.core.klp1 import LABEL_CAS, LABEL_DL, LABEL_SAS, LABEL_T1, LABEL_TA, cas_message, lv
+from keyload.core.messages3 import ExportRequest3, ExportResponse3, ImportData3, InitResponse3
+from keyload.core.suite3 import LABEL_INI, LABEL_SAS3, SUITE_ECDH
 from keyload.core.suites import SUITE_ECBDIV
 from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.units.authority import Authority, ExportPolicy
 from keyload.units.keystore import SoftwareKeystore
+from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 TARGET_RATIO = 0.80
 REPETITIONS = 3
@@ -152,6 +170,7 @@ class Inputs:
     d_ta: bytes  # TA' = ECB_TA(d_ta), diversified only
     h_signed: bytes
     h_clear: bytes
+    h3: bytes  # suite 0x03
 
     @classmethod
     def new(cls, diversify: bool) -> Inputs:
@@ -167,7 +186,8 @@ class Inputs:
         return cls(r, diversify, ecbdiv_data(LABEL_T1, SN, 2),
                    ecbdiv_data(LABEL_DL, lv(SN) + r + bytes((REF2,)), 6),
                    ecbdiv_data(LABEL_TA, lv(SN), -(-KEY_LENGTH // 16)),
-                   header(flags | FLAG_ED25519), header(flags))
+                   header(flags | FLAG_ED25519), header(flags),
+                   header(flags)[:1] + bytes((SUITE_ECDH,)) + header(flags)[2:])
 
     def request(self, set_id: bytes) -> msg.ExportRequest:
         return msg.ExportRequest(SN, self.r, set_id, SUITE_ECBDIV, REF1, REF2)
@@ -185,27 +205,33 @@ class Token:
     t_clear: Any
     ta: Any
     signer: Any
+    d_a: Any  # the identity set's authority key (suite 0x03)
     set_signed: bytes
     set_clear: bytes
+    set3: bytes
+    q_ca: bytes
     library: str
 
 
 def open_token(directory: Path, stack: ExitStack, diversify: bool) -> Token:
     """Make the token (before the module is loaded in this process: SoftHSM reads
     SOFTHSM2_CONF once), open a keystore with ``clear_sas=True``, and fill it: the SAS key,
-    a signed and an unsigned set (T generated in the token), the application key."""
+    a signed and an unsigned set (T generated in the token), an identity set (d_CA and d_A
+    generated in the token), the application key."""
     tok = make_token(directory, label=LABEL, user_pin=PIN, so_pin=os.urandom(8).hex())
     import pkcs11
     from pkcs11 import Attribute as A
     from pkcs11 import ObjectClass as CKO
 
     from keyload.units.pkcs11 import ID_KEY, ID_SAS, ID_T, Pkcs11Keystore
+    from keyload.units.pkcs11.objects import ID_AS
 
     ks = Pkcs11Keystore.open(tok.module, tok.label, pin=PIN, clear_sas=True)
     stack.callback(ks.close)
     ks.set_signing_key()
     set_signed = ks.generate_set("bench signed", signed=True).set_id
     set_clear = ks.generate_set("bench clear").set_id
+    set3 = ks.generate_identity_set("bench identity", authority_id=b"keyload bench").set_id
     ks.generate_key(REF1, KeyType.AES256, KeyAttributes(USAGE, MODE, EXPORTABILITY),
                     version=KEY_VERSION, diversify=diversify, policy=ANY, length=KEY_LENGTH)
 
@@ -221,12 +247,16 @@ def open_token(directory: Path, stack: ExitStack, diversify: bool) -> Token:
 
     version = KEY_VERSION.to_bytes(2, "big")
     v = lib.library_version
+    d_a = [o for o in session.get_objects({A.CLASS: CKO.PRIVATE_KEY})
+           if bytes(o[A.ID]).startswith(ID_AS)]  # its CKA_ID: ID_AS || 8 random bytes
+    if len(d_a) != 1:
+        raise SystemExit(f"bare setup: {len(d_a)} authority keys of identity sets")
     return Token(ks, session,
                  one({A.CLASS: CKO.SECRET_KEY, A.ID: ID_T + set_signed}),
                  one({A.CLASS: CKO.SECRET_KEY, A.ID: ID_T + set_clear}),
                  one({A.CLASS: CKO.SECRET_KEY, A.ID: ID_KEY + version + REF1}),
-                 one({A.CLASS: CKO.PRIVATE_KEY, A.ID: ID_SAS}),
-                 set_signed, set_clear,
+                 one({A.CLASS: CKO.PRIVATE_KEY, A.ID: ID_SAS}), d_a[0],
+                 set_signed, set_clear, set3, ks.identity_set(set3).q_ca,
                  f"{lib.manufacturer_id.strip()} {lib.library_description.strip()} "
                  f"{v[0]}.{v[1]}")
 
@@ -242,6 +272,32 @@ class Out:
 
 
 BareExport = Callable[[bytes | None, bytes | None], Out]
+
+
+def bare_ta_prime(tok: Token, d_ta: bytes, diversify: bool) -> Callable[[], Any]:
+    """TA' as ``Pkcs11Keystore._ta_prime`` makes it: when diversified, ``C_DeriveKey``
+    from TA and its CMAC KCV (destroyed by the caller), else TA itself."""
+    from pkcs11 import Attribute as A
+    from pkcs11 import KeyType as CKK
+    from pkcs11 import Mechanism as CKM
+    from pkcs11 import MechanismFlag
+
+    from keyload.units.pkcs11 import secret_template
+
+    t_ta = secret_template(CKK.AES, token=False, extractable=True, allow=(A.SIGN,))
+    k, ecb, cmac, aes, none = tok.ta, CKM.AES_ECB_ENCRYPT_DATA, CKM.AES_CMAC, CKK.AES, \
+        MechanismFlag(0)
+    zero16 = bytes(16)
+
+    def ta_prime() -> Any:
+        if not diversify:
+            return k
+        ta = k.derive_key(aes, 8 * KEY_LENGTH, mechanism=ecb, mechanism_param=d_ta,
+                          capabilities=none, template=t_ta)
+        ta.sign(zero16, mechanism=cmac)  # its KCV
+        return ta
+
+    return ta_prime
 
 
 def bare_export(tok: Token, i: Inputs, signed: bool) -> BareExport:
@@ -264,22 +320,20 @@ def bare_export(tok: Token, i: Inputs, signed: bool) -> BareExport:
     t_t1 = secret_template(CKK.AES, token=False, extractable=False, allow=(A.DERIVE,))
     t_kenc = secret_template(CKK.AES, token=False, extractable=False, allow=(A.WRAP,))
     t_kmac = secret_template(CKK.AES, token=False, extractable=False, allow=(A.SIGN,))
-    t_ta = secret_template(CKK.AES, token=False, extractable=True, allow=(A.SIGN,))
     t_eph = secret_template(CKK.AES, token=False, extractable=True, allow=(A.WRAP,),
                             sensitive=False)
 
     session = tok.session
     t = tok.t_signed if signed else tok.t_clear
-    k, signer = tok.ta, tok.signer
+    signer, ta_prime = tok.signer, bare_ta_prime(tok, i.d_ta, i.diversify)
     h = i.h_signed if signed else i.h_clear
-    d_t1, d_enc, d_mac, d_sas, d_ta = i.d_t1, i.dl[0:32], i.dl[32:64], i.dl[64:96], i.d_ta
+    d_t1, d_enc, d_mac, d_sas = i.d_t1, i.dl[0:32], i.dl[32:64], i.dl[64:96]
     diversify = i.diversify
     ecb, kwp, cmac = CKM.AES_ECB_ENCRYPT_DATA, CKM.AES_KEY_WRAP_PAD, CKM.AES_CMAC
     sha256, eddsa, keygen = CKM.SHA256, CKM.EDDSA, CKM.AES_KEY_GEN
     aes, none = CKK.AES, MechanismFlag(0)
     sas_head = LABEL_SAS + h + lv(SN) + bytes((REF2,))  # signed: || SHA-256(TA')
     sym_head = LABEL_SAS + h  # symmetric: || TA'
-    zero16 = bytes(16)
 
     def once(sas_msg: bytes | None, cas_msg: bytes | None) -> Out:
         t1 = t.derive_key(aes, 256, mechanism=ecb, mechanism_param=d_t1, capabilities=none,
@@ -292,12 +346,7 @@ def bare_export(tok: Token, i: Inputs, signed: bool) -> BareExport:
                                                  mechanism_param=d_sas, capabilities=none,
                                                  template=t_kmac)
         t1.destroy()
-        if diversify:
-            ta = k.derive_key(aes, 8 * KEY_LENGTH, mechanism=ecb, mechanism_param=d_ta,
-                              capabilities=none, template=t_ta)
-            ta.sign(zero16, mechanism=cmac)  # its KCV
-        else:
-            ta = k
+        ta = ta_prime()
         w = bytes(kenc.wrap_key(ta, mechanism=kwp))
         kenc.destroy()
         if ksas is None:
@@ -355,6 +404,144 @@ def check_bare(tok: Token, i: Inputs) -> None:
         raise SystemExit("session objects left in the token: benchmark is wrong")
 
 
+# -- suite 0x03: an emulated unit of an identity set, and the bare calls of one export --------
+class Enrolled:
+    """An emulated unit enrolled in identity set ``set_id`` of authority keystore ``ks``
+    (GENERATE UNIT KEY, the authority certifies, PUT CERTIFICATE), with an SN of its own.
+    :meth:`request` is a fresh challenge (INITIALIZE DOWNLOAD) made into an EXPORTKEY of
+    suite 0x03."""
+
+    made = 0
+
+    def __init__(self, ks: Any, set_id: bytes) -> None:
+        Enrolled.made += 1
+        sn = b"KI" + Enrolled.made.to_bytes(6, "big")
+        slots = {REF2: Slot(REF2, frozenset({KeyType.AES256}))}
+        self.unit = Unit(MemoryUnitStore(UnitState.new_identity(sn, slots)))
+        cert = ks.certify_unit(set_id, sn, self.call(INS_GENERATE_KEY)[2:])
+        self.call(INS_PUT_CERTIFICATE,
+                  PutCertificate(cert, ks.identity_set(set_id).q_ca).encode())
+
+    def call(self, ins: int, data: bytes = b"") -> bytes:
+        apdu = CommandAPDU(0x80, ins, 0, 0, data, ne=65536).encode()
+        return ResponseAPDU.decode(self.unit.process_apdu(apdu)).check("benchmark unit")
+
+    def request(self) -> ExportRequest3:
+        ini = InitResponse3.decode(self.call(INS_INIT))
+        return ExportRequest3(msg.ExportRequest(ini.sn, ini.r, ini.set_id, SUITE_ECDH, REF1,
+                                                REF2), ini.e_u, ini.c_u, ini.sig_u)
+
+
+@dataclass(frozen=True, slots=True)
+class Out3:
+    e_a: bytes
+    w: bytes
+    sas: bytes
+    cas: bytes
+
+
+def bare_export3(tok: Token, i: Inputs, req: ExportRequest3) -> Callable[[], Out3]:
+    """One suite-0x03 EXPORTKEY's calls, as ``Authority.export_request3`` and
+    ``Pkcs11Keystore.export3`` make them: the two host verifications (`cryptography`), then
+    the token calls. e_A and the ECDSA nonce are fresh each time, so the data and messages
+    that hold E_A, W or the SAS are built in the loop (as bytes, with precomputed heads)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    from pkcs11 import KDF, MechanismFlag
+    from pkcs11 import Attribute as A
+    from pkcs11 import KeyType as CKK
+    from pkcs11 import Mechanism as CKM
+
+    from keyload.units.pkcs11 import secret_template
+    from keyload.units.pkcs11.objects import EPH_PRIV, EPH_PUB  # the templates of keyload
+
+    def der(sig: bytes) -> bytes:
+        return encode_dss_signature(int.from_bytes(sig[:32], "big"),
+                                    int.from_bytes(sig[32:], "big"))
+
+    curve, ecdsa = ec.SECP256R1(), ec.ECDSA(hashes.SHA256())
+    ca_pub = ec.EllipticCurvePublicKey.from_encoded_point(curve, tok.q_ca)
+    unit_pub = ec.EllipticCurvePublicKey.from_encoded_point(curve, req.c_u.public_key)
+    sn, r, e_u, h = req.base.sn, req.base.r, req.e_u, i.h3
+    crt_sig, crt_msg = der(req.c_u.signature), LABEL_CRT + req.c_u.signed_part()
+    ini_sig, ini_msg = der(req.sig_u), LABEL_INI + lv(sn) + r + tok.set3 + e_u
+    t_z = secret_template(CKK.AES, token=False, extractable=False, allow=(A.DERIVE,))
+    t_kenc = secret_template(CKK.AES, token=False, extractable=False, allow=(A.WRAP,))
+    t_kmac = secret_template(CKK.AES, token=False, extractable=False, allow=(A.SIGN,))
+    dl = ecbdiv_data(LABEL_DL, lv(sn) + r + bytes((REF2,)), 4)
+    d_enc, d_mac, diversify = dl[0:32], dl[32:64], i.diversify
+    ta_prime = bare_ta_prime(tok, ecbdiv_data(LABEL_TA, lv(sn), -(-KEY_LENGTH // 16)),
+                             diversify)
+    t1_hash_head = LABEL_T1 + b"\x00" + lv(sn) + r + e_u  # || E_A: ECBDIV's hash input
+    tail = lv(sn) + r + bytes((REF2,)) + lv(REF1) + h
+    sas_head, cas_head = LABEL_SAS3 + tail, LABEL_CAS + tail
+    session, d_a = tok.session, tok.d_a
+    ecb, kwp, cmac = CKM.AES_ECB_ENCRYPT_DATA, CKM.AES_KEY_WRAP_PAD, CKM.AES_CMAC
+    ec_gen, ecdh, ecdsa_m = CKM.EC_KEY_PAIR_GEN, CKM.ECDH1_DERIVE, CKM.ECDSA
+    aes, ec_key, none, kdf_null = CKK.AES, CKK.EC, MechanismFlag(0), KDF.NULL
+    sha256 = hashlib.sha256
+
+    def once() -> Out3:
+        ca_pub.verify(crt_sig, crt_msg, ecdsa)  # C_U under Q_CA
+        unit_pub.verify(ini_sig, ini_msg, ecdsa)  # sigU under Q_U
+        pub, e = session.generate_keypair(ec_key, mechanism=ec_gen, public_template=EPH_PUB,
+                                          private_template=EPH_PRIV)
+        e_a = bytes(pub[A.EC_POINT])[2:]  # DER OCTET STRING: 04 41 || the point
+        pub.destroy()
+        z = e.derive_key(aes, 256, mechanism=ecdh, mechanism_param=(kdf_null, None, e_u),
+                         capabilities=none, template=t_z)
+        e.destroy()
+        hd = sha256(t1_hash_head + e_a).digest()[:15]
+        t1 = z.derive_key(aes, 256, mechanism=ecb, mechanism_param=hd + b"\x01" + hd + b"\x02",
+                          capabilities=none, template=t_z)
+        z.destroy()
+        kenc = t1.derive_key(aes, 256, mechanism=ecb, mechanism_param=d_enc,
+                             capabilities=none, template=t_kenc)
+        kmac = t1.derive_key(aes, 256, mechanism=ecb, mechanism_param=d_mac,
+                             capabilities=none, template=t_kmac)
+        t1.destroy()
+        ta = ta_prime()
+        w = bytes(kenc.wrap_key(ta, mechanism=kwp))
+        kenc.destroy()
+        sas = bytes(d_a.sign(sha256(sas_head + w + e_u + e_a).digest(), mechanism=ecdsa_m))
+        cas = bytes(kmac.sign(cas_head + w + sas + e_a, mechanism=cmac))
+        if diversify:
+            ta.destroy()
+        kmac.destroy()
+        return Out3(e_a, w, sas, cas)
+
+    return once
+
+
+def bare_batch3(tok: Token, i: Inputs, req: ExportRequest3) -> Batch:
+    once = bare_export3(tok, i, req)
+
+    def batch(n: int) -> float:
+        start = perf_counter()
+        for _ in repeat(None, n):
+            once()
+        return perf_counter() - start
+
+    return batch
+
+
+def check_bare3(tok: Token, i: Inputs) -> None:
+    """The bare calls' answer is a genuine suite-0x03 export: the unit whose challenge it
+    answers imports it (CAS, the SAS under C_A, the unwrap) and agrees on the KCV with
+    ``Pkcs11Keystore.export3``, whose H is the same (not diversified: the same KCV)."""
+    unit = Enrolled(tok.ks, tok.set3)
+    got = ExportResponse3.decode(Authority(tok.ks).export(unit.request().encode()))
+    out = bare_export3(tok, i, unit.request())()
+    c_a = tok.ks.identity_set(tok.set3).c_a
+    data = ImportData3(REF1, REF2, i.h3, out.w, out.e_a, c_a, out.sas, out.cas).encode()
+    answer = ResponseAPDU.decode(unit.unit.process_apdu(
+        CommandAPDU(0x80, INS_IMPORT, 0, 0, data, ne=65536).encode()))
+    same_kcv = answer.data[2:7] == got.kcv  # the same unit: the same TA'
+    if answer.sw != 0x9000 or not same_kcv or ImportData3.decode(got.import_data).h != i.h3:
+        raise SystemExit("bare calls (suite 0x03) are not a genuine export: benchmark is wrong")
+
+
 # -- (2), (3) authority EXPORTKEY ------------------------------------------------------------
 def export_batch(name: str, authority: Authority, set_id: bytes, count: int) -> Bench:
     """EXPORTKEY requests, precomputed (setup): one per fresh R, sent in turn."""
@@ -376,13 +563,39 @@ def export_batch(name: str, authority: Authority, set_id: bytes, count: int) -> 
     return Bench(name, batch, 20)
 
 
-def software_authority(diversify: bool) -> tuple[Authority, SoftwareKeystore, bytes]:
+def export3_batch(name: str, backend: Any, unit: Enrolled, count: int) -> Bench:
+    """EXPORTKEY requests of suite 0x03, precomputed (setup): ``count`` fresh challenges of
+    ``unit``, sent in turn; once all are served (an authority serves a challenge once,
+    docs/protocol.md §10.4), a new ``Authority`` over the same backend, outside the timing."""
+    requests = [unit.request().encode() for _ in range(count)]
+    export = Authority(backend).export
+    export(requests[0])  # fails loudly here if the request were refused
+    pos = 1
+
+    def batch(n: int) -> float:
+        nonlocal pos, export
+        if n > count:
+            raise SystemExit(f"{name}: a chunk of {n} needs more than {count} challenges")
+        if pos + n > count:
+            export, pos = Authority(backend).export, 0
+        chunk = requests[pos:pos + n]
+        pos += n
+        start = perf_counter()
+        for request in chunk:
+            export(request)
+        return perf_counter() - start
+
+    return Bench(name, batch, 20)
+
+
+def software_authority(diversify: bool) -> tuple[Authority, SoftwareKeystore, bytes, bytes]:
     ks = SoftwareKeystore.ephemeral()
     ks.set_signing_key()
     set_id = ks.generate_set("bench signed", signed=True).set_id
+    set3 = ks.generate_identity_set("bench identity", authority_id=b"keyload bench").set_id
     ks.generate_key(REF1, KeyType.AES256, KeyAttributes(USAGE, MODE, EXPORTABILITY),
                     version=KEY_VERSION, diversify=diversify, policy=ANY, length=KEY_LENGTH)
-    return Authority(ks), ks, set_id
+    return Authority(ks), ks, set_id, set3
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -428,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(line, flush=True)
 
-    key = f"AES-256, {'diversified' if diversify else 'not diversified'}, suite 0x02"
+    key = (f"AES-256, {'diversified' if diversify else 'not diversified'}, suites 0x02 "
+           "and 0x03")
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="keyload-bench-softhsm-"))
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
@@ -447,15 +661,20 @@ def main(argv: list[str] | None = None) -> int:
 
         inputs = Inputs.new(diversify)
         check_bare(tok, inputs)
+        check_bare3(tok, inputs)
         authority = Authority(tok.ks)
-        soft, soft_ks, soft_set = software_authority(diversify)
+        soft, soft_ks, soft_set, soft_set3 = software_authority(diversify)
         stack.callback(soft_ks.close)
         rates = measure_all([
             Bench("bare_signed", bare_batch(tok, inputs, True), 20),
             export_batch("pkcs11_signed", authority, tok.set_signed, 500),
             Bench("bare_clear", bare_batch(tok, inputs, False), 20),
             export_batch("pkcs11_clear", authority, tok.set_clear, 500),
+            Bench("bare_suite3", bare_batch3(tok, inputs, Enrolled(tok.ks, tok.set3).request()),
+                  20),
+            export3_batch("pkcs11_suite3", tok.ks, Enrolled(tok.ks, tok.set3), 500),
             export_batch("software_signed", soft, soft_set, 2000),
+            export3_batch("software_suite3", soft_ks, Enrolled(soft_ks, soft_set3), 2000),
         ], seconds)
         if tok.ks.session_object_count():
             raise SystemExit("session objects left in the token: benchmark is wrong")
@@ -466,22 +685,31 @@ def main(argv: list[str] | None = None) -> int:
     show(f"bare python-pkcs11 calls, clear_sas: {rates['bare_clear'].text('exports/s')}")
     show("authority EXPORTKEY, Pkcs11Keystore, unsigned set, clear_sas: "
          f"{rates['pkcs11_clear'].text('exports/s')}")
+    show(f"bare calls, suite 0x03 (2 host verifications + token): "
+         f"{rates['bare_suite3'].text('exports/s')}")
+    show("authority EXPORTKEY, Pkcs11Keystore, identity set, suite 0x03: "
+         f"{rates['pkcs11_suite3'].text('exports/s')}")
     show("authority EXPORTKEY, SoftwareKeystore (for scale), signed set: "
          f"{rates['software_signed'].text('exports/s')}")
+    show("authority EXPORTKEY, SoftwareKeystore (for scale), identity set, suite 0x03: "
+         f"{rates['software_suite3'].text('exports/s')}")
     ratio_signed = rates["pkcs11_signed"].ops_per_s / rates["bare_signed"].ops_per_s
     ratio_clear = rates["pkcs11_clear"].ops_per_s / rates["bare_clear"].ops_per_s
+    ratio3 = rates["pkcs11_suite3"].ops_per_s / rates["bare_suite3"].ops_per_s
     if args.json:
         out: dict[str, Any] = {
             **env, "seconds": seconds, "repetitions": REPETITIONS,
             **{name: rate.to_json() for name, rate in rates.items()},
             "target_ratio": TARGET_RATIO,
             "ratio_pkcs11_bare_clear_sas": round(ratio_clear, 3),
+            "ratio_pkcs11_bare_suite3": round(ratio3, 3),
             "ratio_pkcs11_bare": round(ratio_signed, 3),
         }
         print(json.dumps(out))
     else:
         print(f"target: pkcs11/bare >= {TARGET_RATIO:.2f} (rate over rate)")
         print(f"ratio pkcs11/bare, clear_sas: {ratio_clear:.2f}")
+        print(f"ratio pkcs11/bare, suite 0x03: {ratio3:.2f}")
         print(f"ratio pkcs11/bare: {ratio_signed:.2f}")
     sys.stdout.flush()
     return 0
