@@ -204,6 +204,22 @@ def test_register_refusals(token: Token) -> None:
     assert token.state() == before
 
 
+def test_a_damaged_register_is_refused_at_open(token: Token) -> None:
+    """A revocation of a unit the register does not hold: the token's metadata is damaged."""
+    from keyload.core.errors import DamagedStore
+    from keyload.units import pkcs11 as p11
+
+    bad = token.ks._put_meta("keyload revocation test", {
+        "kind": "revocation", "set_id": token.set_id.hex(), "sn": b"NOBODY".hex()})
+    try:
+        with pytest.raises(DamagedStore, match="register of set"):
+            p11.Pkcs11Keystore.open(token.module, LABEL, pin=PIN)
+    finally:
+        bad.destroy()
+    with p11.Pkcs11Keystore.open(token.module, LABEL, pin=PIN) as again:
+        assert again.identity_set(token.set_id) == token.ks.identity_set(token.set_id)
+
+
 # -- loads ---------------------------------------------------------------------------------
 def _aes_block(key: bytes, block: bytes, *, decrypt: bool = False) -> bytes:
     c = Cipher(algorithms.AES(key), modes.ECB())  # noqa: S305 (one block)

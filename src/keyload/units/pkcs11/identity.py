@@ -34,13 +34,14 @@ from pkcs11 import Mechanism as CKM
 from pkcs11 import exceptions as pkx
 
 from ...core.ecc import ecdsa_verify
-from ...core.errors import AuthenticityError
+from ...core.errors import AuthenticityError, IntegrityError
 from ...core.identity import (
     ROLE_AUTHORITY,
     ROLE_UNIT,
     Certificate,
     identity_set_id,
     issue_certificate,
+    verify_certificate,
 )
 from ...core.klp1 import KENC, KMAC, LABEL_DL, LABEL_T1, dl_context, encode_header
 from ...core.messages3 import ExportRequest3, ImportData3
@@ -109,7 +110,7 @@ class IdentitySets(Exporting):
                     raise ValueError(f"set {set_id.hex()} already exists")
                 c_a = issue_certificate(TokenEcdsa(ca), role=ROLE_AUTHORITY, set_id=set_id,
                                         subject=authority_id, public_key=q_a)
-                self._probe(d_a, q_a)
+                self._probe(c_a, q_ca, d_a)
                 meta = self._put_meta(f"keyload identity set {set_id.hex()}", {
                     "kind": "identity", "set_id": set_id.hex(), "name": name,
                     "ca_key": ca_id.hex(), "authority_key": as_id.hex(),
@@ -138,12 +139,14 @@ class IdentitySets(Exporting):
         return priv, raw_p256_point(bytes(pub[A.EC_POINT]))
 
     @staticmethod
-    def _probe(d_a: pkcs11.Object, q_a: bytes) -> None:
-        """d_A's signature verifies under Q_A, else Pkcs11Error."""
+    def _probe(c_a: Certificate, q_ca: bytes, d_a: pkcs11.Object) -> None:
+        """C_A (signed by d_CA) is valid under Q_CA and a signature by d_A verifies under
+        Q_A, else Pkcs11Error: the token's ECDSA is what §10.1 says."""
         probe = b"keyload authority key self-test"
         try:
-            ecdsa_verify(q_a, TokenEcdsa(d_a).sign(probe), probe)
-        except AuthenticityError:
+            verify_certificate(c_a, q_ca=q_ca, role=ROLE_AUTHORITY, set_id=c_a.set_id)
+            ecdsa_verify(c_a.public_key, TokenEcdsa(d_a).sign(probe), probe)
+        except (IntegrityError, AuthenticityError):
             raise Pkcs11Error("the token's ECDSA signature does not verify with the public "
                               "key") from None
 
