@@ -3,16 +3,18 @@
 The set CA key d_CA and the authority key d_A are P-256 key pairs generated in the token
 (sensitive, not extractable, not copyable, SIGN only); C_A and every C_U are signed there
 (``CKM_ECDSA`` over SHA-256 of the public to-be-signed part, computed on the host). The set
-id is that of Q_CA (§10.1), so the keys carry random ``CKA_ID`` s named by the set's
-metadata (:mod:`~keyload.units.pkcs11.index`), as is its register of units.
+id is that of Q_CA (§10.1), known only once the key is made: so the keys carry random
+``CKA_ID`` values, named by the set's metadata (:mod:`~keyload.units.pkcs11.index`), which
+also keeps its register of units.
 
 One export (§10.3), all in the token: (e_A, E_A) generated as a *session* key pair (e_A
 DERIVE only); Z = ``CKM_ECDH1_DERIVE`` (``CKD_NULL``) as a session AES-256 key; T1, Kenc and
 Kmac by ``CKM_AES_ECB_ENCRYPT_DATA`` (the ECBDIV of suite 0x02); TA' likewise when
 diversified; W by ``CKM_AES_KEY_WRAP_PAD``; SAS by ``CKM_ECDSA`` with d_A; CAS by
-``CKM_AES_CMAC``. Every one of them is destroyed as soon as it is no longer needed and,
-whatever happens, before :meth:`IdentitySets.export3` returns or raises
-(:func:`~keyload.units.pkcs11.objects.scope`). The checks of §10.4 are the
+``CKM_AES_CMAC``. Every session object is destroyed as soon as it is no longer needed
+and, whatever happens, before :meth:`IdentitySets.export3` returns or raises
+(:func:`~keyload.units.pkcs11.objects.scope`). The host sees only public values: E_U, E_A,
+the derivation data, W, the SAS, the CAS. The checks of §10.4 are the
 :class:`~keyload.units.authority.Authority`'s, the same for every backend.
 
 What is and is not enforced: the token draws the ECDSA nonces, so its signatures are not

@@ -13,13 +13,13 @@ application key TA   CKK_AES (types 01–03) or CKK_GENERIC_SECRET (HMAC, 0x10);
 SAS key              CKK_EC_EDWARDS (Ed25519) private key: SENSITIVE, not EXTRACTABLE, not
                      COPYABLE, SIGN only; its public key object: VERIFY only. ``CKA_ID``
                      ``KLP1-SAS``, label ``keyload SAS``. Made once; never replaced here.
-set CA key, d_CA    CKK_EC (P-256) private key of an identity set (suite 0x03): SENSITIVE,
+set CA key, d_CA     CKK_EC (P-256) private key of an identity set (suite 0x03): SENSITIVE,
                      not EXTRACTABLE, not COPYABLE, SIGN only (certificates); its public
                      key object (Q_CA): VERIFY only. ``CKA_ID`` = ``KLP1-CA`` || 8 random
-                     bytes (the set id is known only once Q_CA is), label
-                     ``keyload CA <set id>``.
+                     bytes (the set id is known only once Q_CA is; the set's metadata
+                     names the key), label ``keyload CA``.
 authority key, d_A   the same, ``CKA_ID`` = ``KLP1-AS`` || 8 random bytes, label ``keyload
-                     authority <set id>``; SIGN only (the SAS of every export).
+                     authority``; SIGN only (the SAS of every export).
 metadata             CKO_DATA, ``CKA_APPLICATION`` ``keyload``, ``CKA_LABEL`` = the label
                      of its key, ``CKA_VALUE`` = JSON (set: name, signed; key: REF1, type,
                      length, usage, mode, exportability, version, diversify, export policy,
