@@ -292,6 +292,7 @@ def _tampered_sig(req: ExportRequest3) -> ExportRequest3:
 
 
 REFUSALS: dict[str, tuple[Callable[[Token, ExportRequest3], bytes], int]] = {
+    "malformed": (lambda t, r: r.encode()[:-1], 0x6A80),
     "tampered-sigU": (lambda t, r: _tampered_sig(r).encode(), 0x6982),
     "tampered-C_U": (lambda t, r: r._replace(c_u=r.c_u._replace(subject=b"RX-9")).encode(),
                      0x6982),
