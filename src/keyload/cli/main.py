@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
+    cmd(u, "create", identity.unit_create, "create an emulated unit of a set", SET_ID,
         opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--suites", help="suites the unit speaks (default 1,2; a unit of an identity "
             "set: 3)"),
         opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
-            "key as N components (needed when T lives in a token)"))
+            "key as N components (needed when T lives in a token)"),
+        opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
+            "key and certificate, to serve it as a card and enrol it with unit enrol"))
+    cmd(u, "enrol", identity.unit_enrol, "enrol the card in a PC/SC reader in an identity "
+        "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
+        opt("--reader", required=True, help="the PC/SC reader holding the card"),
+        opt("--sn", required=True, help="the card's SN, hex (a card tells it only once "
+            "enrolled)"))
     cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)",
         opt("--sn", required=True))
     cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
