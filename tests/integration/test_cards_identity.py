@@ -200,9 +200,10 @@ def test_a_card_of_a_transport_key_set_is_not_enrolled(pcscd: Pcscd, world: IdWo
 
 # -- the command path ------------------------------------------------------------------
 @contextmanager
-def serving(home: Path, sn: str) -> Iterator[subprocess.Popen[str]]:
-    """``keyload unit serve-card --sn SN`` in the background for the block."""
-    p = subprocess.Popen([str(KEYLOAD), "unit", "serve-card", "--sn", sn, "--port",
+def serving(home: Path, sn: str, times: int = 1) -> Iterator[subprocess.Popen[str]]:
+    """``keyload unit serve-card --sn SN`` in the background for the block; the card is
+    fed ``times`` times (taken out after each station's use, and put in again)."""
+    p = subprocess.Popen([str(KEYLOAD), "unit", "serve-card", *["--sn", sn] * times, "--port",
                           str(UNIT_PORT), "--home", str(home)], stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=cli_env(PASSPHRASE))
@@ -229,10 +230,10 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     id_set = ok(k("set", "create", "--name", "plant", "--identity", "--json")).json()["set_id"]
     t_set = ok(k("set", "create", "--name", "plain", "--json")).json()["set_id"]
     ok(k("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0", "--mode",
-         "B", "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "1"))
+         "B", "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "any"))
     made = ok(k("unit", "create", "--set", id_set, "--sn", sn, "--slot", "1=aes256",
-                "--unenrolled", "--json")).json()
-    assert made == {"sn": sn, "set_id": id_set, "slots": [1], "enrolled": False}
+                "--slot", "2=aes256", "--unenrolled", "--json")).json()
+    assert made == {"sn": sn, "set_id": id_set, "slots": [1, 2], "enrolled": False}
     assert ok(k("unit", "list", "--set", id_set, "--json")).json() == []
     # refused before any card is touched (no card is in the reader yet)
     reader = pcscd.reader_for_port(UNIT_PORT)
@@ -252,8 +253,26 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
         {"set_id": id_set, "sn": sn, "status": "active", "certificate": out["certificate"]}]
     assert_error(k("unit", "enrol", "--reader", reader, "--set", id_set, "--sn", sn),
                  EXIT_INPUT, "already certified")
-    loaded = ok(k("load", "--unit", sn, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
-    assert loaded["suite"] == 3 and loaded["set_id"] == id_set
-    assert ok(k("receipts")).last_line() == "1 receipts verified, 0 invalid"
+    # the enrolled card loads over PC/SC by suite 0x03 (keyload load --reader) ...
+    with serving(home, sn, times=2) as served:
+        wait_for_card(reader, 10)
+        assert_error(k("load", "--reader", reader, "--unit", "1dc0000009", "--ref1", "TMK-1",
+                       "--ref2", "1"), EXIT_INPUT, "is unit 1dc0000001, not 1dc0000009")
+        wait_for_card(reader, 10)
+        by_card = ok(k("load", "--reader", reader, "--unit", sn, "--ref1", "TMK-1", "--ref2",
+                       "1", "--json")).json()
+        stdout, _ = served.communicate(timeout=15)
+        assert served.returncode == 0 and stdout.splitlines()[-1] == "2 units served"
+    wait_for_removal(reader, 5)
+    # ... and it is the emulated unit behind the card: it loads in process too
+    loaded = ok(k("load", "--unit", sn, "--ref1", "TMK-1", "--ref2", "2", "--json")).json()
+    for out, ref2 in ((by_card, 1), (loaded, 2)):
+        assert out["suite"] == 3 and out["set_id"] == id_set and out["sn"] == sn
+        assert out["ref2"] == ref2 and len(bytes.fromhex(out["receipt"])) == 64
+    assert ok(k("receipts")).last_line() == "2 receipts verified, 0 invalid"
     status = ok(k("unit", "status", "--sn", sn, "--json")).json()
-    assert status["set_id"] == id_set and status["slots"][0]["kcv"] == loaded["kcv"]
+    assert status["set_id"] == id_set
+    assert [s["kcv"] for s in status["slots"]] == [by_card["kcv"], loaded["kcv"]]
+    usage = k("load", "--ref1", "TMK-1", "--ref2", "1")
+    assert usage.rc == 2 and usage.stderr.splitlines()[-1] == \
+        "keyload load: error: one of --unit or --reader is required"

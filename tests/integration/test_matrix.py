@@ -260,6 +260,12 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
 
 
 # -- one cell ----------------------------------------------------------------------------
+def unit_slots() -> dict[int, Slot]:
+    """Every unit's slots: TMK (AES-256) and MAC (HMAC-SHA256)."""
+    return {TMK_SLOT: Slot(TMK_SLOT, frozenset({KeyType.AES256})),
+            MAC_SLOT: Slot(MAC_SLOT, frozenset({KeyType.HMAC_SHA256}))}
+
+
 @dataclass
 class Cell:
     authority: Authority  # the in-process authority object (receipts are checked on it)
@@ -273,10 +279,33 @@ class Cell:
     verify_key: bytes
 
     def unit(self, sn: bytes) -> Unit:
-        slots = {TMK_SLOT: Slot(TMK_SLOT, frozenset({KeyType.AES256})),
-                 MAC_SLOT: Slot(MAC_SLOT, frozenset({KeyType.HMAC_SHA256}))}
-        return Unit(MemoryUnitStore(UnitState.new(sn, Secret(self.t), slots,
+        return Unit(MemoryUnitStore(UnitState.new(sn, Secret(self.t), unit_slots(),
                                                   verify_key=self.verify_key)))
+
+
+def _authority(kind: str, ks: Any, set_id: bytes, tmk: bytes, mac: bytes,
+               request: pytest.FixtureRequest, stack: ExitStack) -> tuple[Authority, Connection]:
+    """The two application keys installed for ``set_id``, and the cell's authority with a
+    connection to it: in process, or (``card``) served as a virtual card on the second
+    vpcd reader and reached over PC/SC."""
+    ks.add_key(TMK, KeyType.AES256, Secret(tmk), KeyAttributes("K0", "B", "E"), version=1,
+               diversify=True, policy=ExportPolicy(frozenset({set_id}), frozenset({TMK_SLOT})))
+    ks.add_key(MAC, KeyType.HMAC_SHA256, Secret(mac), KeyAttributes("M7", "C", "N"),
+               version=1, diversify=False,
+               policy=ExportPolicy(frozenset({set_id}), frozenset({MAC_SLOT})))
+    authority = Authority(ks)
+    if kind != "card":
+        return authority, LocalConnection(authority)
+    reader = request.getfixturevalue("pcscd").reader_for_port(AUTHORITY_PORT)
+    card = VirtualCard(authority, AUTHORITY_PORT).start()
+
+    def remove() -> None:
+        card.stop()
+        wait_for_removal(reader, 5)
+
+    stack.callback(remove)
+    wait_for_card(reader, 5)
+    return authority, stack.enter_context(PcscConnection(reader))
 
 
 def _build_cell(kind: str, transport: str, request: pytest.FixtureRequest,
@@ -291,27 +320,8 @@ def _build_cell(kind: str, transport: str, request: pytest.FixtureRequest,
     t, tmk, mac = os.urandom(32), os.urandom(32), os.urandom(MAC_LENGTH)
     set_id = ks.add_set(Secret(t), "matrix", signed=True).set_id
     assert set_id == aes_kcv(t)
-    ks.add_key(TMK, KeyType.AES256, Secret(tmk), KeyAttributes("K0", "B", "E"), version=1,
-               diversify=True, policy=ExportPolicy(frozenset({set_id}), frozenset({TMK_SLOT})))
-    ks.add_key(MAC, KeyType.HMAC_SHA256, Secret(mac), KeyAttributes("M7", "C", "N"),
-               version=1, diversify=False,
-               policy=ExportPolicy(frozenset({set_id}), frozenset({MAC_SLOT})))
-    authority = Authority(ks)
+    authority, conn = _authority(kind, ks, set_id, tmk, mac, request, stack)
     suites = authority.capabilities().suites
-    conn: Connection
-    if kind == "card":
-        reader = request.getfixturevalue("pcscd").reader_for_port(AUTHORITY_PORT)
-        card = VirtualCard(authority, AUTHORITY_PORT).start()
-
-        def remove() -> None:
-            card.stop()
-            wait_for_removal(reader, 5)
-
-        stack.callback(remove)
-        wait_for_card(reader, 5)
-        conn = stack.enter_context(PcscConnection(reader))
-    else:
-        conn = LocalConnection(authority)
     kcvs = AuthorityKcvs(conn)
     client = AuthorityClient(kcvs, suites=suites)  # SELECT (over PC/SC for the card)
     suite = min(suites)  # the station's preference among (1, 2) the unit also speaks
@@ -613,9 +623,7 @@ class Cell3:
     mac: bytes
 
     def blank(self, sn: bytes) -> Unit:
-        slots = {TMK_SLOT: Slot(TMK_SLOT, frozenset({KeyType.AES256})),
-                 MAC_SLOT: Slot(MAC_SLOT, frozenset({KeyType.HMAC_SHA256}))}
-        return Unit(MemoryUnitStore(UnitState.new_identity(sn, slots)))
+        return Unit(MemoryUnitStore(UnitState.new_identity(sn, unit_slots())))
 
     def load(self, conn: Connection, ref1: bytes, ref2: int, *, select: bool) -> LoadResult:
         uc = UnitClient(conn)
@@ -640,25 +648,8 @@ def _build_cell3(kind: str, unit_kind: str, request: pytest.FixtureRequest,
     set_id = ks.generate_identity_set("matrix-3", authority_id=b"matrix authority").set_id
     q_ca = ks.identity_set(set_id).q_ca
     tmk, mac = os.urandom(32), os.urandom(MAC_LENGTH)
-    ks.add_key(TMK, KeyType.AES256, Secret(tmk), KeyAttributes("K0", "B", "E"), version=1,
-               diversify=True, policy=ExportPolicy(frozenset({set_id}), frozenset({TMK_SLOT})))
-    ks.add_key(MAC, KeyType.HMAC_SHA256, Secret(mac), KeyAttributes("M7", "C", "N"),
-               version=1, diversify=False,
-               policy=ExportPolicy(frozenset({set_id}), frozenset({MAC_SLOT})))
-    authority = Authority(ks)
-    conn: Connection = LocalConnection(authority)
-    if kind == "card":
-        reader = request.getfixturevalue("pcscd").reader_for_port(AUTHORITY_PORT)
-        card = VirtualCard(authority, AUTHORITY_PORT).start()
-
-        def remove() -> None:
-            card.stop()
-            wait_for_removal(reader, 5)
-
-        stack.callback(remove)
-        wait_for_card(reader, 5)
-        conn = LockedConnection(stack.enter_context(PcscConnection(reader)))
-    kcvs = AuthorityKcvs(conn)
+    authority, conn = _authority(kind, ks, set_id, tmk, mac, request, stack)
+    kcvs = AuthorityKcvs(LockedConnection(conn))  # the service's thread uses a card too
     client = AuthorityClient(kcvs, suites=authority.capabilities().suites)  # SELECT
     service = None
     if unit_kind == "remote":

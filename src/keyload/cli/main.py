@@ -40,7 +40,7 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, demo, identity, service_cmds
+from . import campaigns, cards, commands, demo, identity, service_cmds
 from .args import SET_ID, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -160,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
-    cmd(sub, "load", commands.load, "load one key into one unit",
-        opt("--unit", required=True, metavar="SN", help="the unit's SN (hex)"),
-        opt("--ref1", required=True), opt("--ref2", required=True, type=int))
+    cmd(sub, "load", cards.load, "load one key into one unit: an emulated one, or the card "
+        "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
+                                 "--reader, the card must be this unit"),
+        opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "
+            "an identity set)"),
+        opt("--ref1", required=True), opt("--ref2", required=True, type=int), usage_error=True)
     cmd(sub, "receipts", commands.receipts_verify,
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",
