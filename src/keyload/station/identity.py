@@ -105,7 +105,8 @@ def enrol(conn: Connection, ks: Keystore, set_id: bytes, sn: bytes) -> Certifica
     """Enrol the unit at the end of ``conn`` (in process or a card in a reader) in identity
     set ``set_id`` as unit ``sn``: SELECT, GENERATE UNIT KEY (the unit makes d_U and answers
     Q_U), the authority certifies Q_U for ``sn`` and registers the unit, PUT CERTIFICATE
-    gives the unit C_U and Q_CA. A refusal is the typed error of its status word."""
+    gives the unit C_U and Q_CA. The unit's refusal is a StatusError with its status word,
+    naming the command and what the word means there."""
     check_new_unit(ks, set_id, sn)
     sks = _identity_set(ks, set_id)
     q_ca = sks.identity_set(set_id).q_ca
