@@ -273,6 +273,16 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     status = ok(k("unit", "status", "--sn", sn, "--json")).json()
     assert status["set_id"] == id_set
     assert [s["kcv"] for s in status["slots"]] == [by_card["kcv"], loaded["kcv"]]
+    # a card of a transport-key set in the same reader loads by suite 0x01
+    ok(k("unit", "create", "--set", t_set, "--sn", "0dc0000001", "--slot", "1=aes256"))
+    with serving(home, "0dc0000001"):
+        wait_for_card(reader, 10)
+        by_t_card = ok(k("load", "--reader", reader, "--ref1", "TMK-1", "--ref2", "1",
+                         "--json")).json()
+    wait_for_removal(reader, 5)
+    assert (by_t_card["sn"], by_t_card["set_id"], by_t_card["suite"]) == (
+        "0dc0000001", t_set, 1)
+    assert ok(k("receipts")).last_line() == "3 receipts verified, 0 invalid"
     usage = k("load", "--ref1", "TMK-1", "--ref2", "1")
     assert usage.rc == 2 and usage.stderr.splitlines()[-1] == \
         "keyload load: error: one of --unit or --reader is required"
