@@ -172,6 +172,32 @@ def test_chaining_and_get_response_wrappers_offline(world: World) -> None:
     assert card.stats.commands == 1 + 2 + 2  # SELECT, INIT + resend, two chained pieces
 
 
+@dataclass
+class _Answers:
+    """An application that answers every command with ``data`` and 9000."""
+
+    data: bytes
+
+    def process_apdu(self, apdu: bytes) -> bytes:
+        return self.data + b"\x90\x00"
+
+
+@pytest.mark.parametrize("t0", [False, True], ids=["t1", "t0"])
+def test_a_short_apdu_card_answers_over_256_bytes_in_pieces_offline(t0: bool) -> None:
+    """A card without extended length (chaining, T=1 or T=0) gives an answer longer than
+    256 bytes as the first Ne bytes with 61xx, the rest by GET RESPONSE; the station's
+    GetResponse puts it back together. An extended-length card answers it in one."""
+    data = os.urandom(600)
+    card = CardOS(_Answers(data), long_apdus="chaining", t0=t0)
+    first = card.command(bytes.fromhex("8010000000"))  # Le 00: at most 256
+    assert first[:-2] == data[:256] and first[-2:] == b"\x61\x00"
+    assert GetResponse(LocalConnection(_OsApp(card))).transmit(
+        bytes.fromhex("8010000000")) == data + b"\x90\x00"
+    assert card.stats.delivered == 2 and card.stats.commands == 1 + 3  # 256 + 256 + 88
+    ext = CardOS(_Answers(data))  # extended Le 00 00 00: all of it at once
+    assert ext.command(bytes.fromhex("80100000000000")) == data + b"\x90\x00"
+
+
 # -- pcscd -------------------------------------------------------------------------------
 def test_pcscd_has_two_vpcd_readers_and_is_reused(pcscd: Pcscd) -> None:
     assert len(pcscd.readers) == 2

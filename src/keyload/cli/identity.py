@@ -1,14 +1,52 @@
-"""The handlers for a unit of an identity set (suite 0x03): revoke it, certify it."""
+"""The handlers for a unit of an identity set (suite 0x03): create one left for enrolment
+as a card, enrol a card in a reader, revoke a unit, certify one."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..core.messages import check_sn
-from ..station.identity import certify_unit, record_json, revoke_unit
+from ..station.identity import (
+    certify_unit,
+    create_unenrolled,
+    enrol_card,
+    record_json,
+    revoke_unit,
+)
+from . import commands
 from .args import home_of
-from .commands import parse_hex
+from .commands import parse_hex, parse_slots
 from .output import emitted
+
+
+def unit_create(args: argparse.Namespace) -> int:
+    """``unit create``; with ``--unenrolled``, a unit of an identity set without its key
+    and certificate, to be served as a card and enrolled by ``unit enrol --reader``."""
+    if not args.unenrolled:
+        return commands.unit_create(args)
+    if args.suites is not None or args.components:
+        raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
+                         "--suites nor --components")
+    set_id = parse_hex(args.set_id, "set id")
+    sn = check_sn(parse_hex(args.sn, "SN"))
+    slots = parse_slots(args.slot, args.lock)
+    create_unenrolled(home_of(args), set_id, sn, slots)
+    if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
+                          "enrolled": False}):
+        print(f"unit {sn.hex()} created for set {set_id.hex()} with slots "
+              f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
+              "(unit serve-card) and enrol it (unit enrol --reader)")
+    return 0
+
+
+def unit_enrol(args: argparse.Namespace) -> int:
+    set_id = parse_hex(args.set_id, "set id")
+    sn = check_sn(parse_hex(args.sn, "SN"))
+    cert = enrol_card(home_of(args), args.reader, set_id, sn)
+    if not emitted(args, {"set_id": set_id.hex(), "sn": sn.hex(), "reader": args.reader,
+                          "certificate": cert.encode().hex()}):
+        print(f"unit {sn.hex()} in reader {args.reader!r} enrolled in set {set_id.hex()}")
+    return 0
 
 
 def unit_revoke(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, demo, identity, service_cmds
+from . import campaigns, cards, commands, demo, identity, service_cmds
 from .args import SET_ID, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
+    cmd(u, "create", identity.unit_create, "create an emulated unit of a set", SET_ID,
         opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--suites", help="suites the unit speaks (default 1,2; a unit of an identity "
             "set: 3)"),
         opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
-            "key as N components (needed when T lives in a token)"))
+            "key as N components (needed when T lives in a token)"),
+        opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
+            "key and certificate, to serve it as a card and enrol it with unit enrol"))
+    cmd(u, "enrol", identity.unit_enrol, "enrol the card in a PC/SC reader in an identity "
+        "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
+        opt("--reader", required=True, help="the PC/SC reader holding the card"),
+        opt("--sn", required=True, help="the card's SN, hex (a card tells it only once "
+            "enrolled)"))
     cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)",
         opt("--sn", required=True))
     cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
@@ -153,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
-    cmd(sub, "load", commands.load, "load one key into one unit",
-        opt("--unit", required=True, metavar="SN", help="the unit's SN (hex)"),
-        opt("--ref1", required=True), opt("--ref2", required=True, type=int))
+    cmd(sub, "load", cards.load, "load one key into one unit: an emulated one, or the card "
+        "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
+                                 "--reader, the card must be this unit"),
+        opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "
+            "an identity set)"),
+        opt("--ref1", required=True), opt("--ref2", required=True, type=int), usage_error=True)
     cmd(sub, "receipts", commands.receipts_verify,
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",

@@ -16,9 +16,19 @@ Between vpcd and the application sits a small *card OS* (:class:`CardOS`), as on
 card: it answers power and ATR requests, resets the application (``app.reset()`` when it
 has one: a unit loses its pending challenge) on power off and reset, assembles command
 chains (CLA bit ``0x10``) when the ATR says the card does chaining, refuses extended
-length when the ATR says it does not, and with ``t0=True`` behaves like a T=0 card:
-``61xx`` + GET RESPONSE for case 4 commands, ``6Cxx`` for a case 2 command with the wrong
-Le. The application only ever sees whole commands.
+length when the ATR says it does not (and then hands out an answer longer than 256 bytes
+in pieces: the first Ne bytes with ``61xx``, the rest by GET RESPONSE), and with
+``t0=True`` behaves like a T=0 card: ``61xx`` + GET RESPONSE for case 4 commands,
+``6Cxx`` for a case 2 command with the wrong Le. The application only ever sees whole
+commands.
+
+Suite 0x03 (docs/protocol.md §10) is why long messages matter: INITIALIZE DOWNLOAD of a unit
+of an identity set answers about 300 bytes (E_U, C_U, sigU), EXPORTKEY asks with about 350
+and answers with about 420 (C_A), IMPORTKEY sends about 400. vpcd and pcscd here carry
+extended APDUs both ways over T=1 unchanged, so an extended-length card (the default ATR)
+gets each message in one APDU; a card whose ATR announces chaining without extended
+length gets chained commands and answers in 256-byte pieces; a T=0 card, chains and
+GET RESPONSE. The unit and authority applications are the same in all three.
 
 :class:`VirtualCard` keeps one card in a reader until stopped (or :meth:`VirtualCard.remove`
 pulls it out, also in the middle of a command). :class:`CardFeeder` presents a series of
@@ -204,7 +214,20 @@ class CardOS:
         if self.t0:
             return self._deliver_t0(apdu)
         self.stats.delivered += 1
-        return self.app.process_apdu(apdu)
+        r = self.app.process_apdu(apdu)
+        if self.long_apdus == "extended" or len(r) <= 256 + 2 or r[-2:] != b"\x90\x00":
+            return r
+        return self._in_pieces(apdu, r[:-2])
+
+    def _in_pieces(self, apdu: bytes, data: bytes) -> bytes:
+        """A card without extended length answers at most 256 bytes at a time: the first
+        Ne of them with ``61xx``, the rest by GET RESPONSE (ISO/IEC 7816-4 §5.3.4)."""
+        try:
+            ne = min(CommandAPDU.decode(apdu).ne or 256, 256)
+        except WrongLength:
+            ne = 256
+        chunk, self._pending = data[:ne], data[ne:]
+        return chunk + bytes((0x61, min(len(self._pending), 256) & 0xFF))
 
     def _deliver_t0(self, apdu: bytes) -> bytes:
         """T=0 behaviour: 61xx for response data of a case 4 command, 6Cxx for a case 2
@@ -227,7 +250,9 @@ class CardOS:
         if cmd.data:  # case 4: announce the data, served by GET RESPONSE
             self._pending = data
             return bytes((0x61, min(len(data), 256) & 0xFF))
-        if cmd.ne != len(data) and len(data) <= 256:
+        if len(data) > 256:
+            return self._in_pieces(apdu, data)
+        if cmd.ne != len(data):
             self._retry = (bare, data + sw)
             return bytes((0x6C, len(data) & 0xFF))
         return r

@@ -1,6 +1,18 @@
 """Identity sets (suite 0x03, docs/protocol.md §10) as a home administers them: the set made
-in the authority, emulated units enrolled (GENERATE UNIT KEY, the authority certifies, PUT
-CERTIFICATE), units certified for enrolment elsewhere, the register and revocation."""
+in the authority, units enrolled (GENERATE UNIT KEY, the authority certifies, PUT
+CERTIFICATE) — emulated ones in process, cards in a PC/SC reader, both by one
+:func:`enrol` over a connection —, units certified for enrolment elsewhere, the register
+and revocation.
+
+A card's SN: §10 gives a unit no way to tell its SN before it is enrolled (INITIALIZE
+DOWNLOAD answers 6985 until PUT CERTIFICATE, GENERATE UNIT KEY answers Q_U alone), so the
+operator names it (``keyload unit enrol --sn``), as printed on the card or in the
+manufacturer's list. The card checks it: a certificate whose subject is not its own SN is
+refused (6982) and nothing is stored in the card; the authority has registered that SN by
+then (it certified before the card could check), so ``unit list --set`` shows it and
+``unit revoke`` retires it. The card keeps the key pair it made: §10.2 lets no key be made
+twice, so such a card cannot be enrolled again.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +21,16 @@ from typing import Any
 from ..core import tlv
 from ..core.aids import INS_GENERATE_KEY, INS_PUT_CERTIFICATE
 from ..core.apdu import ResponseAPDU, encode_command
+from ..core.errors import SW, StatusError
 from ..core.identity import T_PUBLIC, Certificate, PutCertificate
 from ..core.messages import check_sn
+from ..transports import Connection
+from ..transports.local import LocalConnection
 from ..units.authority import IdentityAdministration, SetInfo, UnitRecord
 from ..units.unit import FileUnitStore, Slot, Unit, UnitState
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
+from .load import UnitClient
 
 # the subject of C_A in the identity sets a home makes (docs/protocol.md §10.1)
 AUTHORITY_ID = b"keyload authority"
@@ -54,39 +70,103 @@ def _identity_set(ks: Keystore, set_id: bytes) -> IdentityAdministration:
     return ks
 
 
-def _unit_apdu(unit: Unit, ins: int, data: bytes, what: str) -> bytes:
-    r = ResponseAPDU.decode(unit.process_apdu(encode_command(0x80, ins, 0, 0, data, 256)))
-    return r.check(f"unit {what}")
+# what a unit's refusal of an enrolment command means (docs/protocol.md §10.2)
+ENROL_MEANING = {
+    0x6985: "the unit has its key already, or its certificate (enrolled before; a unit of a "
+            "transport-key set has no identity to enrol)",
+    0x6982: "the unit refused its certificate (its SN or its key is not the certificate's: "
+            "is the SN given the unit's own?)",
+    0x6A80: "malformed data",
+    0x6D00: "the unit does not do enrolment",
+    0x6581: "memory failure in the unit: nothing was stored",
+}
+
+
+def _enrol_call(conn: Connection, ins: int, data: bytes, what: str) -> bytes:
+    """One enrolment command; its answer's data, or a StatusError naming the command and
+    what its status word means there."""
+    r = ResponseAPDU.decode(conn.transmit(encode_command(0x80, ins, 0, 0, data, 256)))
+    if r.sw != SW.SUCCESS:
+        raise StatusError(sw=r.sw, message=f"unit {what}: {r.sw:04X} "
+                                           f"{ENROL_MEANING.get(r.sw, 'refused')}")
+    return r.data
+
+
+def check_new_unit(ks: Keystore, set_id: bytes, sn: bytes) -> None:
+    """``set_id`` is an identity set (an unknown set: 6A82) whose register does not hold
+    ``sn`` yet, else ValueError: checked before a unit is made or touched."""
+    check_sn(sn)
+    if _identity_set(ks, set_id).unit_record(set_id, sn) is not None:
+        raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
+
+
+def enrol(conn: Connection, ks: Keystore, set_id: bytes, sn: bytes) -> Certificate:
+    """Enrol the unit at the end of ``conn`` (in process or a card in a reader) in identity
+    set ``set_id`` as unit ``sn``: SELECT, GENERATE UNIT KEY (the unit makes d_U and answers
+    Q_U), the authority certifies Q_U for ``sn`` and registers the unit, PUT CERTIFICATE
+    gives the unit C_U and Q_CA. The unit's refusal is a StatusError with its status word,
+    naming the command and what the word means there."""
+    check_new_unit(ks, set_id, sn)
+    sks = _identity_set(ks, set_id)
+    q_ca = sks.identity_set(set_id).q_ca
+    UnitClient(conn).select()
+    answer = _enrol_call(conn, INS_GENERATE_KEY, b"", "GENERATE UNIT KEY")
+    (q_u,) = tlv.decode(answer, (T_PUBLIC,))
+    cert = sks.certify_unit(set_id, sn, q_u)
+    _enrol_call(conn, INS_PUT_CERTIFICATE, PutCertificate(cert, q_ca).encode(),
+                "PUT CERTIFICATE")
+    return cert
 
 
 def enrol_unit(home: Home, ks: Keystore, set_id: bytes, sn: bytes,
                slots: dict[int, Slot]) -> Certificate:
-    """An emulated unit of identity set ``set_id`` (``ks``: the home's keystore, open): it
-    makes d_U (GENERATE UNIT KEY), the authority certifies Q_U and registers the unit, PUT
-    CERTIFICATE gives it C_U and Q_CA. An SN the register or the fleet has already is
+    """A new emulated unit of identity set ``set_id`` (``ks``: the home's keystore, open),
+    enrolled by :func:`enrol` in process. An SN the register or the fleet has already is
     refused before anything is made."""
-    check_sn(sn)
-    sks = _identity_set(ks, set_id)
-    if sks.unit_record(set_id, sn) is not None:
-        raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
-    q_ca = sks.identity_set(set_id).q_ca
+    check_new_unit(ks, set_id, sn)
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
     try:
         store = FileUnitStore.create(fleet.vault, UnitState.new_identity(sn, slots))
         unit = Unit(store)
         enrolled = False
         try:
-            answer = _unit_apdu(unit, INS_GENERATE_KEY, b"", "GENERATE UNIT KEY")
-            (q_u,) = tlv.decode(answer, (T_PUBLIC,))
-            cert = sks.certify_unit(set_id, sn, q_u)
-            _unit_apdu(unit, INS_PUT_CERTIFICATE, PutCertificate(cert, q_ca).encode(),
-                       "PUT CERTIFICATE")
+            cert = enrol(LocalConnection(unit), ks, set_id, sn)
             enrolled = True
             return cert
         finally:
             unit.close()
             if not enrolled:  # no unit without its certificate is left in the fleet
                 (fleet.vault.directory / store.filename).unlink(missing_ok=True)
+    finally:
+        fleet.close()
+
+
+def enrol_card(home: Home, reader: str, set_id: bytes, sn: bytes) -> Certificate:
+    """Enrol the card in PC/SC ``reader`` as unit ``sn`` of identity set ``set_id`` (see
+    the module docstring for where ``sn`` comes from); the card is unpowered at the end."""
+    from ..transports.pcsc import PcscConnection
+
+    ks = home.open_keystore()
+    try:
+        check_new_unit(ks, set_id, sn)  # before the card is touched
+        with PcscConnection(reader) as conn:
+            return enrol(conn, ks, set_id, sn)
+    finally:
+        ks.close()
+
+
+def create_unenrolled(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot]) -> None:
+    """An emulated unit for identity set ``set_id`` that is not enrolled yet (no key, no
+    certificate): served as a card (``keyload unit serve-card``), it is what a blank card
+    from the manufacturer is to ``keyload unit enrol --reader``."""
+    ks = home.open_keystore()
+    try:
+        check_new_unit(ks, set_id, sn)
+    finally:
+        ks.close()
+    fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+    try:
+        FileUnitStore.create(fleet.vault, UnitState.new_identity(sn, slots))
     finally:
         fleet.close()
 

@@ -8,7 +8,13 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
+from ..core import messages as msg
+from ..core import tlv
+from ..core.aids import INS_INIT
+from ..core.apdu import ResponseAPDU, encode_command
+from ..core.errors import KeyloadError, MalformedData
 from ..core.keys import KeyHeader, KeyType
+from ..core.suite3 import SUITE_ECDH
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.authority import Authority
@@ -20,9 +26,11 @@ from .fleet import EmulatedFleet, EmulatedUnitSource
 from .home import Home
 from .journal.model import Journal
 from .load import (
+    UNIT_MEANING,
     AuthorityClient,
     LoadFailed,
     LoadResult,
+    Step,
     UnitClient,
     load_key,
     load_key3,
@@ -188,3 +196,50 @@ def units_in_turn(fleet: EmulatedFleet, serials: list[bytes]) -> Iterator[Unit]:
             yield unit
         finally:
             unit.close()
+
+
+def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
+                   sn: bytes | None = None) -> LoadResult:
+    """Load one key into the card in PC/SC ``reader``: suite 0x03 when its INITIALIZE
+    DOWNLOAD says it is a unit of an identity set, else suite 0x01/0x02; ``sn``, when
+    given, must be the card's SN (else ValueError, nothing exported). Recorded in
+    ``station.db`` as :func:`load_one` does; the card is unpowered at the end."""
+    from ..transports.pcsc import PcscConnection
+
+    with ExitStack() as stack:
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        ac = AuthorityClient(LocalConnection(home.authority(ks)),
+                             suites=ks.capabilities().suites)
+        conn = stack.enter_context(PcscConnection(reader))
+        unit = UnitClient(conn)
+        card_sn, identity = _card_in_reader(unit, reader)
+        if sn is not None and card_sn != sn:
+            raise ValueError(f"the card in reader {reader!r} is unit {card_sn.hex()}, not "
+                             f"{sn.hex()}")
+        records = LoadRecords(home.station_db)
+        stack.callback(records.close)
+        try:
+            res = (load_key3 if identity else load_key)(unit, ac, ref1, ref2, select=False)
+        except LoadFailed as e:
+            records.add_failure(card_sn, ref1, ref2, e)
+            raise
+        records.add(res)
+    return res
+
+
+def _card_in_reader(unit: UnitClient, reader: str) -> tuple[bytes, bool]:
+    """SELECT and one INITIALIZE DOWNLOAD: the card's SN, and whether it is a unit of an
+    identity set (its C4 is ``03`` alone, docs/protocol.md §10.1). The challenge it draws
+    is replaced by the load's own (§7)."""
+    try:
+        unit.select()
+        r = ResponseAPDU.decode(unit.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"",
+                                                                  65536)))
+        found = dict(tlv.iter_tlv(r.check(UNIT_MEANING.get(r.sw, ""))))
+        sn, suites = found.get(msg.T_SN), found.get(msg.T_SUITE)
+        if sn is None or suites is None:
+            raise MalformedData(f"the card in reader {reader!r} answers no SN or suites")
+    except KeyloadError as e:
+        raise LoadFailed(Step.UNIT_INIT, e) from None
+    return sn, suites == bytes((SUITE_ECDH,))

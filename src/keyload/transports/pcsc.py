@@ -6,15 +6,17 @@
 6Cxx) on every command, :class:`~.iso7816.CommandChaining` on long ones when chaining is
 the way to send them.
 
-Long commands: KLP1 (docs/protocol.md §5) specifies *extended length*, and the unit and
-authority applications decode extended APDUs but not chains; so extended length is sent
-as is, which PC/SC passes through over T=1. Chaining is used only when the card says it
-does chaining and either says it has no extended length (card capabilities in the ATR's
-historical bytes, ISO/IEC 7816-4 §12.1.1.9), or the reader says it cannot carry one
-(``SCARD_ATTR_MAXINPUT``, short-APDU CCID readers), or the protocol is T=0 (which cannot
-carry an extended APDU without ENVELOPE, not implemented); ``long_apdus=`` forces either.
-No KLP1 message built by keyload exceeds 255 bytes today (the longest IMPORTKEY is about
-180 bytes), so this path only matters for other cards and future key types.
+Long commands: KLP1 (docs/protocol.md §5) specifies *extended length*, so extended length
+is sent as is, which PC/SC passes through over T=1 (vpcd and pcscd too, both ways).
+Chaining is used only when the card says it does chaining and either says it has no
+extended length (card capabilities in the ATR's historical bytes, ISO/IEC 7816-4
+§12.1.1.9), or the reader says it cannot carry one (``SCARD_ATTR_MAXINPUT``, short-APDU
+CCID readers), or the protocol is T=0 (which cannot carry an extended APDU without
+ENVELOPE, not implemented); ``long_apdus=`` forces either. A chained command asks for at
+most 256 bytes of answer: a longer one comes back as ``61xx`` and GET RESPONSE, which
+every command goes through anyway. Suites 0x01 and 0x02 stay under 255 bytes (the longest
+IMPORTKEY is about 180); suite 0x03 (§10) does not: INITIALIZE DOWNLOAD answers about 300
+bytes, EXPORTKEY sends about 350 and answers about 420, IMPORTKEY sends about 400.
 
 Errors: every PC/SC failure becomes a :class:`~keyload.core.errors.TransportError`
 naming the reader and what happened (no card, card removed, reader gone, pcscd not
