@@ -463,8 +463,6 @@ UNIT_KINDS = ("emulated", "card", "remote")
 SW_AUTHENTICITY = 0x6988
 # the parts other work brings; the cells that need them are expected to fail until then
 PENDING = {
-    "pkcs11": "pending: identity sets in the PKCS#11 authority (set CA and authority keys "
-              "in the token, enrolment through it)",
     "remote": "pending: the service serving suite 0x03 (fetch into a unit of an identity "
               "set, its ECDSA receipt taken)",
 }
