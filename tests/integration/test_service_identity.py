@@ -14,10 +14,16 @@ export records and the unit stay as they were.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import os
+import re
+import signal
 import sqlite3
+import ssl
+import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from keyload.core.errors import IntegrityError
 from keyload.core.identity import Certificate
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.core.messages import SLOT_EMPTY, SLOT_LOADED, ExportRequest
+from keyload.lab.pgserver import postgres_available, private_postgres
 from keyload.records.audit import AuditLog
 from keyload.records.ledger import verify_receipt3
 from keyload.service.pki import init_pki
@@ -42,6 +49,8 @@ from keyload.units.keystore import SoftwareKeystore
 from keyload.units.storage import KekSource
 from keyload.units.unit import Slot
 
+from ..conftest import require
+from .cli_helpers import KEYLOAD, cli_env
 from .test_service import (
     PASSPHRASE,
     SLOTS,
@@ -57,7 +66,7 @@ from .test_service import (
 ID_SLOTS = {1: Slot(1, frozenset({KeyType.AES256})), 2: Slot(2, frozenset({KeyType.AES128}))}
 
 
-def build_identity_world(d: Path, *, units: int = 8) -> World:
+def build_identity_world(d: Path, *, units: int = 10) -> World:
     """A home with an identity set (``set_a``, its units ``units_a`` enrolled as
     ``keyload unit create`` does) and a transport-key set (``set_b``, one unit)."""
     src = KekSource(passphrase=PASSPHRASE)
@@ -155,10 +164,9 @@ def slot_empty(w: World, sn: bytes, ref2: int) -> bool:
         return c.slot_status3(ref2).state == SLOT_EMPTY
 
 
-def fetch_cli(run: Running, sn: bytes, ref1: str, ref2: int) -> Any:
-    w = run.world
+def fetch_cli(w: World, url: str, sn: bytes, ref1: str, ref2: int) -> Any:
     cert, key = w.client_paths("terminal-1")
-    return run_cli("fetch", "--home", str(w.home), "--server", run.url, "--unit", sn.hex(),
+    return run_cli("fetch", "--home", str(w.home), "--server", url, "--unit", sn.hex(),
                    "--ref1", ref1, "--ref2", str(ref2), "--ca", str(w.pki / "ca.pem"),
                    "--cert", str(cert), "--key", str(key), "--json")
 
@@ -179,7 +187,7 @@ def test_fetch_loads_a_key_into_a_unit_of_an_identity_set(svc: Running) -> None:
     w = svc.world
     sn = w.units_a[0]
     before = len(svc.inst.store.ledger())
-    p = fetch_cli(svc, sn, "TMK-1", 1)
+    p = fetch_cli(w, svc.url, sn, "TMK-1", 1)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["ledger"] is True and out["suite"] == 3 and out["set_id"] == w.set_a.hex()
@@ -245,7 +253,7 @@ def test_revoked_unit_is_refused_6983_and_nothing_is_recorded(svc: Running) -> N
                 sn.hex())
     assert p.returncode == 0, p.stderr
     before = state_of(svc)
-    p = fetch_cli(svc, sn, "TMK-1", 1)
+    p = fetch_cli(w, svc.url, sn, "TMK-1", 1)
     assert p.returncode == 6, (p.returncode, p.stderr)
     assert "revoked" in p.stderr and "Traceback" not in p.stderr
     assert last_request(w) | {"status": 403, "problem": "unit-revoked", "sw": "6983",
@@ -362,3 +370,128 @@ CREATE TABLE ledger (sn TEXT NOT NULL, r TEXT NOT NULL, set_id TEXT NOT NULL,
     key_version INTEGER NOT NULL, kcv TEXT NOT NULL, rct TEXT NOT NULL, client TEXT NOT NULL,
     time DOUBLE PRECISION NOT NULL, PRIMARY KEY (sn, r));
 """
+
+
+# -- two services on one PostgreSQL -----------------------------------------------------
+@pytest.fixture(scope="module")
+def pg_pair(world: World, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[Running, Running]]:
+    ok, why = postgres_available()
+    require(ok, f"PostgreSQL: {why}")
+    d = Path(tmp_path_factory.mktemp("service-identity-pg"))
+    with private_postgres(d / "pg") as url:
+        policy = policy_doc(world, per_sn={"limit": 1000, "window_s": 60})
+        one = start_service(world, policy, state=url, instance="one")
+        two = start_service(world, policy, state=url, instance="two")
+        try:
+            yield one, two
+        finally:
+            one.stop()
+            two.stop()
+
+
+@pytest.mark.hardware  # PostgreSQL (skips without it, fails without it under CI=true)
+def test_postgres_two_services_share_the_register_of_served_challenges(
+        pg_pair: tuple[Running, Running]) -> None:
+    one, two = pg_pair
+    w = one.world
+    sn = w.units_a[7]
+    with unit_client(w, sn) as c:
+        i = c.initialize3()
+        status, _, body = octets(one, request3(i, b"TMK-1", 1))
+        assert status == 200, body
+        resp = msg3.ExportResponse3.decode(body)
+        ans = c.import_key3(resp.import_data)
+    rows = len(two.inst.store.ledger())
+    for run in (two, one):  # served by one: refused by both
+        assert problem(*octets(run, request3(i, b"TMK-1", 1)), 409, "replay")["sw"] == "6985"
+    # the receipt, posted to the other service, is verified with the C_U the first recorded
+    rc = {"sn": sn.hex(), "r": i.r.hex(), "ref2": 1, "kcv": ans.kcv.hex(),
+          "rct": ans.rct.hex()}
+    status, _, body = raw(two, "POST", "/v1/receipts", json.dumps(rc).encode())
+    assert status == 201, body
+    entries = one.inst.store.ledger()
+    assert len(entries) == rows + 1
+    e = entries[-1]
+    assert (e.sn, e.c_u, e.rct) == (sn, i.c_u.encode(), ans.rct) and e.e_a is not None
+    verify_receipt3(e)
+    # a refusal on either records nothing in the shared state
+    j = init3(w, w.units_a[7])
+    count = one.inst.store._x("SELECT COUNT(*) FROM challenges")  # type: ignore[attr-defined]
+    bad = j.sig_u[:-1] + bytes([j.sig_u[-1] ^ 1])
+    assert problem(*octets(two, request3(j, b"TMK-1", 1, sig_u=bad)), 422,
+                   "integrity")["sw"] == "6982"
+    assert problem(*octets(one, request3(j, b"GHOST", 1)), 404, "unknown-ref1")["sw"] == "6A88"
+    assert one.inst.store._x("SELECT COUNT(*) FROM challenges") == count  # type: ignore[attr-defined]
+
+
+@pytest.mark.hardware
+def test_postgres_one_challenge_sent_to_both_services_at_once_is_served_once(
+        pg_pair: tuple[Running, Running]) -> None:
+    one, two = pg_pair
+    w = one.world
+    for _ in range(3):
+        i = init3(w, w.units_a[7])
+        body = request3(i, b"TMK-1", 1)
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(octets, (one, two, one, two), [body] * 4))
+        assert sorted(a[0] for a in answers) == [200, 409, 409, 409], answers
+
+
+# -- keyload serve --workers --------------------------------------------------------------
+def _post(port: int, pki: Path, body: bytes) -> tuple[int, dict[str, Any]]:
+    """POST EXPORTKEY bytes on a new connection (the kernel hands it to any worker)."""
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "clients" / "terminal-1.pem"),
+                        str(pki / "clients" / "terminal-1.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request("POST", "/v1/exportkey", body=body,
+                     headers={"Content-Type": "application/octet-stream"})
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, (json.loads(data) if r.status != 200 else {})
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow  # keyload serve --workers through the console script
+def test_workers_share_the_register_and_see_a_revocation(world: World, tmp_path: Path) -> None:
+    if not KEYLOAD.exists():
+        pytest.skip("the keyload console script is not installed")
+    w = world
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(policy_doc(w, per_sn={"limit": 1000, "window_s": 60})))
+    srv = subprocess.Popen(
+        [str(KEYLOAD), "serve", "--home", str(w.home), "--cert", str(w.pki / "server.pem"),
+         "--key", str(w.pki / "server.key"), "--ca", str(w.pki / "ca.pem"), "--policy",
+         str(policy), "--port", "0", "--workers", "2"],
+        env=cli_env(PASSPHRASE), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None
+        first = srv.stdout.readline()
+        found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
+        assert found is not None and "(2 workers)" in first, first
+        port = int(found.group(1))
+        url = f"https://127.0.0.1:{port}"
+        p = fetch_cli(w, url, w.units_a[8], "TMK-1", 1)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["ledger"] is True
+        i = init3(w, w.units_a[8])
+        body = request3(i, b"PIN-1", 2)
+        answers = [_post(port, w.pki, body) for _ in range(8)]
+        assert answers[0][0] == 200, answers[0]
+        assert {(s, d.get("sw")) for s, d in answers[1:]} == {(409, "6985")}, answers
+        # revoked while the workers run: every worker refuses it from then on
+        p = run_cli("unit", "revoke", "--home", str(w.home), "--set", w.set_a.hex(), "--sn",
+                    w.units_a[9].hex())
+        assert p.returncode == 0, p.stderr
+        for _ in range(4):
+            status, doc = _post(port, w.pki, request3(init3(w, w.units_a[9]), b"TMK-1", 1))
+            assert (status, doc.get("sw")) == (403, "6983"), doc
+        p = fetch_cli(w, url, w.units_a[9], "TMK-1", 1)
+        assert p.returncode == 6 and "revoked" in p.stderr, p.stderr
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.wait(15)
+    assert slot_empty(w, w.units_a[9], 1)
