@@ -14,8 +14,11 @@ challenge with one ``INSERT … ON CONFLICT DO NOTHING`` before the authority is
 so of two concurrent requests with the same (SN, R), on any instance, exactly one wins.
 A claimed challenge is never released (not even when the authority then refuses):
 a unit answers each INITIALIZE DOWNLOAD with a fresh R, so a legitimate client never
-needs one twice. Rows hold SN, R, set id, REF1, REF2, suite, H, KCV, version and the
-receipt: never key material.
+needs one twice. Suite 0x03 (docs/protocol.md §10.4) is the exception: this table is the
+authority's register of served challenges, claimed only once the unit's certificate,
+signature and registration are checked, and released when the export is then refused,
+so that a refusal records nothing. Rows hold SN, R, set id, REF1, REF2, suite, H, KCV,
+version and the receipt, and for suite 0x03 E_A and C_U: never key material.
 """
 
 from __future__ import annotations
