@@ -216,6 +216,31 @@ def test_fetch_loads_a_key_into_a_unit_of_an_identity_set(svc: Running) -> None:
     # keyload ledger verify checks the service's entries, this one included
     v = run_cli("ledger", "verify", "--home", str(w.home), "--json")
     assert v.returncode == 0, v.stderr + v.stdout
+    checked = json.loads(v.stdout)["service"]
+    assert (checked["verified"], checked["invalid"]) == (len(entries), 0), checked
+
+
+def test_a_receipt_altered_in_the_state_does_not_verify(svc: Running, tmp_path: Path) -> None:
+    """The service's ledger, copied and one suite-0x03 receipt altered: ``keyload ledger
+    verify --state`` finds it invalid (the unit's signature under its C_U fails)."""
+    w = svc.world
+    p = fetch_cli(w, svc.url, w.units_a[0], "PIN-1", 2)
+    assert p.returncode == 0, p.stderr
+    copy = tmp_path / "service.db"
+    src = sqlite3.connect(w.home / "service.db")
+    dst = sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    rct = bytes.fromhex(json.loads(p.stdout)["receipt"])
+    dst.execute("UPDATE ledger SET rct = ? WHERE rct = ?",
+                ((rct[:-1] + bytes([rct[-1] ^ 1])).hex(), rct.hex()))
+    dst.commit()
+    dst.close()
+    v = run_cli("ledger", "verify", "--home", str(w.home), "--state", str(copy), "--json")
+    assert v.returncode == 1, v.stderr + v.stdout
+    checked = json.loads(v.stdout)["service"]
+    assert checked["invalid"] == 1, checked
+    assert "receipt does not verify" in checked["invalid_rows"][0]["reason"]
 
 
 def test_export_and_receipt_in_json_and_a_forged_receipt_refused(svc: Running) -> None:
