@@ -38,6 +38,7 @@ from keyload.core.messages import SLOT_EMPTY, SLOT_LOADED, ExportRequest
 from keyload.lab.pgserver import postgres_available, private_postgres
 from keyload.records.audit import AuditLog
 from keyload.records.ledger import verify_receipt3
+from keyload.service.fetch import speaks_suite3
 from keyload.service.pki import init_pki
 from keyload.service.store import SqliteServiceStore
 from keyload.station.home import Home
@@ -520,3 +521,18 @@ def test_workers_share_the_register_and_see_a_revocation(world: World, tmp_path:
         srv.send_signal(signal.SIGTERM)
         srv.wait(15)
     assert slot_empty(w, w.units_a[9], 1)
+
+
+def test_a_unit_in_a_reader_is_told_by_its_answer(world: World) -> None:
+    """``fetch --reader`` runs suite 0x03 for a card of an identity set: its INITIALIZE
+    DOWNLOAD answers E_U, C_U and sigU; a unit of a transport-key set does not."""
+    fleet = world.fleet()
+    try:
+        for sn, identity in ((world.units_a[5], True), (world.unit_b, False)):
+            unit = fleet.open_unit(sn)
+            try:
+                assert speaks_suite3(LocalConnection(unit)) is identity
+            finally:
+                unit.close()
+    finally:
+        fleet.close()

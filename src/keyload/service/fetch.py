@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import KeyloadError
 from ..core.messages import InitResponse
 from ..core.messages3 import InitResponse3
 from ..station.fleet import EmulatedFleet
@@ -46,11 +47,28 @@ class ExpectedUnit(UnitClient):
         return init
 
 
+class ExpectedIdentityUnit(ExpectedUnit, IdentityUnit):
+    """A card of an identity set that must be the unit ``--unit`` names."""
+
+
+def speaks_suite3(conn: Connection) -> bool:
+    """Whether the unit on ``conn`` belongs to an identity set: SELECT, then INITIALIZE
+    DOWNLOAD answers the suite-0x03 shape (its challenge is replaced by the load's)."""
+    probe = UnitClient(conn)
+    try:
+        probe.select()
+        probe.initialize3()
+    except KeyloadError:
+        return False
+    return True
+
+
 @contextmanager
 def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
              reader: str | None) -> Iterator[UnitClient]:
     """The unit to load: the card in ``reader`` (which must be unit ``sn`` when it is
-    given), or else the emulated unit ``sn`` of ``units_dir``."""
+    given), or else the emulated unit ``sn`` of ``units_dir``; an :class:`IdentityUnit`
+    when it belongs to an identity set."""
     with ExitStack() as stack:
         conn: Connection
         if reader:
@@ -58,7 +76,11 @@ def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
 
             conn = PcscConnection(reader)
             stack.callback(conn.close)
-            yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
+            if speaks_suite3(conn):
+                yield IdentityUnit(conn) if sn is None else ExpectedIdentityUnit(conn, sn,
+                                                                                 reader)
+            else:
+                yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
             return
         assert sn is not None
         fleet = EmulatedFleet.open(units_dir, source)
