@@ -67,7 +67,7 @@ from .test_service import (
 ID_SLOTS = {1: Slot(1, frozenset({KeyType.AES256})), 2: Slot(2, frozenset({KeyType.AES128}))}
 
 
-def build_identity_world(d: Path, *, units: int = 10) -> World:
+def build_identity_world(d: Path, *, units: int = 11) -> World:
     """A home with an identity set (``set_a``, its units ``units_a`` enrolled as
     ``keyload unit create`` does) and a transport-key set (``set_b``, one unit)."""
     src = KekSource(passphrase=PASSPHRASE)
@@ -536,3 +536,24 @@ def test_a_unit_in_a_reader_is_told_by_its_answer(world: World) -> None:
                 unit.close()
     finally:
         fleet.close()
+
+
+def test_refusals_after_the_claim_release_it(svc: Running) -> None:
+    """REF1 unknown (6A88) and the export policy (6986) come after the register of served
+    challenges (§10.4): the claim is given back, nothing is recorded, and the same
+    challenge is served once the request is right."""
+    w = svc.world
+    sn = w.units_a[10]
+    i = init3(w, sn)
+    before = state_of(svc)
+    assert problem(*octets(svc, request3(i, b"GHOST", 1)), 404, "unknown-ref1")["sw"] == "6A88"
+    assert problem(*octets(svc, request3(i, b"TMK-1", 2)), 403, "export-policy")["sw"] == "6986"
+    assert state_of(svc) == before
+    with unit_client(w, sn) as c:
+        i = c.initialize3()
+        assert problem(*octets(svc, request3(i, b"PIN-1", 1)), 403,
+                       "export-policy")["sw"] == "6986"
+        status, _, body = octets(svc, request3(i, b"PIN-1", 2))
+        assert status == 200, body
+        ans = c.import_key3(msg3.ExportResponse3.decode(body).import_data)
+    assert ans.kcv == msg3.ExportResponse3.decode(body).kcv
