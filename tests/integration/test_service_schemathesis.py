@@ -39,8 +39,9 @@ import requests
 import schemathesis
 from schemathesis import Case, CheckContext, Response
 
-from keyload.core import messages as msg
 from keyload.core.errors import StatusError
+from keyload.core.identity import Certificate
+from keyload.core.messages3 import decode_export_request
 
 from .test_service import ROOT, Running, build_world, policy_doc, start_service
 
@@ -168,22 +169,29 @@ def problem_names_its_request(ctx: CheckContext, response: Response,
 @schemathesis.check
 def exportkey_400_only_for_bad_klp1(ctx: CheckContext, response: Response,
                                     case: Case[Any]) -> bool | None:
-    """The one 400 that valid data may get (see CONFIG): octets that the service's own
-    KLP1 decoder refuses, with SW 6A80. A valid JSON request, or octets that decode, is
-    never refused as malformed."""
+    """The one 400 that valid data may get (see CONFIG): KLP1 data that the service's own
+    decoder refuses, with SW 6A80 — octets, or in JSON the certificate ``c_u`` (suite
+    0x03). A valid JSON request otherwise, or octets that decode, is never refused as
+    malformed."""
     if case.operation.path != "/v1/exportkey" or response.status_code != 400 or \
             case.meta is None or not case.meta.generation.mode.is_positive:
         return None
     doc = _problem(response)
     assert doc is not None, response.content
     body = response.request.body
+    klp1: bytes | None = None
     if case.media_type == "application/octet-stream" and isinstance(body, bytes):
+        klp1, decode = body, decode_export_request
+    elif case.media_type == "application/json" and isinstance(case.body, dict) and \
+            "c_u" in case.body:
+        klp1, decode = bytes.fromhex(case.body["c_u"]), Certificate.decode
+    if klp1 is not None:
         try:
-            msg.ExportRequest.decode(body)
+            decode(klp1)
         except StatusError:
             assert doc.get("sw") == "6A80", doc
             return None
-        raise AssertionError(f"a KLP1 EXPORTKEY refused as malformed: {body.hex()} {doc}")
+        raise AssertionError(f"KLP1 data refused as malformed: {klp1.hex()} {doc}")
     raise AssertionError(f"a schema-valid {case.media_type} EXPORTKEY refused: {doc}")
 
 

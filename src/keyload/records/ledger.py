@@ -29,10 +29,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..core.errors import KeyloadError, StatusError
+from ..core.errors import IntegrityError, KeyloadError, StatusError
 from ..core.identity import Certificate
 from ..core.keys import KeyHeader
 from ..core.suite3 import SUITE_ECDH
+from ..core.suite3 import verify_receipt3 as _verify_rct3
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
@@ -69,6 +70,10 @@ class LedgerEntry:
     station: str | None = None
     client: str | None = None
     reconciled: bool = False
+    # suite 0x03 (docs/protocol.md §10.3): the authority's ephemeral key E_A the unit signed
+    # its receipt over, and the unit's certificate C_U (encoded), as the export recorded them
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
     @property
     def label(self) -> str:
@@ -148,6 +153,26 @@ class ReceiptChecker(Protocol):
         ...
 
 
+def verify_receipt3(entry: LedgerEntry) -> None:
+    """Return None when the entry's receipt is the ECDSA signature of the unit its C_U
+    names over this load (suite 0x03, docs/protocol.md §10.3), else raise IntegrityError.
+
+    Needs no secret: the entry's C_U and E_A (as the export recorded them). That C_U was
+    issued under the set's Q_CA is the caller's check (the authority's, or an auditor's
+    with the set's certificate)."""
+    if entry.c_u is None or entry.e_a is None or entry.r is None or entry.header is None \
+            or entry.kcv is None or entry.rct is None:
+        raise IntegrityError()
+    try:
+        c_u = Certificate.decode(entry.c_u)
+    except KeyloadError:
+        raise IntegrityError() from None
+    if c_u.subject != entry.sn:
+        raise IntegrityError()
+    _verify_rct3(c_u, sn=entry.sn, r=entry.r, ref2=entry.ref2, ref1=entry.ref1, h=entry.header,
+                 kcv_=entry.kcv, e_a=entry.e_a, rct=entry.rct)
+
+
 def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | None = None,
                    matched_by: str | None = None,
                    key_now: Callable[[bytes], KeyFacts | None] | None = None) -> list[str]:
@@ -193,15 +218,20 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
         out.append(f"R is {len(e.r)} bytes, not {R_LEN}")
     try:
         if e.suite == SUITE_ECDH:
-            if export is None or export.c_u is None or export.e_a is None:
+            # what the export recorded; else what the entry keeps itself
+            c_u_enc = e.c_u if export is None or export.c_u is None else export.c_u
+            e_a = e.e_a if export is None or export.e_a is None else export.e_a
+            if c_u_enc is None or e_a is None:
                 out.append("no certificate recorded to verify this suite 0x03 receipt")
                 return out
-            c_u = Certificate.decode(export.c_u)
+            if (e.c_u, e.e_a) not in ((None, None), (c_u_enc, e_a)):
+                out.append("differs from the export: c_u or e_a")
+            c_u = Certificate.decode(c_u_enc)
             if c_u.subject != e.sn:
                 out.append("the recorded certificate names another unit")
                 return out
             checker.verify_receipt3(set_id=e.set_id, c_u=c_u, r=e.r, ref2=e.ref2,
-                                    ref1=e.ref1, h=e.header, kcv=e.kcv, e_a=export.e_a,
+                                    ref1=e.ref1, h=e.header, kcv=e.kcv, e_a=e_a,
                                     rct=e.rct)
         else:
             checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r,

@@ -27,7 +27,9 @@ per-client rate limit (429; a receipt of the client's own export is never limite
 media type (415) -> strict parsing (400, with SW 6A80) -> policy on set and REF1 (403)
 -> per-unit rate limit, keyed by (set, SN) (429) -> replay cache claim of (SN, R) (409)
 -> the authority (its status word in the problem) -> the export recorded -> an audit
-record -> the batch's commit -> the response. The event loop never waits for a
+record -> the batch's commit -> the response. Suite 0x03 (identity sets) claims its
+challenge inside the authority's checks, after the unit's certificate, signature and
+registration (:mod:`.exchanges`). The event loop never waits for a
 database: a lock held elsewhere answers 503 after the busy timeout (:mod:`.commit`).
 
 The app in parts: this module routes, limits, audits and answers; :mod:`.identity` says

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..core import messages as msg
+from ..core import messages3 as msg3
 from ..core.errors import SW, KeyloadError, StatusError, TransportError, error_for_sw
 from ..core.ref1 import display_ref1
 from ..station.load import AuthorityClient, LoadResult
@@ -197,11 +198,18 @@ class ServiceClient:
         return ServiceRefused(reply.status, slug, " ".join(detail.split())[:200],
                               reply.retry_after)
 
-    def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
-        reply = self.request("POST", "/v1/exportkey", req.encode(), "application/octet-stream")
+    def _exportkey(self, data: bytes) -> bytes:
+        reply = self.request("POST", "/v1/exportkey", data, "application/octet-stream")
         if reply.status != 200:
             raise self.refusal(reply)
-        return msg.ExportResponse.decode(reply.body)
+        return reply.body
+
+    def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
+        return msg.ExportResponse.decode(self._exportkey(req.encode()))
+
+    def export3(self, req: msg3.ExportRequest3) -> msg3.ExportResponse3:
+        """EXPORTKEY of suite 0x03 (a unit of an identity set): E0 and KCV back."""
+        return msg3.ExportResponse3.decode(self._exportkey(req.encode()))
 
     def send_receipt(self, receipt: Receipt | LoadResult) -> Reply:
         """POST the receipt; the service's answer as it is (no error raised for a refusal)."""
@@ -235,6 +243,9 @@ class HttpsAuthority(AuthorityClient):
 
     def export(self, req: msg.ExportRequest) -> msg.ExportResponse:
         return self.client.export(req)
+
+    def export3(self, req: msg3.ExportRequest3) -> msg3.ExportResponse3:
+        return self.client.export3(req)
 
 
 # -- receipts: delivery within a deadline, and the outbox ---------------------------------

@@ -9,13 +9,19 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import KeyloadError
 from ..core.messages import InitResponse
+from ..core.messages3 import InitResponse3
 from ..station.fleet import EmulatedFleet
-from ..station.load import LoadResult, UnitClient, load_key
+from ..station.load import LoadResult, UnitClient, load_key, load_key3
 from ..transports import Connection
 from ..transports.local import LocalConnection
 from ..units.storage import KekSource
 from .client import Delivery, HttpsAuthority, Outbox, Pending, ServiceClient, deliver_receipt
+
+
+class IdentityUnit(UnitClient):
+    """A unit of an identity set: loaded by suite 0x03 (docs/protocol.md §10.3)."""
 
 
 class ExpectedUnit(UnitClient):
@@ -25,19 +31,44 @@ class ExpectedUnit(UnitClient):
         super().__init__(conn)
         self.expected, self.reader = sn, reader
 
+    def _expected(self, sn: bytes) -> None:
+        if sn != self.expected:
+            raise ValueError(f"the card in reader {self.reader!r} is unit {sn.hex()}, "
+                             f"not {self.expected.hex()} (--unit)")
+
     def initialize(self) -> InitResponse:
         init = super().initialize()
-        if init.sn != self.expected:
-            raise ValueError(f"the card in reader {self.reader!r} is unit {init.sn.hex()}, "
-                             f"not {self.expected.hex()} (--unit)")
+        self._expected(init.sn)
         return init
+
+    def initialize3(self) -> InitResponse3:
+        init = super().initialize3()
+        self._expected(init.sn)
+        return init
+
+
+class ExpectedIdentityUnit(ExpectedUnit, IdentityUnit):
+    """A card of an identity set that must be the unit ``--unit`` names."""
+
+
+def speaks_suite3(conn: Connection) -> bool:
+    """Whether the unit on ``conn`` belongs to an identity set: SELECT, then INITIALIZE
+    DOWNLOAD answers the suite-0x03 shape (its challenge is replaced by the load's)."""
+    probe = UnitClient(conn)
+    try:
+        probe.select()
+        probe.initialize3()
+    except KeyloadError:
+        return False
+    return True
 
 
 @contextmanager
 def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
              reader: str | None) -> Iterator[UnitClient]:
     """The unit to load: the card in ``reader`` (which must be unit ``sn`` when it is
-    given), or else the emulated unit ``sn`` of ``units_dir``."""
+    given), or else the emulated unit ``sn`` of ``units_dir``; an :class:`IdentityUnit`
+    when it belongs to an identity set."""
     with ExitStack() as stack:
         conn: Connection
         if reader:
@@ -45,22 +76,28 @@ def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
 
             conn = PcscConnection(reader)
             stack.callback(conn.close)
-            yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
+            if speaks_suite3(conn):
+                yield IdentityUnit(conn) if sn is None else ExpectedIdentityUnit(conn, sn,
+                                                                                 reader)
+            else:
+                yield UnitClient(conn) if sn is None else ExpectedUnit(conn, sn, reader)
             return
         assert sn is not None
         fleet = EmulatedFleet.open(units_dir, source)
         stack.callback(fleet.close)
         unit = fleet.open_unit(sn)
         stack.callback(unit.close)
-        yield UnitClient(LocalConnection(unit))
+        kind = IdentityUnit if unit.state.identity else UnitClient
+        yield kind(LocalConnection(unit))
 
 
 def fetch_key(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *,
               deadline: float) -> tuple[LoadResult, Delivery]:
-    """Load the key into the unit from the service; then its receipt, tried for
-    ``deadline`` seconds (the key is in the unit: the receipt must get through, or be
-    kept by the caller)."""
-    res = load_key(unit, HttpsAuthority(client), ref1, ref2)
+    """Load the key into the unit from the service (suite 0x03 into a unit of an identity
+    set); then its receipt, tried for ``deadline`` seconds (the key is in the unit: the
+    receipt must get through, or be kept by the caller)."""
+    load = load_key3 if isinstance(unit, IdentityUnit) else load_key
+    res = load(unit, HttpsAuthority(client), ref1, ref2)
     return res, deliver_receipt(client, res, until=time.monotonic() + deadline)
 
 

@@ -6,7 +6,9 @@ when it came in) is checked again, as a campaign's are:
 - the entry must match the export the service recorded for its (SN, R) in the replay
   cache (client, set, REF1, REF2, suite, header, KCV, key version; state receipted);
 - its header must parse, with the entry's suite and key version;
-- the authority recomputes the unit's receipt over (set, SN, R, REF2, header, KCV).
+- the authority recomputes the unit's receipt over (set, SN, R, REF2, header, KCV); a
+  suite-0x03 receipt is the unit's ECDSA signature, verified with the C_U and E_A the
+  export recorded (C_U itself under the set's Q_CA).
 
 The receipt binds the header and the KCV; the first two checks bind what it does not
 (REF1, the client, the key version column) to what was exported. Nothing here writes to
@@ -179,7 +181,7 @@ def _export(c: Challenge | None) -> Export | None:
     """The export the service recorded for an entry's (SN, R), as the verifier compares it."""
     return None if c is None else Export(
         c.set_id, c.ref1, c.ref2, c.suite, c.key_version, c.kcv, c.header, c.client,
-        unreceipted=None if c.state == RECEIPTED else c.state)
+        unreceipted=None if c.state == RECEIPTED else c.state, c_u=c.c_u, e_a=c.e_a)
 
 
 def verify_service_ledger(store: LedgerSource, checker: ReceiptChecker, *, now: float,

@@ -30,11 +30,20 @@ MAX_BODY = Limits().max_body  # the policy's default; a deployment may set 256..
 # + 32 + 1 = 99 bytes.
 EXPORT_TLV_MIN = 37
 EXPORT_TLV_MAX = 99
+# Suite 0x03 (docs/protocol.md §10.2) adds D3 E_U (2 + 65), E1 C_U (3 + 149..180: C0 3, C5 3,
+# C3 7, C1 3..34, D0 67, D2 66) and D5 sigU (2 + 64): 37 + 67 + 152 + 66 = 322 to
+# 99 + 67 + 183 + 66 = 415 bytes.
+EXPORT3_TLV_MIN = 322
+EXPORT3_TLV_MAX = 415
+CERT_MIN, CERT_MAX = 152, 183  # an encoded certificate E1 {…} (docs/protocol.md §10.1)
 
 
 def _hex(n_min: int, n_max: int, what: str) -> dict[str, Any]:
     rep = f"{{{n_min}}}" if n_min == n_max else f"{{{n_min},{n_max}}}"
     return {"type": "string", "pattern": f"{_HEXB}{rep}$", "description": what}
+
+
+_SUITE3 = ("e_u", "c_u", "sig_u")  # all three or none (suite 0x03)
 
 
 _REQUEST_ID = {"description": "the request's id, also in the audit record and in the "
@@ -110,18 +119,22 @@ _BODY = {
 def openapi_document() -> dict[str, Any]:
     klp1_request = {
         "type": "string", "contentMediaType": "application/octet-stream",
-        "minLength": EXPORT_TLV_MIN, "maxLength": EXPORT_TLV_MAX,
+        "minLength": EXPORT_TLV_MIN, "maxLength": EXPORT3_TLV_MAX,
         "description": (
             "EXPORTKEY command data, KLP1 BER-TLV with one-byte tags and shortest-form "
             "lengths, exactly these in this order: C1 SN (1-32 bytes), C2 R (16), C3 set id "
-            "(5), C4 suite (1), C6 REF1 (1-32), C7 REF2 (1, 1..254); nothing else. "
-            f"{EXPORT_TLV_MIN} to {EXPORT_TLV_MAX} octets. Any other octets are refused "
-            "with 400 (`sw` 6A80).")}
+            "(5), C4 suite (1), C6 REF1 (1-32), C7 REF2 (1, 1..254); nothing else "
+            f"({EXPORT_TLV_MIN} to {EXPORT_TLV_MAX} octets). For a unit of an identity set "
+            "(suite 0x03, docs/protocol.md §10.2) these are followed by D3 E_U (65), E1 C_U "
+            f"(the unit's certificate) and D5 sigU (64) ({EXPORT3_TLV_MIN} to "
+            f"{EXPORT3_TLV_MAX} octets). Any other octets are refused with 400 (`sw` 6A80).")}
     klp1_response = {
         "type": "string", "contentMediaType": "application/octet-stream",
         "description": (
             "EXPORTKEY response data, KLP1 BER-TLV: E0 {C7 REF2, C8 H (12), C9 W, CA SAS, "
-            "CB CAS (16)} (the IMPORTKEY command data) then CD KCV (5).")}
+            "CB CAS (16)} (the IMPORTKEY command data) then CD KCV (5); for suite 0x03, "
+            "E0 {C6 REF1, C7 REF2, C8 H, C9 W, D4 E_A (65), E1 C_A, CA SAS (64), CB CAS} "
+            "then CD KCV.")}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -157,17 +170,21 @@ def openapi_document() -> dict[str, Any]:
                                          "malformed HTTP (refused before the app)"),
                     **_CERTIFIED,
                     "403": _problem(403, "client, set or REF1 not authorized by the policy; "
-                                         "certificate revoked; or the authority's export "
-                                         "policy (`sw` 6986)",
+                                         "certificate revoked; the authority's export "
+                                         "policy (`sw` 6986); or the unit is revoked in "
+                                         "its identity set (`sw` 6983)",
                                     (*_FORBIDDEN_CLIENT, "set-not-authorized",
-                                     "ref1-not-authorized", "export-policy")),
+                                     "ref1-not-authorized", "export-policy",
+                                     "unit-revoked")),
                     "404": _problem(404, "set or REF1 unknown to the authority (`sw` 6A82 "
                                          "/ 6A88)", ("unknown-set", "unknown-ref1")),
-                    "409": _problem(409, "replay: this (SN, R) was already presented",
+                    "409": _problem(409, "replay: this (SN, R) was already presented "
+                                         "(suite 0x03: served before, `sw` 6985)",
                                     ("replay",)),
                     **_BODY,
-                    "422": _problem(422, "refused by the authority: suite not offered "
-                                         "(6A81), integrity (6982), authenticity (6988) or "
+                    "422": _problem(422, "refused by the authority: suite not offered or "
+                                         "not the set's (6A81), integrity (6982; suite "
+                                         "0x03: C_U, sigU or E_U), authenticity (6988) or "
                                          "another status word (in `sw`)",
                                     ("suite-unsupported", "integrity", "authenticity",
                                      "refused")),
@@ -242,13 +259,20 @@ def openapi_document() -> dict[str, Any]:
                 "ExportRequest": {
                     "type": "object", "additionalProperties": False,
                     "required": ["sn", "r", "set_id", "suite", "ref1", "ref2"],
+                    "dependentRequired": {k: [o for o in _SUITE3 if o != k] for k in _SUITE3},
                     "properties": {
                         "sn": _hex(1, 32, "the unit's serial number"),
                         "r": _hex(16, 16, "the unit's challenge R"),
-                        "set_id": _hex(5, 5, "set id = KCV(T)"),
+                        "set_id": _hex(5, 5, "set id = KCV(T), or that of the set CA's "
+                                             "key for an identity set"),
                         "suite": {"type": "integer", "minimum": 0, "maximum": 255},
                         "ref1": _hex(1, 32, "REF1: the application key at the authority"),
                         "ref2": {"type": "integer", "minimum": 1, "maximum": 254},
+                        "e_u": _hex(65, 65, "suite 0x03: the unit's ephemeral key E_U (D3)"),
+                        "c_u": _hex(CERT_MIN, CERT_MAX, "suite 0x03: the unit's certificate "
+                                                        "C_U, encoded E1 {…}"),
+                        "sig_u": _hex(64, 64, "suite 0x03: the unit's signature of its "
+                                              "challenge (D5)"),
                     }},
                 "ExportResponse": {
                     "type": "object", "additionalProperties": False,
@@ -256,7 +280,9 @@ def openapi_document() -> dict[str, Any]:
                                  "key_version"],
                     "properties": {
                         "import_data": {"type": "string", "pattern": f"{_HEXB}+$",
-                                        "description": "IMPORTKEY data, C7 C8 C9 CA CB (hex)"},
+                                        "description": "IMPORTKEY data, C7 C8 C9 CA CB "
+                                                       "(suite 0x03: C6 C7 C8 C9 D4 E1 CA "
+                                                       "CB) (hex)"},
                         "kcv": _hex(5, 5, "KCV of the key loaded"),
                         "header": _hex(12, 12, "key header H"),
                         "ref2": {"type": "integer", "minimum": 1, "maximum": 254},
@@ -271,7 +297,11 @@ def openapi_document() -> dict[str, Any]:
                         "r": _hex(16, 16, "the challenge of the download"),
                         "ref2": {"type": "integer", "minimum": 1, "maximum": 254},
                         "kcv": _hex(5, 5, "the unit's KCV (IMPORTKEY response CD)"),
-                        "rct": _hex(16, 16, "the unit's receipt (IMPORTKEY response CF)"),
+                        "rct": {"type": "string",
+                                "pattern": "^(([0-9a-fA-F]{2}){16}|([0-9a-fA-F]{2}){64})$",
+                                "description": "the unit's receipt (IMPORTKEY response CF): "
+                                               "16 bytes, or 64 for suite 0x03 (the unit's "
+                                               "ECDSA signature)"},
                     }},
                 "ReceiptRecorded": {
                     "type": "object", "additionalProperties": False,

@@ -53,6 +53,8 @@ _SW_STATUS: dict[int, tuple[int, str, str]] = {
     SW.NOT_FOUND: (404, "unknown-ref1", "the authority holds no key with this REF1"),
     SW.POLICY: (403, "export-policy", "the authority's export policy refuses"),
     SW.INTEGRITY: (422, "integrity", "integrity check failed"),
+    SW.REVOKED: (403, "unit-revoked", "the unit is revoked: the authority exports nothing "
+                 "to it"),
     SW.AUTHENTICITY: (422, "authenticity", "authenticity check failed"),
     SW.MEMORY_FAILURE: (503, "authority-unavailable",
                         "the authority could not record the export: nothing was sent"),

@@ -14,8 +14,11 @@ challenge with one ``INSERT … ON CONFLICT DO NOTHING`` before the authority is
 so of two concurrent requests with the same (SN, R), on any instance, exactly one wins.
 A claimed challenge is never released (not even when the authority then refuses):
 a unit answers each INITIALIZE DOWNLOAD with a fresh R, so a legitimate client never
-needs one twice. Rows hold SN, R, set id, REF1, REF2, suite, H, KCV, version and the
-receipt: never key material.
+needs one twice. Suite 0x03 (docs/protocol.md §10.4) is the exception: this table is the
+authority's register of served challenges, claimed only once the unit's certificate,
+signature and registration are checked, and released when the export is then refused,
+so that a refusal records nothing. Rows hold SN, R, set id, REF1, REF2, suite, H, KCV,
+version and the receipt, and for suite 0x03 E_A and C_U: never key material.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS challenges (
     kcv TEXT,
     key_version INTEGER,
     sw TEXT,
+    e_a TEXT,
+    c_u TEXT,
     PRIMARY KEY (sn, r)
 );
 CREATE TABLE IF NOT EXISTS ledger (
@@ -66,9 +71,15 @@ CREATE TABLE IF NOT EXISTS ledger (
     rct TEXT NOT NULL,
     client TEXT NOT NULL,
     time DOUBLE PRECISION NOT NULL,
+    e_a TEXT,
+    c_u TEXT,
     PRIMARY KEY (sn, r)
 );
 """ + RATE_SCHEMA
+#: suite 0x03 (docs/protocol.md §10.4): E_A and C_U of an export and of its ledger entry
+#: (NULL for the other suites), added to the tables of a state made before them
+SUITE3_COLUMNS = tuple((table, name) for table in ("challenges", "ledger")
+                       for name in ("e_a", "c_u"))
 
 CLAIMED, EXPORTED, REFUSED, RECEIPTED = "claimed", "exported", "refused", "receipted"
 ADMITTED, RATE_LIMITED, REPLAYED = "admitted", "rate-limited", "replayed"
@@ -89,6 +100,9 @@ class Challenge:
     header: bytes | None = None
     kcv: bytes | None = None
     key_version: int | None = None
+    # suite 0x03: the authority's E_A and the unit's C_U (encoded), once exported
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
 
 class ServiceStore(Protocol):
@@ -113,9 +127,14 @@ class ServiceStore(Protocol):
         ...
 
     def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
-                 key_version: int) -> None: ...
+                 key_version: int, *, e_a: bytes | None = None,
+                 c_u: bytes | None = None) -> None: ...
 
     def refused(self, sn: bytes, r: bytes, sw: str) -> None: ...
+
+    def release(self, sn: bytes, r: bytes) -> None:
+        """Forget a claim not exported (suite 0x03: a refused export records nothing)."""
+        ...
 
     def challenge(self, sn: bytes, r: bytes) -> Challenge | None: ...
 
@@ -142,21 +161,23 @@ class ServiceStore(Protocol):
 
 
 
+def _hex(v: str | None) -> bytes | None:
+    return None if v is None else bytes.fromhex(v)
+
+
 def _ch(t: Any) -> Challenge:
-    sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, ver = t
+    sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, ver, e_a, c_u = t
     return Challenge(bytes.fromhex(sn), bytes.fromhex(r), client, bytes.fromhex(set_id),
-                     bytes.fromhex(ref1), int(ref2), int(suite), state,
-                     None if header is None else bytes.fromhex(header),
-                     None if kcv is None else bytes.fromhex(kcv),
-                     None if ver is None else int(ver))
+                     bytes.fromhex(ref1), int(ref2), int(suite), state, _hex(header),
+                     _hex(kcv), None if ver is None else int(ver), _hex(e_a), _hex(c_u))
 
 
 def _le(t: Any) -> LedgerEntry:
-    sn, r, set_id, ref1, ref2, suite, header, ver, kcv, rct, client, tm = t
+    sn, r, set_id, ref1, ref2, suite, header, ver, kcv, rct, client, tm, e_a, c_u = t
     return LedgerEntry("service", float(tm), bytes.fromhex(ref1), int(ver), int(suite),
                        bytes.fromhex(set_id), bytes.fromhex(sn), bytes.fromhex(r), int(ref2),
                        bytes.fromhex(header), bytes.fromhex(kcv), bytes.fromhex(rct),
-                       client=client)
+                       client=client, e_a=_hex(e_a), c_u=_hex(c_u))
 
 
 class _SqlStore(ABC):
@@ -201,10 +222,17 @@ class _SqlStore(ABC):
              CLAIMED, now))) == 1
 
     def exported(self, sn: bytes, r: bytes, header: bytes, kcv: bytes,
-                 key_version: int) -> None:
-        self._w("UPDATE challenges SET state = ?, header = ?, kcv = ?, key_version = ? "
-                "WHERE sn = ? AND r = ? AND state = ?",
-                (EXPORTED, header.hex(), kcv.hex(), key_version, sn.hex(), r.hex(), CLAIMED))
+                 key_version: int, *, e_a: bytes | None = None,
+                 c_u: bytes | None = None) -> None:
+        self._w("UPDATE challenges SET state = ?, header = ?, kcv = ?, key_version = ?, "
+                "e_a = ?, c_u = ? WHERE sn = ? AND r = ? AND state = ?",
+                (EXPORTED, header.hex(), kcv.hex(), key_version,
+                 None if e_a is None else e_a.hex(), None if c_u is None else c_u.hex(),
+                 sn.hex(), r.hex(), CLAIMED))
+
+    def release(self, sn: bytes, r: bytes) -> None:
+        self._w("DELETE FROM challenges WHERE sn = ? AND r = ? AND state = ?",
+                (sn.hex(), r.hex(), CLAIMED))
 
     def refused(self, sn: bytes, r: bytes, sw: str) -> None:
         self._w("UPDATE challenges SET state = ?, sw = ? WHERE sn = ? AND r = ? AND state = ?",
@@ -212,7 +240,7 @@ class _SqlStore(ABC):
 
     def challenge(self, sn: bytes, r: bytes) -> Challenge | None:
         rows = self._x("SELECT sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, "
-                       "key_version FROM challenges WHERE sn = ? AND r = ?",
+                       "key_version, e_a, c_u FROM challenges WHERE sn = ? AND r = ?",
                        (sn.hex(), r.hex()))
         return _ch(rows[0]) if rows else None
 
@@ -223,7 +251,7 @@ class _SqlStore(ABC):
     def ledger(self) -> list[LedgerEntry]:
         return [_le(t) for t in self._x(
             "SELECT sn, r, set_id, ref1, ref2, suite, header, key_version, kcv, rct, client, "
-            "time FROM ledger ORDER BY time")]
+            "time, e_a, c_u FROM ledger ORDER BY time")]
 
     def unreceipted_exports(self) -> list[tuple[str, str, float]]:
         """(client, state, time) of each challenge left exported or claimed without a
@@ -237,12 +265,13 @@ class _SqlStore(ABC):
     def _ledger_args(c: Challenge, rct: bytes, now: float) -> tuple[Any, ...]:
         assert c.header is not None and c.kcv is not None and c.key_version is not None
         return (c.sn.hex(), c.r.hex(), c.set_id.hex(), c.ref1.hex(), c.ref2, c.suite,
-                c.header.hex(), c.key_version, c.kcv.hex(), rct.hex(), c.client, now)
+                c.header.hex(), c.key_version, c.kcv.hex(), rct.hex(), c.client, now,
+                None if c.e_a is None else c.e_a.hex(), None if c.c_u is None else c.c_u.hex())
 
     _UPDATE_RECEIPTED = "UPDATE challenges SET state = ? WHERE sn = ? AND r = ? AND state = ?"
     _INSERT_LEDGER = ("INSERT INTO ledger (sn, r, set_id, ref1, ref2, suite, header, "
-                      "key_version, kcv, rct, client, time) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                      "key_version, kcv, rct, client, time, e_a, c_u) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
     def add_receipt(self, c: Challenge, rct: bytes, now: float) -> bool:
         return self._receipt_tx(c, rct, now)
@@ -257,6 +286,16 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
     def __init__(self, path: Path, audit: AuditLog, *, shared_rates: bool = True) -> None:
         self.path = path
         self.db = open_sqlite(path, SCHEMA)
+        try:  # a state made before suite 0x03 (one process at a time: workers share it)
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                for table, name in SUITE3_COLUMNS:
+                    have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                    if name not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} TEXT")
+        except sqlite3.Error as e:
+            self.db.close()
+            raise StoreError(f"service state: {e.__class__.__name__}") from None
         self.audit = audit
         self._lock = threading.Lock()
         self._rates = LogRates(self._x, self._w) if shared_rates else MemoryRates()
@@ -363,6 +402,9 @@ class PostgresServiceStore(_SqlStore):
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         self.conn.execute(stmt)
+                for table, name in SUITE3_COLUMNS:  # a state made before suite 0x03
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS "
+                                      f"{name} TEXT")
                 self.audit.create()
         except psycopg.Error as e:
             raise _pg_error("service state", e) from None

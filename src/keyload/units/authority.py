@@ -149,6 +149,34 @@ class ExportLog(Protocol):
     def append(self, record: ExportRecord) -> None: ...
 
 
+class ServedRegister(Protocol):
+    """The register of served challenges (docs/protocol.md §10.4), by (set id, SN, R)."""
+
+    def claim(self, set_id: bytes, sn: bytes, r: bytes) -> bool:
+        """Take (set id, SN, R) for this export; False when it was served before."""
+        ...
+
+    def release(self, set_id: bytes, sn: bytes, r: bytes) -> None:
+        """Give back a claim whose export was then refused (nothing was served)."""
+        ...
+
+
+@dataclass
+class MemoryServed:
+    """The register kept while one authority runs (a service keeps it in its state)."""
+
+    served: set[tuple[bytes, bytes, bytes]] = field(default_factory=set)
+
+    def claim(self, set_id: bytes, sn: bytes, r: bytes) -> bool:
+        if (set_id, sn, r) in self.served:
+            return False
+        self.served.add((set_id, sn, r))
+        return True
+
+    def release(self, set_id: bytes, sn: bytes, r: bytes) -> None:
+        self.served.discard((set_id, sn, r))
+
+
 @dataclass
 class MemoryExportLog:
     records: list[ExportRecord] = field(default_factory=list)
@@ -339,7 +367,7 @@ class Authority:
         self.clock = clock
         self._caps = backend.capabilities()
         # §10.4: the (set id, SN, R) served, kept while this authority runs
-        self._served: set[tuple[bytes, bytes, bytes]] = set()
+        self._served = MemoryServed()
 
     def capabilities(self) -> Capabilities:
         return self._caps
@@ -384,8 +412,13 @@ class Authority:
             raise Unsupported("this authority holds no identity sets")
         return backend
 
-    def export_request3(self, req: ExportRequest3) -> ExportResponse3:
-        """EXPORTKEY of suite 0x03, the checks in the order of docs/protocol.md §10.4."""
+    def export_request3(self, req: ExportRequest3, *,
+                        served: ServedRegister | None = None) -> ExportResponse3:
+        """EXPORTKEY of suite 0x03, the checks in the order of docs/protocol.md §10.4.
+
+        ``served``: the register of served challenges (default: this authority's own, in
+        memory); a claim an export then refuses is released, so a refusal records nothing.
+        """
         base = req.base
         self._offered(self.backend.set_info(base.set_id), base.suite, True)  # 6A82, 6A81
         ident = self._identity_backend()
@@ -393,17 +426,20 @@ class Authority:
         record = ident.unit_record(base.set_id, base.sn)
         if record is not None and record.revoked:
             raise Revoked(f"unit {base.sn.hex()} is revoked")
-        served = (base.set_id, base.sn, base.r)
-        if served in self._served:
+        register = self._served if served is None else served
+        if not register.claim(base.set_id, base.sn, base.r):
             raise NoChallenge("this challenge was served before")
-        info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
-        out = ident.export3(req)
-        if self.log is not None:
-            self.log.append(ExportRecord(self.clock(), base.set_id, base.sn, base.ref1,
-                                         base.ref2, base.suite, info.version, out.kcv,
-                                         r=base.r, h=out.header, e_a=out.e_a,
-                                         c_u=req.c_u.encode()))
-        self._served.add(served)
+        try:
+            info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
+            out = ident.export3(req)
+            if self.log is not None:
+                self.log.append(ExportRecord(self.clock(), base.set_id, base.sn, base.ref1,
+                                             base.ref2, base.suite, info.version, out.kcv,
+                                             r=base.r, h=out.header, e_a=out.e_a,
+                                             c_u=req.c_u.encode()))
+        except BaseException:
+            register.release(base.set_id, base.sn, base.r)
+            raise
         return ExportResponse3(out.import_data, out.kcv)
 
     def verify_receipt3(self, *, set_id: bytes, c_u: Certificate, r: bytes, ref2: int,

@@ -122,6 +122,15 @@ class _IdentitySet:
         self.authority_value.wipe()
 
 
+def _units(set_id: bytes, d: dict[str, Any]) -> dict[bytes, UnitRecord]:
+    """An identity set's register as the keystore file holds it."""
+    out: dict[bytes, UnitRecord] = {}
+    for u in d["units"]:
+        cert = Certificate.decode(bytes.fromhex(u["certificate"]))
+        out[cert.subject] = UnitRecord(set_id, cert.subject, cert, bool(u["revoked"]))
+    return out
+
+
 class SoftwareKeystore:
     """An :class:`~keyload.units.authority.AuthorityBackend` in software."""
 
@@ -137,6 +146,8 @@ class SoftwareKeystore:
         self._signer: Ed25519PrivateKey | None = None
         self._scratch = Scratch()
         self._closed = False
+        # the keystore file as this process last read or wrote it (see _fresh_register)
+        self._stamp: tuple[int, int, int] | None = None
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -167,7 +178,41 @@ class SoftwareKeystore:
             from ..core.errors import DamagedStore
 
             raise DamagedStore(f"{directory / KEYSTORE_FILE} is damaged") from None
+        ks._stamp = ks._file_stamp()
         return ks
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        if self.vault is None:
+            return None
+        try:
+            st = (self.vault.directory / KEYSTORE_FILE).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _fresh_register(self) -> None:
+        """The register of units as the keystore file holds it now: another process
+        (``keyload unit revoke`` while a service runs) may have changed it since this one
+        read it, and a revocation takes effect at once. Only the units' records are taken
+        again; when the file is unchanged this costs one ``stat``."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        assert self.vault is not None
+        meta, secrets = self.vault.read_packed(KEYSTORE_FILE, KIND)
+        try:
+            for d in meta.get("identity_sets", []):
+                ident = self._identities.get(bytes.fromhex(d["set_id"]))
+                if ident is not None:
+                    ident.units = _units(ident.info.set_id, d)
+        except (KeyError, ValueError, TypeError, IndexError):
+            from ..core.errors import DamagedStore
+
+            raise DamagedStore(f"{self.vault.directory / KEYSTORE_FILE} is damaged") from None
+        finally:
+            for secret in secrets:
+                secret.wipe()
+        self._stamp = stamp
 
     def _load(self, meta: dict[str, Any], secrets: list[Secret]) -> None:
         for s in meta["sets"]:
@@ -194,10 +239,7 @@ class SoftwareKeystore:
                                  bytes.fromhex(d["authority_id"]))
             if ident.info.set_id.hex() != d["set_id"]:
                 raise ValueError("set id does not match its CA key")
-            for u in d["units"]:
-                cert = Certificate.decode(bytes.fromhex(u["certificate"]))
-                ident.units[cert.subject] = UnitRecord(ident.info.set_id, cert.subject, cert,
-                                                       bool(u["revoked"]))
+            ident.units = _units(ident.info.set_id, d)
             self._identities[ident.info.set_id] = ident
 
     def save(self) -> None:
@@ -232,6 +274,7 @@ class SoftwareKeystore:
                           for u in ident.units.values()]})
             secrets += [ident.ca_value, ident.authority_value]
         self.vault.write_packed(KEYSTORE_FILE, KIND, meta, secrets)
+        self._stamp = self._file_stamp()
 
     def close(self) -> None:
         """Wipe every key and forget them: a closed keystore answers nothing."""
@@ -315,6 +358,7 @@ class SoftwareKeystore:
         """Issue C_U for (SN, Q_U) and register the unit as active. ValueError for an SN
         already in the register or a key that is not a P-256 point."""
         ident = self._identity(set_id)
+        self._fresh_register()  # another process's revocations are kept by this save
         check_new_unit(ident.units, set_id, sn)
         cert = issue_certificate(ident.ca, role=ROLE_UNIT, set_id=set_id, subject=sn,
                                  public_key=public_key)
@@ -325,6 +369,7 @@ class SoftwareKeystore:
     def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
         """Mark a certified unit revoked: EXPORTKEY answers it 6983 from then on."""
         ident = self._identity(set_id)
+        self._fresh_register()
         old = registered_unit(ident.units, set_id, sn)
         ident.units[sn] = UnitRecord(set_id, sn, old.certificate, True)
         self._save_or(lambda: ident.units.__setitem__(sn, old))
@@ -338,10 +383,14 @@ class SoftwareKeystore:
             raise
 
     def unit_records(self, set_id: bytes) -> list[UnitRecord]:
-        return list(self._identity(set_id).units.values())
+        ident = self._identity(set_id)
+        self._fresh_register()
+        return list(ident.units.values())
 
     def unit_record(self, set_id: bytes, sn: bytes) -> UnitRecord | None:
-        return self._identity(set_id).units.get(sn)
+        ident = self._identity(set_id)
+        self._fresh_register()
+        return ident.units.get(sn)
 
     def export3(self, req: ExportRequest3) -> Exported3:
         ident = self._identity(req.base.set_id)
