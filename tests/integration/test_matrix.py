@@ -63,7 +63,7 @@ from keyload.lab.cards import CardFeeder, VirtualCard
 from keyload.lab.pcscd import VPCD_PORTS
 from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.service.client import ServiceClient
-from keyload.service.fetch import fetch_key
+from keyload.service.fetch import IdentityUnit, fetch_key
 from keyload.service.pki import init_pki
 from keyload.service.policy import Policy
 from keyload.service.runtime import open_instance
@@ -461,19 +461,8 @@ def test_matrix(kind: str, transport: str, request: pytest.FixtureRequest) -> No
 # passes), keeping the genuine SAS: the unit answers 6988 and its slots are as they were.
 UNIT_KINDS = ("emulated", "card", "remote")
 SW_AUTHENTICITY = 0x6988
-# the parts other work brings; the cells that need them are expected to fail until then
-PENDING = {
-    "remote": "pending: the service serving suite 0x03 (fetch into a unit of an identity "
-              "set, its ECDSA receipt taken)",
-}
-
-
 def cell3(authority: str, unit: str) -> Any:
-    """One suite-0x03 cell; expected to fail (not strictly) while a part it needs is
-    pending."""
-    reasons = [PENDING[k] for k in (authority, unit) if k in PENDING]
-    marks = [pytest.mark.xfail(strict=False, reason="; ".join(reasons))] if reasons else []
-    return pytest.param(authority, unit, id=f"{authority}-{unit}", marks=marks)
+    return pytest.param(authority, unit, id=f"{authority}-{unit}")
 
 
 CELLS3 = [cell3(a, u) for a in AUTHORITIES for u in UNIT_KINDS]
@@ -625,8 +614,9 @@ class Cell3:
 
     def load(self, conn: Connection, ref1: bytes, ref2: int, *, select: bool) -> LoadResult:
         uc = UnitClient(conn)
-        if self.service is not None:
-            res, delivered = fetch_key(self.service, uc, ref1, ref2, deadline=5.0)
+        if self.service is not None:  # a unit of an identity set: fetch speaks suite 0x03
+            res, delivered = fetch_key(self.service, IdentityUnit(conn), ref1, ref2,
+                                       deadline=5.0)
             assert delivered.outcome == "recorded", delivered.error
             return res
         assert self.client is not None and self.kcvs is not None
