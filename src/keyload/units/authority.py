@@ -355,8 +355,10 @@ class Authority:
         base = req.base
         self._offered(self.backend.set_info(base.set_id), base.suite, True)  # 6A82, 6A81
         ident = self._identity_backend()
-        check_export_request(req, q_ca=ident.identity_set(base.set_id).q_ca)  # 6982
         record = ident.unit_record(base.set_id, base.sn)
+        issued = None if record is None or record.revoked else record.certificate
+        check_export_request(req, q_ca=ident.identity_set(base.set_id).q_ca,  # 6982
+                             issued=issued)
         if record is not None and record.revoked:
             raise Revoked(f"unit {base.sn.hex()} is revoked")
         served = (base.set_id, base.sn, base.r)
