@@ -178,7 +178,7 @@ class _LockedAuthority(AuthorityClient):
 def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
     """The unit's word on a load whose outcome was not journaled: (H, KCV) when the slot
     already holds the planned version, else None (the load must run)."""
-    st = client.slot_status(row.ref2)
+    st = client.slot_status3(row.ref2)  # a slot loaded by suite 0x03 answers its REF1 too
     if st.h is None or st.kcv is None:
         return None
     held = KeyHeader.decode(st.h)
