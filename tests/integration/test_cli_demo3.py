@@ -98,6 +98,14 @@ def test_demo_suite3_receipts_are_the_units_signatures(demo3: tuple[Path, Result
             q_u.verify(der, signed[:-1] + bytes((signed[-1] ^ 1,)), ec.ECDSA(hashes.SHA256()))
 
 
+def test_demo_suite3_json(tmp_path: Path) -> None:
+    out = ok(run("demo", "--units", "3", "--suite", "3", "--workdir", tmp_path / "w",
+                 "--json")).json()
+    assert out["suite"] == 3 and out["customized"] == 3 and out["failed"] == 0
+    assert out["receipts_verified"] == 6 and out["receipts_invalid"] == 0
+    assert out["loads_by_suite"] == {"0x03": 6}
+
+
 def test_demo_suite_1_offers_only_that_suite(tmp_path: Path) -> None:
     res = ok(run("demo", "--units", "3", "--suite", "1", "--workdir", tmp_path / "w",
                  "--quiet"))

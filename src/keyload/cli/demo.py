@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = summary.to_json()
         out.update(workdir=str(root), authority=args.authority, transport=args.transport,
+                   suite=args.suite,
                    receipts_verified=ok, receipts_invalid=bad, reconciled=reconciled,
                    loads_this_run=this_run, run_s=round(run_s, 3), setup_s=round(setup_s, 3))
         emit_json(out)
