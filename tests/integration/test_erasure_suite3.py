@@ -187,6 +187,7 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
                    "--home", str(home)) == 0, out[-1]
         assert cli("receipts", "--home", str(home)) == 0, out[-1]
         assert cli("unit", "status", "--sn", sn1, "--home", str(home)) == 0, out[-1]
+        logging.getLogger("keyload.station").debug("capture check")  # the handler hears it
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
@@ -228,6 +229,7 @@ def test_the_capture_holds_the_downloads_records(captured: Captured) -> None:
     """The control: what a download may leave is found where it is kept (its E_A in the
     export records, its R in the journal or station.db, its receipt in the output of
     nothing but the records), so the searches above look where records are."""
+    assert "keyload.station DEBUG capture check" in captured.text
     for d in _downloads(captured):
         assert d.data.e_a.hex().encode() in captured.dumps["authority/exports.db"]
         assert any(d.r.hex().encode() in captured.dumps[db]
