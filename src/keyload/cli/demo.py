@@ -22,11 +22,17 @@ from contextlib import ExitStack
 
 from ..lab.demo import DEMO_PIN, PIN_ENV, authority_connect, feed_units, make_authority
 from ..station.campaign import Interrupt, RunOptions, RunSummary, sigint_deferred
-from ..station.demo import CAMPAIGN, demo_source, prepare_workdir, setup_demo, write_marker
+from ..station.demo import (
+    CAMPAIGN,
+    demo_source,
+    prepare_workdir,
+    setup_demo,
+    verify_demo,
+    write_marker,
+)
 from ..station.home import Home
 from ..station.journal import open_journal
 from ..station.journal.model import Journal
-from ..station.report import verify_ledger
 from ..station.run import journal_summary, open_work, run_emulated, run_reader
 from ..units.storage import ENV_KEK, ENV_PASSPHRASE
 from .output import emit_json, kv, table
@@ -36,7 +42,8 @@ from .progress import Progress
 def run(args: argparse.Namespace) -> int:
     if args.units < 1:
         raise ValueError("--units must be at least 1")
-    want = {"units": args.units, "authority": args.authority, "transport": args.transport}
+    want = {"units": args.units, "authority": args.authority, "transport": args.transport,
+            "suite": args.suite}
     root, resume = prepare_workdir(args.workdir, want)
     source, demo_pass = demo_source()
     home = Home(root, source)
@@ -48,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     show = not args.quiet and not args.json
     say(f"workdir: {root}")
-    say(f"authority: {args.authority}, transport: {args.transport}")
+    say(f"authority: {args.authority}, transport: {args.transport}"
+        + (f", suite {args.suite:#04x}" if args.suite is not None else ""))
     if demo_pass:
         say(f"vaults sealed with the demo passphrase (set {ENV_PASSPHRASE} or {ENV_KEK} "
             "for your own)")
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             with Progress(args.units, label="units created", stream=sys.stderr,
                           enabled=show) as prog:
                 setup_demo(home, make_authority(args.authority, home), args.units, say=say,
-                           on_unit=prog.update, interrupt=intr)
+                           on_unit=prog.update, interrupt=intr, suite=args.suite)
             write_marker(root, want, "ready")
         setup_s = time.monotonic() - t_setup
         with ExitStack() as stack:
@@ -80,13 +88,14 @@ def run(args: argparse.Namespace) -> int:
             summary = journal_summary(journal, CAMPAIGN, run)
             ks = home.open_keystore()
             stack.callback(ks.close)
-            chk = verify_ledger(journal, CAMPAIGN, home.authority(ks))
+            chk = verify_demo(home, journal, ks)
         intr.check()
     ok, bad, reconciled, this_run, run_s = \
         chk.verified, chk.invalid, run.reconciled, run.loads_done, run.elapsed
     if args.json:
         out = summary.to_json()
         out.update(workdir=str(root), authority=args.authority, transport=args.transport,
+                   suite=args.suite,
                    receipts_verified=ok, receipts_invalid=bad, reconciled=reconciled,
                    loads_this_run=this_run, run_s=round(run_s, 3), setup_s=round(setup_s, 3))
         emit_json(out)

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "card over PC/SC"),
         opt("--transport", choices=["local", "pcsc"], default="local",
             help="reach the units in-process, or as cards fed through a PC/SC reader"),
+        opt("--suite", type=int, choices=[1, 2, 3],
+            help="units offering only this suite; 3: units of an identity set, each with "
+                 "its own key pair and certificate (default: units offering 1 and 2)"),
         opt("--quiet", action="store_true", help="no progress bar"))
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)

@@ -20,6 +20,7 @@ they are collected. Z is copied into a caller-owned buffer and the library's cop
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -59,8 +60,15 @@ def load_point(point: bytes) -> ec.EllipticCurvePublicKey:
     """The public key of an uncompressed P-256 point; IntegrityError unless it is one."""
     if len(point) != POINT_LEN or point[0] != 0x04:
         raise IntegrityError()
+    return _loaded(bytes(point))
+
+
+@functools.lru_cache(maxsize=256)
+def _loaded(point: bytes) -> ec.EllipticCurvePublicKey:
+    """Public keys only, so kept: Q_CA and Q_A serve every download of a set, and one
+    download checks E_U and C_U's D0 before it uses them (a point that fails is not kept)."""
     try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, bytes(point))
+        return ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
     except ValueError:
         raise IntegrityError() from None
 

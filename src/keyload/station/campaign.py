@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 from ..core import messages as msg
+from ..core import messages3 as msg3
 from ..core.errors import KeyloadError, MemoryFailure, StatusError, StoreError, TransportError
 from ..core.keys import KeyHeader
 from ..transports import Connection
 from .drive import UnitDone, UnitSource, drive_unit
 from .journal.model import CLAIMED, EXPORTED, Journal, LoadRow
-from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_key
+from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_any
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
 
@@ -169,11 +170,15 @@ class _LockedAuthority(AuthorityClient):
         with self._lock:
             return self._inner.export(req)
 
+    def export3(self, req: msg3.ExportRequest3) -> msg3.ExportResponse3:
+        with self._lock:
+            return self._inner.export3(req)
+
 
 def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
     """The unit's word on a load whose outcome was not journaled: (H, KCV) when the slot
     already holds the planned version, else None (the load must run)."""
-    st = client.slot_status(row.ref2)
+    st = client.slot_status3(row.ref2)  # a slot loaded by suite 0x03 answers its REF1 too
     if st.h is None or st.kcv is None:
         return None
     held = KeyHeader.decode(st.h)
@@ -255,7 +260,7 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
     def journal_export(init: msg.InitResponse, suite: int, resp: msg.ExportResponse) -> None:
         j.exported(row, suite, init.r, resp.header, resp.kcv, sh.opts.clock())
 
-    res: LoadResult = load_key(client, sh.authority, row.ref1, row.ref2, select=False,
+    res: LoadResult = load_any(client, sh.authority, row.ref1, row.ref2, select=False,
                                on_export=journal_export)
     j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv, rct=res.rct,
                reconciled=False, now=sh.opts.clock())
@@ -306,7 +311,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
                 with src.connect() as conn:
                     client = UnitClient(conn)
                     client.select()
-                    sn = client.initialize().sn
+                    sn = client.initialize_any().sn
                     rows = journal.claim_unit(campaign_id, sn, opts.station, opts.lease_s,
                                               opts.clock())
                     if not rows:

@@ -14,15 +14,21 @@ from pathlib import Path
 from ..core.keys import KeyAttributes, KeyType
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
+from ..core.suite3 import SUITE_ECDH
+from ..records.exportlog import SqliteExportLog
 from ..units.authority import ExportPolicy
 from ..units.storage import KekSource, atomic_write
 from ..units.unit import Slot
 from .campaign import Interrupt
 from .drive import UnitDone
+from .enrolment import certifier, enrol_units
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
+from .identity import AUTHORITY_ID
 from .journal import open_journal
+from .journal.model import Journal
 from .plan import create_campaign
+from .report import ReceiptsCheck, campaign_entries, check_receipts
 
 DEMO_PASSPHRASE = "keyload-demo"
 CAMPAIGN = "demo"
@@ -81,9 +87,15 @@ def write_marker(root: Path, want: dict[str, object], state: str) -> None:
 
 
 def setup_demo(home: Home, ks: Keystore, units: int, *, say: Callable[[str], None],
-               on_unit: UnitDone, interrupt: Interrupt) -> None:
+               on_unit: UnitDone, interrupt: Interrupt, suite: int | None = None) -> None:
     """Sets, keys, the set's ``units`` units and the planned campaign, in a new
-    authority ``ks`` (closed here); what the authority holds is told to ``say``."""
+    authority ``ks`` (closed here); what the authority holds is told to ``say``.
+
+    ``suite``: 0x01 or 0x02, units that offer only that suite; 0x03, units of an
+    identity set (:func:`setup_identity_demo`); None, units offering 0x01 and 0x02."""
+    if suite == SUITE_ECDH:
+        setup_identity_demo(home, ks, units, say=say, on_unit=on_unit, interrupt=interrupt)
+        return
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
     # T as the key ceremony makes it: generated once, installed in the authority and
     # handed to the card manufacturer for the units (then wiped)
@@ -106,23 +118,78 @@ def setup_demo(home: Home, ks: Keystore, units: int, *, say: Callable[[str], Non
             f"{set_a.set_id.hex()}, operator-b {set_b.set_id.hex()} (Ed25519 SAS); "
             f"keys {names}")
         # the set's units, as a card manufacturer delivers them: SN, T, slots
-        slots = {1: Slot(1, frozenset({KeyType.AES256})),
-                 2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
-                 3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
-                 4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
-        serials = [b"KL" + i.to_bytes(6, "big") for i in range(1, units + 1)]
+        serials = demo_serials(units)
+        offered = (0x01, 0x02) if suite is None else (suite,)
         for sn in serials:
             interrupt.check()  # Ctrl-C: the setup is made again by the next run
-            fleet.create_unit(sn, t, dict(slots), verify_key=pub)
+            fleet.create_unit(sn, t, demo_slots(), verify_key=pub, suites=offered)
             on_unit(True)
     finally:
         t.wipe()
         fleet.close()
         ks.close()
+    _plan(home, set_a.set_id, serials)
+
+
+def setup_identity_demo(home: Home, ks: Keystore, units: int, *, say: Callable[[str], None],
+                        on_unit: UnitDone, interrupt: Interrupt) -> None:
+    """:func:`setup_demo` for suite 0x03: an identity set (set CA key, authority key and
+    C_A) and the demo keys for it in the authority ``ks`` (closed here), ``units`` units
+    each enrolled by GENERATE UNIT KEY, the authority's certificate and PUT CERTIFICATE
+    (all through one open authority and fleet), and the planned campaign. An authority
+    that holds no identity sets is refused (ValueError) before any unit is made."""
+    try:
+        info = ks.generate_identity_set("operator-id", authority_id=AUTHORITY_ID)
+        for ref1, kt, usage, mode, exp, div, slot in DEMO_KEYS:
+            ks.generate_key(ref1, kt, KeyAttributes(usage, mode, exp), version=1,
+                            diversify=div,
+                            policy=ExportPolicy(frozenset({info.set_id}), frozenset({slot})))
+        cert = certifier(ks)
+        say(f"authority ({ks.capabilities().backend}, suite 0x03): identity set operator-id "
+            f"{info.set_id.hex()} (P-256 set CA and authority keys, C_A); keys "
+            f"{', '.join(display_ref1(k.ref1) for k in ks.key_infos())}")
+        serials = demo_serials(units)
+        fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
+        try:
+            enrol_units(fleet, cert, info.set_id, serials, demo_slots(), on_unit=on_unit,
+                        interrupt=interrupt)
+        finally:
+            fleet.close()
+    finally:
+        ks.close()
+    _plan(home, info.set_id, serials)
+
+
+def demo_serials(units: int) -> list[bytes]:
+    return [b"KL" + i.to_bytes(6, "big") for i in range(1, units + 1)]
+
+
+def demo_slots() -> dict[int, Slot]:
+    """A demo unit's slots, as a card manufacturer delivers them."""
+    return {1: Slot(1, frozenset({KeyType.AES256})),
+            2: Slot(2, frozenset({KeyType.HMAC_SHA256})),
+            3: Slot(3, frozenset({KeyType.AES128, KeyType.AES256})),
+            4: Slot(4, frozenset({KeyType.AES256}), locked=True)}
+
+
+def _plan(home: Home, set_id: bytes, serials: list[bytes]) -> None:
+    """The demo's campaign: the two demo keys into every unit of set ``set_id``."""
     journal = open_journal(home.journal_path)
     try:
-        create_campaign(home, journal, CAMPAIGN, set_a.set_id,
+        create_campaign(home, journal, CAMPAIGN, set_id,
                         [(ref1, slot) for ref1, *_, slot in DEMO_KEYS], serials,
-                        {"demo": units})
+                        {"demo": len(serials)})
     finally:
         journal.close()
+
+
+def verify_demo(home: Home, journal: Journal, ks: Keystore) -> ReceiptsCheck:
+    """Every receipt of the demo's campaign checked against the export the authority
+    recorded and by the authority (``ks``): a suite-0x03 receipt is the unit's signature,
+    verified with the C_U and E_A of that export."""
+    log = SqliteExportLog(home.authority_dir / "exports.db")
+    try:
+        return check_receipts(campaign_entries(journal, CAMPAIGN), log.records(),
+                              home.verifier(ks))
+    finally:
+        log.close()

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
+from ..core.ecc import check_point
 from ..core.errors import (
     SW,
     ClaNotSupported,
@@ -251,6 +252,22 @@ def check_new_unit(units: Mapping[bytes, UnitRecord], set_id: bytes, sn: bytes) 
         raise ValueError(f"unit {sn.hex()} is already certified in set {set_id.hex()}")
 
 
+def check_new_units(units: Mapping[bytes, UnitRecord], set_id: bytes,
+                    new: Sequence[tuple[bytes, bytes]]) -> None:
+    """:func:`check_new_unit` for each (SN, Q_U) of ``new``, none twice, and each Q_U an
+    uncompressed P-256 point: ValueError before anything is certified."""
+    seen: set[bytes] = set()
+    for sn, public_key in new:
+        check_new_unit(units, set_id, sn)
+        if sn in seen:
+            raise ValueError(f"unit {sn.hex()} is given twice")
+        seen.add(sn)
+        try:
+            check_point(public_key)
+        except IntegrityError:
+            raise ValueError("the public key is not an uncompressed P-256 point") from None
+
+
 def registered_unit(units: Mapping[bytes, UnitRecord], set_id: bytes,
                     sn: bytes) -> UnitRecord:
     """The register's entry for ``sn`` (a unit to revoke), else ValueError."""
@@ -422,8 +439,10 @@ class Authority:
         base = req.base
         self._offered(self.backend.set_info(base.set_id), base.suite, True)  # 6A82, 6A81
         ident = self._identity_backend()
-        check_export_request(req, q_ca=ident.identity_set(base.set_id).q_ca)  # 6982
         record = ident.unit_record(base.set_id, base.sn)
+        issued = None if record is None or record.revoked else record.certificate
+        check_export_request(req, q_ca=ident.identity_set(base.set_id).q_ca,  # 6982
+                             issued=issued)
         if record is not None and record.revoked:
             raise Revoked(f"unit {base.sn.hex()} is revoked")
         register = self._served if served is None else served

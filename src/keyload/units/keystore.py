@@ -14,7 +14,7 @@ Every change is written atomically; a wrong passphrase or a damaged file is a cl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from .authority import (
     KeyInfo,
     SetInfo,
     UnitRecord,
-    check_new_unit,
+    check_new_units,
     find_key,
     find_set,
     registered_unit,
@@ -357,14 +357,22 @@ class SoftwareKeystore:
     def certify_unit(self, set_id: bytes, sn: bytes, public_key: bytes) -> Certificate:
         """Issue C_U for (SN, Q_U) and register the unit as active. ValueError for an SN
         already in the register or a key that is not a P-256 point."""
+        return self.certify_units(set_id, [(sn, public_key)])[0]
+
+    def certify_units(self, set_id: bytes, units: Sequence[tuple[bytes, bytes]]
+                      ) -> list[Certificate]:
+        """:meth:`certify_unit` for many (SN, Q_U) at once, the register saved once: every
+        unit is certified and registered, or (any refused) none."""
         ident = self._identity(set_id)
         self._fresh_register()  # another process's revocations are kept by this save
-        check_new_unit(ident.units, set_id, sn)
-        cert = issue_certificate(ident.ca, role=ROLE_UNIT, set_id=set_id, subject=sn,
-                                 public_key=public_key)
-        ident.units[sn] = UnitRecord(set_id, sn, cert)
-        self._save_or(lambda: ident.units.pop(sn))
-        return cert
+        check_new_units(ident.units, set_id, units)
+        certs: dict[bytes, Certificate] = {}
+        for sn, public_key in units:
+            certs[sn] = issue_certificate(ident.ca, role=ROLE_UNIT, set_id=set_id, subject=sn,
+                                          public_key=public_key)
+        ident.units.update((sn, UnitRecord(set_id, sn, c)) for sn, c in certs.items())
+        self._save_or(lambda: [ident.units.pop(sn) for sn in certs])
+        return list(certs.values())
 
     def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
         """Mark a certified unit revoked: EXPORTKEY answers it 6983 from then on."""

@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ...core.ecc import SIGNATURE_LEN
+from ...core.suite3 import SUITE_ECDH
 from ...records.stored import (
     H_SIZE,
     KCV_SIZE,
@@ -74,13 +76,15 @@ def row_of(t: Sequence[Any]) -> LoadRow:
     """A ``loads`` row (columns as in ``COLUMNS``); DamagedRow when a column does not decode."""
     if not isinstance(t[6], str) or t[6] not in STATES:
         raise DamagedRow("state is not a load state")
+    suite = opt_int_col(t[10], "suite")
+    rct_size = SIGNATURE_LEN if suite == SUITE_ECDH else RCT_SIZE  # ECDSA r || s, or a MAC
     return LoadRow(text_col(t[0], "campaign"), int_col(t[1], "seq"),
                    hex_col(t[2], "sn", SN_SIZE), int_col(t[3], "ref2"),
                    hex_col(t[4], "ref1", REF1_SIZE), opt_int_col(t[5], "version"),
                    LoadState(t[6]),
-                   int_col(t[7], "attempts"), t[8], t[9], opt_int_col(t[10], "suite"),
+                   int_col(t[7], "attempts"), t[8], t[9], suite,
                    opt_hex_col(t[11], "r", R_SIZE), opt_hex_col(t[12], "header", H_SIZE),
-                   opt_hex_col(t[13], "kcv", KCV_SIZE), opt_hex_col(t[14], "rct", RCT_SIZE),
+                   opt_hex_col(t[13], "kcv", KCV_SIZE), opt_hex_col(t[14], "rct", rct_size),
                    bool(t[15]), t[16], t[17], t[18])
 
 

@@ -27,6 +27,7 @@ token's business.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import pkcs11
@@ -54,6 +55,7 @@ from ..authority import (
     SetInfo,
     UnitRecord,
     check_new_unit,
+    check_new_units,
     registered_unit,
 )
 from .export import Exporting
@@ -173,6 +175,16 @@ class IdentitySets(Exporting):
                 raise token_error("certify a unit", e) from e
             ident.units[sn] = UnitRecord(set_id, sn, cert)
             return cert
+
+    def certify_units(self, set_id: bytes, units: Sequence[tuple[bytes, bytes]]
+                      ) -> list[Certificate]:
+        """:meth:`certify_unit` for many (SN, Q_U): every SN and point is checked before
+        the first is certified (a refusal certifies none); each certificate is then its own
+        metadata object, so a token failure part way keeps those issued before it."""
+        with self._lock:
+            ident = self._identity(set_id)
+            check_new_units(ident.units, set_id, units)
+            return [self.certify_unit(set_id, sn, q_u) for sn, q_u in units]
 
     def revoke_unit(self, set_id: bytes, sn: bytes) -> UnitRecord:
         """Mark a certified unit revoked (a revocation document beside its certificate's):
