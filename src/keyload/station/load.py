@@ -194,6 +194,10 @@ class LoadResult(NamedTuple):
     header: bytes
     kcv: bytes
     rct: bytes
+    # suite 0x03 (docs/protocol.md §10.3): the authority's E_A and the unit's encoded C_U,
+    # what anyone verifies the ECDSA receipt with; None for the other suites
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
     @property
     def key_version(self) -> int:
@@ -211,7 +215,10 @@ def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
     return LoadFailed(step, e, sn=sn)
 
 
-ExportHook = Callable[[msg.InitResponse, int, msg.ExportResponse], None]
+ExportHook = Callable[[msg.InitResponse | msg3.InitResponse3, int, msg.ExportResponse], None]
+"""``on_export(init, suite, response)``: after EXPORTKEY, before IMPORTKEY (a journal
+records the export there: R, and H and the KCV of the response); if it raises, nothing is
+sent to the unit."""
 
 
 Init = TypeVar("Init", msg.InitResponse, msg3.InitResponse3)
@@ -247,8 +254,7 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
              select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
     """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed.
 
-    ``on_export(init, suite, response)`` runs after EXPORTKEY and before IMPORTKEY (a
-    journal records the export there); if it raises, nothing is sent to the unit.
+    ``on_export`` (:data:`ExportHook`) runs after EXPORTKEY and before IMPORTKEY.
     """
     init = _initialized(unit, ref1, ref2, select, unit.initialize)
     candidates = [s for s in PREFERENCE if s in init.suites and
@@ -277,18 +283,21 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
 
 
 def load_key3(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
-              select: bool = True) -> LoadResult:
+              select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
     """Load key REF1 into slot REF2 of a unit of an identity set (suite 0x03, §10.3): the
     unit's E_U, C_U and signature to the authority, its E0 back to the unit; the receipt is
-    the unit's ECDSA signature. Raise LoadFailed."""
+    the unit's ECDSA signature, kept with E_A and C_U. Raise LoadFailed. ``on_export`` as
+    in :func:`load_key`."""
     init = _initialized(unit, ref1, ref2, select, unit.initialize3)
     try:
         resp = authority.export3(msg3.ExportRequest3(
             msg.ExportRequest(init.sn, init.r, init.set_id, SUITE_ECDH, ref1, ref2),
             init.e_u, init.c_u, init.sig_u))
+        data = msg3.ImportData3.decode(resp.import_data)
     except KeyloadError as e:
         raise _step(Step.EXPORT, e, init.sn) from None
+    if on_export is not None:
+        on_export(init, SUITE_ECDH, msg.ExportResponse(resp.import_data, resp.kcv, data.h))
     ans = _imported(unit.import_key3, resp.import_data, resp.kcv, init.sn)
-    header = msg3.ImportData3.decode(resp.import_data).h
-    return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, header, ans.kcv,
-                      ans.rct)
+    return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, data.h, ans.kcv,
+                      ans.rct, e_a=data.e_a, c_u=init.c_u.encode())
