@@ -180,7 +180,7 @@ def test_the_auditor_verifies_with_certificates_alone(home: Home) -> None:
                 "--manifest", str(_manifest(home, ["7e000001"]))))
     ok(home.run("campaign", "run", "plain", "--quiet"))
     _create(home)
-    ok(home.run("campaign", "run", "spring", "--quiet"))
+    ok(home.run("campaign", "run", "spring", "--quiet", "--workers", "3"))  # export3 locked
     trust = _trust(home)
     _no_authority(home)
     auditor = ("ledger", "verify", "--auditor", "--ca", trust)
@@ -379,3 +379,25 @@ def test_a_slot_holding_another_ref1_is_not_taken_for_the_planned_load(home: Hom
     assert out["run"]["reconciled"] == 0
     assert [(f["sn"], f["ref2"], f["sw"]) for f in out["run"]["failures"]] == [(sn, 1, "6986")]
     assert out["status"]["states"]["imported"] == 1
+
+
+def test_a_single_load_keeps_e_a_and_c_u_and_receipts_check_them(home: Home) -> None:
+    """``keyload load`` records E_A and C_U in station.db; ``keyload receipts`` verifies the
+    receipt with them (the same check as the ledger's) and finds an E_A changed there."""
+    sn = SERIALS[0]
+    ok(home.run("load", "--unit", sn, "--ref1", "TMK", "--ref2", "1"))
+    ok(home.run("load", "--unit", sn, "--ref1", "PEK", "--ref2", "2"))
+    db = sqlite3.connect(home.path / "station.db")
+    rows = db.execute("SELECT id, e_a, c_u FROM loads ORDER BY id").fetchall()
+    assert len(rows) == 2 and all(len(bytes.fromhex(e_a)) == 65 for _, e_a, _ in rows)
+    assert rows[0][2] == rows[1][2]  # one unit, one certificate
+    assert ok(home.run("receipts")).last_line() == "2 receipts verified, 0 invalid"
+    db.execute("UPDATE loads SET e_a = ? WHERE id = ?", (rows[1][1], rows[0][0]))
+    db.commit()
+    db.close()
+    res = home.run("receipts", "--json")
+    assert res.rc == EXIT_FAILED, res.describe()
+    [bad] = res.json()["invalid_rows"]
+    assert (bad["sn"], bad["ref2"]) == (sn, 1)
+    assert "differs from the export: e_a" in bad["reason"]
+    assert "receipt does not verify" in bad["reason"]
