@@ -8,18 +8,17 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from keyload.lab.pgserver import make_database, postgres_available, private_postgres
+from keyload.lab.pgserver import make_database
 from keyload.station.journal.model import Campaign, Journal, PlannedLoad
 from keyload.station.journal.sql import SUITE3_COLUMNS
 from keyload.station.journal.sqlite import SqliteJournal
 from keyload.station.records import LoadRecords
 
-from ..conftest import require
+from .test_postgres_journal import pg_server  # noqa: F401  (the module's private server)
 
 SN = bytes.fromhex("1d000001")
 PLAN = (PlannedLoad(b"TMK", 1, 1),)
@@ -99,16 +98,8 @@ def test_an_older_station_db_is_given_the_columns(tmp_path: Path) -> None:
     db.close()
 
 
-@pytest.fixture(scope="module")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    ok, why = postgres_available()
-    require(ok, f"PostgreSQL: {why}")
-    with private_postgres(tmp_path_factory.mktemp("postgres")) as url:
-        yield url
-
-
 @pytest.mark.hardware
-def test_an_older_postgres_journal_is_given_the_columns(pg_server: str) -> None:
+def test_an_older_postgres_journal_is_given_the_columns(pg_server: str) -> None:  # noqa: F811
     import psycopg
 
     from keyload.station.journal.postgres import PostgresJournal
