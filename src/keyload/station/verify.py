@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..records.exportlog import SqliteExportLog
-from ..records.ledger import LedgerEntry, ReceiptChecker
+from ..records.ledger import CertificatesOnly, LedgerEntry, ReceiptChecker
 from ..units.authority import IdentityBackend, IdentitySetInfo
 from .admin import read_keystore
 from .home import Home, Keystore
@@ -129,27 +129,31 @@ def campaigns_ledger(journal: Journal | None, names: list[str]) -> Iterator[dict
 
 @dataclass
 class CampaignsCheck:
-    """The campaigns' receipts verified by the authority (or an auditor's, without it:
-    then those of suites 0x01/0x02 are ``unverifiable``)."""
+    """The campaigns' receipts verified by the authority; or by an ``auditor`` without
+    it, who counts those of suites 0x01/0x02 apart (``unverifiable``)."""
 
     verified: int = 0
     invalid: int = 0
     reconciled: int = 0  # loads reconciled with the unit after a crash: receipt lost
     invalid_rows: list[dict[str, object]] = field(default_factory=list)
+    auditor: bool = False
     unverifiable: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"verified": self.verified, "invalid": self.invalid,
                 "reconciled_without_receipt": self.reconciled,
-                "not_verifiable_without_authority": self.unverifiable,
-                "invalid_rows": self.invalid_rows}
+                "invalid_rows": self.invalid_rows, **self.auditor_json()}
+
+    def auditor_json(self) -> dict[str, Any]:
+        """What an auditor's check adds: the receipts it could not verify."""
+        return {"not_verifiable_without_authority": self.unverifiable} if self.auditor else {}
 
 
 def verify_campaigns(journal: Journal | None, names: list[str],
                      authority: ReceiptChecker) -> CampaignsCheck:
     """Every receipt of these campaigns, verified by ``authority`` (or an auditor's
     :class:`~keyload.records.ledger.CertificatesOnly`)."""
-    out = CampaignsCheck()
+    out = CampaignsCheck(auditor=isinstance(authority, CertificatesOnly))
     for n in names if journal is not None else []:
         assert journal is not None
         chk = verify_ledger(journal, n, authority)
@@ -190,8 +194,7 @@ class LedgersCheck:
     def to_json(self) -> dict[str, Any]:
         c = self.campaigns
         return {"verified": self.verified, "invalid": self.invalid,
-                "reconciled_without_receipt": c.reconciled,
-                "not_verifiable_without_authority": c.unverifiable,
+                "reconciled_without_receipt": c.reconciled, **c.auditor_json(),
                 "invalid_rows": c.invalid_rows + [{"source": "service", "campaign": None, **r}
                                                   for r in self.service.invalid_rows],
                 "campaigns": c.to_json(), "service": self.service.to_json()}
