@@ -25,12 +25,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from keyload.core.keys import KeyType
-from keyload.station.campaign import Interrupt, RunOptions
+from keyload.station.campaign import Interrupt, RunOptions, run_campaign_cards
+from keyload.station.fleet import EmulatedFleet, EmulatedUnitSource
 from keyload.station.home import Home as StationHome
 from keyload.station.identity import enrol_unit
 from keyload.station.journal.model import Journal, LoadRow
 from keyload.station.journal.sqlite import SqliteJournal
+from keyload.station.load import AuthorityClient
 from keyload.station.run import run_emulated
+from keyload.transports.local import LocalConnection
 from keyload.units.storage import KekSource
 from keyload.units.unit import Slot
 
@@ -401,3 +404,26 @@ def test_a_single_load_keeps_e_a_and_c_u_and_receipts_check_them(home: Home) -> 
     assert (bad["sn"], bad["ref2"]) == (sn, 1)
     assert "differs from the export: e_a" in bad["reason"]
     assert "receipt does not verify" in bad["reason"]
+
+
+def test_identity_cards_presented_in_any_order_are_each_loaded(home: Home) -> None:
+    """The cards' path (a reader presents units in a feeder's order): each card tells who
+    it is by INITIALIZE DOWNLOAD of suite 0x03, then its loads run as in any campaign."""
+    _create(home)
+    station = StationHome.resolve(str(home.path), KekSource(passphrase=PASSPHRASE))
+    journal = SqliteJournal(home.path / "journal.db")
+    ks = station.open_keystore()
+    fleet = EmulatedFleet.open(station.units_dir, station.source)
+    try:
+        authority = AuthorityClient(LocalConnection(station.authority(ks)))
+        cards = [EmulatedUnitSource(fleet, bytes.fromhex(sn)) for sn in reversed(SERIALS)]
+        run = run_campaign_cards(journal, "spring", authority, cards,
+                                 RunOptions(station="reader"), identity=True)
+        assert (run.loads_done, run.loads_failed, run.units_seen) == (2 * UNITS, 0, UNITS)
+        assert run.failures == []
+    finally:
+        fleet.close()
+        ks.close()
+        journal.close()
+    js = ok(home.run("ledger", "verify", "--json")).json()
+    assert (js["verified"], js["invalid"]) == (2 * UNITS, 0)
