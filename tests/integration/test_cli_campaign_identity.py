@@ -9,6 +9,7 @@ while the others are loaded."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import shutil
 import signal
@@ -201,6 +202,22 @@ def test_the_auditor_verifies_with_certificates_alone(home: Home) -> None:
     bad = home.run("ledger", "verify", "--auditor", "--ca", f"{home.id_set}={other.hex()}",
                    passphrase=None)
     assert bad.rc == EXIT_INPUT and "is not the key of set" in bad.stderr
+
+
+def test_set_ca_prints_what_an_auditor_needs(base: Home) -> None:
+    js = ok(base.run("set", "ca", "--set", base.id_set, "--json")).json()
+    assert js["set_id"] == base.id_set and js["name"] == "plant"
+    q_ca, c_a = bytes.fromhex(js["q_ca"]), bytes.fromhex(js["c_a"])
+    assert len(q_ca) == 65 and q_ca[0] == 4
+    assert hashlib.sha256(b"KLP1-SET" + q_ca).digest()[:5].hex() == base.id_set  # §10.1
+    assert c_a[0] == 0xE1 and bytes.fromhex(base.id_set) in c_a
+    text = ok(base.run("set", "ca", "--set", base.id_set)).stdout.splitlines()
+    assert text[-1] == f"an auditor verifies this set's receipts with: keyload ledger " \
+                       f"verify --auditor --ca {js['ca']}"
+    res = base.run("set", "ca", "--set", base.t_set)
+    assert res.rc == EXIT_INPUT and "not an identity set" in res.stderr
+    assert base.run("ledger", "verify", "--auditor", "--state", "x.db").rc == EXIT_INPUT
+    assert base.run("ledger", "verify", "--ca", js["ca"]).rc == EXIT_INPUT
 
 
 @pytest.mark.parametrize("column", ["rct", "e_a", "c_u"])

@@ -192,6 +192,9 @@ def ledger_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
     if args.ca and not args.auditor:
         raise ValueError("--ca goes with --auditor (the authority knows its sets' Q_CA)")
+    if args.auditor and args.state:
+        raise ValueError("--auditor reads the campaigns' ledgers, not the service's state "
+                         "(--state)")
     with contextlib.ExitStack() as stack:
         checker: ReceiptChecker
         if args.auditor:  # certificates only: no keystore, no passphrase, no service state
