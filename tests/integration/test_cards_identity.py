@@ -289,9 +289,6 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="pending: campaigns over units of an identity set "
-                   "(a campaign asks each card its SN with a suite-0x01 INITIALIZE DOWNLOAD "
-                   "and loads by suite 0x01/0x02)")
 def test_cli_campaign_run_over_a_reader_of_identity_cards(pcscd: Pcscd, tmp_path: Path) -> None:
     """``campaign run --reader`` (run_reader) customizes enrolled cards of an identity set
     fed through a reader, by suite 0x03; their ECDSA receipts verify."""

@@ -1,4 +1,5 @@
-"""``keyload campaign …``, ``keyload ledger …``, ``keyload audit verify``."""
+"""``keyload campaign …``, ``keyload ledger …``, ``keyload audit verify``, and the trust
+an auditor takes from the authority (``keyload set ca``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.ref1 import display_ref1, parse_ref1
+from ..records.ledger import CertificatesOnly, ReceiptChecker
 from ..service.ledger import (
     AGE_BUCKETS,
     SERVICE_DB,
@@ -43,6 +45,7 @@ from ..station.run import open_work, run_emulated, run_reader
 from ..station.verify import (
     LedgersCheck,
     campaigns_ledger,
+    identity_trust,
     ledger_campaigns,
     ledger_journal,
     verify_campaigns,
@@ -171,32 +174,63 @@ def _ledgers(stack: contextlib.ExitStack, args: argparse.Namespace,
     return store, journal
 
 
+def parse_trust(values: list[str]) -> dict[bytes, bytes]:
+    """``--ca SETID=Q_CA`` (hex, repeatable): the Q_CA an auditor trusts for each set."""
+    out: dict[bytes, bytes] = {}
+    for v in values:
+        set_id, sep, q_ca = v.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[bytes.fromhex(set_id)] = bytes.fromhex(q_ca)
+        except ValueError:
+            raise ValueError(f"--ca {v[:24]!r}: expected SETID=Q_CA, both hex") from None
+    return out
+
+
 def ledger_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
+    if args.ca and not args.auditor:
+        raise ValueError("--ca goes with --auditor (the authority knows its sets' Q_CA)")
+    if args.auditor and args.state:
+        raise ValueError("--auditor reads the campaigns' ledgers, not the service's state "
+                         "(--state)")
     with contextlib.ExitStack() as stack:
-        store, journal = _ledgers(stack, args, home)
-        ks = home.open_keystore()
-        stack.callback(ks.close)
-        authority = home.verifier(ks)
+        checker: ReceiptChecker
+        if args.auditor:  # certificates only: no keystore, no passphrase, no service state
+            checker = CertificatesOnly(parse_trust(args.ca))
+            home.existing()
+            store, journal = None, ledger_journal(home, args.journal)
+            if journal is not None:
+                stack.callback(journal.close)
+        else:
+            store, journal = _ledgers(stack, args, home)
+            ks = home.open_keystore()
+            stack.callback(ks.close)
+            checker = home.verifier(ks)
         camp = verify_campaigns(journal, ledger_campaigns(home, journal, args.campaign),
-                                authority)
+                                checker)
         svc = ServiceLedgerCheck() if store is None else verify_service_ledger(
-            store, authority, now=time.time(), state=describe_state(args.state, home.root))
+            store, checker, now=time.time(), state=describe_state(args.state, home.root))
     chk = LedgersCheck(camp, svc)
     if not emitted(args, chk.to_json()):
         for r in camp.invalid_rows:
-            print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}")
+            print(f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}: "
+                  f"{r['reason']}")
         for r in svc.invalid_rows:
             print(f"INVALID receipt: service client {r['client']} unit {r['sn']} slot "
                   f"{r['ref2']}: {r['reason']}")
         if camp.reconciled:
             print(f"{camp.reconciled} loads reconciled with the unit after a crash: receipt "
                   "lost, slot status recorded")
+        if camp.unverifiable:
+            print(f"{camp.unverifiable} receipts of suites 0x01/0x02 not verifiable without "
+                  "the authority (MACs under the set's keys)")
         _print_without_receipt(svc.without_receipt)
         print(f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid")
         if svc.state is None:
-            why = "--campaign given" if args.campaign else \
-                f"no {home.root / SERVICE_DB}"
+            why = "--auditor checks the campaigns' ledgers" if args.auditor else \
+                "--campaign given" if args.campaign else f"no {home.root / SERVICE_DB}"
             print(f"service ledger: not checked ({why})")
         else:
             print(f"service ledger ({svc.state}): {svc.verified} receipts verified, "
@@ -210,6 +244,20 @@ def ledger_verify(args: argparse.Namespace) -> int:
                       f"{wr.claimed}")
         print(f"{chk.verified} receipts verified, {chk.invalid} invalid")
     return 0 if chk.invalid == 0 else 1
+
+
+def set_ca(args: argparse.Namespace) -> int:
+    """An identity set's Q_CA and C_A: what to give an auditor."""
+    info = identity_trust(home_of(args), bytes.fromhex(args.set_id))
+    trust = f"{info.set_id.hex()}={info.q_ca.hex()}"
+    if not emitted(args, {"set_id": info.set_id.hex(), "name": info.name,
+                          "q_ca": info.q_ca.hex(), "c_a": info.c_a.encode().hex(),
+                          "ca": trust}):
+        kv([("set id", info.set_id.hex()), ("name", info.name), ("Q_CA", info.q_ca.hex()),
+            ("C_A", info.c_a.encode().hex())])
+        print(f"an auditor verifies this set's receipts with: keyload ledger verify "
+              f"--auditor --ca {trust}")
+    return 0
 
 
 def _print_without_receipt(wr: WithoutReceipt) -> None:
@@ -295,8 +343,18 @@ def add_parsers(sub: Sub) -> None:
 
     g = group(sub, "ledger", "which unit holds which key, with receipts")
     cmd(g, "verify", ledger_verify,
-        "the authority verifies every receipt (campaigns' and the service's)", JOURNAL,
-        CAMPAIGN, STATE)
+        "the authority verifies every receipt (campaigns' and the service's); with "
+        "--auditor, anyone verifies the campaigns' suite-0x03 receipts with certificates "
+        "alone", JOURNAL, CAMPAIGN, STATE,
+        opt("--auditor", action="store_true", help="no authority, no passphrase, no secret: "
+            "each suite-0x03 receipt is checked with the E_A and the unit's certificate C_U "
+            "the journal keeps, C_U under its set's Q_CA given with --ca; receipts of suites "
+            "0x01/0x02 (MACs) are counted as not verifiable without the authority; the "
+            "service's ledger is not read"),
+        opt("--ca", action="append", default=[], metavar="SETID=Q_CA", help="with --auditor: "
+            "the set CA's public key (65-byte point, hex) trusted for identity set SETID "
+            "(repeatable), as `keyload set ca --set SETID` prints it at the authority; the "
+            "set id is SHA-256(\"KLP1-SET\" || Q_CA)[0:5], so a wrong key is refused"))
     cmd(g, "export", ledger_export, "the ledger as CSV or JSON (campaigns' and the service's)",
         JOURNAL, CAMPAIGN, STATE, opt("--format", choices=["csv", "json"], default="csv"),
         opt("--out", help="file (default: standard output)"))

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--identity", action="store_true", help="an identity set (suite 0x03): a set CA "
             "key and an authority key instead of T; its units hold their own keys"))
     cmd(s, "list", commands.set_list, "list sets")
+    cmd(s, "ca", campaigns.set_ca, "an identity set's Q_CA and C_A: what an auditor needs to "
+        "verify its receipts (keyload ledger verify --auditor --ca SETID=Q_CA)", SET_ID)
 
     k = group(sub, "key", "application keys (by REF1)")
     key_opts = (

@@ -15,32 +15,38 @@ way (docs/protocol.md §8):
   and an export the service recorded must be receipted;
 - when the caller knows the key's current description, a header at the key's version
   must carry the key's type, length and attributes;
-- the authority recomputes the receipt over (set, SN, R, REF2, header, KCV).
+- suites 0x01/0x02: the authority recomputes the receipt, a MAC over (set, SN, R, REF2,
+  header, KCV); without the authority (:class:`CertificatesOnly`, an auditor's check)
+  such an entry is not verifiable, and counted apart;
+- suite 0x03 (§10.3): :func:`verify_receipt3`, with the E_A and the unit's C_U the entry
+  keeps and the set's Q_CA (the authority's, or one an auditor trusts): no secret.
 
-The receipt binds the header and the KCV; the export binds what it does not (REF1, the
-client, the key version column). A refusal by the authority makes an entry invalid; a
-store or keystore failure is raised. Nothing here reads or writes a database: the callers
-turn their rows into entries.
+The receipt binds the header and the KCV (and in suite 0x03 REF1 and E_A); the export
+binds what it does not (REF1, the client, the key version column). A refusal by the
+authority makes an entry invalid; a store or keystore failure is raised. Nothing here
+reads or writes a database: the callers turn their rows into entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..core.errors import IntegrityError, KeyloadError, StatusError
-from ..core.identity import Certificate
+from ..core import suite3
+from ..core.errors import KeyloadError, StatusError
+from ..core.identity import ROLE_UNIT, Certificate, identity_set_id, verify_certificate
 from ..core.keys import KeyHeader
 from ..core.suite3 import SUITE_ECDH
-from ..core.suite3 import verify_receipt3 as _verify_rct3
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
-# or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
-# columns came later, so that older readers of the CSV by position still work.
+# or "service" (a receipt posted to ``keyload serve``: "client" set); the columns from
+# "source" on came later, at the end, so that older readers of the CSV by position still
+# work; "e_a" and "c_u" (suite 0x03: what verifies its receipt) are empty for the others.
 LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
                  "header", "receipt", "reconciled", "station", "time", "source", "client",
-                 "set_id"]
+                 "set_id", "e_a", "c_u"]
 KCV_LEN = 5
 R_LEN = 16
 
@@ -51,7 +57,9 @@ class LedgerEntry:
 
     ``source``: "station" (a single load), "campaign" (``campaign`` names it) or
     "service" (``client`` names who posted the receipt). ``key_version``: the version
-    the record keeps in its own column (None: it keeps none)."""
+    the record keeps in its own column (None: it keeps none). ``e_a`` and ``c_u``: in
+    suite 0x03, the authority's ephemeral key and the unit's encoded certificate, which
+    verify its receipt (:func:`verify_receipt3`)."""
 
     source: str
     time: float | None
@@ -70,8 +78,6 @@ class LedgerEntry:
     station: str | None = None
     client: str | None = None
     reconciled: bool = False
-    # suite 0x03 (docs/protocol.md §10.3): the authority's ephemeral key E_A the unit signed
-    # its receipt over, and the unit's certificate C_U (encoded), as the export recorded them
     e_a: bytes | None = None
     c_u: bytes | None = None
 
@@ -98,10 +104,13 @@ class LedgerEntry:
                 "header": None if self.header is None else self.header.hex(),
                 "receipt": None if self.rct is None else self.rct.hex(),
                 "reconciled": self.reconciled, "station": self.station, "time": self.time,
-                "source": self.source, "client": self.client, "set_id": self.set_id.hex()}
+                "source": self.source, "client": self.client, "set_id": self.set_id.hex(),
+                "e_a": None if self.e_a is None else self.e_a.hex(),
+                "c_u": None if self.c_u is None else self.c_u.hex()}
 
 
 COMPARED = ("client", "set_id", "ref1", "ref2", "suite", "header", "kcv", "key_version")
+SUITE3_COMPARED = ("e_a", "c_u")  # compared when both the export and the entry keep them
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,38 +148,72 @@ class KeyFacts:
 
 
 class ReceiptChecker(Protocol):
-    """What verifying needs of the authority (:class:`~keyload.units.authority.Authority`)."""
+    """What verifying needs of the authority (:class:`~keyload.units.authority.Authority`),
+    or of an auditor without it (:class:`CertificatesOnly`)."""
 
     def verify_receipt(self, *, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int,
                        h: bytes, kcv: bytes, rct: bytes) -> None:
-        """None for the unit's genuine receipt; a StatusError otherwise."""
+        """Suites 0x01/0x02: None for the unit's genuine receipt; a StatusError otherwise;
+        :class:`Unverifiable` where the set's keys are not at hand."""
         ...
 
-    def verify_receipt3(self, *, set_id: bytes, c_u: Certificate, r: bytes, ref2: int,
-                        ref1: bytes, h: bytes, kcv: bytes, e_a: bytes, rct: bytes) -> None:
-        """None for the ECDSA receipt of the unit of ``c_u`` (suite 0x03); else a
-        StatusError."""
+    def q_ca(self, set_id: bytes) -> bytes | None:
+        """The Q_CA of identity set ``set_id``, under which its units' certificates are
+        checked (None: not known)."""
         ...
 
 
-def verify_receipt3(entry: LedgerEntry) -> None:
-    """Return None when the entry's receipt is the ECDSA signature of the unit its C_U
-    names over this load (suite 0x03, docs/protocol.md §10.3), else raise IntegrityError.
+class Unverifiable(KeyloadError):
+    """A receipt of suite 0x01/0x02 is a MAC under the set's keys: only the authority can
+    verify it."""
 
-    Needs no secret: the entry's C_U and E_A (as the export recorded them). That C_U was
-    issued under the set's Q_CA is the caller's check (the authority's, or an auditor's
-    with the set's certificate)."""
-    if entry.c_u is None or entry.e_a is None or entry.r is None or entry.header is None \
-            or entry.kcv is None or entry.rct is None:
-        raise IntegrityError()
+
+@dataclass(frozen=True, slots=True)
+class CertificatesOnly:
+    """An auditor's checker: no authority, no secret. Suite-0x03 receipts are verified
+    with the certificates the entries keep and ``trust``, the Q_CA of each identity set
+    by set id (each given by whoever runs the audit); the others are
+    :class:`Unverifiable`."""
+
+    trust: Mapping[bytes, bytes]
+
+    def __post_init__(self) -> None:
+        for set_id, q_ca in self.trust.items():
+            if identity_set_id(q_ca) != set_id:
+                raise ValueError(f"Q_CA {q_ca.hex()[:16]}… is not the key of set "
+                                 f"{set_id.hex()} (its set id is {identity_set_id(q_ca).hex()})")
+
+    def verify_receipt(self, *, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int,
+                       h: bytes, kcv: bytes, rct: bytes) -> None:
+        raise Unverifiable(f"a suite {suite:#04x} receipt is verifiable by the authority only")
+
+    def q_ca(self, set_id: bytes) -> bytes | None:
+        return self.trust.get(set_id)
+
+
+def verify_receipt3(e: LedgerEntry, *, q_ca: bytes | None = None) -> bool:
+    """Whether ``e`` holds the unit's receipt of a suite-0x03 load (docs/protocol.md §10.3):
+    RCT an ECDSA signature by the key of the entry's C_U over (SN, R, REF2, REF1, H, KCV,
+    E_A), and C_U the certificate of a unit with the entry's SN in its set, valid under
+    ``q_ca`` (the set's Q_CA, whose hash is the set id). Without ``q_ca`` C_U is not
+    checked: only that its key signed. Needs no secret.
+    """
+    if e.c_u is None or e.e_a is None or e.r is None or e.header is None or e.kcv is None \
+            or e.rct is None:
+        return False
     try:
-        c_u = Certificate.decode(entry.c_u)
+        c_u = Certificate.decode(e.c_u)
+        if q_ca is not None:
+            if identity_set_id(q_ca) != e.set_id:
+                return False
+            verify_certificate(c_u, q_ca=q_ca, role=ROLE_UNIT, set_id=e.set_id, subject=e.sn)
+        elif c_u.subject != e.sn:
+            return False
+        suite3.verify_receipt3(c_u, sn=e.sn, r=e.r, ref2=e.ref2, ref1=e.ref1, h=e.header,
+                               kcv_=e.kcv, e_a=e.e_a, rct=e.rct)
     except KeyloadError:
-        raise IntegrityError() from None
-    if c_u.subject != entry.sn:
-        raise IntegrityError()
-    _verify_rct3(c_u, sn=entry.sn, r=entry.r, ref2=entry.ref2, ref1=entry.ref1, h=entry.header,
-                 kcv_=entry.kcv, e_a=entry.e_a, rct=entry.rct)
+        return False
+    return True
 
 
 def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | None = None,
@@ -196,6 +239,8 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
         mine = {"client": e.client, "set_id": e.set_id, "ref1": e.ref1, "ref2": e.ref2,
                 "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version}
         differ = [name for name in export.recorded if mine[name] != getattr(export, name)]
+        differ += [name for name in SUITE3_COMPARED if getattr(export, name) is not None
+                   and getattr(e, name) is not None and getattr(e, name) != getattr(export, name)]
         if differ:
             out.append("differs from the export: " + ", ".join(differ))
     elif matched_by is not None:
@@ -216,28 +261,29 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
             out.append("key header's type or attributes differ from the key's")
     if len(e.r) != R_LEN:
         out.append(f"R is {len(e.r)} bytes, not {R_LEN}")
+    if e.suite == SUITE_ECDH:
+        q_ca = checker.q_ca(e.set_id)
+        full = e if e.c_u is not None or e.e_a is not None or export is None else \
+            dataclasses.replace(e, e_a=export.e_a, c_u=export.c_u)  # kept by the export only
+        if export is not None and export.c_u is not None and \
+                (e.c_u, e.e_a) not in ((None, None), (export.c_u, export.e_a)):
+            out.append("differs from the export: c_u or e_a")
+        if full.c_u is None or full.e_a is None:
+            out.append("no certificate recorded to verify this suite 0x03 receipt")
+        elif q_ca is None:
+            out.append(f"no Q_CA known for set {e.set_id.hex()}: its certificates cannot "
+                       "be checked")
+        elif not verify_receipt3(full, q_ca=q_ca):
+            out.append("receipt does not verify (the unit's certificate or signature)")
+        return out
     try:
-        if e.suite == SUITE_ECDH:
-            # what the export recorded; else what the entry keeps itself
-            c_u_enc = e.c_u if export is None or export.c_u is None else export.c_u
-            e_a = e.e_a if export is None or export.e_a is None else export.e_a
-            if c_u_enc is None or e_a is None:
-                out.append("no certificate recorded to verify this suite 0x03 receipt")
-                return out
-            if (e.c_u, e.e_a) not in ((None, None), (c_u_enc, e_a)):
-                out.append("differs from the export: c_u or e_a")
-            c_u = Certificate.decode(c_u_enc)
-            if c_u.subject != e.sn:
-                out.append("the recorded certificate names another unit")
-                return out
-            checker.verify_receipt3(set_id=e.set_id, c_u=c_u, r=e.r, ref2=e.ref2,
-                                    ref1=e.ref1, h=e.header, kcv=e.kcv, e_a=e_a,
-                                    rct=e.rct)
-        else:
-            checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r,
-                                   ref2=e.ref2, h=e.header, kcv=e.kcv, rct=e.rct)
+        checker.verify_receipt(suite=e.suite, set_id=e.set_id, sn=e.sn, r=e.r, ref2=e.ref2,
+                               h=e.header, kcv=e.kcv, rct=e.rct)
     except StatusError as err:
         out.append(f"receipt does not verify (SW {err.sw:04X})")
+    except Unverifiable:
+        if not out:
+            raise
     return out
 
 
@@ -255,11 +301,13 @@ class Invalid:
 
 @dataclass
 class LedgerCheck:
-    """How many entries verify; those reconciled without a receipt; the invalid ones."""
+    """How many entries verify; those reconciled without a receipt; those only the
+    authority can verify (checked without it); the invalid ones."""
 
     verified: int = 0
     reconciled: int = 0
     invalid_entries: list[Invalid] = field(default_factory=list)
+    unverifiable: int = 0
 
     @property
     def invalid(self) -> int:
@@ -279,9 +327,13 @@ def verify_entries(entries: Iterable[LedgerEntry], checker: ReceiptChecker, *,
         if e.rct is None:
             out.reconciled += 1
             continue
-        problems = entry_problems(e, checker, export=export,
-                                  matched_by=None if export_of is None else matched_by,
-                                  key_now=key_now)
+        try:
+            problems = entry_problems(e, checker, export=export,
+                                      matched_by=None if export_of is None else matched_by,
+                                      key_now=key_now)
+        except Unverifiable:
+            out.unverifiable += 1
+            continue
         if problems:
             out.invalid_entries.append(Invalid(e, tuple(problems)))
         else:

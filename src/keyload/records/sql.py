@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeGuard
 
@@ -30,6 +32,28 @@ def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     except sqlite3.Error as e:
         raise StoreError(f"{path}: {e}") from None
     return db
+
+
+def add_columns(db: sqlite3.Connection, table: str, names: Sequence[str]) -> None:
+    """Give ``table`` (of a database from :func:`open_sqlite`) the TEXT columns ``names``
+    it lacks: columns that came after the table was made, NULL in its older rows. One
+    write transaction, looked at again once it is taken, so that of processes opening
+    the file at once the first adds them. Raises sqlite3.Error."""
+    def missing() -> list[str]:
+        have = {t[1] for t in db.execute(f"PRAGMA table_info({table})")}
+        return [n for n in names if n not in have]
+
+    if not missing():
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for name in missing():
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} TEXT")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 class SqliteBatch:

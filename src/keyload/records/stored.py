@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..core.ecc import POINT_LEN, SIGNATURE_LEN
 from ..core.errors import DamagedStore, StoreError
+from ..core.suite3 import SUITE_ECDH
 from .sql import open_sqlite
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -33,6 +35,7 @@ SN_SIZE = REF1_SIZE = (1, 32)
 SET_ID_SIZE = KCV_SIZE = 5
 R_SIZE = RCT_SIZE = 16
 H_SIZE = 12
+E_A_SIZE = POINT_LEN  # suite 0x03 (§10.1): an uncompressed P-256 point
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes
 
 
@@ -42,6 +45,12 @@ class DamagedRow(ValueError):
 
 def _kind(value: object) -> str:
     return "NULL" if value is None else type(value).__name__
+
+
+def rct_size(suite: int | None) -> int:
+    """A receipt's size: the unit's ECDSA signature ``r || s`` in suite 0x03 (§10.3), a
+    MAC in the others (§5)."""
+    return SIGNATURE_LEN if suite == SUITE_ECDH else RCT_SIZE
 
 
 def hex_col(value: object, column: str, size: int | tuple[int, int] | None = None) -> bytes:

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from ..core import messages as msg
 from ..core.ecc import POINT_LEN, SIGNATURE_LEN
-from ..core.errors import SW, NoChallenge, StatusError
+from ..core.errors import SW, IntegrityError, NoChallenge, StatusError
 from ..core.identity import Certificate
 from ..core.keys import KeyHeader
 from ..core.messages3 import (
@@ -203,9 +203,11 @@ class KeyRoutes:
                             "the unit's KCV differs from the authority's")
         try:
             if c.suite == SUITE_ECDH:  # the unit's signature, under the C_U it presented
-                verify_receipt3(LedgerEntry(
-                    "service", None, c.ref1, c.key_version, c.suite, c.set_id, sn, r, ref2,
-                    c.header, kcv, rct, client=c.client, e_a=c.e_a, c_u=c.c_u))
+                if not verify_receipt3(LedgerEntry(
+                        "service", None, c.ref1, c.key_version, c.suite, c.set_id, sn, r,
+                        ref2, c.header, kcv, rct, client=c.client, e_a=c.e_a, c_u=c.c_u),
+                        q_ca=self.authority.q_ca(c.set_id)):
+                    raise IntegrityError()
             else:
                 self.authority.verify_receipt(suite=c.suite, set_id=c.set_id, sn=sn, r=r,
                                               ref2=ref2, h=c.header, kcv=kcv, rct=rct)

@@ -4,10 +4,12 @@ A campaign is a set, its units (SNs) and the loads per unit (REF1 -> REF2 at a k
 version). :func:`run_campaign` claims units in batches from the journal, reconciles any
 load whose outcome was not journaled with the unit itself (GET SLOT STATUS), then runs
 the remaining loads, journaling ``exported`` before IMPORTKEY is sent and ``imported``
-with the unit's receipt after. Security refusals are final; transport errors, memory
-failures and units that cannot be reached are retried, :data:`ATTEMPTS` attempts per load
-by default, then failed with their reason: a run ends. Ctrl-C stops after the loads in
-flight; running again resumes.
+with the unit's receipt after. A campaign of an identity set loads by suite 0x03
+(:func:`~.load.load_key3`; its receipts are kept with E_A and C_U), the others by
+suites 0x01/0x02: the same run, claims and reconciliation. Security refusals are final;
+transport errors, memory failures and units that cannot be reached are retried,
+:data:`ATTEMPTS` attempts per load by default, then failed with their reason: a run ends.
+Ctrl-C stops after the loads in flight; running again resumes.
 
 Guarantee (checked by the fault tests): a load the unit already imported is never
 exported again, whatever moment the station was killed at.
@@ -30,7 +32,15 @@ from ..core.keys import KeyHeader
 from ..transports import Connection
 from .drive import UnitDone, UnitSource, drive_unit
 from .journal.model import CLAIMED, EXPORTED, Journal, LoadRow
-from .load import AuthorityClient, LoadFailed, LoadResult, Step, UnitClient, load_any
+from .load import (
+    AuthorityClient,
+    LoadFailed,
+    LoadResult,
+    Step,
+    UnitClient,
+    load_key,
+    load_key3,
+)
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
 
@@ -134,8 +144,9 @@ class _Shared:
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
                  on_unit: UnitDone | None, opts: RunOptions,
-                 interrupt: Interrupt | None) -> None:
+                 interrupt: Interrupt | None, identity: bool) -> None:
         self.journal = journal
+        self.identity = identity  # the campaign's set is an identity set: suite 0x03
         self.authority = authority
         self.summary = summary
         self.on_unit = on_unit
@@ -175,11 +186,16 @@ class _LockedAuthority(AuthorityClient):
             return self._inner.export3(req)
 
 
-def _reconcile(client: UnitClient, row: LoadRow) -> tuple[bytes, bytes] | None:
+def _reconcile(client: UnitClient, row: LoadRow, *,
+               identity: bool) -> tuple[bytes, bytes] | None:
     """The unit's word on a load whose outcome was not journaled: (H, KCV) when the slot
-    already holds the planned version, else None (the load must run)."""
-    st = client.slot_status3(row.ref2)  # a slot loaded by suite 0x03 answers its REF1 too
+    already holds the planned version, else None (the load must run). A unit of an
+    identity set answers the REF1 of a key loaded by suite 0x03 too: a slot that holds
+    another REF1 does not hold this load."""
+    st = client.slot_status3(row.ref2) if identity else client.slot_status(row.ref2)
     if st.h is None or st.kcv is None:
+        return None
+    if isinstance(st, msg3.SlotStatus3) and st.ref1 != row.ref1:
         return None
     held = KeyHeader.decode(st.h)
     if row.state == EXPORTED and row.header is not None and row.kcv is not None:
@@ -244,7 +260,7 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
     j, s = sh.journal, sh.summary
     if row.state in (CLAIMED, EXPORTED):
         try:
-            held = _reconcile(client, row)
+            held = _reconcile(client, row, identity=sh.identity)
         except KeyloadError as e:
             raise LoadFailed(Step.UNIT_STATUS, e) from None
         if held is not None:
@@ -257,13 +273,15 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
                 s.loads_done += 1
             return
 
-    def journal_export(init: msg.InitResponse, suite: int, resp: msg.ExportResponse) -> None:
+    def journal_export(init: msg.InitResponse | msg3.InitResponse3, suite: int,
+                       resp: msg.ExportResponse) -> None:
         j.exported(row, suite, init.r, resp.header, resp.kcv, sh.opts.clock())
 
-    res: LoadResult = load_any(client, sh.authority, row.ref1, row.ref2, select=False,
-                               on_export=journal_export)
+    load = load_key3 if sh.identity else load_key
+    res: LoadResult = load(client, sh.authority, row.ref1, row.ref2, select=False,
+                           on_export=journal_export)
     j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv, rct=res.rct,
-               reconciled=False, now=sh.opts.clock())
+               reconciled=False, now=sh.opts.clock(), e_a=res.e_a, c_u=res.c_u)
     with sh.lock:
         s.loads_done += 1
 
@@ -290,7 +308,8 @@ def _process_rows(sh: _Shared, client: UnitClient, rows: list[LoadRow],
 def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityClient,
                        cards: Iterable[UnitSource], opts: RunOptions, *,
                        on_unit: UnitDone | None = None,
-                       interrupt: Interrupt | None = None) -> RunSummary:
+                       interrupt: Interrupt | None = None,
+                       identity: bool = False) -> RunSummary:
     """Run a campaign over whatever cards the readers present (a feeder's order).
 
     Each card is asked who it is (INITIALIZE DOWNLOAD gives its SN; the challenge it
@@ -299,7 +318,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity)
     feed = iter(cards)
     with _running(sh, campaign_id):
         while not sh.stop.is_set():
@@ -311,7 +330,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
                 with src.connect() as conn:
                     client = UnitClient(conn)
                     client.select()
-                    sn = client.initialize_any().sn
+                    sn = (client.initialize3 if identity else client.initialize)().sn
                     rows = journal.claim_unit(campaign_id, sn, opts.station, opts.lease_s,
                                               opts.clock())
                     if not rows:
@@ -359,11 +378,12 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
 def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  connect: Connector, opts: RunOptions, *,
                  on_unit: UnitDone | None = None,
-                 interrupt: Interrupt | None = None) -> RunSummary:
+                 interrupt: Interrupt | None = None, identity: bool = False) -> RunSummary:
     """Run (or resume) a campaign until no load is left to claim, or Ctrl-C (raised, or
-    asked for through ``interrupt``): then ``interrupted`` is set in the summary."""
+    asked for through ``interrupt``): then ``interrupted`` is set in the summary.
+    ``identity``: the campaign's set is an identity set (its units load by suite 0x03)."""
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = opts.clock()

@@ -144,14 +144,6 @@ class UnitClient:
         """INITIALIZE DOWNLOAD of a unit of an identity set (suite 0x03, §10.3)."""
         return msg3.InitResponse3.decode(self._call(INS_INIT, ne=65536))
 
-    def initialize_any(self) -> msg.InitResponse | msg3.InitResponse3:
-        """INITIALIZE DOWNLOAD of a unit of either kind: a unit of an identity set answers
-        with E_U, C_U and sigU too (suite 0x03), any other as in section 5."""
-        data = self._call(INS_INIT)
-        if len(tlv.iter_tlv(data)) == len(msg3.InitResponse3._fields) + 1:  # + C0
-            return msg3.InitResponse3.decode(data)
-        return msg.InitResponse.decode(data)
-
     def import_key3(self, data: bytes) -> msg3.ImportResponse3:
         return msg3.ImportResponse3.decode(self._call(INS_IMPORT, data, ne=_ne(data)))
 
@@ -202,6 +194,10 @@ class LoadResult(NamedTuple):
     header: bytes
     kcv: bytes
     rct: bytes
+    # suite 0x03 (docs/protocol.md §10.3): the authority's E_A and the unit's encoded C_U,
+    # what anyone verifies the ECDSA receipt with; None for the other suites
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
     @property
     def key_version(self) -> int:
@@ -219,11 +215,13 @@ def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
     return LoadFailed(step, e, sn=sn)
 
 
-ExportHook = Callable[[msg.InitResponse, int, msg.ExportResponse], None]
+ExportHook = Callable[[msg.InitResponse | msg3.InitResponse3, int, msg.ExportResponse], None]
+"""``on_export(init, suite, response)``: after EXPORTKEY, before IMPORTKEY (a journal
+records the export there: R, and H and the KCV of the response); if it raises, nothing is
+sent to the unit."""
 
 
-Init = TypeVar("Init", msg.InitResponse, msg3.InitResponse3,
-               msg.InitResponse | msg3.InitResponse3)
+Init = TypeVar("Init", msg.InitResponse, msg3.InitResponse3)
 Imported = TypeVar("Imported", bound=msg.ImportResponse)
 
 
@@ -256,28 +254,9 @@ def load_key(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: in
              select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
     """Load key REF1 of the authority into slot REF2 of the unit; raise LoadFailed.
 
-    ``on_export(init, suite, response)`` runs after EXPORTKEY and before IMPORTKEY (a
-    journal records the export there); if it raises, nothing is sent to the unit.
+    ``on_export`` (:data:`ExportHook`) runs after EXPORTKEY and before IMPORTKEY.
     """
-    return _load12(unit, authority, _initialized(unit, ref1, ref2, select, unit.initialize),
-                   ref1, ref2, on_export)
-
-
-def load_any(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
-             select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
-    """:func:`load_key` into a unit of either kind: a unit of an identity set is loaded by
-    suite 0x03 (:func:`load_key3`), its export shown to ``on_export`` in the same shape
-    (challenge, suite, E0 and KCV, H)."""
-    init = _initialized(unit, ref1, ref2, select, unit.initialize_any)
-    if isinstance(init, msg3.InitResponse3):
-        return _load3(unit, authority, init, ref1, ref2, on_export)
-    return _load12(unit, authority, init, ref1, ref2, on_export)
-
-
-def _load12(unit: UnitClient, authority: AuthorityClient, init: msg.InitResponse,
-            ref1: bytes, ref2: int, on_export: ExportHook | None) -> LoadResult:
-    """EXPORTKEY (suite 0x01 or 0x02, the first both sides offer) and IMPORTKEY after
-    INITIALIZE DOWNLOAD."""
+    init = _initialized(unit, ref1, ref2, select, unit.initialize)
     candidates = [s for s in PREFERENCE if s in init.suites and
                   (authority.suites is None or s in authority.suites)]
     if not candidates:
@@ -304,27 +283,21 @@ def _load12(unit: UnitClient, authority: AuthorityClient, init: msg.InitResponse
 
 
 def load_key3(unit: UnitClient, authority: AuthorityClient, ref1: bytes, ref2: int, *,
-              select: bool = True) -> LoadResult:
+              select: bool = True, on_export: ExportHook | None = None) -> LoadResult:
     """Load key REF1 into slot REF2 of a unit of an identity set (suite 0x03, §10.3): the
     unit's E_U, C_U and signature to the authority, its E0 back to the unit; the receipt is
-    the unit's ECDSA signature. Raise LoadFailed."""
-    return _load3(unit, authority, _initialized(unit, ref1, ref2, select, unit.initialize3),
-                  ref1, ref2, None)
-
-
-def _load3(unit: UnitClient, authority: AuthorityClient, init: msg3.InitResponse3,
-           ref1: bytes, ref2: int, on_export: ExportHook | None) -> LoadResult:
-    """EXPORTKEY and IMPORTKEY by suite 0x03 after INITIALIZE DOWNLOAD."""
+    the unit's ECDSA signature, kept with E_A and C_U. Raise LoadFailed. ``on_export`` as
+    in :func:`load_key`."""
+    init = _initialized(unit, ref1, ref2, select, unit.initialize3)
     try:
         resp = authority.export3(msg3.ExportRequest3(
             msg.ExportRequest(init.sn, init.r, init.set_id, SUITE_ECDH, ref1, ref2),
             init.e_u, init.c_u, init.sig_u))
+        data = msg3.ImportData3.decode(resp.import_data)
     except KeyloadError as e:
         raise _step(Step.EXPORT, e, init.sn) from None
-    header = msg3.ImportData3.decode(resp.import_data).h
     if on_export is not None:
-        on_export(msg.InitResponse(init.sn, init.r, init.set_id, init.suites), SUITE_ECDH,
-                  msg.ExportResponse(resp.import_data, resp.kcv, header))
+        on_export(init, SUITE_ECDH, msg.ExportResponse(resp.import_data, resp.kcv, data.h))
     ans = _imported(unit.import_key3, resp.import_data, resp.kcv, init.sn)
-    return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, header, ans.kcv,
-                      ans.rct)
+    return LoadResult(init.sn, init.set_id, ref1, ref2, SUITE_ECDH, init.r, data.h, ans.kcv,
+                      ans.rct, e_a=data.e_a, c_u=init.c_u.encode())

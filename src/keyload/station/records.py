@@ -1,7 +1,8 @@
 """The station's record of every download: results with their receipts, and failures.
 
-SQLite (WAL). A row holds what the authority needs to verify the unit's receipt later
-(SN, R, REF2, suite, H, KCV, RCT) and never key material.
+SQLite (WAL). A row holds what is needed to verify the unit's receipt later (SN, R, REF2,
+suite, H, KCV, RCT; in suite 0x03 also E_A and the unit's C_U, with which anyone holding
+the set's Q_CA verifies it) and never key material.
 
 Opening reads every row (one a load: a damaged file is found before a load, not after
 it, when the receipt could not be kept) and every read decodes its rows in
@@ -16,13 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.ecc import SIGNATURE_LEN
-from ..core.suite3 import SUITE_ECDH
+from ..records.sql import add_columns
 from ..records.stored import (
+    E_A_SIZE,
     H_SIZE,
     KCV_SIZE,
     R_SIZE,
-    RCT_SIZE,
     REF1_SIZE,
     SET_ID_SIZE,
     SN_SIZE,
@@ -32,6 +32,7 @@ from ..records.stored import (
     open_records,
     opt_hex_col,
     opt_int_col,
+    rct_size,
     reading,
     text_col,
 )
@@ -59,6 +60,9 @@ CREATE TABLE IF NOT EXISTS loads (
 );
 CREATE INDEX IF NOT EXISTS loads_sn ON loads (sn, ref2);
 """
+#: suite 0x03 (docs/protocol.md §10.3): E_A and C_U, NULL for the other suites; added to a
+#: table made before them
+_SUITE3_COLUMNS = ("e_a", "c_u")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +83,12 @@ class LoadRow:
     step: str | None
     sw: str | None
     reason: str | None
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
 
 _COLS = ("time, station, sn, set_id, ref1, ref2, status, suite, r, header, key_version, kcv, "
-         "rct, step, sw, reason")
+         "rct, step, sw, reason, e_a, c_u")
 
 
 def _row(t: tuple[object, ...]) -> LoadRow:
@@ -98,14 +104,14 @@ def _row(t: tuple[object, ...]) -> LoadRow:
         return int_col(value, column) if loaded else opt_int_col(value, column)
 
     suite = opt(t[7], "suite")
-    rct_size = SIGNATURE_LEN if suite == SUITE_ECDH else RCT_SIZE  # ECDSA r || s, or a MAC
     return LoadRow(num_col(t[0], "time"), text_col(t[1], "station"), hex_col(t[2], "sn", SN_SIZE),
                    need(t[3], "set_id", SET_ID_SIZE), hex_col(t[4], "ref1", REF1_SIZE),
                    int_col(t[5], "ref2"), status, suite, need(t[8], "r", R_SIZE),
                    need(t[9], "header", H_SIZE), opt(t[10], "key_version"),
-                   need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", rct_size),
+                   need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", rct_size(suite)),
                    None if t[13] is None else str(t[13]), None if t[14] is None else str(t[14]),
-                   None if t[15] is None else str(t[15]))
+                   None if t[15] is None else str(t[15]), opt_hex_col(t[16], "e_a", E_A_SIZE),
+                   opt_hex_col(t[17], "c_u"))
 
 
 class LoadRecords:
@@ -118,6 +124,8 @@ class LoadRecords:
         self.clock = clock
         self.db = open_records(path, _SCHEMA)
         try:
+            with reading(path):
+                add_columns(self.db, "loads", _SUITE3_COLUMNS)
             for _ in self.rows():  # one row a load: read them all before another one
                 pass
         except BaseException:
@@ -127,10 +135,12 @@ class LoadRecords:
     def add(self, result: LoadResult) -> None:
         self.db.execute(
             "INSERT INTO loads (time, station, sn, set_id, ref1, ref2, status, suite, r, header,"
-            " key_version, kcv, rct) VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?, ?)",
+            " key_version, kcv, rct, e_a, c_u) VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?,"
+            " ?, ?, ?)",
             (self.clock(), self.station, result.sn.hex(), result.set_id.hex(), result.ref1.hex(),
              result.ref2, result.suite, result.r.hex(), result.header.hex(), result.key_version,
-             result.kcv.hex(), result.rct.hex()))
+             result.kcv.hex(), result.rct.hex(),
+             *(None if v is None else v.hex() for v in (result.e_a, result.c_u))))
 
     def add_failure(self, sn: bytes, ref1: bytes, ref2: int, err: LoadFailed) -> None:
         sw = None if err.sw is None else f"{err.sw:04X}"

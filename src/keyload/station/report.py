@@ -39,14 +39,14 @@ def campaign_entries(journal: Journal, campaign: str) -> Iterator[LedgerEntry]:
         yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite, set_id,
                           row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
                           campaign=row.campaign, station=row.station,
-                          reconciled=row.reconciled)
+                          reconciled=row.reconciled, e_a=row.e_a, c_u=row.c_u)
 
 
 def station_entry(row: StationRow) -> LedgerEntry:
     """A single load the station recorded (``station.db``) as a ledger entry."""
     return LedgerEntry("station", row.time, row.ref1, row.key_version, row.suite,
                        row.set_id or b"", row.sn, row.r, row.ref2, row.header, row.kcv,
-                       row.rct, station=row.station)
+                       row.rct, station=row.station, e_a=row.e_a, c_u=row.c_u)
 
 
 def station_entries(records: LoadRecords) -> Iterator[LedgerEntry]:
@@ -61,15 +61,16 @@ def ledger(journal: Journal, campaign: str) -> Iterator[dict[str, Any]]:
 
 
 def verify_ledger(journal: Journal, campaign: str, checker: ReceiptChecker) -> LedgerCheck:
-    """The authority verifies every receipt (docs/protocol.md §8). Reconciled loads whose
-    receipt was lost in a crash are counted apart: the unit's slot status backs them."""
+    """The authority verifies every receipt (docs/protocol.md §8), or an auditor those of
+    suite 0x03 (§10.3). Reconciled loads whose receipt was lost in a crash are counted
+    apart: the unit's slot status backs them."""
     return verify_entries(campaign_entries(journal, campaign), checker)
 
 
 def invalid_rows(chk: LedgerCheck) -> list[dict[str, Any]]:
-    """A campaign's or the station's invalid entries as rows (SN, REF2, REF1)."""
-    return [{"sn": i.entry.sn.hex(), "ref2": i.entry.ref2, "ref1": display_ref1(i.entry.ref1)}
-            for i in chk.invalid_entries]
+    """A campaign's or the station's invalid entries as rows (SN, REF2, REF1, why)."""
+    return [{"sn": i.entry.sn.hex(), "ref2": i.entry.ref2, "ref1": display_ref1(i.entry.ref1),
+             "reason": i.reason} for i in chk.invalid_entries]
 
 
 def write_ledger_csv(entries: Iterable[dict[str, Any]], stream: io.TextIOBase | Any) -> int:

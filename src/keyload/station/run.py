@@ -63,12 +63,14 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
                  connect: Callable[[Authority, ExitStack], Connection] = _local
                  ) -> RunSummary:
     """Run (or resume) a campaign over the home's emulated units, in-process; the
-    authority is reached through ``connect`` (in-process by default)."""
-    journal.campaign(name)
+    authority is reached through ``connect`` (in-process by default). The units of an
+    identity set load by suite 0x03."""
+    camp = journal.campaign(name)
     journal.lock_station(name, opts.station)
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
+        identity = ks.set_info(camp.set_id).identity
         fleet = EmulatedFleet.open(home.units_dir, home.source)
         stack.callback(fleet.close)
         audit = home.audit()
@@ -80,7 +82,7 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
                                       "open_loads": todo})
         summary = run_campaign(journal, name, client,
                                lambda sn: EmulatedUnitSource(fleet, sn).connect(), opts,
-                               on_unit=on_unit, interrupt=interrupt)
+                               on_unit=on_unit, interrupt=interrupt, identity=identity)
         audit.append("campaign stop", _stop_record(name, opts, summary))
     return summary
 
@@ -93,11 +95,12 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
     ``cards`` are done, or the reader stays empty ``timeout`` seconds)."""
     from ..transports.pcsc import cards_in_reader
 
-    journal.campaign(name)
+    camp = journal.campaign(name)
     journal.lock_station(name, opts.station)
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
+        identity = ks.set_info(camp.set_id).identity
         audit = home.audit()
         stack.callback(audit.close)
         client = AuthorityClient(connect(home.authority(ks, audit), stack),
@@ -106,7 +109,8 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
                                       "reader": reader})
         summary = run_campaign_cards(journal, name, client,
                                      cards_in_reader(reader, count=cards, timeout=timeout),
-                                     opts, on_unit=on_unit, interrupt=interrupt)
+                                     opts, on_unit=on_unit, interrupt=interrupt,
+                                     identity=identity)
         audit.append("campaign stop", _stop_record(name, opts, summary))
     return summary
 

@@ -1,6 +1,8 @@
 """Verifying a home's receipts: single loads (``station.db``) and every campaign's ledger
-(``journal.db``), each receipt against the authority's export record and MAC; then the
-exports left with neither a receipt nor a reconciliation."""
+(``journal.db``), each receipt against the authority's export record and MAC (or, in
+suite 0x03, the unit's signature under its certificate); then the exports left with
+neither a receipt nor a reconciliation. An auditor verifies the campaigns' suite-0x03
+receipts without the authority, trusting the Q_CA of each set (:func:`identity_trust`)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Any, Protocol
 
 from ..core.errors import StoreError
 from ..records.exportlog import SqliteExportLog
-from ..records.ledger import LedgerEntry, ReceiptChecker
-from .home import Home
+from ..records.ledger import CertificatesOnly, LedgerEntry, ReceiptChecker
+from ..units.authority import IdentityBackend, IdentitySetInfo
+from .admin import read_keystore
+from .home import Home, Keystore
 from .journal import open_journal
 from .journal.model import IMPORTED, STATES, Journal
 from .plan import open_home_journal
@@ -83,6 +87,18 @@ def station_receipts(home: Home) -> tuple[list[LedgerEntry],
     return receipts, failures
 
 
+def identity_trust(home: Home, set_id: bytes) -> IdentitySetInfo:
+    """Q_CA and C_A of identity set ``set_id``: what an auditor trusts to verify its units'
+    receipts without the authority (``keyload ledger verify --auditor --ca``). Unknown
+    set: 6A82; a transport-key set: ValueError (its receipts are MACs)."""
+    def read(ks: Keystore) -> IdentitySetInfo:
+        info = ks.set_info(set_id)
+        if not info.identity or not isinstance(ks, IdentityBackend):
+            raise ValueError(f"set {set_id.hex()} is a transport-key set, not an identity "
+                             "set: its receipts are verified by the authority only")
+        return ks.identity_set(set_id)
+    return read_keystore(home, read)
+
 
 # -- the campaigns' ledgers (``keyload ledger verify|export``) --------------------------
 def ledger_journal(home: Home, where: str | None) -> Journal | None:
@@ -113,29 +129,38 @@ def campaigns_ledger(journal: Journal | None, names: list[str]) -> Iterator[dict
 
 @dataclass
 class CampaignsCheck:
-    """The campaigns' receipts verified by the authority."""
+    """The campaigns' receipts verified by the authority; or by an ``auditor`` without
+    it, who counts those of suites 0x01/0x02 apart (``unverifiable``)."""
 
     verified: int = 0
     invalid: int = 0
     reconciled: int = 0  # loads reconciled with the unit after a crash: receipt lost
     invalid_rows: list[dict[str, object]] = field(default_factory=list)
+    auditor: bool = False
+    unverifiable: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"verified": self.verified, "invalid": self.invalid,
                 "reconciled_without_receipt": self.reconciled,
-                "invalid_rows": self.invalid_rows}
+                "invalid_rows": self.invalid_rows, **self.auditor_json()}
+
+    def auditor_json(self) -> dict[str, Any]:
+        """What an auditor's check adds: the receipts it could not verify."""
+        return {"not_verifiable_without_authority": self.unverifiable} if self.auditor else {}
 
 
 def verify_campaigns(journal: Journal | None, names: list[str],
                      authority: ReceiptChecker) -> CampaignsCheck:
-    """Every receipt of these campaigns, verified by ``authority``."""
-    out = CampaignsCheck()
+    """Every receipt of these campaigns, verified by ``authority`` (or an auditor's
+    :class:`~keyload.records.ledger.CertificatesOnly`)."""
+    out = CampaignsCheck(auditor=isinstance(authority, CertificatesOnly))
     for n in names if journal is not None else []:
         assert journal is not None
         chk = verify_ledger(journal, n, authority)
         out.verified += chk.verified
         out.invalid += chk.invalid
         out.reconciled += chk.reconciled
+        out.unverifiable += chk.unverifiable
         out.invalid_rows += [{"source": "campaign", "campaign": n, **r}
                              for r in invalid_rows(chk)]
     return out
@@ -169,7 +194,7 @@ class LedgersCheck:
     def to_json(self) -> dict[str, Any]:
         c = self.campaigns
         return {"verified": self.verified, "invalid": self.invalid,
-                "reconciled_without_receipt": c.reconciled,
+                "reconciled_without_receipt": c.reconciled, **c.auditor_json(),
                 "invalid_rows": c.invalid_rows + [{"source": "service", "campaign": None, **r}
                                                   for r in self.service.invalid_rows],
                 "campaigns": c.to_json(), "service": self.service.to_json()}

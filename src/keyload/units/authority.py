@@ -461,6 +461,17 @@ class Authority:
             raise
         return ExportResponse3(out.import_data, out.kcv)
 
+    def q_ca(self, set_id: bytes) -> bytes | None:
+        """Q_CA of identity set ``set_id``, under which its units' certificates (and so
+        their receipts) are checked; None when no such identity set is held here."""
+        backend = self.backend
+        if not isinstance(backend, IdentityBackend):
+            return None
+        try:
+            return backend.identity_set(set_id).q_ca
+        except UnknownSet:
+            return None
+
     def verify_receipt3(self, *, set_id: bytes, c_u: Certificate, r: bytes, ref2: int,
                         ref1: bytes, h: bytes, kcv: bytes, e_a: bytes, rct: bytes) -> None:
         """Return None when ``rct`` is the receipt of the unit of ``c_u`` (valid under the

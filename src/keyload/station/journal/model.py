@@ -62,6 +62,10 @@ class LoadRow:
     sw: str | None
     reason: str | None
     updated: float | None
+    # suite 0x03 (docs/protocol.md §10.3): the authority's E_A and the unit's C_U (encoded)
+    # that verify its receipt; None for the other suites
+    e_a: bytes | None = None
+    c_u: bytes | None = None
 
 
 class Journal(Protocol):
@@ -98,7 +102,11 @@ class Journal(Protocol):
     def exported(self, row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes,
                  now: float) -> None: ...
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
-                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None: ...
+                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float,
+                 e_a: bytes | None = None, c_u: bytes | None = None) -> None:
+        """Record an import: the receipt (``rct``; of suite 0x03 with ``e_a`` and ``c_u``),
+        or a load ``reconciled`` with the unit (no receipt)."""
+        ...
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
                final: bool) -> None:

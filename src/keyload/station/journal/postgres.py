@@ -102,9 +102,23 @@ class PostgresJournal:
                         self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                         for stmt in schema_statements():
                             self.db.execute(stmt)
+                self._add_columns()
         except psycopg.Error as e:
             self.db.close()
             raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
+
+    def _add_columns(self) -> None:
+        """A journal made before the columns of suite 0x03 gets them, under the schema
+        lock (only if needed, as the tables); its rows keep reading as they were."""
+        cols = [t[0] for t in self.db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'loads' "
+            "AND table_schema = current_schema()").fetchall()]
+        if not shared.missing_columns(cols):
+            return
+        with self.db.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for name in shared.missing_columns(cols):
+                self.db.execute(f"ALTER TABLE loads ADD COLUMN IF NOT EXISTS {name} TEXT")
 
     # -- plumbing ------------------------------------------------------------------
     @contextmanager
@@ -308,8 +322,10 @@ class PostgresJournal:
         self._x(shared.pg_params(sql), args)
 
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
-                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
-        sql, args = shared.imported_write(row, suite, r, header, kcv, rct, reconciled, now)
+                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float,
+                 e_a: bytes | None = None, c_u: bytes | None = None) -> None:
+        sql, args = shared.imported_write(row, suite, r, header, kcv, rct, reconciled, now,
+                                          e_a, c_u)
         self._x(shared.pg_params(sql), args)
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,

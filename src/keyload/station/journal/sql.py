@@ -7,13 +7,11 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ...core.ecc import SIGNATURE_LEN
-from ...core.suite3 import SUITE_ECDH
 from ...records.stored import (
+    E_A_SIZE,
     H_SIZE,
     KCV_SIZE,
     R_SIZE,
-    RCT_SIZE,
     REF1_SIZE,
     SN_SIZE,
     DamagedRow,
@@ -21,6 +19,7 @@ from ...records.stored import (
     int_col,
     opt_hex_col,
     opt_int_col,
+    rct_size,
     text_col,
 )
 from .model import STATES, Campaign, LoadRow, LoadState, PlannedLoad
@@ -68,8 +67,18 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+#: suite 0x03 (docs/protocol.md §10.3): E_A and the unit's C_U, kept with the receipt (NULL
+#: for the other suites); added by each backend to a ``loads`` table made before them
+SUITE3_COLUMNS = ("e_a", "c_u")
+
 COLUMNS = ("campaign, seq, sn, ref2, ref1, version, state, attempts, station, lease, suite, r, "
-         "header, kcv, rct, reconciled, sw, reason, updated")
+           "header, kcv, rct, reconciled, sw, reason, updated, e_a, c_u")
+
+
+def missing_columns(have: Iterable[str]) -> list[str]:
+    """The columns of :data:`SUITE3_COLUMNS` a ``loads`` table with columns ``have`` lacks."""
+    got = set(have)
+    return [c for c in SUITE3_COLUMNS if c not in got]
 
 
 def row_of(t: Sequence[Any]) -> LoadRow:
@@ -77,15 +86,16 @@ def row_of(t: Sequence[Any]) -> LoadRow:
     if not isinstance(t[6], str) or t[6] not in STATES:
         raise DamagedRow("state is not a load state")
     suite = opt_int_col(t[10], "suite")
-    rct_size = SIGNATURE_LEN if suite == SUITE_ECDH else RCT_SIZE  # ECDSA r || s, or a MAC
     return LoadRow(text_col(t[0], "campaign"), int_col(t[1], "seq"),
                    hex_col(t[2], "sn", SN_SIZE), int_col(t[3], "ref2"),
                    hex_col(t[4], "ref1", REF1_SIZE), opt_int_col(t[5], "version"),
                    LoadState(t[6]),
                    int_col(t[7], "attempts"), t[8], t[9], suite,
                    opt_hex_col(t[11], "r", R_SIZE), opt_hex_col(t[12], "header", H_SIZE),
-                   opt_hex_col(t[13], "kcv", KCV_SIZE), opt_hex_col(t[14], "rct", rct_size),
-                   bool(t[15]), t[16], t[17], t[18])
+                   opt_hex_col(t[13], "kcv", KCV_SIZE),
+                   opt_hex_col(t[14], "rct", rct_size(suite)),
+                   bool(t[15]), t[16], t[17], t[18], opt_hex_col(t[19], "e_a", E_A_SIZE),
+                   opt_hex_col(t[20], "c_u"))
 
 
 def campaign_to_row(c: Campaign) -> tuple[str, str, float, str, str, int]:
@@ -110,14 +120,15 @@ def exported_write(row: LoadRow, suite: int, r: bytes, header: bytes, kcv: bytes
 
 
 def imported_write(row: LoadRow, suite: int | None, r: bytes | None, header: bytes,
-                   kcv: bytes, rct: bytes | None, reconciled: bool,
-                   now: float) -> tuple[str, tuple[Any, ...]]:
+                   kcv: bytes, rct: bytes | None, reconciled: bool, now: float,
+                   e_a: bytes | None = None,
+                   c_u: bytes | None = None) -> tuple[str, tuple[Any, ...]]:
     return ("UPDATE loads SET state = 'imported', suite = ?, r = ?, header = ?, kcv = ?, "
-            "rct = ?, reconciled = ?, sw = NULL, reason = NULL, updated = ? "
-            "WHERE campaign = ? AND sn = ? AND ref2 = ?",
-            (suite, None if r is None else r.hex(), header.hex(), kcv.hex(),
-             None if rct is None else rct.hex(), int(reconciled), now, row.campaign,
-             row.sn.hex(), row.ref2))
+            "rct = ?, reconciled = ?, sw = NULL, reason = NULL, updated = ?, e_a = ?, "
+            "c_u = ? WHERE campaign = ? AND sn = ? AND ref2 = ?",
+            (suite, *(None if v is None else v.hex() for v in (r, header, kcv, rct)),
+             int(reconciled), now, *(None if v is None else v.hex() for v in (e_a, c_u)),
+             row.campaign, row.sn.hex(), row.ref2))
 
 
 def failed_write(row: LoadRow, sw: str | None, reason: str, now: float,

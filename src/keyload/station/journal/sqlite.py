@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ...core.errors import StoreError
+from ...records.sql import add_columns
 from ...records.stored import open_records, reading
 from .model import PLANNED, Campaign, LoadRow
 from .sql import (
     COLUMNS,
     COUNTS,
     SCHEMA,
+    SUITE3_COLUMNS,
     campaign_from_row,
     campaign_to_row,
     counts_of,
@@ -39,6 +41,12 @@ class SqliteJournal:
         self._lock = threading.Lock()
         self._station_locks: dict[tuple[str, str], int] = {}
         self.db = open_records(path, SCHEMA)  # rows are decoded in reading(): see stored
+        try:  # a journal made before the columns of suite 0x03 gets them
+            with reading(path):
+                add_columns(self.db, "loads", SUITE3_COLUMNS)
+        except BaseException:
+            self.db.close()
+            raise
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -153,8 +161,9 @@ class SqliteJournal:
         self._x(*exported_write(row, suite, r, header, kcv, now))
 
     def imported(self, row: LoadRow, *, suite: int | None, r: bytes | None, header: bytes,
-                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float) -> None:
-        self._x(*imported_write(row, suite, r, header, kcv, rct, reconciled, now))
+                 kcv: bytes, rct: bytes | None, reconciled: bool, now: float,
+                 e_a: bytes | None = None, c_u: bytes | None = None) -> None:
+        self._x(*imported_write(row, suite, r, header, kcv, rct, reconciled, now, e_a, c_u))
 
     def failed(self, row: LoadRow, sw: str | None, reason: str, now: float, *,
                final: bool) -> None:
