@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..core.messages import check_sn
+from ..core.notation import parse_hex
 from ..station.identity import certify_unit, record_json, revoke_unit
 from .args import home_of
-from .commands import parse_hex
 from .output import emitted
 
 

@@ -44,8 +44,18 @@ def emitted(args: argparse.Namespace, obj: Any) -> bool:
     return bool(args.json)
 
 
-def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
-           rows: Sequence[Sequence[Any]]) -> None:
-    """``obj`` as JSON with ``--json``, else ``rows`` as a table."""
+def shown(args: argparse.Namespace, obj: Any, *lines: str) -> int:
+    """``obj`` as JSON with ``--json``, else ``lines``; 0, a command's exit code when it
+    did its job."""
     if not emitted(args, obj):
+        for line in lines:
+            print(line)
+    return 0
+
+
+def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
+           rows: Sequence[Sequence[Any]], *lines: str) -> int:
+    """``obj`` as JSON with ``--json``, else ``rows`` as a table and then ``lines``; 0."""
+    if not args.json:
         table(headers, rows)
+    return shown(args, obj, *lines)

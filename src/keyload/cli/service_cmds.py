@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.messages import check_ref2, check_sn
+from ..core.notation import parse_hex
 from ..core.ref1 import parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt
-from .commands import parse_hex
 from .output import emit_json, emitted, kv, listed
 
 if TYPE_CHECKING:
