@@ -213,9 +213,7 @@ def receipts_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
     chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
     lost = chk.without_receipt
-    shown(args, {"verified": chk.verified, "invalid": chk.invalid,
-                 "invalid_rows": chk.invalid_rows, "reconciled": chk.reconciled,
-                 "exports_without_receipt": len(lost), "without_receipt": lost},
+    shown(args, chk.to_json(),
           *(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
             f"{row['ref1']}: {row['reason']}" for row in chk.invalid_rows),
           *(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
