@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyload.units.conformance import run_case
+from keyload.units.conformance import run_case, run_files
 
 from ..conftest import KLP1_VECTORS
 
@@ -37,3 +38,15 @@ def test_a_wrong_expectation_is_caught() -> None:
     imp2 = json.loads(json.dumps(next(c for c in CASES if c["expected"].get("sw") == "9000")))
     imp2["expected"]["receipt"] = "00" * 16
     assert run_case(imp2) == ["receipt"]
+
+
+def test_a_missing_file_is_refused_before_any_case_runs(tmp_path: Path) -> None:
+    runs = run_files([KLP1_VECTORS, tmp_path / "missing.json"])
+    with pytest.raises(ValueError, match=r"missing\.json: no such file"):
+        next(runs)
+
+
+def test_run_files_runs_every_case_of_each_file() -> None:
+    results = list(run_files([KLP1_VECTORS]))
+    assert len(results) == len(CASES) and all(r.passed for r in results)
+    assert {r.name for r in results} == {c["name"] for c in CASES}

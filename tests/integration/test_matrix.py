@@ -63,7 +63,7 @@ from keyload.lab.cards import CardFeeder, VirtualCard
 from keyload.lab.pcscd import VPCD_PORTS
 from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
 from keyload.service.client import ServiceClient
-from keyload.service.fetch import IdentityUnit, fetch_key
+from keyload.service.fetch import IdentityUnit, fetch_one
 from keyload.service.pki import init_pki
 from keyload.service.policy import Policy
 from keyload.service.runtime import open_instance
@@ -446,7 +446,7 @@ def test_matrix(kind: str, transport: str, request: pytest.FixtureRequest) -> No
 # - ``emulated``: ``LocalConnection(unit)``, the station in process with the authority;
 # - ``card``: blank units fed as virtual cards through the first vpcd reader;
 # - ``remote``: an emulated unit at a terminal that fetches from the HTTPS service (the
-#   real server on loopback, mutual TLS) with :func:`keyload.service.fetch.fetch_key`;
+#   real server on loopback, mutual TLS) with :func:`keyload.service.fetch.fetch_one`;
 #   the service's authority is the cell's (the ``card`` cell's service makes each export
 #   on the authority card over PC/SC, reading sets, keys and the register from the
 #   keystore the card holds).
@@ -615,7 +615,7 @@ class Cell3:
     def load(self, conn: Connection, ref1: bytes, ref2: int, *, select: bool) -> LoadResult:
         uc = UnitClient(conn)
         if self.service is not None:  # a unit of an identity set: fetch speaks suite 0x03
-            res, delivered = fetch_key(self.service, IdentityUnit(conn), ref1, ref2,
+            res, delivered = fetch_one(self.service, IdentityUnit(conn), ref1, ref2,
                                        deadline=5.0)
             assert delivered.outcome == "recorded", delivered.error
             return res

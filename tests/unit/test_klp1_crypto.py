@@ -623,6 +623,22 @@ def test_secret_take_scrubs_source() -> None:
     assert src == bytes(17)
 
 
+def test_secret_from_hex() -> None:
+    assert Secret.from_hex(" 0001 02ff \n", length=4).equals(b"\x00\x01\x02\xff")
+    assert Secret.from_hex("00" * 20).equals(bytes(20))
+
+
+@pytest.mark.parametrize(("text", "length", "message"), [
+    ("0g", None, r"^a key value must be hex digits$"),
+    ("123", None, r"^a key value must be hex digits$"),
+    ("0011", 3, r"^expected 3 bytes, got 2$"),
+])
+def test_secret_from_hex_refuses_without_the_digits(text: str, length: int | None,
+                                                    message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Secret.from_hex(text, length=length)
+
+
 def test_kcv_import() -> None:
     # kcv is reachable from klp1's view of the key types (sanity for the HMAC branch)
     case = next(c for c in EXPORTS if c["key"]["type"] == 0x10)

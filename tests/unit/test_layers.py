@@ -13,6 +13,8 @@ import ast
 import importlib
 from pathlib import Path
 
+import pytest
+
 import keyload
 
 ROOT = Path(keyload.__file__).parent
@@ -107,6 +109,22 @@ def test_no_module_is_over_600_lines() -> None:
     long = {str(p.relative_to(ROOT)): n for p in _sources()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
     assert long == {}
+
+
+#: The command line parses, calls and prints (the restructure's done-criterion).
+CLI_LINES = 1300
+
+
+def _cli_lines() -> int:
+    return sum(len(p.read_text(encoding="utf-8").splitlines())
+               for p in (ROOT / "cli").glob("*.py"))
+
+
+# strict: once the CLI is under the limit this fails as XPASS, and the mark is removed
+@pytest.mark.xfail(strict=True, reason="not met yet: the campaign, ledger and demo "
+                   "handlers still hold what is not parsing or printing")
+def test_the_cli_stays_under_1300_lines() -> None:
+    assert _cli_lines() < CLI_LINES
 
 
 def test_records_builds_on_core_alone() -> None:

@@ -18,6 +18,13 @@ def home_of(args: argparse.Namespace) -> Home:
     return Home.resolve(args.home)
 
 
+def required(args: argparse.Namespace, *names: str) -> None:
+    """argparse's own refusal (exit 2) for options a command needs only in some cases."""
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        args.usage_error(f"the following arguments are required: {', '.join(missing)}")
+
+
 def opt(*flags: str, **kw: Any) -> Opt:
     return flags, kw
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.messages import check_ref2, check_sn
+from ..core.messages import check_ref2
+from ..core.notation import parse_sn
 from ..core.ref1 import parse_ref1
 from ..station.run import load_in_reader
 from . import commands
 from .args import home_of
-from .commands import parse_hex
 from .output import emitted
 
 
@@ -19,7 +19,7 @@ def load(args: argparse.Namespace) -> int:
         if args.unit is None:
             args.usage_error("one of --unit or --reader is required")
         return commands.load(args)
-    sn = None if args.unit is None else check_sn(parse_hex(args.unit, "SN"))
+    sn = None if args.unit is None else parse_sn(args.unit)
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
     out = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn).to_json()

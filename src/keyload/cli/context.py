@@ -18,20 +18,7 @@ def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:
         text = sys.stdin.readline()
         if not text:
             raise ValueError(f"no input for: {prompt.strip()}")
-    text = text.strip().replace(" ", "")
-    try:
-        raw = bytearray.fromhex(text)
-    except ValueError:
-        raise ValueError("a key value must be hex digits") from None
-    finally:
-        text = ""
-    if length is not None and len(raw) != length:
-        n = len(raw)
-        raw[:] = bytes(n)
-        raise ValueError(f"expected {length} bytes, got {n}")
-    s = Secret(raw)
-    raw[:] = bytes(len(raw))
-    return s
+    return Secret.from_hex(text, length=length)
 
 
 def read_components(count: int, length: int | None, *,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.messages import check_sn
+from ..core.notation import parse_hex, parse_sn
+from ..station.admin import parse_slots
 from ..station.identity import (
     certify_unit,
     create_unenrolled,
@@ -15,7 +16,6 @@ from ..station.identity import (
 )
 from . import commands
 from .args import home_of
-from .commands import parse_hex, parse_slots
 from .output import emitted
 
 
@@ -28,7 +28,7 @@ def unit_create(args: argparse.Namespace) -> int:
         raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
                          "--suites nor --components")
     set_id = parse_hex(args.set_id, "set id")
-    sn = check_sn(parse_hex(args.sn, "SN"))
+    sn = parse_sn(args.sn)
     slots = parse_slots(args.slot, args.lock)
     create_unenrolled(home_of(args), set_id, sn, slots)
     if not emitted(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
@@ -41,7 +41,7 @@ def unit_create(args: argparse.Namespace) -> int:
 
 def unit_enrol(args: argparse.Namespace) -> int:
     set_id = parse_hex(args.set_id, "set id")
-    sn = check_sn(parse_hex(args.sn, "SN"))
+    sn = parse_sn(args.sn)
     cert = enrol_card(home_of(args), args.reader, set_id, sn)
     if not emitted(args, {"set_id": set_id.hex(), "sn": sn.hex(), "reader": args.reader,
                           "certificate": cert.encode().hex()}):
@@ -51,7 +51,7 @@ def unit_enrol(args: argparse.Namespace) -> int:
 
 def unit_revoke(args: argparse.Namespace) -> int:
     rec = revoke_unit(home_of(args), parse_hex(args.set_id, "set id"),
-                      check_sn(parse_hex(args.sn, "SN")))
+                      parse_sn(args.sn))
     if not emitted(args, record_json(rec)):
         print(f"unit {rec.sn.hex()} of set {rec.set_id.hex()} revoked: its exports are "
               "refused (6983)")
@@ -60,7 +60,7 @@ def unit_revoke(args: argparse.Namespace) -> int:
 
 def unit_certify(args: argparse.Namespace) -> int:
     set_id = parse_hex(args.set_id, "set id")
-    sn = check_sn(parse_hex(args.sn, "SN"))
+    sn = parse_sn(args.sn)
     cert = certify_unit(home_of(args), set_id, sn, parse_hex(args.public_key, "--public-key"))
     c_u = cert.encode().hex()
     if not emitted(args, {"set_id": set_id.hex(), "sn": sn.hex(), "certificate": c_u}):

@@ -48,32 +48,23 @@ EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
 EXIT_PIPE = 141  # as a process killed by SIGPIPE: the output's reader closed it
 
 
-def exit_code(e: BaseException) -> int:
-    if isinstance(e, LoadFailed):  # a unit or the authority answered
-        if isinstance(e.cause, (IntegrityError, AuthenticityError, KcvMismatch)):
-            return EXIT_INTEGRITY
-        if isinstance(e.cause, StatusError):
-            return EXIT_REFUSED
-        return exit_code(e.cause)
-    if isinstance(e, (IntegrityError, AuthenticityError, KcvMismatch)):
-        return EXIT_INTEGRITY
-    if isinstance(e, ServiceUnreachable):
-        return EXIT_UNREACHABLE
+INTEGRITY = (IntegrityError, AuthenticityError, KcvMismatch)
+#: An error's exit code: that of the first kind it is (none: a bad value given by the
+#: caller, a ValueError, is EXIT_INPUT).
+EXITS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+    (INTEGRITY, EXIT_INTEGRITY), (ServiceUnreachable, EXIT_UNREACHABLE),
     # a message or header read outside a load (a file, a unit's status answer) that does
-    # not parse; a bad value given by the caller is a ValueError (the default below)
-    if isinstance(e, MalformedData):
-        return EXIT_INPUT
-    if isinstance(e, StatusError):
-        return EXIT_REFUSED
-    if isinstance(e, WrongPassphrase):
-        return EXIT_PASSPHRASE
-    if isinstance(e, StoreError):
-        return EXIT_STORE
-    if isinstance(e, KeyloadError):
-        return EXIT_FAILED
-    if isinstance(e, OSError):
-        return EXIT_STORE
-    return EXIT_INPUT
+    # not parse
+    (MalformedData, EXIT_INPUT), (StatusError, EXIT_REFUSED),
+    (WrongPassphrase, EXIT_PASSPHRASE), (StoreError, EXIT_STORE), (KeyloadError, EXIT_FAILED),
+    (OSError, EXIT_STORE))
+
+
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, LoadFailed):  # a unit or the authority answered: a status word refuses
+        refused = isinstance(e.cause, StatusError) and not isinstance(e.cause, INTEGRITY)
+        return EXIT_REFUSED if refused else exit_code(e.cause)
+    return next((code for kinds, code in EXITS if isinstance(e, kinds)), EXIT_INPUT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,12 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _python_handles_sigint()
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if not hasattr(args, "json"):
-            args.json = False
-        if not hasattr(args, "home"):
-            args.home = None
+        # --home and --json may come before or after the command: unless given, these
+        args = build_parser().parse_args(argv, argparse.Namespace(json=False, home=None))
         rc: int = args.func(args)
     except KeyboardInterrupt:
         sys.stderr.write("keyload: interrupted\n")

@@ -4,37 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
-          stream: TextIO | None = None) -> None:
-    out = stream or sys.stdout
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """``rows`` in columns as wide as their widest cell, under ``headers``."""
     cells = [[str(c) for c in r] for r in rows]
-    widths = [len(h) for h in headers]
-    for r in cells:
-        for i, c in enumerate(r):
-            widths[i] = max(widths[i], len(c))
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    out.write(line.rstrip() + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    for r in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    for r in [list(headers), ["-" * w for w in widths], *cells]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def kv(pairs: Sequence[tuple[str, Any]], *, indent: str = "",
-       stream: TextIO | None = None) -> None:
-    out = stream or sys.stdout
+def kv(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> None:
     w = max((len(k) for k, _ in pairs), default=0)
     for k, v in pairs:
-        out.write(f"{indent}{k.ljust(w)}  {v}\n")
+        print(f"{indent}{k.ljust(w)}  {v}")
 
 
-def emit_json(obj: Any, *, stream: TextIO | None = None) -> None:
-    out = stream or sys.stdout
-    out.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
 
 
 def emitted(args: argparse.Namespace, obj: Any) -> bool:
@@ -44,8 +33,18 @@ def emitted(args: argparse.Namespace, obj: Any) -> bool:
     return bool(args.json)
 
 
-def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
-           rows: Sequence[Sequence[Any]]) -> None:
-    """``obj`` as JSON with ``--json``, else ``rows`` as a table."""
+def shown(args: argparse.Namespace, obj: Any, *lines: str) -> int:
+    """``obj`` as JSON with ``--json``, else ``lines``; 0, a command's exit code when it
+    did its job."""
     if not emitted(args, obj):
+        for line in lines:
+            print(line)
+    return 0
+
+
+def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
+           rows: Sequence[Sequence[Any]], *lines: str) -> int:
+    """``obj`` as JSON with ``--json``, else ``rows`` as a table and then ``lines``; 0."""
+    if not args.json:
         table(headers, rows)
+    return shown(args, obj, *lines)

@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..core.messages import check_ref2, check_sn
+from ..core.messages import check_ref2
+from ..core.notation import parse_sn
 from ..core.ref1 import parse_ref1
-from .args import Opt, Sub, cmd, group, home_of, opt
-from .commands import parse_hex
-from .output import emit_json, emitted, kv, listed
+from .args import Opt, Sub, cmd, group, home_of, opt, required
+from .output import emit_json, emitted, kv, listed, shown
 
 if TYPE_CHECKING:
-    from ..service.client import Outbox, Pending, ServiceClient
+    from ..service.client import Pending
+    from ..service.fetch import Fetched
 
 
 # -- pki -----------------------------------------------------------------------------
@@ -23,18 +24,16 @@ def pki_init(args: argparse.Namespace) -> int:
 
     issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
                       hosts=tuple(args.host or ()))
-    listed(args, [i.to_json() for i in issued], ["name", "certificate", "key (0600)", "sha256"],
-           [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued])
-    return 0
+    return listed(args, [i.to_json() for i in issued],
+                  ["name", "certificate", "key (0600)", "sha256"],
+                  [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued])
 
 
 def pki_client(args: argparse.Namespace) -> int:
     from ..service.pki import issue
 
     i = issue(Path(args.dir), args.name, server=False)
-    if not emitted(args, i.to_json()):
-        print(f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
-    return 0
+    return shown(args, i.to_json(), f"client {i.name}: {i.cert} (key {i.key}), sha256 {i.sha256}")
 
 
 # -- serve ---------------------------------------------------------------------------
@@ -45,10 +44,8 @@ def serve(args: argparse.Namespace) -> int:
     from ..service.runtime import listen
 
     if args.check_policy is not None:
-        return check_policy(Path(args.check_policy), as_json=args.json)
-    missing = [f"--{n}" for n in ("cert", "key", "ca", "policy") if getattr(args, n) is None]
-    if missing:
-        args.usage_error(f"the following arguments are required: {', '.join(missing)}")
+        return check_policy(args)
+    required(args, "cert", "key", "ca", "policy")
     flags = {n: getattr(args, n) for n in LIMIT_FLAGS}
     on = listen(lambda: home_of(args), cert=Path(args.cert), key=Path(args.key),
                 ca=Path(args.ca), policy_file=args.policy,
@@ -60,19 +57,16 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_policy(path: Path, *, as_json: bool = False) -> int:
+def check_policy(args: argparse.Namespace) -> int:
     """``serve --check-policy FILE``: 0 and the policy's summary when FILE is valid; else
     ValueError names what is wrong (exit 3, as ``serve --policy`` with that file)."""
-    from ..service.pki import read_input_file
-    from ..service.policy import Policy
+    from ..service.runtime import read_policy
 
-    read_input_file(path, "policy")
-    policy = Policy.load(path)
-    if as_json:
-        emit_json({"policy": str(path), "valid": True, **policy.summary()})
-        return 0
-    print(f"policy {path}: valid")
-    kv(policy.summary_rows(), indent="  ")
+    path = Path(args.check_policy)
+    policy = read_policy(path)
+    if not emitted(args, {"policy": str(path), "valid": True, **policy.summary()}):
+        print(f"policy {path}: valid")
+        kv(policy.summary_rows(), indent="  ")
     return 0
 
 
@@ -98,10 +92,11 @@ def fetch(args: argparse.Namespace) -> int:
     from INITIALIZE DOWNLOAD; with ``--unit`` too, the card must be that unit).
 
     The server's pending receipts (``HOME/outbox``) are sent first; with ``--resend``,
-    only they are. Exit :data:`EXIT_PENDING` when a receipt stays pending,
-    :data:`EXIT_FAILED` when the service refused a pending one for good."""
+    only they are (:func:`keyload.service.fetch.fetch_key`). Exit :data:`EXIT_PENDING`
+    when a receipt stays pending, :data:`EXIT_FAILED` when the service refused a pending
+    one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import fetch_key, fetched_json, keep_undelivered, unit_for
+    from ..service.fetch import fetch_key, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -116,93 +111,75 @@ def fetch(args: argparse.Namespace) -> int:
         if args.unit is None and not args.reader:
             args.usage_error("give --unit SN (an emulated unit of the home) or --reader "
                              "READER (the unit in a PC/SC reader)")
-        missing = [f"--{n}" for n in ("ref1", "ref2") if getattr(args, n) is None]
-        if missing:
-            args.usage_error(f"the following arguments are required: {', '.join(missing)}")
-    sn = None if args.unit is None else check_sn(parse_hex(args.unit, "SN"))
+        required(args, "ref1", "ref2")
+    sn = None if args.unit is None else parse_sn(args.unit)
     ref1 = b"" if args.resend else parse_ref1(args.ref1)
     if not args.resend:
         check_ref2(args.ref2)
     client = ServiceClient(args.server, ca=Path(args.ca), cert=Path(args.cert),
                            key=Path(args.key))
     home = home_of(args)
-    outbox = Outbox(home.root)
-    try:
-        resent = _send_pending(args, client, outbox, deadline)
-        if args.resend:
-            return _resend_report(args, resent)
-        with unit_for(home.units_dir, home.source, sn, args.reader) as unit:
-            res, d = fetch_key(client, unit, ref1, args.ref2, deadline=deadline)
-    finally:
-        client.close()
-    kept = keep_undelivered(outbox, args.server, res, d)
-    out = fetched_json(res, d, kept, resent)
+    got = fetch_key(client, Outbox(home.root), args.server, deadline=deadline,
+                    unit=None if args.resend else
+                    lambda: unit_for(home.units_dir, home.source, sn, args.reader),
+                    ref1=ref1, ref2=args.ref2, on_damaged=_damaged,
+                    on_sent=None if args.json else _resent)
+    d = got.delivery
+    if d is None:
+        return _resend_report(args, got)
+    out = got.to_json()
     loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
               f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
               f"agree)")
     if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service refused its receipt for good ({d.error}); the receipt is kept at "
-              f"{kept}", file=sys.stderr, flush=True)
+              f"{got.kept}", file=sys.stderr, flush=True)
         assert d.reply is not None
         raise client.refusal(d.reply)
     if d.outcome == "pending":
         print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
               f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
-              f"keyload: the receipt is kept at {kept}; it will be sent by `keyload fetch "
-              f"--resend --server {args.server} --ca … --cert … --key …`, or by the next "
-              f"fetch to that server (exit {EXIT_PENDING}: done, evidence pending)",
+              f"keyload: the receipt is kept at {got.kept}; it will be sent by `keyload "
+              f"fetch --resend --server {args.server} --ca … --cert … --key …`, or by the "
+              f"next fetch to that server (exit {EXIT_PENDING}: done, evidence pending)",
               file=sys.stderr, flush=True)
-    if args.json:
-        emit_json(out)
-    elif d.outcome == "pending":
-        print(f"{loaded}; receipt {out['receipt']} NOT recorded yet: kept at {out['pending']}")
-    else:
-        print(f"{loaded}, receipt {out['receipt']} recorded by the service")
-    return _fetch_rc(resent, own_pending=d.outcome == "pending")
+    shown(args, out, f"{loaded}; receipt {out['receipt']} NOT recorded yet: kept at "
+          f"{out['pending']}" if d.outcome == "pending" else
+          f"{loaded}, receipt {out['receipt']} recorded by the service")
+    return _fetch_rc(got)
 
 
-def _fetch_rc(resent: list[dict[str, Any]], *, own_pending: bool = False) -> int:
-    from ..service.fetch import resent_outcome
-
-    refused, pending = resent_outcome(resent)
+def _fetch_rc(got: Fetched) -> int:
+    refused = got.refused_resent()
     if refused:
         print(f"keyload: the service refused {len(refused)} pending receipt(s) for good; "
               f"kept with its reason in {Path(refused[0]['path']).parent}/ (exit "
               f"{EXIT_FAILED})", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    return EXIT_PENDING if own_pending or pending else 0
+    return EXIT_PENDING if got.pending() else 0
 
 
-def _send_pending(args: argparse.Namespace, client: ServiceClient, outbox: Outbox,
-                  deadline: float) -> list[dict[str, Any]]:
-    """The server's pending receipts sent (:func:`keyload.service.fetch.send_pending`),
-    each told as it goes."""
-    from ..service.fetch import send_pending
-
-    def damaged(path: Path) -> None:
-        print(f"keyload: warning: {path} is not a readable pending receipt (left as it is)",
-              file=sys.stderr, flush=True)
-
-    def sent(p: Pending, entry: dict[str, Any]) -> None:
-        if not args.json:
-            what = {"recorded": "recorded by the service",
-                    "refused": f"REFUSED by the service ({entry['detail']}): moved to "
-                               f"{entry['path']}",
-                    "pending": f"still pending ({entry['detail']}): kept at "
-                               f"{entry['path']}"}[entry["status"]]
-            print(f"resent the receipt of {p.label}: {what}", flush=True)
-
-    return send_pending(client, outbox, args.server, deadline, on_damaged=damaged,
-                        on_sent=sent)
+def _damaged(path: Path) -> None:
+    print(f"keyload: warning: {path} is not a readable pending receipt (left as it is)",
+          file=sys.stderr, flush=True)
 
 
-def _resend_report(args: argparse.Namespace, resent: list[dict[str, Any]]) -> int:
+def _resent(p: Pending, entry: dict[str, Any]) -> None:
+    """A pending receipt sent again, told as it goes."""
+    what = {"recorded": "recorded by the service",
+            "refused": f"REFUSED by the service ({entry['detail']}): moved to "
+                       f"{entry['path']}",
+            "pending": f"still pending ({entry['detail']}): kept at {entry['path']}"}
+    print(f"resent the receipt of {p.label}: {what[entry['status']]}", flush=True)
+
+
+def _resend_report(args: argparse.Namespace, got: Fetched) -> int:
     if args.json:
-        emit_json({"server": args.server, "resent": resent})
-    elif not resent:
+        emit_json({"server": args.server, "resent": got.resent})
+    elif not got.resent:
         print(f"no pending receipts for {args.server}")
-    rc = _fetch_rc(resent)
+    rc = _fetch_rc(got)
     if rc == EXIT_PENDING and not args.json:
         print(f"keyload: receipts are still pending for {args.server} (exit {EXIT_PENDING}: "
               f"evidence pending)", file=sys.stderr)

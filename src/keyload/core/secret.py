@@ -62,6 +62,25 @@ class Secret:
         scrub(value)
         return s
 
+    @classmethod
+    def from_hex(cls, text: str, *, length: int | None = None) -> Secret:
+        """A value typed in hex (spaces and the line end ignored), of ``length`` bytes when
+        given. ValueError never shows the digits; the buffer read is wiped on every path.
+
+        >>> Secret.from_hex("00 01 02\\n", length=3).buffer
+        bytearray(b'\\x00\\x01\\x02')
+        """
+        try:
+            raw = bytearray.fromhex(text.strip().replace(" ", ""))
+        except ValueError:
+            raise ValueError("a key value must be hex digits") from None
+        try:
+            if length is not None and len(raw) != length:
+                raise ValueError(f"expected {length} bytes, got {len(raw)}")
+            return cls(raw)
+        finally:
+            raw[:] = bytes(len(raw))
+
     @property
     def buffer(self) -> bytearray:
         """The live buffer (pass it to a primitive; never log it)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def unit_for(units_dir: Path, source: KekSource, sn: bytes | None,
         yield kind(LocalConnection(unit))
 
 
-def fetch_key(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *,
+def fetch_one(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *,
               deadline: float) -> tuple[LoadResult, Delivery]:
     """Load the key into the unit from the service (suite 0x03 into a unit of an identity
     set); then its receipt, tried for ``deadline`` seconds (the key is in the unit: the
@@ -101,13 +102,65 @@ def fetch_key(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *
     return res, deliver_receipt(client, res, until=time.monotonic() + deadline)
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What :func:`fetch_key` did: the pending receipts it sent first (one report each); then,
+    when it loaded a key, the load, what became of its receipt and, when the service did
+    not record it, where the receipt is kept."""
+
+    resent: list[dict[str, Any]]
+    result: LoadResult | None = None
+    delivery: Delivery | None = None
+    kept: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``keyload fetch --json`` prints of a key loaded."""
+        res, d = self.result, self.delivery
+        assert res is not None and d is not None
+        return {**res.to_json(),
+                "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
+                "pending": None if self.kept is None or d.outcome != "pending"
+                else str(self.kept),
+                "resent": self.resent}
+
+    def refused_resent(self) -> list[dict[str, Any]]:
+        """The pending receipts sent that the service refused for good."""
+        return [e for e in self.resent if e["status"] == "refused"]
+
+    def pending(self) -> bool:
+        """Whether a receipt is still pending: this load's, or one sent again."""
+        return (self.delivery is not None and self.delivery.outcome == "pending") or \
+            any(e["status"] == "pending" for e in self.resent)
+
+
+def fetch_key(client: ServiceClient, outbox: Outbox, server: str, *, deadline: float,
+              unit: Callable[[], AbstractContextManager[UnitClient]] | None = None,
+              ref1: bytes = b"", ref2: int = 0, on_damaged: Callable[[Path], None],
+              on_sent: Callable[[Pending, dict[str, Any]], None] | None = None) -> Fetched:
+    """The server's pending receipts sent (:func:`send_pending`); then, given a ``unit``
+    to open, the key ``ref1`` loaded into its slot ``ref2`` from the service and its
+    receipt tried for ``deadline`` seconds (the key is in the unit: the receipt must get
+    through, or it is kept in the outbox). The client is closed after."""
+    try:
+        resent = send_pending(client, outbox, server, deadline, on_damaged=on_damaged,
+                              on_sent=on_sent)
+        if unit is None:
+            return Fetched(resent)
+        with unit() as u:
+            res, d = fetch_one(client, u, ref1, ref2, deadline=deadline)
+    finally:
+        client.close()
+    return Fetched(resent, res, d, keep_undelivered(outbox, server, res, d))
+
+
 def send_pending(client: ServiceClient, outbox: Outbox, server: str, deadline: float, *,
                  on_damaged: Callable[[Path], None],
-                 on_sent: Callable[[Pending, dict[str, Any]], None]) -> list[dict[str, Any]]:
+                 on_sent: Callable[[Pending, dict[str, Any]], None] | None = None
+                 ) -> list[dict[str, Any]]:
     """Send the server's pending receipts, oldest first, within ``deadline`` seconds in
     all; once one stays pending, the younger ones wait too. One report per receipt, each
-    also given to ``on_sent`` as it is made (a file that is not a pending receipt, left as
-    it is, to ``on_damaged``)."""
+    also given to ``on_sent`` (when given) as it is made (a file that is not a pending
+    receipt, left as it is, to ``on_damaged``)."""
     items, damaged = outbox.pending(server)
     for path in damaged:
         on_damaged(path)
@@ -138,7 +191,8 @@ def send_pending(client: ServiceClient, outbox: Outbox, server: str, deadline: f
                 entry.update(status="pending", ledger=False, detail=d.error,
                              path=str(p.path))
         report.append(entry)
-        on_sent(p, entry)
+        if on_sent is not None:
+            on_sent(p, entry)
     return report
 
 
@@ -149,18 +203,3 @@ def keep_undelivered(outbox: Outbox, server: str, res: LoadResult, d: Delivery) 
         return None
     return outbox.keep(server, res, error=d.error, attempts=d.attempts,
                        refused=(d.status or 0) if d.outcome == "refused" else None)
-
-
-def fetched_json(res: LoadResult, d: Delivery, kept: Path | None,
-                 resent: list[dict[str, Any]]) -> dict[str, Any]:
-    """What ``keyload fetch --json`` prints of a key loaded."""
-    return {**res.to_json(),
-            "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
-            "pending": None if kept is None or d.outcome != "pending" else str(kept),
-            "resent": resent}
-
-
-def resent_outcome(resent: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
-    """Of the pending receipts sent: those refused for good; whether any is still pending."""
-    return ([e for e in resent if e["status"] == "refused"],
-            any(e["status"] == "pending" for e in resent))

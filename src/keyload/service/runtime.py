@@ -220,6 +220,16 @@ class Listening:
         serve(self.opts, self.open_keystore, self.policy, self.ctx, self.sock)
 
 
+def read_policy(path: Path) -> Policy:
+    """The policy file given to ``keyload serve`` (``--policy``, ``--check-policy``): a
+    :class:`~keyload.core.errors.StoreError` that names it when it cannot be read,
+    ValueError naming what is wrong in it (:meth:`Policy.load`)."""
+    from .pki import read_input_file
+
+    read_input_file(path, "policy")
+    return Policy.load(path)
+
+
 def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
            policy_file: str, limits: Callable[[], ConnectionLimits], state: str | None,
            instance: str | None, host: str, port: int, http: str, loop: str, workers: int,
@@ -228,7 +238,7 @@ def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
     TLS files, the policy, the limits, the keystore's passphrase or PIN; then the socket
     is bound. SIGHUP is ignored from here until the server's own handler is in place."""
     from .ledger import describe_state
-    from .pki import check_tls_files, read_input_file
+    from .pki import check_tls_files
     from .server import bind, raise_fd_limit, runs_on, server_context
 
     policy_path = Path(policy_file)
@@ -238,8 +248,7 @@ def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
         raise ValueError(f"--port {port}: a TCP port, 0..65535 (0: any free one)")
     home = home_of()
     check_tls_files(ca=ca, cert=cert, key=key)
-    read_input_file(policy_path, "policy")
-    policy = Policy.load(policy_path)
+    policy = read_policy(policy_path)
     lim = limits()  # bad limits are refused before anything starts
     ctx = server_context(cert, key, ca)
     home.ensure()

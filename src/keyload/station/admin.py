@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from ..core.errors import StoreError
 from ..core.identity import Certificate
 from ..core.keys import KeyAttributes, KeyType, aes_kcv
+from ..core.messages import check_ref2
 from ..core.primitives import ct_equal
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
@@ -167,6 +168,31 @@ def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: 
 
 
 # -- emulated units --------------------------------------------------------------------------
+def parse_slots(specs: list[str], locked: list[int]) -> dict[int, Slot]:
+    """A new unit's slots from ``--slot REF2=TYPES`` (each slot accepts the key types
+    named, comma separated; none given: ``1=aes256``) and ``--lock REF2`` (locked)."""
+    slots: dict[int, Slot] = {}
+    for spec in specs or ["1=aes256"]:
+        ref2_text, _, types = spec.partition("=")
+        try:
+            ref2 = int(ref2_text)
+        except ValueError:
+            raise ValueError(f"--slot {spec!r}: expected REF2=TYPES") from None
+        check_ref2(ref2)
+        if ref2 in slots:
+            raise ValueError(f"slot {ref2} given twice")
+        accepts = frozenset(int(KeyType.parse(t)) for t in types.split(",") if t.strip())
+        if not accepts:
+            raise ValueError(f"--slot {spec!r}: no key type")
+        slots[ref2] = Slot(ref2, accepts)
+    for ref2 in locked:
+        if ref2 not in slots:
+            raise ValueError(f"--lock {ref2}: no such slot")
+        s = slots[ref2]
+        slots[ref2] = Slot(ref2, s.accepts, True)
+    return slots
+
+
 def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
                 suites: tuple[int, ...] | None, *,
                 typed: Typed | None = None) -> Certificate | None:

@@ -278,6 +278,13 @@ class ReceiptsCheck:
     invalid_rows: list[dict[str, Any]] = field(default_factory=list)
     without_receipt: list[dict[str, Any]] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        """What ``keyload receipts --json`` prints."""
+        return {"verified": self.verified, "invalid": self.invalid,
+                "invalid_rows": self.invalid_rows, "reconciled": self.reconciled,
+                "exports_without_receipt": len(self.without_receipt),
+                "without_receipt": self.without_receipt}
+
 
 def _download(set_id: bytes, sn: bytes, ref1: bytes, ref2: int, kcv: bytes | None) -> tuple[
         bytes, bytes, bytes, int, bytes | None]:

@@ -371,7 +371,11 @@ def run_case(case: dict[str, Any]) -> list[str]:
 
 def run_files(paths: list[Path]) -> Iterator[CaseResult]:
     """Every case of every file (ValueError for a file that is not a KLP1 vector file,
-    nested too deep to parse included: the input is wrong, not a case)."""
+    nested too deep to parse included: the input is wrong, not a case). A path that is not
+    a file is refused before any case runs."""
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"{p}: no such file")
     for p in paths:
         for i, case in enumerate(load_cases(p)):
             name = str(case.get("name", f"#{i}")) if isinstance(case, dict) else f"#{i}"

@@ -1,0 +1,62 @@
+"""KLP1 values as an operator writes them (``keyload`` flags): hex, an SN, set ids, REF2
+lists. Each reader gives the value or raises ``ValueError`` naming what is wrong (a
+caller mistake, never 6A80). REF1 as text is :mod:`keyload.core.ref1`.
+
+>>> parse_hex("0x7b568eb721", "set id").hex(), parse_sn("0a0b").hex()
+('7b568eb721', '0a0b')
+>>> sorted(parse_ranges("1,2,10-12", "--slots")), parse_ranges("any", "--slots")
+([1, 2, 10, 11, 12], None)
+>>> sorted(s.hex() for s in parse_sets("7b568eb721, 0102030405"))
+['0102030405', '7b568eb721']
+"""
+
+from __future__ import annotations
+
+from .messages import check_ref2, check_sn
+
+ANY = "any"
+
+
+def parse_hex(text: str, what: str) -> bytes:
+    """Hex digits, ``0x`` optional; ``what`` names the value in the error."""
+    try:
+        return bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raise ValueError(f"{what} must be hex, got {text!r}") from None
+
+
+def parse_sn(text: str) -> bytes:
+    """A unit's SN in hex: 1 to 32 bytes."""
+    return check_sn(parse_hex(text, "SN"))
+
+
+def parse_ranges(text: str, what: str) -> frozenset[int] | None:
+    """``any`` -> None; ``1,2,10-12`` -> {1, 2, 10, 11, 12}, each in 1..254."""
+    if text.strip().lower() == ANY:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"{what}: {part!r} is not a number or range") from None
+    for x in out:
+        check_ref2(x)
+    if not out:
+        raise ValueError(f"{what}: empty list")
+    return frozenset(out)
+
+
+def parse_sets(text: str) -> frozenset[bytes] | None:
+    """``any`` -> None; else set ids (5 bytes in hex each), comma separated."""
+    if text.strip().lower() == ANY:
+        return None
+    sets = frozenset(parse_hex(x.strip(), "set id") for x in text.split(",") if x.strip())
+    if not sets or any(len(s) != 5 for s in sets):
+        raise ValueError("set ids are 5 bytes (10 hex digits), comma separated, or 'any'")
+    return sets
