@@ -28,6 +28,12 @@ CREATE TABLE IF NOT EXISTS exports (
     key_version INTEGER NOT NULL,
     kcv TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS served (
+    set_id TEXT NOT NULL,
+    sn TEXT NOT NULL,
+    r TEXT NOT NULL,
+    PRIMARY KEY (set_id, sn, r)
+);
 """
 #: suite 0x03 (docs/protocol.md §10.4): R, H, E_A and C_U, NULL for the other suites; added
 #: to a table made before they existed
@@ -70,6 +76,9 @@ class SqliteExportLog(SqliteBatch):
                 for name in _SUITE3_COLUMNS:
                     if name not in have:
                         self.db.execute(f"ALTER TABLE exports ADD COLUMN {name} TEXT")
+                # the suite-0x03 challenges exported before the register was kept here
+                self.db.execute("INSERT OR IGNORE INTO served (set_id, sn, r) "
+                                "SELECT set_id, sn, r FROM exports WHERE r IS NOT NULL")
             self._read("ORDER BY id DESC LIMIT 1")
         except BaseException:
             self.db.close()
@@ -90,6 +99,29 @@ class SqliteExportLog(SqliteBatch):
              record.suite, record.key_version, record.kcv.hex(),
              *(None if v is None else v.hex()
                for v in (record.r, record.h, record.e_a, record.c_u))))
+
+    # -- the register of served challenges (docs/protocol.md §10.4) ---------------------
+    def claim(self, set_id: bytes, sn: bytes, r: bytes) -> bool:
+        """Take (set id, SN, R) for a suite-0x03 export; False when it was served before,
+        by this process or by any other authority of the same home (the table's key)."""
+        try:
+            with self._lock:
+                cur = self.db.execute("INSERT OR IGNORE INTO served (set_id, sn, r) "
+                                      "VALUES (?, ?, ?)", (set_id.hex(), sn.hex(), r.hex()))
+                return cur.rowcount == 1
+        except sqlite3.Error as e:
+            raise StoreError(f"the register of served challenges could not be written ({e})"
+                             ) from None
+
+    def release(self, set_id: bytes, sn: bytes, r: bytes) -> None:
+        """Give back a claim whose export was refused (nothing was served)."""
+        try:
+            with self._lock:
+                self.db.execute("DELETE FROM served WHERE set_id = ? AND sn = ? AND r = ?",
+                                (set_id.hex(), sn.hex(), r.hex()))
+        except sqlite3.Error as e:
+            raise StoreError(f"the register of served challenges could not be written ({e})"
+                             ) from None
 
     def records(self) -> list[ExportRecord]:
         return self._read("ORDER BY id")

@@ -119,7 +119,9 @@ class Home:
     def authority(self, ks: AuthorityBackend, audit: AuditLog | None = None) -> Authority:
         """The authority role over ``ks``: exports recorded, and chained into the audit log."""
         log = SqliteExportLog(self.authority_dir / "exports.db")
-        return Authority(ks, log=AuditedExportLog(audit or self.audit(), log))
+        # the export records' database is the register of served challenges (§10.4) too:
+        # every process of this home refuses a challenge another has served
+        return Authority(ks, log=AuditedExportLog(audit or self.audit(), log), served=log)
 
     @staticmethod
     def verifier(ks: AuthorityBackend) -> Authority:

@@ -378,13 +378,14 @@ class Authority:
     """The authority role over a backend: EXPORTKEY (§8) and receipt verification."""
 
     def __init__(self, backend: AuthorityBackend, *, log: ExportLog | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 served: ServedRegister | None = None) -> None:
         self.backend = backend
         self.log = log
         self.clock = clock
         self._caps = backend.capabilities()
-        # §10.4: the (set id, SN, R) served, kept while this authority runs
-        self._served = MemoryServed()
+        # §10.4: the (set id, SN, R) served; by default kept while this authority runs
+        self._served: ServedRegister = MemoryServed() if served is None else served
 
     def capabilities(self) -> Capabilities:
         return self._caps
@@ -433,8 +434,8 @@ class Authority:
                         served: ServedRegister | None = None) -> ExportResponse3:
         """EXPORTKEY of suite 0x03, the checks in the order of docs/protocol.md §10.4.
 
-        ``served``: the register of served challenges (default: this authority's own, in
-        memory); a claim an export then refuses is released, so a refusal records nothing.
+        ``served``: the register of served challenges (default: this authority's own); a
+        claim an export then refuses is released, so a refusal records nothing.
         """
         base = req.base
         self._offered(self.backend.set_info(base.set_id), base.suite, True)  # 6A82, 6A81
