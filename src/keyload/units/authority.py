@@ -103,6 +103,7 @@ class KeyInfo:
     policy: ExportPolicy
     kcv: bytes
     label: str = ""
+    origin: str = ""  # "tr31": taken in from an X9.143 key block; "" otherwise
 
 
 @dataclass(frozen=True, slots=True)
