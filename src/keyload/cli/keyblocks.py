@@ -32,14 +32,15 @@ def key_import(args: argparse.Namespace) -> int:
                           commands.parse_ranges(args.slots, "--slots"))
     info = import_key_block(home_of(args), parse_ref1(args.ref1), args.tr31,
                             parse_ref1(args.kbpk), policy, version=args.key_version,
-                            diversify=args.diversify, label=args.label)
+                            diversify=args.diversify, label=args.label,
+                            open_in_host=args.open_in_host)
     commands._print_key(args, info, [])
     return 0
 
 
 def key_export(args: argparse.Namespace) -> int:
     info, block = export_key_block(home_of(args), parse_ref1(args.ref1),
-                                   parse_ref1(args.kbpk))
+                                   parse_ref1(args.kbpk), open_in_host=args.open_in_host)
     if not emitted(args, {"ref1": display_ref1(info.ref1), "kbpk": args.kbpk,
                           "kcv": info.kcv.hex().upper(), "key_block": block}):
         print(block)

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(s, "list", commands.set_list, "list sets")
 
     k = group(sub, "key", "application keys (by REF1)")
+    IN_HOST = opt("--open-in-host", action="store_true", help="(PKCS#11) allow the key block "
+                  "to be opened or made in host memory (the KBPK stays in the token)")
 
     def key_opts(req: bool) -> tuple[Opt, ...]:  # key import --tr31: from the block's header
         return (
@@ -130,12 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
             "usage, mode, exportability and version from its header (--version when it "
             "has none)"),
         opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the block "
-            "(usage K1)"), usage_error=True)
+            "(usage K1)"), IN_HOST, usage_error=True)
     cmd(k, "export", keyblocks.key_export, "print an X9.143 key block (version D) of a key "
         "whose exportability is E or S", opt("--ref1", required=True),
         opt("--tr31", action="store_true", required=True, help="as a TR-31 key block"),
         opt("--kbpk", required=True, metavar="REF1", help="the authority key protecting the "
-            "block (usage K1)"))
+            "block (usage K1)"), IN_HOST)
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")

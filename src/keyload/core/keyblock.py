@@ -46,6 +46,7 @@ from .primitives import aes_cmac_parts, ct_equal
 from .secret import Secret, scrub
 
 VERSION_D = "D"
+KBPK_USAGE = "K1"  # X9.143: a TR-31 key block protection key
 MAC_LEN = 16
 _BLOCK = 16
 _ALNUM = frozenset(string.ascii_uppercase + string.ascii_lowercase + string.digits)

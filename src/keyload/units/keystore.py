@@ -36,6 +36,7 @@ from ..core.identity import (
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
 from ..core.messages3 import ExportRequest3
+from ..core.primitives import aes_cmac
 from ..core.secret import Secret, scrub
 from ..core.suite3 import SUITE_ECDH, Exported3, Scratch3, export_key3
 from ..core.suites import SUITES, get_suite
@@ -468,12 +469,20 @@ class SoftwareKeystore:
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
 
+    def key_cmac(self, ref1: bytes, data: bytes) -> bytes:
+        """AES-CMAC of ``data`` under application key ``ref1`` (a KBPK: a key block's KBEK
+        and KBAK)."""
+        return aes_cmac(self._app_key(ref1).value.buffer, data)
+
+    def _app_key(self, ref1: bytes) -> _AppKey:
+        if self._closed:
+            raise StoreError("the keystore is closed")
+        return find_key(self._keys, ref1)
+
     def application_key_copy(self, ref1: bytes) -> Secret:
         """A copy of application key ``ref1``, to open or make a key block (its KBPK, or
         the key a block exports). Wipe it after use."""
-        if self._closed:
-            raise StoreError("the keystore is closed")
-        return Secret(find_key(self._keys, ref1).value.buffer)
+        return Secret(self._app_key(ref1).value.buffer)
 
     def transport_key_copy(self, set_id: bytes) -> Secret:
         """A copy of T, for personalizing an emulated unit of the set. Wipe it after use."""

@@ -36,6 +36,7 @@ from ...core.suite3 import SUITE_ECDH
 from ...core.suites import SUITE_ECBDIV
 from ..authority import Capabilities
 from .identity import IdentitySets
+from .keyblocks import KeyBlocks
 from .objects import (
     ED25519_MECHANISMS,
     MANAGEMENT_MECHANISMS,
@@ -54,7 +55,7 @@ from .session import (
 )
 
 
-class Pkcs11Keystore(Provisioning, IdentitySets):
+class Pkcs11Keystore(Provisioning, IdentitySets, KeyBlocks):
     """An :class:`~keyload.units.authority.AuthorityBackend` over a PKCS#11 token.
 
     Open with :meth:`open`; one logged-in session is reused for every operation (guarded by

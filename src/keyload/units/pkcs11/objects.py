@@ -146,13 +146,14 @@ def modifiable_last(tmpl: dict[A, Any]) -> dict[A, Any]:
     return tmpl
 
 
-def final(key_id: bytes, label: str) -> dict[A, Any]:
-    """The C_CopyObject template that turns a session precursor into the token object.
+def final(key_id: bytes, label: str, *, sign: bool = False) -> dict[A, Any]:
+    """The C_CopyObject template that turns a session precursor into the token object
+    (``sign``: the object keeps SIGN, a KBPK's; else only the precursor had it).
 
     Order matters: SoftHSM applies a copy template in order, and refuses any attribute
     after ``CKA_MODIFIABLE`` false (AttributeReadOnly); so it comes last.
     """
-    return {A.TOKEN: True, A.SIGN: False, A.ID: key_id, A.LABEL: label, A.MODIFIABLE: False}
+    return {A.TOKEN: True, A.SIGN: sign, A.ID: key_id, A.LABEL: label, A.MODIFIABLE: False}
 
 
 # -- typed calls ------------------------------------------------------------------------
