@@ -149,8 +149,9 @@ def test_an_altered_block_stores_nothing(home: Home, where: int, code: int) -> N
                            secrets.token_bytes(16))
     altered = block[:where] + ("1" if block[where] != "1" else "2") + block[where + 1:]
     before = home.keys()
+    why = "the MAC does not verify" if code == EXIT_INTEGRITY else "length field"
     assert_error(home.run("key", "import", "--ref1", "ZPK-2", "--tr31", altered, "--kbpk",
-                          "BANK-KBPK", *POLICY), code)
+                          "BANK-KBPK", *POLICY), code, why)
     assert home.keys() == before
 
 
@@ -209,3 +210,12 @@ def test_tr31_options_are_checked(home: Home) -> None:
     assert res.rc == 2 and "header gives the type" in res.stderr
     res = home.run("key", "import", "--ref1", "X", "--type", "aes128", *POLICY)
     assert res.rc == 2 and "--usage, --mode, --exportability, --version" in res.stderr
+
+
+def test_a_usage_keyload_does_not_take_is_refused(home: Home) -> None:
+    block = psec.tr31.wrap(home.kbpk, psec.tr31.Header("D", "S0", "A", "C", "01", "E"),
+                           secrets.token_bytes(32))
+    before = home.keys()
+    assert_error(home.run("key", "import", "--ref1", "ASYM", "--tr31", block, "--kbpk",
+                          "BANK-KBPK", *POLICY), EXIT_INPUT, "'S0'")
+    assert home.keys() == before

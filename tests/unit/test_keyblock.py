@@ -198,3 +198,14 @@ def test_hmac_key_facts() -> None:
         KeyType.HMAC_SHA256, KeyAttributes("M7", "C", "E"), 5)
     with pytest.raises(ValueError, match="two digits"):
         header_for(KeyType.AES128, KeyAttributes("P0", "E", "E"), 100)
+
+
+def test_extended_length_counts_characters() -> None:
+    """X9.143:2021: after a length of 00, the length of the length is a count of hex
+    characters; a block over 255 characters is written that way and read back."""
+    header, used = parse_header("D0000P0TE00N0100KS0004001A" + "0" * 16 + "rest")
+    assert used == 42 and header.blocks == (("KS", "0" * 16),)
+    long = KeyBlockHeader("D", "P0", "A", "E", "01", "E", (("KS", "P" * 300),))
+    text = long.encode(0)
+    assert text[16:26] == "KS00040136"  # 2 + 2 + 2 + 4 + 300 = 0x136
+    assert parse_header(text) == (long, len(text))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .errors import IntegrityError, MalformedData
+from .errors import IntegrityError, MalformedData, StatusError
 from .keys import HMAC_MAX, KeyAttributes, KeyType
 from .primitives import aes_cmac_parts, ct_equal
 from .secret import Secret, scrub
@@ -54,6 +54,21 @@ _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
 _HEX = frozenset(string.hexdigits)
 HMAC_SHA256_BLOCK = ("HM", "21")  # X9.143 optional block HM: the HMAC's hash is SHA-256
 _KDF_ALGORITHM = {16: b"\x00\x02\x00\x80", 24: b"\x00\x03\x00\xc0", 32: b"\x00\x04\x01\x00"}
+
+
+def _bad(text: str) -> MalformedData:
+    """A block that does not parse: ``text`` is the whole message (no status word: a key
+    block is not a KLP1 message)."""
+    return MalformedData(message=text)
+
+
+class KeyBlockIntegrity(IntegrityError):
+    """The block's MAC does not verify under this KBPK: it was altered, or made under
+    another KBPK. Says no more."""
+
+    def __init__(self) -> None:
+        StatusError.__init__(self, message="key block: the MAC does not verify under this "
+                             "KBPK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +89,14 @@ class KeyBlockHeader:
                             ("version_num", 2), ("exportability", 1), ("reserved", 2)):
             value = getattr(self, name)
             if len(value) != width or not set(value) <= _ALNUM:
-                raise MalformedData(f"key block header: {name} must be {width} letters or "
+                raise _bad(f"key block header: {name} must be {width} letters or "
                                     "digits")
         for block_id, data in self.blocks:
             if len(block_id) != 2 or not set(block_id) <= _ALNUM or \
                     not set(data) <= _PRINTABLE:
-                raise MalformedData("key block header: an optional block is malformed")
+                raise _bad("key block header: an optional block is malformed")
         if len(self.blocks) > 99:
-            raise MalformedData("key block header: more than 99 optional blocks")
+            raise _bad("key block header: more than 99 optional blocks")
 
     def block(self, block_id: str) -> str | None:
         """The data of optional block ``block_id``, None when absent."""
@@ -111,25 +126,26 @@ def parse_header(text: str) -> tuple[KeyBlockHeader, int]:
     characters (X9.143:2021 §6.3), then the length.
     """
     if len(text) < 16:
-        raise MalformedData("key block header: shorter than 16 characters")
+        raise _bad("key block header: shorter than 16 characters")
     fixed = text[:16]
     if not set(fixed) <= _ALNUM:
-        raise MalformedData("key block header: must be letters and digits")
+        raise _bad("key block header: must be letters and digits")
     count = fixed[12:14]
     if not count.isdigit():
-        raise MalformedData("key block header: the number of optional blocks is not 2 digits")
+        raise _bad("key block header: the number of optional blocks is not 2 "
+                   "digits")
     pos, blocks = 16, []
     for _ in range(int(count)):
         block_id = text[pos:pos + 2]
         if len(block_id) != 2 or not set(block_id) <= _ALNUM:
-            raise MalformedData("key block header: an optional block ID is malformed")
+            raise _bad("key block header: an optional block ID is malformed")
         length, start = _block_length(text, pos + 2)
         if length < start - pos:
-            raise MalformedData(f"key block header: block {block_id}'s length does not "
+            raise _bad(f"key block header: block {block_id}'s length does not "
                                 "include its ID and length")
         data = text[start:pos + length]
         if len(data) != length - (start - pos):
-            raise MalformedData(f"key block header: block {block_id} is cut short")
+            raise _bad(f"key block header: block {block_id} is cut short")
         blocks.append((block_id, data))
         pos += length
     return KeyBlockHeader(fixed[0], fixed[5:7], fixed[7], fixed[8], fixed[9:11], fixed[11],
@@ -139,7 +155,7 @@ def parse_header(text: str) -> tuple[KeyBlockHeader, int]:
 def _hex_field(text: str, pos: int, width: int) -> int:
     field = text[pos:pos + width]
     if len(field) != width or not set(field) <= _HEX:
-        raise MalformedData("key block header: an optional block's length is malformed")
+        raise _bad("key block header: an optional block's length is malformed")
     return int(field, 16)
 
 
@@ -150,7 +166,7 @@ def _block_length(text: str, pos: int) -> tuple[int, int]:
         return length, pos + 2
     width = _hex_field(text, pos + 2, 2)
     if width == 0:
-        raise MalformedData("key block header: an optional block's length of length is 0")
+        raise _bad("key block header: an optional block's length of length is 0")
     return _hex_field(text, pos + 4, width), pos + 4 + width
 
 
@@ -159,7 +175,7 @@ def _derive(cmac: Callable[[bytes], bytes], kbpk_length: int, usage: bytes) -> b
     try:
         algorithm = _KDF_ALGORITHM[kbpk_length]
     except KeyError:
-        raise MalformedData("a version D KBPK is AES-128, -192 or -256") from None
+        raise _bad("a version D KBPK is AES-128, -192 or -256") from None
     out = bytearray()
     for counter in range(1, (kbpk_length + 15) // 16 + 1):
         part = cmac(bytes((counter,)) + usage + b"\x00" + algorithm)
@@ -187,17 +203,18 @@ def unwrap(block: str, *, cmac: Callable[[bytes], bytes],
     header, header_len = parse_header(block)
     length_field = block[1:5]
     if not length_field.isdigit() or int(length_field) != len(block):
-        raise MalformedData("key block: the length field does not match the block's length")
+        raise _bad("key block: the length field does not match the block's "
+                   "length")
     if header.version_id in "ABC":
         raise ValueError(f"key block version {header.version_id}: a TDES KBPK, which "
                          "keyload does not hold (version D only)")
     if header.version_id != VERSION_D:
         raise ValueError(f"key block version {header.version_id!r} (version D only)")
     if header_len % _BLOCK or len(block) % _BLOCK:
-        raise MalformedData("key block: not a multiple of 16 characters")
+        raise _bad("key block: not a multiple of 16 characters")
     body = block[header_len:]
     if len(body) < 2 * (MAC_LEN + _BLOCK) or not set(body) <= _HEX:
-        raise MalformedData("key block: the key data and MAC must be hex, at least 16 + 16 "
+        raise _bad("key block: the key data and MAC must be hex, at least 16 + 16 "
                             "bytes")
     encrypted, mac = bytes.fromhex(body[:-2 * MAC_LEN]), bytes.fromhex(body[-2 * MAC_LEN:])
     kbek = _derive(cmac, kbpk_length, b"\x00\x00")
@@ -206,10 +223,10 @@ def unwrap(block: str, *, cmac: Callable[[bytes], bytes],
     try:
         clear = _cbc(kbek, mac, encrypted, encrypt=False)
         if not ct_equal(aes_cmac_parts(kbak, block[:header_len].encode("ascii"), clear), mac):
-            raise IntegrityError()
+            raise KeyBlockIntegrity()
         bits = int.from_bytes(clear[:2], "big")
         if bits % 8 or not 0 < bits // 8 <= len(clear) - 2:
-            raise MalformedData("key block: the key length in the key data is not valid")
+            raise _bad("key block: the key length in the key data is not valid")
         return header, Secret(memoryview(clear)[2:2 + bits // 8])
     finally:
         scrub(clear)
@@ -262,7 +279,7 @@ def key_facts(header: KeyBlockHeader, length: int, *,
     if header.algorithm == "A":
         kt = {16: KeyType.AES128, 24: KeyType.AES192, 32: KeyType.AES256}.get(length)
         if kt is None:
-            raise MalformedData(f"key block: an AES key of {length} bytes")
+            raise _bad(f"key block: an AES key of {length} bytes")
     elif header.algorithm == "H" and header.block(HMAC_SHA256_BLOCK[0]) == \
             HMAC_SHA256_BLOCK[1]:
         kt = KeyType.HMAC_SHA256

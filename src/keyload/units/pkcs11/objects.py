@@ -9,7 +9,8 @@ T (per set)          CKK_AES 256, SENSITIVE, not EXTRACTABLE, DERIVE only. ``CKA
                      ``KLP1-T`` || set id, ``CKA_LABEL`` = ``keyload T <set id>``.
 application key TA   CKK_AES (types 01–03) or CKK_GENERIC_SECRET (HMAC, 0x10); SENSITIVE
                      and EXTRACTABLE (it leaves the token only wrapped); DERIVE only when
-                     the key is diversified. ``CKA_ID`` = ``KLP1-K`` || version || REF1.
+                     the key is diversified; SIGN (CMAC) only for a KBPK, usage K1 (the
+                     KBEK and KBAK of a key block). ``CKA_ID`` = ``KLP1-K`` || version || REF1.
 SAS key              CKK_EC_EDWARDS (Ed25519) private key: SENSITIVE, not EXTRACTABLE, not
                      COPYABLE, SIGN only; its public key object: VERIFY only. ``CKA_ID``
                      ``KLP1-SAS``, label ``keyload SAS``. Made once; never replaced here.
