@@ -176,8 +176,9 @@ def test_export_for_backup_opens_with_psec(home: Home, kt: str, usage: str,
     assert (header.version_id, header.key_usage, header.algorithm, header.mode_of_use,
             header.version_num, header.exportability) == (
         "D", usage, "A" if kt == "aes128" else "H", "B", "12", "E")
-    if kt == "aes128":  # the length of the longest AES key: 32 bytes of key data and pad
-        assert len(block) == 16 + 2 * 48 + 32
+    # padded as for the longest key: AES 32 bytes (2 + 32 + 14), HMAC 64 (2 + 64 + 14);
+    # the HMAC header carries HM 21 and a PB block (32 characters)
+    assert len(block) == (16 + 2 * 48 + 32 if kt == "aes128" else 32 + 2 * 80 + 32)
     back = ok(home.run("key", "import", "--ref1", "DATA-2", "--tr31", block, "--kbpk",
                        "BANK-KBPK", *POLICY, "--json")).json()
     assert back["kcv"] == want and back["type"] == kt
@@ -192,6 +193,8 @@ def test_export_refusals(home: Home) -> None:
                  EXIT_INPUT, "not exportable")
     assert_error(home.run("key", "export", "--ref1", "OUT", "--tr31", "--kbpk", "KEEP"),
                  EXIT_INPUT, "not a KBPK")
+    assert_error(home.run("key", "export", "--ref1", "BANK-KBPK", "--tr31", "--kbpk",
+                          "BANK-KBPK"), EXIT_INPUT, "does not protect itself")
     only_import = home.kbpks[TR31["known_values"][-1]["kbpk"]]  # mode D
     assert_error(home.run("key", "export", "--ref1", "OUT", "--tr31", "--kbpk", only_import),
                  EXIT_INPUT, "mode of use D")
