@@ -40,8 +40,8 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, cards, commands, demo, identity, service_cmds
-from .args import SET_ID, cmd, common, group, opt
+from . import campaigns, cards, commands, demo, identity, keyblocks, service_cmds
+from .args import SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
@@ -99,23 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
         "verify its receipts (keyload ledger verify --auditor --ca SETID=Q_CA)", SET_ID)
 
     k = group(sub, "key", "application keys (by REF1)")
-    key_opts = (
-        opt("--ref1", required=True, help="REF1: ASCII text, or 0x-prefixed hex"),
-        opt("--type", required=True, help="aes128, aes192, aes256, hmac-sha256"),
-        opt("--usage", required=True, help="X9.143 key usage, e.g. K0, P0, M7"),
-        opt("--mode", required=True, help="X9.143 mode of use, e.g. B, E, D, C"),
-        opt("--exportability", required=True, choices=["N", "E", "S"]),
-        opt("--version", dest="key_version", type=int, required=True),
-        opt("--diversify", action="store_true",
-            help="diversify per unit: TA' = KDF(TA, SN) (AES only)"),
-        opt("--sets", required=True,
-            help="set ids allowed to receive the key, comma separated, or 'any'"),
-        opt("--slots", required=True, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
-        opt("--label", default=""))
-    cmd(k, "generate", commands.key_generate, "generate an application key", *key_opts,
+    IN_HOST = opt("--open-in-host", action="store_true", help="(PKCS#11) allow the key block "
+                  "to be opened or made in host memory (the KBPK stays in the token)")
+
+    def key_opts(req: bool) -> tuple[Opt, ...]:  # key import --tr31: from the block's header
+        return (
+            opt("--ref1", required=True, help="REF1: ASCII text, or 0x-prefixed hex"),
+            opt("--type", required=req, help="aes128, aes192, aes256, hmac-sha256"),
+            opt("--usage", required=req, help="X9.143 key usage, e.g. K0, P0, M7"),
+            opt("--mode", required=req, help="X9.143 mode of use, e.g. B, E, D, C"),
+            opt("--exportability", required=req, choices=["N", "E", "S"]),
+            opt("--version", dest="key_version", type=int, required=req),
+            opt("--diversify", action="store_true",
+                help="diversify per unit: TA' = KDF(TA, SN) (AES only)"),
+            opt("--sets", required=True,
+                help="set ids allowed to receive the key, comma separated, or 'any'"),
+            opt("--slots", required=True, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
+            opt("--label", default=""))
+    cmd(k, "generate", commands.key_generate, "generate an application key", *key_opts(True),
         opt("--length", type=int, help="HMAC key length in bytes (16-64)"))
-    cmd(k, "import", commands.key_import, "import an application key (value or components)",
-        *key_opts, opt("--components", type=int, default=1, metavar="N"))
+    cmd(k, "import", keyblocks.key_import, "import an application key (value, components, "
+        "or an X9.143 key block)", *key_opts(False),
+        opt("--components", type=int, default=1, metavar="N"),
+        opt("--tr31", metavar="BLOCK", help="an X9.143 (TR-31) key block, version D: type, "
+            "usage, mode, exportability and version from its header (--version when it "
+            "has none)"),
+        opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the block "
+            "(usage K1)"), IN_HOST, usage_error=True)
+    cmd(k, "export", keyblocks.key_export, "print an X9.143 key block (version D) of a key "
+        "whose exportability is E or S", opt("--ref1", required=True),
+        opt("--tr31", action="store_true", required=True, help="as a TR-31 key block"),
+        opt("--kbpk", required=True, metavar="REF1", help="the authority key protecting the "
+            "block (usage K1)"), IN_HOST)
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")

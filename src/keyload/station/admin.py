@@ -36,7 +36,7 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
             "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
             "exportability": i.attrs.exportability, "version": i.version,
             "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
-            "label": i.label}
+            "label": i.label, "origin": i.origin or None}
 
 
 def set_json(s: SetInfo) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def create_set(home: Home, name: str, *, signed: bool,
         ks.close()
 
 
-def _known_sets(ks: Keystore, policy: ExportPolicy) -> None:
+def known_sets(ks: Keystore, policy: ExportPolicy) -> None:
     """``--sets`` names sets of this authority (a typo would make a key no unit can get)."""
     if policy.sets is None:
         return
@@ -156,7 +156,7 @@ def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: 
     length an AES key must have)."""
     ks = home.open_keystore()
     try:
-        _known_sets(ks, policy)
+        known_sets(ks, policy)
         if typed is None:
             return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
                                    policy=policy, length=length, label=label), []

@@ -103,6 +103,7 @@ class KeyInfo:
     policy: ExportPolicy
     kcv: bytes
     label: str = ""
+    origin: str = ""  # "tr31": taken in from an X9.143 key block; "" otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +357,9 @@ class KeyAdministration(AuthorityBackend, Protocol):
 
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
-                replace: bool = False) -> KeyInfo: ...
+                replace: bool = False, origin: str = "") -> KeyInfo:
+        """Take in an application key; ``origin``: where it came from (``tr31``)."""
+        ...
 
     def generate_key(self, ref1: bytes, key_type: KeyType, attrs: KeyAttributes, *,
                      version: int, diversify: bool, policy: ExportPolicy,

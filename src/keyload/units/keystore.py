@@ -36,6 +36,7 @@ from ..core.identity import (
 from ..core.keys import KeyAttributes, KeyType, aes_kcv, kcv
 from ..core.klp1 import Exported, Scratch
 from ..core.messages3 import ExportRequest3
+from ..core.primitives import aes_cmac
 from ..core.secret import Secret, scrub
 from ..core.suite3 import SUITE_ECDH, Exported3, Scratch3, export_key3
 from ..core.suites import SUITES, get_suite
@@ -230,7 +231,7 @@ class SoftwareKeystore:
                 attrs=KeyAttributes(k["usage"], k["mode"], k["exportability"]),
                 version=int(k["version"]), diversify=bool(k["diversify"]),
                 policy=ExportPolicy.from_json(k["policy"]), kcv=kcv(kt, value.buffer),
-                label=k.get("label", ""))
+                label=k.get("label", ""), origin=k.get("origin", ""))
             self._keys[info.ref1] = _AppKey(info, value)
         if meta.get("signing_key") is not None:
             self._set_signing(secrets[meta["signing_key"]])
@@ -257,7 +258,7 @@ class SoftwareKeystore:
                          "mode": i.attrs.mode, "exportability": i.attrs.exportability,
                          "version": i.version, "diversify": i.diversify,
                          "policy": i.policy.to_json(), "label": i.label,
-                         "secret": len(secrets)})
+                         "secret": len(secrets), **({"origin": i.origin} if i.origin else {})})
             secrets.append(k.value)
         meta: dict[str, Any] = {"format": "keyload-keystore-1", "sets": sets, "keys": keys,
                                 "signing_key": None}
@@ -415,13 +416,13 @@ class SoftwareKeystore:
 
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
-                replace: bool = False) -> KeyInfo:
+                replace: bool = False, origin: str = "") -> KeyInfo:
         old = self._keys.get(ref1)
         validate_new_key(ref1, key_type, len(value), attrs, version=version,
                          diversify=diversify, old=None if old is None else old.info,
                          replace=replace)
         info = KeyInfo(ref1, key_type, len(value), attrs, version, diversify, policy,
-                       kcv(key_type, value.buffer), label)
+                       kcv(key_type, value.buffer), label, origin)
         self._keys[ref1] = _AppKey(info, value)
         try:
             self.save()
@@ -467,6 +468,21 @@ class SoftwareKeystore:
 
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
+
+    def key_cmac(self, ref1: bytes, data: bytes) -> bytes:
+        """AES-CMAC of ``data`` under application key ``ref1`` (a KBPK: a key block's KBEK
+        and KBAK)."""
+        return aes_cmac(self._app_key(ref1).value.buffer, data)
+
+    def _app_key(self, ref1: bytes) -> _AppKey:
+        if self._closed:
+            raise StoreError("the keystore is closed")
+        return find_key(self._keys, ref1)
+
+    def application_key_copy(self, ref1: bytes) -> Secret:
+        """A copy of application key ``ref1``, to open or make a key block (its KBPK, or
+        the key a block exports). Wipe it after use."""
+        return Secret(self._app_key(ref1).value.buffer)
 
     def transport_key_copy(self, set_id: bytes) -> Secret:
         """A copy of T, for personalizing an emulated unit of the set. Wipe it after use."""

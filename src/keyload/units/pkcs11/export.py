@@ -74,6 +74,21 @@ def _t1(sc: Scope, t: pkcs11.Object, sn: bytes) -> pkcs11.Object:
     return sc.keep(derive(t, ecbdiv_blocks(LABEL_T1, sn, 2), T1_SESSION, 256))
 
 
+def host_copy(session: pkcs11.Session, sc: Scope, key: pkcs11.Object) -> bytes:
+    """The value of ``key`` in host memory (the caller scrubs it): wrapped under an
+    ephemeral extractable session key (kept by ``sc``, destroyed once used), unwrapped
+    here."""
+    eph = sc.keep(session.generate_key(CKK.AES, 256, mechanism=CKM.AES_KEY_GEN,
+                                       capabilities=MechanismFlag(0), template=EPHEMERAL))
+    ev = bytes(eph[A.VALUE])
+    try:
+        wrapped = wrap(eph, key)
+        sc.drop(eph)
+        return aes_kwp_unwrap(ev, wrapped)
+    finally:
+        scrub(ev)
+
+
 class Exporting(TokenIndex):
     """The :class:`~keyload.units.authority.AuthorityBackend` calls that use keys."""
 
@@ -149,17 +164,11 @@ class Exporting(TokenIndex):
         (``clear_sas=True`` only): wrapped under an ephemeral session key, unwrapped here,
         MACed by Ksas in the token, then overwritten.
         """
-        eph = sc.keep(self.session.generate_key(CKK.AES, 256, mechanism=CKM.AES_KEY_GEN,
-                                                capabilities=MechanismFlag(0), template=EPHEMERAL))
-        ev = bytes(eph[A.VALUE])
         clear = b""
         try:
-            wrapped = wrap(eph, ta)
-            sc.drop(eph)
-            clear = aes_kwp_unwrap(ev, wrapped)
+            clear = host_copy(self.session, sc, ta)
             return sign(ksas, iter((LABEL_SAS + h, clear)), CKM.AES_CMAC)
         finally:
-            scrub(ev)
             scrub(clear)
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,

@@ -77,7 +77,7 @@ def key_info_of(doc: dict[str, Any]) -> KeyInfo:
                    attrs=KeyAttributes(doc["usage"], doc["mode"], doc["exportability"]),
                    version=int(doc["version"]), diversify=bool(doc["diversify"]),
                    policy=ExportPolicy.from_json(doc["policy"]), kcv=bytes.fromhex(doc["kcv"]),
-                   label=str(doc.get("label", "")))
+                   label=str(doc.get("label", "")), origin=str(doc.get("origin", "")))
 
 
 def key_doc(key_id: bytes, info: KeyInfo) -> dict[str, Any]:
@@ -87,7 +87,8 @@ def key_doc(key_id: bytes, info: KeyInfo) -> dict[str, Any]:
             "type": int(info.key_type), "length": info.length, "usage": attrs.usage,
             "mode": attrs.mode, "exportability": attrs.exportability,
             "version": info.version, "diversify": info.diversify,
-            "policy": info.policy.to_json(), "kcv": info.kcv.hex(), "label": info.label}
+            "policy": info.policy.to_json(), "kcv": info.kcv.hex(), "label": info.label,
+            **({"origin": info.origin} if info.origin else {})}
 
 
 class TokenIndex:

@@ -6,10 +6,12 @@ KLP1 suite 0x02 (ECBDIV, docs/protocol.md §4) runs entirely inside the token
 (:mod:`~keyload.units.pkcs11.export`), and so does suite 0x03 for identity sets (§10:
 P-256 keys, ECDH and ECDSA in the token, :mod:`~keyload.units.pkcs11.identity`) when the
 token has P-256. No key value reaches the host, except with the explicit
-``clear_sas=True``. Suite 0x01 (KBKDF) is not offered: standard PKCS#11 2.40 has
-no SP 800-108 KDF, and an :class:`~keyload.units.authority.Authority` over this backend
-refuses it with 6A81. Keys enter the token as :mod:`~keyload.units.pkcs11.provision`
-says, as the objects :mod:`~keyload.units.pkcs11.objects` describes; a self-test at open
+``clear_sas=True``, and for a key block opened or made with the explicit
+``--open-in-host`` (:mod:`~keyload.units.pkcs11.keyblocks`). Suite 0x01 (KBKDF) is not
+offered: standard PKCS#11 2.40 has no SP 800-108 KDF, and an
+:class:`~keyload.units.authority.Authority` over this backend refuses it with 6A81.
+Keys enter the token as :mod:`~keyload.units.pkcs11.provision` says, as the objects
+:mod:`~keyload.units.pkcs11.objects` describes; a self-test at open
 (:mod:`~keyload.units.pkcs11.selftest`) finds what the token does not do as KLP1 needs.
 
 What is and is not enforced. Every derived object is a session object (``CKA_TOKEN``
@@ -36,6 +38,7 @@ from ...core.suite3 import SUITE_ECDH
 from ...core.suites import SUITE_ECBDIV
 from ..authority import Capabilities
 from .identity import IdentitySets
+from .keyblocks import KeyBlocks
 from .objects import (
     ED25519_MECHANISMS,
     MANAGEMENT_MECHANISMS,
@@ -54,7 +57,7 @@ from .session import (
 )
 
 
-class Pkcs11Keystore(Provisioning, IdentitySets):
+class Pkcs11Keystore(Provisioning, IdentitySets, KeyBlocks):
     """An :class:`~keyload.units.authority.AuthorityBackend` over a PKCS#11 token.
 
     Open with :meth:`open`; one logged-in session is reused for every operation (guarded by

@@ -9,7 +9,8 @@ T (per set)          CKK_AES 256, SENSITIVE, not EXTRACTABLE, DERIVE only. ``CKA
                      ``KLP1-T`` || set id, ``CKA_LABEL`` = ``keyload T <set id>``.
 application key TA   CKK_AES (types 01–03) or CKK_GENERIC_SECRET (HMAC, 0x10); SENSITIVE
                      and EXTRACTABLE (it leaves the token only wrapped); DERIVE only when
-                     the key is diversified. ``CKA_ID`` = ``KLP1-K`` || version || REF1.
+                     the key is diversified; SIGN (CMAC) only for a KBPK, usage K1 (the
+                     KBEK and KBAK of a key block). ``CKA_ID`` = ``KLP1-K`` || version || REF1.
 SAS key              CKK_EC_EDWARDS (Ed25519) private key: SENSITIVE, not EXTRACTABLE, not
                      COPYABLE, SIGN only; its public key object: VERIFY only. ``CKA_ID``
                      ``KLP1-SAS``, label ``keyload SAS``. Made once; never replaced here.
@@ -146,13 +147,14 @@ def modifiable_last(tmpl: dict[A, Any]) -> dict[A, Any]:
     return tmpl
 
 
-def final(key_id: bytes, label: str) -> dict[A, Any]:
-    """The C_CopyObject template that turns a session precursor into the token object.
+def final(key_id: bytes, label: str, *, sign: bool = False) -> dict[A, Any]:
+    """The C_CopyObject template that turns a session precursor into the token object
+    (``sign``: the object keeps SIGN, a KBPK's; else only the precursor had it).
 
     Order matters: SoftHSM applies a copy template in order, and refuses any attribute
     after ``CKA_MODIFIABLE`` false (AttributeReadOnly); so it comes last.
     """
-    return {A.TOKEN: True, A.SIGN: False, A.ID: key_id, A.LABEL: label, A.MODIFIABLE: False}
+    return {A.TOKEN: True, A.SIGN: sign, A.ID: key_id, A.LABEL: label, A.MODIFIABLE: False}
 
 
 # -- typed calls ------------------------------------------------------------------------

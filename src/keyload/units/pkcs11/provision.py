@@ -42,6 +42,7 @@ from pkcs11 import ObjectClass as CKO
 from pkcs11 import exceptions as pkx
 
 from ...core.errors import AuthenticityError
+from ...core.keyblock import KBPK_USAGE
 from ...core.keys import KeyAttributes, KeyType, kcv
 from ...core.primitives import ct_equal, ed25519_public, ed25519_verify
 from ...core.ref1 import display_ref1
@@ -157,7 +158,7 @@ class Provisioning(TokenIndex):
     # -- application keys -----------------------------------------------------------------
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
-                replace: bool = False) -> KeyInfo:
+                replace: bool = False, origin: str = "") -> KeyInfo:
         """Import an application key from its clear value (components assembled on the
         host); its KCV is computed on the host. The value is consumed: ``value`` is wiped
         once it is in the token (or on failure).
@@ -165,7 +166,7 @@ class Provisioning(TokenIndex):
         try:
             return self._new_key(ref1, key_type, len(value), value, attrs, version=version,
                                  diversify=diversify, policy=policy, label=label,
-                                 replace=replace)
+                                 replace=replace, origin=origin)
         finally:
             value.wipe()
 
@@ -183,7 +184,7 @@ class Provisioning(TokenIndex):
 
     def _new_key(self, ref1: bytes, key_type: KeyType, length: int, value: Secret | None,
                  attrs: KeyAttributes, *, version: int, diversify: bool, policy: ExportPolicy,
-                 label: str, replace: bool) -> KeyInfo:
+                 label: str, replace: bool, origin: str = "") -> KeyInfo:
         with self._lock:
             old = self._keys.get(ref1)
             validate_new_key(ref1, key_type, length, attrs, version=version,
@@ -195,6 +196,8 @@ class Provisioning(TokenIndex):
                                  "to CKA_VALUE_LEN: an AES-192 key cannot be diversified in it")
             ck = ck_key_type(key_type)
             allow = (A.DERIVE,) if diversify else ()
+            if attrs.usage == KBPK_USAGE:  # a KBPK: CMAC, for a key block's KBEK and KBAK
+                allow = (*allow, A.SIGN)
             fin = secret_template(ck, token=True, extractable=True, allow=allow)
             size = {A.VALUE_LEN: length}  # read back only
             key_id = ID_KEY + version.to_bytes(2, "big") + ref1
@@ -213,7 +216,7 @@ class Provisioning(TokenIndex):
                     else:
                         check = kcv(key_type, value.buffer)
                     info = KeyInfo(ref1, key_type, length, attrs, version, diversify, policy,
-                                   check, label)
+                                   check, label, origin)
                     doc = key_doc(key_id, info)
                     k, meta = self._install_key(pre if value is None else value, fin, size,
                                                 key_id, obj_label, doc)
@@ -237,7 +240,8 @@ class Provisioning(TokenIndex):
             ident = {A.ID: key_id, A.LABEL: label}
             return self._install(lambda: self._create({**fin, **ident, **LOCKED}, source),
                                  label, {**fin, **size, **LOCKED}, key_id, doc)
-        return self._install(lambda: source.copy(final(key_id, label)), label,
+        return self._install(lambda: source.copy(final(key_id, label, sign=fin[A.SIGN])),
+                             label,
                              {**fin, **size, **(generated or {})}, key_id, doc)
 
     def _install(self, make: Callable[[], pkcs11.Object], label: str, want: dict[A, Any],
