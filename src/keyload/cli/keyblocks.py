@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.notation import parse_ranges, parse_sets
 from ..core.ref1 import display_ref1, parse_ref1
 from ..station.keyblocks import export_key_block, import_key_block
 from ..units.authority import ExportPolicy
@@ -28,8 +29,7 @@ def key_import(args: argparse.Namespace) -> int:
     if given or args.kbpk is None or args.components != 1:
         args.usage_error("--tr31 needs --kbpk; the key block's header gives the type, usage, "
                          "mode and exportability, and it takes no --components")
-    policy = ExportPolicy(commands.parse_sets(args.sets),
-                          commands.parse_ranges(args.slots, "--slots"))
+    policy = ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
     info = import_key_block(home_of(args), parse_ref1(args.ref1), args.tr31,
                             parse_ref1(args.kbpk), policy, version=args.key_version,
                             diversify=args.diversify, label=args.label,
