@@ -130,7 +130,7 @@ def bar_chart(bars: Sequence[Bar], *, x_label: str, title: str) -> str:
     """Horizontal bars, labelled on the left, on an axis ticked in ``x_label``'s unit."""
     if not bars:
         return ""
-    left, right, top, row = 260, 90, 8, 22
+    left, right, top, row = 260, 170, 8, 22
     height = top + row * len(bars) + 44
     vmax = max(max(b.value for b in bars), 1e-9)
     step = nice_step(vmax / 4)

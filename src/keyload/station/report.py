@@ -224,7 +224,7 @@ def iso(t: float | None) -> str | None:
 def sw_meaning(sw: str | None) -> str:
     """What a status word stored as hex text means (``-``/None: no status word)."""
     if sw is None or sw == "-":
-        return "no status word (transport, KCV or station error)"
+        return "no status word (transport, KCV, station)"
     try:
         return SW(int(sw, 16)).meaning
     except ValueError:
@@ -327,6 +327,10 @@ def _dates(ts: Sequence[float]) -> str:
     return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
+def _pauses(n: int) -> str:
+    return f"{n:,} pause" if n == 1 else f"{n:,} pauses"
+
+
 def _failure_bars(rep: CampaignReport) -> list[Bar]:
     by: Counter[str] = Counter()
     for f in rep.failures_by_sw:
@@ -365,7 +369,7 @@ def render_html(rep: CampaignReport) -> str:
         span = f"from {_when(tp[0].time)} to {_when(tp[-1].time + width)}"
         tp_html = (f"<figure>{chart}<figcaption>Loads imported per second, in buckets of "
                    f"{width:g} s; times UTC, {_dates([tp[0].time, tp[-1].time])}. "
-                   f"{total:,} loads {span}. Shaded: {len(rep.pauses)} pause(s), no load "
+                   f"{total:,} loads {span}. Shaded: {_pauses(len(rep.pauses))}, no load "
                    f"for more than {PAUSE_S:g} s (paused, interrupted or waiting for units)."
                    f"</figcaption></figure>"
                    + _table(["paused from", "to", "seconds"],
@@ -380,10 +384,12 @@ def render_html(rep: CampaignReport) -> str:
     fails += _table(["SW", "meaning", "step", "loads"],
                     [(f.sw, sw_meaning(f.sw), f.step, f"{f.count:,}")
                      for f in rep.failures_by_sw])
-    timed = [s for s in rep.stations if s.rate is not None]
-    per = (f"<figure>{bar_chart([Bar(s.station, s.rate or 0.0, f'loads/s, {s.loads:,} loads') for s in timed], x_label='loads/s (active time)', title='throughput by station')}"  # noqa: E501
-           "<figcaption>Mean loads imported per second by each station over its active "
-           "time (pauses left out).</figcaption></figure>" if timed else "")
+    per = ""
+    if timed := [Bar(s.station, s.rate, f"loads/s ({s.loads:,} loads)")
+                 for s in rep.stations if s.rate is not None]:
+        chart = bar_chart(timed, x_label="loads/s (active time)", title="throughput by station")
+        per = (f"<figure>{chart}<figcaption>Mean loads imported per second by each station "
+               "over its active time (pauses left out).</figcaption></figure>")
     per += _table(["station", "imported", "first import", "last import", "loads/s"],
                   [(s.station, f"{s.loads:,}", _when(s.first), _when(s.last),
                     "-" if s.rate is None else f"{s.rate:,.2f}") for s in rep.stations])
