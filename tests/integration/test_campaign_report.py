@@ -97,7 +97,9 @@ def test_a_fast_finished_campaign_has_its_throughput(tmp_path: Path) -> None:
     assert len(rep.throughput) >= 2 and sum(p.loads for p in rep.throughput) == 600
     assert all(p.rate == p.loads / p.width for p in rep.throughput)
     assert rep.pauses == ()
-    page = Page(render_html(rep))
+    text = render_html(rep)
+    assert "@media print" in text and "break-inside:avoid" in text  # printable
+    page = Page(text)
     assert "No throughput samples yet." not in page.all_text
     assert page.count("polyline", "segment") == 1 and page.count("rect", "gap") == 0
     assert "loads/s" in page.all_text and "time (UTC)" in page.all_text
