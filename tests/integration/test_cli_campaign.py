@@ -7,6 +7,7 @@ import io
 import json
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,30 @@ def test_campaign_report_files(done: tuple[Home, Result], tmp_path: Path) -> Non
     assert page.startswith("<!doctype html>") and "Campaign spring" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert (tmp_path / "rep" / "spring.csv").read_text().startswith("state,loads")
+
+
+def test_campaign_report_tables_and_throughput(done: tuple[Home, Result], tmp_path: Path
+                                               ) -> None:
+    """A finished campaign run by the console script: throughput samples (one per bucket of
+    the loads' import times), one CSV per table with ISO 8601 times, the failure list
+    complete and saying so."""
+    h, _ = done
+    out = ok(run("campaign", "report", "spring", "--out", tmp_path / "rep", "--json",
+                 home=h.root)).json()
+    names = sorted(Path(p).name for p in out["files"])
+    assert names == sorted(["spring.json", "spring.html", "spring.csv", "spring-plan.csv",
+                            "spring-failures.csv", "spring-failures-by-sw.csv",
+                            "spring-throughput.csv", "spring-pauses.csv",
+                            "spring-stations.csv"])
+    rep = json.loads((tmp_path / "rep" / "spring.json").read_text())
+    assert sum(p["loads"] for p in rep["throughput"]) == 12
+    assert (rep["failures"], rep["failures_total"], rep["failures_cut"]) == ([], 0, False)
+    page = (tmp_path / "rep" / "spring.html").read_text()
+    assert "No throughput samples yet." not in page and 'class="segment"' in page
+    with (tmp_path / "rep" / "spring-throughput.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(int(r["loads"]) for r in rows) == 12
+    assert all(datetime.fromisoformat(r["start"]).utcoffset() is not None for r in rows)
 
 
 def test_audit_verify_and_tampering(done: tuple[Home, Result], tmp_path: Path) -> None:

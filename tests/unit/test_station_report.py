@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keyload.station.report import ReceiptsCheck
+from keyload.station.receipts import ReceiptsCheck
 
 
 def test_receipts_check_json() -> None:

@@ -28,7 +28,8 @@ from .identity import AUTHORITY_ID
 from .journal import open_journal
 from .journal.model import Journal
 from .plan import create_campaign
-from .report import ReceiptsCheck, campaign_entries, check_receipts
+from .receipts import ReceiptsCheck, check_receipts
+from .report import campaign_entries
 
 DEMO_PASSPHRASE = "keyload-demo"
 CAMPAIGN = "demo"

@@ -6,27 +6,26 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import json
+import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import KeyloadError
+from ..core.errors import SW
 from ..core.ref1 import display_ref1
-from ..records.exportlog import ExportRecord
 from ..records.ledger import (
     LEDGER_FIELDS,
-    Export,
-    KeyFacts,
     LedgerCheck,
     LedgerEntry,
     ReceiptChecker,
     verify_entries,
 )
-from ..units.authority import Authority
 from ..units.storage import atomic_write
+from .charts import Bar, bar_chart, nice_step, time_chart, utc
 from .journal.model import FAILED, IMPORTED, Journal, PlannedLoad
 from .records import LoadRecords
 from .records import LoadRow as StationRow
@@ -124,20 +123,54 @@ class FailedLoad:
     ref1: bytes
     sw: str | None
     reason: str | None
+    attempts: int = 0
+    time: float | None = None  # when it failed for good (UTC seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sn": self.sn.hex(), "ref2": self.ref2, "ref1": display_ref1(self.ref1),
+                "sw": self.sw, "meaning": sw_meaning(self.sw), "reason": self.reason,
+                "attempts": self.attempts, "time": iso(self.time)}
 
 
 @dataclass(frozen=True, slots=True)
 class Throughput:
-    """Loads per second at ``t`` seconds after the campaign's first event."""
+    """Loads per second in the ``width`` seconds from ``time`` (UTC seconds), ``t`` seconds
+    after the first sample's start: ``loads`` imported then."""
 
     t: float
     rate: float
+    time: float = 0.0
+    width: float = 0.0
+    loads: int = 0
+    stretch: int = 0  # which active stretch (pauses between them: ``CampaignReport.pauses``)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """No load imported from ``start`` to ``end`` (UTC seconds), longer than
+    :data:`PAUSE_S`: the campaign was paused, interrupted or waiting for units."""
+
+    start: float
+    end: float
+
+
+@dataclass(frozen=True, slots=True)
+class StationThroughput:
+    """One station's imports and mean loads/s over its active time (pauses left out; None
+    when it imported too little to time). A failed load keeps no station."""
+
+    station: str
+    loads: int
+    first: float | None
+    last: float | None
+    rate: float | None
 
 
 @dataclass(frozen=True, slots=True)
 class CampaignReport:
     """A campaign's status with its outcome: reconciliations, loads by station, failures
-    by status word (and the first :data:`MAX_FAILURES` failed loads), throughput."""
+    by status word (and the first :data:`MAX_FAILURES` failed loads of ``failures_total``),
+    throughput over time with its pauses, and by station."""
 
     status: CampaignStatus
     reconciled: int
@@ -145,19 +178,57 @@ class CampaignReport:
     failures_by_sw: tuple[FailureCount, ...]
     failures: tuple[FailedLoad, ...]
     throughput: tuple[Throughput, ...]
+    failures_total: int = 0
+    pauses: tuple[Pause, ...] = ()
+    stations: tuple[StationThroughput, ...] = ()
+
+    @property
+    def failures_cut(self) -> bool:
+        """Fewer failed loads listed than there are."""
+        return len(self.failures) < self.failures_total
 
     def to_json(self) -> dict[str, Any]:
         return {**self.status.to_json(), "reconciled": self.reconciled,
                 "by_station": dict(self.by_station),
-                "failures_by_sw": [{"sw": f.sw, "step": f.step, "count": f.count}
+                "failures_by_sw": [{"sw": f.sw, "step": f.step, "count": f.count,
+                                    "meaning": sw_meaning(f.sw)}
                                    for f in self.failures_by_sw],
-                "failures": [{"sn": f.sn.hex(), "ref2": f.ref2, "ref1": display_ref1(f.ref1),
-                              "sw": f.sw, "reason": f.reason} for f in self.failures],
-                "throughput": [{"t": p.t, "rate": p.rate} for p in self.throughput]}
+                "failures": [f.to_json() for f in self.failures],
+                "failures_total": self.failures_total, "failures_cut": self.failures_cut,
+                "throughput": [{"t": p.t, "rate": p.rate, "time": iso(p.time),
+                                "width_s": p.width, "loads": p.loads,
+                                "stretch": p.stretch}
+                               for p in self.throughput],
+                "pauses": [{"start": iso(p.start), "end": iso(p.end),
+                            "seconds": round(p.end - p.start, 3)} for p in self.pauses],
+                "stations": [{"station": s.station, "loads": s.loads,
+                              "first": iso(s.first), "last": iso(s.last), "rate": s.rate}
+                             for s in self.stations]}
 
 
 MAX_FAILURES = 1000
 """Failed loads listed one by one in a report (all are counted by status word)."""
+
+PAUSE_S = 30.0
+"""No import for longer than this (seconds) is a pause: a gap in the throughput."""
+
+BUCKETS = 60
+"""About how many throughput samples a report draws over the campaign's active time."""
+
+
+def iso(t: float | None) -> str | None:
+    """UTC seconds as ISO 8601 with milliseconds (None stays None)."""
+    return None if t is None else utc(t).isoformat(timespec="milliseconds")
+
+
+def sw_meaning(sw: str | None) -> str:
+    """What a status word stored as hex text means (``-``/None: no status word)."""
+    if sw is None or sw == "-":
+        return "no status word (transport, KCV, station)"
+    try:
+        return SW(int(sw, 16)).meaning
+    except ValueError:
+        return "unknown status word"
 
 
 def status(journal: Journal, campaign: str) -> CampaignStatus:
@@ -168,207 +239,229 @@ def status(journal: Journal, campaign: str) -> CampaignStatus:
 
 
 def build_report(journal: Journal, campaign: str) -> CampaignReport:
+    """The report, from the loads' own rows: each import's time gives the throughput
+    (a run of any length has samples, whatever its events)."""
     st = status(journal, campaign)
     by_sw: Counter[tuple[str, str]] = Counter()
     failures: list[FailedLoad] = []
     reconciled = 0
     by_station: Counter[str] = Counter()
+    times: dict[str, list[float]] = {}
     for row in journal.rows(campaign, [IMPORTED, FAILED]):
         if row.state == FAILED:
             by_sw[(row.sw or "-", (row.reason or "").split(":")[0])] += 1
             if len(failures) < MAX_FAILURES:
-                failures.append(FailedLoad(row.sn, row.ref2, row.ref1, row.sw, row.reason))
+                failures.append(FailedLoad(row.sn, row.ref2, row.ref1, row.sw, row.reason,
+                                           row.attempts, row.updated))
         else:
             reconciled += int(row.reconciled)
             by_station[row.station or "-"] += 1
+            if row.updated is not None:
+                times.setdefault(row.station or "-", []).append(row.updated)
+    series, pauses = throughput([t for ts in times.values() for t in ts])
+    stations = tuple(_station(s, sorted(times.get(s, [])), n)
+                     for s, n in sorted(by_station.items()))
     return CampaignReport(st, reconciled, dict(by_station),
                           tuple(FailureCount(sw, step, n)
                                 for (sw, step), n in by_sw.most_common()),
-                          tuple(failures), tuple(_throughput(journal.events(campaign))))
+                          tuple(failures), tuple(series), sum(by_sw.values()),
+                          tuple(pauses), stations)
 
 
-def _throughput(events: list[tuple[float, str, int, int]]) -> list[Throughput]:
-    """Loads/s over time, from each station's cumulative counters (per run)."""
+def _segments(times: list[float], pause_s: float) -> list[list[float]]:
+    """Sorted times split where none came for longer than ``pause_s``."""
+    segs: list[list[float]] = []
+    for t in times:
+        if segs and t - segs[-1][-1] <= pause_s:
+            segs[-1].append(t)
+        else:
+            segs.append([t])
+    return segs
+
+
+def throughput(times: list[float], *, pause_s: float = PAUSE_S,
+               buckets: int = BUCKETS) -> tuple[list[Throughput], list[Pause]]:
+    """Loads/s from the loads' times: counted in buckets of one width (a round number of
+    seconds, about ``buckets`` over the active time), each active stretch apart; the
+    stretches between are the pauses."""
+    segs = _segments(sorted(times), pause_s)
+    if not segs:
+        return [], []
+    active = sum(s[-1] - s[0] for s in segs)
+    width = float(nice_step(max(active / buckets, 0.01)))
+    t0 = math.floor(segs[0][0] / width) * width
     out: list[Throughput] = []
-    last: dict[str, tuple[float, int]] = {}
-    t0 = events[0][0] if events else 0.0
-    for t, station, done, _ in events:
-        prev = last.get(station)
-        if prev is not None and done >= prev[1] and t > prev[0]:
-            out.append(Throughput(round(t - t0, 3), (done - prev[1]) / (t - prev[0])))
-        last[station] = (t, done)
-    return out
+    for k, seg in enumerate(segs):
+        start = math.floor(seg[0] / width) * width
+        counts = Counter(int((t - start) // width) for t in seg)
+        for i in range(max(counts) + 1):
+            b = start + i * width
+            out.append(Throughput(round(b - t0, 3), counts[i] / width, b, width, counts[i], k))
+    return out, [Pause(a[-1], b[0]) for a, b in itertools.pairwise(segs)]
 
 
-def _svg_chart(series: Sequence[Throughput], width: int = 720, height: int = 220) -> str:
-    if not series:
-        return "<p>No throughput samples yet.</p>"
-    tmax = max(p.t for p in series) or 1.0
-    rmax = max(p.rate for p in series) or 1.0
-    pad = 40
-    pts = " ".join(f"{pad + (width - 2 * pad) * p.t / tmax:.1f},"
-                   f"{height - pad - (height - 2 * pad) * p.rate / rmax:.1f}" for p in series)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'role="img" aria-label="loads per second over time">'
-            f'<rect width="100%" height="100%" fill="#fff"/>'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-            f'stroke="#444"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" '
-            f'stroke="#444"/><polyline fill="none" stroke="#1f6feb" stroke-width="2" '
-            f'points="{pts}"/><text x="{pad}" y="{pad - 8}" font-size="12">'
-            f'{rmax:,.0f} loads/s</text><text x="{width - pad}" y="{height - pad + 16}" '
-            f'font-size="12" text-anchor="end">{tmax:,.0f} s</text></svg>')
+def _station(name: str, times: list[float], loads: int) -> StationThroughput:
+    active = sum(s[-1] - s[0] for s in _segments(times, PAUSE_S))
+    return StationThroughput(name, loads, times[0] if times else None,
+                             times[-1] if times else None,
+                             round(len(times) / active, 3) if active > 0 else None)
+
+
+def _rows(cells: Iterable[Sequence[object]]) -> str:
+    return "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in cells)
+
+
+def _table(head: Sequence[str], cells: Iterable[Sequence[object]], empty: str = "none") -> str:
+    body = _rows(cells) or f'<tr><td colspan="{len(head)}">{html.escape(empty)}</td></tr>'
+    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + f"</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else utc(t).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _dates(ts: Sequence[float]) -> str:
+    days = sorted({utc(t).date().isoformat() for t in ts})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def _pauses(n: int) -> str:
+    return f"{n:,} pause" if n == 1 else f"{n:,} pauses"
+
+
+def _failure_bars(rep: CampaignReport) -> list[Bar]:
+    by: Counter[str] = Counter()
+    for f in rep.failures_by_sw:
+        by[f.sw] += f.count
+    return [Bar(f"{sw} {sw_meaning(sw)}", n) for sw, n in by.most_common()]
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:60em}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
+text-align:left}th{background:#f4f4f4}figure{margin:1em 0}figcaption{font-size:.9em;color:#444}
+svg{max-width:100%;height:auto}
+@page{size:A4;margin:15mm}
+@media print{body{margin:0;font-size:10pt;max-width:none}h2{break-after:avoid}
+figure,tr{break-inside:avoid}thead{display:table-header-group}th{background:none}}"""
 
 
 def render_html(rep: CampaignReport) -> str:
+    """The report for people: plan and result, charts (throughput over UTC time with its
+    pauses, failures by status word, loads/s by station), the failed loads; printable.
+    Everything from the journal is escaped."""
     e = html.escape
     st = rep.status
-    states = "".join(f"<tr><td>{e(k)}</td><td>{v:,}</td></tr>" for k, v in st.states.items())
-    fails = "".join(f"<tr><td>{e(str(f.sw))}</td><td>{e(f.step)}</td>"
-                    f"<td>{f.count:,}</td></tr>" for f in rep.failures_by_sw) or \
-        "<tr><td colspan=3>none</td></tr>"
-    plan = "".join(f"<tr><td>{e(display_ref1(p.ref1))}</td><td>{p.ref2}</td>"
-                   f"<td>{p.version}</td></tr>" for p in st.plan)
+    plan = _table(["REF1", "REF2", "version"],
+                  [(display_ref1(p.ref1), p.ref2, "any" if p.version is None else p.version)
+                   for p in st.plan])
+    states = _table(["state", "loads"], [(k, f"{v:,}") for k, v in st.states.items()])
+    tp = rep.throughput
+    if tp:
+        segs: dict[int, list[tuple[float, float]]] = {}
+        for p in tp:
+            segs.setdefault(p.stretch, []).append((p.time + p.width / 2, p.rate))
+        width = tp[0].width
+        chart = time_chart(list(segs.values()), [(p.start, p.end) for p in rep.pauses],
+                           y_label="loads/s", title="loads per second over time")
+        total = sum(p.loads for p in tp)
+        span = f"from {_when(tp[0].time)} to {_when(tp[-1].time + width)}"
+        tp_html = (f"<figure>{chart}<figcaption>Loads imported per second, in buckets of "
+                   f"{width:g} s; times UTC, {_dates([tp[0].time, tp[-1].time])}. "
+                   f"{total:,} loads {span}. Shaded: {_pauses(len(rep.pauses))}, no load "
+                   f"for more than {PAUSE_S:g} s (paused, interrupted or waiting for units)."
+                   f"</figcaption></figure>"
+                   + _table(["paused from", "to", "seconds"],
+                            [(_when(p.start), _when(p.end), f"{p.end - p.start:,.1f}")
+                             for p in rep.pauses], "no pause"))
+    else:
+        tp_html = "<p>No load imported yet: no throughput to show.</p>"
+    bars = _failure_bars(rep)
+    fails = (f"<figure>{bar_chart(bars, x_label='failed loads', title='failures by SW')}"
+             f"<figcaption>Loads failed for good, by status word.</figcaption></figure>"
+             if bars else "")
+    fails += _table(["SW", "meaning", "step", "loads"],
+                    [(f.sw, sw_meaning(f.sw), f.step, f"{f.count:,}")
+                     for f in rep.failures_by_sw])
+    per = ""
+    if timed := [Bar(s.station, s.rate, f"loads/s ({s.loads:,} loads)")
+                 for s in rep.stations if s.rate is not None]:
+        chart = bar_chart(timed, x_label="loads/s (active time)", title="throughput by station")
+        per = (f"<figure>{chart}<figcaption>Mean loads imported per second by each station "
+               "over its active time (pauses left out).</figcaption></figure>")
+    per += _table(["station", "imported", "first import", "last import", "loads/s"],
+                  [(s.station, f"{s.loads:,}", _when(s.first), _when(s.last),
+                    "-" if s.rate is None else f"{s.rate:,.2f}") for s in rep.stations])
+    cut = (f"<p>The first {len(rep.failures):,} of {rep.failures_total:,} failed loads.</p>"
+           if rep.failures_cut else "")
+    failed = cut + _table(
+        ["SN", "REF2", "REF1", "SW", "reason", "attempts", "failed at"],
+        [(f.sn.hex(), f.ref2, display_ref1(f.ref1), f.sw or "-", f.reason or "-",
+          f.attempts, _when(f.time)) for f in rep.failures])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>keyload campaign {e(st.campaign)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;
-text-align:left}}th{{background:#f4f4f4}}</style></head><body>
+<style>{_CSS}</style></head><body>
 <h1>Campaign {e(st.campaign)}</h1>
+<h2>Result</h2>
 <p>Set {e(st.set_id.hex())}: {st.units:,} units, {st.loads:,} planned loads;
 {st.states['imported']:,} imported ({rep.reconciled:,} reconciled with the unit after
 an interruption), {st.states['failed']:,} failed. {'Complete.' if st.done else ''}</p>
-<h2>Plan</h2><table><tr><th>REF1</th><th>REF2</th><th>version</th></tr>{plan}</table>
-<h2>Loads by state</h2><table><tr><th>state</th><th>loads</th></tr>{states}</table>
-<h2>Failures by status word</h2><table><tr><th>SW</th><th>step</th><th>count</th></tr>{fails}
-</table><h2>Throughput</h2>{_svg_chart(rep.throughput)}
+{states}
+<h2>Plan</h2>{plan}
+<h2>Throughput</h2>{tp_html}
+<h2>Failures by status word</h2>{fails}
+<h2>Stations</h2>{per}
+<h2>Failed loads</h2>{failed}
 </body></html>
 """
 
 
+def _csv(rows: Iterable[Sequence[object]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode()
+
+
+def report_tables(rep: CampaignReport) -> dict[str, list[Sequence[object]]]:
+    """The report's tables for CSV, by file suffix (``""``: the loads by state); times
+    in ISO 8601 (UTC)."""
+    st = rep.status
+    return {
+        "": [("state", "loads"), *st.states.items()],
+        "-plan": [("ref1", "ref2", "version"),
+                  *((display_ref1(p.ref1), p.ref2, "any" if p.version is None else p.version)
+                    for p in st.plan)],
+        "-failures-by-sw": [("sw", "meaning", "step", "count"),
+                            *((f.sw, sw_meaning(f.sw), f.step, f.count)
+                              for f in rep.failures_by_sw)],
+        "-failures": [("sn", "ref2", "ref1", "sw", "meaning", "reason", "attempts", "time"),
+                      *((f.sn.hex(), f.ref2, display_ref1(f.ref1), f.sw or "",
+                         sw_meaning(f.sw), f.reason or "", f.attempts, iso(f.time) or "")
+                        for f in rep.failures)],
+        "-throughput": [("start", "end", "loads", "loads_per_s"),
+                        *((iso(p.time), iso(p.time + p.width), p.loads, p.rate)
+                          for p in rep.throughput)],
+        "-pauses": [("start", "end", "seconds"),
+                    *((iso(p.start), iso(p.end), round(p.end - p.start, 3))
+                      for p in rep.pauses)],
+        "-stations": [("station", "imported", "first", "last", "loads_per_s"),
+                      *((s.station, s.loads, iso(s.first) or "", iso(s.last) or "",
+                         "" if s.rate is None else s.rate) for s in rep.stations)]}
+
+
 def write_report(rep: CampaignReport, out_dir: Path) -> list[Path]:
-    """The report as ``NAME.json`` (:meth:`CampaignReport.to_json`), ``NAME.csv`` (loads by
-    state, failures by status word) and ``NAME.html``, in ``out_dir``."""
+    """The report as ``NAME.json`` (:meth:`CampaignReport.to_json`), ``NAME.html``, and
+    one CSV per table (:func:`report_tables`): ``NAME.csv`` (loads by state),
+    ``NAME-plan.csv``, ``NAME-failures-by-sw.csv``, ``NAME-failures.csv`` (the listed
+    ones: ``failures_cut`` in the JSON says whether that is all), ``NAME-throughput.csv``,
+    ``NAME-pauses.csv``, ``NAME-stations.csv``, in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     name = rep.status.campaign
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.html"]
-    atomic_write(paths[0], json.dumps(rep.to_json(), indent=1).encode(), mode=0o644)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["state", "loads"])
-    for k, v in rep.status.states.items():
-        w.writerow([k, v])
-    w.writerow([])
-    w.writerow(["sw", "step", "count"])
-    for f in rep.failures_by_sw:
-        w.writerow([f.sw, f.step, f.count])
-    atomic_write(paths[1], buf.getvalue().encode(), mode=0o644)
-    atomic_write(paths[2], render_html(rep).encode(), mode=0o644)
-    return paths
-
-
-# -- receipts against the authority's export records (``keyload receipts``) -------------
-@dataclass
-class ReceiptsCheck:
-    """Every receipt checked against the export it claims and by the authority's MAC;
-    the exports left with neither a receipt nor a reconciliation."""
-
-    verified: int = 0
-    invalid: int = 0
-    reconciled: int = 0
-    invalid_rows: list[dict[str, Any]] = field(default_factory=list)
-    without_receipt: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """What ``keyload receipts --json`` prints."""
-        return {"verified": self.verified, "invalid": self.invalid,
-                "invalid_rows": self.invalid_rows, "reconciled": self.reconciled,
-                "exports_without_receipt": len(self.without_receipt),
-                "without_receipt": self.without_receipt}
-
-
-def _download(set_id: bytes, sn: bytes, ref1: bytes, ref2: int, kcv: bytes | None) -> tuple[
-        bytes, bytes, bytes, int, bytes | None]:
-    return set_id, sn, ref1, ref2, kcv
-
-
-class _Exports:
-    """The export records by download (set, SN, REF1, REF2, KCV), each taken once."""
-
-    def __init__(self, records: Iterable[ExportRecord]) -> None:
-        self.records = list(records)
-        self.taken = [False] * len(self.records)
-        self.by_download: dict[tuple[Any, ...], list[int]] = {}
-        for i, e in enumerate(self.records):
-            self.by_download.setdefault(_download(e.set_id, e.sn, e.ref1, e.ref2, e.kcv),
-                                        []).append(i)
-
-    def take(self, key: tuple[Any, ...], t: float) -> ExportRecord | None:
-        """The latest export of ``key`` not taken yet made at or before ``t`` (else the
-        earliest not taken): a retried download's receipt goes with its last export."""
-        free = [i for i in self.by_download.get(key, ()) if not self.taken[i]]
-        if not free:
-            return None
-        before = [i for i in free if self.records[i].time <= t]
-        i = before[-1] if before else free[0]
-        self.taken[i] = True
-        return self.records[i]
-
-    def export_of(self, e: LedgerEntry) -> Export | None:
-        """The export ``e`` claims, taken (the authority records no header nor client)."""
-        x = self.take(e.download, e.time or 0.0)
-        return None if x is None else Export(
-            x.set_id, x.ref1, x.ref2, x.suite, x.key_version, x.kcv,
-            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version"),
-            c_u=x.c_u, e_a=x.e_a)
-
-    def left(self) -> Iterator[ExportRecord]:
-        return (e for e, taken in zip(self.records, self.taken, strict=True) if not taken)
-
-
-def key_facts(authority: Authority) -> Callable[[bytes], KeyFacts | None]:
-    """The authority's keys as they are now, by REF1 (None: the key is gone: its
-    receipts' MACs still count)."""
-    def facts(ref1: bytes) -> KeyFacts | None:
-        try:
-            info = authority.backend.key_info(ref1)
-        except KeyloadError:
-            return None
-        return KeyFacts(info.version, int(info.key_type), info.length, info.attrs.usage,
-                        info.attrs.mode, info.attrs.exportability)
-    return facts
-
-
-def check_receipts(receipts: Iterable[LedgerEntry], exports: Iterable[ExportRecord],
-                   authority: Authority, *, accounted: Iterable[tuple[Any, ...]] = (),
-                   failures: dict[tuple[bytes, bytes, int], str] | None = None
-                   ) -> ReceiptsCheck:
-    """Check every receipt (reconciled loads, ``rct`` None, are counted apart) against
-    the authority's export records and MAC (:func:`~keyload.records.ledger.verify_entries`);
-    list the exports left over.
-
-    The MAC binds SN, R, REF2, H and the KCV; the export record binds the rest to what
-    the authority sent: set, REF1, suite and key version (the one in H and the row's
-    own column), and H's key type, length, usage, mode and exportability to the key's
-    while it is still at that version.
-
-    ``accounted``: downloads (set, SN, REF1, REF2, KCV) whose receipt is kept and
-    checked elsewhere (the service's ledger). ``failures``: what the station recorded
-    for a download that did not end in a receipt, by (SN, REF1, REF2), shown with the
-    exports left over."""
-    ex = _Exports(exports)
-    for key in accounted:
-        ex.take(key, float("inf"))
-    chk = verify_entries(sorted(receipts, key=lambda x: x.time or 0.0), authority,
-                         export_of=ex.export_of, matched_by="unit, slot, key and KCV",
-                         key_now=key_facts(authority))
-    out = ReceiptsCheck(chk.verified, chk.invalid, chk.reconciled, [
-        {"source": i.entry.label, "sn": i.entry.sn.hex(), "ref2": i.entry.ref2,
-         "ref1": display_ref1(i.entry.ref1), "reason": i.reason}
-        for i in chk.invalid_entries])
-    for e in ex.left():
-        out.without_receipt.append({
-            "time": e.time, "set_id": e.set_id.hex(), "sn": e.sn.hex(),
-            "ref1": display_ref1(e.ref1), "ref2": e.ref2, "suite": e.suite,
-            "key_version": e.key_version, "kcv": e.kcv.hex().upper(),
-            "station": (failures or {}).get((e.sn, e.ref1, e.ref2))})
-    return out
+    files = [(out_dir / f"{name}.json", json.dumps(rep.to_json(), indent=1).encode()),
+             *((out_dir / f"{name}{suffix}.csv", _csv(rows))
+               for suffix, rows in report_tables(rep).items()),
+             (out_dir / f"{name}.html", render_html(rep).encode())]
+    for path, data in files:
+        atomic_write(path, data, mode=0o644)
+    return [p for p, _ in files]

@@ -19,11 +19,10 @@ from .home import Home, Keystore
 from .journal import open_journal
 from .journal.model import IMPORTED, STATES, Journal
 from .plan import open_home_journal
+from .receipts import ReceiptsCheck, check_receipts
 from .records import LoadRecords
 from .report import (
-    ReceiptsCheck,
     campaign_entries,
-    check_receipts,
     invalid_rows,
     ledger,
     station_entry,
