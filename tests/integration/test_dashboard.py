@@ -10,10 +10,15 @@ the failing SNs have something to show. The browser's screenshot is kept in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
+import signal
 import sqlite3
 import ssl
+import subprocess
 import threading
 import time
 import urllib.error
@@ -29,6 +34,7 @@ import pytest
 
 from keyload.core.keys import KeyType
 from keyload.dashboard.serve import Dashboard, Tls, open_dashboard
+from keyload.dashboard.state import ServiceProbe
 from keyload.records.audit import AuditLog
 from keyload.service.pki import init_pki
 from keyload.service.server import ServerThread
@@ -41,6 +47,7 @@ from keyload.transports.local import LocalConnection
 from keyload.units.unit import Slot, Unit
 
 from ..conftest import require
+from .cli_helpers import KEYLOAD
 from .fixtures import World, make_world
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,3 +337,69 @@ def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -
         srv.stop()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
+
+
+# -- a running service, and the command ---------------------------------------------------
+def test_a_service_shows_its_health_and_requests_and_refusals_per_second(
+        tmp_path: Path) -> None:
+    from .test_service import build_world, policy_doc, raw, start_service
+
+    w = build_world(tmp_path, units=1)
+    run = start_service(w, policy_doc(w))
+    ticks = iter([100.0, 110.0])
+    probe = ServiceProbe(run.url, ca=w.pki / "ca.pem", cert=w.pki / "clients" / "monitor.pem",
+                         key=w.pki / "clients" / "monitor.key", clock=lambda: next(ticks))
+    try:
+        first = probe.read()
+        assert first["health"] == "ok" and first["checks"] == {"state": "ok", "authority": "ok"}
+        assert first["requests_per_s"] is None and first["error"] is None  # one read: no rate
+        for client in (None, None, "intruder"):  # 401, 401, 403
+            assert raw(run, "POST", "/v1/exportkey", b"{}", client=client)[0] in (401, 403)
+        second = probe.read()
+        # between the two renders: the first read's metrics request, three refusals and
+        # the second read's health request, over 10 s of the probe's clock
+        assert second["requests"] - first["requests"] == 5
+        assert second["refusals"] - first["refusals"] == 3
+        assert (second["requests_per_s"], second["refusals_per_s"]) == (0.5, 0.3)
+        # a client the policy does not let read metrics: health only, and why
+        other = ServiceProbe(run.url, ca=w.pki / "ca.pem", cert=w.pki / "clients" / "other.pem",
+                             key=w.pki / "clients" / "other.key")
+        seen = other.read()
+        other.close()
+        assert seen["health"] == "ok" and seen["requests"] is None
+        assert seen["error"].startswith("metrics: HTTP 403")
+    finally:
+        probe.close()
+        run.stop()
+    gone = ServiceProbe(run.url, ca=w.pki / "ca.pem").read()
+    assert gone["health"] == "unreachable" and "unreachable" in gone["error"]
+
+
+def test_keyload_dashboard_prints_its_url_and_serves(running: Running) -> None:
+    running.finish()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([KEYLOAD, "dashboard", "--home", str(running.home.root), "--port",
+                          "0"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        m = re.fullmatch(r"keyload dashboard on (http://127\.0\.0\.1:(\d+)/) \(read-only; "
+                         r"Ctrl-C stops it\)\n", line)
+        assert m and int(m[2]) > 0, line
+        for _ in range(100):  # the line comes just before the server listens
+            with contextlib.suppress(OSError):
+                status, s = _get(m[1] + "api/state")
+                break
+            time.sleep(0.05)
+        assert status == 200 and s["campaigns"][0]["states"]["imported"] == \
+            _journal_facts(running.home)["imported"]
+        with urllib.request.urlopen(m[1], timeout=10) as r:  # noqa: S310
+            page = r.read().decode()
+        assert '<script src="/app.js"' in page and "http" not in page.split("<body>")[1]
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(10)
+    off = subprocess.run([KEYLOAD, "dashboard", "--home", str(running.home.root), "--host",
+                          "0.0.0.0", "--port", "0"], capture_output=True, text=True,  # noqa: S104
+                         timeout=60)
+    assert off.returncode == 3 and "HTTPS only" in off.stderr
