@@ -262,12 +262,12 @@ def test_off_loopback_it_is_https_and_refuses_without_a_client_certificate(
 def _browser() -> Any:
     """Playwright's sync API, or a skip (a failure in CI) naming what is missing."""
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         require(False, "the dashboard's browser test needs playwright (the test extra)")
     require(shutil.which("chromium") is not None or Path(CHROMIUM).exists(),
             f"the dashboard's browser test needs Debian's chromium ({CHROMIUM})")
-    return sync_playwright
+    return sync_playwright, expect
 
 
 def _number(text: str) -> int:
@@ -275,7 +275,7 @@ def _number(text: str) -> int:
 
 
 def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -> None:
-    sync_playwright = _browser()
+    sync_playwright, expect = _browser()
     d = open_dashboard(running.home, port=0)
     srv = _serve(d)
     try:
@@ -290,8 +290,8 @@ def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -
                 page.goto(d.url)
                 art = page.locator('article[data-campaign="c"]')
                 art.wait_for(timeout=10_000)
-                page.wait_for_function(
-                    "document.querySelector('#audit [data-k=audit]').textContent !== ''")
+                # (locator waits: the page's CSP forbids the eval of wait_for_function)
+                expect(page.locator("#audit [data-k=audit]")).not_to_have_text("")
                 facts = _journal_facts(running.home)
 
                 def shown(k: str) -> str:
@@ -325,10 +325,8 @@ def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -
                 # live: the page follows the campaign to its end without a reload
                 running.finish()
                 done = _journal_facts(running.home)
-                page.wait_for_function(
-                    "(n) => document.querySelector('article[data-campaign=c] "
-                    "[data-k=imported]').textContent === String(n)",
-                    arg=done["imported"], timeout=10_000)
+                expect(art.locator('[data-k="imported"]')).to_have_text(
+                    str(done["imported"]), timeout=10_000)
                 assert shown("eta") == "done"
                 assert outside == []  # nothing fetched from anywhere else
             finally:
