@@ -34,7 +34,7 @@ import pytest
 
 from keyload.core.keys import KeyType
 from keyload.dashboard.serve import Dashboard, Tls, open_dashboard
-from keyload.dashboard.state import ServiceProbe
+from keyload.dashboard.state import Gatherer, ServiceProbe
 from keyload.records.audit import AuditLog
 from keyload.service.pki import init_pki
 from keyload.service.server import ServerThread
@@ -209,6 +209,15 @@ def test_the_dashboard_only_reads(running: Running) -> None:
             running.home.audit_path.read_bytes()) == before
 
 
+def test_another_journal_is_read_with_journal(running: Running, tmp_path: Path) -> None:
+    other = Home.resolve(str(tmp_path / "other"))
+    other.ensure()
+    g = Gatherer(other, journal=str(running.home.journal_path)).gather(time.time())
+    assert [c["campaign"] for c in g["campaigns"]] == ["c"]
+    assert Gatherer(other).gather(time.time())["campaigns"] == []  # its own: none yet
+    assert not other.journal_path.exists()  # and none made by looking
+
+
 def test_an_edited_audit_record_shows_where_the_chain_breaks(running: Running) -> None:
     running.finish()
     db = sqlite3.connect(running.home.audit_path)
@@ -340,7 +349,7 @@ def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -
 # -- a running service, and the command ---------------------------------------------------
 def test_a_service_shows_its_health_and_requests_and_refusals_per_second(
         tmp_path: Path) -> None:
-    from .test_service import build_world, policy_doc, raw, start_service
+    from .test_service import build_world, export_json, init, policy_doc, raw, start_service
 
     w = build_world(tmp_path, units=1)
     run = start_service(w, policy_doc(w))
@@ -359,6 +368,13 @@ def test_a_service_shows_its_health_and_requests_and_refusals_per_second(
         assert second["requests"] - first["requests"] == 5
         assert second["refusals"] - first["refusals"] == 3
         assert (second["requests_per_s"], second["refusals_per_s"]) == (0.5, 0.3)
+        # an export no receipt followed is in the ledger's service part, by age
+        i = init(w, w.units_a[0])
+        assert raw(run, "POST", "/v1/exportkey", export_json(i, b"TMK-1", 1))[0] == 200
+        svc_ledger = Gatherer(Home.resolve(str(w.home))).gather(time.time())["ledger"]
+        assert svc_ledger["service"]["total"] == 1 and svc_ledger["service"]["entries"] == 0
+        assert svc_ledger["service"]["by_age"] == {"under_1h": 1, "1h_to_1d": 0,
+                                                   "1d_to_7d": 0, "7d_or_more": 0}
         # a client the policy does not let read metrics: health only, and why
         other = ServiceProbe(run.url, ca=w.pki / "ca.pem", cert=w.pki / "clients" / "other.pem",
                              key=w.pki / "clients" / "other.key")
