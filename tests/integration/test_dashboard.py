@@ -417,3 +417,19 @@ def test_keyload_dashboard_prints_its_url_and_serves(running: Running) -> None:
                           "0.0.0.0", "--port", "0"], capture_output=True, text=True,  # noqa: S104
                          timeout=60)
     assert off.returncode == 3 and "HTTPS only" in off.stderr
+
+
+def test_the_page_is_package_data() -> None:
+    """The page and its script ship in the package (pyproject's package data), and the
+    page names no script or style but its own."""
+    import tomllib
+
+    from keyload.dashboard.app import STATIC, static_file
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "dashboard/static/*" in data["package-data"]["keyload"]
+    page = static_file("index.html").decode()
+    assert re.findall(r'(?:src|href)="([^"]+)"', page) == ["/app.css", "/app.js"]
+    assert all(static_file(name) for name, _ in STATIC.values())
+    assert "http" not in static_file("app.js").decode().replace(
+        "http://www.w3.org/2000/svg", "")  # the SVG namespace is a name, not a fetch
