@@ -9,7 +9,7 @@ WORKDIR ?=
 EXTRAS ?= test$(shell command -v swig >/dev/null 2>&1 && [ -e /usr/include/PCSC/winscard.h ] && echo ,pcsc)
 
 comma := ,
-SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql
+SYSTEM_DEPS := softhsm2 opensc pcscd vsmartcard-vpcd swig libpcsclite-dev gcc postgresql chromium
 
 .PHONY: venv demo test test-fast lint typecheck unit-tests bench bench-hardware bench-service conformance clean system-deps \
 	venv-floors test-floors
@@ -39,7 +39,7 @@ $(FLOORS_STAMP): pyproject.toml constraints/floors.txt
 venv-floors: $(FLOORS_STAMP)
 
 # Debian packages for the hardware paths (SoftHSM2 + pkcs11-tool, pcscd + vpcd, and what
-# pyscard needs to build). Run as root. Without them those tests skip (and fail in CI).
+# pyscard needs to build) and the browser of the dashboard's tests (chromium). Run as root. Without them those tests skip (and fail in CI).
 system-deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "system-deps installs Debian packages: run it as root"; exit 1; fi
 	apt-get update -qq

@@ -29,7 +29,9 @@ LAYERS = {
     "station": {"core", "records", "units", "transports"},
     "service": {"core", "records", "units", "transports", "station"},
     "lab": {"core", "records", "units", "transports", "station"},
-    "cli": {"core", "records", "units", "transports", "station", "service", "lab"},
+    "dashboard": {"core", "records", "units", "transports", "station", "service"},
+    "cli": {"core", "records", "units", "transports", "station", "service", "lab",
+            "dashboard"},
 }
 #: What the service may take from the station: driving a unit (``fetch``), not records.
 SERVICE_FROM_STATION = {"keyload.station.fleet", "keyload.station.load"}
@@ -134,7 +136,8 @@ def test_records_builds_on_core_alone() -> None:
 
 
 def test_only_the_cli_imports_the_lab() -> None:
-    for layer in ("core", "records", "units", "transports", "station", "service"):
+    for layer in ("core", "records", "units", "transports", "station", "service",
+                  "dashboard"):
         found = _layer_imports(layer)
         assert found, f"{layer}/ has modules"
         assert {m: i for m, i in found.items() if "lab" in i} == {}, layer

@@ -40,8 +40,8 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, cards, commands, demo, identity, keyblocks, service_cmds
-from .args import SET_ID, Opt, cmd, common, group, opt
+from . import campaigns, cards, commands, dashboard, demo, identity, keyblocks, service_cmds
+from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
@@ -190,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--quiet", action="store_true", help="no progress bar"))
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)
+    cmd(sub, "dashboard", dashboard.run, "a read-only web page, live: campaigns (progress, "
+        "loads/s, ETA, failures), the ledger, the audit chain, and a service's health",
+        JOURNAL, opt("--host", default="127.0.0.1", help="address to listen on (default "
+                     "127.0.0.1: plain HTTP; any other: HTTPS with mutual TLS)"),
+        opt("--port", type=int, default=8080, help="TCP port (default 8080; 0: a free one)"),
+        opt("--cert", help="off loopback: the dashboard's certificate (PEM)"),
+        opt("--key", help="off loopback: its private key (PEM)"),
+        opt("--ca", help="the CA of client certificates (and of --service's certificate)"),
+        opt("--policy", help="off loopback: the service's policy; its clients may look"),
+        opt("--service", metavar="URL", help="a running service: its /v1/health, and its "
+            "/v1/metrics with --service-cert and --service-key"),
+        opt("--service-cert", help="a client certificate the service lets read metrics"),
+        opt("--service-key", help="that certificate's private key"))
     cmd(sub, "conformance", commands.conformance, "run KLP1 vector files (docs/protocol.md §9)",
         opt("files", nargs="+", metavar="FILE"))
     return parser

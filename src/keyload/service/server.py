@@ -421,7 +421,9 @@ class Server(uvicorn.Server):
             else:
                 self.servers.append(await loop.create_server(
                     create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
-                    ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=5.0))
+                    ssl_handshake_timeout=self.handshake_timeout, ssl_shutdown_timeout=5.0)
+                    if config.ssl else await loop.create_server(  # plain HTTP (a dashboard)
+                    create_protocol, sock=sock, backlog=config.backlog))
         self.started = True
 
 
