@@ -98,9 +98,9 @@ def authority_show(args: argparse.Namespace) -> int:
 def authority_exports(args: argparse.Namespace) -> int:
     total, rows = export_rows(home_of(args), args.limit)
     if not emitted(args, {"total": total, "records": rows}):
-        table(["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
+        table(["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
               [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
-                r["kcv"]] for r in rows])
+                r["kcv"], r["initial_key_id"] or ""] for r in rows])
         print(f"{total} exports recorded")
     return 0
 

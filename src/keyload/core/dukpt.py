@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .keys import KeyType
+from .keys import KeyAttributes, KeyType
 from .primitives import Buf, aes_ecb_encrypt_into
 from .secret import Secret
 
@@ -103,6 +103,35 @@ class InitialKeyOrder:
         return kt
 
 
+def ik_attributes(bdk: KeyAttributes) -> KeyAttributes:
+    """The header attributes of an IK derived from a BDK of ``bdk``: usage B1, the BDK's
+    mode of use, never exportable (N)."""
+    return KeyAttributes(USAGE_IK, bdk.mode, "N")
+
+
+def check_bdk(key_type: KeyType, attrs: KeyAttributes, *, diversify: bool) -> None:
+    """The rules for a BDK (usage B0) an authority takes in or makes: AES-128 or AES-256,
+    exportability N (a BDK never leaves; its IKs do), not diversified (the IK derivation
+    is its diversification). ValueError otherwise; nothing for a key of another usage."""
+    if attrs.usage != USAGE_BDK:
+        return
+    if key_type not in (KeyType.AES128, KeyType.AES256):
+        raise ValueError("a BDK (usage B0) is an AES-128 or AES-256 key")
+    if attrs.exportability != "N":
+        raise ValueError("a BDK (usage B0) is never exported: --exportability N")
+    if diversify:
+        raise ValueError("a BDK (usage B0) is not diversified: each unit receives its "
+                         "initial key (--initial-key-id)")
+
+
+def ksn_order(usage: str, ksn: bytes, ik_type: KeyType | None) -> InitialKeyOrder:
+    """The IK a KSN's keys come from, for a key of ``usage`` (ValueError unless a BDK)."""
+    if usage != USAGE_BDK:
+        raise ValueError(f"not a BDK (usage {usage}, not {USAGE_BDK}): no DUKPT keys derive "
+                         "from it")
+    return InitialKeyOrder(parse_ksn(ksn)[0], ik_type)
+
+
 def check_derivable(parent: KeyType, child: KeyType) -> None:
     """ValueError unless ``child`` is an AES type no longer than ``parent`` (§6.1)."""
     if parent not in _ALGORITHM or child not in _ALGORITHM:
@@ -167,32 +196,46 @@ def _tail(initial_key_id: InitialKeyId, counter: int) -> bytes:
     return initial_key_id.value[4:] + counter.to_bytes(4, "big")
 
 
-def transaction_key(ik: Buf, ik_type: KeyType, ksn: bytes) -> Secret:
-    """The intermediate derivation key of a KSN: one derivation from the IK per one-bit of
-    the counter, highest first (X9.24-3 §6.3.4)."""
+Step = tuple[bytes, KeyType]  # derivation data, and the type of the key it makes
+
+
+def working_key_steps(ik_type: KeyType, ksn: bytes, usage: KeyUsage,
+                      key_type: KeyType | None = None) -> list[Step]:
+    """The derivations from the IK to the working key of ``usage`` for a KSN, in order: one
+    per one-bit of the counter, highest first, to the intermediate derivation key (§6.3.4),
+    then the working key of ``key_type`` (default the IK's, §6.3.5). The same steps run in
+    software (:func:`derive_chain`) or as ``CKM_AES_ECB_ENCRYPT_DATA`` in a token."""
+    kt = key_type or ik_type
+    check_derivable(ik_type, kt)
     key_id, counter = parse_ksn(ksn)
-    key = Secret(ik)
+    steps: list[Step] = []
     done = 0
     for bit in range(31, -1, -1):
-        mask = 1 << bit
-        if counter & mask:
-            done |= mask
-            nxt = derive(key.buffer, ik_type, derivation_data(
-                KeyUsage.KEY_DERIVATION, ik_type, _tail(key_id, done)))
-            key.wipe()
-            key = nxt
-    return key
+        if counter & (1 << bit):
+            done |= 1 << bit
+            steps.append((derivation_data(KeyUsage.KEY_DERIVATION, ik_type,
+                                          _tail(key_id, done)), ik_type))
+    steps.append((derivation_data(usage, kt, _tail(key_id, counter)), kt))
+    return steps
+
+
+def derive_chain(key: Buf, steps: list[Step]) -> Secret:
+    """``key`` through each step; every intermediate key wiped."""
+    cur = Secret(key)
+    for data, kt in steps:
+        nxt = derive(cur.buffer, kt, data)
+        cur.wipe()
+        cur = nxt
+    return cur
+
+
+def transaction_key(ik: Buf, ik_type: KeyType, ksn: bytes) -> Secret:
+    """The intermediate derivation key of a KSN (X9.24-3 §6.3.4)."""
+    return derive_chain(ik, working_key_steps(ik_type, ksn, KeyUsage.KEY_DERIVATION)[:-1])
 
 
 def working_key(ik: Buf, ik_type: KeyType, ksn: bytes, usage: KeyUsage,
                 key_type: KeyType | None = None) -> Secret:
     """The working key of ``usage`` for a KSN (X9.24-3 §6.3.5), of ``key_type`` (default
     the IK's)."""
-    kt = key_type or ik_type
-    check_derivable(ik_type, kt)
-    key_id, counter = parse_ksn(ksn)
-    tk = transaction_key(ik, ik_type, ksn)
-    try:
-        return derive(tk.buffer, kt, derivation_data(usage, kt, _tail(key_id, counter)))
-    finally:
-        tk.wipe()
+    return derive_chain(ik, working_key_steps(ik_type, ksn, usage, key_type))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..core.dukpt import USAGE_IK
 from ..core.errors import IntegrityError, KeyloadError, StatusError
 from ..core.identity import Certificate
 from ..core.keys import KeyHeader
@@ -36,11 +37,12 @@ from ..core.suite3 import SUITE_ECDH
 from ..core.suite3 import verify_receipt3 as _verify_rct3
 
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
-# or "service" (a receipt posted to ``keyload serve``: "client" set); the last three
-# columns came later, so that older readers of the CSV by position still work.
+# or "service" (a receipt posted to ``keyload serve``: "client" set); the last four
+# columns came later, so that older readers of the CSV by position still work
+# ("initial_key_id": the AES DUKPT initial key ID of an IK delivered, docs/protocol.md §8.1).
 LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
                  "header", "receipt", "reconciled", "station", "time", "source", "client",
-                 "set_id"]
+                 "set_id", "initial_key_id"]
 KCV_LEN = 5
 R_LEN = 16
 
@@ -74,6 +76,8 @@ class LedgerEntry:
     # its receipt over, and the unit's certificate C_U (encoded), as the export recorded them
     e_a: bytes | None = None
     c_u: bytes | None = None
+    # a BDK's load (docs/protocol.md §8.1): the initial key ID of the IK delivered
+    initial_key_id: bytes | None = None
 
     @property
     def label(self) -> str:
@@ -98,7 +102,9 @@ class LedgerEntry:
                 "header": None if self.header is None else self.header.hex(),
                 "receipt": None if self.rct is None else self.rct.hex(),
                 "reconciled": self.reconciled, "station": self.station, "time": self.time,
-                "source": self.source, "client": self.client, "set_id": self.set_id.hex()}
+                "source": self.source, "client": self.client, "set_id": self.set_id.hex(),
+                "initial_key_id": None if self.initial_key_id is None else
+                self.initial_key_id.hex().upper()}
 
 
 COMPARED = ("client", "set_id", "ref1", "ref2", "suite", "header", "kcv", "key_version")
@@ -124,6 +130,7 @@ class Export:
     # ephemeral key E_A it signed its receipt over, as the export recorded them
     c_u: bytes | None = None
     e_a: bytes | None = None
+    initial_key_id: bytes | None = None  # compared when ``recorded`` names it
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +143,16 @@ class KeyFacts:
     usage: str
     mode: str
     exportability: str
+
+    def header_facts(self, h: KeyHeader, initial_key_id: bytes | None) -> tuple[Any, ...]:
+        """(type, length, usage, mode, exportability) a header of this key must carry: the
+        key's own, or for the IK of a BDK (``initial_key_id`` given) usage B1, never
+        exportable, of an AES type no longer than the BDK (the header's own)."""
+        if initial_key_id is None:
+            return self.key_type, self.length, self.usage, self.mode, self.exportability
+        if h.key_length > self.length:
+            return self.key_type, self.length, USAGE_IK, self.mode, "N"
+        return h.key_type, h.key_length, USAGE_IK, self.mode, "N"
 
 
 class ReceiptChecker(Protocol):
@@ -194,7 +211,8 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
         if export.unreceipted is not None:
             out.append(f"the export is {export.unreceipted}, not receipted")
         mine = {"client": e.client, "set_id": e.set_id, "ref1": e.ref1, "ref2": e.ref2,
-                "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version}
+                "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version,
+                "initial_key_id": e.initial_key_id}
         differ = [name for name in export.recorded if mine[name] != getattr(export, name)]
         if differ:
             out.append("differs from the export: " + ", ".join(differ))
@@ -211,8 +229,8 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
             out.append("header version differs from the entry's key version")
         facts = key_now(e.ref1) if key_now is not None else None
         if facts is not None and facts.version == h.version and (
-                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != (
-                facts.key_type, facts.length, facts.usage, facts.mode, facts.exportability):
+                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != \
+                facts.header_facts(h, e.initial_key_id):
             out.append("key header's type or attributes differ from the key's")
     if len(e.r) != R_LEN:
         out.append(f"R is {len(e.r)} bytes, not {R_LEN}")

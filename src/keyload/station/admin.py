@@ -109,7 +109,9 @@ def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
     return len(recs), [
         {"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
          "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
-         "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
+         "key_version": r.key_version, "kcv": r.kcv.hex().upper(),
+         "initial_key_id": None if r.initial_key_id is None else r.initial_key_id.hex().upper()}
+        for r in shown]
 
 
 # -- sets and keys -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.dukpt import INITIAL_KEY_ID_LEN
 from ..core.ecc import SIGNATURE_LEN
 from ..core.suite3 import SUITE_ECDH
 from ..records.stored import (
@@ -79,10 +80,11 @@ class LoadRow:
     step: str | None
     sw: str | None
     reason: str | None
+    initial_key_id: bytes | None = None  # a BDK's load: the IK's ID (never the IK)
 
 
 _COLS = ("time, station, sn, set_id, ref1, ref2, status, suite, r, header, key_version, kcv, "
-         "rct, step, sw, reason")
+         "rct, step, sw, reason, initial_key_id")
 
 
 def _row(t: tuple[object, ...]) -> LoadRow:
@@ -105,7 +107,8 @@ def _row(t: tuple[object, ...]) -> LoadRow:
                    need(t[9], "header", H_SIZE), opt(t[10], "key_version"),
                    need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", rct_size),
                    None if t[13] is None else str(t[13]), None if t[14] is None else str(t[14]),
-                   None if t[15] is None else str(t[15]))
+                   None if t[15] is None else str(t[15]),
+                   opt_hex_col(t[16], "initial_key_id", INITIAL_KEY_ID_LEN))
 
 
 class LoadRecords:
@@ -118,6 +121,10 @@ class LoadRecords:
         self.clock = clock
         self.db = open_records(path, _SCHEMA)
         try:
+            with reading(path):  # a column added later: older files take it, NULL
+                have = {row[1] for row in self.db.execute("PRAGMA table_info(loads)")}
+                if "initial_key_id" not in have:
+                    self.db.execute("ALTER TABLE loads ADD COLUMN initial_key_id TEXT")
             for _ in self.rows():  # one row a load: read them all before another one
                 pass
         except BaseException:
@@ -127,10 +134,12 @@ class LoadRecords:
     def add(self, result: LoadResult) -> None:
         self.db.execute(
             "INSERT INTO loads (time, station, sn, set_id, ref1, ref2, status, suite, r, header,"
-            " key_version, kcv, rct) VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?, ?)",
+            " key_version, kcv, rct, initial_key_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?, ?, ?)",
             (self.clock(), self.station, result.sn.hex(), result.set_id.hex(), result.ref1.hex(),
              result.ref2, result.suite, result.r.hex(), result.header.hex(), result.key_version,
-             result.kcv.hex(), result.rct.hex()))
+             result.kcv.hex(), result.rct.hex(),
+             None if result.initial_key_id is None else result.initial_key_id.hex()))
 
     def add_failure(self, sn: bytes, ref1: bytes, ref2: int, err: LoadFailed) -> None:
         sw = None if err.sw is None else f"{err.sw:04X}"

@@ -27,6 +27,7 @@ from ..records.ledger import (
 )
 from ..units.authority import Authority
 from ..units.storage import atomic_write
+from .dukpt import campaign_initial_key
 from .journal.model import FAILED, IMPORTED, Journal, PlannedLoad
 from .records import LoadRecords
 from .records import LoadRow as StationRow
@@ -34,19 +35,21 @@ from .records import LoadRow as StationRow
 
 def campaign_entries(journal: Journal, campaign: str) -> Iterator[LedgerEntry]:
     """A campaign's imported loads as ledger entries (reconciled ones without ``rct``)."""
-    set_id = journal.campaign(campaign).set_id
+    camp = journal.campaign(campaign)
     for row in journal.rows(campaign, [IMPORTED]):
-        yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite, set_id,
-                          row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
+        ik = campaign_initial_key(camp, row)
+        yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite,
+                          camp.set_id, row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
                           campaign=row.campaign, station=row.station,
-                          reconciled=row.reconciled)
+                          reconciled=row.reconciled,
+                          initial_key_id=None if ik is None else ik.value)
 
 
 def station_entry(row: StationRow) -> LedgerEntry:
     """A single load the station recorded (``station.db``) as a ledger entry."""
     return LedgerEntry("station", row.time, row.ref1, row.key_version, row.suite,
                        row.set_id or b"", row.sn, row.r, row.ref2, row.header, row.kcv,
-                       row.rct, station=row.station)
+                       row.rct, station=row.station, initial_key_id=row.initial_key_id)
 
 
 def station_entries(records: LoadRecords) -> Iterator[LedgerEntry]:
@@ -310,8 +313,9 @@ class _Exports:
         x = self.take(e.download, e.time or 0.0)
         return None if x is None else Export(
             x.set_id, x.ref1, x.ref2, x.suite, x.key_version, x.kcv,
-            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version"),
-            c_u=x.c_u, e_a=x.e_a)
+            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version",
+                      "initial_key_id"),
+            c_u=x.c_u, e_a=x.e_a, initial_key_id=x.initial_key_id)
 
     def left(self) -> Iterator[ExportRecord]:
         return (e for e, taken in zip(self.records, self.taken, strict=True) if not taken)

@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
+from ..core.dukpt import USAGE_BDK, InitialKeyOrder, check_bdk
 from ..core.ecc import check_point
 from ..core.errors import (
     SW,
@@ -199,8 +200,11 @@ class AuthorityBackend(Protocol):
         """Raise NoSuchKey (6A88) when ``ref1`` is unknown."""
         ...
 
-    def export(self, req: msg.ExportRequest) -> Exported:
-        """The wrap of docs/protocol.md §4 for an already-checked request."""
+    def export(self, req: msg.ExportRequest, *,
+               initial_key: InitialKeyOrder | None = None) -> Exported:
+        """The wrap of docs/protocol.md §4 for an already-checked request; with
+        ``initial_key`` (REF1 a BDK), of the IK derived from it in the backend instead
+        (docs/protocol.md §8.1)."""
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
@@ -311,6 +315,7 @@ def validate_new_key(ref1: bytes, key_type: KeyType, length: int, attrs: KeyAttr
         raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
     if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
         raise ValueError("an HMAC key must have a MAC usage (M…)")
+    check_bdk(key_type, attrs, diversify=diversify)
     if old is not None:
         if not replace:
             raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
@@ -385,6 +390,8 @@ class Authority:
         self._caps = backend.capabilities()
         # §10.4: the (set id, SN, R) served, kept while this authority runs
         self._served = MemoryServed()
+        # §8.1: the initial keys ordered, by (SN, REF1, REF2), kept while it runs
+        self._initial_keys: dict[tuple[bytes, bytes, int], InitialKeyOrder] = {}
 
     def capabilities(self) -> Capabilities:
         return self._caps
@@ -414,13 +421,41 @@ class Authority:
         info.policy.check(set_id, ref2)
         return info
 
+    def order_initial_key(self, sn: bytes, ref1: bytes, ref2: int,
+                          order: InitialKeyOrder) -> None:
+        """Have the next EXPORTKEY of BDK ``ref1`` for slot ``ref2`` of unit ``sn``
+        deliver the unit's initial key (docs/protocol.md §8.1): the order a station gives
+        beside the wire, since EXPORTKEY has no field for the initial key ID. ValueError
+        (nothing ordered) when ``ref1`` is not a BDK or the IK type cannot be derived."""
+        info = self.backend.key_info(ref1)
+        if info.attrs.usage != USAGE_BDK:
+            raise ValueError(f"--initial-key-id: key {display_ref1(ref1)} is not a BDK "
+                             f"(usage {info.attrs.usage}, not {USAGE_BDK})")
+        order.key_type(info.key_type)
+        self._initial_keys[(sn, ref1, ref2)] = order
+
+    def _initial_key(self, info: KeyInfo, sn: bytes, ref2: int) -> InitialKeyOrder | None:
+        """The IK ordered for this export of a BDK; a BDK itself is never exported (6986)."""
+        if info.attrs.usage != USAGE_BDK:
+            return None
+        order = self._initial_keys.get((sn, info.ref1, ref2))
+        if order is None:
+            raise PolicyRefused("export policy: a BDK is never exported, only the initial "
+                                "key of a unit (an initial key ID given with the load)")
+        return order
+
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
         self._offered(self.backend.set_info(req.set_id), req.suite, False)
         info = self._checked_key(req.ref1, req.set_id, req.ref2)
-        out = self.backend.export(req)
+        order = self._initial_key(info, req.sn, req.ref2)
+        if order is None:
+            out = self.backend.export(req)
+        else:
+            out = self.backend.export(req, initial_key=order)
         if self.log is not None:
-            self.log.append(ExportRecord(self.clock(), req.set_id, req.sn, req.ref1, req.ref2,
-                                         req.suite, info.version, out.kcv))
+            self.log.append(ExportRecord(
+                self.clock(), req.set_id, req.sn, req.ref1, req.ref2, req.suite, info.version,
+                out.kcv, initial_key_id=None if order is None else order.initial_key_id.value))
         return msg.ExportResponse(out.import_data, out.kcv)
 
     def _identity_backend(self) -> IdentityBackend:
@@ -450,6 +485,10 @@ class Authority:
             raise NoChallenge("this challenge was served before")
         try:
             info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
+            if info.attrs.usage == USAGE_BDK:
+                raise PolicyRefused("export policy: a BDK is never exported; its initial "
+                                    "keys go to units of a transport-key set (suite "
+                                    "0x01/0x02)")
             out = ident.export3(req)
             if self.log is not None:
                 self.log.append(ExportRecord(self.clock(), base.set_id, base.sn, base.ref1,

@@ -41,6 +41,7 @@ from pkcs11 import MechanismFlag
 from pkcs11 import ObjectClass as CKO
 from pkcs11 import exceptions as pkx
 
+from ...core.dukpt import USAGE_BDK
 from ...core.errors import AuthenticityError
 from ...core.keys import KeyAttributes, KeyType, kcv
 from ...core.primitives import ct_equal, ed25519_public, ed25519_verify
@@ -194,8 +195,9 @@ class Provisioning(TokenIndex):
                 raise ValueError(f"token {self.token_label!r} does not truncate ECB derivations "
                                  "to CKA_VALUE_LEN: an AES-192 key cannot be diversified in it")
             ck = ck_key_type(key_type)
-            allow = (A.DERIVE,) if diversify else ()
-            fin = secret_template(ck, token=True, extractable=True, allow=allow)
+            bdk = attrs.usage == USAGE_BDK  # derives IKs in the token, never leaves it
+            allow = (A.DERIVE,) if diversify or bdk else ()
+            fin = secret_template(ck, token=True, extractable=not bdk, allow=allow)
             size = {A.VALUE_LEN: length}  # read back only
             key_id = ID_KEY + version.to_bytes(2, "big") + ref1
             obj_label = f"keyload key {display_ref1(ref1)} v{version}"
