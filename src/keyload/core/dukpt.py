@@ -90,7 +90,7 @@ class InitialKeyId:
 @dataclass(frozen=True, slots=True)
 class InitialKeyOrder:
     """What a station asks of the authority with a BDK's export, beside EXPORTKEY (not on
-    the wire, docs/protocol.md §8.1): derive and deliver the IK of ``initial_key_id``, of
+    the wire, docs/protocol.md Appendix D): derive and deliver the IK of ``initial_key_id``, of
     type ``ik_type`` (None: the BDK's)."""
 
     initial_key_id: InitialKeyId

@@ -30,8 +30,8 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 """
 #: suite 0x03 (docs/protocol.md §10.4): R, H, E_A and C_U, NULL for the other suites; and
-#: the initial key ID of an AES DUKPT IK delivered (§8.1), NULL for any other key; added to
-#: a table made before they existed
+#: the initial key ID of an AES DUKPT IK delivered (docs/protocol.md Appendix D), NULL for
+#: any other key; added to a table made before they existed
 _ADDED_COLUMNS = ("r", "h", "e_a", "c_u", "initial_key_id")
 
 
@@ -52,7 +52,7 @@ class ExportRecord:
     h: bytes | None = None
     e_a: bytes | None = None
     c_u: bytes | None = None
-    # an AES DUKPT initial key (docs/protocol.md §8.1): its initial key ID, never the IK
+    # an AES DUKPT initial key (docs/protocol.md Appendix D): its initial key ID, never the IK
     initial_key_id: bytes | None = None
 
 

@@ -39,7 +39,7 @@ from ..core.suite3 import verify_receipt3 as _verify_rct3
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the last four
 # columns came later, so that older readers of the CSV by position still work
-# ("initial_key_id": the AES DUKPT initial key ID of an IK delivered, docs/protocol.md §8.1).
+# ("initial_key_id": the AES DUKPT initial key ID of an IK delivered, docs/protocol.md Appendix D).
 LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
                  "header", "receipt", "reconciled", "station", "time", "source", "client",
                  "set_id", "initial_key_id"]
@@ -76,7 +76,7 @@ class LedgerEntry:
     # its receipt over, and the unit's certificate C_U (encoded), as the export recorded them
     e_a: bytes | None = None
     c_u: bytes | None = None
-    # a BDK's load (docs/protocol.md §8.1): the initial key ID of the IK delivered
+    # a BDK's load (docs/protocol.md Appendix D): the initial key ID of the IK delivered
     initial_key_id: bytes | None = None
 
     @property

@@ -1,5 +1,5 @@
 """AES DUKPT at the station: the initial keys a load of a BDK delivers (ordered from the
-authority beside EXPORTKEY, docs/protocol.md §8.1), and the working key of a KSN that an
+authority beside EXPORTKEY, docs/protocol.md Appendix D), and the working key of a KSN that an
 operator checks against a terminal's first transaction."""
 
 from __future__ import annotations

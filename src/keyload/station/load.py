@@ -202,7 +202,7 @@ class LoadResult(NamedTuple):
     header: bytes
     kcv: bytes
     rct: bytes
-    # a BDK's load: the initial key ID of the IK delivered (docs/protocol.md §8.1)
+    # a BDK's load: the initial key ID of the IK delivered (docs/protocol.md Appendix D)
     initial_key_id: bytes | None = None
 
     @property

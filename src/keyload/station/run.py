@@ -150,7 +150,7 @@ def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int,
              initial_key: InitialKeyOrder | None = None) -> LoadResult:
     """Load one key into one emulated unit of the home; the load (or its failure) is
     recorded in ``station.db``. A BDK's load delivers the IK ``initial_key`` orders
-    (docs/protocol.md §8.1), and needs one."""
+    (docs/protocol.md Appendix D), and needs one."""
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)

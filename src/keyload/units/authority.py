@@ -204,7 +204,7 @@ class AuthorityBackend(Protocol):
                initial_key: InitialKeyOrder | None = None) -> Exported:
         """The wrap of docs/protocol.md §4 for an already-checked request; with
         ``initial_key`` (REF1 a BDK), of the IK derived from it in the backend instead
-        (docs/protocol.md §8.1)."""
+        (docs/protocol.md Appendix D)."""
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
@@ -390,7 +390,7 @@ class Authority:
         self._caps = backend.capabilities()
         # §10.4: the (set id, SN, R) served, kept while this authority runs
         self._served = MemoryServed()
-        # §8.1: the initial keys ordered, by (SN, REF1, REF2), kept while it runs
+        # Appendix D: the initial keys ordered, by (SN, REF1, REF2), kept while it runs
         self._initial_keys: dict[tuple[bytes, bytes, int], InitialKeyOrder] = {}
 
     def capabilities(self) -> Capabilities:
@@ -424,7 +424,7 @@ class Authority:
     def order_initial_key(self, sn: bytes, ref1: bytes, ref2: int,
                           order: InitialKeyOrder) -> None:
         """Have the next EXPORTKEY of BDK ``ref1`` for slot ``ref2`` of unit ``sn``
-        deliver the unit's initial key (docs/protocol.md §8.1): the order a station gives
+        deliver the unit's initial key (docs/protocol.md Appendix D): the order a station gives
         beside the wire, since EXPORTKEY has no field for the initial key ID. ValueError
         (nothing ordered) when ``ref1`` is not a BDK or the IK type cannot be derived."""
         info = self.backend.key_info(ref1)

@@ -498,7 +498,7 @@ class SoftwareKeystore:
         t = self._transport(req.set_id)
         k = self._keys[req.ref1]
         i = k.info
-        if initial_key is not None:  # the IK of a BDK (docs/protocol.md §8.1)
+        if initial_key is not None:  # the IK of a BDK (docs/protocol.md Appendix D)
             kt = initial_key.key_type(i.key_type)
             ik = dukpt.initial_key(k.value.buffer, initial_key.initial_key_id, kt)
             try:

@@ -90,7 +90,7 @@ class Exporting(TokenIndex):
         """docs/protocol.md §4, suite 0x02, in the token; every derived object is destroyed.
         With ``initial_key`` (REF1 a BDK), the IK is derived in the token (AES-ECB of the
         X9.24-3 derivation data under the BDK, ``CKM_AES_ECB_ENCRYPT_DATA``), a session
-        object wrapped in place of the BDK, then destroyed (docs/protocol.md §8.1)."""
+        object wrapped in place of the BDK, then destroyed (docs/protocol.md Appendix D)."""
         if req.suite != SUITE_ECBDIV:
             raise Unsupported(f"suite {req.suite:#04x} not offered by this PKCS#11 authority")
         with self._lock:
