@@ -6,6 +6,7 @@ another key, and a BDK that could be exported; the ledger binds the ID to the ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -151,44 +152,32 @@ def test_the_ledger_compares_the_initial_key_id_with_the_export(roles: Roles) ->
         entry(None), roles.authority, key_now=lambda _: facts)
 
 
-def test_older_export_records_take_the_new_column(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "exports.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE exports (id INTEGER PRIMARY KEY, time REAL NOT NULL, set_id TEXT "
-               "NOT NULL, sn TEXT NOT NULL, ref1 TEXT NOT NULL, ref2 INTEGER NOT NULL, suite "
-               "INTEGER NOT NULL, key_version INTEGER NOT NULL, kcv TEXT NOT NULL)")
-    db.execute("INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv) "
-               "VALUES (1.0, '0102030405', 'aa', '4b', 1, 1, 1, '0102030405')")
-    db.commit()
-    db.close()
-    log = SqliteExportLog(path)
-    try:
-        [old] = log.records()
-        assert old.initial_key_id is None and old.sn == b"\xaa"
-    finally:
-        log.close()
+_OLD_EXPORTS = ("CREATE TABLE exports (id INTEGER PRIMARY KEY, time REAL NOT NULL, set_id "
+                "TEXT NOT NULL, sn TEXT NOT NULL, ref1 TEXT NOT NULL, ref2 INTEGER NOT NULL, "
+                "suite INTEGER NOT NULL, key_version INTEGER NOT NULL, kcv TEXT NOT NULL);"
+                "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv) "
+                "VALUES (1.0, '0102030405', 'aa', '4b', 1, 1, 1, '0102030405');")
+_OLD_LOADS = ("CREATE TABLE loads (id INTEGER PRIMARY KEY, time REAL NOT NULL, station TEXT "
+              "NOT NULL, sn TEXT NOT NULL, set_id TEXT, ref1 TEXT NOT NULL, ref2 INTEGER NOT "
+              "NULL, status TEXT NOT NULL, suite INTEGER, r TEXT, header TEXT, key_version "
+              "INTEGER, kcv TEXT, rct TEXT, step TEXT, sw TEXT, reason TEXT);"
+              "INSERT INTO loads (time, station, sn, ref1, ref2, status, step, reason) "
+              "VALUES (1.0, 'local', 'aa', '4b', 1, 'failed', 'import', 'refused');")
 
 
-def test_an_older_station_db_takes_the_new_column(tmp_path: Path) -> None:
+@pytest.mark.parametrize("made_before", ["exports", "station"])
+def test_older_records_take_the_new_column(tmp_path: Path, made_before: str) -> None:
+    """An export log or a station.db made before the initial key ID reads as before."""
     import sqlite3
 
     from keyload.station.records import LoadRecords
 
-    path = tmp_path / "station.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE loads (id INTEGER PRIMARY KEY, time REAL NOT NULL, station TEXT "
-               "NOT NULL, sn TEXT NOT NULL, set_id TEXT, ref1 TEXT NOT NULL, ref2 INTEGER NOT "
-               "NULL, status TEXT NOT NULL, suite INTEGER, r TEXT, header TEXT, key_version "
-               "INTEGER, kcv TEXT, rct TEXT, step TEXT, sw TEXT, reason TEXT)")
-    db.execute("INSERT INTO loads (time, station, sn, ref1, ref2, status, step, reason) "
-               "VALUES (1.0, 'local', 'aa', '4b', 1, 'failed', 'import', 'refused')")
-    db.commit()
-    db.close()
-    records = LoadRecords(path)
+    path = tmp_path / f"{made_before}.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(_OLD_EXPORTS if made_before == "exports" else _OLD_LOADS)
+    store = SqliteExportLog(path) if made_before == "exports" else LoadRecords(path)
     try:
-        [old] = records.rows()
-        assert old.initial_key_id is None and old.status == "failed"
+        [old] = store.records() if isinstance(store, SqliteExportLog) else store.rows()
+        assert old.initial_key_id is None and old.sn == b"\xaa"
     finally:
-        records.close()
+        store.close()
