@@ -23,6 +23,7 @@ from keyload.core.keys import KeyAttributes, KeyHeader, KeyType, aes_kcv
 from keyload.core.secret import Secret
 from keyload.records.exportlog import SqliteExportLog
 from keyload.records.ledger import Export, KeyFacts, LedgerEntry, entry_problems
+from keyload.station.admin import bdk_policy
 from keyload.station.load import AuthorityClient, LoadFailed, UnitClient, load_key
 from keyload.transports.local import LocalConnection
 from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
@@ -36,6 +37,7 @@ IK_ID = InitialKeyId.parse(SET["initial_key_id"])
 T = bytes(range(32))
 SN = b"TERM-1"
 ANY = ExportPolicy(None, None)
+BDK_ONLY = ExportPolicy(None, None, initial_keys_only=True)  # as keyload gives every BDK
 
 
 class Roles:
@@ -43,7 +45,7 @@ class Roles:
         self.ks = SoftwareKeystore.ephemeral()
         self.set_id = self.ks.add_set(Secret(T), "terminals").set_id
         self.ks.add_key(b"BDK", KeyType.AES128, Secret(BDK), KeyAttributes("B0", "X", "N"),
-                        version=4, diversify=False, policy=ANY)
+                        version=4, diversify=False, policy=BDK_ONLY)
         self.ks.add_key(b"KEK", KeyType.AES128, Secret(bytes(16)), KeyAttributes("K0", "B", "E"),
                         version=1, diversify=False, policy=ANY)
         self.log = MemoryExportLog()
@@ -76,7 +78,8 @@ def test_the_unit_receives_the_vector_ik_as_b1(roles: Roles) -> None:
 
 def test_an_aes128_ik_from_an_aes256_bdk(roles: Roles) -> None:
     roles.ks.add_key(b"BDK256", KeyType.AES256, Secret(bytes(range(32))),
-                     KeyAttributes("B0", "X", "N"), version=1, diversify=False, policy=ANY)
+                     KeyAttributes("B0", "X", "N"), version=1, diversify=False,
+                     policy=BDK_ONLY)
     roles.authority.order_initial_key(SN, b"BDK256", 1,
                                       InitialKeyOrder(IK_ID, KeyType.AES128))
     res = roles.load(b"BDK256")
@@ -112,19 +115,38 @@ def test_an_order_is_for_a_bdk_and_an_ik_no_stronger(roles: Roles) -> None:
     (KeyType.AES192, KeyAttributes("B0", "X", "N"), False, "AES-128 or AES-256"),
     (KeyType.AES128, KeyAttributes("B0", "X", "N"), True, "not diversified"),
 ])
-def test_a_bdk_that_could_leave_is_refused(roles: Roles, key_type: KeyType,
-                                           attrs: KeyAttributes, diversify: bool,
-                                           match: str) -> None:
+def test_a_bdk_that_could_leave_is_refused(key_type: KeyType, attrs: KeyAttributes,
+                                           diversify: bool, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        roles.ks.generate_key(b"BDK2", key_type, attrs, version=1, diversify=diversify,
-                              policy=ANY)
-    assert b"BDK2" not in {k.ref1 for k in roles.ks.key_infos()}
+        bdk_policy(key_type, attrs, ANY, diversify=diversify)
+
+
+def test_every_bdk_keyload_takes_in_lets_only_its_initial_keys_leave() -> None:
+    policy = bdk_policy(KeyType.AES256, KeyAttributes("B0", "X", "N"),
+                        ExportPolicy(None, frozenset({1})), diversify=False)
+    assert policy == ExportPolicy(None, frozenset({1}), initial_keys_only=True)
+    assert ExportPolicy.from_json(policy.to_json()) == policy
+    assert policy.to_json()["initial_keys_only"] is True
+    assert "initial_keys_only" not in ANY.to_json()  # other keys' records as before
+    other = ExportPolicy(None, None)
+    assert bdk_policy(KeyType.AES128, KeyAttributes("K0", "B", "E"), other,
+                      diversify=True) is other
+
+
+def test_a_b0_key_without_that_policy_is_exported_as_the_contract_says(roles: Roles) -> None:
+    """KLP1 exports a key of any usage (its conformance file has a B0 key): only the
+    policy keyload gives a BDK stops it."""
+    roles.ks.add_key(b"B0-API", KeyType.AES128, Secret(BDK), KeyAttributes("B0", "X", "N"),
+                     version=1, diversify=False, policy=ANY)
+    res = roles.load(b"B0-API")
+    assert KeyHeader.decode(res.header).usage == "B0" and res.kcv == aes_kcv(BDK)
+    assert roles.log.records[-1].initial_key_id is None
 
 
 def test_suite3_never_exports_a_bdk() -> None:
     w = World()
     w.ks.add_key(b"BDK", KeyType.AES128, Secret(BDK), KeyAttributes("B0", "X", "N"),
-                 version=1, diversify=False, policy=ANY)
+                 version=1, diversify=False, policy=BDK_ONLY)
     unit = w.enrol(b"SN-D1")
     assert tx(w.authority, EXPORT, w.request(unit, b"BDK", 2).encode())[0] == 0x6986
     assert w.log.records == []

@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
-from ..core.dukpt import USAGE_BDK, InitialKeyOrder, check_bdk
+from ..core.dukpt import USAGE_BDK, InitialKeyOrder
 from ..core.ecc import check_point
 from ..core.errors import (
     SW,
@@ -64,10 +64,16 @@ _Entry = TypeVar("_Entry")
 
 @dataclass(frozen=True, slots=True)
 class ExportPolicy:
-    """Which sets and unit slots may receive a key. ``None`` means any (said explicitly)."""
+    """Which sets and unit slots may receive a key. ``None`` means any (said explicitly).
+
+    ``initial_keys_only``: the key itself never leaves; a load delivers only the AES DUKPT
+    initial key a station orders (a BDK, docs/protocol.md Appendix D). The contract lets a
+    policy restrict usages (§8 step 5): keyload gives every BDK it takes in this policy.
+    """
 
     sets: frozenset[bytes] | None
     slots: frozenset[int] | None
+    initial_keys_only: bool = False
 
     def check(self, set_id: bytes, ref2: int) -> None:
         if self.sets is not None and set_id not in self.sets:
@@ -75,20 +81,24 @@ class ExportPolicy:
         if self.slots is not None and ref2 not in self.slots:
             raise PolicyRefused("export policy: slot not allowed for this key")
 
-    def to_json(self) -> dict[str, list[str] | list[int] | None]:
+    def to_json(self) -> dict[str, list[str] | list[int] | bool | None]:
         return {"sets": None if self.sets is None else sorted(s.hex() for s in self.sets),
-                "slots": None if self.slots is None else sorted(self.slots)}
+                "slots": None if self.slots is None else sorted(self.slots),
+                **({"initial_keys_only": True} if self.initial_keys_only else {})}
 
     @classmethod
-    def from_json(cls, d: dict[str, list[str] | list[int] | None]) -> ExportPolicy:
+    def from_json(cls, d: dict[str, list[str] | list[int] | bool | None]) -> ExportPolicy:
         sets, slots = d.get("sets"), d.get("slots")
+        if isinstance(sets, bool) or isinstance(slots, bool):
+            raise ValueError("sets and slots are lists or null")
         return cls(None if sets is None else frozenset(bytes.fromhex(str(s)) for s in sets),
-                   None if slots is None else frozenset(int(x) for x in slots))
+                   None if slots is None else frozenset(int(x) for x in slots),
+                   d.get("initial_keys_only") is True)
 
     def describe(self) -> str:
         sets = "any set" if self.sets is None else ",".join(sorted(s.hex() for s in self.sets))
         slots = "any slot" if self.slots is None else ",".join(map(str, sorted(self.slots)))
-        return f"{sets}; {slots}"
+        return f"{sets}; {slots}" + ("; initial keys only" if self.initial_keys_only else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +325,6 @@ def validate_new_key(ref1: bytes, key_type: KeyType, length: int, attrs: KeyAttr
         raise ValueError("only AES keys can be diversified (docs/protocol.md §4)")
     if key_type == KeyType.HMAC_SHA256 and attrs.usage[0] != "M":
         raise ValueError("an HMAC key must have a MAC usage (M…)")
-    check_bdk(key_type, attrs, diversify=diversify)
     if old is not None:
         if not replace:
             raise ValueError(f"REF1 {display_ref1(ref1)} already exists")
@@ -435,11 +444,10 @@ class Authority:
         self._initial_keys[(sn, ref1, ref2)] = order
 
     def _initial_key(self, info: KeyInfo, sn: bytes, ref2: int) -> InitialKeyOrder | None:
-        """The IK ordered for this export of a BDK; a BDK itself is never exported (6986)."""
-        if info.attrs.usage != USAGE_BDK:
-            return None
+        """The IK ordered for this export of a BDK; a key whose policy allows initial keys
+        only is never exported itself (6986)."""
         order = self._initial_keys.get((sn, info.ref1, ref2))
-        if order is None:
+        if order is None and info.policy.initial_keys_only:
             raise PolicyRefused("export policy: a BDK is never exported, only the initial "
                                 "key of a unit (an initial key ID given with the load)")
         return order
@@ -485,7 +493,7 @@ class Authority:
             raise NoChallenge("this challenge was served before")
         try:
             info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
-            if info.attrs.usage == USAGE_BDK:
+            if info.policy.initial_keys_only:
                 raise PolicyRefused("export policy: a BDK is never exported; its initial "
                                     "keys go to units of a transport-key set (suite "
                                     "0x01/0x02)")

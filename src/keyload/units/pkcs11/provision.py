@@ -41,7 +41,6 @@ from pkcs11 import MechanismFlag
 from pkcs11 import ObjectClass as CKO
 from pkcs11 import exceptions as pkx
 
-from ...core.dukpt import USAGE_BDK
 from ...core.errors import AuthenticityError
 from ...core.keys import KeyAttributes, KeyType, kcv
 from ...core.primitives import ct_equal, ed25519_public, ed25519_verify
@@ -195,7 +194,7 @@ class Provisioning(TokenIndex):
                 raise ValueError(f"token {self.token_label!r} does not truncate ECB derivations "
                                  "to CKA_VALUE_LEN: an AES-192 key cannot be diversified in it")
             ck = ck_key_type(key_type)
-            bdk = attrs.usage == USAGE_BDK  # derives IKs in the token, never leaves it
+            bdk = policy.initial_keys_only  # derives IKs in the token, never leaves it
             allow = (A.DERIVE,) if diversify or bdk else ()
             fin = secret_template(ck, token=True, extractable=not bdk, allow=allow)
             size = {A.VALUE_LEN: length}  # read back only
