@@ -6,9 +6,11 @@ independently of keyload."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,17 @@ def test_key_list_shows_a_bdk_lets_only_initial_keys_leave(home: Home) -> None:
     assert keys["KEK"]["policy"] == {"sets": None, "slots": [2]}
     table = ok(run("key", "list", home=home.root)).stdout
     assert "any set; 1; initial keys only" in table
+
+
+def test_a_bdk_from_components_and_the_station_records(home: Home) -> None:
+    parts = [bytes(range(16)), bytes(range(16, 32))]
+    out = ok(run(*_key("BDK-C", "aes128", "B0", "N", "1"), "--components", "2", "--json",
+                 home=home.root, input="".join(p.hex() + "\n" for p in parts))).json()
+    assert out["kcv"] == aes_kcv(bytes(a ^ b for a, b in zip(*parts, strict=True)))
+    assert out["policy"]["initial_keys_only"] is True
+    with contextlib.closing(sqlite3.connect(home.root / "station.db")) as db:
+        rows = db.execute("SELECT sn, initial_key_id FROM loads WHERE status = 'loaded'")
+        assert ("7e0000ff", IK_ID.lower()) in list(rows)
 
 
 def test_a_bdk_is_never_exportable(home: Home) -> None:
