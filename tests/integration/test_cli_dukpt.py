@@ -103,7 +103,8 @@ def test_dukpt_derive_gives_the_first_transactions_keys(home: Home, usage: str,
     assert aes_kcv(bytes.fromhex(FIRST["pin_key_aes128"])) in line
 
 
-def test_a_campaign_counts_the_initial_key_ids_up(home: Home, tmp_path: Path) -> None:
+def test_a_campaign_counts_the_initial_key_ids_up(home: Home, loaded: dict[str, Any],
+                                                 tmp_path: Path) -> None:
     manifest = tmp_path / "units.csv"
     manifest.write_text("sn\n" + "\n".join(UNITS) + "\n")
     ok(run("campaign", "create", "terminals", "--set", home.set_id, "--load", "BDK:1",
@@ -122,6 +123,8 @@ def test_a_campaign_counts_the_initial_key_ids_up(home: Home, tmp_path: Path) ->
     assert len({home.status(sn)[1]["kcv"] for sn in UNITS}) == 3
     assert ok(run("ledger", "verify", home=home.root)).last_line() == \
         "3 receipts verified, 0 invalid"
+    receipts = ok(run("receipts", "--json", home=home.root)).json()  # with the single load
+    assert (receipts["verified"], receipts["invalid"]) == (4, 0)
 
 
 @pytest.mark.parametrize("args,code,needle", [
