@@ -1,7 +1,7 @@
 """AES DUKPT (ANSI X9.24-3-2017): a terminal's initial key (IK) from a base derivation key
 (BDK), and the working keys of a transaction from the IK and the KSN.
 
-Every key is a chain of AES-ECB encryptions of 16-byte derivation data (X9.24-3 §6.3.2):
+Every key is a chain of AES-ECB encryptions of 16-byte derivation data (X9.24-3):
 ``01 || block counter || key usage (2) || algorithm (2) || length in bits (2) || 8 bytes``,
 the 8 bytes being the initial key ID for the IK, else the derivation ID (the ID's
 rightmost 4 bytes) || the transaction counter. A key longer than 128 bits takes one block
@@ -9,9 +9,9 @@ per 128 bits (block counter 1, 2). The same blocks are what a PKCS#11 token encr
 ``CKM_AES_ECB_ENCRYPT_DATA`` (:func:`initial_key_data`).
 
 Enforced: an initial key ID of 8 bytes; an AES-128, -192 or -256 derived key never longer
-than the key it comes from (§6.1: a derived key is no stronger than its parent); a KSN of
-12 bytes whose counter is not 0 and has at most 16 one-bits (§6.2). Not here: TDES DUKPT
-(the IPEK of X9.24-1), which KLP1 cannot load (it has no TDES key type).
+than the key it comes from (a derived key is no stronger than its parent); a KSN of 12
+bytes whose counter is not 0 and has at most 16 one-bits (no terminal uses another). Not
+here: TDES DUKPT (the IPEK of X9.24-1), which KLP1 cannot load (it has no TDES key type).
 
 Values are :class:`~keyload.core.secret.Secret`; every intermediate key is wiped.
 
@@ -38,9 +38,8 @@ USAGE_BDK, USAGE_IK = "B0", "B1"  # X9.143 key usages of a BDK and of an initial
 
 
 class KeyUsage(IntEnum):
-    """X9.24-3 §6.3.2 key usage indicators (those keyload derives)."""
+    """X9.24-3 key usage indicators of the derivation data (those keyload derives)."""
 
-    KEY_ENCRYPTION = 0x0002
     PIN_ENCRYPTION = 0x1000
     MAC_GENERATION = 0x2000
     DATA_ENCRYPTION = 0x3000
@@ -133,12 +132,12 @@ def ksn_order(usage: str, ksn: bytes, ik_type: KeyType | None) -> InitialKeyOrde
 
 
 def check_derivable(parent: KeyType, child: KeyType) -> None:
-    """ValueError unless ``child`` is an AES type no longer than ``parent`` (§6.1)."""
+    """ValueError unless ``child`` is an AES type no longer than ``parent``."""
     if parent not in _ALGORITHM or child not in _ALGORITHM:
         raise ValueError("AES DUKPT derives AES-128, -192 or -256 keys from AES keys only")
     if child.default_length > parent.default_length:
         raise ValueError(f"an {child.label} key cannot be derived from an {parent.label} key "
-                         "(X9.24-3: no stronger than its parent)")
+                         "(a derived key is no stronger than its parent)")
 
 
 def derivation_data(usage: KeyUsage, key_type: KeyType, tail: bytes) -> bytes:
@@ -150,7 +149,7 @@ def derivation_data(usage: KeyUsage, key_type: KeyType, tail: bytes) -> bytes:
 
 
 def initial_key_data(ik_type: KeyType, initial_key_id: InitialKeyId) -> bytes:
-    """The blocks AES-ECB under the BDK encrypts into the IK (X9.24-3 §6.3.3)."""
+    """The blocks AES-ECB under the BDK encrypts into the IK (X9.24-3)."""
     return derivation_data(KeyUsage.INITIAL_KEY, ik_type, initial_key_id.value)
 
 
@@ -167,7 +166,7 @@ def derive(key: Buf, key_type: KeyType, data: bytes) -> Secret:
 
 
 def initial_key(bdk: Buf, initial_key_id: InitialKeyId, ik_type: KeyType) -> Secret:
-    """IK = DeriveKey(BDK, ik_type, initial key derivation data) (X9.24-3 §6.3.3)."""
+    """IK = DeriveKey(BDK, ik_type, initial key derivation data) (X9.24-3)."""
     check_derivable(_type_of(len(bdk)), ik_type)
     return derive(bdk, ik_type, initial_key_data(ik_type, initial_key_id))
 
@@ -202,8 +201,8 @@ Step = tuple[bytes, KeyType]  # derivation data, and the type of the key it make
 def working_key_steps(ik_type: KeyType, ksn: bytes, usage: KeyUsage,
                       key_type: KeyType | None = None) -> list[Step]:
     """The derivations from the IK to the working key of ``usage`` for a KSN, in order: one
-    per one-bit of the counter, highest first, to the intermediate derivation key (§6.3.4),
-    then the working key of ``key_type`` (default the IK's, §6.3.5). The same steps run in
+    per one-bit of the counter, highest first, to the intermediate derivation key,
+    then the working key of ``key_type`` (default the IK's). The same steps run in
     software (:func:`derive_chain`) or as ``CKM_AES_ECB_ENCRYPT_DATA`` in a token."""
     kt = key_type or ik_type
     check_derivable(ik_type, kt)
@@ -230,12 +229,12 @@ def derive_chain(key: Buf, steps: list[Step]) -> Secret:
 
 
 def transaction_key(ik: Buf, ik_type: KeyType, ksn: bytes) -> Secret:
-    """The intermediate derivation key of a KSN (X9.24-3 §6.3.4)."""
+    """The intermediate derivation key of a KSN (X9.24-3)."""
     return derive_chain(ik, working_key_steps(ik_type, ksn, KeyUsage.KEY_DERIVATION)[:-1])
 
 
 def working_key(ik: Buf, ik_type: KeyType, ksn: bytes, usage: KeyUsage,
                 key_type: KeyType | None = None) -> Secret:
-    """The working key of ``usage`` for a KSN (X9.24-3 §6.3.5), of ``key_type`` (default
+    """The working key of ``usage`` for a KSN (X9.24-3), of ``key_type`` (default
     the IK's)."""
     return derive_chain(ik, working_key_steps(ik_type, ksn, usage, key_type))

@@ -432,14 +432,16 @@ class Authority:
 
     def order_initial_key(self, sn: bytes, ref1: bytes, ref2: int,
                           order: InitialKeyOrder) -> None:
-        """Have the next EXPORTKEY of BDK ``ref1`` for slot ``ref2`` of unit ``sn``
-        deliver the unit's initial key (docs/protocol.md Appendix D): the order a station gives
-        beside the wire, since EXPORTKEY has no field for the initial key ID. ValueError
-        (nothing ordered) when ``ref1`` is not a BDK or the IK type cannot be derived."""
+        """From now on (while this authority runs), have an EXPORTKEY of BDK ``ref1`` for
+        slot ``ref2`` of unit ``sn`` deliver that unit's initial key (docs/protocol.md
+        Appendix D): the order a station gives beside the wire, since EXPORTKEY has no
+        field for the initial key ID. ValueError (nothing ordered) when ``ref1`` is not a
+        BDK or the IK's type cannot be derived from it; NoSuchKey for an unknown REF1."""
         info = self.backend.key_info(ref1)
         if info.attrs.usage != USAGE_BDK:
-            raise ValueError(f"--initial-key-id: key {display_ref1(ref1)} is not a BDK "
-                             f"(usage {info.attrs.usage}, not {USAGE_BDK})")
+            raise ValueError(f"key {display_ref1(ref1)} is not a BDK (usage "
+                             f"{info.attrs.usage}, not {USAGE_BDK}): no initial key derives "
+                             "from it")
         order.key_type(info.key_type)
         self._initial_keys[(sn, ref1, ref2)] = order
 
