@@ -23,7 +23,7 @@ from .cli_helpers import KEYLOAD, aes_kcv, assert_error, assert_no_secrets, ok, 
 
 pytestmark = pytest.mark.slow  # every test runs the console script (a process each)
 
-EXIT_INPUT, EXIT_REFUSED = 3, 6
+EXIT_INPUT, EXIT_STORE = 3, 4
 SET: dict[str, Any] = json.loads(
     (VECTORS / "dukpt" / "aes128_x9_24_3_supplement.json").read_text())["aes128_bdk"]
 BDK, IK_ID, IK = bytes.fromhex(SET["bdk"]), SET["initial_key_id"], bytes.fromhex(SET["initial_key"])
@@ -110,6 +110,8 @@ def test_a_campaign_counts_the_initial_key_ids_up(home: Home, loaded: dict[str, 
     ok(run("campaign", "create", "terminals", "--set", home.set_id, "--load", "BDK:1",
            "--manifest", str(manifest), "--initial-key-id-base", IK_ID, home=home.root))
     ok(run("campaign", "run", "terminals", "--quiet", home=home.root))
+    plan = ok(run("campaign", "status", "terminals", "--json", home=home.root)).json()["plan"]
+    assert plan == [{"ref1": "BDK", "ref2": 1, "version": 1, "initial_key_id_base": IK_ID}]
     assert home.status(UNITS[0])[1]["kcv"] == aes_kcv(IK)  # the first unit: the base's IK
     ids = [f"{int(IK_ID, 16) + i:016X}" for i in range(3)]
     rows = list(csv.DictReader(io.StringIO(ok(run(
@@ -162,6 +164,18 @@ def test_a_bdk_from_components_and_the_station_records(home: Home) -> None:
     with contextlib.closing(sqlite3.connect(home.root / "station.db")) as db:
         rows = db.execute("SELECT sn, initial_key_id FROM loads WHERE status = 'loaded'")
         assert ("7e0000ff", IK_ID.lower()) in list(rows)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--load", "BDK:1"], "give --initial-key-id-base"),
+    (["--load", "KEK:2", "--initial-key-id-base", IK_ID], "no load is of a BDK"),
+    (["--load", "BDK:1", "--initial-key-id-base", "12345678FFFFFFFF"], "run out"),
+], ids=["bdk-without-base", "base-without-bdk", "ids-run-out"])
+def test_a_campaign_of_a_bdk_is_planned_with_its_ids(home: Home, args: list[str],
+                                                     needle: str) -> None:
+    assert_error(run("campaign", "create", "refused", "--set", home.set_id, *args,
+                     home=home.root), EXIT_INPUT, needle)
+    assert_error(run("campaign", "status", "refused", home=home.root), EXIT_STORE)
 
 
 def test_a_bdk_is_never_exportable(home: Home) -> None:

@@ -105,7 +105,9 @@ class CampaignStatus:
     def to_json(self) -> dict[str, Any]:
         return {"campaign": self.campaign, "set_id": self.set_id.hex(), "units": self.units,
                 "loads": self.loads, "states": dict(self.states),
-                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
+                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version,
+                          **({} if p.initial_key_id_base is None else
+                             {"initial_key_id_base": p.initial_key_id_base.hex().upper()})}
                          for p in self.plan],
                 "done": self.done}
 
