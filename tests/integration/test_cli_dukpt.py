@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tests.conftest import VECTORS
 
@@ -176,6 +177,19 @@ def test_a_campaign_of_a_bdk_is_planned_with_its_ids(home: Home, args: list[str]
     assert_error(run("campaign", "create", "refused", "--set", home.set_id, *args,
                      home=home.root), EXIT_INPUT, needle)
     assert_error(run("campaign", "status", "refused", home=home.root), EXIT_STORE)
+
+
+def test_an_aes128_ik_from_an_aes256_bdk(home: Home) -> None:
+    """The IK computed here as X9.24-3 says: AES-ECB under the BDK of 01 01 8001 0002 0080
+    || initial key ID (usage initial key, algorithm AES-128, 128 bits)."""
+    bdk = bytes(range(100, 132))
+    ok(run(*_key("BDK-256", "aes256", "B0", "N", "2"), home=home.root, input=bdk.hex() + "\n"))
+    ok(run("load", "--unit", "7E000003", "--ref1", "BDK-256", "--ref2", "2",
+           "--initial-key-id", IK_ID, "--ik-type", "aes128", home=home.root))
+    enc = Cipher(algorithms.AES(bdk), modes.ECB()).encryptor()  # noqa: S305 - X9.24-3
+    ik = enc.update(bytes.fromhex("010180010002008" + "0" + IK_ID)) + enc.finalize()
+    slot = home.status("7E000003")[2]
+    assert (slot["type"], slot["usage"], slot["kcv"]) == ("aes128", "B1", aes_kcv(ik))
 
 
 def test_a_bdk_is_never_exportable(home: Home) -> None:
