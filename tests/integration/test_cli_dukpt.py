@@ -192,6 +192,14 @@ def test_an_aes128_ik_from_an_aes256_bdk(home: Home) -> None:
     assert (slot["type"], slot["usage"], slot["kcv"]) == ("aes128", "B1", aes_kcv(ik))
 
 
+def test_a_bdk_load_in_a_reader_is_refused_before_the_reader(home: Home) -> None:
+    assert_error(run("load", "--reader", "no such reader", "--ref1", "BDK", "--ref2", "1",
+                     home=home.root), EXIT_INPUT, "give --initial-key-id")
+    assert_error(run("load", "--reader", "no such reader", "--ref1", "BDK", "--ref2", "1",
+                     "--initial-key-id", IK_ID, home=home.root), EXIT_INPUT,
+                 "emulated unit (--unit), not a reader")
+
+
 def test_a_bdk_is_never_exportable(home: Home) -> None:
     res = run(*_key("BDK2", "aes128", "B0", "E", "1"), home=home.root, input="22" * 16 + "\n")
     assert_error(res, EXIT_INPUT, "never exported")

@@ -27,16 +27,21 @@ def order_load(authority: Authority, backend: AuthorityBackend, sn: bytes, ref1:
     """Before a single load: a BDK needs an order (its IK is loaded, never the BDK), and
     an order needs a BDK. ValueError, before anything is sent, when one is missing; an
     unknown REF1 is left to the authority's answer (6A88)."""
-    if order is not None:
+    if order is None:
+        refuse_bare_bdk(backend, ref1)
+    else:
         authority.order_initial_key(sn, ref1, ref2, order)
-        return
+
+
+def refuse_bare_bdk(backend: AuthorityBackend, ref1: bytes) -> None:
+    """ValueError when ``ref1`` is a BDK: its load needs an initial key ID."""
     try:
         usage = backend.key_info(ref1).attrs.usage
     except NoSuchKey:
         return
     if usage == USAGE_BDK:
         raise ValueError(f"key {display_ref1(ref1)} is a BDK (usage {USAGE_BDK}): a load "
-                         "delivers a unit's initial key, give --initial-key-id")
+                         "delivers a unit's initial key, give --initial-key-id (with --unit)")
 
 
 def campaign_initial_key(camp: Campaign, row: LoadRow) -> InitialKeyId | None:

@@ -24,7 +24,7 @@ from ..units.unit import Unit
 from .campaign import Interrupt, RunOptions, RunSummary, run_campaign, run_campaign_cards
 from .customize import Failure, Summary
 from .drive import UnitDone
-from .dukpt import order_campaign, order_load
+from .dukpt import order_campaign, order_load, refuse_bare_bdk
 from .fleet import EmulatedFleet, EmulatedUnitSource
 from .home import Home
 from .journal.model import CLAIMED, EXPORTED, PLANNED, Journal
@@ -227,6 +227,7 @@ def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
+        refuse_bare_bdk(ks, ref1)  # a BDK's initial keys go to emulated units (load_one)
         ac = AuthorityClient(LocalConnection(home.authority(ks)),
                              suites=ks.capabilities().suites)
         conn = stack.enter_context(PcscConnection(reader))
