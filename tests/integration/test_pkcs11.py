@@ -23,6 +23,7 @@ import pytest
 from keyload.core import klp1
 from keyload.core import messages as msg
 from keyload.core.apdu import CommandAPDU, ResponseAPDU
+from keyload.core.dukpt import InitialKeyId, InitialKeyOrder, KeyUsage
 from keyload.core.errors import (
     SW,
     IntegrityError,
@@ -52,7 +53,7 @@ from keyload.transports.local import LocalConnection
 from keyload.units.authority import Authority, ExportPolicy, MemoryExportLog
 from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
-from ..conftest import KLP1_VECTORS, require
+from ..conftest import KLP1_VECTORS, VECTORS, require
 
 pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips without)
 
@@ -67,7 +68,7 @@ if HAVE_PYTHON_PKCS11:
     from keyload.units.pkcs11 import provision as p11_provision
 
 PIN = "24681357"
-TOKENS = ("vectors", "world", "gen", "pins", "fails", "lister")
+TOKENS = ("vectors", "world", "gen", "pins", "fails", "lister", "dukpt")
 ANY = ExportPolicy(None, None)
 CASES: list[dict[str, Any]] = json.loads(KLP1_VECTORS.read_text())["cases"]
 SUITE2_EXPORTS = [c for c in CASES if c["kind"] == "export" and c["suite"] == 2]
@@ -721,3 +722,41 @@ def test_error_text_has_no_key_material(world: World, monkeypatch: pytest.Monkey
     text = str(e.value)
     assert re.fullmatch(r"the token refused to export the key \(FunctionFailed\)", text)
     assert world.values[b"AES"].hex() not in text
+
+
+# -- AES DUKPT: a BDK's initial keys and working keys, derived in the token ------------------
+def test_dukpt_ik_and_working_keys_are_derived_in_the_token(hsm: Hsm) -> None:
+    """docs/protocol.md Appendix D: the BDK stays in the token (DERIVE only, never
+    extractable); the unit receives the X9.24-3 supplement's IK as B1; the first
+    transaction's working keys have the vector's KCVs; no session object is left."""
+    dukpt = json.loads((VECTORS / "dukpt" / "aes128_x9_24_3_supplement.json").read_text())
+    v = dukpt["aes128_bdk"]
+    ks = hsm.open("dukpt", clear_sas=True)
+    t = os.urandom(32)
+    ks.add_set(Secret(t), "terminals")
+    ks.add_key(b"BDK", KeyType.AES128, Secret(bytes.fromhex(v["bdk"])),
+               KeyAttributes("B0", "X", "N"), version=2, diversify=False,
+               policy=ExportPolicy(None, None, initial_keys_only=True))
+    bdk = ks._keys[b"BDK"].key
+    assert bdk[ck.Attribute.EXTRACTABLE] is False and bdk[ck.Attribute.DERIVE] is True
+    log = MemoryExportLog()
+    authority = Authority(ks, log=log)
+    unit = _unit(b"TERM-1", t)
+    with pytest.raises(LoadFailed) as refused:
+        load_key(_uc(unit), _client(authority), b"BDK", 3)
+    assert refused.value.sw == SW.POLICY and log.records == []
+    authority.order_initial_key(b"TERM-1", b"BDK", 3,
+                                InitialKeyOrder(InitialKeyId.parse(v["initial_key_id"])))
+    res = load_key(_uc(unit), _client(authority), b"BDK", 3)
+    ik = bytes.fromhex(v["initial_key"])
+    slot = unit.state.slots[3]
+    assert slot.key is not None and slot.key.equals(ik) and res.kcv == aes_kcv(ik)
+    assert KeyHeader.decode(res.header).usage == "B1"
+    assert log.records[-1].initial_key_id == bytes.fromhex(v["initial_key_id"])
+    first = v["transactions"][0]
+    for usage, name in ((KeyUsage.PIN_ENCRYPTION, "pin_key_aes128"),
+                        (KeyUsage.MAC_GENERATION, "mac_generation_key_aes128"),
+                        (KeyUsage.DATA_ENCRYPTION, "data_encryption_key_aes128")):
+        assert ks.dukpt_kcv(b"BDK", bytes.fromhex(first["ksn"]), usage) == \
+            (KeyType.AES128, aes_kcv(bytes.fromhex(first[name])))
+    assert ks.session_object_count() == 0

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..core.dukpt import InitialKeyId
 from ..core.ref1 import display_ref1, parse_ref1
 from ..records.ledger import CertificatesOnly, ReceiptChecker
 from ..service.ledger import (
@@ -77,7 +78,8 @@ def campaign_create(args: argparse.Namespace) -> int:
     set_id = bytes.fromhex(args.set_id)
     loads = [parse_load(x) for x in args.load]
     serials, source = campaign_units(home, Path(args.manifest) if args.manifest else None)
-    plan = plan_loads(home, set_id, loads)  # refused before the journal is created
+    plan = plan_loads(home, set_id, loads, units=len(serials), initial_key_id_base=None if
+                      args.ik_base is None else InitialKeyId.parse(args.ik_base))
     journal = _journal(args, home)
     try:
         camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
@@ -324,7 +326,9 @@ def add_parsers(sub: Sub) -> None:
         opt("--load", action="append", required=True, metavar="REF1:REF2",
             help="a load per unit (repeatable); the key's current version is planned"),
         opt("--manifest", help="units: a CSV (sn column) or JSON list of hex SNs; default: "
-            "every emulated unit of the home"))
+            "every emulated unit of the home"),
+        opt("--initial-key-id-base", dest="ik_base", metavar="HEX", help="a BDK's load: the "
+            "first unit's initial key ID (8 bytes), counted up per unit"))
     cmd(c, "run", campaign_run, "run or resume a campaign", JOURNAL, NAME,
         opt("--station", help="this station's name (default: the host name)"),
         opt("--workers", type=int, default=1, help="units served at once"),

@@ -61,9 +61,10 @@ def authority_show(args: argparse.Namespace) -> int:
 def authority_exports(args: argparse.Namespace) -> int:
     total, rows = export_rows(home_of(args), args.limit)
     return listed(args, {"total": total, "records": rows},
-                  ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
+                  ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
                   [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
-                    r["kcv"]] for r in rows], f"{total} exports recorded")
+                    r["kcv"], r["initial_key_id"] or ""] for r in rows],
+                  f"{total} exports recorded")
 
 
 # -- sets ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, cards, commands, dashboard, demo, identity, keyblocks, service_cmds
+from . import campaigns, commands, dashboard, demo, dukpt, identity, keyblocks, service_cmds
 from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -168,12 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
-    cmd(sub, "load", cards.load, "load one key into one unit: an emulated one, or the card "
+    ik_type = opt("--ik-type", help="the initial key's type (default the BDK's): aes128, "
+                  "aes192, aes256, no longer than the BDK")
+    cmd(sub, "load", dukpt.load, "load one key into one unit: an emulated one, or the card "
         "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
                                  "--reader, the card must be this unit"),
         opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "
             "an identity set)"),
-        opt("--ref1", required=True), opt("--ref2", required=True, type=int), usage_error=True)
+        opt("--ref1", required=True), opt("--ref2", required=True, type=int),
+        opt("--initial-key-id", metavar="HEX", help="REF1 a BDK (usage B0): load the unit's "
+            "AES DUKPT initial key of this ID (8 bytes: BDK ID || derivation ID)"), ik_type,
+        usage_error=True)
+    d = group(sub, "dukpt", "AES DUKPT (X9.24-3) keys of a BDK, derived in the authority")
+    cmd(d, "derive", dukpt.derive, "the KCV of a transaction's working key",
+        opt("--ref1", required=True, help="the BDK"), opt("--ksn", required=True, help="the "
+            "terminal's KSN, hex (12 bytes: initial key ID || counter)"),
+        opt("--usage", required=True, choices=["pin", "mac", "data"]), ik_type)
     cmd(sub, "receipts", commands.receipts_verify,
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",

@@ -385,5 +385,7 @@ class AuditedExportLog:
             "ref2": record.ref2, "suite": record.suite, "key_version": record.key_version,
             "kcv": record.kcv.hex(),
             **{k: v.hex() for k, v in (("r", record.r), ("h", record.h), ("e_a", record.e_a),
-                                       ("c_u", record.c_u)) if v is not None}},
+                                       ("c_u", record.c_u),
+                                       ("initial_key_id", record.initial_key_id))
+               if v is not None}},
             actor="authority")

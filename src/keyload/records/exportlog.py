@@ -35,9 +35,10 @@ CREATE TABLE IF NOT EXISTS served (
     PRIMARY KEY (set_id, sn, r)
 );
 """
-#: suite 0x03 (docs/protocol.md §10.4): R, H, E_A and C_U, NULL for the other suites; added
-#: to a table made before they existed
-_SUITE3_COLUMNS = ("r", "h", "e_a", "c_u")
+#: suite 0x03 (docs/protocol.md §10.4): R, H, E_A and C_U, NULL for the other suites; and
+#: the initial key ID of an AES DUKPT IK delivered (docs/protocol.md Appendix D), NULL for
+#: any other key; added to a table made before they existed
+_ADDED_COLUMNS = ("r", "h", "e_a", "c_u", "initial_key_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,8 @@ class ExportRecord:
     h: bytes | None = None
     e_a: bytes | None = None
     c_u: bytes | None = None
+    # an AES DUKPT initial key (docs/protocol.md Appendix D): its initial key ID, never the IK
+    initial_key_id: bytes | None = None
 
 
 class SqliteExportLog(SqliteBatch):
@@ -73,7 +76,7 @@ class SqliteExportLog(SqliteBatch):
         try:
             with reading(path):
                 have = {row[1] for row in self.db.execute("PRAGMA table_info(exports)")}
-                for name in _SUITE3_COLUMNS:
+                for name in _ADDED_COLUMNS:
                     if name not in have:
                         self.db.execute(f"ALTER TABLE exports ADD COLUMN {name} TEXT")
                 # the suite-0x03 challenges exported before the register was kept here
@@ -94,11 +97,12 @@ class SqliteExportLog(SqliteBatch):
     def _append(self, record: ExportRecord) -> None:
         self.db.execute(
             "INSERT INTO exports (time, set_id, sn, ref1, ref2, suite, key_version, kcv, "
-            "r, h, e_a, c_u) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "r, h, e_a, c_u, initial_key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.time, record.set_id.hex(), record.sn.hex(), record.ref1.hex(), record.ref2,
              record.suite, record.key_version, record.kcv.hex(),
              *(None if v is None else v.hex()
-               for v in (record.r, record.h, record.e_a, record.c_u))))
+               for v in (record.r, record.h, record.e_a, record.c_u,
+                         record.initial_key_id))))
 
     # -- the register of served challenges (docs/protocol.md §10.4) ---------------------
     def claim(self, set_id: bytes, sn: bytes, r: bytes) -> bool:
@@ -130,7 +134,7 @@ class SqliteExportLog(SqliteBatch):
         with reading(self.path):
             return [_record(t) for t in self.db.execute(
                 "SELECT time, set_id, sn, ref1, ref2, suite, key_version, kcv, "  # noqa: S608
-                "r, h, e_a, c_u "
+                "r, h, e_a, c_u, initial_key_id "
                 f"FROM exports {tail}")]
 
     def count(self) -> int:
@@ -148,4 +152,5 @@ def _record(t: tuple[object, ...]) -> ExportRecord:
                         col.int_col(t[5], "suite"), col.int_col(t[6], "key_version"),
                         col.hex_col(t[7], "kcv", col.KCV_SIZE),
                         col.opt_hex_col(t[8], "r", 16), col.opt_hex_col(t[9], "h", 12),
-                        col.opt_hex_col(t[10], "e_a", 65), col.opt_hex_col(t[11], "c_u"))
+                        col.opt_hex_col(t[10], "e_a", 65), col.opt_hex_col(t[11], "c_u"),
+                        col.opt_hex_col(t[12], "initial_key_id", 8))

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..core import suite3
+from ..core.dukpt import USAGE_IK
 from ..core.errors import KeyloadError, StatusError
 from ..core.identity import ROLE_UNIT, Certificate, identity_set_id, verify_certificate
 from ..core.keys import KeyHeader
@@ -43,10 +44,12 @@ from ..core.suite3 import SUITE_ECDH
 # "source": "campaign" (a station's load, in the journal: "campaign" and "station" set)
 # or "service" (a receipt posted to ``keyload serve``: "client" set); the columns from
 # "source" on came later, at the end, so that older readers of the CSV by position still
-# work; "e_a" and "c_u" (suite 0x03: what verifies its receipt) are empty for the others.
+# work; "e_a" and "c_u" (suite 0x03: what verifies its receipt) are empty for the others,
+# "initial_key_id" (the AES DUKPT initial key ID of an IK delivered, docs/protocol.md
+# Appendix D) for any other load.
 LEDGER_FIELDS = ["campaign", "sn", "ref2", "ref1", "key_version", "kcv", "suite", "r",
                  "header", "receipt", "reconciled", "station", "time", "source", "client",
-                 "set_id", "e_a", "c_u"]
+                 "set_id", "e_a", "c_u", "initial_key_id"]
 KCV_LEN = 5
 R_LEN = 16
 
@@ -80,6 +83,8 @@ class LedgerEntry:
     reconciled: bool = False
     e_a: bytes | None = None
     c_u: bytes | None = None
+    # a BDK's load (docs/protocol.md Appendix D): the initial key ID of the IK delivered
+    initial_key_id: bytes | None = None
 
     @property
     def label(self) -> str:
@@ -106,7 +111,9 @@ class LedgerEntry:
                 "reconciled": self.reconciled, "station": self.station, "time": self.time,
                 "source": self.source, "client": self.client, "set_id": self.set_id.hex(),
                 "e_a": None if self.e_a is None else self.e_a.hex(),
-                "c_u": None if self.c_u is None else self.c_u.hex()}
+                "c_u": None if self.c_u is None else self.c_u.hex(),
+                "initial_key_id": None if self.initial_key_id is None else
+                self.initial_key_id.hex().upper()}
 
 
 COMPARED = ("client", "set_id", "ref1", "ref2", "suite", "header", "kcv", "key_version")
@@ -133,6 +140,7 @@ class Export:
     # ephemeral key E_A it signed its receipt over, as the export recorded them
     c_u: bytes | None = None
     e_a: bytes | None = None
+    initial_key_id: bytes | None = None  # compared when ``recorded`` names it
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,16 @@ class KeyFacts:
     usage: str
     mode: str
     exportability: str
+
+    def header_facts(self, h: KeyHeader, initial_key_id: bytes | None) -> tuple[Any, ...]:
+        """(type, length, usage, mode, exportability) a header of this key must carry: the
+        key's own, or for the IK of a BDK (``initial_key_id`` given) usage B1, never
+        exportable, of an AES type no longer than the BDK (the header's own)."""
+        if initial_key_id is None:
+            return self.key_type, self.length, self.usage, self.mode, self.exportability
+        if h.key_length > self.length:
+            return self.key_type, self.length, USAGE_IK, self.mode, "N"
+        return h.key_type, h.key_length, USAGE_IK, self.mode, "N"
 
 
 class ReceiptChecker(Protocol):
@@ -237,7 +255,8 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
         if export.unreceipted is not None:
             out.append(f"the export is {export.unreceipted}, not receipted")
         mine = {"client": e.client, "set_id": e.set_id, "ref1": e.ref1, "ref2": e.ref2,
-                "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version}
+                "suite": e.suite, "header": e.header, "kcv": e.kcv, "key_version": version,
+                "initial_key_id": e.initial_key_id}
         differ = [name for name in export.recorded if mine[name] != getattr(export, name)]
         differ += [name for name in SUITE3_COMPARED if getattr(export, name) is not None
                    and getattr(e, name) is not None and getattr(e, name) != getattr(export, name)]
@@ -256,8 +275,8 @@ def entry_problems(e: LedgerEntry, checker: ReceiptChecker, *, export: Export | 
             out.append("header version differs from the entry's key version")
         facts = key_now(e.ref1) if key_now is not None else None
         if facts is not None and facts.version == h.version and (
-                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != (
-                facts.key_type, facts.length, facts.usage, facts.mode, facts.exportability):
+                h.key_type, h.key_length, h.usage, h.mode, h.exportability) != \
+                facts.header_facts(h, e.initial_key_id):
             out.append("key header's type or attributes differ from the key's")
     if len(e.r) != R_LEN:
         out.append(f"R is {len(e.r)} bytes, not {R_LEN}")

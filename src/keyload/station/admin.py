@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..core.dukpt import USAGE_BDK, check_bdk
 from ..core.errors import StoreError
 from ..core.identity import Certificate
 from ..core.keys import KeyAttributes, KeyType, aes_kcv
@@ -110,7 +111,9 @@ def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
     return len(recs), [
         {"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
          "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
-         "key_version": r.key_version, "kcv": r.kcv.hex().upper()} for r in shown]
+         "key_version": r.key_version, "kcv": r.kcv.hex().upper(),
+         "initial_key_id": None if r.initial_key_id is None else r.initial_key_id.hex().upper()}
+        for r in shown]
 
 
 # -- sets and keys -------------------------------------------------------------------------
@@ -148,12 +151,23 @@ def known_sets(ks: Keystore, policy: ExportPolicy) -> None:
                          "(keyload set list)")
 
 
+def bdk_policy(kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy, *,
+               diversify: bool) -> ExportPolicy:
+    """A BDK (usage B0) keyload takes in: checked (:func:`~keyload.core.dukpt.check_bdk`)
+    and given the policy that lets only its initial keys leave; any other key as given."""
+    check_bdk(kt, attrs, diversify=diversify)
+    if attrs.usage != USAGE_BDK:
+        return policy
+    return ExportPolicy(policy.sets, policy.slots, initial_keys_only=True)
+
+
 def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
             *, version: int, diversify: bool, label: str, length: int | None = None,
             typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
             ) -> tuple[KeyInfo, list[bytes]]:
     """A new application key, generated (``length``: HMAC only), or ``typed`` (given the
     length an AES key must have)."""
+    policy = bdk_policy(kt, attrs, policy, diversify=diversify)
     ks = home.open_keystore()
     try:
         known_sets(ks, policy)

@@ -198,6 +198,8 @@ class LoadResult(NamedTuple):
     # what anyone verifies the ECDSA receipt with; None for the other suites
     e_a: bytes | None = None
     c_u: bytes | None = None
+    # a BDK's load: the initial key ID of the IK delivered (docs/protocol.md Appendix D)
+    initial_key_id: bytes | None = None
 
     @property
     def key_version(self) -> int:
@@ -208,7 +210,9 @@ class LoadResult(NamedTuple):
         return {"sn": self.sn.hex(), "set_id": self.set_id.hex(),
                 "ref1": display_ref1(self.ref1), "ref2": self.ref2, "suite": self.suite,
                 "key_version": self.key_version, "kcv": self.kcv.hex().upper(),
-                "receipt": self.rct.hex()}
+                "receipt": self.rct.hex(),
+                **({} if self.initial_key_id is None else
+                   {"initial_key_id": self.initial_key_id.hex().upper()})}
 
 
 def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:

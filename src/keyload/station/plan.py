@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ..core.dukpt import USAGE_BDK, InitialKeyId
 from ..core.errors import PolicyRefused, StoreError
 from ..core.ref1 import display_ref1
 from ..records.sql import is_postgres_url
@@ -116,11 +117,14 @@ def record_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
     return camp
 
 
-def plan_loads(home: Home, set_id: bytes,
-               loads: list[tuple[bytes, int]]) -> tuple[PlannedLoad, ...]:
+def plan_loads(home: Home, set_id: bytes, loads: list[tuple[bytes, int]], *,
+               initial_key_id_base: InitialKeyId | None = None,
+               units: int = 1) -> tuple[PlannedLoad, ...]:
     """Resolve each REF1's current version at the authority. A load the key's export
     policy forbids (the authority would refuse it, 6986, for every unit) is refused here,
-    by the authority's own check (ValueError); so are two loads to one slot."""
+    by the authority's own check (ValueError); so are two loads to one slot, and a load
+    of a BDK without ``initial_key_id_base`` (each of the ``units`` receives the IK of the
+    base counted up by its place) or that base without one."""
     if len({r2 for _, r2 in loads}) != len(loads):
         raise ValueError("two loads go to the same slot")
     ks = home.open_keystore()
@@ -137,4 +141,14 @@ def plan_loads(home: Home, set_id: bytes,
             raise ValueError(f"--load {name}:{r2}: the export policy of key {name} "
                              f"({info.policy.describe()}) does not allow set "
                              f"{set_id.hex()} slot {r2}") from None
-    return tuple(PlannedLoad(i.ref1, r2, i.version) for i, r2 in keys)
+    bdks = [i.ref1 for i, _ in keys if i.attrs.usage == USAGE_BDK]
+    if bdks and initial_key_id_base is None:
+        raise ValueError(f"key {display_ref1(bdks[0])} is a BDK (usage {USAGE_BDK}): each "
+                         "unit receives its initial key, give --initial-key-id-base")
+    if initial_key_id_base is not None:
+        if not bdks:
+            raise ValueError(f"--initial-key-id-base: no load is of a BDK (usage {USAGE_BDK})")
+        initial_key_id_base.plus(units - 1)  # the IDs must not run out
+    return tuple(PlannedLoad(i.ref1, r2, i.version,
+                             initial_key_id_base.value if i.ref1 in bdks and
+                             initial_key_id_base is not None else None) for i, r2 in keys)

@@ -66,8 +66,9 @@ class _Exports:
         x = self.take(e.download, e.time or 0.0)
         return None if x is None else Export(
             x.set_id, x.ref1, x.ref2, x.suite, x.key_version, x.kcv,
-            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version"),
-            c_u=x.c_u, e_a=x.e_a)
+            recorded=("set_id", "ref1", "ref2", "suite", "kcv", "key_version",
+                      "initial_key_id"),
+            c_u=x.c_u, e_a=x.e_a, initial_key_id=x.initial_key_id)
 
     def left(self) -> Iterator[ExportRecord]:
         return (e for e, taken in zip(self.records, self.taken, strict=True) if not taken)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.dukpt import INITIAL_KEY_ID_LEN
 from ..records.sql import add_columns
 from ..records.stored import (
     E_A_SIZE,
@@ -60,9 +61,9 @@ CREATE TABLE IF NOT EXISTS loads (
 );
 CREATE INDEX IF NOT EXISTS loads_sn ON loads (sn, ref2);
 """
-#: suite 0x03 (docs/protocol.md §10.3): E_A and C_U, NULL for the other suites; added to a
-#: table made before them
-_SUITE3_COLUMNS = ("e_a", "c_u")
+#: columns added to a table made before them, NULL in older rows: suite 0x03's E_A and C_U
+#: (docs/protocol.md §10.3), a BDK's load's initial key ID (Appendix D)
+_ADDED_COLUMNS = ("e_a", "c_u", "initial_key_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +86,11 @@ class LoadRow:
     reason: str | None
     e_a: bytes | None = None
     c_u: bytes | None = None
+    initial_key_id: bytes | None = None  # a BDK's load: the IK's ID (never the IK)
 
 
 _COLS = ("time, station, sn, set_id, ref1, ref2, status, suite, r, header, key_version, kcv, "
-         "rct, step, sw, reason, e_a, c_u")
+         "rct, step, sw, reason, e_a, c_u, initial_key_id")
 
 
 def _row(t: tuple[object, ...]) -> LoadRow:
@@ -111,7 +113,8 @@ def _row(t: tuple[object, ...]) -> LoadRow:
                    need(t[11], "kcv", KCV_SIZE), need(t[12], "rct", rct_size(suite)),
                    None if t[13] is None else str(t[13]), None if t[14] is None else str(t[14]),
                    None if t[15] is None else str(t[15]), opt_hex_col(t[16], "e_a", E_A_SIZE),
-                   opt_hex_col(t[17], "c_u"))
+                   opt_hex_col(t[17], "c_u"),
+                   opt_hex_col(t[18], "initial_key_id", INITIAL_KEY_ID_LEN))
 
 
 class LoadRecords:
@@ -125,7 +128,7 @@ class LoadRecords:
         self.db = open_records(path, _SCHEMA)
         try:
             with reading(path):
-                add_columns(self.db, "loads", _SUITE3_COLUMNS)
+                add_columns(self.db, "loads", _ADDED_COLUMNS)
             for _ in self.rows():  # one row a load: read them all before another one
                 pass
         except BaseException:
@@ -135,12 +138,13 @@ class LoadRecords:
     def add(self, result: LoadResult) -> None:
         self.db.execute(
             "INSERT INTO loads (time, station, sn, set_id, ref1, ref2, status, suite, r, header,"
-            " key_version, kcv, rct, e_a, c_u) VALUES (?, ?, ?, ?, ?, ?, 'loaded', ?, ?, ?, ?, ?,"
-            " ?, ?, ?)",
+            " key_version, kcv, rct, e_a, c_u, initial_key_id) VALUES (?, ?, ?, ?, ?, ?, "
+            "'loaded', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self.clock(), self.station, result.sn.hex(), result.set_id.hex(), result.ref1.hex(),
              result.ref2, result.suite, result.r.hex(), result.header.hex(), result.key_version,
              result.kcv.hex(), result.rct.hex(),
-             *(None if v is None else v.hex() for v in (result.e_a, result.c_u))))
+             *(None if v is None else v.hex()
+               for v in (result.e_a, result.c_u, result.initial_key_id))))
 
     def add_failure(self, sn: bytes, ref1: bytes, ref2: int, err: LoadFailed) -> None:
         sw = None if err.sw is None else f"{err.sw:04X}"

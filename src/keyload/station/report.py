@@ -26,6 +26,7 @@ from ..records.ledger import (
 )
 from ..units.storage import atomic_write
 from .charts import Bar, bar_chart, nice_step, time_chart, utc
+from .dukpt import campaign_initial_key
 from .journal.model import FAILED, IMPORTED, Journal, PlannedLoad
 from .records import LoadRecords
 from .records import LoadRow as StationRow
@@ -33,19 +34,22 @@ from .records import LoadRow as StationRow
 
 def campaign_entries(journal: Journal, campaign: str) -> Iterator[LedgerEntry]:
     """A campaign's imported loads as ledger entries (reconciled ones without ``rct``)."""
-    set_id = journal.campaign(campaign).set_id
+    camp = journal.campaign(campaign)
     for row in journal.rows(campaign, [IMPORTED]):
-        yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite, set_id,
-                          row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
+        ik = campaign_initial_key(camp, row)
+        yield LedgerEntry("campaign", row.updated, row.ref1, row.version, row.suite,
+                          camp.set_id, row.sn, row.r, row.ref2, row.header, row.kcv, row.rct,
                           campaign=row.campaign, station=row.station,
-                          reconciled=row.reconciled, e_a=row.e_a, c_u=row.c_u)
+                          reconciled=row.reconciled, e_a=row.e_a, c_u=row.c_u,
+                          initial_key_id=None if ik is None else ik.value)
 
 
 def station_entry(row: StationRow) -> LedgerEntry:
     """A single load the station recorded (``station.db``) as a ledger entry."""
     return LedgerEntry("station", row.time, row.ref1, row.key_version, row.suite,
                        row.set_id or b"", row.sn, row.r, row.ref2, row.header, row.kcv,
-                       row.rct, station=row.station, e_a=row.e_a, c_u=row.c_u)
+                       row.rct, station=row.station, e_a=row.e_a, c_u=row.c_u,
+                       initial_key_id=row.initial_key_id)
 
 
 def station_entries(records: LoadRecords) -> Iterator[LedgerEntry]:
@@ -102,7 +106,9 @@ class CampaignStatus:
     def to_json(self) -> dict[str, Any]:
         return {"campaign": self.campaign, "set_id": self.set_id.hex(), "units": self.units,
                 "loads": self.loads, "states": dict(self.states),
-                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
+                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version,
+                          **({} if p.initial_key_id_base is None else
+                             {"initial_key_id_base": p.initial_key_id_base.hex().upper()})}
                          for p in self.plan],
                 "done": self.done}
 

@@ -12,19 +12,22 @@ from ..core import messages as msg
 from ..core import tlv
 from ..core.aids import INS_INIT
 from ..core.apdu import ResponseAPDU, encode_command
+from ..core.dukpt import InitialKeyOrder
 from ..core.errors import KeyloadError, MalformedData
 from ..core.keys import KeyHeader, KeyType
 from ..core.suite3 import SUITE_ECDH
+from ..records.audit import AuditLog
 from ..transports import Connection
 from ..transports.local import LocalConnection
-from ..units.authority import Authority
+from ..units.authority import Authority, AuthorityBackend
 from ..units.unit import Unit
 from .campaign import Interrupt, RunOptions, RunSummary, run_campaign, run_campaign_cards
 from .customize import Failure, Summary
 from .drive import UnitDone
+from .dukpt import order_campaign, order_load, refuse_bare_bdk
 from .fleet import EmulatedFleet, EmulatedUnitSource
 from .home import Home
-from .journal.model import Journal
+from .journal.model import CLAIMED, EXPORTED, PLANNED, Journal
 from .load import (
     UNIT_MEANING,
     AuthorityClient,
@@ -58,6 +61,16 @@ def open_work(journal: Journal, name: str) -> tuple[int, int, int]:
     return todo, open_units, (open_units if counts["imported"] else camp.units)
 
 
+def _ordered(home: Home, ks: AuthorityBackend, audit: AuditLog, journal: Journal,
+             name: str) -> Authority:
+    """The home's authority with the IK of every open load of a BDK ordered."""
+    authority = home.authority(ks, audit)
+    camp = journal.campaign(name)
+    if any(p.initial_key_id_base is not None for p in camp.plan):
+        order_campaign(authority, camp, journal.rows(name, [PLANNED, CLAIMED, EXPORTED]))
+    return authority
+
+
 def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
                  on_unit: UnitDone | None, interrupt: Interrupt,
                  connect: Callable[[Authority, ExitStack], Connection] = _local
@@ -75,7 +88,7 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         stack.callback(fleet.close)
         audit = home.audit()
         stack.callback(audit.close)
-        client = AuthorityClient(connect(home.authority(ks, audit), stack),
+        client = AuthorityClient(connect(_ordered(home, ks, audit, journal, name), stack),
                                  suites=ks.capabilities().suites)
         todo, _, _ = open_work(journal, name)
         audit.append("campaign run", {"campaign": name, "station": opts.station,
@@ -103,7 +116,7 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
         identity = ks.set_info(camp.set_id).identity
         audit = home.audit()
         stack.callback(audit.close)
-        client = AuthorityClient(connect(home.authority(ks, audit), stack),
+        client = AuthorityClient(connect(_ordered(home, ks, audit, journal, name), stack),
                                  suites=ks.capabilities().suites)
         audit.append("campaign run", {"campaign": name, "station": opts.station,
                                       "reader": reader})
@@ -137,13 +150,16 @@ def journal_summary(journal: Journal, name: str, run: RunSummary) -> Summary:
     return s
 
 
-def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int) -> LoadResult:
+def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int,
+             initial_key: InitialKeyOrder | None = None) -> LoadResult:
     """Load one key into one emulated unit of the home; the load (or its failure) is
-    recorded in ``station.db``."""
+    recorded in ``station.db``. A BDK's load delivers the IK ``initial_key`` orders
+    (docs/protocol.md Appendix D), and needs one."""
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
         authority = home.authority(ks)
+        order_load(authority, ks, sn, ref1, ref2, initial_key)
         fleet = EmulatedFleet.open(home.units_dir, home.source)
         stack.callback(fleet.close)
         unit = fleet.open_unit(sn)
@@ -157,6 +173,8 @@ def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int) -> LoadResult:
         except LoadFailed as e:
             records.add_failure(sn, ref1, ref2, e)
             raise
+        if initial_key is not None:
+            res = res._replace(initial_key_id=initial_key.initial_key_id.value)
         records.add(res)
     return res
 
@@ -213,6 +231,7 @@ def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
+        refuse_bare_bdk(ks, ref1)  # a BDK's initial keys go to emulated units (load_one)
         ac = AuthorityClient(LocalConnection(home.authority(ks)),
                              suites=ks.capabilities().suites)
         conn = stack.enter_context(PcscConnection(reader))

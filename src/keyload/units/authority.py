@@ -30,6 +30,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from ..core import messages as msg
 from ..core.aids import AID_AUTHORITY, INS_EXPORT, INS_SELECT
 from ..core.apdu import CommandAPDU, sw_bytes
+from ..core.dukpt import USAGE_BDK, InitialKeyOrder
 from ..core.ecc import check_point
 from ..core.errors import (
     SW,
@@ -63,10 +64,16 @@ _Entry = TypeVar("_Entry")
 
 @dataclass(frozen=True, slots=True)
 class ExportPolicy:
-    """Which sets and unit slots may receive a key. ``None`` means any (said explicitly)."""
+    """Which sets and unit slots may receive a key. ``None`` means any (said explicitly).
+
+    ``initial_keys_only``: the key itself never leaves; a load delivers only the AES DUKPT
+    initial key a station orders (a BDK, docs/protocol.md Appendix D). The contract lets a
+    policy restrict usages (§8 step 5): keyload gives every BDK it takes in this policy.
+    """
 
     sets: frozenset[bytes] | None
     slots: frozenset[int] | None
+    initial_keys_only: bool = False
 
     def check(self, set_id: bytes, ref2: int) -> None:
         if self.sets is not None and set_id not in self.sets:
@@ -74,20 +81,24 @@ class ExportPolicy:
         if self.slots is not None and ref2 not in self.slots:
             raise PolicyRefused("export policy: slot not allowed for this key")
 
-    def to_json(self) -> dict[str, list[str] | list[int] | None]:
+    def to_json(self) -> dict[str, list[str] | list[int] | bool | None]:
         return {"sets": None if self.sets is None else sorted(s.hex() for s in self.sets),
-                "slots": None if self.slots is None else sorted(self.slots)}
+                "slots": None if self.slots is None else sorted(self.slots),
+                **({"initial_keys_only": True} if self.initial_keys_only else {})}
 
     @classmethod
-    def from_json(cls, d: dict[str, list[str] | list[int] | None]) -> ExportPolicy:
+    def from_json(cls, d: dict[str, list[str] | list[int] | bool | None]) -> ExportPolicy:
         sets, slots = d.get("sets"), d.get("slots")
+        if isinstance(sets, bool) or isinstance(slots, bool):
+            raise ValueError("sets and slots are lists or null")
         return cls(None if sets is None else frozenset(bytes.fromhex(str(s)) for s in sets),
-                   None if slots is None else frozenset(int(x) for x in slots))
+                   None if slots is None else frozenset(int(x) for x in slots),
+                   d.get("initial_keys_only") is True)
 
     def describe(self) -> str:
         sets = "any set" if self.sets is None else ",".join(sorted(s.hex() for s in self.sets))
         slots = "any slot" if self.slots is None else ",".join(map(str, sorted(self.slots)))
-        return f"{sets}; {slots}"
+        return f"{sets}; {slots}" + ("; initial keys only" if self.initial_keys_only else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +211,11 @@ class AuthorityBackend(Protocol):
         """Raise NoSuchKey (6A88) when ``ref1`` is unknown."""
         ...
 
-    def export(self, req: msg.ExportRequest) -> Exported:
-        """The wrap of docs/protocol.md §4 for an already-checked request."""
+    def export(self, req: msg.ExportRequest, *,
+               initial_key: InitialKeyOrder | None = None) -> Exported:
+        """The wrap of docs/protocol.md §4 for an already-checked request; with
+        ``initial_key`` (REF1 a BDK), of the IK derived from it in the backend instead
+        (docs/protocol.md Appendix D)."""
         ...
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
@@ -389,6 +403,8 @@ class Authority:
         self._caps = backend.capabilities()
         # §10.4: the (set id, SN, R) served; by default kept while this authority runs
         self._served: ServedRegister = MemoryServed() if served is None else served
+        # Appendix D: the initial keys ordered, by (SN, REF1, REF2), kept while it runs
+        self._initial_keys: dict[tuple[bytes, bytes, int], InitialKeyOrder] = {}
 
     def capabilities(self) -> Capabilities:
         return self._caps
@@ -418,13 +434,42 @@ class Authority:
         info.policy.check(set_id, ref2)
         return info
 
+    def order_initial_key(self, sn: bytes, ref1: bytes, ref2: int,
+                          order: InitialKeyOrder) -> None:
+        """From now on (while this authority runs), have an EXPORTKEY of BDK ``ref1`` for
+        slot ``ref2`` of unit ``sn`` deliver that unit's initial key (docs/protocol.md
+        Appendix D): the order a station gives beside the wire, since EXPORTKEY has no
+        field for the initial key ID. ValueError (nothing ordered) when ``ref1`` is not a
+        BDK or the IK's type cannot be derived from it; NoSuchKey for an unknown REF1."""
+        info = self.backend.key_info(ref1)
+        if info.attrs.usage != USAGE_BDK:
+            raise ValueError(f"key {display_ref1(ref1)} is not a BDK (usage "
+                             f"{info.attrs.usage}, not {USAGE_BDK}): no initial key derives "
+                             "from it")
+        order.key_type(info.key_type)
+        self._initial_keys[(sn, ref1, ref2)] = order
+
+    def _initial_key(self, info: KeyInfo, sn: bytes, ref2: int) -> InitialKeyOrder | None:
+        """The IK ordered for this export of a BDK; a key whose policy allows initial keys
+        only is never exported itself (6986)."""
+        order = self._initial_keys.get((sn, info.ref1, ref2))
+        if order is None and info.policy.initial_keys_only:
+            raise PolicyRefused("export policy: a BDK is never exported, only the initial "
+                                "key of a unit (an initial key ID given with the load)")
+        return order
+
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
         self._offered(self.backend.set_info(req.set_id), req.suite, False)
         info = self._checked_key(req.ref1, req.set_id, req.ref2)
-        out = self.backend.export(req)
+        order = self._initial_key(info, req.sn, req.ref2)
+        if order is None:
+            out = self.backend.export(req)
+        else:
+            out = self.backend.export(req, initial_key=order)
         if self.log is not None:
-            self.log.append(ExportRecord(self.clock(), req.set_id, req.sn, req.ref1, req.ref2,
-                                         req.suite, info.version, out.kcv))
+            self.log.append(ExportRecord(
+                self.clock(), req.set_id, req.sn, req.ref1, req.ref2, req.suite, info.version,
+                out.kcv, initial_key_id=None if order is None else order.initial_key_id.value))
         return msg.ExportResponse(out.import_data, out.kcv)
 
     def _identity_backend(self) -> IdentityBackend:
@@ -454,6 +499,10 @@ class Authority:
             raise NoChallenge("this challenge was served before")
         try:
             info = self._checked_key(base.ref1, base.set_id, base.ref2)  # 6A88, 6986
+            if info.policy.initial_keys_only:
+                raise PolicyRefused("export policy: a BDK is never exported; its initial "
+                                    "keys go to units of a transport-key set (suite "
+                                    "0x01/0x02)")
             out = ident.export3(req)
             if self.log is not None:
                 self.log.append(ExportRecord(self.clock(), base.set_id, base.sn, base.ref1,

@@ -22,8 +22,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..core import klp1
+from ..core import dukpt, klp1
 from ..core import messages as msg
+from ..core.dukpt import InitialKeyOrder
 from ..core.ecc import EcdsaKey, scalar_from
 from ..core.errors import StoreError
 from ..core.identity import (
@@ -508,16 +509,48 @@ class SoftwareKeystore:
             raise StoreError("the keystore is closed")
         return find_key(self._keys, ref1).info
 
-    def export(self, req: msg.ExportRequest) -> Exported:
+    def export(self, req: msg.ExportRequest, *,
+               initial_key: InitialKeyOrder | None = None) -> Exported:
         t = self._transport(req.set_id)
         k = self._keys[req.ref1]
         i = k.info
+        if initial_key is not None:  # the IK of a BDK (docs/protocol.md Appendix D)
+            kt = initial_key.key_type(i.key_type)
+            ik = dukpt.initial_key(k.value.buffer, initial_key.initial_key_id, kt)
+            try:
+                return self._wrap(req, t, kt, ik.buffer, dukpt.ik_attributes(i.attrs),
+                                  i.version, False, None)
+            finally:
+                ik.wipe()
+        return self._wrap(req, t, i.key_type, k.value.buffer, i.attrs, i.version,
+                          i.diversify, i.kcv)
+
+    def _wrap(self, req: msg.ExportRequest, t: _TransportKey, key_type: KeyType, key: bytearray,
+              attrs: KeyAttributes, version: int, diversify: bool,
+              kcv_: bytes | None) -> Exported:
         return klp1.export_key(
             get_suite(req.suite), t.value.buffer, req.sn, req.r, req.ref2,
-            key_type=i.key_type, key=k.value.buffer, usage=i.attrs.usage, mode=i.attrs.mode,
-            version=i.version, exportability=i.attrs.exportability, diversify=i.diversify,
+            key_type=key_type, key=key, usage=attrs.usage, mode=attrs.mode,
+            version=version, exportability=attrs.exportability, diversify=diversify,
             signer=self._signer if t.info.signed else None, scratch=self._scratch,
-            kcv_=i.kcv)
+            kcv_=kcv_)
+
+    def dukpt_kcv(self, ref1: bytes, ksn: bytes, usage: dukpt.KeyUsage,
+                  ik_type: KeyType | None = None) -> tuple[KeyType, bytes]:
+        """The type and KCV of the working key of ``usage`` for ``ksn`` under BDK ``ref1``
+        (X9.24-3); the BDK, IK and working key never leave, and are wiped."""
+        k = find_key(self._keys, ref1)
+        order = dukpt.ksn_order(k.info.attrs.usage, ksn, ik_type)
+        kt = order.key_type(k.info.key_type)
+        ik = dukpt.initial_key(k.value.buffer, order.initial_key_id, kt)
+        try:
+            wk = dukpt.derive_chain(ik.buffer, dukpt.working_key_steps(kt, ksn, usage))
+        finally:
+            ik.wipe()
+        try:
+            return kt, aes_kcv(wk.buffer)
+        finally:
+            wk.wipe()
 
     def receipt(self, suite: int, set_id: bytes, sn: bytes, r: bytes, ref2: int, h: bytes,
                 kcv_: bytes) -> bytes:

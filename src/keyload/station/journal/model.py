@@ -29,6 +29,9 @@ class PlannedLoad:
     ref1: bytes
     ref2: int
     version: int | None = None  # the key version to hold at the end (None: any)
+    # a BDK's load: the initial key ID of the campaign's first unit; each next unit's
+    # counts up (docs/protocol.md Appendix D). Kept in the plan, so older journals read as before
+    initial_key_id_base: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

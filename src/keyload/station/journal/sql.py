@@ -99,12 +99,16 @@ def row_of(t: Sequence[Any]) -> LoadRow:
 
 
 def campaign_to_row(c: Campaign) -> tuple[str, str, float, str, str, int]:
-    plan = [{"ref1": p.ref1.hex(), "ref2": p.ref2, "version": p.version} for p in c.plan]
+    plan = [{"ref1": p.ref1.hex(), "ref2": p.ref2, "version": p.version,
+             **({} if p.initial_key_id_base is None else
+                {"initial_key_id_base": p.initial_key_id_base.hex()})} for p in c.plan]
     return (c.id, c.set_id.hex(), c.created, json.dumps(plan), json.dumps(c.source), c.units)
 
 
 def campaign_from_row(t: Sequence[Any]) -> Campaign:
-    plan = tuple(PlannedLoad(bytes.fromhex(p["ref1"]), int(p["ref2"]), p["version"])
+    plan = tuple(PlannedLoad(bytes.fromhex(p["ref1"]), int(p["ref2"]), p["version"],
+                             None if p.get("initial_key_id_base") is None else
+                             bytes.fromhex(p["initial_key_id_base"]))
                  for p in json.loads(t[3]))
     return Campaign(t[0], bytes.fromhex(t[1]), float(t[2]), plan, json.loads(t[4]), int(t[5]))
 

@@ -27,6 +27,14 @@ from pkcs11 import MechanismFlag
 from pkcs11 import exceptions as pkx
 
 from ...core import messages as msg
+from ...core.dukpt import (
+    InitialKeyOrder,
+    KeyUsage,
+    ik_attributes,
+    initial_key_data,
+    ksn_order,
+    working_key_steps,
+)
 from ...core.errors import PolicyRefused, Unsupported
 from ...core.keys import FLAG_DIVERSIFIED, FLAG_ED25519, KeyHeader, KeyType
 from ...core.klp1 import (
@@ -92,8 +100,12 @@ def host_copy(session: pkcs11.Session, sc: Scope, key: pkcs11.Object) -> bytes:
 class Exporting(TokenIndex):
     """The :class:`~keyload.units.authority.AuthorityBackend` calls that use keys."""
 
-    def export(self, req: msg.ExportRequest) -> Exported:
-        """docs/protocol.md §4, suite 0x02, in the token; every derived object is destroyed."""
+    def export(self, req: msg.ExportRequest, *,
+               initial_key: InitialKeyOrder | None = None) -> Exported:
+        """docs/protocol.md §4, suite 0x02, in the token; every derived object is destroyed.
+        With ``initial_key`` (REF1 a BDK), the IK is derived in the token (AES-ECB of the
+        X9.24-3 derivation data under the BDK, ``CKM_AES_ECB_ENCRYPT_DATA``), a session
+        object wrapped in place of the BDK, then destroyed (docs/protocol.md Appendix D)."""
         if req.suite != SUITE_ECBDIV:
             raise Unsupported(f"suite {req.suite:#04x} not offered by this PKCS#11 authority")
         with self._lock:
@@ -106,9 +118,49 @@ class Exporting(TokenIndex):
                 raise PolicyRefused(CLEAR_SAS_REFUSED)
             self._exportable(k.info)
             try:
-                return self._export(req, t.key, k, signed)
+                if initial_key is None:
+                    return self._export(req, t.key, k, signed)
+                with scope() as sc:
+                    return self._export(req, t.key, self._initial_key(sc, k, initial_key),
+                                        signed)
             except pkx.PKCS11Error as e:
                 raise token_error("export the key", e) from e
+
+    def _initial_key(self, sc: Scope, k: KeyEntry, order: InitialKeyOrder) -> KeyEntry:
+        """The IK of ``order`` from BDK ``k``: a session object kept by ``sc``, its KCV by
+        CMAC in the token; described as the key to export (usage B1, never exportable)."""
+        i = k.info
+        kt = order.key_type(i.key_type)
+        ik = sc.keep(derive(k.key, initial_key_data(kt, order.initial_key_id), TA_DIV_SESSION,
+                            8 * kt.default_length))
+        check = sign(ik, bytes(16), CKM.AES_CMAC)[:5]
+        info = KeyInfo(i.ref1, kt, kt.default_length, ik_attributes(i.attrs), i.version,
+                       False, i.policy, check, i.label)
+        return KeyEntry(info, ik, k.meta, k.key_id)
+
+    def dukpt_kcv(self, ref1: bytes, ksn: bytes, usage: KeyUsage,
+                  ik_type: KeyType | None = None) -> tuple[KeyType, bytes]:
+        """The type and KCV of the working key of ``usage`` for ``ksn`` under BDK ``ref1``:
+        the IK, each intermediate derivation key and the working key are session objects
+        derived in the token (X9.24-3 on ``CKM_AES_ECB_ENCRYPT_DATA``), its KCV a CMAC
+        there; all destroyed."""
+        with self._lock:
+            k = self._key(ref1)
+            order = ksn_order(k.info.attrs.usage, ksn, ik_type)
+            kt = order.key_type(k.info.key_type)
+            steps = working_key_steps(kt, ksn, usage)
+            try:
+                with scope() as sc:
+                    key = sc.keep(derive(k.key, initial_key_data(kt, order.initial_key_id),
+                                         T1_SESSION, 8 * kt.default_length))
+                    for n, (data, step_type) in enumerate(steps, 1):
+                        template = KMAC_SESSION if n == len(steps) else T1_SESSION
+                        nxt = sc.keep(derive(key, data, template, 8 * step_type.default_length))
+                        sc.drop(key)
+                        key = nxt
+                    return kt, sign(key, bytes(16), CKM.AES_CMAC)[:5]
+            except pkx.PKCS11Error as e:
+                raise token_error("derive a DUKPT key", e) from e
 
     def _exportable(self, i: KeyInfo) -> None:
         """What this token cannot do as KLP1 says (its self-test): PolicyRefused (6986)."""

@@ -195,10 +195,11 @@ class Provisioning(TokenIndex):
                 raise ValueError(f"token {self.token_label!r} does not truncate ECB derivations "
                                  "to CKA_VALUE_LEN: an AES-192 key cannot be diversified in it")
             ck = ck_key_type(key_type)
-            allow = (A.DERIVE,) if diversify else ()
+            bdk = policy.initial_keys_only  # derives IKs in the token, never leaves it
+            allow = (A.DERIVE,) if diversify or bdk else ()
             if attrs.usage == KBPK_USAGE:  # a KBPK: CMAC, for a key block's KBEK and KBAK
                 allow = (*allow, A.SIGN)
-            fin = secret_template(ck, token=True, extractable=True, allow=allow)
+            fin = secret_template(ck, token=True, extractable=not bdk, allow=allow)
             size = {A.VALUE_LEN: length}  # read back only
             key_id = ID_KEY + version.to_bytes(2, "big") + ref1
             obj_label = f"keyload key {display_ref1(ref1)} v{version}"

@@ -1,0 +1,72 @@
+"""AES DUKPT at the station: the initial keys a load of a BDK delivers (ordered from the
+authority beside EXPORTKEY, docs/protocol.md Appendix D), and the working key of a KSN that an
+operator checks against a terminal's first transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..core.dukpt import USAGE_BDK, WORKING_USAGES, InitialKeyId, InitialKeyOrder, KeyUsage
+from ..core.errors import NoSuchKey
+from ..core.keys import KeyType
+from ..core.ref1 import display_ref1
+from ..units.authority import Authority, AuthorityBackend
+from .journal.model import Campaign, LoadRow
+
+
+class DukptBackend(Protocol):
+    """What checking a working key needs of an authority backend."""
+
+    def dukpt_kcv(self, ref1: bytes, ksn: bytes, usage: KeyUsage,
+                  ik_type: KeyType | None = None) -> tuple[KeyType, bytes]: ...
+
+
+def order_load(authority: Authority, backend: AuthorityBackend, sn: bytes, ref1: bytes,
+               ref2: int, order: InitialKeyOrder | None) -> None:
+    """Before a single load: a BDK needs an order (its IK is loaded, never the BDK), and
+    an order needs a BDK. ValueError, before anything is sent, when one is missing; an
+    unknown REF1 is left to the authority's answer (6A88)."""
+    if order is None:
+        refuse_bare_bdk(backend, ref1)
+    else:
+        authority.order_initial_key(sn, ref1, ref2, order)
+
+
+def refuse_bare_bdk(backend: AuthorityBackend, ref1: bytes) -> None:
+    """ValueError when ``ref1`` is a BDK: its load needs an initial key ID."""
+    try:
+        usage = backend.key_info(ref1).attrs.usage
+    except NoSuchKey:
+        return
+    if usage == USAGE_BDK:
+        raise ValueError(f"key {display_ref1(ref1)} is a BDK (usage {USAGE_BDK}): a load "
+                         "delivers a unit's initial key, give --initial-key-id (with --unit)")
+
+
+def campaign_initial_key(camp: Campaign, row: LoadRow) -> InitialKeyId | None:
+    """The initial key ID a campaign's load delivers: its plan's base counted up by the
+    unit's place in the campaign (None: the load is not of a BDK)."""
+    for p in camp.plan:
+        if p.ref2 == row.ref2 and p.ref1 == row.ref1 and p.initial_key_id_base is not None:
+            return InitialKeyId(p.initial_key_id_base).plus(row.seq)
+    return None
+
+
+def order_campaign(authority: Authority, camp: Campaign, rows: Iterable[LoadRow]) -> None:
+    """Order the IK of every load of a BDK among ``rows`` (a campaign's open loads)."""
+    for row in rows:
+        ik = campaign_initial_key(camp, row)
+        if ik is not None:
+            authority.order_initial_key(row.sn, row.ref1, row.ref2, InitialKeyOrder(ik))
+
+
+def working_kcv(backend: DukptBackend, ref1: bytes, ksn: bytes, usage: str,
+                ik_type: KeyType | None) -> dict[str, str]:
+    """The KCV of the working key of ``usage`` (pin, mac, data) for ``ksn`` under BDK
+    ``ref1``, derived in the authority (the BDK never leaves it)."""
+    if usage not in WORKING_USAGES:
+        raise ValueError(f"--usage {usage!r}: one of {', '.join(WORKING_USAGES)}")
+    kt, check = backend.dukpt_kcv(ref1, ksn, WORKING_USAGES[usage], ik_type)
+    return {"ref1": display_ref1(ref1), "ksn": ksn.hex().upper(), "usage": usage,
+            "type": kt.label, "kcv": check.hex().upper()}
