@@ -166,12 +166,13 @@ def test_a_campaign_of_identity_units_loads_each_by_suite_3(home: Home) -> None:
                + bytes([len(ref1_b)]) + ref1_b + bytes.fromhex(header) + bytes.fromhex(kcv)
                + bytes.fromhex(e_a))
         assert _rct_verifies(q_u, bytes.fromhex(rct), msg), (sn, ref2)
-    # the authority verifies them; the export shows E_A and C_U in the last columns
+    # the authority verifies them; the export shows E_A and C_U in the columns added at
+    # the end (before a BDK's initial key ID, empty here)
     assert ok(home.run("ledger", "verify")).last_line() == \
         f"{2 * UNITS} receipts verified, 0 invalid"
     text = ok(home.run("ledger", "export", "--format", "csv")).stdout
     header = text.splitlines()[0].split(",")
-    assert header[-2:] == ["e_a", "c_u"]
+    assert header[-3:] == ["e_a", "c_u", "initial_key_id"]
     exported = {(r["sn"], int(r["ref2"])): (r["e_a"], r["c_u"])
                 for r in csv.DictReader(io.StringIO(text))}
     assert exported == {(sn, ref2): (e_a, c_u)

@@ -120,7 +120,7 @@ def test_a_campaign_counts_the_initial_key_ids_up(home: Home, loaded: dict[str, 
     assert [(r["sn"], r["initial_key_id"]) for r in rows] == \
         [(sn.lower(), i) for sn, i in zip(UNITS, ids, strict=True)]
     header = ok(run("ledger", "export", "--format", "csv", home=home.root)).stdout.split("\n")[0]
-    assert header.rstrip().endswith(",set_id,initial_key_id")
+    assert header.rstrip().endswith(",set_id,e_a,c_u,initial_key_id")
     js = ok(run("ledger", "export", "--format", "json", home=home.root)).json()
     assert [e["initial_key_id"] for e in js] == ids
     assert len({home.status(sn)[1]["kcv"] for sn in UNITS}) == 3
