@@ -24,15 +24,23 @@ from ..station.admin import (
     set_json,
     unit_serials,
 )
-from ..station.identity import create_identity_set, record_json, unit_records
-from ..station.run import load_one, unit_slots
+from ..station.identity import (
+    certify_unit,
+    create_identity_set,
+    create_unenrolled,
+    enrol_card,
+    record_json,
+    revoke_unit,
+    unit_records,
+)
+from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
 from ..units.keystore import check_usage
 from .args import home_of
 from .context import read_components, read_secret_hex
-from .output import emitted, kv, listed, shown
+from .output import aligned, listed, shown
 
 
 def _suites(suites: list[int]) -> str:
@@ -51,11 +59,10 @@ def authority_init(args: argparse.Namespace) -> int:
 
 def authority_show(args: argparse.Namespace) -> int:
     info = authority_facts(home_of(args))
-    if not emitted(args, info):
-        kv([("backend", info["backend"]), ("suites", _suites(info["suites"])),
-            ("signing key", info["signing_public_key"] or "none"),
-            ("sets", len(info["sets"])), ("application keys", len(info["keys"]))])
-    return 0
+    return shown(args, info, *aligned([
+        ("backend", info["backend"]), ("suites", _suites(info["suites"])),
+        ("signing key", info["signing_public_key"] or "none"), ("sets", len(info["sets"])),
+        ("application keys", len(info["keys"]))]))
 
 
 def authority_exports(args: argparse.Namespace) -> int:
@@ -143,9 +150,21 @@ def key_list(args: argparse.Namespace) -> int:
 
 # -- units ---------------------------------------------------------------------------
 def unit_create(args: argparse.Namespace) -> int:
+    """``unit create``; with ``--unenrolled``, a unit of an identity set without its key
+    and certificate, to be served as a card and enrolled by ``unit enrol --reader``."""
+    if args.unenrolled and (args.suites is not None or args.components):
+        raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
+                         "--suites nor --components")
     home = home_of(args)
     set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
     slots = parse_slots(args.slot, args.lock)
+    if args.unenrolled:
+        create_unenrolled(home, set_id, sn, slots)
+        return shown(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
+                            "enrolled": False},
+                     f"unit {sn.hex()} created for set {set_id.hex()} with slots "
+                     f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
+                     "(unit serve-card) and enrol it (unit enrol --reader)")
     suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
     cert = create_unit(home, set_id, sn, slots, suites,
                        typed=(lambda: read_components(args.components, 32))
@@ -155,6 +174,27 @@ def unit_create(args: argparse.Namespace) -> int:
         out["certificate"] = cert.encode().hex()
     return shown(args, out, f"unit {sn.hex()} {'created' if cert is None else 'enrolled'} in "
                  f"set {set_id.hex()} with slots {', '.join(map(str, sorted(slots)))}")
+
+
+def unit_enrol(args: argparse.Namespace) -> int:
+    set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
+    cert = enrol_card(home_of(args), args.reader, set_id, sn)
+    return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "reader": args.reader,
+                        "certificate": cert.encode().hex()},
+                 f"unit {sn.hex()} in reader {args.reader!r} enrolled in set {set_id.hex()}")
+
+
+def unit_revoke(args: argparse.Namespace) -> int:
+    rec = revoke_unit(home_of(args), parse_hex(args.set_id, "set id"), parse_sn(args.sn))
+    return shown(args, record_json(rec), f"unit {rec.sn.hex()} of set {rec.set_id.hex()} "
+                 "revoked: its exports are refused (6983)")
+
+
+def unit_certify(args: argparse.Namespace) -> int:
+    set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
+    cert = certify_unit(home_of(args), set_id, sn, parse_hex(args.public_key, "--public-key"))
+    c_u = cert.encode().hex()
+    return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "certificate": c_u}, c_u)
 
 
 def unit_status(args: argparse.Namespace) -> int:
@@ -195,12 +235,20 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    sn, ref1 = parse_sn(args.unit), parse_ref1(args.ref1)
-    out = load_one(home, sn, ref1, check_ref2(args.ref2)).to_json()
-    return shown(args, out, f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} "
-                 f"slot {out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
-                 f"{out['receipt']}")
+    """One key into one unit: the emulated unit ``--unit`` names, or (``--reader``) the
+    card in that PC/SC reader, which must then be ``--unit`` when it is given."""
+    if args.reader is None and args.unit is None:
+        args.usage_error("one of --unit or --reader is required")
+    sn = None if args.unit is None else parse_sn(args.unit)
+    ref1 = parse_ref1(args.ref1)
+    check_ref2(args.ref2)
+    if args.reader is None:
+        assert sn is not None
+        res, where = load_one(home_of(args), sn, ref1, args.ref2), ""
+    else:
+        res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn)
+        where = f" in reader {args.reader!r}"
+    return shown(args, res.to_json(), f"{res.told(where)}, receipt {res.rct.hex()}")
 
 
 def receipts_verify(args: argparse.Namespace) -> int:
@@ -212,17 +260,7 @@ def receipts_verify(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
-    lost = chk.without_receipt
-    shown(args, chk.to_json(),
-          *(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
-            f"{row['ref1']}: {row['reason']}" for row in chk.invalid_rows),
-          *(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
-            f"v{e['key_version']} KCV {e['kcv']} ({e['station'] or 'nothing recorded'})"
-            for e in lost),
-          *([f"{len(lost)} exports without receipt"] if lost else []),
-          *([f"{chk.reconciled} loads reconciled with the unit after a crash: receipt "
-             "lost, slot status recorded"] if chk.reconciled else []),
-          f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    shown(args, chk.to_json(), *chk.lines())
     return 0 if chk.invalid == 0 else 1
 
 

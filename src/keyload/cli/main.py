@@ -40,7 +40,7 @@ from ..core.errors import (
 )
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, cards, commands, demo, identity, service_cmds
+from . import campaigns, commands, demo, service_cmds
 from .args import SET_ID, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", identity.unit_create, "create an emulated unit of a set", SET_ID,
+    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
         opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             "key as N components (needed when T lives in a token)"),
         opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
             "key and certificate, to serve it as a card and enrol it with unit enrol"))
-    cmd(u, "enrol", identity.unit_enrol, "enrol the card in a PC/SC reader in an identity "
+    cmd(u, "enrol", commands.unit_enrol, "enrol the card in a PC/SC reader in an identity "
         "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
         opt("--reader", required=True, help="the PC/SC reader holding the card"),
         opt("--sn", required=True, help="the card's SN, hex (a card tells it only once "
@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
         "register (each unit certified, active or revoked)",
         opt("--set", dest="set_id", help="an identity set's id (hex)"))
-    cmd(u, "revoke", identity.unit_revoke, "revoke a unit of an identity set: its exports "
+    cmd(u, "revoke", commands.unit_revoke, "revoke a unit of an identity set: its exports "
         "are refused (6983) from then on", SET_ID, opt("--sn", required=True))
-    cmd(u, "certify", identity.unit_certify, "certify a unit of an identity set enrolled "
+    cmd(u, "certify", commands.unit_certify, "certify a unit of an identity set enrolled "
         "elsewhere: print C_U", SET_ID, opt("--sn", required=True),
         opt("--public-key", required=True, help="the unit's Q_U: an uncompressed P-256 point, "
             "hex (65 bytes, 04 || X || Y)"))
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
-    cmd(sub, "load", cards.load, "load one key into one unit: an emulated one, or the card "
+    cmd(sub, "load", commands.load, "load one key into one unit: an emulated one, or the card "
         "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
                                  "--reader, the card must be this unit"),
         opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..core.messages import check_ref2
 from ..core.notation import parse_sn
@@ -14,7 +14,6 @@ from .args import Opt, Sub, cmd, group, home_of, opt, required
 from .output import emit_json, emitted, kv, listed, shown
 
 if TYPE_CHECKING:
-    from ..service.client import Pending
     from ..service.fetch import Fetched
 
 
@@ -96,7 +95,7 @@ def fetch(args: argparse.Namespace) -> int:
     when a receipt stays pending, :data:`EXIT_FAILED` when the service refused a pending
     one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import fetch_key, unit_for
+    from ..service.fetch import fetch_key, resent_told, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -123,30 +122,18 @@ def fetch(args: argparse.Namespace) -> int:
                     unit=None if args.resend else
                     lambda: unit_for(home.units_dir, home.source, sn, args.reader),
                     ref1=ref1, ref2=args.ref2, on_damaged=_damaged,
-                    on_sent=None if args.json else _resent)
+                    on_sent=None if args.json else
+                    lambda p, e: print(resent_told(p, e), flush=True))
     d = got.delivery
     if d is None:
         return _resend_report(args, got)
-    out = got.to_json()
-    loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
-              f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
-              f"agree)")
-    if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
-        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
-              f"service refused its receipt for good ({d.error}); the receipt is kept at "
-              f"{got.kept}", file=sys.stderr, flush=True)
+    notice = got.notice(args.server, deadline, EXIT_PENDING)
+    if notice is not None:
+        print(notice, file=sys.stderr, flush=True)
+    if d.outcome == "refused":  # the receipt is kept as evidence all the same, then the error
         assert d.reply is not None
         raise client.refusal(d.reply)
-    if d.outcome == "pending":
-        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
-              f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
-              f"keyload: the receipt is kept at {got.kept}; it will be sent by `keyload "
-              f"fetch --resend --server {args.server} --ca … --cert … --key …`, or by the "
-              f"next fetch to that server (exit {EXIT_PENDING}: done, evidence pending)",
-              file=sys.stderr, flush=True)
-    shown(args, out, f"{loaded}; receipt {out['receipt']} NOT recorded yet: kept at "
-          f"{out['pending']}" if d.outcome == "pending" else
-          f"{loaded}, receipt {out['receipt']} recorded by the service")
+    shown(args, got.to_json(), got.told(args.server))
     return _fetch_rc(got)
 
 
@@ -163,15 +150,6 @@ def _fetch_rc(got: Fetched) -> int:
 def _damaged(path: Path) -> None:
     print(f"keyload: warning: {path} is not a readable pending receipt (left as it is)",
           file=sys.stderr, flush=True)
-
-
-def _resent(p: Pending, entry: dict[str, Any]) -> None:
-    """A pending receipt sent again, told as it goes."""
-    what = {"recorded": "recorded by the service",
-            "refused": f"REFUSED by the service ({entry['detail']}): moved to "
-                       f"{entry['path']}",
-            "pending": f"still pending ({entry['detail']}): kept at {entry['path']}"}
-    print(f"resent the receipt of {p.label}: {what[entry['status']]}", flush=True)
 
 
 def _resend_report(args: argparse.Namespace, got: Fetched) -> int:
