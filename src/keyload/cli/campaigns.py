@@ -12,29 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.notation import parse_load, parse_trust
-from ..service.ledger import (
-    SERVICE_DB,
-    ServiceLedgerCheck,
-    ServiceState,
-    describe_state,
-    ledger_state,
-    service_ledger,
-    verify_audit,
-    verify_service_ledger,
-)
+from ..service import ledger
+from ..station import verify
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
 from ..station.home import Home
 from ..station.plan import campaign_units, open_home_journal, plan_loads, record_campaign
 from ..station.report import CampaignStatus, build_report, status, write_report
 from ..station.run import open_work, run_emulated, run_reader
-from ..station.verify import (
-    campaigns_ledger,
-    check_ledgers,
-    identity_trust,
-    ledger_campaigns,
-    ledgers,
-    write_ledgers,
-)
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
 from .output import aligned, emitted, said, shown, table
 from .progress import Progress
@@ -103,10 +87,10 @@ def campaign_report(args: argparse.Namespace) -> int:
     return shown(args, {"files": [str(p) for p in paths]}, *(f"wrote {p}" for p in paths))
 
 
-def _state(args: argparse.Namespace, home: Home) -> Callable[[], ServiceState | None]:
+def _state(args: argparse.Namespace, home: Home) -> Callable[[], ledger.ServiceState | None]:
     """How the ledger commands open the service's state, when they include it."""
-    return lambda: ledger_state(args.state, home.root, home.audit_path,
-                                campaign_only=bool(args.campaign), ensure=home.ensure)
+    return lambda: ledger.ledger_state(args.state, home.root, home.audit_path,
+                                       campaign_only=bool(args.campaign), ensure=home.ensure)
 
 
 def ledger_verify(args: argparse.Namespace) -> int:
@@ -117,11 +101,11 @@ def ledger_verify(args: argparse.Namespace) -> int:
         raise ValueError("--auditor reads the campaigns' ledgers, not the service's state "
                          "(--state)")
     trust = parse_trust(args.ca) if args.auditor else None  # no service state then
-    with ledgers(home, args.journal, (lambda: None) if args.auditor else _state(args, home)
-                 ) as (store, journal):
-        chk = check_ledgers(home, journal, args.campaign, trust=trust, service=lambda c: (
-            ServiceLedgerCheck() if store is None else verify_service_ledger(
-                store, c, now=time.time(), state=describe_state(args.state, home.root))))
+    state = (lambda: None) if args.auditor else _state(args, home)
+    with verify.ledgers(home, args.journal, state) as (store, journal):
+        chk = verify.check_ledgers(home, journal, args.campaign, trust=trust, service=lambda c: (
+            ledger.ServiceLedgerCheck() if store is None else ledger.verify_service_ledger(
+                store, c, now=time.time(), state=ledger.describe_state(args.state, home.root))))
     camp, svc, wr = chk.campaigns, chk.service, chk.service.without_receipt
     if not emitted(args, chk.to_json()):
         said(*camp.invalid_lines(), *svc.invalid_lines(), *camp.notes(), *wr.heading())
@@ -129,14 +113,15 @@ def ledger_verify(args: argparse.Namespace) -> int:
             table(wr.HEADERS, wr.rows())
         said(f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid",
              *svc.lines("--auditor checks the campaigns' ledgers" if args.auditor else
-                        "--campaign given" if args.campaign else f"no {home.root / SERVICE_DB}"),
+                        "--campaign given" if args.campaign else
+                        f"no {home.root / ledger.SERVICE_DB}"),
              f"{chk.verified} receipts verified, {chk.invalid} invalid")
     return 0 if chk.invalid == 0 else 1
 
 
 def set_ca(args: argparse.Namespace) -> int:
     """An identity set's Q_CA and C_A: what to give an auditor."""
-    info = identity_trust(home_of(args), bytes.fromhex(args.set_id))
+    info = verify.identity_trust(home_of(args), bytes.fromhex(args.set_id))
     trust, c_a = f"{info.set_id.hex()}={info.q_ca.hex()}", info.c_a.encode().hex()
     return shown(args, {"set_id": info.set_id.hex(), "name": info.name,
                         "q_ca": info.q_ca.hex(), "c_a": c_a, "ca": trust},
@@ -148,12 +133,13 @@ def set_ca(args: argparse.Namespace) -> int:
 
 def ledger_export(args: argparse.Namespace) -> int:
     home = home_of(args)
-    with ledgers(home, args.journal, _state(args, home)) as (store, journal):
-        names = ledger_campaigns(home, journal, args.campaign)
+    with verify.ledgers(home, args.journal, _state(args, home)) as (store, journal):
+        names = verify.ledger_campaigns(home, journal, args.campaign)
         with open(args.out, "w", newline="") if args.out else \
                 contextlib.nullcontext(sys.stdout) as out:
-            n_camp, n_svc = write_ledgers(out, args.format, campaigns_ledger(journal, names),
-                                          service_ledger(store) if store is not None else ())
+            n_camp, n_svc = verify.write_ledgers(
+                out, args.format, verify.campaigns_ledger(journal, names),
+                ledger.service_ledger(store) if store is not None else ())
     if args.out:
         print(f"{n_camp + n_svc} ledger entries written to {args.out} "
               f"({n_camp} from campaigns, {n_svc} from the service)")
@@ -162,7 +148,7 @@ def ledger_export(args: argparse.Namespace) -> int:
 
 def audit_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
-    n, problems = verify_audit(args.state, home.audit_path, home.audit)
+    n, problems = ledger.verify_audit(args.state, home.audit_path, home.audit)
     shown(args, {"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                             for p in problems]},
           *(f"record {p.seq}: {p.problem}" for p in problems),

@@ -11,28 +11,7 @@ from ..core.messages import check_ref2
 from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
-from ..station.admin import (
-    add_key,
-    authority_facts,
-    create_authority,
-    create_set,
-    create_unit,
-    export_rows,
-    key_json,
-    parse_slots,
-    read_keystore,
-    set_json,
-    unit_serials,
-)
-from ..station.identity import (
-    certify_unit,
-    create_identity_set,
-    create_unenrolled,
-    enrol_card,
-    record_json,
-    revoke_unit,
-    unit_records,
-)
+from ..station import admin, identity
 from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -49,7 +28,7 @@ def _suites(suites: list[int]) -> str:
 
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
-    made = create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
+    made = admin.create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
                             clear_sas=args.clear_sas, signing_key=args.signing_key)
     pub = made.signing_public_key
     return shown(args, made.to_json(), f"authority created in {made.where} ({made.backend}; "
@@ -58,7 +37,7 @@ def authority_init(args: argparse.Namespace) -> int:
 
 
 def authority_show(args: argparse.Namespace) -> int:
-    info = authority_facts(home_of(args))
+    info = admin.authority_facts(home_of(args))
     return shown(args, info, *aligned([
         ("backend", info["backend"]), ("suites", _suites(info["suites"])),
         ("signing key", info["signing_public_key"] or "none"), ("sets", len(info["sets"])),
@@ -66,7 +45,7 @@ def authority_show(args: argparse.Namespace) -> int:
 
 
 def authority_exports(args: argparse.Namespace) -> int:
-    total, rows = export_rows(home_of(args), args.limit)
+    total, rows = admin.export_rows(home_of(args), args.limit)
     return listed(args, {"total": total, "records": rows},
                   ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV"],
                   [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
@@ -79,12 +58,12 @@ def set_create(args: argparse.Namespace) -> int:
         if args.components or args.signed:
             raise ValueError("an identity set has no transport key: --identity takes neither "
                              "--components nor --signed")
-        made = create_identity_set(home_of(args), args.name)
-        return shown(args, set_json(made), f"identity set {made.name} created: set id "
+        made = identity.create_identity_set(home_of(args), args.name)
+        return shown(args, admin.set_json(made), f"identity set {made.name} created: set id "
                      f"{made.set_id.hex()} (from the set CA's key)")
-    info, kcvs = create_set(home_of(args), args.name, signed=args.signed, typed=(
+    info, kcvs = admin.create_set(home_of(args), args.name, signed=args.signed, typed=(
         (lambda: read_components(args.components, 32)) if args.components else None))
-    return shown(args, {**set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]},
+    return shown(args, {**admin.set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]},
                  *_kcv_lines(kcvs),
                  f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
 
@@ -94,8 +73,8 @@ def _kcv_lines(kcvs: list[bytes]) -> list[str]:
 
 
 def set_list(args: argparse.Namespace) -> int:
-    sets = read_keystore(home_of(args), lambda ks: ks.set_infos())
-    return listed(args, [set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
+    sets = admin.read_keystore(home_of(args), lambda ks: ks.set_infos())
+    return listed(args, [admin.set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
                   [[s.set_id.hex(), s.name, "identity" if s.identity else "transport key",
                     "ecdsa" if s.identity else "ed25519" if s.signed else "cmac"]
                    for s in sets])
@@ -112,7 +91,7 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
 
 
 def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> int:
-    return shown(args, {**key_json(info), **({"component_kcvs": [k.hex().upper()
+    return shown(args, {**admin.key_json(info), **({"component_kcvs": [k.hex().upper()
                                                                  for k in kcvs]}
                                              if kcvs else {})},
                  *_kcv_lines(kcvs),
@@ -122,9 +101,9 @@ def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> in
 
 
 def key_generate(args: argparse.Namespace) -> int:
-    return _print_key(args, *add_key(home_of(args), *_key_common(args), version=args.key_version,
-                                     diversify=args.diversify, label=args.label,
-                                     length=args.length))
+    return _print_key(args, *admin.add_key(home_of(args), *_key_common(args),
+                                           version=args.key_version, diversify=args.diversify,
+                                           label=args.label, length=args.length))
 
 
 def key_import(args: argparse.Namespace) -> int:
@@ -134,14 +113,14 @@ def key_import(args: argparse.Namespace) -> int:
         return read_secret_hex("key value (hex): ", length=length), []
 
     ref1, kt, attrs, policy = _key_common(args)
-    return _print_key(args, *add_key(home_of(args), ref1, kt, attrs, policy,
-                                     version=args.key_version, diversify=args.diversify,
-                                     label=args.label, typed=typed))
+    return _print_key(args, *admin.add_key(home_of(args), ref1, kt, attrs, policy,
+                                           version=args.key_version, diversify=args.diversify,
+                                           label=args.label, typed=typed))
 
 
 def key_list(args: argparse.Namespace) -> int:
-    keys = read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [key_json(k) for k in keys],
+    keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
+    return listed(args, [admin.key_json(k) for k in keys],
                   ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
                   [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
                     k.attrs.exportability, k.version, "yes" if k.diversify else "no",
@@ -157,16 +136,16 @@ def unit_create(args: argparse.Namespace) -> int:
                          "--suites nor --components")
     home = home_of(args)
     set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
-    slots = parse_slots(args.slot, args.lock)
+    slots = admin.parse_slots(args.slot, args.lock)
     if args.unenrolled:
-        create_unenrolled(home, set_id, sn, slots)
+        identity.create_unenrolled(home, set_id, sn, slots)
         return shown(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
                             "enrolled": False},
                      f"unit {sn.hex()} created for set {set_id.hex()} with slots "
                      f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
                      "(unit serve-card) and enrol it (unit enrol --reader)")
     suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
-    cert = create_unit(home, set_id, sn, slots, suites,
+    cert = admin.create_unit(home, set_id, sn, slots, suites,
                        typed=(lambda: read_components(args.components, 32))
                        if args.components else None)
     out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
@@ -178,21 +157,22 @@ def unit_create(args: argparse.Namespace) -> int:
 
 def unit_enrol(args: argparse.Namespace) -> int:
     set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
-    cert = enrol_card(home_of(args), args.reader, set_id, sn)
+    cert = identity.enrol_card(home_of(args), args.reader, set_id, sn)
     return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "reader": args.reader,
                         "certificate": cert.encode().hex()},
                  f"unit {sn.hex()} in reader {args.reader!r} enrolled in set {set_id.hex()}")
 
 
 def unit_revoke(args: argparse.Namespace) -> int:
-    rec = revoke_unit(home_of(args), parse_hex(args.set_id, "set id"), parse_sn(args.sn))
-    return shown(args, record_json(rec), f"unit {rec.sn.hex()} of set {rec.set_id.hex()} "
+    rec = identity.revoke_unit(home_of(args), parse_hex(args.set_id, "set id"), parse_sn(args.sn))
+    return shown(args, identity.record_json(rec), f"unit {rec.sn.hex()} of set {rec.set_id.hex()} "
                  "revoked: its exports are refused (6983)")
 
 
 def unit_certify(args: argparse.Namespace) -> int:
     set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
-    cert = certify_unit(home_of(args), set_id, sn, parse_hex(args.public_key, "--public-key"))
+    cert = identity.certify_unit(home_of(args), set_id, sn,
+                                 parse_hex(args.public_key, "--public-key"))
     c_u = cert.encode().hex()
     return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "certificate": c_u}, c_u)
 
@@ -212,10 +192,10 @@ def unit_status(args: argparse.Namespace) -> int:
 
 def unit_list(args: argparse.Namespace) -> int:
     if args.set_id is not None:
-        records = unit_records(home_of(args), parse_hex(args.set_id, "set id"))
-        return listed(args, [record_json(r) for r in records], ["SN", "status"],
+        records = identity.unit_records(home_of(args), parse_hex(args.set_id, "set id"))
+        return listed(args, [identity.record_json(r) for r in records], ["SN", "status"],
                       [[r.sn.hex(), "revoked" if r.revoked else "active"] for r in records])
-    serials = unit_serials(home_of(args))
+    serials = admin.unit_serials(home_of(args))
     return shown(args, [s.hex() for s in serials], *(s.hex() for s in serials),
                  f"{len(serials)} units")
 

@@ -20,7 +20,7 @@ import os
 from ..lab.demo import DEMO_PIN, PIN_ENV, authority_connect, feed_units, make_authority
 from ..station.campaign import sigint_deferred
 from ..station.demo import open_demo, run_demo
-from .output import emit_json, kv, table
+from .output import aligned, emitted, said, table
 from .progress import Progress
 
 
@@ -52,16 +52,12 @@ def run(args: argparse.Namespace) -> int:
                         interrupt=intr)
         intr.check()
     s = done.summary
-    if args.json:
-        emit_json(done.to_json(workdir=str(home.root), authority=args.authority,
-                               transport=args.transport, suite=args.suite))
-    else:
-        print()
-        kv(done.rows())
+    if not emitted(args, done.to_json(workdir=str(home.root), authority=args.authority,
+                                      transport=args.transport, suite=args.suite)):
+        said("", *aligned(done.rows()))
         if s.failures:
             print()
             table(["SW", "step", "count"],
                   [[sw, step, n] for (sw, step), n in s.failures_by_sw().most_common()])
-        print()
-        print(f"customized {s.customized} of {s.units} units, {s.failed_units} failed")
+        said("", f"customized {s.customized} of {s.units} units, {s.failed_units} failed")
     return 0 if done.ok else 1

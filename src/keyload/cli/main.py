@@ -28,16 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..core.errors import (
-    AuthenticityError,
-    IntegrityError,
-    KcvMismatch,
-    KeyloadError,
-    MalformedData,
-    StatusError,
-    StoreError,
-    WrongPassphrase,
-)
+from ..core import errors
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
 from . import campaigns, commands, demo, service_cmds
@@ -48,21 +39,21 @@ EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
 EXIT_PIPE = 141  # as a process killed by SIGPIPE: the output's reader closed it
 
 
-INTEGRITY = (IntegrityError, AuthenticityError, KcvMismatch)
+INTEGRITY = (errors.IntegrityError, errors.AuthenticityError, errors.KcvMismatch)
 #: An error's exit code: that of the first kind it is (none: a bad value given by the
 #: caller, a ValueError, is EXIT_INPUT).
 EXITS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     (INTEGRITY, EXIT_INTEGRITY), (ServiceUnreachable, EXIT_UNREACHABLE),
     # a message or header read outside a load (a file, a unit's status answer) that does
     # not parse
-    (MalformedData, EXIT_INPUT), (StatusError, EXIT_REFUSED),
-    (WrongPassphrase, EXIT_PASSPHRASE), (StoreError, EXIT_STORE), (KeyloadError, EXIT_FAILED),
-    (OSError, EXIT_STORE))
+    (errors.MalformedData, EXIT_INPUT), (errors.StatusError, EXIT_REFUSED),
+    (errors.WrongPassphrase, EXIT_PASSPHRASE), (errors.StoreError, EXIT_STORE),
+    (errors.KeyloadError, EXIT_FAILED), (OSError, EXIT_STORE))
 
 
 def exit_code(e: BaseException) -> int:
     if isinstance(e, LoadFailed):  # a unit or the authority answered: a status word refuses
-        refused = isinstance(e.cause, StatusError) and not isinstance(e.cause, INTEGRITY)
+        refused = isinstance(e.cause, errors.StatusError) and not isinstance(e.cause, INTEGRITY)
         return EXIT_REFUSED if refused else exit_code(e.cause)
     return next((code for kinds, code in EXITS if isinstance(e, kinds)), EXIT_INPUT)
 
@@ -192,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `keyload … | head`: the reader has left; end quietly
         _quiet_stdout()
         return EXIT_PIPE
-    except (KeyloadError, ValueError, OSError) as e:
+    except (errors.KeyloadError, ValueError, OSError) as e:
         sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
         return exit_code(e)
     return rc

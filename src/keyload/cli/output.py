@@ -22,18 +22,10 @@ def aligned(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> list[str]:
     return [f"{indent}{k.ljust(w)}  {v}" for k, v in pairs]
 
 
-def kv(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> None:
-    said(*aligned(pairs, indent=indent))
-
-
-def emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
-
-
 def emitted(args: argparse.Namespace, obj: Any) -> bool:
     """With ``--json``, ``obj`` is printed as JSON (True); else the caller prints text."""
     if args.json:
-        emit_json(obj)
+        print(json.dumps(obj, indent=2, sort_keys=False))
     return bool(args.json)
 
 

@@ -11,7 +11,7 @@ from ..core.messages import check_ref2
 from ..core.notation import parse_sn
 from ..core.ref1 import parse_ref1
 from .args import Opt, Sub, cmd, group, home_of, opt, required
-from .output import emit_json, emitted, kv, listed, shown
+from .output import aligned, listed, shown
 
 if TYPE_CHECKING:
     from ..service.fetch import Fetched
@@ -63,10 +63,8 @@ def check_policy(args: argparse.Namespace) -> int:
 
     path = Path(args.check_policy)
     policy = read_policy(path)
-    if not emitted(args, {"policy": str(path), "valid": True, **policy.summary()}):
-        print(f"policy {path}: valid")
-        kv(policy.summary_rows(), indent="  ")
-    return 0
+    return shown(args, {"policy": str(path), "valid": True, **policy.summary()},
+                 f"policy {path}: valid", *aligned(policy.summary_rows(), indent="  "))
 
 
 # -- fetch ---------------------------------------------------------------------------
@@ -153,10 +151,8 @@ def _damaged(path: Path) -> None:
 
 
 def _resend_report(args: argparse.Namespace, got: Fetched) -> int:
-    if args.json:
-        emit_json({"server": args.server, "resent": got.resent})
-    elif not got.resent:
-        print(f"no pending receipts for {args.server}")
+    shown(args, {"server": args.server, "resent": got.resent},
+          *([] if got.resent else [f"no pending receipts for {args.server}"]))
     rc = _fetch_rc(got)
     if rc == EXIT_PENDING and not args.json:
         print(f"keyload: receipts are still pending for {args.server} (exit {EXIT_PENDING}: "
