@@ -29,7 +29,7 @@ def _suites(suites: list[int]) -> str:
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
     made = admin.create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
-                            clear_sas=args.clear_sas, signing_key=args.signing_key)
+                                  clear_sas=args.clear_sas, signing_key=args.signing_key)
     pub = made.signing_public_key
     return shown(args, made.to_json(), f"authority created in {made.where} ({made.backend}; "
                  f"suites {_suites(made.suites)})",
@@ -63,8 +63,8 @@ def set_create(args: argparse.Namespace) -> int:
                      f"{made.set_id.hex()} (from the set CA's key)")
     info, kcvs = admin.create_set(home_of(args), args.name, signed=args.signed, typed=(
         (lambda: read_components(args.components, 32)) if args.components else None))
-    return shown(args, {**admin.set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]},
-                 *_kcv_lines(kcvs),
+    kcv_json = [k.hex().upper() for k in kcvs]
+    return shown(args, {**admin.set_json(info), "component_kcvs": kcv_json}, *_kcv_lines(kcvs),
                  f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
 
 
@@ -91,13 +91,11 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
 
 
 def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> int:
-    return shown(args, {**admin.key_json(info), **({"component_kcvs": [k.hex().upper()
-                                                                 for k in kcvs]}
-                                             if kcvs else {})},
-                 *_kcv_lines(kcvs),
-                 f"key {display_ref1(info.ref1)}: {info.key_type.label}, {info.attrs.usage}/"
-                 f"{info.attrs.mode}/{info.attrs.exportability}, version {info.version}, "
-                 f"KCV {info.kcv.hex().upper()}")
+    a = info.attrs
+    return shown(args, {**admin.key_json(info), **({"component_kcvs": [
+        k.hex().upper() for k in kcvs]} if kcvs else {})}, *_kcv_lines(kcvs),
+                 f"key {display_ref1(info.ref1)}: {info.key_type.label}, {a.usage}/{a.mode}/"
+                 f"{a.exportability}, version {info.version}, KCV {info.kcv.hex().upper()}")
 
 
 def key_generate(args: argparse.Namespace) -> int:
@@ -146,8 +144,8 @@ def unit_create(args: argparse.Namespace) -> int:
                      "(unit serve-card) and enrol it (unit enrol --reader)")
     suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
     cert = admin.create_unit(home, set_id, sn, slots, suites,
-                       typed=(lambda: read_components(args.components, 32))
-                       if args.components else None)
+                             typed=(lambda: read_components(args.components, 32))
+                             if args.components else None)
     out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
     if cert is not None:
         out["certificate"] = cert.encode().hex()
@@ -164,9 +162,10 @@ def unit_enrol(args: argparse.Namespace) -> int:
 
 
 def unit_revoke(args: argparse.Namespace) -> int:
-    rec = identity.revoke_unit(home_of(args), parse_hex(args.set_id, "set id"), parse_sn(args.sn))
-    return shown(args, identity.record_json(rec), f"unit {rec.sn.hex()} of set {rec.set_id.hex()} "
-                 "revoked: its exports are refused (6983)")
+    rec = identity.revoke_unit(home_of(args), parse_hex(args.set_id, "set id"),
+                               parse_sn(args.sn))
+    return shown(args, identity.record_json(rec), f"unit {rec.sn.hex()} of set "
+                 f"{rec.set_id.hex()} revoked: its exports are refused (6983)")
 
 
 def unit_certify(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from ..core.messages import check_ref2
 from ..core.notation import parse_sn
 from ..core.ref1 import parse_ref1
-from .args import Opt, Sub, cmd, group, home_of, opt, required
+from ..service.guard import LIMIT_FLAGS
+from .args import Sub, cmd, group, home_of, opt, required
 from .output import aligned, listed, shown
 
 if TYPE_CHECKING:
@@ -39,13 +40,13 @@ def pki_client(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Serve until stopped (:func:`keyload.service.runtime.listen`, then ``--workers``
     processes)."""
-    from ..service.guard import LIMIT_FLAGS, ConnectionLimits
+    from ..service.guard import ConnectionLimits
     from ..service.runtime import listen
 
     if args.check_policy is not None:
         return check_policy(args)
     required(args, "cert", "key", "ca", "policy")
-    flags = {n: getattr(args, n) for n in LIMIT_FLAGS}
+    flags = {n: getattr(args, n) for n, *_ in LIMIT_FLAGS}
     on = listen(lambda: home_of(args), cert=Path(args.cert), key=Path(args.key),
                 ca=Path(args.ca), policy_file=args.policy,
                 limits=lambda: ConnectionLimits.from_flags(**flags), state=args.state,
@@ -171,12 +172,6 @@ def add_parsers(sub: Sub) -> None:
     cmd(k, "client", pki_client, "issue one more client certificate", opt("--dir", required=True),
         opt("--name", required=True, help="the client's name (certificate CN)"))
 
-    def seconds(flag: str, help_: str) -> Opt:
-        return opt(flag, type=float, default=10.0, metavar="S", help=help_)
-
-    def count(flag: str, default: int, help_: str) -> Opt:
-        return opt(flag, type=int, default=default, metavar="N", help=help_)
-
     # --cert/--key/--ca/--policy: checked by serve()
     cmd(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS",
         opt("--cert", help="the server's certificate (PEM; required to serve)"),
@@ -196,28 +191,8 @@ def add_parsers(sub: Sub) -> None:
             help="event loop (default auto: uvloop when installed)"),
         opt("--instance", help="this instance's name in audit and metrics (default: the host "
             "name)"),
-        seconds("--handshake-timeout",
-                "a TLS handshake not done S seconds after accept is dropped (10)"),
-        seconds("--head-timeout", "a request head not complete S seconds after its first byte "
-                "(or the handshake) is answered 408 and the connection closed (10)"),
-        seconds("--body-timeout",
-                "a request body not complete S seconds after its head: 408 (10)"),
-        count("--max-connections", 4096,
-              "connections with an authorized client certificate (4096)"),
-        count("--max-anonymous", 1024,
-              "connections without one; when full, the oldest is closed (1024)"),
-        count("--max-per-address", 256, "open sockets from one address, TLS handshakes "
-              "included, an IPv6 /64 counting as one; more are closed before TLS (256)"),
-        opt("--anonymous-connect-rate", default="30/60", metavar="N/S", help="connections "
-            "without an authorized certificate per S seconds from one address; past it the "
-            "address is refused before TLS until the window lets one more in (30/60)"),
-        opt("--connect-rate", default="200/10", metavar="N/S", help="new connections per S "
-            "seconds from one address; more are closed before TLS (200/10)"),
-        count("--max-anonymous-per-address", 8,
-              "of which without an authorized certificate (8)"),
-        opt("--anonymous-rate", default="20/1", metavar="N/S", help="requests per S seconds "
-            "from one address without an authorized certificate, health probes included "
-            "(20/1)"),
+        *(opt("--" + name.replace("_", "-"), type=kind, default=default, metavar=metavar,
+              help=help_) for name, kind, default, metavar, help_ in LIMIT_FLAGS),
         opt("--busy-timeout", type=float, default=2.0, metavar="S", help="how long a database "
             "lock held elsewhere is waited for before requests are answered 503 (2)"),
         opt("--workers", type=int, default=1,
