@@ -1,14 +1,14 @@
 """What ``keyload fetch`` is told of a fetch (:class:`keyload.service.fetch.Fetched`):
-its --json shape, and which receipts are pending or refused."""
+its --json shape, which receipts are pending or refused, and the words it prints."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from keyload.core.keys import KeyHeader
-from keyload.service.client import Delivery
-from keyload.service.fetch import Fetched
+from keyload.service.client import Delivery, Pending, Receipt
+from keyload.service.fetch import Fetched, resent_told
 from keyload.station.load import LoadResult
 
 HEADER = KeyHeader(0x01, 0x03, 32, "P0", "E", 7, "E", 0).encode()
@@ -46,3 +46,44 @@ def test_refused_resent() -> None:
     assert [e["path"] for e in got.refused_resent()] == ["/outbox/0.json", "/outbox/2.json"]
     refused = Fetched([], RES, Delivery("refused", 1, {}, "409", None), Path("/r.json"))
     assert refused.to_json()["pending"] is None and not refused.pending()
+
+
+LOADED = "PIN v7 into unit 0a0b slot 3 from https://s:8443: KCV ABCDEF (authority and unit agree)"
+
+
+def test_load_told() -> None:
+    assert RES.told() == ("loaded PIN v7 into unit 0a0b slot 3: KCV ABCDEF (authority and "
+                          "unit agree)")
+    assert RES.told(" in reader 'R 0'").startswith("loaded PIN v7 into unit 0a0b slot 3 in "
+                                                   "reader 'R 0': KCV ABCDEF")
+
+
+def test_told_recorded_pending_refused() -> None:
+    rec = Fetched([], RES, Delivery("recorded", 1, {"status": "recorded"}, "", None), None)
+    assert rec.told("https://s:8443") == f"loaded {LOADED}, receipt 0101010101010101" \
+        "0101010101010101 recorded by the service"
+    assert rec.notice("https://s:8443", 30, 8) is None
+    pend = Fetched([], RES, Delivery("pending", 3, {}, "HTTP 503", None), Path("/o/x.json"))
+    assert pend.told("https://s:8443") == f"loaded {LOADED}; receipt 0101010101010101" \
+        "0101010101010101 NOT recorded yet: kept at /o/x.json"
+    assert pend.notice("https://s:8443", 2.5, 8) == (
+        f"keyload: the key IS loaded ({LOADED}), but the service did not take its receipt "
+        "within 2.5 s (HTTP 503).\nkeyload: the receipt is kept at /o/x.json; it will be "
+        "sent by `keyload fetch --resend --server https://s:8443 --ca … --cert … --key …`, "
+        "or by the next fetch to that server (exit 8: done, evidence pending)")
+    ref = Fetched([], RES, Delivery("refused", 1, {}, "HTTP 409", None), Path("/o/r.json"))
+    assert ref.notice("https://s:8443", 30, 8) == (
+        f"keyload: the key IS loaded ({LOADED}), but the service refused its receipt for "
+        "good (HTTP 409); the receipt is kept at /o/r.json")
+
+
+def test_resent_told() -> None:
+    p = Pending(Path("/o/x.json"), {"sn": "0a0b", "ref2": 3, "ref1": "PIN", "key_version": 7,
+                                    "time": "T"}, cast(Receipt, None))
+    label = "unit 0a0b slot 3 (PIN v7, loaded T)"
+    assert resent_told(p, {"status": "recorded", "detail": "", "path": "/o/x.json"}) == \
+        f"resent the receipt of {label}: recorded by the service"
+    assert resent_told(p, {"status": "refused", "detail": "409", "path": "/o/refused/x"}) == \
+        f"resent the receipt of {label}: REFUSED by the service (409): moved to /o/refused/x"
+    assert resent_told(p, {"status": "pending", "detail": "503", "path": "/o/x.json"}) == \
+        f"resent the receipt of {label}: still pending (503): kept at /o/x.json"

@@ -11,28 +11,15 @@ from ..core.messages import check_ref2
 from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
-from ..station.admin import (
-    add_key,
-    authority_facts,
-    create_authority,
-    create_set,
-    create_unit,
-    export_rows,
-    key_json,
-    parse_slots,
-    read_keystore,
-    set_json,
-    unit_serials,
-)
-from ..station.identity import create_identity_set, record_json, unit_records
-from ..station.run import load_one, unit_slots
+from ..station import admin, identity
+from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.conformance import run_files
 from ..units.keystore import check_usage
 from .args import home_of
 from .context import read_components, read_secret_hex
-from .output import emitted, kv, listed, shown
+from .output import aligned, listed, shown
 
 
 def _suites(suites: list[int]) -> str:
@@ -41,8 +28,8 @@ def _suites(suites: list[int]) -> str:
 
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
-    made = create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
-                            clear_sas=args.clear_sas, signing_key=args.signing_key)
+    made = admin.create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
+                                  clear_sas=args.clear_sas, signing_key=args.signing_key)
     pub = made.signing_public_key
     return shown(args, made.to_json(), f"authority created in {made.where} ({made.backend}; "
                  f"suites {_suites(made.suites)})",
@@ -50,16 +37,15 @@ def authority_init(args: argparse.Namespace) -> int:
 
 
 def authority_show(args: argparse.Namespace) -> int:
-    info = authority_facts(home_of(args))
-    if not emitted(args, info):
-        kv([("backend", info["backend"]), ("suites", _suites(info["suites"])),
-            ("signing key", info["signing_public_key"] or "none"),
-            ("sets", len(info["sets"])), ("application keys", len(info["keys"]))])
-    return 0
+    info = admin.authority_facts(home_of(args))
+    return shown(args, info, *aligned([
+        ("backend", info["backend"]), ("suites", _suites(info["suites"])),
+        ("signing key", info["signing_public_key"] or "none"), ("sets", len(info["sets"])),
+        ("application keys", len(info["keys"]))]))
 
 
 def authority_exports(args: argparse.Namespace) -> int:
-    total, rows = export_rows(home_of(args), args.limit)
+    total, rows = admin.export_rows(home_of(args), args.limit)
     return listed(args, {"total": total, "records": rows},
                   ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
                   [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
@@ -73,13 +59,13 @@ def set_create(args: argparse.Namespace) -> int:
         if args.components or args.signed:
             raise ValueError("an identity set has no transport key: --identity takes neither "
                              "--components nor --signed")
-        made = create_identity_set(home_of(args), args.name)
-        return shown(args, set_json(made), f"identity set {made.name} created: set id "
+        made = identity.create_identity_set(home_of(args), args.name)
+        return shown(args, admin.set_json(made), f"identity set {made.name} created: set id "
                      f"{made.set_id.hex()} (from the set CA's key)")
-    info, kcvs = create_set(home_of(args), args.name, signed=args.signed, typed=(
+    info, kcvs = admin.create_set(home_of(args), args.name, signed=args.signed, typed=(
         (lambda: read_components(args.components, 32)) if args.components else None))
-    return shown(args, {**set_json(info), "component_kcvs": [k.hex().upper() for k in kcvs]},
-                 *_kcv_lines(kcvs),
+    kcv_json = [k.hex().upper() for k in kcvs]
+    return shown(args, {**admin.set_json(info), "component_kcvs": kcv_json}, *_kcv_lines(kcvs),
                  f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
 
 
@@ -88,8 +74,8 @@ def _kcv_lines(kcvs: list[bytes]) -> list[str]:
 
 
 def set_list(args: argparse.Namespace) -> int:
-    sets = read_keystore(home_of(args), lambda ks: ks.set_infos())
-    return listed(args, [set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
+    sets = admin.read_keystore(home_of(args), lambda ks: ks.set_infos())
+    return listed(args, [admin.set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
                   [[s.set_id.hex(), s.name, "identity" if s.identity else "transport key",
                     "ecdsa" if s.identity else "ed25519" if s.signed else "cmac"]
                    for s in sets])
@@ -106,19 +92,17 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
 
 
 def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> int:
-    return shown(args, {**key_json(info), **({"component_kcvs": [k.hex().upper()
-                                                                 for k in kcvs]}
-                                             if kcvs else {})},
-                 *_kcv_lines(kcvs),
-                 f"key {display_ref1(info.ref1)}: {info.key_type.label}, {info.attrs.usage}/"
-                 f"{info.attrs.mode}/{info.attrs.exportability}, version {info.version}, "
-                 f"KCV {info.kcv.hex().upper()}")
+    a = info.attrs
+    return shown(args, {**admin.key_json(info), **({"component_kcvs": [
+        k.hex().upper() for k in kcvs]} if kcvs else {})}, *_kcv_lines(kcvs),
+                 f"key {display_ref1(info.ref1)}: {info.key_type.label}, {a.usage}/{a.mode}/"
+                 f"{a.exportability}, version {info.version}, KCV {info.kcv.hex().upper()}")
 
 
 def key_generate(args: argparse.Namespace) -> int:
-    return _print_key(args, *add_key(home_of(args), *_key_common(args), version=args.key_version,
-                                     diversify=args.diversify, label=args.label,
-                                     length=args.length))
+    return _print_key(args, *admin.add_key(home_of(args), *_key_common(args),
+                                           version=args.key_version, diversify=args.diversify,
+                                           label=args.label, length=args.length))
 
 
 def key_import(args: argparse.Namespace) -> int:
@@ -128,14 +112,14 @@ def key_import(args: argparse.Namespace) -> int:
         return read_secret_hex("key value (hex): ", length=length), []
 
     ref1, kt, attrs, policy = _key_common(args)
-    return _print_key(args, *add_key(home_of(args), ref1, kt, attrs, policy,
-                                     version=args.key_version, diversify=args.diversify,
-                                     label=args.label, typed=typed))
+    return _print_key(args, *admin.add_key(home_of(args), ref1, kt, attrs, policy,
+                                           version=args.key_version, diversify=args.diversify,
+                                           label=args.label, typed=typed))
 
 
 def key_list(args: argparse.Namespace) -> int:
-    keys = read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [key_json(k) for k in keys],
+    keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
+    return listed(args, [admin.key_json(k) for k in keys],
                   ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
                   [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
                     k.attrs.exportability, k.version, "yes" if k.diversify else "no",
@@ -144,18 +128,53 @@ def key_list(args: argparse.Namespace) -> int:
 
 # -- units ---------------------------------------------------------------------------
 def unit_create(args: argparse.Namespace) -> int:
+    """``unit create``; with ``--unenrolled``, a unit of an identity set without its key
+    and certificate, to be served as a card and enrolled by ``unit enrol --reader``."""
+    if args.unenrolled and (args.suites is not None or args.components):
+        raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
+                         "--suites nor --components")
     home = home_of(args)
     set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
-    slots = parse_slots(args.slot, args.lock)
+    slots = admin.parse_slots(args.slot, args.lock)
+    if args.unenrolled:
+        identity.create_unenrolled(home, set_id, sn, slots)
+        return shown(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
+                            "enrolled": False},
+                     f"unit {sn.hex()} created for set {set_id.hex()} with slots "
+                     f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
+                     "(unit serve-card) and enrol it (unit enrol --reader)")
     suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
-    cert = create_unit(home, set_id, sn, slots, suites,
-                       typed=(lambda: read_components(args.components, 32))
-                       if args.components else None)
+    cert = admin.create_unit(home, set_id, sn, slots, suites,
+                             typed=(lambda: read_components(args.components, 32))
+                             if args.components else None)
     out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
     if cert is not None:
         out["certificate"] = cert.encode().hex()
     return shown(args, out, f"unit {sn.hex()} {'created' if cert is None else 'enrolled'} in "
                  f"set {set_id.hex()} with slots {', '.join(map(str, sorted(slots)))}")
+
+
+def unit_enrol(args: argparse.Namespace) -> int:
+    set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
+    cert = identity.enrol_card(home_of(args), args.reader, set_id, sn)
+    return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "reader": args.reader,
+                        "certificate": cert.encode().hex()},
+                 f"unit {sn.hex()} in reader {args.reader!r} enrolled in set {set_id.hex()}")
+
+
+def unit_revoke(args: argparse.Namespace) -> int:
+    rec = identity.revoke_unit(home_of(args), parse_hex(args.set_id, "set id"),
+                               parse_sn(args.sn))
+    return shown(args, identity.record_json(rec), f"unit {rec.sn.hex()} of set "
+                 f"{rec.set_id.hex()} revoked: its exports are refused (6983)")
+
+
+def unit_certify(args: argparse.Namespace) -> int:
+    set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
+    cert = identity.certify_unit(home_of(args), set_id, sn,
+                                 parse_hex(args.public_key, "--public-key"))
+    c_u = cert.encode().hex()
+    return shown(args, {"set_id": set_id.hex(), "sn": sn.hex(), "certificate": c_u}, c_u)
 
 
 def unit_status(args: argparse.Namespace) -> int:
@@ -173,10 +192,10 @@ def unit_status(args: argparse.Namespace) -> int:
 
 def unit_list(args: argparse.Namespace) -> int:
     if args.set_id is not None:
-        records = unit_records(home_of(args), parse_hex(args.set_id, "set id"))
-        return listed(args, [record_json(r) for r in records], ["SN", "status"],
+        records = identity.unit_records(home_of(args), parse_hex(args.set_id, "set id"))
+        return listed(args, [identity.record_json(r) for r in records], ["SN", "status"],
                       [[r.sn.hex(), "revoked" if r.revoked else "active"] for r in records])
-    serials = unit_serials(home_of(args))
+    serials = admin.unit_serials(home_of(args))
     return shown(args, [s.hex() for s in serials], *(s.hex() for s in serials),
                  f"{len(serials)} units")
 
@@ -196,12 +215,20 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    sn, ref1 = parse_sn(args.unit), parse_ref1(args.ref1)
-    out = load_one(home, sn, ref1, check_ref2(args.ref2)).to_json()
-    return shown(args, out, f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} "
-                 f"slot {out['ref2']}: KCV {out['kcv']} (authority and unit agree), receipt "
-                 f"{out['receipt']}")
+    """One key into one unit: the emulated unit ``--unit`` names, or (``--reader``) the
+    card in that PC/SC reader, which must then be ``--unit`` when it is given."""
+    if args.reader is None and args.unit is None:
+        args.usage_error("one of --unit or --reader is required")
+    sn = None if args.unit is None else parse_sn(args.unit)
+    ref1 = parse_ref1(args.ref1)
+    check_ref2(args.ref2)
+    if args.reader is None:
+        assert sn is not None
+        res, where = load_one(home_of(args), sn, ref1, args.ref2), ""
+    else:
+        res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn)
+        where = f" in reader {args.reader!r}"
+    return shown(args, res.to_json(), f"{res.told(where)}, receipt {res.rct.hex()}")
 
 
 def receipts_verify(args: argparse.Namespace) -> int:
@@ -213,17 +240,7 @@ def receipts_verify(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
-    lost = chk.without_receipt
-    shown(args, chk.to_json(),
-          *(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
-            f"{row['ref1']}: {row['reason']}" for row in chk.invalid_rows),
-          *(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
-            f"v{e['key_version']} KCV {e['kcv']} ({e['station'] or 'nothing recorded'})"
-            for e in lost),
-          *([f"{len(lost)} exports without receipt"] if lost else []),
-          *([f"{chk.reconciled} loads reconciled with the unit after a crash: receipt "
-             "lost, slot status recorded"] if chk.reconciled else []),
-          f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    shown(args, chk.to_json(), *chk.lines())
     return 0 if chk.invalid == 0 else 1
 
 

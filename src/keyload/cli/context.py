@@ -22,13 +22,11 @@ def read_secret_hex(prompt: str, *, length: int | None = None) -> Secret:
 
 
 def read_components(count: int, length: int | None, *,
-                    kcv_of: Callable[[bytearray], bytes] = aes_kcv,
-                    show: bool | None = None) -> tuple[Secret, list[bytes]]:
+                    kcv_of: Callable[[bytearray], bytes] = aes_kcv) -> tuple[Secret, list[bytes]]:
     """XOR of ``count`` hex components read here, each shown with its KCV (a key ceremony);
     what is refused is :class:`~keyload.core.keys.KeyComponents`'s to say."""
     components = KeyComponents(count, kcv_of=kcv_of)
-    if show is None:  # at a terminal, each KCV right after its component is typed
-        show = sys.stdin.isatty()
+    show = sys.stdin.isatty()  # at a terminal, each KCV right after its component is typed
     for i in range(1, count + 1):
         k = components.add(read_secret_hex(f"component {i} of {count} (hex): ", length=length))
         if show:

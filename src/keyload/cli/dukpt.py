@@ -13,7 +13,7 @@ from ..core.ref1 import parse_ref1
 from ..station.admin import read_keystore
 from ..station.dukpt import working_kcv
 from ..station.run import load_one
-from . import cards
+from . import commands
 from .args import home_of
 from .output import emitted
 
@@ -24,7 +24,7 @@ def load(args: argparse.Namespace) -> int:
     if args.initial_key_id is None:
         if args.ik_type is not None:
             raise ValueError("--ik-type goes with --initial-key-id")
-        return cards.load(args)
+        return commands.load(args)
     if args.reader is not None or args.unit is None:
         raise ValueError("--initial-key-id loads into an emulated unit (--unit), not a "
                          "reader")

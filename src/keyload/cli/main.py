@@ -28,19 +28,10 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..core.errors import (
-    AuthenticityError,
-    IntegrityError,
-    KcvMismatch,
-    KeyloadError,
-    MalformedData,
-    StatusError,
-    StoreError,
-    WrongPassphrase,
-)
+from ..core import errors
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, dashboard, demo, dukpt, identity, keyblocks, service_cmds
+from . import campaigns, commands, dashboard, demo, dukpt, keyblocks, service_cmds
 from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -48,21 +39,21 @@ EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
 EXIT_PIPE = 141  # as a process killed by SIGPIPE: the output's reader closed it
 
 
-INTEGRITY = (IntegrityError, AuthenticityError, KcvMismatch)
+INTEGRITY = (errors.IntegrityError, errors.AuthenticityError, errors.KcvMismatch)
 #: An error's exit code: that of the first kind it is (none: a bad value given by the
 #: caller, a ValueError, is EXIT_INPUT).
 EXITS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     (INTEGRITY, EXIT_INTEGRITY), (ServiceUnreachable, EXIT_UNREACHABLE),
     # a message or header read outside a load (a file, a unit's status answer) that does
     # not parse
-    (MalformedData, EXIT_INPUT), (StatusError, EXIT_REFUSED),
-    (WrongPassphrase, EXIT_PASSPHRASE), (StoreError, EXIT_STORE), (KeyloadError, EXIT_FAILED),
-    (OSError, EXIT_STORE))
+    (errors.MalformedData, EXIT_INPUT), (errors.StatusError, EXIT_REFUSED),
+    (errors.WrongPassphrase, EXIT_PASSPHRASE), (errors.StoreError, EXIT_STORE),
+    (errors.KeyloadError, EXIT_FAILED), (OSError, EXIT_STORE))
 
 
 def exit_code(e: BaseException) -> int:
     if isinstance(e, LoadFailed):  # a unit or the authority answered: a status word refuses
-        refused = isinstance(e.cause, StatusError) and not isinstance(e.cause, INTEGRITY)
+        refused = isinstance(e.cause, errors.StatusError) and not isinstance(e.cause, INTEGRITY)
         return EXIT_REFUSED if refused else exit_code(e.cause)
     return next((code for kinds, code in EXITS if isinstance(e, kinds)), EXIT_INPUT)
 
@@ -134,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", identity.unit_create, "create an emulated unit of a set", SET_ID,
+    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
         opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
@@ -147,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
             "key as N components (needed when T lives in a token)"),
         opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
             "key and certificate, to serve it as a card and enrol it with unit enrol"))
-    cmd(u, "enrol", identity.unit_enrol, "enrol the card in a PC/SC reader in an identity "
+    cmd(u, "enrol", commands.unit_enrol, "enrol the card in a PC/SC reader in an identity "
         "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
         opt("--reader", required=True, help="the PC/SC reader holding the card"),
         opt("--sn", required=True, help="the card's SN, hex (a card tells it only once "
@@ -157,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
         "register (each unit certified, active or revoked)",
         opt("--set", dest="set_id", help="an identity set's id (hex)"))
-    cmd(u, "revoke", identity.unit_revoke, "revoke a unit of an identity set: its exports "
+    cmd(u, "revoke", commands.unit_revoke, "revoke a unit of an identity set: its exports "
         "are refused (6983) from then on", SET_ID, opt("--sn", required=True))
-    cmd(u, "certify", identity.unit_certify, "certify a unit of an identity set enrolled "
+    cmd(u, "certify", commands.unit_certify, "certify a unit of an identity set enrolled "
         "elsewhere: print C_U", SET_ID, opt("--sn", required=True),
         opt("--public-key", required=True, help="the unit's Q_U: an uncompressed P-256 point, "
             "hex (65 bytes, 04 || X || Y)"))
@@ -230,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `keyload … | head`: the reader has left; end quietly
         _quiet_stdout()
         return EXIT_PIPE
-    except (KeyloadError, ValueError, OSError) as e:
+    except (errors.KeyloadError, ValueError, OSError) as e:
         sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
         return exit_code(e)
     return rc

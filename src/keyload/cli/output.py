@@ -16,29 +16,29 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def kv(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> None:
+def aligned(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> list[str]:
+    """``name  value`` lines, the values in one column."""
     w = max((len(k) for k, _ in pairs), default=0)
-    for k, v in pairs:
-        print(f"{indent}{k.ljust(w)}  {v}")
-
-
-def emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    return [f"{indent}{k.ljust(w)}  {v}" for k, v in pairs]
 
 
 def emitted(args: argparse.Namespace, obj: Any) -> bool:
     """With ``--json``, ``obj`` is printed as JSON (True); else the caller prints text."""
     if args.json:
-        emit_json(obj)
+        print(json.dumps(obj, indent=2, sort_keys=False))
     return bool(args.json)
+
+
+def said(*lines: str) -> None:
+    for line in lines:
+        print(line)
 
 
 def shown(args: argparse.Namespace, obj: Any, *lines: str) -> int:
     """``obj`` as JSON with ``--json``, else ``lines``; 0, a command's exit code when it
     did its job."""
     if not emitted(args, obj):
-        for line in lines:
-            print(line)
+        said(*lines)
     return 0
 
 

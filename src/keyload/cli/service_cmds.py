@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..core.messages import check_ref2
 from ..core.notation import parse_sn
 from ..core.ref1 import parse_ref1
-from .args import Opt, Sub, cmd, group, home_of, opt, required
-from .output import emit_json, emitted, kv, listed, shown
+from ..service.guard import LIMIT_FLAGS
+from .args import Sub, cmd, group, home_of, opt, required
+from .output import aligned, listed, shown
 
 if TYPE_CHECKING:
-    from ..service.client import Pending
     from ..service.fetch import Fetched
 
 
@@ -40,13 +40,13 @@ def pki_client(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     """Serve until stopped (:func:`keyload.service.runtime.listen`, then ``--workers``
     processes)."""
-    from ..service.guard import LIMIT_FLAGS, ConnectionLimits
+    from ..service.guard import ConnectionLimits
     from ..service.runtime import listen
 
     if args.check_policy is not None:
         return check_policy(args)
     required(args, "cert", "key", "ca", "policy")
-    flags = {n: getattr(args, n) for n in LIMIT_FLAGS}
+    flags = {n: getattr(args, n) for n, *_ in LIMIT_FLAGS}
     on = listen(lambda: home_of(args), cert=Path(args.cert), key=Path(args.key),
                 ca=Path(args.ca), policy_file=args.policy,
                 limits=lambda: ConnectionLimits.from_flags(**flags), state=args.state,
@@ -64,10 +64,8 @@ def check_policy(args: argparse.Namespace) -> int:
 
     path = Path(args.check_policy)
     policy = read_policy(path)
-    if not emitted(args, {"policy": str(path), "valid": True, **policy.summary()}):
-        print(f"policy {path}: valid")
-        kv(policy.summary_rows(), indent="  ")
-    return 0
+    return shown(args, {"policy": str(path), "valid": True, **policy.summary()},
+                 f"policy {path}: valid", *aligned(policy.summary_rows(), indent="  "))
 
 
 # -- fetch ---------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def fetch(args: argparse.Namespace) -> int:
     when a receipt stays pending, :data:`EXIT_FAILED` when the service refused a pending
     one for good."""
     from ..service.client import Outbox, ServiceClient
-    from ..service.fetch import fetch_key, unit_for
+    from ..service.fetch import fetch_key, resent_told, unit_for
 
     deadline = args.receipt_deadline
     if not 0 <= deadline <= 86400:
@@ -123,30 +121,18 @@ def fetch(args: argparse.Namespace) -> int:
                     unit=None if args.resend else
                     lambda: unit_for(home.units_dir, home.source, sn, args.reader),
                     ref1=ref1, ref2=args.ref2, on_damaged=_damaged,
-                    on_sent=None if args.json else _resent)
+                    on_sent=None if args.json else
+                    lambda p, e: print(resent_told(p, e), flush=True))
     d = got.delivery
     if d is None:
         return _resend_report(args, got)
-    out = got.to_json()
-    loaded = (f"loaded {out['ref1']} v{out['key_version']} into unit {out['sn']} slot "
-              f"{out['ref2']} from {args.server}: KCV {out['kcv']} (authority and unit "
-              f"agree)")
-    if d.outcome == "refused":  # never taken: kept as evidence all the same, then the error
-        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
-              f"service refused its receipt for good ({d.error}); the receipt is kept at "
-              f"{got.kept}", file=sys.stderr, flush=True)
+    notice = got.notice(args.server, deadline, EXIT_PENDING)
+    if notice is not None:
+        print(notice, file=sys.stderr, flush=True)
+    if d.outcome == "refused":  # the receipt is kept as evidence all the same, then the error
         assert d.reply is not None
         raise client.refusal(d.reply)
-    if d.outcome == "pending":
-        print(f"keyload: the key IS loaded ({loaded.removeprefix('loaded ')}), but the "
-              f"service did not take its receipt within {deadline:g} s ({d.error}).\n"
-              f"keyload: the receipt is kept at {got.kept}; it will be sent by `keyload "
-              f"fetch --resend --server {args.server} --ca … --cert … --key …`, or by the "
-              f"next fetch to that server (exit {EXIT_PENDING}: done, evidence pending)",
-              file=sys.stderr, flush=True)
-    shown(args, out, f"{loaded}; receipt {out['receipt']} NOT recorded yet: kept at "
-          f"{out['pending']}" if d.outcome == "pending" else
-          f"{loaded}, receipt {out['receipt']} recorded by the service")
+    shown(args, got.to_json(), got.told(args.server))
     return _fetch_rc(got)
 
 
@@ -165,20 +151,9 @@ def _damaged(path: Path) -> None:
           file=sys.stderr, flush=True)
 
 
-def _resent(p: Pending, entry: dict[str, Any]) -> None:
-    """A pending receipt sent again, told as it goes."""
-    what = {"recorded": "recorded by the service",
-            "refused": f"REFUSED by the service ({entry['detail']}): moved to "
-                       f"{entry['path']}",
-            "pending": f"still pending ({entry['detail']}): kept at {entry['path']}"}
-    print(f"resent the receipt of {p.label}: {what[entry['status']]}", flush=True)
-
-
 def _resend_report(args: argparse.Namespace, got: Fetched) -> int:
-    if args.json:
-        emit_json({"server": args.server, "resent": got.resent})
-    elif not got.resent:
-        print(f"no pending receipts for {args.server}")
+    shown(args, {"server": args.server, "resent": got.resent},
+          *([] if got.resent else [f"no pending receipts for {args.server}"]))
     rc = _fetch_rc(got)
     if rc == EXIT_PENDING and not args.json:
         print(f"keyload: receipts are still pending for {args.server} (exit {EXIT_PENDING}: "
@@ -196,12 +171,6 @@ def add_parsers(sub: Sub) -> None:
             "(repeatable; default localhost, 127.0.0.1, ::1)"))
     cmd(k, "client", pki_client, "issue one more client certificate", opt("--dir", required=True),
         opt("--name", required=True, help="the client's name (certificate CN)"))
-
-    def seconds(flag: str, help_: str) -> Opt:
-        return opt(flag, type=float, default=10.0, metavar="S", help=help_)
-
-    def count(flag: str, default: int, help_: str) -> Opt:
-        return opt(flag, type=int, default=default, metavar="N", help=help_)
 
     # --cert/--key/--ca/--policy: checked by serve()
     cmd(sub, "serve", serve, "serve EXPORTKEY and receipts over HTTPS with mutual TLS",
@@ -222,28 +191,8 @@ def add_parsers(sub: Sub) -> None:
             help="event loop (default auto: uvloop when installed)"),
         opt("--instance", help="this instance's name in audit and metrics (default: the host "
             "name)"),
-        seconds("--handshake-timeout",
-                "a TLS handshake not done S seconds after accept is dropped (10)"),
-        seconds("--head-timeout", "a request head not complete S seconds after its first byte "
-                "(or the handshake) is answered 408 and the connection closed (10)"),
-        seconds("--body-timeout",
-                "a request body not complete S seconds after its head: 408 (10)"),
-        count("--max-connections", 4096,
-              "connections with an authorized client certificate (4096)"),
-        count("--max-anonymous", 1024,
-              "connections without one; when full, the oldest is closed (1024)"),
-        count("--max-per-address", 256, "open sockets from one address, TLS handshakes "
-              "included, an IPv6 /64 counting as one; more are closed before TLS (256)"),
-        opt("--anonymous-connect-rate", default="30/60", metavar="N/S", help="connections "
-            "without an authorized certificate per S seconds from one address; past it the "
-            "address is refused before TLS until the window lets one more in (30/60)"),
-        opt("--connect-rate", default="200/10", metavar="N/S", help="new connections per S "
-            "seconds from one address; more are closed before TLS (200/10)"),
-        count("--max-anonymous-per-address", 8,
-              "of which without an authorized certificate (8)"),
-        opt("--anonymous-rate", default="20/1", metavar="N/S", help="requests per S seconds "
-            "from one address without an authorized certificate, health probes included "
-            "(20/1)"),
+        *(opt("--" + name.replace("_", "-"), type=kind, default=default, metavar=metavar,
+              help=help_) for name, kind, default, metavar, help_ in LIMIT_FLAGS),
         opt("--busy-timeout", type=float, default=2.0, metavar="S", help="how long a database "
             "lock held elsewhere is waited for before requests are answered 503 (2)"),
         opt("--workers", type=int, default=1,

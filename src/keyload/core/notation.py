@@ -8,11 +8,14 @@ caller mistake, never 6A80). REF1 as text is :mod:`keyload.core.ref1`.
 ([1, 2, 10, 11, 12], None)
 >>> sorted(s.hex() for s in parse_sets("7b568eb721, 0102030405"))
 ['0102030405', '7b568eb721']
+>>> parse_load("TMK-A:1"), {k.hex(): q.hex() for k, q in parse_trust(["0a0b0c0d0e=04aa"]).items()}
+((b'TMK-A', 1), {'0a0b0c0d0e': '04aa'})
 """
 
 from __future__ import annotations
 
 from .messages import check_ref2, check_sn
+from .ref1 import parse_ref1
 
 ANY = "any"
 
@@ -60,3 +63,31 @@ def parse_sets(text: str) -> frozenset[bytes] | None:
     if not sets or any(len(s) != 5 for s in sets):
         raise ValueError("set ids are 5 bytes (10 hex digits), comma separated, or 'any'")
     return sets
+
+
+def parse_load(text: str) -> tuple[bytes, int]:
+    """``REF1:REF2`` (``--load``): a key and the slot it goes to, REF2 in 1..254."""
+    ref1, sep, ref2 = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"--load {text!r}: expected REF1:REF2")
+    try:
+        r2 = int(ref2)
+    except ValueError:
+        raise ValueError(f"--load {text!r}: REF2 must be a number") from None
+    if not 1 <= r2 <= 254:
+        raise ValueError(f"--load {text!r}: REF2 must be in 1..254")
+    return parse_ref1(ref1), r2
+
+
+def parse_trust(values: list[str]) -> dict[bytes, bytes]:
+    """``--ca SETID=Q_CA`` (hex, repeatable): the Q_CA an auditor trusts for each set."""
+    out: dict[bytes, bytes] = {}
+    for v in values:
+        set_id, sep, q_ca = v.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[bytes.fromhex(set_id)] = bytes.fromhex(q_ca)
+        except ValueError:
+            raise ValueError(f"--ca {v[:24]!r}: expected SETID=Q_CA, both hex") from None
+    return out

@@ -132,6 +132,42 @@ class Fetched:
         return (self.delivery is not None and self.delivery.outcome == "pending") or \
             any(e["status"] == "pending" for e in self.resent)
 
+    def notice(self, server: str, deadline: float, exit_pending: int) -> str | None:
+        """What to warn of when the key is loaded but its receipt not recorded: refused
+        for good, or not taken within ``deadline`` seconds (kept pending: the command
+        exits ``exit_pending``)."""
+        res, d = self.result, self.delivery
+        assert res is not None and d is not None
+        loaded = res.told(f" from {server}").removeprefix("loaded ")
+        if d.outcome == "refused":  # never taken: kept as evidence all the same
+            return (f"keyload: the key IS loaded ({loaded}), but the service refused its "
+                    f"receipt for good ({d.error}); the receipt is kept at {self.kept}")
+        if d.outcome == "pending":
+            return (f"keyload: the key IS loaded ({loaded}), but the service did not take "
+                    f"its receipt within {deadline:g} s ({d.error}).\nkeyload: the receipt is "
+                    f"kept at {self.kept}; it will be sent by `keyload fetch --resend --server "
+                    f"{server} --ca … --cert … --key …`, or by the next fetch to that server "
+                    f"(exit {exit_pending}: done, evidence pending)")
+        return None
+
+    def told(self, server: str) -> str:
+        """The key loaded and what became of its receipt, for people."""
+        res, d = self.result, self.delivery
+        assert res is not None and d is not None
+        if d.outcome == "pending":
+            return (f"{res.told(f' from {server}')}; receipt {res.rct.hex()} NOT recorded "
+                    f"yet: kept at {self.kept}")
+        return f"{res.told(f' from {server}')}, receipt {res.rct.hex()} recorded by the service"
+
+
+def resent_told(p: Pending, entry: dict[str, Any]) -> str:
+    """A pending receipt sent again (one report of :func:`send_pending`), for people."""
+    what = {"recorded": "recorded by the service",
+            "refused": f"REFUSED by the service ({entry['detail']}): moved to "
+                       f"{entry['path']}",
+            "pending": f"still pending ({entry['detail']}): kept at {entry['path']}"}
+    return f"resent the receipt of {p.label}: {what[entry['status']]}"
+
 
 def fetch_key(client: ServiceClient, outbox: Outbox, server: str, *, deadline: float,
               unit: Callable[[], AbstractContextManager[UnitClient]] | None = None,

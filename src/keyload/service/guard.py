@@ -80,9 +80,29 @@ class ConnectionLimits:
                                                     anonymous_connect_rate))
 
 
-LIMIT_FLAGS = ("handshake_timeout", "head_timeout", "body_timeout", "max_connections",
-               "max_anonymous", "max_per_address", "max_anonymous_per_address",
-               "anonymous_rate", "connect_rate", "anonymous_connect_rate")
+#: The ``keyload serve`` flags of :meth:`ConnectionLimits.from_flags`, in the order its
+#: ``--help`` lists them: (name, type, default, metavar, what it limits).
+LIMIT_FLAGS: tuple[tuple[str, type[Any], float | int | str, str, str], ...] = (
+    ("handshake_timeout", float, 10.0, "S",
+     "a TLS handshake not done S seconds after accept is dropped (10)"),
+    ("head_timeout", float, 10.0, "S", "a request head not complete S seconds after its first "
+     "byte (or the handshake) is answered 408 and the connection closed (10)"),
+    ("body_timeout", float, 10.0, "S",
+     "a request body not complete S seconds after its head: 408 (10)"),
+    ("max_connections", int, 4096, "N",
+     "connections with an authorized client certificate (4096)"),
+    ("max_anonymous", int, 1024, "N",
+     "connections without one; when full, the oldest is closed (1024)"),
+    ("max_per_address", int, 256, "N", "open sockets from one address, TLS handshakes "
+     "included, an IPv6 /64 counting as one; more are closed before TLS (256)"),
+    ("anonymous_connect_rate", str, "30/60", "N/S", "connections without an authorized "
+     "certificate per S seconds from one address; past it the address is refused before TLS "
+     "until the window lets one more in (30/60)"),
+    ("connect_rate", str, "200/10", "N/S", "new connections per S seconds from one address; "
+     "more are closed before TLS (200/10)"),
+    ("max_anonymous_per_address", int, 8, "N", "of which without an authorized certificate (8)"),
+    ("anonymous_rate", str, "20/1", "N/S", "requests per S seconds from one address without "
+     "an authorized certificate, health probes included (20/1)"))
 
 
 def rate_flag(flag: str, value: str) -> Rate:

@@ -134,6 +134,24 @@ class WithoutReceipt:
                 "by_client": [c.to_json(self.now) for c in self.by_client],
                 "by_age": dict(self.by_age)}
 
+    HEADERS = ("client", "exports", "oldest", "age", "newest", "age")
+
+    def heading(self) -> list[str]:
+        """The line over :meth:`rows` (none when there are no rows)."""
+        return [f"{self.total} service exports without receipt (the key left the service, "
+                "no receipt was posted), by client:"] if self.total else []
+
+    def rows(self) -> list[list[object]]:
+        """A row per client (:data:`HEADERS`) and their total; none when there are none."""
+        oldest, newest = self.oldest, self.newest
+        if not self.total or oldest is None or newest is None:
+            return []
+        return [[c.client, c.count, iso_utc(c.oldest), human_age(self.now - c.oldest),
+                 iso_utc(c.newest), human_age(self.now - c.newest)]
+                for c in self.by_client] + [["total", self.total, iso_utc(oldest),
+                                             human_age(self.now - oldest), iso_utc(newest),
+                                             human_age(self.now - newest)]]
+
 
 def exports_without_receipt(rows: Iterable[tuple[str, str, float]],
                             now: float) -> WithoutReceipt:
@@ -175,6 +193,23 @@ class ServiceLedgerCheck:
         return {"state": self.state, "verified": self.verified, "invalid": self.invalid,
                 "invalid_rows": list(self.invalid_rows),
                 "without_receipt": self.without_receipt.to_json()}
+
+    def invalid_lines(self) -> list[str]:
+        return [f"INVALID receipt: service client {r['client']} unit {r['sn']} slot "
+                f"{r['ref2']}: {r['reason']}" for r in self.invalid_rows]
+
+    def lines(self, unchecked: str) -> list[str]:
+        """The check for people; ``unchecked``: why, when no ``state`` was checked."""
+        if self.state is None:
+            return [f"service ledger: not checked ({unchecked})"]
+        wr = self.without_receipt
+        return [f"service ledger ({self.state}): {self.verified} receipts verified, "
+                f"{self.invalid} invalid",
+                *([f"service exports without receipt: {wr.total} (" + ", ".join(
+                    f"{label}: {wr.by_age[key]}" for key, label, _ in AGE_BUCKETS) + ")"]
+                  if wr.total else []),
+                *(["service challenges left claimed (never exported nor refused): "
+                   f"{wr.claimed}"] if wr.claimed else [])]
 
 
 def _export(c: Challenge | None) -> Export | None:

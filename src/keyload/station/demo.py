@@ -1,6 +1,7 @@
 """The demo's world: its workdir (made, resumed or refused), an authority's sets and
 keys, a set of emulated units as a card manufacturer delivers them, and the planned
-campaign that customizes them (two loads per unit)."""
+campaign that customizes them (two loads per unit); then the demo's run of it
+(:func:`run_demo`), which reaches its authority and its units as the caller says."""
 
 from __future__ import annotations
 
@@ -8,18 +9,24 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ..core.keys import KeyAttributes, KeyType
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
 from ..core.suite3 import SUITE_ECDH
 from ..records.exportlog import SqliteExportLog
-from ..units.authority import ExportPolicy
-from ..units.storage import KekSource, atomic_write
+from ..transports import Connection
+from ..units.authority import Authority, ExportPolicy
+from ..units.storage import ENV_KEK, ENV_PASSPHRASE, KekSource, atomic_write
 from ..units.unit import Slot
-from .campaign import Interrupt
+from .campaign import Interrupt, RunOptions, RunSummary
+from .customize import Summary
 from .drive import UnitDone
 from .enrolment import certifier, enrol_units
 from .fleet import EmulatedFleet
@@ -30,9 +37,11 @@ from .journal.model import Journal
 from .plan import create_campaign
 from .receipts import ReceiptsCheck, check_receipts
 from .report import campaign_entries
+from .run import journal_summary, open_work, run_emulated, run_reader
 
 DEMO_PASSPHRASE = "keyload-demo"
 CAMPAIGN = "demo"
+OPTS = RunOptions(station="demo", batch_units=32, lease_s=30.0)
 MARKER = "demo.json"
 SETUP_PARTS = ("authority", "units", "softhsm", "journal.db", "audit.db", "station.db")
 
@@ -194,3 +203,113 @@ def verify_demo(home: Home, journal: Journal, ks: Keystore) -> ReceiptsCheck:
                               home.verifier(ks))
     finally:
         log.close()
+
+
+class Tally(Protocol):
+    """A progress line: told once a unit is done (``ok``: customized)."""
+
+    def update(self, ok: bool) -> None: ...
+
+
+#: A progress line over ``total`` units (``label``), for as long as its block lasts.
+Bar = Callable[[int, str], AbstractContextManager[Tally]]
+
+
+def open_demo(workdir: str | None, want: dict[str, Any], *,
+              say: Callable[[str], None]) -> tuple[Home, bool]:
+    """The demo's home in its workdir (:func:`prepare_workdir`), with the vaults' KEK source
+    (:func:`demo_source`); and whether a finished setup is there to resume. Where it is,
+    what it runs and, plainly, a demo passphrase in use are told to ``say``."""
+    root, resume = prepare_workdir(workdir, want)
+    source, demo_pass = demo_source()
+    home = Home(root, source)
+    home.ensure()
+    say(f"workdir: {root}")
+    say(f"authority: {want['authority']}, transport: {want['transport']}"
+        + (f", suite {want['suite']:#04x}" if want["suite"] is not None else ""))
+    if demo_pass:
+        say(f"vaults sealed with the demo passphrase (set {ENV_PASSPHRASE} or {ENV_KEK} "
+            "for your own)")
+    return home, resume
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What a demo run did: the campaign's outcome read from its journal (every run's
+    loads), its receipts checked by the authority, this run, and how long the setup took
+    (0 when resumed, as long as finding that out)."""
+
+    summary: Summary
+    check: ReceiptsCheck
+    run: RunSummary
+    setup_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.failed_units == 0 and self.check.invalid == 0
+
+    def to_json(self, **given: Any) -> dict[str, Any]:
+        """What ``keyload demo --json`` prints; ``given`` (what the demo was asked for)
+        after the summary."""
+        return {**self.summary.to_json(), **given, "receipts_verified": self.check.verified,
+                "receipts_invalid": self.check.invalid, "reconciled": self.run.reconciled,
+                "loads_this_run": self.run.loads_done, "run_s": round(self.run.elapsed, 3),
+                "setup_s": round(self.setup_s, 3)}
+
+    def rows(self) -> list[tuple[str, Any]]:
+        """The outcome for people, as (name, value)."""
+        s, n, t, rec = self.summary, self.run.loads_done, self.run.elapsed, self.run.reconciled
+        return [
+            ("units", s.units), ("customized", s.customized), ("failed", s.failed_units),
+            ("loads", f"{s.loads_ok} ok, {s.loads_failed} failed"),
+            ("receipts", f"{self.check.verified} verified by the authority, "
+                         f"{self.check.invalid} invalid"
+                         + (f", {rec} loads reconciled after an interruption" if rec else "")),
+            ("suites", ", ".join(f"{k:#04x}: {v}" for k, v in sorted(s.by_suite.items()))),
+            ("this run", f"{n} loads in {t:.2f} s"
+                         + (f" ({n / t:,.0f} loads/s)" if t and n else ""))]
+
+
+def run_demo(home: Home, want: dict[str, Any], resume: bool, *,
+             authority: Callable[[], Keystore],
+             connect: Callable[[Authority, ExitStack], Connection],
+             feed: Callable[[ExitStack], tuple[str, int]] | None,
+             say: Callable[[str], None], note: Callable[[str], None], progress: Bar,
+             interrupt: Interrupt) -> DemoRun:
+    """Set the demo up in ``home`` (unless ``resume``: a finished setup is there) with a
+    new ``authority``, then run (or resume) its campaign, reaching the authority through
+    ``connect`` and the units in-process, or (``feed``) as cards fed through a PC/SC
+    reader (it gives the reader and how many); then every receipt checked. ``want``: what
+    the demo was asked for (the workdir's marker). A run interrupted raises
+    KeyboardInterrupt: the next one resumes it."""
+    t_setup = time.monotonic()
+    if resume:
+        say("resuming the campaign in this workdir")
+    else:
+        write_marker(home.root, want, "setup")
+        with progress(want["units"], "units created") as bar:
+            setup_demo(home, authority(), want["units"], say=say, on_unit=bar.update,
+                       interrupt=interrupt, suite=want["suite"])
+        write_marker(home.root, want, "ready")
+    setup_s = time.monotonic() - t_setup
+    with ExitStack() as stack:
+        journal = open_journal(home.journal_path)
+        stack.callback(journal.close)
+        if feed is None:
+            units = open_work(journal, CAMPAIGN)[1]
+            with progress(units, "units customized") as bar:
+                run = run_emulated(home, journal, CAMPAIGN, OPTS, interrupt=interrupt,
+                                   connect=connect, on_unit=bar.update)
+        else:
+            reader, n = feed(stack)
+            note("units are fed through the reader one after another (pcscd polls a "
+                 "virtual reader every 400 ms: about 1 unit/s)")
+            with progress(n, "units customized") as bar:
+                run = run_reader(home, journal, CAMPAIGN, OPTS, reader, n, on_unit=bar.update,
+                                 interrupt=interrupt, connect=connect, timeout=15)
+        if run.interrupted:
+            raise KeyboardInterrupt
+        summary = journal_summary(journal, CAMPAIGN, run)
+        ks = home.open_keystore()
+        stack.callback(ks.close)
+        return DemoRun(summary, verify_demo(home, journal, ks), run, setup_s)

@@ -214,6 +214,12 @@ class LoadResult(NamedTuple):
                 **({} if self.initial_key_id is None else
                    {"initial_key_id": self.initial_key_id.hex().upper()})}
 
+    def told(self, where: str = "") -> str:
+        """The load for people, ``where`` (`` in reader …``) after its slot."""
+        return (f"loaded {display_ref1(self.ref1)} v{self.key_version} into unit "
+                f"{self.sn.hex()} slot {self.ref2}{where}: KCV {self.kcv.hex().upper()} "
+                "(authority and unit agree)")
+
 
 def _step(step: Step, e: KeyloadError, sn: bytes | None = None) -> LoadFailed:
     return LoadFailed(step, e, sn=sn)

@@ -33,6 +33,19 @@ class ReceiptsCheck:
                 "exports_without_receipt": len(self.without_receipt),
                 "without_receipt": self.without_receipt}
 
+    def lines(self) -> list[str]:
+        """What ``keyload receipts`` prints."""
+        lost = self.without_receipt
+        return [*(f"INVALID receipt: {row['source']} unit {row['sn']} slot {row['ref2']} "
+                  f"{row['ref1']}: {row['reason']}" for row in self.invalid_rows),
+                *(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
+                  f"v{e['key_version']} KCV {e['kcv']} ({e['station'] or 'nothing recorded'})"
+                  for e in lost),
+                *([f"{len(lost)} exports without receipt"] if lost else []),
+                *([f"{self.reconciled} loads reconciled with the unit after a crash: receipt "
+                   "lost, slot status recorded"] if self.reconciled else []),
+                f"{self.verified} receipts verified, {self.invalid} invalid"]
+
 
 def _download(set_id: bytes, sn: bytes, ref1: bytes, ref2: int, kcv: bytes | None) -> tuple[
         bytes, bytes, bytes, int, bytes | None]:

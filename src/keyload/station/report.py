@@ -112,6 +112,15 @@ class CampaignStatus:
                          for p in self.plan],
                 "done": self.done}
 
+    def rows(self) -> list[tuple[str, object]]:
+        """The campaign and its loads by state, for people, as (name, value)."""
+        return [("campaign", self.campaign), ("set", self.set_id.hex()), ("units", self.units),
+                ("loads", self.loads)] + [(k, f"{v:,}") for k, v in self.states.items()]
+
+    def line(self) -> str:
+        return (f"{self.states['imported']:,} of {self.loads:,} loads imported, "
+                f"{self.states['failed']:,} failed")
+
 
 @dataclass(frozen=True, slots=True)
 class FailureCount:

@@ -6,9 +6,12 @@ receipts without the authority, trusting the Q_CA of each set (:func:`identity_t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 from ..core.errors import StoreError
 from ..records.exportlog import SqliteExportLog
@@ -27,6 +30,7 @@ from .report import (
     ledger,
     station_entry,
     verify_ledger,
+    write_ledger_csv,
 )
 
 
@@ -100,6 +104,49 @@ def identity_trust(home: Home, set_id: bytes) -> IdentitySetInfo:
 
 
 # -- the campaigns' ledgers (``keyload ledger verify|export``) --------------------------
+class Closing(Protocol):
+    def close(self) -> None: ...
+
+
+StateT = TypeVar("StateT", bound=Closing)
+
+
+@contextmanager
+def ledgers(home: Home, where: str | None, state: Callable[[], StateT | None]
+            ) -> Iterator[tuple[StateT | None, Journal | None]]:
+    """The service's state as ``state`` opens it (None: its ledger is left out) and the
+    campaign journal of :func:`ledger_journal`, both closed after the block. The home
+    must exist: a typo must not leave a new home behind."""
+    home.existing()
+    with ExitStack() as stack:
+        store = state()
+        if store is not None:
+            stack.callback(store.close)
+        journal = ledger_journal(home, where)
+        if journal is not None:
+            stack.callback(journal.close)
+        yield store, journal
+
+
+def write_ledgers(out: TextIO, fmt: str, campaigns: Iterable[dict[str, Any]],
+                  service: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """The campaigns' ledger entries, then the service's, written to ``out`` as CSV
+    (``fmt`` ``csv``) or a JSON list; how many of each."""
+    n = [0, 0]
+
+    def counted(entries: Iterable[dict[str, Any]], i: int) -> Iterator[dict[str, Any]]:
+        for e in entries:
+            n[i] += 1
+            yield e
+
+    entries = itertools.chain(counted(campaigns, 0), counted(service, 1))
+    if fmt == "csv":
+        write_ledger_csv(entries, out)
+    else:
+        out.write(json.dumps(list(entries), indent=1) + "\n")
+    return n[0], n[1]
+
+
 def ledger_journal(home: Home, where: str | None) -> Journal | None:
     """The campaign journal to read the ledgers of (``where``, or the home's), or None
     when the home has none and none is named: no campaign was created here, and none is
@@ -147,6 +194,17 @@ class CampaignsCheck:
         """What an auditor's check adds: the receipts it could not verify."""
         return {"not_verifiable_without_authority": self.unverifiable} if self.auditor else {}
 
+    def invalid_lines(self) -> list[str]:
+        return [f"INVALID receipt: campaign {r['campaign']} unit {r['sn']} slot {r['ref2']}: "
+                f"{r['reason']}" for r in self.invalid_rows]
+
+    def notes(self) -> list[str]:
+        """What was neither verified nor invalid, for people."""
+        return [*([f"{self.reconciled} loads reconciled with the unit after a crash: receipt "
+                   "lost, slot status recorded"] if self.reconciled else []),
+                *([f"{self.unverifiable} receipts of suites 0x01/0x02 not verifiable without "
+                   "the authority (MACs under the set's keys)"] if self.unverifiable else [])]
+
 
 def verify_campaigns(journal: Journal | None, names: list[str],
                      authority: ReceiptChecker) -> CampaignsCheck:
@@ -175,12 +233,15 @@ class ServiceCheck(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
+ServiceT = TypeVar("ServiceT", bound=ServiceCheck)
+
+
 @dataclass
-class LedgersCheck:
+class LedgersCheck(Generic[ServiceT]):
     """Every ledger verified: the campaigns' and the service's."""
 
     campaigns: CampaignsCheck
-    service: ServiceCheck
+    service: ServiceT
 
     @property
     def verified(self) -> int:
@@ -197,3 +258,22 @@ class LedgersCheck:
                 "invalid_rows": c.invalid_rows + [{"source": "service", "campaign": None, **r}
                                                   for r in self.service.invalid_rows],
                 "campaigns": c.to_json(), "service": self.service.to_json()}
+
+
+def check_ledgers(home: Home, journal: Journal | None, campaign: str | None, *,
+                  trust: dict[bytes, bytes] | None,
+                  service: Callable[[ReceiptChecker], ServiceT]) -> LedgersCheck[ServiceT]:
+    """Every receipt of the campaigns' ledgers in ``journal`` (``campaign``'s alone, when
+    given) verified by the home's authority, or, given an auditor's ``trust`` (Q_CA by set
+    id), with certificates alone; and the service's ledger, checked by ``service`` with
+    the same checker."""
+    with ExitStack() as stack:
+        checker: ReceiptChecker
+        if trust is not None:  # certificates only: no keystore, no passphrase
+            checker = CertificatesOnly(trust)
+        else:
+            ks = home.open_keystore()
+            stack.callback(ks.close)
+            checker = home.verifier(ks)
+        camp = verify_campaigns(journal, ledger_campaigns(home, journal, campaign), checker)
+        return LedgersCheck(camp, service(checker))
