@@ -11,7 +11,7 @@ import pytest
 from keyload.station.campaign import RunSummary
 from keyload.station.customize import Failure, Summary
 from keyload.station.demo import DemoRun, open_demo
-from keyload.station.report import ReceiptsCheck
+from keyload.station.receipts import ReceiptsCheck
 from keyload.units.storage import ENV_KEK, ENV_PASSPHRASE
 
 WANT = {"units": 3, "authority": "software", "transport": "local", "suite": 3}
