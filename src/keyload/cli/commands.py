@@ -11,6 +11,7 @@ from ..core.messages import check_ref2
 from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
+from ..dashboard.serve import from_options
 from ..station import admin, identity
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
@@ -293,6 +294,19 @@ def receipts_verify(args: argparse.Namespace) -> int:
     chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
     shown(args, chk.to_json(), *chk.lines())
     return 0 if chk.invalid == 0 else 1
+
+
+# -- dashboard -----------------------------------------------------------------------
+def dashboard(args: argparse.Namespace) -> int:
+    """``keyload dashboard``: a read-only web page of the home's campaigns, ledger and
+    audit chain (:mod:`keyload.dashboard`)."""
+    d = from_options(home_of(args), host=args.host, port=args.port, journal=args.journal,
+                     cert=args.cert, key=args.key, ca=args.ca, policy=args.policy,
+                     service=args.service, service_cert=args.service_cert,
+                     service_key=args.service_key)
+    print(f"keyload dashboard on {d.url} (read-only; Ctrl-C stops it)", flush=True)
+    d.serve()
+    return 0
 
 
 # -- conformance ---------------------------------------------------------------------

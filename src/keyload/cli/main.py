@@ -31,7 +31,7 @@ from .. import __version__
 from ..core import errors
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, dashboard, demo, service_cmds
+from . import campaigns, commands, demo, service_cmds
 from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--quiet", action="store_true", help="no progress bar"))
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)
-    cmd(sub, "dashboard", dashboard.run, "a read-only web page, live: campaigns (progress, "
+    cmd(sub, "dashboard", commands.dashboard, "a read-only web page, live: campaigns (progress, "
         "loads/s, ETA, failures), the ledger, the audit chain, and a service's health",
         JOURNAL, opt("--host", default="127.0.0.1", help="address to listen on (default "
                      "127.0.0.1: plain HTTP; any other: HTTPS with mutual TLS)"),
