@@ -11,7 +11,10 @@ from ..core.messages import check_ref2
 from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
+from ..dashboard.serve import from_options
 from ..station import admin, identity
+from ..station.dukpt import initial_key_order, working_kcv
+from ..station.keyblocks import export_key_block, import_key_block
 from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -87,8 +90,11 @@ def _key_common(args: argparse.Namespace) -> tuple[bytes, KeyType, KeyAttributes
     ref1 = parse_ref1(args.ref1)
     kt = KeyType.parse(args.type)
     attrs = KeyAttributes(check_usage(args.usage), args.mode, args.exportability)
-    policy = ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
-    return ref1, kt, attrs, policy
+    return ref1, kt, attrs, _policy(args)
+
+
+def _policy(args: argparse.Namespace) -> ExportPolicy:
+    return ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
 
 
 def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> int:
@@ -105,7 +111,22 @@ def key_generate(args: argparse.Namespace) -> int:
                                            label=args.label, length=args.length))
 
 
+_FROM_HEADER = ("type", "usage", "mode", "exportability")
+
+
 def key_import(args: argparse.Namespace) -> int:
+    """A key typed in (value or ``--components``); with ``--tr31``, an X9.143 key block
+    (version D) under KBPK ``--kbpk``, whose header gives the type, usage, mode and
+    exportability."""
+    if args.tr31 is not None:
+        return _key_import_tr31(args)
+    missing = [f"--{a}" for a in _FROM_HEADER if getattr(args, a) is None]
+    if args.key_version is None:
+        missing.append("--version")
+    if missing or args.kbpk is not None:
+        args.usage_error(f"the following arguments are required: {', '.join(missing)}"
+                         if missing else "--kbpk goes with --tr31")
+
     def typed(length: int | None) -> tuple[Secret, list[bytes]]:
         if args.components > 1:
             return read_components(args.components, length, kcv_of=lambda b: kcv(kt, b))
@@ -115,6 +136,25 @@ def key_import(args: argparse.Namespace) -> int:
     return _print_key(args, *admin.add_key(home_of(args), ref1, kt, attrs, policy,
                                            version=args.key_version, diversify=args.diversify,
                                            label=args.label, typed=typed))
+
+
+def _key_import_tr31(args: argparse.Namespace) -> int:
+    given = [f"--{a}" for a in _FROM_HEADER if getattr(args, a) is not None]
+    if given or args.kbpk is None or args.components != 1:
+        args.usage_error("--tr31 needs --kbpk; the key block's header gives the type, usage, "
+                         "mode and exportability, and it takes no --components")
+    return _print_key(args, import_key_block(
+        home_of(args), parse_ref1(args.ref1), args.tr31, parse_ref1(args.kbpk), _policy(args),
+        version=args.key_version, diversify=args.diversify, label=args.label,
+        open_in_host=args.open_in_host), [])
+
+
+def key_export(args: argparse.Namespace) -> int:
+    """``key export --tr31``: an X9.143 key block (version D) under KBPK ``--kbpk``."""
+    info, block = export_key_block(home_of(args), parse_ref1(args.ref1),
+                                   parse_ref1(args.kbpk), open_in_host=args.open_in_host)
+    return shown(args, {"ref1": display_ref1(info.ref1), "kbpk": args.kbpk,
+                        "kcv": info.kcv.hex().upper(), "key_block": block}, block)
 
 
 def key_list(args: argparse.Namespace) -> int:
@@ -216,7 +256,10 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
     """One key into one unit: the emulated unit ``--unit`` names, or (``--reader``) the
-    card in that PC/SC reader, which must then be ``--unit`` when it is given."""
+    card in that PC/SC reader, which must then be ``--unit`` when it is given; with
+    ``--initial-key-id``, the IK of BDK ``--ref1`` for the emulated unit ``--unit``."""
+    order = initial_key_order(args.initial_key_id, args.ik_type, reader=args.reader,
+                              unit=args.unit)
     if args.reader is None and args.unit is None:
         args.usage_error("one of --unit or --reader is required")
     sn = None if args.unit is None else parse_sn(args.unit)
@@ -224,11 +267,20 @@ def load(args: argparse.Namespace) -> int:
     check_ref2(args.ref2)
     if args.reader is None:
         assert sn is not None
-        res, where = load_one(home_of(args), sn, ref1, args.ref2), ""
+        res, where = load_one(home_of(args), sn, ref1, args.ref2, order), ""
     else:
         res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn)
         where = f" in reader {args.reader!r}"
     return shown(args, res.to_json(), f"{res.told(where)}, receipt {res.rct.hex()}")
+
+
+def dukpt_derive(args: argparse.Namespace) -> int:
+    ref1, ksn = parse_ref1(args.ref1), parse_hex(args.ksn, "KSN")
+    ik_type = None if args.ik_type is None else KeyType.parse(args.ik_type)
+    out = admin.read_keystore(home_of(args),
+                              lambda ks: working_kcv(ks, ref1, ksn, args.usage, ik_type))
+    return shown(args, out, f"{out['usage']} key of KSN {out['ksn']} under BDK {out['ref1']}: "
+                 f"{out['type']}, KCV {out['kcv']}")
 
 
 def receipts_verify(args: argparse.Namespace) -> int:
@@ -242,6 +294,19 @@ def receipts_verify(args: argparse.Namespace) -> int:
     chk = check_home_receipts(home, lambda: service_exports(home.root, home.audit_path))
     shown(args, chk.to_json(), *chk.lines())
     return 0 if chk.invalid == 0 else 1
+
+
+# -- dashboard -----------------------------------------------------------------------
+def dashboard(args: argparse.Namespace) -> int:
+    """``keyload dashboard``: a read-only web page of the home's campaigns, ledger and
+    audit chain (:mod:`keyload.dashboard`)."""
+    d = from_options(home_of(args), host=args.host, port=args.port, journal=args.journal,
+                     cert=args.cert, key=args.key, ca=args.ca, policy=args.policy,
+                     service=args.service, service_cert=args.service_cert,
+                     service_key=args.service_key)
+    print(f"keyload dashboard on {d.url} (read-only; Ctrl-C stops it)", flush=True)
+    d.serve()
+    return 0
 
 
 # -- conformance ---------------------------------------------------------------------

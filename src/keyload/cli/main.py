@@ -31,7 +31,7 @@ from .. import __version__
 from ..core import errors
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
-from . import campaigns, commands, dashboard, demo, dukpt, keyblocks, service_cmds
+from . import campaigns, commands, demo, service_cmds
 from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
             opt("--label", default=""))
     cmd(k, "generate", commands.key_generate, "generate an application key", *key_opts(True),
         opt("--length", type=int, help="HMAC key length in bytes (16-64)"))
-    cmd(k, "import", keyblocks.key_import, "import an application key (value, components, "
+    cmd(k, "import", commands.key_import, "import an application key (value, components, "
         "or an X9.143 key block)", *key_opts(False),
         opt("--components", type=int, default=1, metavar="N"),
         opt("--tr31", metavar="BLOCK", help="an X9.143 (TR-31) key block, version D: type, "
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             "has none)"),
         opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the block "
             "(usage K1)"), IN_HOST, usage_error=True)
-    cmd(k, "export", keyblocks.key_export, "print an X9.143 key block (version D) of a key "
+    cmd(k, "export", commands.key_export, "print an X9.143 key block (version D) of a key "
         "whose exportability is E or S", opt("--ref1", required=True),
         opt("--tr31", action="store_true", required=True, help="as a TR-31 key block"),
         opt("--kbpk", required=True, metavar="REF1", help="the authority key protecting the "
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ik_type = opt("--ik-type", help="the initial key's type (default the BDK's): aes128, "
                   "aes192, aes256, no longer than the BDK")
-    cmd(sub, "load", dukpt.load, "load one key into one unit: an emulated one, or the card "
+    cmd(sub, "load", commands.load, "load one key into one unit: an emulated one, or the card "
         "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
                                  "--reader, the card must be this unit"),
         opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
             "AES DUKPT initial key of this ID (8 bytes: BDK ID || derivation ID)"), ik_type,
         usage_error=True)
     d = group(sub, "dukpt", "AES DUKPT (X9.24-3) keys of a BDK, derived in the authority")
-    cmd(d, "derive", dukpt.derive, "the KCV of a transaction's working key",
+    cmd(d, "derive", commands.dukpt_derive, "the KCV of a transaction's working key",
         opt("--ref1", required=True, help="the BDK"), opt("--ksn", required=True, help="the "
             "terminal's KSN, hex (12 bytes: initial key ID || counter)"),
         opt("--usage", required=True, choices=["pin", "mac", "data"]), ik_type)
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--quiet", action="store_true", help="no progress bar"))
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)
-    cmd(sub, "dashboard", dashboard.run, "a read-only web page, live: campaigns (progress, "
+    cmd(sub, "dashboard", commands.dashboard, "a read-only web page, live: campaigns (progress, "
         "loads/s, ETA, failures), the ledger, the audit chain, and a service's health",
         JOURNAL, opt("--host", default="127.0.0.1", help="address to listen on (default "
                      "127.0.0.1: plain HTTP; any other: HTTPS with mutual TLS)"),

@@ -13,7 +13,7 @@ import uvicorn
 
 from ..service.pki import check_tls_files
 from ..service.runtime import read_policy
-from ..service.server import bind, make_config, server_context
+from ..service.server import Server, bind, make_config, server_context
 from ..station.home import Home
 from .app import DashboardApp
 from .state import Gatherer, ServiceProbe
@@ -36,6 +36,16 @@ class Dashboard:
     sock: socket.socket
     url: str
     app: DashboardApp
+    probe: ServiceProbe | None = None
+
+    def serve(self) -> None:
+        """Serve until stopped; then the socket and the service probe are closed."""
+        try:
+            Server(self.config).run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+            if self.probe is not None:
+                self.probe.close()
 
 
 @dataclass(frozen=True)
@@ -79,3 +89,30 @@ def open_dashboard(home: Home, *, host: str = "127.0.0.1", port: int = 0,
                                 log_level="error", ws="none")
         url = f"http://{where}:{port}/"
     return Dashboard(config, sock, url, app)
+
+
+def _path(v: str | None) -> Path | None:
+    return Path(v) if v else None
+
+
+def from_options(home: Home, *, host: str, port: int, journal: str | None,
+                 cert: str | None, key: str | None, ca: str | None, policy: str | None,
+                 service: str | None, service_cert: str | None = None,
+                 service_key: str | None = None) -> Dashboard:
+    """:func:`open_dashboard` from ``keyload dashboard``'s options: HTTPS from ``cert``,
+    ``key``, ``ca`` and ``policy`` together; a running service probed at ``service``
+    through ``ca``. ValueError names an option given without its companions."""
+    tls = None
+    if cert or key or policy:
+        if not (cert and key and ca and policy):
+            raise ValueError("HTTPS needs --cert, --key, --ca and --policy together")
+        tls = Tls(Path(cert), Path(key), Path(ca), Path(policy))
+    probe = None
+    if service:
+        if not ca:
+            raise ValueError("--service needs --ca (the CA that issued its certificate)")
+        probe = ServiceProbe(service, ca=Path(ca), cert=_path(service_cert),
+                             key=_path(service_key))
+    d = open_dashboard(home, host=host, port=port, journal=journal, tls=tls, service=probe)
+    d.probe = probe
+    return d

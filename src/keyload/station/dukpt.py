@@ -22,6 +22,22 @@ class DukptBackend(Protocol):
                   ik_type: KeyType | None = None) -> tuple[KeyType, bytes]: ...
 
 
+def initial_key_order(initial_key_id: str | None, ik_type: str | None, *,
+                      reader: str | None, unit: str | None) -> InitialKeyOrder | None:
+    """``keyload load``'s ``--initial-key-id`` and ``--ik-type`` as an order (None without
+    them). ValueError for ``--ik-type`` alone, or an IK ordered for a reader's card: initial
+    keys go to emulated units."""
+    if initial_key_id is None:
+        if ik_type is not None:
+            raise ValueError("--ik-type goes with --initial-key-id")
+        return None
+    if reader is not None or unit is None:
+        raise ValueError("--initial-key-id loads into an emulated unit (--unit), not a "
+                         "reader")
+    return InitialKeyOrder(InitialKeyId.parse(initial_key_id),
+                           None if ik_type is None else KeyType.parse(ik_type))
+
+
 def order_load(authority: Authority, backend: AuthorityBackend, sn: bytes, ref1: bytes,
                ref2: int, order: InitialKeyOrder | None) -> None:
     """Before a single load: a BDK needs an order (its IK is loaded, never the BDK), and

@@ -215,8 +215,12 @@ class LoadResult(NamedTuple):
                    {"initial_key_id": self.initial_key_id.hex().upper()})}
 
     def told(self, where: str = "") -> str:
-        """The load for people, ``where`` (`` in reader …``) after its slot."""
-        return (f"loaded {display_ref1(self.ref1)} v{self.key_version} into unit "
+        """The load for people, ``where`` (`` in reader …``) after its slot; a BDK's
+        load names the initial key it delivered."""
+        what = display_ref1(self.ref1)
+        if self.initial_key_id is not None:
+            what = f"the initial key {self.initial_key_id.hex().upper()} of BDK {what}"
+        return (f"loaded {what} v{self.key_version} into unit "
                 f"{self.sn.hex()} slot {self.ref2}{where}: KCV {self.kcv.hex().upper()} "
                 "(authority and unit agree)")
 
