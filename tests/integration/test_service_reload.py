@@ -32,7 +32,8 @@ def _serve(w: World, policy: Path, *extra: str) -> tuple[subprocess.Popen[str], 
         [sys.executable, "-m", "keyload.cli.main", "serve", "--home", str(w.home), "--cert",
          str(w.pki / "server.pem"), "--key", str(w.pki / "server.key"), "--ca",
          str(w.pki / "ca.pem"), "--policy", str(policy), "--port", "0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=(w.home.parent / "serve.err").open("a"), text=True,
+        env=env)
     assert p.stdout is not None
     line = p.stdout.readline()
     return p, next(t for t in line.split() if t.startswith("https://"))

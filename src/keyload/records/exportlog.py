@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..core.errors import StoreError
 from . import stored as col
-from .sql import SqliteBatch
+from .sql import SqliteBatch, add_columns
 from .stored import open_records, reading
 
 _SCHEMA = """
@@ -75,10 +75,8 @@ class SqliteExportLog(SqliteBatch):
         self.db = open_records(path, _SCHEMA)
         try:
             with reading(path):
-                have = {row[1] for row in self.db.execute("PRAGMA table_info(exports)")}
-                for name in _ADDED_COLUMNS:
-                    if name not in have:
-                        self.db.execute(f"ALTER TABLE exports ADD COLUMN {name} TEXT")
+                # processes opening a new file at once (serve --workers): the first adds them
+                add_columns(self.db, "exports", _ADDED_COLUMNS)
                 # the suite-0x03 challenges exported before the register was kept here
                 self.db.execute("INSERT OR IGNORE INTO served (set_id, sn, r) "
                                 "SELECT set_id, sn, r FROM exports WHERE r IS NOT NULL")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeGuard
@@ -18,6 +19,21 @@ def is_postgres_url(where: str | Path | None) -> TypeGuard[str]:
     return where is not None and str(where).startswith(("postgresql://", "postgres://"))
 
 
+def _wal(db: sqlite3.Connection, wait: float = 30.0) -> None:
+    """WAL mode. Switching a new file to it takes the file for a moment and is answered
+    "database is locked" without the busy timeout when another process does the same (the
+    workers of ``serve`` open the same new files at once): tried again for ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     """A record database: autocommit, WAL, ``synchronous=NORMAL`` (a committed write
     survives a crash of the process), usable from any thread, mode 0600; ``schema`` is
@@ -26,7 +42,7 @@ def open_sqlite(path: Path, schema: str) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
                              check_same_thread=False)
         path.chmod(0o600)
-        db.execute("PRAGMA journal_mode=WAL")
+        _wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(schema)
     except sqlite3.Error as e:
