@@ -251,9 +251,13 @@ def read_export_request(body: bytes, ctype: str) -> msg.ExportRequest | ExportRe
         raise unsupported_media((OCTETS, JSON))
     base_keys = {"sn", "r", "set_id", "suite", "ref1", "ref2"}
     try:
-        keys = base_keys | (SUITE3_FIELDS if SUITE3_FIELDS & set(json.loads(body)) else set())
+        present = SUITE3_FIELDS & set(json.loads(body))
     except (ValueError, RecursionError, TypeError):
-        keys = base_keys  # json_object says what is wrong
+        present = frozenset()  # json_object says what is wrong
+    if present and present != SUITE3_FIELDS:  # a suite-0x03 EXPORTKEY missing a TLV: 6A80
+        raise P.malformed("a suite-0x03 request carries e_u, c_u and sig_u together "
+                          f"(missing {sorted(SUITE3_FIELDS - present)})")
+    keys = base_keys | present
     d = json_object(body, keys)
     er = msg.ExportRequest(hex_field(d, "sn", 1, 32), hex_field(d, "r", 16, 16),
                            hex_field(d, "set_id", 5, 5), int_field(d, "suite", 0, 255),
