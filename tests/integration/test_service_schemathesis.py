@@ -171,14 +171,20 @@ def exportkey_400_only_for_bad_klp1(ctx: CheckContext, response: Response,
                                     case: Case[Any]) -> bool | None:
     """The one 400 that valid data may get (see CONFIG): KLP1 data that the service's own
     decoder refuses, with SW 6A80 — octets, or in JSON the certificate ``c_u`` (suite
-    0x03). A valid JSON request otherwise, or octets that decode, is never refused as
-    malformed."""
+    0x03), or a JSON request giving some but not all of ``e_u``, ``c_u`` and ``sig_u``
+    (its TLV form would lack one). A valid JSON request otherwise, or octets that decode,
+    is never refused as malformed."""
     if case.operation.path != "/v1/exportkey" or response.status_code != 400 or \
             case.meta is None or not case.meta.generation.mode.is_positive:
         return None
     doc = _problem(response)
     assert doc is not None, response.content
     body = response.request.body
+    if case.media_type == "application/json" and isinstance(case.body, dict):
+        given = {"e_u", "c_u", "sig_u"} & set(case.body)
+        if given and len(given) < 3:  # suite 0x03's three go together: a TLV is missing
+            assert doc.get("sw") == "6A80", doc
+            return None
     klp1: bytes | None = None
     if case.media_type == "application/octet-stream" and isinstance(body, bytes):
         klp1, decode = body, decode_export_request
