@@ -102,10 +102,14 @@ def decode_export_request(data: bytes) -> ExportRequest | ExportRequest3:
 
     Which shape fits which set and suite (6A81) is the authority's next check.
     """
+    try:  # the section-5 shape first: one pass over the data, the common case
+        return ExportRequest.decode(data)
+    except MalformedData:
+        pass
     items = tlv.iter_tlv(data)
     if len(items) == len(_EXPORT_TAGS) and items[6][0] == T_E_U:
         return ExportRequest3.decode(data)
-    return ExportRequest.decode(data)
+    return ExportRequest.decode(data)  # its exact error
 
 
 class ImportData3(NamedTuple):
