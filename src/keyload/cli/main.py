@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",
         opt("--units", type=int, default=1000),
-        opt("--workdir", help="keep everything in this directory (default: a temporary one)"),
+        opt("--workdir", help="keep everything in this directory, or --home's (default: a "
+            "temporary one, removed at the end)"),
         opt("--authority", choices=["software", "pkcs11", "card"], default="software",
             help="software keystore, a PKCS#11 token (SoftHSM2), or the authority as a smart "
                  "card over PC/SC"),
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--suite", type=int, choices=[1, 2, 3],
             help="units offering only this suite; 3: units of an identity set, each with "
                  "its own key pair and certificate (default: units offering 1 and 2)"),
-        opt("--quiet", action="store_true", help="no progress bar"))
+        opt("--quiet", action="store_true", help="no progress bar"), usage_error=True)
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)
     cmd(sub, "dashboard", commands.dashboard, "a read-only web page, live: campaigns (progress, "
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--service-cert", help="a client certificate the service lets read metrics"),
         opt("--service-key", help="that certificate's private key"))
     cmd(sub, "conformance", commands.conformance, "run KLP1 vector files (docs/protocol.md §9)",
-        opt("files", nargs="+", metavar="FILE"))
+        opt("files", nargs="*", metavar="FILE", help="default: the public vectors that come "
+            "with keyload"))
     return parser
 
 
