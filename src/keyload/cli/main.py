@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
-        opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
+    cmd(u, "create", commands.unit_create, "create emulated units of a set: one (--sn) or "
+        "many at once (--sn-start and --count, or --manifest)", SET_ID,
+        opt("--sn", help="serial number, hex (1-32 bytes)"),
+        opt("--sn-start", metavar="HEX", help="the first SN of --count units, counted up"),
+        opt("--count", type=int, metavar="N", help="how many units from --sn-start"),
+        opt("--manifest", metavar="CSV", help="the units' SNs: a CSV with an sn column"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
             "1=aes256)"),
@@ -137,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
             "key as N components (needed when T lives in a token)"),
         opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
-            "key and certificate, to serve it as a card and enrol it with unit enrol"))
+            "key and certificate, to serve it as a card and enrol it with unit enrol"),
+        usage_error=True)
     cmd(u, "enrol", commands.unit_enrol, "enrol the card in a PC/SC reader in an identity "
         "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
         opt("--reader", required=True, help="the PC/SC reader holding the card"),
