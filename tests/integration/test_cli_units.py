@@ -45,9 +45,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Home:
     require(KEYLOAD.is_file(), f"the keyload console script is not installed at {KEYLOAD}")
     path = tmp_path_factory.mktemp("units") / "home"
     ok(run("authority", "init", home=path))
-    t_set = ok(run("set", "create", "--name", "plain", "--json", home=path)).json()["set_id"]
-    id_set = ok(run("set", "create", "--name", "plant", "--identity", "--json",
-                    home=path)).json()["set_id"]
+    t_set, id_set = (ok(run("set", "create", "--json", *kind, home=path)).json()["set_id"]
+                     for kind in (("--name", "plain"), ("--name", "plant", "--identity")))
     ok(run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
            "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
            "--slots", "1", home=path))
