@@ -15,6 +15,7 @@ from ..dashboard.serve import from_options
 from ..station import admin, bulk, identity
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
+from ..station.readers import survey
 from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -260,6 +261,13 @@ def unit_serve_card(args: argparse.Namespace) -> int:
         flush=True))
     print(f"{served} units served")
     return 0
+
+
+def readers(args: argparse.Namespace) -> int:
+    seen = survey()
+    return listed(args, {"readers": [r.to_json() for r in seen]}, ["reader", "card", "ATR",
+                  "keyload", "SN", "set id", "suites"], [r.row() for r in seen],
+                  *([] if seen else ["pcscd lists no reader"]))
 
 
 # -- loads ---------------------------------------------------------------------------

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
+    cmd(sub, "readers", commands.readers, "the PC/SC readers and the card in each: its ATR, "
+        "whether it answers keyload's SELECT, a unit's SN, set id and suites")
     ik_type = opt("--ik-type", help="the initial key's type (default the BDK's): aes128, "
                   "aes192, aes256, no longer than the BDK")
     cmd(sub, "load", commands.load, "load one key into one unit: an emulated one, or the card "
