@@ -15,7 +15,7 @@ from ..dashboard.serve import from_options
 from ..station import admin, bulk, identity
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
-from ..station.readers import survey
+from ..station.readers import ReaderCard, survey
 from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -265,9 +265,8 @@ def unit_serve_card(args: argparse.Namespace) -> int:
 
 def readers(args: argparse.Namespace) -> int:
     seen = survey()
-    return listed(args, {"readers": [r.to_json() for r in seen]}, ["reader", "card", "ATR",
-                  "keyload", "SN", "set id", "suites"], [r.row() for r in seen],
-                  *([] if seen else ["pcscd lists no reader"]))
+    return listed(args, {"readers": [r.to_json() for r in seen]}, ReaderCard.COLUMNS,
+                  [r.row() for r in seen], *([] if seen else ["pcscd lists no reader"]))
 
 
 # -- loads ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ mute or in another application's exclusive use is listed as such, not touched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..core.errors import KeyloadError, StatusError, TransportError
 from .load import AuthorityClient, UnitClient
@@ -30,6 +30,9 @@ class ReaderCard:
     a unit's SN, set id (when it gives one) and suites; ``note``: what stopped the survey
     of this card, if anything."""
 
+    COLUMNS: ClassVar[tuple[str, ...]] = ("reader", "card", "ATR", "keyload", "SN", "set id",
+                                          "suites")  # of row()
+
     reader: str
     card: str
     atr: bytes | None = None
@@ -46,7 +49,8 @@ class ReaderCard:
                 "suites": None if suites is None else list(suites), "note": self.note}
 
     def row(self) -> list[str]:
-        """reader, card, ATR, keyload (what it answers as), SN, set id, suites."""
+        """The reader's line of the table (:attr:`COLUMNS`): keyload is what the card
+        answers as, with the note."""
         j = self.to_json()
         answers = self.application or ("no" if self.card == PRESENT else "-")
         return [self.reader, self.card, j["atr"] or "-",
