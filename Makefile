@@ -47,6 +47,9 @@ system-deps:
 
 demo: venv
 	$(BIN)/keyload demo --units $(UNITS) $(if $(WORKDIR),--workdir $(WORKDIR))
+	@echo
+	@echo "keyload is installed in $(VENV). To have it on PATH in this shell:"
+	@echo "  . $(VENV)/bin/activate      (or: export PATH=\"$(abspath $(BIN)):\$$PATH\")"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
@@ -73,7 +76,7 @@ test-floors: venv-floors venv
 	KEYLOAD_FLOORS=constraints/floors.txt $(FLOORS_BIN)/python -m pytest -q -p no:cacheprovider
 
 conformance: venv
-	$(BIN)/keyload conformance tests/vectors/klp1/*.json
+	$(BIN)/keyload conformance
 
 bench: venv
 	$(BIN)/python benchmarks/throughput.py

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from keyload.lab.pcscd import Pcscd, pcsc_available, running_pcscd
+from keyload.units.conformance import PUBLIC_VECTORS
 from keyload.units.storage import KekSource
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-KLP1_VECTORS = VECTORS / "klp1" / "klp1-public.json"
+KLP1_VECTORS, KLP1_SUITE3_VECTORS = PUBLIC_VECTORS
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from keyload.units.conformance import run_case
-from tests.conftest import KLP1_VECTORS, require
+from tests.conftest import KLP1_SUITE3_VECTORS, KLP1_VECTORS, require
 from tests.integration.cli_helpers import KEYLOAD, ok, run
 
-SUITE3_VECTORS = KLP1_VECTORS.with_name("klp1-suite3-public.json")
+SUITE3_VECTORS = KLP1_SUITE3_VECTORS
 CASES: list[dict[str, Any]] = json.loads(SUITE3_VECTORS.read_text())["cases"]
 
 

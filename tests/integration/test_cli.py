@@ -535,6 +535,16 @@ def test_conformance_public_vectors(keyload_script: Path) -> None:
     assert "FAIL" not in res.stdout and res.stderr == ""
 
 
+def test_conformance_without_a_file_runs_the_public_vectors_from_anywhere(
+        keyload_script: Path, tmp_path: Path) -> None:
+    """The README's command, run from a directory that holds nothing of the project."""
+    res = ok(run("conformance", cwd=tmp_path))
+    suite3 = len(json.loads(KLP1_VECTORS.with_name("klp1-suite3-public.json").read_text())
+                 ["cases"])
+    assert res.last_line() == f"{160 + suite3} passed, 0 failed" == "348 passed, 0 failed"
+    assert "FAIL" not in res.stdout and res.stderr == ""
+
+
 @pytest.fixture(scope="module")
 def altered_vectors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     doc = json.loads(KLP1_VECTORS.read_text())
@@ -655,21 +665,39 @@ def test_demo_refuses_non_empty_workdir(keyload_script: Path, tmp_path: Path) ->
 
 
 def test_demo_without_workdir_names_its_temp_dir(keyload_script: Path, tmp_path: Path) -> None:
+    """... and its passphrase, and removes that directory at the end."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    res = run("demo", "--units", "2", "--quiet", env_extra={"TMPDIR": str(tmp)})
-    m = re.search(r"^workdir: (.+)$", res.stdout, re.M)
+    res = run("demo", "--units", "2", "--quiet", env_extra={"TMPDIR": str(tmp)},
+              passphrase=None)
+    m = re.search(r"^workdir: (.+) \(temporary: removed at the end; --workdir DIR keeps it\)$",
+                  res.stdout, re.M)
     named = Path(m.group(1)) if m else None
     try:
         ok(res)
         assert named is not None, res.describe()
-        assert named.is_dir() and named.parent == tmp
+        assert named.parent == tmp
         assert named.name.startswith("keyload-demo-")
-        assert len(list((named / "units").glob("*.unit"))) == 2
+        assert "vaults sealed with the demo passphrase 'keyload-demo'" in res.stdout
         assert res.last_line() == "customized 2 of 2 units, 0 failed"
+        assert not named.exists() and list(tmp.iterdir()) == []
     finally:
         if named is not None and named.is_dir():
             shutil.rmtree(named)
+
+
+def test_demo_home_is_its_workdir(keyload_script: Path, tmp_path: Path) -> None:
+    """``demo --home DIR`` works in DIR as ``--workdir DIR`` does (kept), and DIR is then a
+    home for the other commands; --home and --workdir naming two places is a usage error."""
+    home = tmp_path / "h"
+    res = ok(run("demo", "--units", "2", "--quiet", home=home, passphrase=None))
+    assert f"workdir: {home}\n" in res.stdout
+    assert len(list((home / "units").glob("*.unit"))) == 2
+    receipts = ok(run("receipts", "--json", home=home, passphrase="keyload-demo")).json()
+    assert (receipts["verified"], receipts["invalid"]) == (4, 0)
+    res = run("demo", "--units", "2", "--workdir", tmp_path / "w", home=tmp_path / "other")
+    assert res.rc == 2 and "--home and --workdir both name the demo's directory" in res.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("parts, why", [

@@ -6,12 +6,12 @@ import hashlib
 import hmac
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import KLP1_VECTORS
 
 from keyload.core import tlv
 from keyload.core.apdu import CommandAPDU, ResponseAPDU, sw_bytes
@@ -61,8 +61,7 @@ from keyload.core.messages import (
     check_sn,
 )
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
-KLP1 = json.loads((VECTORS / "klp1" / "klp1-public.json").read_text())
+KLP1 = json.loads(KLP1_VECTORS.read_text())
 EXPORTS = [c for c in KLP1["cases"] if c["kind"] == "export"]
 IMPORT_OK = [c for c in KLP1["cases"] if c["kind"] == "import" and c["expected"]["sw"] == "9000"]
 

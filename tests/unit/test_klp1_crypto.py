@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from tests.conftest import KLP1_VECTORS
 
 from keyload.core import klp1
 from keyload.core.errors import (
@@ -45,8 +45,7 @@ from keyload.core.primitives import aes_cmac, aes_kwp_wrap
 from keyload.core.secret import Secret, scrub, wiping
 from keyload.core.suites import get_suite
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors"
-KLP1 = json.loads((VECTORS / "klp1" / "klp1-public.json").read_text())
+KLP1 = json.loads(KLP1_VECTORS.read_text())
 EXPORTS = [c for c in KLP1["cases"] if c["kind"] == "export"]
 IMPORTS = [c for c in KLP1["cases"] if c["kind"] == "import"]
 BY_NAME = {c["name"]: c for c in KLP1["cases"]}

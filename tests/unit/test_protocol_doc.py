@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.conftest import KLP1_VECTORS
 
 from keyload.core import aids as codes
 from keyload.core import keys, klp1, suites
@@ -32,7 +33,7 @@ from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "protocol.md").read_text()
-VECTORS = json.loads((ROOT / "tests" / "vectors" / "klp1" / "klp1-public.json").read_text())
+VECTORS = json.loads(KLP1_VECTORS.read_text())
 CASES = {c["name"]: c for c in VECTORS["cases"]}
 NONE = "—"  # a value the contract defines and keyload does not implement yet (suite 0x03)
 

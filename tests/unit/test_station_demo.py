@@ -10,7 +10,7 @@ import pytest
 
 from keyload.station.campaign import RunSummary
 from keyload.station.customize import Failure, Summary
-from keyload.station.demo import DemoRun, open_demo
+from keyload.station.demo import DemoRun, open_demo, removed_unless_kept
 from keyload.station.receipts import ReceiptsCheck
 from keyload.units.storage import ENV_KEK, ENV_PASSPHRASE
 
@@ -54,9 +54,30 @@ def test_open_demo_says_where_and_the_demo_passphrase(tmp_path: Path,
     home, resume = open_demo(str(tmp_path / "w"), WANT, say=said.append)
     assert home.root == tmp_path / "w" and home.root.is_dir() and not resume
     assert said == [f"workdir: {tmp_path / 'w'}", "authority: software, transport: local, "
-                    "suite 0x03", f"vaults sealed with the demo passphrase (set "
+                    "suite 0x03", f"vaults sealed with the demo passphrase 'keyload-demo' (set "
                     f"{ENV_PASSPHRASE} or {ENV_KEK} for your own)"]
     monkeypatch.setenv(ENV_PASSPHRASE, "mine")
     said.clear()
     open_demo(str(tmp_path / "v"), {**WANT, "suite": None}, say=said.append)
     assert said == [f"workdir: {tmp_path / 'v'}", "authority: software, transport: local"]
+
+
+def test_a_temporary_workdir_is_removed_at_the_end_and_a_given_one_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR read again
+    said: list[str] = []
+    home, _ = open_demo(None, WANT, say=said.append)
+    assert home.root.parent == tmp_path and home.root.is_dir()
+    assert said[0] == f"workdir: {home.root} (temporary: removed at the end; --workdir DIR " \
+                      "keeps it)"
+    with pytest.raises(KeyboardInterrupt), removed_unless_kept(home, None):
+        (home.root / "units").mkdir()
+        raise KeyboardInterrupt  # an interrupted demo leaves nothing behind either
+    assert not home.root.exists()
+    kept, _ = open_demo(str(tmp_path / "kept"), WANT, say=said.append)
+    with removed_unless_kept(kept, str(tmp_path / "kept")):
+        pass
+    assert kept.root.is_dir()

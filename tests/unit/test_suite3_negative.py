@@ -1,6 +1,6 @@
 """Suite 0x03 refusals in the core (docs/protocol.md §10): each a typed error, nothing else.
 
-Built from the first valid export of tests/vectors/klp1/klp1-suite3-public.json, then
+Built from the first valid export of the public klp1-suite3-public.json, then
 tampered one field at a time: a certificate, a point, a signature, the header's reserved
 bits, a length. Every check asserts the exact error type (and so its status word), and that
 the scratch buffers are zeros afterwards.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import KLP1_SUITE3_VECTORS
 
 from keyload.core.ecc import (
     EcdsaKey,
@@ -64,7 +64,7 @@ from keyload.core.suite3 import (
     verify_receipt3,
 )
 
-FILE = Path(__file__).resolve().parents[1] / "vectors" / "klp1" / "klp1-suite3-public.json"
+FILE = KLP1_SUITE3_VECTORS
 CASE: dict[str, Any] = next(c for c in json.loads(FILE.read_text())["cases"]
                             if c["name"] == "s3-export-0-ok")
 SN, R = bytes.fromhex(CASE["SN"]), bytes.fromhex(CASE["R"])

@@ -1,4 +1,4 @@
-"""tests/vectors/klp1/klp1-suite3-public.json through the pure core of suite 0x03.
+"""The public klp1-suite3-public.json through the pure core of suite 0x03.
 
 What the core decides is checked whole: the certificates, sigU, every derivation (Z, T1,
 Kenc, Kmac, Ksas, TA'), H, W, SAS, CAS, the KCV, every message byte for byte (all signatures
@@ -15,10 +15,10 @@ word; the roles themselves (units/) carry those rules for real.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import KLP1_SUITE3_VECTORS
 
 from keyload.core.apdu import encode_command
 from keyload.core.ecc import EcdsaKey, ecdh_into, public_point
@@ -54,7 +54,7 @@ from keyload.core.suite3 import (
     verify_receipt3,
 )
 
-FILE = Path(__file__).resolve().parents[1] / "vectors" / "klp1" / "klp1-suite3-public.json"
+FILE = KLP1_SUITE3_VECTORS
 DATA = json.loads(FILE.read_text())
 ALL = {c["name"]: c for c in DATA["cases"]}
 

@@ -12,9 +12,10 @@ from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
 from ..dashboard.serve import from_options
-from ..station import admin, identity
+from ..station import admin, bulk, identity
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
+from ..station.readers import ReaderCard, survey
 from ..station.run import load_in_reader, load_one, unit_slots
 from ..station.verify import check_home_receipts
 from ..units.authority import ExportPolicy, KeyInfo
@@ -169,13 +170,25 @@ def key_list(args: argparse.Namespace) -> int:
 # -- units ---------------------------------------------------------------------------
 def unit_create(args: argparse.Namespace) -> int:
     """``unit create``; with ``--unenrolled``, a unit of an identity set without its key
-    and certificate, to be served as a card and enrolled by ``unit enrol --reader``."""
+    and certificate, to be served as a card and enrolled by ``unit enrol --reader``; with
+    ``--sn-start`` and ``--count``, or ``--manifest``, many units (:mod:`.station.bulk`)."""
     if args.unenrolled and (args.suites is not None or args.components):
         raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
                          "--suites nor --components")
+    if [args.sn, args.sn_start, args.manifest].count(None) != 2 or (args.count is None) != (
+            args.sn_start is None) or (args.unenrolled and args.sn is None):
+        args.usage_error("give --sn SN, --sn-start HEX with --count N, or --manifest CSV "
+                         "(--unenrolled: --sn)")
     home = home_of(args)
-    set_id, sn = parse_hex(args.set_id, "set id"), parse_sn(args.sn)
-    slots = admin.parse_slots(args.slot, args.lock)
+    set_id, slots = parse_hex(args.set_id, "set id"), admin.parse_slots(args.slot, args.lock)
+    suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
+    typed = (lambda: read_components(args.components, 32)) if args.components else None
+    if args.sn is None:
+        made = bulk.create_units(home, set_id, bulk.serials_of(
+            sn_start=args.sn_start, count=args.count, manifest=args.manifest), slots, suites,
+            typed=typed)
+        return shown(args, made.to_json(), made.told())
+    sn = parse_sn(args.sn)
     if args.unenrolled:
         identity.create_unenrolled(home, set_id, sn, slots)
         return shown(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
@@ -183,10 +196,7 @@ def unit_create(args: argparse.Namespace) -> int:
                      f"unit {sn.hex()} created for set {set_id.hex()} with slots "
                      f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
                      "(unit serve-card) and enrol it (unit enrol --reader)")
-    suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
-    cert = admin.create_unit(home, set_id, sn, slots, suites,
-                             typed=(lambda: read_components(args.components, 32))
-                             if args.components else None)
+    cert = admin.create_unit(home, set_id, sn, slots, suites, typed=typed)
     out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
     if cert is not None:
         out["certificate"] = cert.encode().hex()
@@ -251,6 +261,12 @@ def unit_serve_card(args: argparse.Namespace) -> int:
         flush=True))
     print(f"{served} units served")
     return 0
+
+
+def readers(args: argparse.Namespace) -> int:
+    seen = survey()
+    return listed(args, {"readers": [r.to_json() for r in seen]}, ReaderCard.COLUMNS,
+                  [r.row() for r in seen], *([] if seen else ["pcscd lists no reader"]))
 
 
 # -- loads ---------------------------------------------------------------------------

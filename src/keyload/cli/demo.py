@@ -6,20 +6,22 @@ software authority served as a virtual smart card, reached over PC/SC).
 ``--transport``: ``local`` (in-process) or ``pcsc`` (each unit is a virtual card fed
 through a vpcd reader in turn, as a personalization machine feeds cards).
 
-Everything (authority, units, records) lives in ``--workdir`` or a temporary directory
-named in the output. The vaults use ``$KEYLOAD_PASSPHRASE`` (or ``$KEYLOAD_KEK``) when
-set, else a fixed demo passphrase, which the output says plainly: demo keys are not for
-production. The demo token's PIN is ``$KEYLOAD_PKCS11_PIN`` or a demo PIN, likewise.
+Everything (authority, units, records) lives in ``--workdir`` (or ``--home``, the same) or
+a temporary directory named in the output and removed at the end. The vaults use
+``$KEYLOAD_PASSPHRASE`` (or ``$KEYLOAD_KEK``) when set, else a fixed demo passphrase,
+which the output prints: demo keys are not for production. The demo token's PIN is
+``$KEYLOAD_PKCS11_PIN`` or a demo PIN, likewise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..lab.demo import DEMO_PIN, PIN_ENV, authority_connect, feed_units, make_authority
 from ..station.campaign import sigint_deferred
-from ..station.demo import open_demo, run_demo
+from ..station.demo import open_demo, removed_unless_kept, run_demo
 from .output import aligned, emitted, said, table
 from .progress import Progress
 
@@ -34,14 +36,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(text, flush=True)
 
-    home, resume = open_demo(args.workdir, want, say=say)
+    if args.home and args.workdir and Path(args.home).resolve() != Path(args.workdir).resolve():
+        args.usage_error("--home and --workdir both name the demo's directory: give one")
+    workdir = args.workdir or args.home
+    home, resume = open_demo(workdir, want, say=say)
     show = not args.quiet and not args.json
     if args.authority == "pkcs11" and not os.environ.get(PIN_ENV):
         os.environ[PIN_ENV] = DEMO_PIN
         say(f"demo token PIN in use (set {PIN_ENV} for your own)")
     # Ctrl-C during the setup and the campaign: stop at the next safe point, never within a
     # write (a journal commit, an audit record, a unit's file)
-    with sigint_deferred() as intr:
+    with sigint_deferred() as intr, removed_unless_kept(home, workdir):
         done = run_demo(home, want, resume, authority=lambda: make_authority(args.authority, home),
                         connect=authority_connect(args.authority),
                         feed=None if args.transport != "pcsc" else

@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(k, "list", commands.key_list, "list application keys (never a value)")
 
     u = group(sub, "unit", "emulated units")
-    cmd(u, "create", commands.unit_create, "create an emulated unit of a set", SET_ID,
-        opt("--sn", required=True, help="serial number, hex (1-32 bytes)"),
+    cmd(u, "create", commands.unit_create, "create emulated units of a set: one (--sn) or "
+        "many at once (--sn-start and --count, or --manifest)", SET_ID,
+        opt("--sn", help="serial number, hex (1-32 bytes)"),
+        opt("--sn-start", metavar="HEX", help="the first SN of --count units, counted up"),
+        opt("--count", type=int, metavar="N", help="how many units from --sn-start"),
+        opt("--manifest", metavar="CSV", help="the units' SNs: a CSV with an sn column"),
         opt("--slot", action="append", default=[], metavar="REF2=TYPES", help="a slot and the "
             "key types it accepts, e.g. 1=aes256 or 2=aes128,aes256 (repeatable; default "
             "1=aes256)"),
@@ -137,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--components", type=int, default=0, metavar="N", help="give the set's transport "
             "key as N components (needed when T lives in a token)"),
         opt("--unenrolled", action="store_true", help="(identity set) leave the unit without "
-            "key and certificate, to serve it as a card and enrol it with unit enrol"))
+            "key and certificate, to serve it as a card and enrol it with unit enrol"),
+        usage_error=True)
     cmd(u, "enrol", commands.unit_enrol, "enrol the card in a PC/SC reader in an identity "
         "set: it makes its key, the authority certifies it, the card stores C_U", SET_ID,
         opt("--reader", required=True, help="the PC/SC reader holding the card"),
@@ -159,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--sn", action="append", default=[], help="a unit (repeatable; default all)"),
         opt("--port", type=int, default=35963, help="vpcd port (35963: first reader)"))
 
+    cmd(sub, "readers", commands.readers, "the PC/SC readers and the card in each: its ATR, "
+        "whether it answers keyload's SELECT, a unit's SN, set id and suites")
     ik_type = opt("--ik-type", help="the initial key's type (default the BDK's): aes128, "
                   "aes192, aes256, no longer than the BDK")
     cmd(sub, "load", commands.load, "load one key into one unit: an emulated one, or the card "
@@ -179,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",
         opt("--units", type=int, default=1000),
-        opt("--workdir", help="keep everything in this directory (default: a temporary one)"),
+        opt("--workdir", help="keep everything in this directory, or --home's (default: a "
+            "temporary one, removed at the end)"),
         opt("--authority", choices=["software", "pkcs11", "card"], default="software",
             help="software keystore, a PKCS#11 token (SoftHSM2), or the authority as a smart "
                  "card over PC/SC"),
@@ -188,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--suite", type=int, choices=[1, 2, 3],
             help="units offering only this suite; 3: units of an identity set, each with "
                  "its own key pair and certificate (default: units offering 1 and 2)"),
-        opt("--quiet", action="store_true", help="no progress bar"))
+        opt("--quiet", action="store_true", help="no progress bar"), usage_error=True)
     campaigns.add_parsers(sub)
     service_cmds.add_parsers(sub)
     cmd(sub, "dashboard", commands.dashboard, "a read-only web page, live: campaigns (progress, "
@@ -205,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--service-cert", help="a client certificate the service lets read metrics"),
         opt("--service-key", help="that certificate's private key"))
     cmd(sub, "conformance", commands.conformance, "run KLP1 vector files (docs/protocol.md §9)",
-        opt("files", nargs="+", metavar="FILE"))
+        opt("files", nargs="*", metavar="FILE", help="default: the public vectors that come "
+            "with keyload"))
     return parser
 
 

@@ -207,43 +207,71 @@ def parse_slots(specs: list[str], locked: list[int]) -> dict[int, Slot]:
     return slots
 
 
-def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
-                suites: tuple[int, ...] | None, *,
-                typed: Typed | None = None) -> Certificate | None:
-    """An emulated unit of set ``set_id``; its transport key from the authority, or
-    ``typed`` in components (as a card manufacturer receives it; a token's never leaves).
-    A unit of an identity set is enrolled instead (suite 0x03 only): its C_U is returned."""
+def check_unit_suites(suites: tuple[int, ...] | None) -> None:
+    """``--suites`` of a new unit: suites keyload knows, 0x03 alone or not at all."""
     if suites is not None and suites != (SUITE_ECDH,):
         for s in suites:
             if s == SUITE_ECDH:
                 raise ValueError("suite 0x03 is for the units of an identity set alone")
             get_suite(s)
+
+
+@dataclass(frozen=True)
+class UnitKey:
+    """What a new emulated unit of a set is given: nothing when the set is an identity set
+    (the unit makes its own key and is enrolled), else the set's transport key ``t`` (the
+    caller wipes it), the authority's SAS public key of a signed set, and its suites."""
+
+    identity: bool
+    t: Secret | None = None
+    verify_key: bytes | None = None
+    suites: tuple[int, ...] = (0x01, 0x02)
+
+
+def unit_key(ks: Keystore, set_id: bytes, suites: tuple[int, ...] | None,
+             typed: Typed | None) -> UnitKey:
+    """The :class:`UnitKey` of set ``set_id`` in the open keystore ``ks``: T from the
+    authority, or ``typed`` in components (as a card manufacturer receives it; a token's
+    never leaves), checked against the set id."""
+    info = ks.set_info(set_id)
+    if info.identity:
+        if typed is not None or suites not in (None, (0x03,)):
+            raise ValueError(f"set {set_id.hex()} is an identity set: its units speak "
+                             "suite 0x03 only and hold no transport key")
+        return UnitKey(True)
+    if suites == (SUITE_ECDH,):
+        raise ValueError("suite 0x03 is for the units of an identity set alone")
+    vk = ks.public_key() if info.signed else None
+    if typed is not None:
+        t, _ = typed()
+        if not ct_equal(aes_kcv(t.buffer), set_id):
+            t.wipe()
+            raise ValueError("the components do not make this set's transport key "
+                             "(KCV differs)")
+    else:
+        t = ks.transport_key_copy(set_id)
+    return UnitKey(False, t, vk, suites or (0x01, 0x02))
+
+
+def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
+                suites: tuple[int, ...] | None, *,
+                typed: Typed | None = None) -> Certificate | None:
+    """An emulated unit of set ``set_id`` given its :func:`unit_key`. A unit of an
+    identity set is enrolled instead (suite 0x03 only): its C_U is returned."""
+    check_unit_suites(suites)
     ks = home.open_keystore()
     try:
-        info = ks.set_info(set_id)
-        if info.identity:
-            if typed is not None or suites not in (None, (0x03,)):
-                raise ValueError(f"set {set_id.hex()} is an identity set: its units speak "
-                                 "suite 0x03 only and hold no transport key")
+        key = unit_key(ks, set_id, suites, typed)
+        if key.identity:
             return enrol_unit(home, ks, set_id, sn, slots)
-        if suites == (SUITE_ECDH,):
-            raise ValueError("suite 0x03 is for the units of an identity set alone")
-        vk = ks.public_key() if info.signed else None
-        if typed is not None:
-            t, _ = typed()
-            if not ct_equal(aes_kcv(t.buffer), set_id):
-                t.wipe()
-                raise ValueError("the components do not make this set's transport key "
-                                 "(KCV differs)")
-        else:
-            t = ks.transport_key_copy(set_id)
     finally:
         ks.close()
+    assert key.t is not None
     fleet = EmulatedFleet.open(home.units_dir, home.source, create=True)
     try:
-        fleet.create_unit(sn, t, slots, verify_key=vk, suites=suites or (0x01, 0x02))
+        fleet.create_unit(sn, key.t, slots, verify_key=key.verify_key, suites=key.suites)
     finally:
-        t.wipe()
+        key.t.wipe()
         fleet.close()
     return None
 

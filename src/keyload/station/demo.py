@@ -10,8 +10,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -224,13 +224,25 @@ def open_demo(workdir: str | None, want: dict[str, Any], *,
     source, demo_pass = demo_source()
     home = Home(root, source)
     home.ensure()
-    say(f"workdir: {root}")
+    say(f"workdir: {root}" + ("" if workdir else " (temporary: removed at the end; "
+                                                 "--workdir DIR keeps it)"))
     say(f"authority: {want['authority']}, transport: {want['transport']}"
         + (f", suite {want['suite']:#04x}" if want["suite"] is not None else ""))
     if demo_pass:
-        say(f"vaults sealed with the demo passphrase (set {ENV_PASSPHRASE} or {ENV_KEK} "
-            "for your own)")
+        say(f"vaults sealed with the demo passphrase {DEMO_PASSPHRASE!r} (set {ENV_PASSPHRASE} "
+            f"or {ENV_KEK} for your own)")
     return home, resume
+
+
+@contextmanager
+def removed_unless_kept(home: Home, workdir: str | None) -> Iterator[None]:
+    """The demo's temporary workdir (none was given) removed at the end of the block,
+    whatever ends it; a given one is kept."""
+    try:
+        yield
+    finally:
+        if not workdir:
+            shutil.rmtree(home.root, ignore_errors=True)
 
 
 @dataclass(frozen=True)

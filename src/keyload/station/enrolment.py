@@ -51,15 +51,16 @@ BATCH = 100  # units made before the authority certifies them all (one register 
 
 def enrol_units(fleet: EmulatedFleet, ks: Certifier, set_id: bytes, serials: Sequence[bytes],
                 slots: dict[int, Slot], *, on_unit: UnitDone | None = None,
-                interrupt: Interrupt | None = None) -> int:
+                interrupt: Interrupt | None = None, batch: int | None = None) -> int:
     """Make and enrol one emulated unit of identity set ``set_id`` per SN, each with
-    ``slots``; how many. Units are made ``BATCH`` at a time (GENERATE UNIT KEY), certified
-    together, then each given its certificate (PUT CERTIFICATE). When anything fails,
-    the units of the batch not yet enrolled are removed from the fleet (none is left
-    without its certificate) and the failure raised."""
+    ``slots``; how many. Units are made ``batch`` (default ``BATCH``) at a time (GENERATE
+    UNIT KEY), certified together, then each given its certificate (PUT CERTIFICATE). When
+    anything fails, the units of the batch not yet enrolled are removed from the fleet
+    (none is left without its certificate) and the failure raised."""
     q_ca = ks.identity_set(set_id).q_ca
-    for first in range(0, len(serials), BATCH):
-        _enrol_batch(fleet, ks, set_id, q_ca, serials[first:first + BATCH], slots, on_unit,
+    size = max(batch or BATCH, 1)
+    for first in range(0, len(serials), size):
+        _enrol_batch(fleet, ks, set_id, q_ca, serials[first:first + size], slots, on_unit,
                      interrupt)
     return len(serials)
 

@@ -73,6 +73,11 @@ class EmulatedFleet:
             raise StoreError(f"no emulated unit with SN {sn.hex()}")
         return Unit(FileUnitStore(self.vault, name))
 
+    def remove_units(self, serials: list[bytes]) -> None:
+        """Remove these units' files (the units a call made before it failed)."""
+        for sn in serials:
+            (self.directory / FileUnitStore.filename_for(sn)).unlink(missing_ok=True)
+
     def serials(self) -> list[bytes]:
         return sorted(bytes.fromhex(p.stem) for p in self.directory.glob("*.unit"))
 

@@ -53,7 +53,7 @@ def check_journal_file(path: Path) -> None:
 
 def read_manifest(path: Path) -> list[bytes]:
     """SNs in hex: a JSON list (of strings, or of objects with ``sn``), or a CSV with an
-    ``sn`` column (or one SN per line)."""
+    ``sn`` column (any of its columns, named in its first row), or one SN per line."""
     text = path.read_text()
     items: list[str]
     if path.suffix.lower() == ".json":
@@ -61,9 +61,11 @@ def read_manifest(path: Path) -> list[bytes]:
         items = [d["sn"] if isinstance(d, dict) else d for d in doc]
     else:
         rows = list(csv.reader(text.splitlines()))
-        if rows and rows[0] and rows[0][0].strip().lower() == "sn":
+        names = [c.strip().lower() for c in rows[0]] if rows else []
+        col = names.index("sn") if "sn" in names else 0
+        if "sn" in names:
             rows = rows[1:]
-        items = [r[0].strip() for r in rows if r and r[0].strip()]
+        items = [r[col].strip() for r in rows if len(r) > col and r[col].strip()]
     out = []
     seen = set()
     for x in items:

@@ -251,18 +251,27 @@ def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
     return res
 
 
+def card_facts(unit: UnitClient, reader: str) -> tuple[bytes, bytes, bytes | None]:
+    """One INITIALIZE DOWNLOAD of the unit application selected in the card in ``reader``:
+    its SN, the suites it speaks (C4) and its set id (C3, when it gives one). The challenge
+    it draws is replaced by the next INITIALIZE DOWNLOAD, and gone with any SELECT or when
+    the card is unpowered (§7)."""
+    r = ResponseAPDU.decode(unit.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"",
+                                                              65536)))
+    found = dict(tlv.iter_tlv(r.check(UNIT_MEANING.get(r.sw, ""))))
+    sn, suites = found.get(msg.T_SN), found.get(msg.T_SUITE)
+    if sn is None or suites is None:
+        raise MalformedData(f"the card in reader {reader!r} answers no SN or suites")
+    return sn, suites, found.get(msg.T_SET)
+
+
 def _card_in_reader(unit: UnitClient, reader: str) -> tuple[bytes, bool]:
-    """SELECT and one INITIALIZE DOWNLOAD: the card's SN, and whether it is a unit of an
+    """SELECT and :func:`card_facts`: the card's SN, and whether it is a unit of an
     identity set (its C4 is ``03`` alone, docs/protocol.md §10.1). The challenge it draws
     is replaced by the load's own (§7)."""
     try:
         unit.select()
-        r = ResponseAPDU.decode(unit.conn.transmit(encode_command(0x80, INS_INIT, 0, 0, b"",
-                                                                  65536)))
-        found = dict(tlv.iter_tlv(r.check(UNIT_MEANING.get(r.sw, ""))))
-        sn, suites = found.get(msg.T_SN), found.get(msg.T_SUITE)
-        if sn is None or suites is None:
-            raise MalformedData(f"the card in reader {reader!r} answers no SN or suites")
+        sn, suites, _ = card_facts(unit, reader)
     except KeyloadError as e:
         raise LoadFailed(Step.UNIT_INIT, e) from None
     return sn, suites == bytes((SUITE_ECDH,))

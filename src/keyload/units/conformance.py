@@ -31,6 +31,12 @@ from .authority import Authority, ExportPolicy, SetInfo
 from .keystore import SoftwareKeystore
 from .unit import MemoryUnitStore, Slot, Unit, UnitState
 
+#: The public KLP1 vector files shipped with keyload (docs/protocol.md §9 and §10.6), which
+#: ``keyload conformance`` runs when it is given no file; their origin is in
+#: ``vectors/SOURCES.md`` beside them.
+PUBLIC_VECTORS = tuple(Path(__file__).with_name("vectors") / name
+                       for name in ("klp1-public.json", "klp1-suite3-public.json"))
+
 
 @dataclass(frozen=True, slots=True)
 class CaseResult:
@@ -370,9 +376,10 @@ def run_case(case: dict[str, Any]) -> list[str]:
 
 
 def run_files(paths: list[Path]) -> Iterator[CaseResult]:
-    """Every case of every file (ValueError for a file that is not a KLP1 vector file,
-    nested too deep to parse included: the input is wrong, not a case). A path that is not
-    a file is refused before any case runs."""
+    """Every case of every file, :data:`PUBLIC_VECTORS` when none is given (ValueError for
+    a file that is not a KLP1 vector file, nested too deep to parse included: the input is
+    wrong, not a case). A path that is not a file is refused before any case runs."""
+    paths = paths or list(PUBLIC_VECTORS)
     for p in paths:
         if not p.is_file():
             raise ValueError(f"{p}: no such file")
