@@ -28,10 +28,16 @@ def test_ik_type_alone_is_refused() -> None:
         initial_key_order(None, "AES-128", reader=None, unit="01")
 
 
-@pytest.mark.parametrize(("reader", "unit"), [("r", "01"), ("r", None), (None, None)])
-def test_an_initial_key_goes_to_an_emulated_unit(reader: str | None, unit: str | None) -> None:
-    with pytest.raises(ValueError, match="loads into an emulated unit"):
-        initial_key_order(IK_ID, None, reader=reader, unit=unit)
+@pytest.mark.parametrize(("reader", "unit"), [("r", "01"), ("r", None), (None, "01")])
+def test_an_initial_key_goes_to_an_emulated_unit_or_a_card(reader: str | None,
+                                                          unit: str | None) -> None:
+    order = initial_key_order(IK_ID, None, reader=reader, unit=unit)
+    assert order is not None and order.initial_key_id == InitialKeyId.parse(IK_ID)
+
+
+def test_an_initial_key_needs_a_unit() -> None:
+    with pytest.raises(ValueError, match="give --unit or --reader"):
+        initial_key_order(IK_ID, None, reader=None, unit=None)
 
 
 def test_a_bdk_load_names_its_initial_key() -> None:
