@@ -114,6 +114,10 @@ def test_the_readme_key_block_session(tmp_path: Path) -> None:
                   "BANK-KBPK", "--sets", "any", "--slots", "3", "--json", home=home)).json()
     keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home)).json()}
     assert back["kcv"] == keys["DEK-1"]["kcv"] and keys["PIN-2"]["origin"] == "tr31"
+    table = ok(run("key", "list", home=home)).stdout.splitlines()
+    assert table[0].split()[-1] == "origin"
+    origin = {line.split()[0]: line.split()[-1] for line in table[2:]}
+    assert origin == {"BANK-KBPK": "-", "PIN-2": "tr31", "DEK-1": "-", "DEK-2": "tr31"}
 
 
 def test_the_readme_dukpt_session(tmp_path: Path) -> None:
