@@ -11,13 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.dukpt import InitialKeyId
 from ..core.notation import parse_load, parse_trust
 from ..service import ledger
 from ..station import verify
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
 from ..station.home import Home
-from ..station.plan import campaign_units, open_home_journal, plan_loads, record_campaign
+from ..station.plan import open_home_journal, plan_campaign
 from ..station.report import CampaignStatus, build_report, status, write_report
 from ..station.run import open_work, run_emulated, run_reader
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
@@ -26,18 +25,13 @@ from .progress import Progress
 
 
 def campaign_create(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    set_id = bytes.fromhex(args.set_id)
-    loads = [parse_load(x) for x in args.load]
-    serials, source = campaign_units(home, Path(args.manifest) if args.manifest else None)
-    plan = plan_loads(home, set_id, loads, units=len(serials), initial_key_id_base=None if
-                      args.ik_base is None else InitialKeyId.parse(args.ik_base))
-    # refused before the journal is created
-    with contextlib.closing(open_home_journal(home, args.journal)) as journal:
-        camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
+    camp = plan_campaign(home_of(args), args.journal, args.name, bytes.fromhex(args.set_id),
+                         [parse_load(x) for x in args.load], initial_key_id_base=args.ik_base,
+                         manifest=Path(args.manifest) if args.manifest else None,
+                         ik_type=args.ik_type)
     return shown(args, {"campaign": camp.id, "units": camp.units,
-                        "loads": camp.units * len(loads)},
-                 f"campaign {camp.id}: {camp.units:,} units x {len(loads)} loads planned")
+                        "loads": camp.units * len(camp.plan)},
+                 f"campaign {camp.id}: {camp.units:,} units x {len(camp.plan)} loads planned")
 
 
 def campaign_run(args: argparse.Namespace) -> int:
@@ -167,7 +161,8 @@ def add_parsers(sub: Sub) -> None:
         opt("--manifest", help="units: a CSV (sn column) or JSON list of hex SNs; default: "
             "every emulated unit of the home"),
         opt("--initial-key-id-base", dest="ik_base", metavar="HEX", help="a BDK's load: the "
-            "first unit's initial key ID (8 bytes), counted up per unit"))
+            "first unit's initial key ID (8 bytes), counted up per unit"),
+        opt("--ik-type", help="a BDK's load: the initial keys' type (default the BDK's)"))
     cmd(c, "run", campaign_run, "run or resume a campaign", JOURNAL, NAME,
         opt("--station", help="this station's name (default: the host name)"),
         opt("--workers", type=int, default=1, help="units served at once"),

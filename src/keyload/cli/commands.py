@@ -160,11 +160,8 @@ def key_export(args: argparse.Namespace) -> int:
 
 def key_list(args: argparse.Namespace) -> int:
     keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [admin.key_json(k) for k in keys],
-                  ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
-                  [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
-                    k.attrs.exportability, k.version, "yes" if k.diversify else "no",
-                    k.kcv.hex().upper(), k.policy.describe()] for k in keys])
+    return listed(args, [admin.key_json(k) for k in keys], admin.KEY_COLUMNS,
+                  [admin.key_row(k) for k in keys])
 
 
 # -- units ---------------------------------------------------------------------------
@@ -273,7 +270,7 @@ def readers(args: argparse.Namespace) -> int:
 def load(args: argparse.Namespace) -> int:
     """One key into one unit: the emulated unit ``--unit`` names, or (``--reader``) the
     card in that PC/SC reader, which must then be ``--unit`` when it is given; with
-    ``--initial-key-id``, the IK of BDK ``--ref1`` for the emulated unit ``--unit``."""
+    ``--initial-key-id``, the unit's IK of BDK ``--ref1``."""
     order = initial_key_order(args.initial_key_id, args.ik_type, reader=args.reader,
                               unit=args.unit)
     if args.reader is None and args.unit is None:
@@ -285,7 +282,7 @@ def load(args: argparse.Namespace) -> int:
         assert sn is not None
         res, where = load_one(home_of(args), sn, ref1, args.ref2, order), ""
     else:
-        res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn)
+        res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn, order)
         where = f" in reader {args.reader!r}"
     return shown(args, res.to_json(), f"{res.told(where)}, receipt {res.rct.hex()}")
 

@@ -40,6 +40,19 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
             "label": i.label, "origin": i.origin or None}
 
 
+#: ``keyload key list``'s table: what :func:`key_json` gives, for people
+KEY_COLUMNS = ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy",
+               "origin"]
+
+
+def key_row(i: KeyInfo) -> list[Any]:
+    """A key as a row of :data:`KEY_COLUMNS`: its origin is ``tr31`` for a key taken in
+    from an X9.143 key block, else ``-``; a BDK's policy ends ``initial keys only``."""
+    return [display_ref1(i.ref1), i.key_type.label, i.attrs.usage, i.attrs.mode,
+            i.attrs.exportability, i.version, "yes" if i.diversify else "no",
+            i.kcv.hex().upper(), i.policy.describe(), i.origin or "-"]
+
+
 def set_json(s: SetInfo) -> dict[str, Any]:
     return {"set_id": s.set_id.hex(), "name": s.name, "signed": s.signed,
             "kind": "identity" if s.identity else "transport key"}

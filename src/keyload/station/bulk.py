@@ -53,7 +53,7 @@ def serials_of(*, sn_start: str | None, count: int | None, manifest: str | None
     if manifest is None:
         assert sn_start is not None and count is not None
         return serial_range(sn_start, count)
-    serials = read_manifest(Path(manifest))
+    serials = read_manifest(Path(manifest)).serials
     if not serials:
         raise ValueError(f"{manifest}: no SN listed, no unit created")
     return serials

@@ -43,6 +43,9 @@ from .load import (
 )
 
 Connector = Callable[[bytes], AbstractContextManager[Connection]]
+#: called with each load before it is exported: a BDK's load orders its unit's initial key
+#: from the authority (:func:`~.dukpt.campaign_orders`)
+Order = Callable[[LoadRow], None]
 
 ATTEMPTS = 3
 """Attempts per load (``--retries``) before a transient failure is final: a transport
@@ -144,8 +147,10 @@ class _Shared:
 
     def __init__(self, journal: Journal, authority: AuthorityClient, summary: RunSummary,
                  on_unit: UnitDone | None, opts: RunOptions,
-                 interrupt: Interrupt | None, identity: bool) -> None:
+                 interrupt: Interrupt | None, identity: bool,
+                 order: Order | None = None) -> None:
         self.journal = journal
+        self.order = order  # called before each load's export (a BDK's initial key)
         self.identity = identity  # the campaign's set is an identity set: suite 0x03
         self.authority = authority
         self.summary = summary
@@ -277,6 +282,8 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
                        resp: msg.ExportResponse) -> None:
         j.exported(row, suite, init.r, resp.header, resp.kcv, sh.opts.clock())
 
+    if sh.order is not None:
+        sh.order(row)
     load = load_key3 if sh.identity else load_key
     res: LoadResult = load(client, sh.authority, row.ref1, row.ref2, select=False,
                            on_export=journal_export)
@@ -309,7 +316,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
                        cards: Iterable[UnitSource], opts: RunOptions, *,
                        on_unit: UnitDone | None = None,
                        interrupt: Interrupt | None = None,
-                       identity: bool = False) -> RunSummary:
+                       identity: bool = False, order: Order | None = None) -> RunSummary:
     """Run a campaign over whatever cards the readers present (a feeder's order).
 
     Each card is asked who it is (INITIALIZE DOWNLOAD gives its SN; the challenge it
@@ -318,7 +325,7 @@ def run_campaign_cards(journal: Journal, campaign_id: str, authority: AuthorityC
     done, is left untouched and reported.
     """
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity, order)
     feed = iter(cards)
     with _running(sh, campaign_id):
         while not sh.stop.is_set():
@@ -378,12 +385,14 @@ def _batches(journal: Journal, campaign_id: str, opts: RunOptions,
 def run_campaign(journal: Journal, campaign_id: str, authority: AuthorityClient,
                  connect: Connector, opts: RunOptions, *,
                  on_unit: UnitDone | None = None,
-                 interrupt: Interrupt | None = None, identity: bool = False) -> RunSummary:
+                 interrupt: Interrupt | None = None, identity: bool = False,
+                 order: Order | None = None) -> RunSummary:
     """Run (or resume) a campaign until no load is left to claim, or Ctrl-C (raised, or
     asked for through ``interrupt``): then ``interrupted`` is set in the summary.
-    ``identity``: the campaign's set is an identity set (its units load by suite 0x03)."""
+    ``identity``: the campaign's set is an identity set (its units load by suite 0x03);
+    ``order``: called with each load before its export."""
     summary = RunSummary()
-    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity)
+    sh = _Shared(journal, authority, summary, on_unit, opts, interrupt, identity, order)
     if opts.workers > 1:
         sh.authority = _LockedAuthority(authority, threading.Lock())
     last_event = opts.clock()

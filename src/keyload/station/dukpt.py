@@ -4,7 +4,7 @@ operator checks against a terminal's first transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 from ..core.dukpt import USAGE_BDK, WORKING_USAGES, InitialKeyId, InitialKeyOrder, KeyUsage
@@ -25,15 +25,14 @@ class DukptBackend(Protocol):
 def initial_key_order(initial_key_id: str | None, ik_type: str | None, *,
                       reader: str | None, unit: str | None) -> InitialKeyOrder | None:
     """``keyload load``'s ``--initial-key-id`` and ``--ik-type`` as an order (None without
-    them). ValueError for ``--ik-type`` alone, or an IK ordered for a reader's card: initial
-    keys go to emulated units."""
+    them), for the emulated unit ``unit`` or the card in ``reader``. ValueError for
+    ``--ik-type`` alone, or an IK ordered for neither."""
     if initial_key_id is None:
         if ik_type is not None:
             raise ValueError("--ik-type goes with --initial-key-id")
         return None
-    if reader is not None or unit is None:
-        raise ValueError("--initial-key-id loads into an emulated unit (--unit), not a "
-                         "reader")
+    if reader is None and unit is None:
+        raise ValueError("--initial-key-id loads into a unit: give --unit or --reader")
     return InitialKeyOrder(InitialKeyId.parse(initial_key_id),
                            None if ik_type is None else KeyType.parse(ik_type))
 
@@ -61,20 +60,31 @@ def refuse_bare_bdk(backend: AuthorityBackend, ref1: bytes) -> None:
 
 
 def campaign_initial_key(camp: Campaign, row: LoadRow) -> InitialKeyId | None:
-    """The initial key ID a campaign's load delivers: its plan's base counted up by the
-    unit's place in the campaign (None: the load is not of a BDK)."""
+    """The initial key ID a campaign's load delivers, as planned: its row's (None: the
+    load is not of a BDK). A journal made before the rows kept it has the plan's base,
+    counted up by the unit's place in the campaign."""
+    if row.initial_key_id is not None:
+        return InitialKeyId(row.initial_key_id)
     for p in camp.plan:
         if p.ref2 == row.ref2 and p.ref1 == row.ref1 and p.initial_key_id_base is not None:
             return InitialKeyId(p.initial_key_id_base).plus(row.seq)
     return None
 
 
-def order_campaign(authority: Authority, camp: Campaign, rows: Iterable[LoadRow]) -> None:
-    """Order the IK of every load of a BDK among ``rows`` (a campaign's open loads)."""
-    for row in rows:
+def campaign_orders(authority: Authority, camp: Campaign) -> Callable[[LoadRow], None] | None:
+    """What a campaign's run calls before each load's export (None: no load is of a
+    BDK): order the IK of a BDK's load from the authority, by the ID and type planned in
+    the journal, so that a resumed run, or another station, delivers the same."""
+    ik_types = {(p.ref1, p.ref2): p.ik_type for p in camp.plan if p.initial_key}
+    if not ik_types:
+        return None
+
+    def order(row: LoadRow) -> None:
         ik = campaign_initial_key(camp, row)
-        if ik is not None:
-            authority.order_initial_key(row.sn, row.ref1, row.ref2, InitialKeyOrder(ik))
+        if ik is not None and (row.ref1, row.ref2) in ik_types:
+            authority.order_initial_key(row.sn, row.ref1, row.ref2,
+                                        InitialKeyOrder(ik, ik_types[(row.ref1, row.ref2)]))
+    return order
 
 
 def working_kcv(backend: DukptBackend, ref1: bytes, ksn: bytes, usage: str,

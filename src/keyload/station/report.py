@@ -87,6 +87,19 @@ def write_ledger_csv(entries: Iterable[dict[str, Any]], stream: io.TextIOBase | 
     return n
 
 
+def plan_json(p: PlannedLoad) -> dict[str, Any]:
+    """A planned load for ``campaign status``: a BDK's says where its units' initial key
+    IDs come from (the base, or ``"manifest"``) and the IK's type when not the BDK's."""
+    out: dict[str, Any] = {"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version}
+    if p.initial_key_id_base is not None:
+        out["initial_key_id_base"] = p.initial_key_id_base.hex().upper()
+    elif p.initial_key:
+        out["initial_key_ids"] = "manifest"
+    if p.ik_type is not None:
+        out["ik_type"] = p.ik_type.label
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class CampaignStatus:
     """Where a campaign stands: its plan and its loads by state (every state present)."""
@@ -106,10 +119,7 @@ class CampaignStatus:
     def to_json(self) -> dict[str, Any]:
         return {"campaign": self.campaign, "set_id": self.set_id.hex(), "units": self.units,
                 "loads": self.loads, "states": dict(self.states),
-                "plan": [{"ref1": display_ref1(p.ref1), "ref2": p.ref2, "version": p.version,
-                          **({} if p.initial_key_id_base is None else
-                             {"initial_key_id_base": p.initial_key_id_base.hex().upper()})}
-                         for p in self.plan],
+                "plan": [plan_json(p) for p in self.plan],
                 "done": self.done}
 
     def rows(self) -> list[tuple[str, object]]:

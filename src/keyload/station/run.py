@@ -16,18 +16,17 @@ from ..core.dukpt import InitialKeyOrder
 from ..core.errors import KeyloadError, MalformedData
 from ..core.keys import KeyHeader, KeyType
 from ..core.suite3 import SUITE_ECDH
-from ..records.audit import AuditLog
 from ..transports import Connection
 from ..transports.local import LocalConnection
-from ..units.authority import Authority, AuthorityBackend
+from ..units.authority import Authority
 from ..units.unit import Unit
 from .campaign import Interrupt, RunOptions, RunSummary, run_campaign, run_campaign_cards
 from .customize import Failure, Summary
 from .drive import UnitDone
-from .dukpt import order_campaign, order_load, refuse_bare_bdk
+from .dukpt import campaign_orders, order_load, refuse_bare_bdk
 from .fleet import EmulatedFleet, EmulatedUnitSource
 from .home import Home
-from .journal.model import CLAIMED, EXPORTED, PLANNED, Journal
+from .journal.model import Journal
 from .load import (
     UNIT_MEANING,
     AuthorityClient,
@@ -61,16 +60,6 @@ def open_work(journal: Journal, name: str) -> tuple[int, int, int]:
     return todo, open_units, (open_units if counts["imported"] else camp.units)
 
 
-def _ordered(home: Home, ks: AuthorityBackend, audit: AuditLog, journal: Journal,
-             name: str) -> Authority:
-    """The home's authority with the IK of every open load of a BDK ordered."""
-    authority = home.authority(ks, audit)
-    camp = journal.campaign(name)
-    if any(p.initial_key_id_base is not None for p in camp.plan):
-        order_campaign(authority, camp, journal.rows(name, [PLANNED, CLAIMED, EXPORTED]))
-    return authority
-
-
 def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
                  on_unit: UnitDone | None, interrupt: Interrupt,
                  connect: Callable[[Authority, ExitStack], Connection] = _local
@@ -88,14 +77,15 @@ def run_emulated(home: Home, journal: Journal, name: str, opts: RunOptions, *,
         stack.callback(fleet.close)
         audit = home.audit()
         stack.callback(audit.close)
-        client = AuthorityClient(connect(_ordered(home, ks, audit, journal, name), stack),
-                                 suites=ks.capabilities().suites)
+        authority = home.authority(ks, audit)
+        client = AuthorityClient(connect(authority, stack), suites=ks.capabilities().suites)
         todo, _, _ = open_work(journal, name)
         audit.append("campaign run", {"campaign": name, "station": opts.station,
                                       "open_loads": todo})
         summary = run_campaign(journal, name, client,
                                lambda sn: EmulatedUnitSource(fleet, sn).connect(), opts,
-                               on_unit=on_unit, interrupt=interrupt, identity=identity)
+                               on_unit=on_unit, interrupt=interrupt, identity=identity,
+                               order=campaign_orders(authority, camp))
         audit.append("campaign stop", _stop_record(name, opts, summary))
     return summary
 
@@ -116,14 +106,14 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
         identity = ks.set_info(camp.set_id).identity
         audit = home.audit()
         stack.callback(audit.close)
-        client = AuthorityClient(connect(_ordered(home, ks, audit, journal, name), stack),
-                                 suites=ks.capabilities().suites)
+        authority = home.authority(ks, audit)
+        client = AuthorityClient(connect(authority, stack), suites=ks.capabilities().suites)
         audit.append("campaign run", {"campaign": name, "station": opts.station,
                                       "reader": reader})
         summary = run_campaign_cards(journal, name, client,
                                      cards_in_reader(reader, count=cards, timeout=timeout),
                                      opts, on_unit=on_unit, interrupt=interrupt,
-                                     identity=identity)
+                                     identity=identity, order=campaign_orders(authority, camp))
         audit.append("campaign stop", _stop_record(name, opts, summary))
     return summary
 
@@ -173,10 +163,15 @@ def load_one(home: Home, sn: bytes, ref1: bytes, ref2: int,
         except LoadFailed as e:
             records.add_failure(sn, ref1, ref2, e)
             raise
-        if initial_key is not None:
-            res = res._replace(initial_key_id=initial_key.initial_key_id.value)
+        res = _with_initial_key(res, initial_key)
         records.add(res)
     return res
+
+
+def _with_initial_key(res: LoadResult, order: InitialKeyOrder | None) -> LoadResult:
+    """A load as the station records and tells it: a BDK's with the ID of the IK it
+    delivered."""
+    return res if order is None else res._replace(initial_key_id=order.initial_key_id.value)
 
 
 def unit_slots(home: Home, sn: bytes) -> tuple[bytes, list[dict[str, Any]]]:
@@ -221,25 +216,30 @@ def units_in_turn(fleet: EmulatedFleet, serials: list[bytes]) -> Iterator[Unit]:
 
 
 def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
-                   sn: bytes | None = None) -> LoadResult:
+                   sn: bytes | None = None,
+                   initial_key: InitialKeyOrder | None = None) -> LoadResult:
     """Load one key into the card in PC/SC ``reader``: suite 0x03 when its INITIALIZE
     DOWNLOAD says it is a unit of an identity set, else suite 0x01/0x02; ``sn``, when
-    given, must be the card's SN (else ValueError, nothing exported). Recorded in
-    ``station.db`` as :func:`load_one` does; the card is unpowered at the end."""
+    given, must be the card's SN (else ValueError, nothing exported). A BDK's load
+    delivers the IK ``initial_key`` orders for the card's SN, and needs one (refused
+    before the reader is opened). Recorded in ``station.db`` as :func:`load_one` does;
+    the card is unpowered at the end."""
     from ..transports.pcsc import PcscConnection
 
     with ExitStack() as stack:
         ks = home.open_keystore()
         stack.callback(ks.close)
-        refuse_bare_bdk(ks, ref1)  # a BDK's initial keys go to emulated units (load_one)
-        ac = AuthorityClient(LocalConnection(home.authority(ks)),
-                             suites=ks.capabilities().suites)
+        if initial_key is None:
+            refuse_bare_bdk(ks, ref1)
+        authority = home.authority(ks)
+        ac = AuthorityClient(LocalConnection(authority), suites=ks.capabilities().suites)
         conn = stack.enter_context(PcscConnection(reader))
         unit = UnitClient(conn)
         card_sn, identity = _card_in_reader(unit, reader)
         if sn is not None and card_sn != sn:
             raise ValueError(f"the card in reader {reader!r} is unit {card_sn.hex()}, not "
                              f"{sn.hex()}")
+        order_load(authority, ks, card_sn, ref1, ref2, initial_key)
         records = LoadRecords(home.station_db)
         stack.callback(records.close)
         try:
@@ -247,6 +247,7 @@ def load_in_reader(home: Home, reader: str, ref1: bytes, ref2: int,
         except LoadFailed as e:
             records.add_failure(card_sn, ref1, ref2, e)
             raise
+        res = _with_initial_key(res, initial_key)
         records.add(res)
     return res
 

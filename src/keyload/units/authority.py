@@ -403,7 +403,7 @@ class Authority:
         self._caps = backend.capabilities()
         # §10.4: the (set id, SN, R) served; by default kept while this authority runs
         self._served: ServedRegister = MemoryServed() if served is None else served
-        # Appendix D: the initial keys ordered, by (SN, REF1, REF2), kept while it runs
+        # Appendix D: the initial keys ordered, by (SN, REF1, REF2), until their EXPORTKEY
         self._initial_keys: dict[tuple[bytes, bytes, int], InitialKeyOrder] = {}
 
     def capabilities(self) -> Capabilities:
@@ -436,11 +436,12 @@ class Authority:
 
     def order_initial_key(self, sn: bytes, ref1: bytes, ref2: int,
                           order: InitialKeyOrder) -> None:
-        """From now on (while this authority runs), have an EXPORTKEY of BDK ``ref1`` for
-        slot ``ref2`` of unit ``sn`` deliver that unit's initial key (docs/protocol.md
-        Appendix D): the order a station gives beside the wire, since EXPORTKEY has no
-        field for the initial key ID. ValueError (nothing ordered) when ``ref1`` is not a
-        BDK or the IK's type cannot be derived from it; NoSuchKey for an unknown REF1."""
+        """Have the next EXPORTKEY of BDK ``ref1`` for slot ``ref2`` of unit ``sn``
+        deliver that unit's initial key (docs/protocol.md Appendix D): the order a station
+        gives beside the wire, since EXPORTKEY has no field for the initial key ID; each
+        order serves one EXPORTKEY (a station orders again before another attempt).
+        ValueError (nothing ordered) when ``ref1`` is not a BDK or the IK's type cannot be
+        derived from it; NoSuchKey for an unknown REF1."""
         info = self.backend.key_info(ref1)
         if info.attrs.usage != USAGE_BDK:
             raise ValueError(f"key {display_ref1(ref1)} is not a BDK (usage "
@@ -452,10 +453,12 @@ class Authority:
     def _initial_key(self, info: KeyInfo, sn: bytes, ref2: int) -> InitialKeyOrder | None:
         """The IK ordered for this export of a BDK; a key whose policy allows initial keys
         only is never exported itself (6986)."""
-        order = self._initial_keys.get((sn, info.ref1, ref2))
+        order = self._initial_keys.pop((sn, info.ref1, ref2), None)
         if order is None and info.policy.initial_keys_only:
-            raise PolicyRefused("export policy: a BDK is never exported, only the initial "
-                                "key of a unit (an initial key ID given with the load)")
+            raise PolicyRefused("export policy: a BDK is never exported, only a unit's "
+                                "initial key, which needs the unit's initial key ID: "
+                                "EXPORTKEY cannot carry it (docs/protocol.md Appendix D), "
+                                "a station gives it with the load")
         return order
 
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:

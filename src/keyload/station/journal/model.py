@@ -3,10 +3,12 @@ and the interface every journal (SQLite, PostgreSQL) gives a campaign."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
+
+from ...core.keys import KeyType
 
 
 class LoadState(StrEnum):
@@ -32,6 +34,11 @@ class PlannedLoad:
     # a BDK's load: the initial key ID of the campaign's first unit; each next unit's
     # counts up (docs/protocol.md Appendix D). Kept in the plan, so older journals read as before
     initial_key_id_base: bytes | None = None
+    # a BDK's load: each unit receives its initial key, of the ID its load row keeps
+    # (from the base above, or the manifest's initial_key_id column), of type ``ik_type``
+    # (None: the BDK's)
+    initial_key: bool = False
+    ik_type: KeyType | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +76,20 @@ class LoadRow:
     # that verify its receipt; None for the other suites
     e_a: bytes | None = None
     c_u: bytes | None = None
+    # a BDK's load (docs/protocol.md Appendix D): the unit's initial key ID, planned with
+    # the campaign; None for the other loads, and in journals made before it
+    initial_key_id: bytes | None = None
 
 
 class Journal(Protocol):
     """What a campaign needs from its journal (SQLite or PostgreSQL). Times (``now``) are
     the caller's clock; a lease runs until ``now + lease_s``."""
 
-    def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
-        """Write the campaign and every planned load in one transaction (flat memory)."""
+    def create_campaign(self, c: Campaign, serials: Iterable[bytes],
+                        initial_key_ids: Mapping[bytes, bytes] | None = None) -> None:
+        """Write the campaign and every planned load in one transaction (flat memory);
+        each load of a BDK (:attr:`PlannedLoad.initial_key`) with its unit's initial key
+        ID from ``initial_key_ids`` (by SN)."""
         ...
 
     def campaign(self, campaign_id: str) -> Campaign: ...

@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -108,8 +108,9 @@ class PostgresJournal:
             raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
 
     def _add_columns(self) -> None:
-        """A journal made before the columns of suite 0x03 gets them, under the schema
-        lock (only if needed, as the tables); its rows keep reading as they were."""
+        """A journal made before the columns of suite 0x03 or the initial key ID gets them,
+        under the schema lock (only if needed, as the tables); its rows keep reading as
+        they were."""
         cols = [t[0] for t in self.db.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'loads' "
             "AND table_schema = current_schema()").fetchall()]
@@ -147,20 +148,17 @@ class PostgresJournal:
         self._stations.add(key)
 
     # -- planning --------------------------------------------------------------------
-    def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
+    def create_campaign(self, c: Campaign, serials: Iterable[bytes],
+                        initial_key_ids: Mapping[bytes, bytes] | None = None) -> None:
         """With ``COPY``, in one transaction."""
-        plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
         try:
             with self._lock, self.db.transaction():
                 self.db.execute("INSERT INTO campaigns (id, set_id, created, plan, source, "
                                 "units) VALUES (%s, %s, %s, %s, %s, %s)", shared.campaign_to_row(c))
                 with self.db.cursor() as cur, cur.copy(
-                        "COPY loads (campaign, seq, sn, ref2, ref1, version, state) "
-                        "FROM STDIN") as cp:
-                    for seq, sn in enumerate(serials):
-                        h = sn.hex()
-                        for ref2, ref1, version in plan:
-                            cp.write_row((c.id, seq, h, ref2, ref1, version, PLANNED))
+                        f"COPY loads ({shared.PLANNED_COLUMNS}) FROM STDIN") as cp:
+                    for row in shared.planned_rows(c, serials, initial_key_ids):
+                        cp.write_row(row)
         except pgerrors.UniqueViolation:
             raise StoreError(f"campaign {c.id!r} exists already, or a unit is listed twice")\
                 from None

@@ -4,9 +4,11 @@ how they decode, campaigns as rows, and the outcome writes (``?`` placeholders).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ...core.dukpt import INITIAL_KEY_ID_LEN
+from ...core.keys import KeyType
 from ...records.stored import (
     E_A_SIZE,
     H_SIZE,
@@ -22,7 +24,7 @@ from ...records.stored import (
     rct_size,
     text_col,
 )
-from .model import STATES, Campaign, LoadRow, LoadState, PlannedLoad
+from .model import PLANNED, STATES, Campaign, LoadRow, LoadState, PlannedLoad
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS campaigns (
@@ -68,17 +70,38 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 #: suite 0x03 (docs/protocol.md §10.3): E_A and the unit's C_U, kept with the receipt (NULL
-#: for the other suites); added by each backend to a ``loads`` table made before them
+#: for the other suites)
 SUITE3_COLUMNS = ("e_a", "c_u")
+#: the columns that came after the ``loads`` table, added by each backend to a table made
+#: before them: suite 0x03's, and a BDK's load's initial key ID (docs/protocol.md Appendix D)
+ADDED_COLUMNS = (*SUITE3_COLUMNS, "initial_key_id")
 
 COLUMNS = ("campaign, seq, sn, ref2, ref1, version, state, attempts, station, lease, suite, r, "
-           "header, kcv, rct, reconciled, sw, reason, updated, e_a, c_u")
+           "header, kcv, rct, reconciled, sw, reason, updated, e_a, c_u, initial_key_id")
+#: the columns a planned load is written with (:func:`planned_rows`)
+PLANNED_COLUMNS = "campaign, seq, sn, ref2, ref1, version, state, initial_key_id"
 
 
 def missing_columns(have: Iterable[str]) -> list[str]:
-    """The columns of :data:`SUITE3_COLUMNS` a ``loads`` table with columns ``have`` lacks."""
+    """The columns of :data:`ADDED_COLUMNS` a ``loads`` table with columns ``have`` lacks."""
     got = set(have)
-    return [c for c in SUITE3_COLUMNS if c not in got]
+    return [c for c in ADDED_COLUMNS if c not in got]
+
+
+def planned_rows(c: Campaign, serials: Iterable[bytes],
+                 initial_key_ids: Mapping[bytes, bytes] | None) -> Iterator[tuple[Any, ...]]:
+    """Every planned load of ``c`` (columns as in :data:`PLANNED_COLUMNS`), streamed: a
+    load of a BDK with its unit's initial key ID (ValueError when it has none)."""
+    plan = [(p.ref2, p.ref1.hex(), p.version, p.initial_key) for p in c.plan]
+    ids = initial_key_ids or {}
+    for seq, sn in enumerate(serials):
+        h = sn.hex()
+        ik = ids.get(sn)
+        for ref2, ref1, version, initial_key in plan:
+            if initial_key and ik is None:
+                raise ValueError(f"unit {h}: no initial key ID for its load of a BDK")
+            yield (c.id, seq, h, ref2, ref1, version, PLANNED,
+                   ik.hex() if initial_key and ik is not None else None)
 
 
 def row_of(t: Sequence[Any]) -> LoadRow:
@@ -95,20 +118,27 @@ def row_of(t: Sequence[Any]) -> LoadRow:
                    opt_hex_col(t[13], "kcv", KCV_SIZE),
                    opt_hex_col(t[14], "rct", rct_size(suite)),
                    bool(t[15]), t[16], t[17], t[18], opt_hex_col(t[19], "e_a", E_A_SIZE),
-                   opt_hex_col(t[20], "c_u"))
+                   opt_hex_col(t[20], "c_u"),
+                   opt_hex_col(t[21], "initial_key_id", INITIAL_KEY_ID_LEN))
 
 
 def campaign_to_row(c: Campaign) -> tuple[str, str, float, str, str, int]:
     plan = [{"ref1": p.ref1.hex(), "ref2": p.ref2, "version": p.version,
              **({} if p.initial_key_id_base is None else
-                {"initial_key_id_base": p.initial_key_id_base.hex()})} for p in c.plan]
+                {"initial_key_id_base": p.initial_key_id_base.hex()}),
+             **({"initial_key": True} if p.initial_key else {}),
+             **({} if p.ik_type is None else {"ik_type": p.ik_type.label})} for p in c.plan]
     return (c.id, c.set_id.hex(), c.created, json.dumps(plan), json.dumps(c.source), c.units)
 
 
 def campaign_from_row(t: Sequence[Any]) -> Campaign:
+    """A campaign; a plan made before a BDK's load kept ``initial_key`` has the base alone."""
     plan = tuple(PlannedLoad(bytes.fromhex(p["ref1"]), int(p["ref2"]), p["version"],
                              None if p.get("initial_key_id_base") is None else
-                             bytes.fromhex(p["initial_key_id_base"]))
+                             bytes.fromhex(p["initial_key_id_base"]),
+                             p.get("initial_key") is True or
+                             p.get("initial_key_id_base") is not None,
+                             None if p.get("ik_type") is None else KeyType.parse(p["ik_type"]))
                  for p in json.loads(t[3]))
     return Campaign(t[0], bytes.fromhex(t[1]), float(t[2]), plan, json.loads(t[4]), int(t[5]))
 

@@ -7,7 +7,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,18 +15,20 @@ from typing import Any
 from ...core.errors import StoreError
 from ...records.sql import add_columns
 from ...records.stored import open_records, reading
-from .model import PLANNED, Campaign, LoadRow
+from .model import Campaign, LoadRow
 from .sql import (
+    ADDED_COLUMNS,
     COLUMNS,
     COUNTS,
+    PLANNED_COLUMNS,
     SCHEMA,
-    SUITE3_COLUMNS,
     campaign_from_row,
     campaign_to_row,
     counts_of,
     exported_write,
     failed_write,
     imported_write,
+    planned_rows,
     row_of,
 )
 
@@ -41,9 +43,9 @@ class SqliteJournal:
         self._lock = threading.Lock()
         self._station_locks: dict[tuple[str, str], int] = {}
         self.db = open_records(path, SCHEMA)  # rows are decoded in reading(): see stored
-        try:  # a journal made before the columns of suite 0x03 gets them
+        try:  # a journal made before the columns of suite 0x03 or the initial key ID gets them
             with reading(path):
-                add_columns(self.db, "loads", SUITE3_COLUMNS)
+                add_columns(self.db, "loads", ADDED_COLUMNS)
         except BaseException:
             self.db.close()
             raise
@@ -77,20 +79,14 @@ class SqliteJournal:
             return self.db.execute(sql, args)
 
     # -- planning ----------------------------------------------------------------
-    def create_campaign(self, c: Campaign, serials: Iterable[bytes]) -> None:
-        plan = [(p.ref2, p.ref1.hex(), p.version) for p in c.plan]
-
-        def rows() -> Iterator[tuple[Any, ...]]:
-            for seq, sn in enumerate(serials):
-                h = sn.hex()
-                for ref2, ref1, version in plan:
-                    yield (c.id, seq, h, ref2, ref1, version, PLANNED)
-
+    def create_campaign(self, c: Campaign, serials: Iterable[bytes],
+                        initial_key_ids: Mapping[bytes, bytes] | None = None) -> None:
         try:
             with self._transaction() as db:
                 db.execute("INSERT INTO campaigns VALUES (?, ?, ?, ?, ?, ?)", campaign_to_row(c))
-                db.executemany("INSERT INTO loads (campaign, seq, sn, ref2, ref1, version, "
-                               "state) VALUES (?, ?, ?, ?, ?, ?, ?)", rows())
+                db.executemany(f"INSERT INTO loads ({PLANNED_COLUMNS}) "  # noqa: S608
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               planned_rows(c, serials, initial_key_ids))
         except sqlite3.IntegrityError:
             raise StoreError(f"campaign {c.id!r} exists already, or a unit is listed twice")\
                 from None
