@@ -12,7 +12,7 @@ from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
 from ..dashboard.serve import from_options
-from ..station import admin, identity
+from ..station import admin, identity, rotation
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
 from ..station.run import load_in_reader, load_one, unit_slots
@@ -157,13 +157,25 @@ def key_export(args: argparse.Namespace) -> int:
                         "kcv": info.kcv.hex().upper(), "key_block": block}, block)
 
 
+def key_rotate(args: argparse.Namespace) -> int:
+    """REF1's next version, generated or as ``key import`` takes it; the rest as now."""
+    for name, value in rotation.next_version_options(home_of(args), parse_ref1(args.ref1),
+                                                     from_block=args.tr31 is not None).items():
+        if getattr(args, name) in (None, False, ""):
+            setattr(args, name, value)
+    typed = args.typed or args.components > 1 or args.tr31 is not None
+    return key_import(args) if typed else key_generate(args)
+
+
 def key_list(args: argparse.Namespace) -> int:
-    keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [admin.key_json(k) for k in keys],
-                  ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
+    keys = rotation.key_versions(home_of(args))
+    return listed(args, [{**admin.key_json(k), "current": now} for k, now in keys],
+                  ["REF1", "type", "usage", "mode", "exp", "version", "current", "div", "KCV",
+                   "policy"],
                   [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
-                    k.attrs.exportability, k.version, "yes" if k.diversify else "no",
-                    k.kcv.hex().upper(), k.policy.describe()] for k in keys])
+                    k.attrs.exportability, k.version, "yes" if now else "no",
+                    "yes" if k.diversify else "no", k.kcv.hex().upper(), k.policy.describe()]
+                   for k, now in keys])
 
 
 # -- units ---------------------------------------------------------------------------

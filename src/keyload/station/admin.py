@@ -22,6 +22,7 @@ from ..core.suite3 import SUITE_ECDH
 from ..core.suites import get_suite
 from ..records.exportlog import SqliteExportLog
 from ..units.authority import ExportPolicy, KeyInfo, SetInfo
+from ..units.keystore import SoftwareKeystore
 from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
@@ -161,22 +162,43 @@ def bdk_policy(kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy, *,
     return ExportPolicy(policy.sets, policy.slots, initial_keys_only=True)
 
 
+def new_version_of(ks: Keystore, ref1: bytes) -> bool:
+    """True when ``ref1`` is a key of ``ks`` and what is taken in for it is its next
+    version (the older ones kept); False for a new REF1. Refused (ValueError): a BDK,
+    whose initial keys are named by its BDK ID (a new BDK gets its own REF1 and ID), and
+    a PKCS#11 token, which keeps one version of a REF1."""
+    if ref1 not in {k.ref1 for k in ks.key_infos()}:
+        return False
+    name = display_ref1(ref1)
+    if ks.key_info(ref1).attrs.usage == USAGE_BDK:
+        raise ValueError(f"key {name} is a BDK (usage {USAGE_BDK}): it is not rotated; make "
+                         "a new BDK under its own REF1 and BDK ID and load its initial keys")
+    if not isinstance(ks, SoftwareKeystore):
+        raise ValueError(f"key {name} exists: a PKCS#11 token keeps one version of a key, "
+                         "so a new version is made in a software keystore only "
+                         "(README: rotating a key)")
+    return True
+
+
 def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
             *, version: int, diversify: bool, label: str, length: int | None = None,
             typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
             ) -> tuple[KeyInfo, list[bytes]]:
-    """A new application key, generated (``length``: HMAC only), or ``typed`` (given the
+    """A new application key, or the next version of an existing REF1
+    (:func:`new_version_of`), generated (``length``: HMAC only), or ``typed`` (given the
     length an AES key must have)."""
     policy = bdk_policy(kt, attrs, policy, diversify=diversify)
     ks = home.open_keystore()
     try:
         known_sets(ks, policy)
+        replace = new_version_of(ks, ref1)
         if typed is None:
             return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
-                                   policy=policy, length=length, label=label), []
+                                   policy=policy, length=length, label=label,
+                                   replace=replace), []
         value, kcvs = typed(kt.default_length if kt.is_aes else None)
         return ks.add_key(ref1, kt, value, attrs, version=version, diversify=diversify,
-                          policy=policy, label=label), kcvs
+                          policy=policy, label=label, replace=replace), kcvs
     finally:
         ks.close()
 
