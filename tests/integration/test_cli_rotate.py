@@ -278,3 +278,31 @@ def test_the_readme_rotation_session_runs(tmp_path: Path) -> None:
             want = want[want.index("…") + 1:]
             got = got[-len(want):]
         assert got == want, res.describe()
+
+
+@pytest.mark.hardware
+def test_a_token_refuses_a_new_version_plainly(tmp_path: Path) -> None:
+    """A PKCS#11 token keeps one version of a key: ``key rotate`` and ``key generate`` of
+    an existing REF1 are refused (exit 3), naming why; the token's keys stay as they were."""
+    import importlib.util
+
+    from keyload.lab.softhsm import make_token, softhsm_available, softhsm_missing_reason
+
+    from ..conftest import require
+
+    require(KEYLOAD.is_file(), f"the keyload console script is not installed at {KEYLOAD}")
+    require(importlib.util.find_spec("pkcs11") is not None, "python-pkcs11 is not installed")
+    require(softhsm_available(), f"SoftHSM2: {softhsm_missing_reason()}")
+    pin = "35792468"
+    token = make_token(tmp_path / "softhsm", label="keyload-rot", user_pin=pin, activate=False)
+    env = {"KEYLOAD_PKCS11_PIN": pin, "SOFTHSM2_CONF": str(token.conf)}
+    home = tmp_path / "home"
+    ok(run("authority", "init", "--pkcs11", token.module, "--token", token.label, home=home,
+           env_extra=env))
+    gen = ("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--sets", "any", "--slots", "1")
+    ok(run(*gen, "--version", "1", home=home, env_extra=env))
+    before = ok(run("key", "list", "--json", home=home, env_extra=env)).json()
+    for argv in (("key", "rotate", "--ref1", "ROT"), (*gen, "--version", "2")):
+        assert_error(run(*argv, home=home, env_extra=env), EXIT_INPUT, "PKCS#11 token keeps "
+                     "one version", "README: rotating a key")
+    assert ok(run("key", "list", "--json", home=home, env_extra=env)).json() == before
