@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psec.tr31
 import pytest
 
 from .cli_helpers import KEYLOAD, Result, aes_kcv, assert_error, cli_env, ok, run
@@ -217,10 +218,20 @@ def test_rotate_takes_the_value_as_key_import_does(tmp_path: Path) -> None:
     assert (out["version"], out["kcv"]) == (7, aes_kcv(b"\x33" * 32))
     ok(run("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--version", "8", "--sets", "any",
            "--slots", "1", home=root))
-    keys: list[dict[str, Any]] = ok(run("key", "list", "--json", home=root)).json()
+    # a key block under a KBPK: the header gives the version (09) and attributes
+    kbpk, key = b"\x44" * 32, b"\x55" * 32
+    ok(run("key", "import", "--ref1", "KBPK", "--type", "aes256", "--usage", "K1", "--mode",
+           "B", "--exportability", "N", "--version", "1", "--sets", "any", "--slots", "9",
+           home=root, input=kbpk.hex() + "\n"))
+    block = psec.tr31.wrap(kbpk, psec.tr31.Header("D", "K0", "A", "E", "09", "E"), key)
+    out = ok(run("key", "rotate", "--ref1", "ROT", "--tr31", block, "--kbpk", "KBPK",
+                 "--json", home=root)).json()
+    assert (out["version"], out["mode"], out["kcv"], out["origin"]) == \
+        (9, "E", aes_kcv(key), "tr31")
+    keys = [k for k in ok(run("key", "list", "--json", home=root)).json() if k["ref1"] == "ROT"]
     assert [(k["version"], k["current"]) for k in keys] == \
-        [(1, False), (2, False), (7, False), (8, True)]
-    assert keys[-1]["policy"] == {"sets": None, "slots": [1]}
+        [(1, False), (2, False), (7, False), (8, False), (9, True)]
+    assert keys[-1]["policy"] == {"sets": None, "slots": [1]}  # the generated v8's
 
 
 def _readme_session() -> list[tuple[str, list[str]]]:

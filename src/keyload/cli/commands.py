@@ -159,10 +159,7 @@ def key_export(args: argparse.Namespace) -> int:
 
 def key_rotate(args: argparse.Namespace) -> int:
     """REF1's next version, generated or as ``key import`` takes it; the rest as now."""
-    for name, value in rotation.next_version_options(home_of(args), parse_ref1(args.ref1),
-                                                     from_block=args.tr31 is not None).items():
-        if getattr(args, name) in (None, False, ""):
-            setattr(args, name, value)
+    rotation.fill_options(vars(args), home_of(args), parse_ref1(args.ref1))
     typed = args.typed or args.components > 1 or args.tr31 is not None
     return key_import(args) if typed else key_generate(args)
 

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..core.ref1 import display_ref1, parse_ref1
 from ..records.ledger import LedgerEntry
@@ -37,6 +38,16 @@ def key_versions(home: Home) -> list[tuple[KeyInfo, bool]]:
             out.append((k, True))
         return out
     return read_keystore(home, read)
+
+
+def fill_options(options: dict[str, Any], home: Home, ref1: bytes) -> None:
+    """``key rotate``'s options (as ``key generate|import`` name them) with those not
+    given (None, False or empty) taken from :func:`next_version_options` (from a key
+    block, ``tr31``, when one is given)."""
+    for name, value in next_version_options(home, ref1,
+                                            from_block=options.get("tr31") is not None).items():
+        if options.get(name) in (None, False, ""):
+            options[name] = value
 
 
 def next_version_options(home: Home, ref1: bytes, *, from_block: bool) -> dict[str, object]:
