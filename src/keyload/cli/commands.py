@@ -166,7 +166,7 @@ def key_rotate(args: argparse.Namespace) -> int:
 
 def key_list(args: argparse.Namespace) -> int:
     keys = rotation.key_versions(home_of(args))
-    return listed(args, [{**admin.key_json(k), "current": now} for k, now in keys],
+    return listed(args, [admin.key_json(k, now) for k, now in keys],
                   ["REF1", "type", "usage", "mode", "exp", "version", "current", "div", "KCV",
                    "policy"],
                   [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,

@@ -33,12 +33,13 @@ T = TypeVar("T")
 Typed = Callable[[], tuple[Secret, list[bytes]]]
 
 
-def key_json(i: KeyInfo) -> dict[str, Any]:
+def key_json(i: KeyInfo, current: bool = True) -> dict[str, Any]:
+    """A key's description; ``current``: the version exported (an older one is kept)."""
     return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
             "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
             "exportability": i.attrs.exportability, "version": i.version,
             "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
-            "label": i.label, "origin": i.origin or None}
+            "label": i.label, "origin": i.origin or None, "current": current}
 
 
 def set_json(s: SetInfo) -> dict[str, Any]:
