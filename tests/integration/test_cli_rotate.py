@@ -180,6 +180,15 @@ def test_rotation_run_killed_then_resumed(rotated: tuple[Path, str, dict[str, An
                      home=root), EXIT_INPUT, "nothing to rotate")
     assert _digests(root) == before
     ok(run("receipts", home=root))
+    # planned again with --load over units that hold it: each refuses (6986) the very key
+    # it holds, and is counted done, not failed
+    again = root.parent / "again.csv"
+    again.write_text("sn\n" + "\n".join(FIRST[:2]) + "\n")
+    ok(run("campaign", "create", "again", "--set", set_id, "--load", "ROT:1", "--manifest",
+           again, home=root))
+    out = ok(run("campaign", "run", "again", "--json", "--quiet", home=root)).json()
+    assert (out["run"]["loads_done"], out["run"]["reconciled"], out["run"]["loads_failed"]) \
+        == (2, 2, 0)
 
 
 def test_refusals_leave_state_unchanged(tmp_path: Path) -> None:
