@@ -46,7 +46,8 @@ def fill_options(options: dict[str, Any], home: Home, ref1: bytes) -> None:
     block, ``tr31``, when one is given)."""
     for name, value in next_version_options(home, ref1,
                                             from_block=options.get("tr31") is not None).items():
-        if options.get(name) in (None, False, ""):
+        given = options.get(name)
+        if given is None or given is False or given == "":  # (a --version 0 is given)
             options[name] = value
 
 
