@@ -210,6 +210,10 @@ def test_refusals_leave_state_unchanged(tmp_path: Path) -> None:
                      home=root), EXIT_INPUT, "nothing to rotate")
     assert_error(run("campaign", "create", "r", "--set", set_id, "--rotate", "ROT",
                      home=root, passphrase="wrong"), EXIT_WRONG_SECRET)
+    for both in (("--load", "ROT:1"), ("--initial-key-id-base", "00" * 8)):
+        res = run("campaign", "create", "r", "--set", set_id, "--rotate", "ROT", *both,
+                  home=root)
+        assert res.rc == 2 and "--rotate REF1" in res.stderr, res.describe()
     assert _digests(root) == before and not (root / "journal.db").exists()
 
 

@@ -29,8 +29,9 @@ from .progress import Progress
 def campaign_create(args: argparse.Namespace) -> int:
     home = home_of(args)
     set_id = bytes.fromhex(args.set_id)
-    if (args.rotate is None) == (args.load is None):
-        args.usage_error("give --load REF1:REF2 (repeatable) or --rotate REF1")
+    if (args.rotate is None) == (args.load is None) or (args.rotate and args.ik_base):
+        args.usage_error("give --load REF1:REF2 (repeatable; a BDK's with "
+                         "--initial-key-id-base) or --rotate REF1")
     if args.rotate is not None:
         camp, rot = create_rotation(home, args.journal, args.name, set_id, args.rotate,
                                     args.manifest and Path(args.manifest))
