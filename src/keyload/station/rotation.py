@@ -113,13 +113,14 @@ def rotation_plan(home: Home, journal: Journal | None, set_id: bytes, ref1: byte
     version into that slot. Refused (ValueError), nothing planned: no such unit, or units
     holding the key in several slots (one campaign a slot: give a manifest)."""
     info = read_keystore(home, lambda ks: (ks.set_info(set_id), ks.key_info(ref1))[1])
-    last: dict[bytes, LedgerEntry] = {}
+    last: dict[tuple[bytes, int], LedgerEntry] = {}  # by unit and slot
     for e in deliveries(home, journal):
+        at = (e.sn, e.ref2)
         if e.set_id == set_id and e.ref1 == ref1 and (
-                e.sn not in last or (e.time or 0.0) >= (last[e.sn].time or 0.0)):
-            last[e.sn] = e
+                at not in last or (e.time or 0.0) >= (last[at].time or 0.0)):
+            last[at] = e
     wanted = None if manifest is None else set(manifest)
-    old = {sn: e for sn, e in last.items() if (wanted is None or sn in wanted)
+    old = {at: e for at, e in last.items() if (wanted is None or at[0] in wanted)
            and (e.delivered_version or 0) < info.version}
     name = display_ref1(ref1)
     if not old:
@@ -135,7 +136,7 @@ def rotation_plan(home: Home, journal: Journal | None, set_id: bytes, ref1: byte
     for e in old.values():
         v = e.delivered_version or 0
         held[v] = held.get(v, 0) + 1
-    serials = sorted(old)
+    serials = sorted({sn for sn, _ in old})
     plan = plan_loads(home, set_id, [(ref1, slots[0])], units=len(serials))
     return RotationPlan(serials, plan, {"rotate": name, "to_version": info.version,
                                         "held": {str(v): n for v, n in sorted(held.items())}},
