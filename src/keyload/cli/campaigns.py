@@ -18,6 +18,7 @@ from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
 from ..station.home import Home
 from ..station.plan import open_home_journal, plan_campaign
 from ..station.report import CampaignStatus, build_report, status, write_report
+from ..station.rotation import create_rotation
 from ..station.run import open_work, run_emulated, run_reader
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
 from .output import aligned, emitted, said, shown, table
@@ -25,6 +26,16 @@ from .progress import Progress
 
 
 def campaign_create(args: argparse.Namespace) -> int:
+    if (args.rotate is None) == (args.load is None) or (args.rotate and (args.ik_base or
+                                                                          args.ik_type)):
+        args.usage_error("give --load REF1:REF2 (repeatable; a BDK's with "
+                         "--initial-key-id-base) or --rotate REF1")
+    if args.rotate is not None:
+        camp, rot = create_rotation(home_of(args), args.journal, args.name,
+                                    bytes.fromhex(args.set_id), args.rotate,
+                                    args.manifest and Path(args.manifest))
+        return shown(args, {"campaign": camp.id, "units": camp.units, "loads": camp.units,
+                            **rot.source}, rot.line(camp))
     camp = plan_campaign(home_of(args), args.journal, args.name, bytes.fromhex(args.set_id),
                          [parse_load(x) for x in args.load], initial_key_id_base=args.ik_base,
                          manifest=Path(args.manifest) if args.manifest else None,
@@ -156,13 +167,16 @@ def audit_verify(args: argparse.Namespace) -> int:
 def add_parsers(sub: Sub) -> None:
     c = group(sub, "campaign", "customize a whole set, crash-safe and resumable")
     cmd(c, "create", campaign_create, "plan a campaign", JOURNAL, NAME, SET_ID,
-        opt("--load", action="append", required=True, metavar="REF1:REF2",
+        opt("--load", action="append", metavar="REF1:REF2",
             help="a load per unit (repeatable); the key's current version is planned"),
+        opt("--rotate", metavar="REF1", help="instead of --load: the key's current version, "
+            "into the units whose slot holds an older one (station records, ledgers)"),
         opt("--manifest", help="units: a CSV (sn column) or JSON list of hex SNs; default: "
             "every emulated unit of the home"),
         opt("--initial-key-id-base", dest="ik_base", metavar="HEX", help="a BDK's load: the "
             "first unit's initial key ID (8 bytes), counted up per unit"),
-        opt("--ik-type", help="a BDK's load: the initial keys' type (default the BDK's)"))
+        opt("--ik-type", help="a BDK's load: the initial keys' type (default the BDK's)"),
+        usage_error=True)
     cmd(c, "run", campaign_run, "run or resume a campaign", JOURNAL, NAME,
         opt("--station", help="this station's name (default: the host name)"),
         opt("--workers", type=int, default=1, help="units served at once"),

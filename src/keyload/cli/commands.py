@@ -12,7 +12,7 @@ from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
 from ..dashboard.serve import from_options
-from ..station import admin, bulk, identity
+from ..station import admin, bulk, identity, rotation
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
 from ..station.readers import ReaderCard, survey
@@ -158,10 +158,17 @@ def key_export(args: argparse.Namespace) -> int:
                         "kcv": info.kcv.hex().upper(), "key_block": block}, block)
 
 
+def key_rotate(args: argparse.Namespace) -> int:
+    """REF1's next version, generated or as ``key import`` takes it; the rest as now."""
+    rotation.fill_options(vars(args), home_of(args), parse_ref1(args.ref1))
+    typed = args.typed or args.components > 1 or args.tr31 is not None
+    return key_import(args) if typed else key_generate(args)
+
+
 def key_list(args: argparse.Namespace) -> int:
-    keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [admin.key_json(k) for k in keys], admin.KEY_COLUMNS,
-                  [admin.key_row(k) for k in keys])
+    keys = rotation.key_versions(home_of(args))
+    return listed(args, [admin.key_json(k, now) for k, now in keys], admin.KEY_COLUMNS,
+                  [admin.key_row(k, now) for k, now in keys])
 
 
 # -- units ---------------------------------------------------------------------------

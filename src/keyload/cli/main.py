@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     IN_HOST = opt("--open-in-host", action="store_true", help="(PKCS#11) allow the key block "
                   "to be opened or made in host memory (the KBPK stays in the token)")
 
-    def key_opts(req: bool) -> tuple[Opt, ...]:  # key import --tr31: from the block's header
+    def key_opts(req: bool, policy: bool = True) -> tuple[Opt, ...]:  # req: not from a block
         return (
             opt("--ref1", required=True, help="REF1: ASCII text, or 0x-prefixed hex"),
             opt("--type", required=req, help="aes128, aes192, aes256, hmac-sha256"),
@@ -103,20 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
             opt("--version", dest="key_version", type=int, required=req),
             opt("--diversify", action="store_true",
                 help="diversify per unit: TA' = KDF(TA, SN) (AES only)"),
-            opt("--sets", required=True,
+            opt("--sets", required=policy,
                 help="set ids allowed to receive the key, comma separated, or 'any'"),
-            opt("--slots", required=True, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
+            opt("--slots", required=policy, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
             opt("--label", default=""))
+    length = opt("--length", type=int, help="HMAC key length in bytes (16-64)")
+    typed = (opt("--components", type=int, default=1, metavar="N"),
+             opt("--tr31", metavar="BLOCK", help="an X9.143 (TR-31) key block, version D: "
+                 "type, usage, mode, exportability and version from its header (--version "
+                 "when it has none)"),
+             opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the "
+                 "block (usage K1)"), IN_HOST)
     cmd(k, "generate", commands.key_generate, "generate an application key", *key_opts(True),
-        opt("--length", type=int, help="HMAC key length in bytes (16-64)"))
+        length)
     cmd(k, "import", commands.key_import, "import an application key (value, components, "
-        "or an X9.143 key block)", *key_opts(False),
-        opt("--components", type=int, default=1, metavar="N"),
-        opt("--tr31", metavar="BLOCK", help="an X9.143 (TR-31) key block, version D: type, "
-            "usage, mode, exportability and version from its header (--version when it "
-            "has none)"),
-        opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the block "
-            "(usage K1)"), IN_HOST, usage_error=True)
+        "or an X9.143 key block)", *key_opts(False), *typed, usage_error=True)
+    cmd(k, "rotate", commands.key_rotate, "the next version of a key, generated or taken in "
+        "as by import (--typed, --components, --tr31); it keeps the type, attributes and "
+        "policy not given, and the older versions", *key_opts(False, False), length, *typed,
+        opt("--typed", action="store_true", help="read the value (hex) as key import does"),
+        usage_error=True)
     cmd(k, "export", commands.key_export, "print an X9.143 key block (version D) of a key "
         "whose exportability is E or S", opt("--ref1", required=True),
         opt("--tr31", action="store_true", required=True, help="as a TR-31 key block"),

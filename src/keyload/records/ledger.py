@@ -96,14 +96,19 @@ class LedgerEntry:
         """What the entry claims was downloaded: (set, SN, REF1, REF2, KCV)."""
         return self.set_id, self.sn, self.ref1, self.ref2, self.kcv
 
+    @property
+    def delivered_version(self) -> int | None:
+        """The key version delivered: a campaign's is its header's when it has one (its
+        own column holds the version planned)."""
+        if self.source == "campaign" and self.header is not None:
+            return KeyHeader.decode(self.header).version
+        return self.key_version
+
     def to_row(self, ref1_text: str) -> dict[str, Any]:
         """The entry in the ledger export's shape (:data:`LEDGER_FIELDS`); ``ref1_text``:
-        REF1 as people read it. A campaign's key version is its header's when it has one."""
-        version = self.key_version
-        if self.source == "campaign" and self.header is not None:
-            version = KeyHeader.decode(self.header).version
+        REF1 as people read it; its key version the one delivered."""
         return {"campaign": self.campaign, "sn": self.sn.hex(), "ref2": self.ref2,
-                "ref1": ref1_text, "key_version": version,
+                "ref1": ref1_text, "key_version": self.delivered_version,
                 "kcv": None if self.kcv is None else self.kcv.hex().upper(),
                 "suite": self.suite, "r": None if self.r is None else self.r.hex(),
                 "header": None if self.header is None else self.header.hex(),

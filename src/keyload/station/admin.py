@@ -22,6 +22,7 @@ from ..core.suite3 import SUITE_ECDH
 from ..core.suites import get_suite
 from ..records.exportlog import SqliteExportLog
 from ..units.authority import ExportPolicy, KeyInfo, SetInfo
+from ..units.keystore import SoftwareKeystore
 from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
@@ -32,25 +33,28 @@ T = TypeVar("T")
 Typed = Callable[[], tuple[Secret, list[bytes]]]
 
 
-def key_json(i: KeyInfo) -> dict[str, Any]:
+def key_json(i: KeyInfo, current: bool = True) -> dict[str, Any]:
+    """A key's description; ``current``: the version exported (an older one is kept)."""
     return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
             "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
             "exportability": i.attrs.exportability, "version": i.version,
             "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
-            "label": i.label, "origin": i.origin or None}
+            "label": i.label, "origin": i.origin or None, "current": current}
 
 
 #: ``keyload key list``'s table: what :func:`key_json` gives, for people
-KEY_COLUMNS = ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy",
-               "origin"]
+KEY_COLUMNS = ["REF1", "type", "usage", "mode", "exp", "version", "current", "div", "KCV",
+               "policy", "origin"]
 
 
-def key_row(i: KeyInfo) -> list[Any]:
-    """A key as a row of :data:`KEY_COLUMNS`: its origin is ``tr31`` for a key taken in
-    from an X9.143 key block, else ``-``; a BDK's policy ends ``initial keys only``."""
+def key_row(i: KeyInfo, current: bool = True) -> list[Any]:
+    """A key (``current``: the version exported) as a row of :data:`KEY_COLUMNS`: its
+    origin is ``tr31`` for a key taken in from an X9.143 key block, else ``-``; a BDK's
+    policy ends ``initial keys only``."""
     return [display_ref1(i.ref1), i.key_type.label, i.attrs.usage, i.attrs.mode,
-            i.attrs.exportability, i.version, "yes" if i.diversify else "no",
-            i.kcv.hex().upper(), i.policy.describe(), i.origin or "-"]
+            i.attrs.exportability, i.version, "yes" if current else "no",
+            "yes" if i.diversify else "no", i.kcv.hex().upper(), i.policy.describe(),
+            i.origin or "-"]
 
 
 def set_json(s: SetInfo) -> dict[str, Any]:
@@ -174,22 +178,43 @@ def bdk_policy(kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy, *,
     return ExportPolicy(policy.sets, policy.slots, initial_keys_only=True)
 
 
+def new_version_of(ks: Keystore, ref1: bytes) -> bool:
+    """True when ``ref1`` is a key of ``ks`` and what is taken in for it is its next
+    version (the older ones kept); False for a new REF1. Refused (ValueError): a BDK,
+    whose initial keys are named by its BDK ID (a new BDK gets its own REF1 and ID), and
+    a PKCS#11 token, which keeps one version of a REF1."""
+    if ref1 not in {k.ref1 for k in ks.key_infos()}:
+        return False
+    name = display_ref1(ref1)
+    if ks.key_info(ref1).attrs.usage == USAGE_BDK:
+        raise ValueError(f"key {name} is a BDK (usage {USAGE_BDK}): it is not rotated; make "
+                         "a new BDK under its own REF1 and BDK ID and load its initial keys")
+    if not isinstance(ks, SoftwareKeystore):
+        raise ValueError(f"key {name} exists: a PKCS#11 token keeps one version of a key, "
+                         "so a new version is made in a software keystore only "
+                         "(README: rotating a key)")
+    return True
+
+
 def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
             *, version: int, diversify: bool, label: str, length: int | None = None,
             typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
             ) -> tuple[KeyInfo, list[bytes]]:
-    """A new application key, generated (``length``: HMAC only), or ``typed`` (given the
+    """A new application key, or the next version of an existing REF1
+    (:func:`new_version_of`), generated (``length``: HMAC only), or ``typed`` (given the
     length an AES key must have)."""
     policy = bdk_policy(kt, attrs, policy, diversify=diversify)
     ks = home.open_keystore()
     try:
         known_sets(ks, policy)
+        replace = new_version_of(ks, ref1)
         if typed is None:
             return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
-                                   policy=policy, length=length, label=label), []
+                                   policy=policy, length=length, label=label,
+                                   replace=replace), []
         value, kcvs = typed(kt.default_length if kt.is_aes else None)
         return ks.add_key(ref1, kt, value, attrs, version=version, diversify=diversify,
-                          policy=policy, label=label), kcvs
+                          policy=policy, label=label, replace=replace), kcvs
     finally:
         ks.close()
 

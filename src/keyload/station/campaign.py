@@ -260,6 +260,33 @@ def _failed(sh: _Shared, row: LoadRow, e: LoadFailed, opts: RunOptions) -> bool:
     return retry
 
 
+def _holds_already(client: UnitClient, row: LoadRow, e: LoadFailed,
+                   sent: list[tuple[bytes, bytes]], *, identity: bool) -> bool:
+    """A unit that refused IMPORTKEY 6986 (version not higher) because its slot already
+    holds the very key exported (its header and KCV): a rotation's unit loaded meanwhile,
+    or a campaign planned again over loaded units. Asked once; an error: no."""
+    if e.step != Step.IMPORT or e.sw != 0x6986 or not sent:
+        return False
+    try:
+        st = client.slot_status3(row.ref2) if identity else client.slot_status(row.ref2)
+    except KeyloadError:
+        return False
+    if isinstance(st, msg3.SlotStatus3) and st.ref1 != row.ref1:
+        return False
+    return (st.h, st.kcv) == sent[0]
+
+
+def _held_by_unit(sh: _Shared, row: LoadRow, held: tuple[bytes, bytes], same: bool) -> None:
+    """Journal ``row`` imported on the unit's word (its slot holds ``held``: H and KCV),
+    without a receipt; ``same``: the export journaled is that key."""
+    sh.journal.imported(row, suite=row.suite if same else None, r=row.r if same else None,
+                        header=held[0], kcv=held[1], rct=None, reconciled=True,
+                        now=sh.opts.clock())
+    with sh.lock:
+        sh.summary.reconciled += 1
+        sh.summary.loads_done += 1
+
+
 def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
     """Reconcile a row left claimed or exported, else load it; raise LoadFailed."""
     j, s = sh.journal, sh.summary
@@ -270,23 +297,26 @@ def _load_row(sh: _Shared, client: UnitClient, row: LoadRow) -> None:
             raise LoadFailed(Step.UNIT_STATUS, e) from None
         if held is not None:
             same = row.state == EXPORTED and held == (row.header, row.kcv)
-            j.imported(row, suite=row.suite if same else None, r=row.r if same else None,
-                       header=held[0], kcv=held[1], rct=None, reconciled=True,
-                       now=sh.opts.clock())
-            with sh.lock:
-                s.reconciled += 1
-                s.loads_done += 1
+            _held_by_unit(sh, row, held, same)
             return
+    sent: list[tuple[bytes, bytes]] = []
 
     def journal_export(init: msg.InitResponse | msg3.InitResponse3, suite: int,
                        resp: msg.ExportResponse) -> None:
+        sent.append((resp.header, resp.kcv))
         j.exported(row, suite, init.r, resp.header, resp.kcv, sh.opts.clock())
 
     if sh.order is not None:
         sh.order(row)
     load = load_key3 if sh.identity else load_key
-    res: LoadResult = load(client, sh.authority, row.ref1, row.ref2, select=False,
-                           on_export=journal_export)
+    try:
+        res: LoadResult = load(client, sh.authority, row.ref1, row.ref2, select=False,
+                               on_export=journal_export)
+    except LoadFailed as e:
+        if not _holds_already(client, row, e, sent, identity=sh.identity):
+            raise
+        _held_by_unit(sh, row, sent[0], False)
+        return
     j.imported(row, suite=res.suite, r=res.r, header=res.header, kcv=res.kcv, rct=res.rct,
                reconciled=False, now=sh.opts.clock(), e_a=res.e_a, c_u=res.c_u)
     with sh.lock:

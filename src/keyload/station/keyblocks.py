@@ -28,7 +28,7 @@ from ..core.keys import KeyType
 from ..core.ref1 import display_ref1
 from ..units.authority import ExportPolicy, KeyInfo
 from ..units.keystore import SoftwareKeystore, check_usage
-from .admin import known_sets
+from .admin import known_sets, new_version_of
 from .home import Home, Keystore
 
 _IMPORT_MODES, _EXPORT_MODES = "BD", "BE"
@@ -75,7 +75,8 @@ def import_key_block(home: Home, ref1: bytes, block: str, kbpk_ref1: bytes,
             kt, attrs, v = key_facts(header, len(key), version=version)
             check_usage(attrs.usage)
             return ks.add_key(ref1, kt, key, attrs, version=v, diversify=diversify,
-                              policy=policy, label=label, origin="tr31")
+                              policy=policy, label=label, origin="tr31",
+                              replace=new_version_of(ks, ref1))
         except BaseException:
             key.wipe()
             raise

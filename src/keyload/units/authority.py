@@ -354,6 +354,10 @@ class KeyAdministration(AuthorityBackend, Protocol):
 
     def key_infos(self) -> list[KeyInfo]: ...
 
+    def older_key_infos(self) -> list[KeyInfo]:
+        """The older versions of the REF1s given a new one (none where only one is kept)."""
+        ...
+
     def public_key(self) -> bytes | None:
         """The Ed25519 SAS public key, or None when the authority has none."""
         ...
@@ -377,7 +381,8 @@ class KeyAdministration(AuthorityBackend, Protocol):
 
     def generate_key(self, ref1: bytes, key_type: KeyType, attrs: KeyAttributes, *,
                      version: int, diversify: bool, policy: ExportPolicy,
-                     length: int | None = None, label: str = "") -> KeyInfo: ...
+                     length: int | None = None, label: str = "",
+                     replace: bool = False) -> KeyInfo: ...
 
     def set_signing_key(self, value: Secret | None = None) -> bytes:
         """Generate (``value`` None) or take in the Ed25519 SAS key; its public key."""

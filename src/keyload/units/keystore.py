@@ -144,6 +144,8 @@ class SoftwareKeystore:
         #: where e_A comes from: fresh randomness per export (vectors replay theirs)
         self.draw: Callable[[int], bytes] = os.urandom
         self._keys: dict[bytes, _AppKey] = {}
+        #: the older versions of a REF1, oldest first: kept (``key list``), never exported
+        self._older: dict[bytes, list[_AppKey]] = {}
         self._signing: Secret | None = None
         self._signer: Ed25519PrivateKey | None = None
         self._scratch = Scratch()
@@ -233,7 +235,10 @@ class SoftwareKeystore:
                 version=int(k["version"]), diversify=bool(k["diversify"]),
                 policy=ExportPolicy.from_json(k["policy"]), kcv=kcv(kt, value.buffer),
                 label=k.get("label", ""), origin=k.get("origin", ""))
-            self._keys[info.ref1] = _AppKey(info, value)
+            if k.get("older"):
+                self._older.setdefault(info.ref1, []).append(_AppKey(info, value))
+            else:
+                self._keys[info.ref1] = _AppKey(info, value)
         if meta.get("signing_key") is not None:
             self._set_signing(secrets[meta["signing_key"]])
         for d in meta.get("identity_sets", []):
@@ -253,13 +258,15 @@ class SoftwareKeystore:
             sets.append({"set_id": t.info.set_id.hex(), "name": t.info.name,
                          "signed": t.info.signed, "secret": len(secrets)})
             secrets.append(t.value)
-        for k in self._keys.values():
+        older = [(k, True) for ks in self._older.values() for k in ks]
+        for k, old in [(k, False) for k in self._keys.values()] + older:
             i = k.info
             keys.append({"ref1": i.ref1.hex(), "type": int(i.key_type), "usage": i.attrs.usage,
                          "mode": i.attrs.mode, "exportability": i.attrs.exportability,
                          "version": i.version, "diversify": i.diversify,
                          "policy": i.policy.to_json(), "label": i.label,
-                         "secret": len(secrets), **({"origin": i.origin} if i.origin else {})})
+                         "secret": len(secrets), **({"origin": i.origin} if i.origin else {}),
+                         **({"older": True} if old else {})})
             secrets.append(k.value)
         meta: dict[str, Any] = {"format": "keyload-keystore-1", "sets": sets, "keys": keys,
                                 "signing_key": None}
@@ -282,12 +289,13 @@ class SoftwareKeystore:
         """Wipe every key and forget them: a closed keystore answers nothing."""
         for t in self._sets.values():
             t.value.wipe()
-        for k in self._keys.values():
+        for k in [*self._keys.values(), *(k for ks in self._older.values() for k in ks)]:
             k.value.wipe()
         for ident in self._identities.values():
             ident.wipe()
         self._sets.clear()
         self._keys.clear()
+        self._older.clear()
         self._identities.clear()
         self._scratch3.wipe()
         self._closed = True
@@ -418,6 +426,8 @@ class SoftwareKeystore:
     def add_key(self, ref1: bytes, key_type: KeyType, value: Secret, attrs: KeyAttributes, *,
                 version: int, diversify: bool, policy: ExportPolicy, label: str = "",
                 replace: bool = False, origin: str = "") -> KeyInfo:
+        """A new key, or (``replace``) the next version of REF1: the one exported from
+        then on, the older versions kept beside it (:meth:`older_key_infos`)."""
         old = self._keys.get(ref1)
         validate_new_key(ref1, key_type, len(value), attrs, version=version,
                          diversify=diversify, old=None if old is None else old.info,
@@ -425,24 +435,25 @@ class SoftwareKeystore:
         info = KeyInfo(ref1, key_type, len(value), attrs, version, diversify, policy,
                        kcv(key_type, value.buffer), label, origin)
         self._keys[ref1] = _AppKey(info, value)
+        if old is not None:
+            self._older.setdefault(ref1, []).append(old)
         try:
             self.save()
         except BaseException:
             if old is None:
                 del self._keys[ref1]
             else:
-                self._keys[ref1] = old
+                self._keys[ref1] = self._older[ref1].pop()
             raise
-        if old is not None:
-            old.value.wipe()
         return info
 
     def generate_key(self, ref1: bytes, key_type: KeyType, attrs: KeyAttributes, *,
                      version: int, diversify: bool, policy: ExportPolicy,
-                     length: int | None = None, label: str = "") -> KeyInfo:
+                     length: int | None = None, label: str = "",
+                     replace: bool = False) -> KeyInfo:
         n = length or key_type.default_length
         return self.add_key(ref1, key_type, Secret.take(os.urandom(n)), attrs, version=version,
-                            diversify=diversify, policy=policy, label=label)
+                            diversify=diversify, policy=policy, label=label, replace=replace)
 
     def set_signing_key(self, value: Secret | None = None) -> bytes:
         """Install (or generate) the Ed25519 SAS key; returns the public key."""
@@ -469,6 +480,10 @@ class SoftwareKeystore:
 
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
+
+    def older_key_infos(self) -> list[KeyInfo]:
+        """The older versions of every REF1 that has them, oldest first."""
+        return [k.info for ks in self._older.values() for k in ks]
 
     def key_cmac(self, ref1: bytes, data: bytes) -> bytes:
         """AES-CMAC of ``data`` under application key ``ref1`` (a KBPK: a key block's KBEK

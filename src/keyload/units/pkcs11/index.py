@@ -270,5 +270,8 @@ class TokenIndex:
     def key_infos(self) -> list[KeyInfo]:
         return [k.info for k in self._keys.values()]
 
+    def older_key_infos(self) -> list[KeyInfo]:
+        return []  # a token keeps one version of a REF1 (a new one is refused there)
+
     def public_key(self) -> bytes | None:
         return self._public
