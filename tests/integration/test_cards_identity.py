@@ -285,7 +285,7 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     assert ok(k("receipts")).last_line() == "3 receipts verified, 0 invalid"
     usage = k("load", "--ref1", "TMK-1", "--ref2", "1")
     assert usage.rc == 2 and usage.stderr.splitlines()[-1] == \
-        "keyload load: error: one of --unit or --reader is required"
+        "keyload load: error: one of --sn or --reader is required"
 
 
 @pytest.mark.slow

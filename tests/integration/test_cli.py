@@ -711,7 +711,7 @@ def test_key_for_a_set_the_authority_does_not_have_is_refused(session: Session) 
     assert run("key", "list", "--json", home=session.home).json() == before
 
 
-@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-3"),
+@pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--threads", "-3"),
                                          ("--batch", "0")])
 def test_campaign_run_counts_below_one_are_refused(tmp_path: Path, flag: str,
                                                    value: str) -> None:

@@ -197,7 +197,7 @@ def test_a_bdk_load_in_a_reader_is_refused_before_the_reader(home: Home) -> None
                      home=home.root), EXIT_INPUT, "give --initial-key-id")
     assert_error(run("load", "--reader", "no such reader", "--ref1", "BDK", "--ref2", "1",
                      "--initial-key-id", IK_ID, home=home.root), EXIT_INPUT,
-                 "emulated unit (--unit), not a reader")
+                 "emulated unit (--sn), not a reader")
 
 
 def test_a_bdk_is_never_exportable(home: Home) -> None:

@@ -247,6 +247,6 @@ def test_service_fetch_needs_unit_or_reader(svc: Running) -> None:
     assert "Traceback" not in p.stderr
     usage, *_, last = p.stderr.strip().splitlines()  # as argparse reports a usage error
     assert usage.startswith("usage: keyload fetch") and "[--unit SN]" in p.stderr
-    assert last == ("keyload fetch: error: give --unit SN (an emulated unit of the home) or "
+    assert last == ("keyload fetch: error: give --sn SN (an emulated unit of the home) or "
                     "--reader READER (the unit in a PC/SC reader)")
     assert exports_count(svc) == n_exports

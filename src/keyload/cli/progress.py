@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TextIO
 
@@ -78,3 +79,8 @@ class Progress:
         if self.enabled and self.tty and self.done != self.total:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def bars(show: bool) -> Callable[[int, str], Progress]:
+    """A progress line over ``total`` units, shown when ``show`` and there are any."""
+    return lambda total, label: Progress(max(total, 1), label=label, enabled=show and total > 0)

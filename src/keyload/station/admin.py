@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from ..units.authority import ExportPolicy, KeyInfo, SetInfo
 from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
-from .identity import enrol_unit, unique_name
+from .identity import create_identity_set, create_unenrolled, enrol_unit, unique_name
 
 T = TypeVar("T")
 # an operator's key value: the value and the KCV of each component typed (none when whole)
@@ -45,6 +45,30 @@ def set_json(s: SetInfo) -> dict[str, Any]:
             "kind": "identity" if s.identity else "transport key"}
 
 
+def kcv_lines(kcvs: list[bytes]) -> list[str]:
+    """The KCV of each component typed, for people."""
+    return [f"component {i} KCV  {k.hex().upper()}" for i, k in enumerate(kcvs, 1)]
+
+
+@dataclass(frozen=True)
+class KeyAdded:
+    """An application key taken in (``keyload key generate|import``), and the KCV of each
+    component typed (none when whole)."""
+
+    info: KeyInfo
+    component_kcvs: list[bytes] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        kcvs = [k.hex().upper() for k in self.component_kcvs]
+        return {**key_json(self.info), **({"component_kcvs": kcvs} if kcvs else {})}
+
+    def lines(self) -> list[str]:
+        i, a = self.info, self.info.attrs
+        return [*kcv_lines(self.component_kcvs),
+                f"key {display_ref1(i.ref1)}: {i.key_type.label}, {a.usage}/{a.mode}/"
+                f"{a.exportability}, version {i.version}, KCV {i.kcv.hex().upper()}"]
+
+
 # -- the authority -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AuthorityMade:
@@ -57,6 +81,16 @@ class AuthorityMade:
         pub = self.signing_public_key
         return {"authority": self.where, "backend": self.backend, "suites": self.suites,
                 "signing_public_key": None if pub is None else pub.hex()}
+
+    def lines(self) -> list[str]:
+        pub = self.signing_public_key
+        return [f"authority created in {self.where} ({self.backend}; suites "
+                f"{suites_text(self.suites)})",
+                *([] if pub is None else [f"Ed25519 SAS public key: {pub.hex()}"])]
+
+
+def suites_text(suites: list[int]) -> str:
+    return ", ".join(f"{s:#04x}" for s in suites)
 
 
 def create_authority(home: Home, *, pkcs11: str | None = None, token: str | None = None,
@@ -97,6 +131,13 @@ def authority_facts(home: Home) -> dict[str, Any]:
         ks.close()
 
 
+def facts_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
+    """:func:`authority_facts` for people: what it holds, counted."""
+    return [("backend", facts["backend"]), ("suites", suites_text(facts["suites"])),
+            ("signing key", facts["signing_public_key"] or "none"),
+            ("sets", len(facts["sets"])), ("application keys", len(facts["keys"]))]
+
+
 def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
     """How many exports the authority recorded, and the last ``limit`` (all: 0)."""
     path = home.authority_dir / "exports.db"
@@ -126,17 +167,45 @@ def read_keystore(home: Home, read: Callable[[Keystore], T]) -> T:
         ks.close()
 
 
-def create_set(home: Home, name: str, *, signed: bool,
-               typed: Typed | None = None) -> tuple[SetInfo, list[bytes]]:
-    """A new set, its transport key generated, or ``typed`` (in components); names are
-    unique, as sets are told apart by name in lists and reports."""
+@dataclass(frozen=True)
+class SetMade:
+    """A set ``keyload set create`` made, with the KCV of each component of T typed."""
+
+    info: SetInfo
+    component_kcvs: list[bytes] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return set_json(self.info) if self.info.identity else {
+            **set_json(self.info), "component_kcvs": [k.hex().upper()
+                                                      for k in self.component_kcvs]}
+
+    def lines(self) -> list[str]:
+        i = self.info
+        if i.identity:
+            return [f"identity set {i.name} created: set id {i.set_id.hex()} (from the set "
+                    "CA's key)"]
+        return [*kcv_lines(self.component_kcvs),
+                f"set {i.name} created: set id {i.set_id.hex()} (= KCV of T)"]
+
+
+def create_set(home: Home, name: str, *, signed: bool, identity: bool = False,
+               typed: Typed | None = None) -> SetMade:
+    """A new set, its transport key generated, or ``typed`` (in components); or an
+    ``identity`` set (:func:`~keyload.station.identity.create_identity_set`), which has
+    no transport key. Names are unique, as sets are told apart by name in lists and
+    reports."""
+    if identity:
+        if typed is not None or signed:
+            raise ValueError("an identity set has no transport key: --identity takes neither "
+                             "--components nor --signed")
+        return SetMade(create_identity_set(home, name))
     ks = home.open_keystore()
     try:
         unique_name(ks, name)
         if typed is None:
-            return ks.generate_set(name, signed=signed), []
+            return SetMade(ks.generate_set(name, signed=signed))
         value, kcvs = typed()
-        return ks.add_set(value, name, signed=signed), kcvs
+        return SetMade(ks.add_set(value, name, signed=signed), kcvs)
     finally:
         ks.close()
 
@@ -164,7 +233,7 @@ def bdk_policy(kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy, *,
 def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
             *, version: int, diversify: bool, label: str, length: int | None = None,
             typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
-            ) -> tuple[KeyInfo, list[bytes]]:
+            ) -> KeyAdded:
     """A new application key, generated (``length``: HMAC only), or ``typed`` (given the
     length an AES key must have)."""
     policy = bdk_policy(kt, attrs, policy, diversify=diversify)
@@ -172,11 +241,12 @@ def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: 
     try:
         known_sets(ks, policy)
         if typed is None:
-            return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
-                                   policy=policy, length=length, label=label), []
+            return KeyAdded(ks.generate_key(ref1, kt, attrs, version=version,
+                                            diversify=diversify, policy=policy,
+                                            length=length, label=label))
         value, kcvs = typed(kt.default_length if kt.is_aes else None)
-        return ks.add_key(ref1, kt, value, attrs, version=version, diversify=diversify,
-                          policy=policy, label=label), kcvs
+        return KeyAdded(ks.add_key(ref1, kt, value, attrs, version=version,
+                                   diversify=diversify, policy=policy, label=label), kcvs)
     finally:
         ks.close()
 
@@ -207,12 +277,51 @@ def parse_slots(specs: list[str], locked: list[int]) -> dict[int, Slot]:
     return slots
 
 
+@dataclass(frozen=True)
+class UnitMade:
+    """A unit ``keyload unit create`` made: enrolled in an identity set (its C_U), not
+    enrolled yet (``enrolled`` false), or of a transport-key set (no certificate)."""
+
+    sn: bytes
+    set_id: bytes
+    slots: list[int]
+    certificate: Certificate | None = None
+    enrolled: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sn": self.sn.hex(), "set_id": self.set_id.hex(),
+                               "slots": self.slots}
+        if not self.enrolled:
+            out["enrolled"] = False
+        if self.certificate is not None:
+            out["certificate"] = self.certificate.encode().hex()
+        return out
+
+    def told(self) -> str:
+        slots = ", ".join(map(str, self.slots))
+        if not self.enrolled:
+            return (f"unit {self.sn.hex()} created for set {self.set_id.hex()} with slots "
+                    f"{slots}, not enrolled: serve it as a card (unit serve-card) and enrol "
+                    "it (unit enrol --reader)")
+        return (f"unit {self.sn.hex()} {'created' if self.certificate is None else 'enrolled'}"
+                f" in set {self.set_id.hex()} with slots {slots}")
+
+
 def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
-                suites: tuple[int, ...] | None, *,
-                typed: Typed | None = None) -> Certificate | None:
+                suites: tuple[int, ...] | None, *, typed: Typed | None = None,
+                unenrolled: bool = False) -> UnitMade:
     """An emulated unit of set ``set_id``; its transport key from the authority, or
     ``typed`` in components (as a card manufacturer receives it; a token's never leaves).
-    A unit of an identity set is enrolled instead (suite 0x03 only): its C_U is returned."""
+    A unit of an identity set is enrolled instead (suite 0x03 only), or with
+    ``unenrolled`` left without key and certificate, to be served as a card and enrolled
+    by ``unit enrol --reader``."""
+    made = UnitMade(sn, set_id, sorted(slots), enrolled=not unenrolled)
+    if unenrolled:
+        if suites is not None or typed is not None:
+            raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
+                             "--suites nor --components")
+        create_unenrolled(home, set_id, sn, slots)
+        return made
     if suites is not None and suites != (SUITE_ECDH,):
         for s in suites:
             if s == SUITE_ECDH:
@@ -225,7 +334,7 @@ def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
             if typed is not None or suites not in (None, (0x03,)):
                 raise ValueError(f"set {set_id.hex()} is an identity set: its units speak "
                                  "suite 0x03 only and hold no transport key")
-            return enrol_unit(home, ks, set_id, sn, slots)
+            return replace(made, certificate=enrol_unit(home, ks, set_id, sn, slots))
         if suites == (SUITE_ECDH,):
             raise ValueError("suite 0x03 is for the units of an identity set alone")
         vk = ks.public_key() if info.signed else None
@@ -245,7 +354,7 @@ def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
     finally:
         t.wipe()
         fleet.close()
-    return None
+    return made
 
 
 def unit_serials(home: Home) -> list[bytes]:
