@@ -234,7 +234,7 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     made = ok(k("unit", "create", "--set", id_set, "--sn", sn, "--slot", "1=aes256",
                 "--slot", "2=aes256", "--unenrolled", "--json")).json()
     assert made == {"sn": sn, "set_id": id_set, "slots": [1, 2], "enrolled": False}
-    assert ok(k("unit", "list", "--set", id_set, "--json")).json() == []
+    assert ok(k("unit", "list", "--set", id_set, "--json")).json()["units"] == []
     # refused before any card is touched (no card is in the reader yet)
     reader = pcscd.reader_for_port(UNIT_PORT)
     assert_error(k("unit", "enrol", "--reader", reader, "--set", t_set, "--sn", sn),
@@ -246,10 +246,10 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
         out = ok(k("unit", "enrol", "--reader", reader, "--set", id_set, "--sn", sn,
                    "--json")).json()
         stdout, _ = served.communicate(timeout=15)
-        assert served.returncode == 0 and stdout.splitlines()[-1] == "1 units served"
+        assert served.returncode == 0 and stdout.splitlines()[-1] == "1 unit served"
     wait_for_removal(reader, 5)
     assert out["sn"] == sn and out["set_id"] == id_set and out["reader"] == reader
-    assert ok(k("unit", "list", "--set", id_set, "--json")).json() == [
+    assert ok(k("unit", "list", "--set", id_set, "--json")).json()["units"] == [
         {"set_id": id_set, "sn": sn, "status": "active", "certificate": out["certificate"]}]
     assert_error(k("unit", "enrol", "--reader", reader, "--set", id_set, "--sn", sn),
                  EXIT_INPUT, "already certified")

@@ -85,7 +85,7 @@ class Session:
         return r
 
     def keys(self) -> dict[str, dict[str, Any]]:
-        return {k["ref1"]: k for k in self.res["key list json"].json()}
+        return {k["ref1"]: k for k in self.res["key list json"].json()["keys"]}
 
 
 def _key_args(ref1: str, type_: str, usage: str, mode: str, exp: str, version: int,
@@ -165,7 +165,7 @@ def test_sets_created_and_listed(session: Session) -> None:
     assert b["name"] == "B" and b["signed"] is True
     assert all(re.fullmatch(r"[0-9a-f]{10}", x) for x in (session.set_a, session.set_b))
     assert session.set_a != session.set_b
-    listed = session.res["set list"].json()
+    listed = session.res["set list"].json()["sets"]
     tk = "transport key"
     assert listed == [{"set_id": session.set_a, "name": "A", "signed": False, "kind": tk},
                       {"set_id": session.set_b, "name": "B", "signed": True, "kind": tk},
@@ -217,7 +217,7 @@ def test_key_import_components_kcvs(session: Session) -> None:
     assert m and m.group(1) == aes_kcv(xor(*comps))
     cmp_ = session.keys()["CMP"]
     assert (cmp_["type"], cmp_["length"], cmp_["kcv"]) == ("aes128", 16, aes_kcv(xor(*comps)))
-    assert cmp_["policy"] == {"sets": None, "slots": None}
+    assert cmp_["policy"] == {"sets": "any", "slots": "any"}
 
 
 def test_key_import_hmac_kcv_is_hmac_of_zero_block(session: Session) -> None:
@@ -267,7 +267,7 @@ def test_units_created(session: Session) -> None:
     assert session.res["unit 1"].json() == {"sn": SN1, "set_id": session.set_a,
                                             "slots": [1, 2, 3, 4, 5]}
     assert session.res["unit 2"].json() == {"sn": SN2, "set_id": session.set_b, "slots": [1]}
-    assert session.res["unit list"].json() == sorted([SN1, SN2])
+    assert session.res["unit list"].json()["units"] == sorted([SN1, SN2])
     before = session.res["status before"].json()
     assert before["set_id"] == session.set_a
     assert [(s["ref2"], s["state"], s["accepts"]) for s in before["slots"]] == [
@@ -515,8 +515,9 @@ def test_sas_from_another_authority_is_integrity_failure(keyload_script: Path,
         ok(run("authority", "init", "--signing-key", home=home))
         ok(run("set", "create", "--name", "S", "--signed", "--components", "2", home=home,
                input=comps))
-    set_id = ok(run("set", "list", "--json", home=homes["maker"])).json()[0]["set_id"]
-    assert ok(run("set", "list", "--json", home=homes["other"])).json()[0]["set_id"] == set_id
+    set_id = ok(run("set", "list", "--json", home=homes["maker"])).json()["sets"][0]["set_id"]
+    other = ok(run("set", "list", "--json", home=homes["other"])).json()["sets"]
+    assert other[0]["set_id"] == set_id
     ok(run("unit", "create", "--set", set_id, "--sn", "abcd", home=homes["maker"]))
     ok(run("key", "generate", *_key_args("K", "aes256", "K0", "B", "E", 1, "any", "any"),
            home=homes["other"]))
@@ -686,12 +687,12 @@ def test_key_components_that_cancel_out_are_refused(session: Session, parts: Any
     are refused, and nothing is stored."""
     a, b = secrets.token_bytes(16), secrets.token_bytes(16)
     comps = parts(a, b)
-    before = run("key", "list", "--json", home=session.home).json()
+    before = run("key", "list", "--json", home=session.home).json()["keys"]
     res = run("key", "import", "--components", str(len(comps)),
               *_key_args("ZERO", "aes128", "P0", "E", "N", 1, "any", "any"),
               home=session.home, input="".join(c.hex() + "\n" for c in comps))
     assert_error(res, EXIT_INPUT, why)
-    assert run("key", "list", "--json", home=session.home).json() == before
+    assert run("key", "list", "--json", home=session.home).json()["keys"] == before
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
@@ -703,12 +704,12 @@ def test_serve_port_out_of_range_is_an_input_error(tmp_path: Path, port: str) ->
 
 
 def test_key_for_a_set_the_authority_does_not_have_is_refused(session: Session) -> None:
-    before = run("key", "list", "--json", home=session.home).json()
+    before = run("key", "list", "--json", home=session.home).json()["keys"]
     res = run("key", "generate", *_key_args("TYPO", "aes256", "K0", "B", "E", 1,
                                             f"{session.set_a},ffffffffff", "1"),
               home=session.home)
     assert_error(res, EXIT_INPUT, "--sets", "ffffffffff")
-    assert run("key", "list", "--json", home=session.home).json() == before
+    assert run("key", "list", "--json", home=session.home).json()["keys"] == before
 
 
 @pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--threads", "-3"),
@@ -800,7 +801,7 @@ def test_campaign_status_refuses_a_missing_journal_file(tmp_path: Path) -> None:
 
 
 def test_a_second_set_with_a_name_already_taken_is_refused(session: Session) -> None:
-    before = run("set", "list", "--json", home=session.home).json()
+    before = run("set", "list", "--json", home=session.home).json()["sets"]
     res = run("set", "create", "--name", "A", home=session.home)
     assert_error(res, EXIT_INPUT, "'A' exists already", session.set_a)
-    assert run("set", "list", "--json", home=session.home).json() == before
+    assert run("set", "list", "--json", home=session.home).json()["sets"] == before

@@ -191,7 +191,7 @@ def test_the_auditor_verifies_with_certificates_alone(home: Home) -> None:
     auditor = ("ledger", "verify", "--auditor", "--ca", trust)
     res = ok(home.run(*auditor, passphrase=None))
     assert res.last_line() == f"{2 * UNITS} receipts verified, 0 invalid"
-    assert "1 receipts of suites 0x01/0x02 not verifiable without the authority" in res.stdout
+    assert "1 receipt of suites 0x01/0x02 not verifiable without the authority" in res.stdout
     js = ok(home.run(*auditor, "--json", passphrase=None)).json()
     assert (js["verified"], js["invalid"], js["not_verifiable_without_authority"]) == \
         (2 * UNITS, 0, 1)

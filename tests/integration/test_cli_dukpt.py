@@ -147,11 +147,11 @@ def test_refused_with_one_line_and_nothing_stored(home: Home, args: list[str], c
 
 
 def test_key_list_shows_a_bdk_lets_only_initial_keys_leave(home: Home) -> None:
-    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home.root)).json()}
+    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home.root)).json()["keys"]}
     assert (keys["BDK"]["usage"], keys["BDK"]["exportability"], keys["BDK"]["kcv"]) == \
         ("B0", "N", aes_kcv(BDK))
-    assert keys["BDK"]["policy"] == {"sets": None, "slots": [1], "initial_keys_only": True}
-    assert keys["KEK"]["policy"] == {"sets": None, "slots": [2]}
+    assert keys["BDK"]["policy"] == {"sets": "any", "slots": [1], "initial_keys_only": True}
+    assert keys["KEK"]["policy"] == {"sets": "any", "slots": [2]}
     table = ok(run("key", "list", home=home.root)).stdout
     assert "any set; 1; initial keys only" in table
 
@@ -203,7 +203,7 @@ def test_a_bdk_load_in_a_reader_is_refused_before_the_reader(home: Home) -> None
 def test_a_bdk_is_never_exportable(home: Home) -> None:
     res = run(*_key("BDK2", "aes128", "B0", "E", "1"), home=home.root, input="22" * 16 + "\n")
     assert_error(res, EXIT_INPUT, "never exported")
-    listed = ok(run("key", "list", "--json", home=home.root)).json()
+    listed = ok(run("key", "list", "--json", home=home.root)).json()["keys"]
     assert "BDK2" not in {k["ref1"] for k in listed}
 
 

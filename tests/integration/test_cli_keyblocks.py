@@ -49,7 +49,7 @@ class Home:
         return run(*args, home=self.path, input=input)
 
     def keys(self) -> dict[str, Any]:
-        return {k["ref1"]: k for k in ok(self.run("key", "list", "--json")).json()}
+        return {k["ref1"]: k for k in ok(self.run("key", "list", "--json")).json()["keys"]}
 
 
 def _import_value(path: Path, ref1: str, value: bytes, *attrs: str) -> None:

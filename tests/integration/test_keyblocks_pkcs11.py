@@ -45,7 +45,7 @@ def token_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, d
 
 def _keys(home: Path, env: dict[str, str]) -> dict[str, str]:
     return {k["ref1"]: k["kcv"] for k in ok(run("key", "list", "--json", home=home,
-                                                env_extra=env)).json()}
+                                                env_extra=env)).json()["keys"]}
 
 
 def test_import_needs_open_in_host_and_works_with_it(

@@ -507,7 +507,7 @@ def test_parse_retry_after() -> None:
     (("--resend", "--ref1", "TMK-1"), "--resend"),
     (("--unit", "0A0B0C0001", "--ref2", "1"), "--ref1"),
     (("--unit", "0A0B0C0001", "--ref1", "TMK-1"), "--ref2"),
-    (("--ref1", "TMK-1", "--ref2", "1"), "--unit"),
+    (("--ref1", "TMK-1", "--ref2", "1"), "--sn"),
     (("--resend", "--receipt-deadline", "-1"), "--receipt-deadline"),
     (("--resend", "--receipt-deadline", "nan"), "--receipt-deadline"),
 ])

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.dukpt import InitialKeyId
-from ..core.notation import parse_load, parse_trust
+from ..core.notation import counted, parse_load, parse_trust
 from ..service import ledger
 from ..station import verify
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
@@ -37,7 +37,8 @@ def campaign_create(args: argparse.Namespace) -> int:
         camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
     return shown(args, {"campaign": camp.id, "units": camp.units,
                         "loads": camp.units * len(loads)},
-                 f"campaign {camp.id}: {camp.units:,} units x {len(loads)} loads planned")
+                 f"campaign {camp.id}: {counted(camp.units, 'unit')} x "
+                 f"{counted(len(loads), 'load')} planned")
 
 
 def campaign_run(args: argparse.Namespace) -> int:
@@ -71,7 +72,8 @@ def campaign_status(args: argparse.Namespace) -> int:
     with contextlib.closing(open_home_journal(home_of(args), args.journal,
                                               create=False)) as journal:
         sts = [status(journal, n) for n in ([args.name] if args.name else journal.campaigns())]
-    return _shown(args, sts[0].to_json() if args.name else [st.to_json() for st in sts], *sts)
+    return _shown(args, sts[0].to_json() if args.name else
+                  {"campaigns": [st.to_json() for st in sts]}, *sts)
 
 
 def campaign_report(args: argparse.Namespace) -> int:
@@ -104,11 +106,12 @@ def ledger_verify(args: argparse.Namespace) -> int:
     camp, svc, wr = chk.campaigns, chk.service, chk.service.without_receipt
     shown(args, chk.to_json(), *camp.invalid_lines(), *svc.invalid_lines(), *camp.notes(),
           *wr.heading(), *(table(wr.HEADERS, wr.rows()) if wr.total else ()),
-          f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid",
+          f"campaign ledger: {counted(camp.verified, 'receipt')} verified, {camp.invalid:,} "
+          "invalid",
           *svc.lines("--auditor checks the campaigns' ledgers" if args.auditor else
                      "--campaign given" if args.campaign else
                      f"no {home.root / ledger.SERVICE_DB}"),
-          f"{chk.verified} receipts verified, {chk.invalid} invalid")
+          f"{counted(chk.verified, 'receipt')} verified, {chk.invalid:,} invalid")
     return 0 if chk.invalid == 0 else 1
 
 
@@ -133,7 +136,8 @@ def ledger_export(args: argparse.Namespace) -> int:
             n_camp, n_svc = verify.write_ledgers(out, args.format or "csv", camp, svc)
     if args.out:
         shown(args, {"out": args.out, "entries": n_camp + n_svc, "from_campaigns": n_camp,
-                     "from_service": n_svc}, f"{n_camp + n_svc:,} ledger entries written to "
+                     "from_service": n_svc},
+              f"{counted(n_camp + n_svc, 'ledger entry', 'ledger entries')} written to "
               f"{args.out} ({n_camp:,} from campaigns, {n_svc:,} from the service)")
     return 0
 
@@ -144,7 +148,7 @@ def audit_verify(args: argparse.Namespace) -> int:
     shown(args, {"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                             for p in problems]},
           *(f"record {p.seq}: {p.problem}" for p in problems),
-          f"{n} audit records checked, {len(problems)} problems")
+          f"{counted(n, 'audit record')} checked, {counted(len(problems), 'problem')}")
     return 0 if not problems else 1
 
 

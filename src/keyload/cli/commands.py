@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.keys import KeyAttributes, KeyType, kcv
 from ..core.messages import check_ref2
-from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
+from ..core.notation import counted, parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
 from ..dashboard.serve import OPTIONS, from_options
@@ -42,7 +42,7 @@ def authority_exports(args: argparse.Namespace) -> int:
                   ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
                   [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
                     r["kcv"], r["initial_key_id"] or ""] for r in rows],
-                  f"{total} exports recorded")
+                  f"{counted(total, 'export')} recorded")
 
 
 # -- sets ----------------------------------------------------------------------------
@@ -55,7 +55,8 @@ def set_create(args: argparse.Namespace) -> int:
 
 def set_list(args: argparse.Namespace) -> int:
     sets = admin.read_keystore(home_of(args), lambda ks: ks.set_infos())
-    return listed(args, [admin.set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
+    return listed(args, {"sets": [admin.set_json(s) for s in sets]},
+                  ["set id", "name", "kind", "SAS"],
                   [[s.set_id.hex(), s.name, "identity" if s.identity else "transport key",
                     "ecdsa" if s.identity else "ed25519" if s.signed else "cmac"]
                    for s in sets])
@@ -129,7 +130,7 @@ def key_export(args: argparse.Namespace) -> int:
 
 def key_list(args: argparse.Namespace) -> int:
     keys = admin.read_keystore(home_of(args), lambda ks: ks.key_infos())
-    return listed(args, [admin.key_json(k) for k in keys],
+    return listed(args, {"keys": [admin.key_json(k) for k in keys]},
                   ["REF1", "type", "usage", "mode", "exp", "version", "div", "KCV", "policy"],
                   [[display_ref1(k.ref1), k.key_type.label, k.attrs.usage, k.attrs.mode,
                     k.attrs.exportability, k.version, "yes" if k.diversify else "no",
@@ -176,12 +177,14 @@ def unit_status(args: argparse.Namespace) -> int:
 
 def unit_list(args: argparse.Namespace) -> int:
     if args.set_id is not None:
-        records = identity.unit_records(home_of(args), parse_hex(args.set_id, "set id"))
-        return listed(args, [identity.record_json(r) for r in records], ["SN", "status"],
+        set_id = parse_hex(args.set_id, "set id")
+        records = identity.unit_records(home_of(args), set_id)
+        return listed(args, {"set_id": set_id.hex(), "units": [
+            identity.record_json(r) for r in records]}, ["SN", "status"],
                       [[r.sn.hex(), "revoked" if r.revoked else "active"] for r in records])
     serials = admin.unit_serials(home_of(args))
-    return shown(args, [s.hex() for s in serials], *(s.hex() for s in serials),
-                 f"{len(serials)} units")
+    return shown(args, {"units": [s.hex() for s in serials]}, *(s.hex() for s in serials),
+                 counted(len(serials), "unit"))
 
 
 def unit_serve_card(args: argparse.Namespace) -> int:
@@ -191,9 +194,9 @@ def unit_serve_card(args: argparse.Namespace) -> int:
     home = home_of(args)
     given = [parse_sn(x) for x in args.sn]
     served = serve_cards(home, given, args.port, lambda n: print(
-        f"feeding {n} units to the vpcd reader on port {args.port} (Ctrl-C stops)",
+        f"feeding {counted(n, 'unit')} to the vpcd reader on port {args.port} (Ctrl-C stops)",
         flush=True))
-    print(f"{served} units served")
+    print(f"{counted(served, 'unit')} served")
     return 0
 
 

@@ -22,23 +22,11 @@ def aligned(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> list[str]:
     return [f"{indent}{k.ljust(w)}  {v}" for k, v in pairs]
 
 
-def emitted(args: argparse.Namespace, obj: Any) -> bool:
-    """With ``--json``, ``obj`` is printed as JSON (True); else the caller prints text."""
-    if args.json:
-        print(json.dumps(obj, indent=2, sort_keys=False))
-    return bool(args.json)
-
-
-def said(*lines: str) -> None:
-    for line in lines:
-        print(line)
-
-
 def shown(args: argparse.Namespace, obj: Any, *lines: str) -> int:
     """``obj`` as JSON with ``--json``, else ``lines``; 0, a command's exit code when it
     did its job."""
-    if not emitted(args, obj):
-        said(*lines)
+    if args.json or lines:
+        print(json.dumps(obj, indent=2) if args.json else "\n".join(lines))
     return 0
 
 

@@ -8,6 +8,7 @@ block around the run ends the line.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,12 +17,10 @@ from typing import TextIO
 
 
 def _fmt_time(s: float) -> str:
-    if s != s or s == float("inf"):
+    if not math.isfinite(s):
         return "--:--"
-    s = int(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+    h, rem = divmod(int(s), 3600)
+    return (f"{h}:" if h else "") + f"{rem // 60:02d}:{rem % 60:02d}"
 
 
 class Progress:

@@ -22,7 +22,7 @@ def pki_init(args: argparse.Namespace) -> int:
 
     issued = init_pki(Path(args.dir), clients=tuple(args.client or ["client"]),
                       hosts=tuple(args.host or ()))
-    return listed(args, [i.to_json() for i in issued],
+    return listed(args, {"dir": args.dir, "issued": [i.to_json() for i in issued]},
                   ["name", "certificate", "key (0600)", "sha256"],
                   [(i.name, str(i.cert), str(i.key), i.sha256[:16] + "…") for i in issued])
 

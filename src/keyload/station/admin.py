@@ -26,6 +26,7 @@ from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
 from .identity import create_identity_set, create_unenrolled, enrol_unit, unique_name
+from .report import iso
 
 T = TypeVar("T")
 # an operator's key value: the value and the KCV of each component typed (none when whole)
@@ -36,7 +37,8 @@ def key_json(i: KeyInfo) -> dict[str, Any]:
     return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
             "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
             "exportability": i.attrs.exportability, "version": i.version,
-            "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
+            "diversify": i.diversify, "kcv": i.kcv.hex().upper(),
+            "policy": {k: "any" if v is None else v for k, v in i.policy.to_json().items()},
             "label": i.label, "origin": i.origin or None}
 
 
@@ -150,7 +152,7 @@ def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
         log.close()
     shown = recs[-limit:] if limit > 0 else recs
     return len(recs), [
-        {"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
+        {"time": iso(r.time), "set_id": r.set_id.hex(), "sn": r.sn.hex(),
          "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
          "key_version": r.key_version, "kcv": r.kcv.hex().upper(),
          "initial_key_id": None if r.initial_key_id is None else r.initial_key_id.hex().upper()}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.keys import KeyAttributes, KeyType
+from ..core.notation import counted
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
 from ..core.suite3 import SUITE_ECDH
@@ -267,7 +268,8 @@ class DemoRun:
 
     def line(self) -> str:
         s = self.summary
-        return f"customized {s.customized} of {s.units} units, {s.failed_units} failed"
+        return (f"customized {s.customized:,} of {counted(s.units, 'unit')}, "
+                f"{s.failed_units:,} failed")
 
 
 def run_demo(home: Home, want: dict[str, Any], resume: bool, *,

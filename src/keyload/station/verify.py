@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 from ..core.errors import StoreError
+from ..core.notation import counted
 from ..records.exportlog import SqliteExportLog
 from ..records.ledger import CertificatesOnly, LedgerEntry, ReceiptChecker
 from ..units.authority import IdentityBackend, IdentitySetInfo
@@ -233,10 +234,11 @@ class CampaignsCheck:
 
     def notes(self) -> list[str]:
         """What was neither verified nor invalid, for people."""
-        return [*([f"{self.reconciled} loads reconciled with the unit after a crash: receipt "
-                   "lost, slot status recorded"] if self.reconciled else []),
-                *([f"{self.unverifiable} receipts of suites 0x01/0x02 not verifiable without "
-                   "the authority (MACs under the set's keys)"] if self.unverifiable else [])]
+        return [*([f"{counted(self.reconciled, 'load')} reconciled with the unit after a "
+                   "crash: receipt lost, slot status recorded"] if self.reconciled else []),
+                *([f"{counted(self.unverifiable, 'receipt')} of suites 0x01/0x02 not verifiable "
+                   "without the authority (MACs under the set's keys)"]
+                  if self.unverifiable else [])]
 
 
 def verify_campaigns(journal: Journal | None, names: list[str],
