@@ -17,7 +17,7 @@ from ..service import ledger
 from ..station import verify
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
 from ..station.home import Home
-from ..station.plan import campaign_units, open_home_journal, plan_loads, record_campaign
+from ..station.plan import open_home_journal, plan_campaign
 from ..station.report import CampaignStatus, build_report, status, write_report
 from ..station.run import run_home
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
@@ -26,15 +26,11 @@ from .progress import bars
 
 
 def campaign_create(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    set_id = bytes.fromhex(args.set_id)
     loads = [parse_load(x) for x in args.load]
-    serials, source = campaign_units(home, Path(args.manifest) if args.manifest else None)
-    plan = plan_loads(home, set_id, loads, units=len(serials), initial_key_id_base=None if
-                      args.ik_base is None else InitialKeyId.parse(args.ik_base))
-    # refused before the journal is created
-    with contextlib.closing(open_home_journal(home, args.journal)) as journal:
-        camp = record_campaign(home, journal, args.name, set_id, plan, serials, source)
+    camp = plan_campaign(home_of(args), args.journal, args.name, bytes.fromhex(args.set_id),
+                         loads, manifest=Path(args.manifest) if args.manifest else None,
+                         initial_key_id_base=None if args.ik_base is None else
+                         InitialKeyId.parse(args.ik_base))
     return shown(args, {"campaign": camp.id, "units": camp.units,
                         "loads": camp.units * len(loads)},
                  f"campaign {camp.id}: {counted(camp.units, 'unit')} x "

@@ -38,11 +38,8 @@ def authority_show(args: argparse.Namespace) -> int:
 
 def authority_exports(args: argparse.Namespace) -> int:
     total, rows = admin.export_rows(home_of(args), args.limit)
-    return listed(args, {"total": total, "records": rows},
-                  ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
-                  [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
-                    r["kcv"], r["initial_key_id"] or ""] for r in rows],
-                  f"{counted(total, 'export')} recorded")
+    return listed(args, {"total": total, "records": rows}, admin.EXPORT_HEADERS,
+                  admin.export_table(rows), f"{counted(total, 'export')} recorded")
 
 
 # -- sets ----------------------------------------------------------------------------
@@ -191,13 +188,10 @@ def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
     from ..lab.demo import serve_cards
 
-    home = home_of(args)
-    given = [parse_sn(x) for x in args.sn]
-    served = serve_cards(home, given, args.port, lambda n: print(
+    served = serve_cards(home_of(args), [parse_sn(x) for x in args.sn], args.port, lambda n: print(
         f"feeding {counted(n, 'unit')} to the vpcd reader on port {args.port} (Ctrl-C stops)",
         flush=True))
-    print(f"{counted(served, 'unit')} served")
-    return 0
+    return shown(args, {"served": served}, f"{counted(served, 'unit')} served")
 
 
 # -- loads ---------------------------------------------------------------------------

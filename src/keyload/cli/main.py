@@ -24,6 +24,7 @@ Every command accepts ``--home DIR`` (default ``$KEYLOAD_HOME`` or ``./keyload-h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -258,12 +259,10 @@ def _quiet_stdout() -> None:
     be written raises nothing more."""
     import os
 
-    try:
+    with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

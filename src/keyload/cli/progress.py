@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from types import TracebackType
+from contextlib import AbstractContextManager
 from typing import TextIO
 
 
@@ -23,7 +23,7 @@ def _fmt_time(s: float) -> str:
     return (f"{h}:" if h else "") + f"{rem // 60:02d}:{rem % 60:02d}"
 
 
-class Progress:
+class Progress(AbstractContextManager["Progress"]):
     def __init__(self, total: int, *, label: str = "units", stream: TextIO | None = None,
                  enabled: bool = True, interval: float | None = None) -> None:
         self.total = total
@@ -37,11 +37,7 @@ class Progress:
         self.start = time.monotonic()
         self._last = 0.0
 
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def update(self, ok: bool) -> None:

@@ -140,6 +140,15 @@ def facts_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
             ("sets", len(facts["sets"])), ("application keys", len(facts["keys"]))]
 
 
+EXPORT_HEADERS = ("set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID")
+
+
+def export_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """:func:`export_rows` under :data:`EXPORT_HEADERS`, for people."""
+    return [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
+             r["kcv"], r["initial_key_id"] or ""] for r in rows]
+
+
 def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
     """How many exports the authority recorded, and the last ``limit`` (all: 0)."""
     path = home.authority_dir / "exports.db"

@@ -104,6 +104,19 @@ def create_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                            serials, source)
 
 
+def plan_campaign(home: Home, where: str | None, name: str, set_id: bytes,
+                  loads: list[tuple[bytes, int]], *, manifest: Path | None,
+                  initial_key_id_base: InitialKeyId | None) -> Campaign:
+    """``keyload campaign create``: the units (:func:`campaign_units`), every load planned
+    (:func:`plan_loads`) and then, nothing refused, the campaign recorded in the journal
+    ``where`` (or the home's)."""
+    serials, source = campaign_units(home, manifest)
+    plan = plan_loads(home, set_id, loads, units=len(serials),
+                      initial_key_id_base=initial_key_id_base)
+    with contextlib.closing(open_home_journal(home, where)) as journal:
+        return record_campaign(home, journal, name, set_id, plan, serials, source)
+
+
 def record_campaign(home: Home, journal: Journal, name: str, set_id: bytes,
                     plan: tuple[PlannedLoad, ...], serials: list[bytes],
                     source: dict[str, object]) -> Campaign:
