@@ -91,7 +91,7 @@ class Session:
 def _key_args(ref1: str, type_: str, usage: str, mode: str, exp: str, version: int,
               sets: str, slots: str) -> list[str]:
     return ["--ref1", ref1, "--type", type_, "--usage", usage, "--mode", mode,
-            "--exportability", exp, "--version", str(version), "--sets", sets,
+            "--exportability", exp, "--key-version", str(version), "--sets", sets,
             "--slots", slots]
 
 
@@ -137,10 +137,10 @@ def session(keyload_script: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     s.step("unit list", "unit", "list", "--json")
     s.step("status before", "unit", "status", "--sn", SN1, "--json")
 
-    s.step("load IMP", "load", "--unit", SN1, "--ref1", "IMP", "--ref2", "1", "--json")
-    s.step("load MAC", "load", "--unit", SN1, "--ref1", "MAC", "--ref2", "2", "--json")
-    s.step("load TMK", "load", "--unit", SN1, "--ref1", "TMK", "--ref2", "4", "--json")
-    s.step("load SGN", "load", "--unit", SN2, "--ref1", "SGN", "--ref2", "1")
+    s.step("load IMP", "load", "--sn", SN1, "--ref1", "IMP", "--ref2", "1", "--json")
+    s.step("load MAC", "load", "--sn", SN1, "--ref1", "MAC", "--ref2", "2", "--json")
+    s.step("load TMK", "load", "--sn", SN1, "--ref1", "TMK", "--ref2", "4", "--json")
+    s.step("load SGN", "load", "--sn", SN2, "--ref1", "SGN", "--ref2", "1")
     s.step("status after", "unit", "status", "--sn", SN1, "--json")
     s.step("status 2 after", "unit", "status", "--sn", SN2, "--json")
     s.step("receipts", "receipts", "--json")
@@ -366,7 +366,7 @@ REFUSALS = [
 @pytest.mark.parametrize(("sn", "ref1", "ref2", "sw"), REFUSALS)
 def test_load_refused(session: Session, sn: str, ref1: str, ref2: str, sw: str) -> None:
     before = snapshot(session.home)
-    res = run("load", "--unit", sn, "--ref1", ref1, "--ref2", ref2, "--json",
+    res = run("load", "--sn", sn, "--ref1", ref1, "--ref2", ref2, "--json",
               home=session.home)
     assert_error(res, EXIT_REFUSED, sw)
     assert_no_secrets(res.output, session.secrets)
@@ -374,7 +374,7 @@ def test_load_refused(session: Session, sn: str, ref1: str, ref2: str, sw: str) 
 
 
 def test_refused_load_keeps_receipts_valid(session: Session) -> None:
-    assert_error(run("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5", home=session.home),
+    assert_error(run("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5", home=session.home),
                  EXIT_REFUSED, "6986")
     res = ok(run("receipts", "--json", home=session.home)).json()
     assert (res["verified"], res["invalid"], res["invalid_rows"]) == (4, 0, [])
@@ -389,7 +389,7 @@ def test_refused_load_keeps_receipts_valid(session: Session) -> None:
     pytest.param(("key", "list"), id="key-list"),
     pytest.param(("set", "list", "--json"), id="set-list"),
     pytest.param(("unit", "status", "--sn", SN1), id="unit-status"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
 ])
 def test_wrong_passphrase(session: Session, args: tuple[str, ...]) -> None:
     before = snapshot(session.home)
@@ -411,7 +411,7 @@ def damaged_home(session: Session, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("args", [
     pytest.param(("key", "list", "--json"), id="key-list"),
     pytest.param(("authority", "show"), id="authority-show"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
     pytest.param(("receipts",), id="receipts"),
 ])
 def test_damaged_keystore(damaged_home: Path, args: tuple[str, ...]) -> None:
@@ -429,7 +429,7 @@ def test_damaged_keystore(damaged_home: Path, args: tuple[str, ...]) -> None:
     pytest.param(("authority", "show", "--json"), id="authority-show"),
     pytest.param(("authority", "exports"), id="authority-exports"),
     pytest.param(("unit", "status", "--sn", SN1), id="unit-status"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "IMP", "--ref2", "1"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "IMP", "--ref2", "1"), id="load"),
     pytest.param(("receipts",), id="receipts"),
     pytest.param(("set", "create", "--name", "A"), id="set-create"),
 ])
@@ -442,7 +442,7 @@ def test_missing_home(keyload_script: Path, tmp_path: Path, args: tuple[str, ...
 
 @pytest.mark.parametrize("args", [
     pytest.param(("unit", "create", "--set", "SET_A", "--sn", "XYZ"), id="unit-create"),
-    pytest.param(("load", "--unit", "01zz", "--ref1", "IMP", "--ref2", "1"), id="load"),
+    pytest.param(("load", "--sn", "01zz", "--ref1", "IMP", "--ref2", "1"), id="load"),
     pytest.param(("unit", "status", "--sn", "zz"), id="unit-status"),
 ])
 def test_bad_hex_sn(session: Session, args: tuple[str, ...]) -> None:
@@ -453,9 +453,9 @@ def test_bad_hex_sn(session: Session, args: tuple[str, ...]) -> None:
 
 
 OUT_OF_RANGE = [
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "0"), "REF2",
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "0"), "REF2",
                  id="load-ref2-0"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "255"), "REF2",
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "255"), "REF2",
                  id="load-ref2-255"),
     pytest.param(("unit", "create", "--set", "SET_A", "--sn", "0c", "--slot", "0=aes256"),
                  "REF2", id="unit-create-slot-0"),
@@ -487,7 +487,7 @@ def test_out_of_range_input_exit_code(session: Session, args: tuple[str, ...],
 
 def test_key_generate_without_usage_is_usage_error(session: Session) -> None:
     res = run("key", "generate", "--ref1", "NOUSE", "--type", "aes256", "--mode", "B",
-              "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "any",
+              "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "any",
               home=session.home)
     assert res.rc == EXIT_USAGE, res.describe()
     assert "Traceback" not in res.output and res.stdout == ""
@@ -498,7 +498,7 @@ def test_key_generate_without_usage_is_usage_error(session: Session) -> None:
 
 
 def test_load_ref2_not_a_number_is_usage_error(session: Session) -> None:
-    res = run("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "abc", home=session.home)
+    res = run("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "abc", home=session.home)
     assert res.rc == EXIT_USAGE and "Traceback" not in res.output
     assert "invalid int value" in res.stderr
 
@@ -523,7 +523,7 @@ def test_sas_from_another_authority_is_integrity_failure(keyload_script: Path,
            home=homes["other"]))
     shutil.copytree(homes["maker"] / "units", homes["other"] / "units")
     before = ok(run("unit", "status", "--sn", "abcd", "--json", home=homes["other"])).json()
-    res = run("load", "--unit", "abcd", "--ref1", "K", "--ref2", "1", home=homes["other"])
+    res = run("load", "--sn", "abcd", "--ref1", "K", "--ref2", "1", home=homes["other"])
     assert_error(res, EXIT_INTEGRITY, "6988")
     after = ok(run("unit", "status", "--sn", "abcd", "--json", home=homes["other"])).json()
     assert after == before and after["slots"][0]["state"] == "empty"

@@ -32,10 +32,10 @@ def _home(root: Path, units: int = 6) -> Home:
     ok(run("set", "create", "--name", "A", "--signed", home=root))
     set_id = ok(run("set", "list", "--json", home=root)).json()["sets"][0]["set_id"]
     ok(run("key", "generate", "--ref1", "TMK", "--type", "aes256", "--usage", "K0", "--mode",
-           "B", "--exportability", "E", "--version", "3", "--diversify", "--sets", set_id,
+           "B", "--exportability", "E", "--key-version", "3", "--diversify", "--sets", set_id,
            "--slots", "1", home=root))
     ok(run("key", "generate", "--ref1", "MAC", "--type", "hmac-sha256", "--usage", "M7",
-           "--mode", "C", "--exportability", "N", "--version", "1", "--sets", "any",
+           "--mode", "C", "--exportability", "N", "--key-version", "1", "--sets", "any",
            "--slots", "2", home=root))
     for i in range(units):
         ok(run("unit", "create", "--set", set_id, "--sn", f"C0FFEE{i:02x}", "--slot",

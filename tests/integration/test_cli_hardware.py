@@ -246,7 +246,7 @@ class P11Session:
 def _key_args(ref1: str, type_: str, usage: str, mode: str, exp: str, sets: str,
               slots: str) -> list[str]:
     return ["--ref1", ref1, "--type", type_, "--usage", usage, "--mode", mode,
-            "--exportability", exp, "--version", "1", "--sets", sets, "--slots", slots]
+            "--exportability", exp, "--key-version", "1", "--sets", sets, "--slots", slots]
 
 
 def _make_token(directory: Path) -> Path:
@@ -295,9 +295,9 @@ def p11(tmp_path_factory: pytest.TempPathFactory) -> P11Session:
         *unit_args, home=s.home, pin=PIN, input=s.components[0].hex() + "\n" + wrong.hex())
     s.res["units after wrong"] = keyload("unit", "list", "--json", home=s.home)
     s.step("unit create", *unit_args, input=s.component_input)
-    s.step("load GEN", "load", "--unit", SN, "--ref1", "GEN", "--ref2", "1")
-    s.step("load MAC", "load", "--unit", SN, "--ref1", "MAC", "--ref2", "2", "--json")
-    s.step("load IMP", "load", "--unit", SN, "--ref1", "IMP", "--ref2", "3")
+    s.step("load GEN", "load", "--sn", SN, "--ref1", "GEN", "--ref2", "1")
+    s.step("load MAC", "load", "--sn", SN, "--ref1", "MAC", "--ref2", "2", "--json")
+    s.step("load IMP", "load", "--sn", SN, "--ref1", "IMP", "--ref2", "3")
     s.step("status", "unit", "status", "--sn", SN, "--json")
     s.step("receipts", "receipts")
     s.step("receipts json", "receipts", "--json")

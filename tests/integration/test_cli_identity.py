@@ -237,14 +237,14 @@ def test_set_create_identity_on_a_pkcs11_home_makes_it_in_the_token(tmp_path: Pa
 # -- loads: suite 0x03 chosen because the unit's set is an identity set --------------------
 def _with_key(home: Home) -> None:
     ok(home.run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
-                "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+                "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
                 "--slots", "1"))
 
 
 def test_load_into_a_unit_of_an_identity_set_and_its_receipt_verifies(home: Home) -> None:
     _with_key(home)
     kcv = next(k["kcv"] for k in home.run("key", "list", "--json").json()["keys"])
-    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
+    out = ok(home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
     assert (out["sn"], out["set_id"], out["suite"], out["ref2"]) == (SN1, home.id_set, 3, 1)
     assert out["kcv"] == kcv and len(bytes.fromhex(out["receipt"])) == 64  # ECDSA r || s
     exports = ok(home.run("authority", "exports", "--json")).json()["records"]
@@ -263,7 +263,7 @@ def test_a_tampered_suite_3_receipt_is_invalid(home: Home) -> None:
     import sqlite3
 
     _with_key(home)
-    ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1"))
+    ok(home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1"))
     db = sqlite3.connect(home.path / "station.db")
     (rct,) = db.execute("SELECT rct FROM loads").fetchone()
     db.execute("UPDATE loads SET rct = ?", (rct[:-2] + ("00" if rct[-2:] != "00" else "01"),))
@@ -283,7 +283,7 @@ def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
                 if k.startswith(("units/", "authority/")) and k != "authority/exports.db"}
 
     before = kept()
-    res = home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1")
+    res = home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1")
     assert_error(res, EXIT_REFUSED, "6983")
     assert kept() == before
     assert home.run("authority", "exports", "--json").json()["total"] == 0
@@ -293,10 +293,10 @@ def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
 
 def test_a_diversified_key_loads_by_suite_3_and_its_receipt_verifies(home: Home) -> None:
     ok(home.run("key", "generate", "--ref1", "TMK-D", "--type", "aes256", "--usage", "K0",
-                "--mode", "B", "--exportability", "E", "--version", "1", "--diversify",
+                "--mode", "B", "--exportability", "E", "--key-version", "1", "--diversify",
                 "--sets", home.id_set, "--slots", "1"))
     master = next(k["kcv"] for k in home.run("key", "list", "--json").json()["keys"])
-    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
+    out = ok(home.run("load", "--sn", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
     assert out["suite"] == 3 and out["kcv"] != master  # TA' = KDF(TA, SN): its own KCV
     assert ok(home.run("receipts")).last_line() == "1 receipt verified, 0 invalid"
 

@@ -48,7 +48,7 @@ class Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text, d = action.help or "", action.default
         if not action.option_strings or "default" in text or \
-                d in (None, False, [], argparse.SUPPRESS) or \
+                d is None or d is False or d in ("", [], argparse.SUPPRESS) or \
                 text.endswith(f"({d:g})" if isinstance(d, float) else f"({d})"):
             return text
         return f"{text} (default: %(default)s)"

@@ -65,7 +65,7 @@ def check_policy(args: argparse.Namespace) -> int:
 # -- fetch ---------------------------------------------------------------------------
 def fetch(args: argparse.Namespace) -> int:
     """Load one key into one unit from the service (:func:`keyload.service.fetch.fetch_key`):
-    the emulated unit ``--unit``, or the card in ``--reader`` (which must then be ``--unit``
+    the emulated unit ``--sn``, or the card in ``--reader`` (which must then be ``--sn``
     when it is given); with ``--resend``, only the server's pending receipts are sent."""
     from ..service.client import Outbox, ServiceClient
     from ..service.fetch import EXIT_PENDING, damaged_told, fetch_key, resent_told, unit_for

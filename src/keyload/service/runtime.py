@@ -55,7 +55,7 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     a SQLite state the service's tables and the audit chain — are written in batches
     (:class:`~.commit.GroupCommit`), and so is a PostgreSQL state (one transaction per
     batch, holding the audit chain's lock).
-    ``processes``: how many processes serve from this state here (``--workers``); with
+    ``processes``: how many processes serve from this state here (``--processes``); with
     one and SQLite, the rate counters are kept in memory, else in the shared state.
     ``busy_timeout``: how long a database lock held elsewhere is waited for before the
     batch fails (503): short, so that a stuck writer cannot stall the service. With
