@@ -212,7 +212,7 @@ def test_tr31_options_are_checked(home: Home) -> None:
                    "aes128", "--kbpk", "BANK-KBPK", *POLICY)
     assert res.rc == 2 and "header gives the type" in res.stderr
     res = home.run("key", "import", "--ref1", "X", "--type", "aes128", *POLICY)
-    assert res.rc == 2 and "--usage, --mode, --exportability, --version" in res.stderr
+    assert res.rc == 2 and "--usage, --mode, --exportability, --key-version" in res.stderr
 
 
 def test_a_usage_keyload_does_not_take_is_refused(home: Home) -> None:
