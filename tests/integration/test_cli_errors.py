@@ -163,7 +163,8 @@ def test_key_usage_in_the_accepted_list_is_taken(home: Home, tmp_path: Path,
     copy = tmp_path / "home"
     shutil.copytree(home.root, copy)
     ok(run(*_key("U" + usage, usage, "any"), home=copy))
-    got = {k["ref1"]: k["usage"] for k in ok(run("key", "list", "--json", home=copy)).json()}
+    listed = ok(run("key", "list", "--json", home=copy)).json()["keys"]
+    got = {k["ref1"]: k["usage"] for k in listed}
     assert got["U" + usage] == usage
 
 

@@ -30,7 +30,7 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     home = tmp_path / "home"
     ok(run("authority", "init", home=home))
     ok(run("set", "create", "--name", "A", home=home))
-    set_id = ok(run("set", "list", "--json", home=home)).json()[0]["set_id"]
+    set_id = ok(run("set", "list", "--json", home=home)).json()["sets"][0]["set_id"]
     ok(run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0", "--mode",
            "B", "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "1",
            home=home))
