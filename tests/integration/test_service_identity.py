@@ -494,7 +494,7 @@ def test_workers_share_the_register_and_see_a_revocation(world: World, tmp_path:
         assert srv.stdout is not None
         first = srv.stdout.readline()
         found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
-        assert found is not None and "(2 workers)" in first, first
+        assert found is not None and "(2 processes)" in first, first
         port = int(found.group(1))
         url = f"https://127.0.0.1:{port}"
         p = fetch_cli(w, url, w.units_a[8], "TMK-1", 1)

@@ -50,7 +50,7 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     try:
         assert srv.stdout is not None
         first = srv.stdout.readline()  # the port the server bound (no pick-then-bind race)
-        assert "(2 workers)" in first, first
+        assert "(2 processes)" in first, first
         found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
         assert found is not None, first
         port = int(found.group(1))
