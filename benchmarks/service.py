@@ -514,7 +514,7 @@ def start_servers(d: Path, args: argparse.Namespace, state: str | None,
              str(d / "home"), "--cert", str(d / "pki" / "server.pem"), "--key",
              str(d / "pki" / "server.key"), "--ca", str(d / "pki" / "ca.pem"), "--policy",
              str(d / "policy.json"), "--port", "0", "--http", args.http, "--loop", args.loop,
-             "--workers", str(args.workers), "--instance", f"bench-{i}",
+             "--processes", str(args.workers), "--instance", f"bench-{i}",
              # the load generator is one address (127.0.0.1) opening every client's
              # connection in each round: its connect rate is lifted (the hostile
              # connections come from other addresses and keep the default)

@@ -115,7 +115,9 @@ def ok(res: Result) -> Result:
 
 def assert_error(res: Result, code: int, *needles: str, stdout_empty: bool = True) -> str:
     """Exit ``code``, exactly one stderr line ``keyload: error: ...`` holding every needle,
-    no traceback anywhere. Returns the error line."""
+    no traceback anywhere; nothing on stdout, or with ``--json`` only the error as JSON
+    (``{"error": {"code", "message", "exit"}}``, the message the line's). Returns the
+    error line."""
     assert res.rc == code, res.describe()
     assert "Traceback" not in res.output, res.describe()
     lines = res.stderr.splitlines()
@@ -123,7 +125,12 @@ def assert_error(res: Result, code: int, *needles: str, stdout_empty: bool = Tru
     assert lines[0].startswith("keyload: error: "), res.describe()
     for n in needles:
         assert n in lines[0], f"{n!r} not in error line\n{res.describe()}"
-    if stdout_empty:
+    if stdout_empty and "--json" in res.args:
+        err = json.loads(res.stdout)["error"]
+        assert err == {"code": err["code"], "exit": code,
+                       "message": lines[0].removeprefix("keyload: error: ")}, res.describe()
+        assert err["code"] and " " not in err["code"], res.describe()
+    elif stdout_empty:
         assert res.stdout == "", res.describe()
     return lines[0]
 

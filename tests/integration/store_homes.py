@@ -26,7 +26,7 @@ def make_home(home: Path) -> Path:
     for ref1, type_, usage, mode, version in (("TMK", "aes256", "K0", "B", "1"),
                                               ("PIN", "aes128", "P0", "E", "3")):
         ok(run("key", "generate", "--ref1", ref1, "--type", type_, "--usage", usage,
-               "--mode", mode, "--exportability", "E", "--version", version, "--sets", "any",
+               "--mode", mode, "--exportability", "E", "--key-version", version, "--sets", "any",
                "--slots", "any", home=home))
     for sn in UNITS:
         ok(run("unit", "create", "--set", set_id, "--sn", sn, "--slot", "1=aes256",
@@ -34,8 +34,8 @@ def make_home(home: Path) -> Path:
     ok(run("campaign", "create", CAMPAIGN, "--set", set_id, "--load", "TMK:1", home=home))
     ok(run("campaign", "run", CAMPAIGN, "--station", "s1", home=home))
     for sn in UNITS[:2]:
-        ok(run("load", "--unit", sn, "--ref1", "PIN", "--ref2", "2", home=home))
-    assert_error(run("load", "--unit", UNITS[2], "--ref1", "PIN", "--ref2", "1", home=home),
+        ok(run("load", "--sn", sn, "--ref1", "PIN", "--ref2", "2", home=home))
+    assert_error(run("load", "--sn", UNITS[2], "--ref1", "PIN", "--ref2", "1", home=home),
                  EXIT_REFUSED, "6986")
     return home
 

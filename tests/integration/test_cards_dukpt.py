@@ -38,7 +38,7 @@ def _home(root: Path, serials: list[str]) -> tuple[str, str]:
     for ref1, usage, exp, slot, value in (("BDK", "B0", "N", "1", BDK),
                                           ("KEK", "K0", "E", "2", bytes(16))):
         ok(run("key", "import", "--ref1", ref1, "--type", "aes128", "--usage", usage, "--mode",
-               "X", "--exportability", exp, "--version", "1", "--sets", "any", "--slots", slot,
+               "X", "--exportability", exp, "--key-version", "1", "--sets", "any", "--slots", slot,
                home=root, input=value.hex() + "\n"))
     for sn in serials:
         ok(run("unit", "create", "--set", set_id, "--sn", sn, "--slot", "1=aes128", "--slot",
@@ -66,11 +66,11 @@ def test_cli_load_an_initial_key_into_the_card_in_a_reader(pcscd: Pcscd, tmp_pat
         assert_error(k("load", "--reader", reader, "--ref1", "KEK", "--ref2", "2",
                        "--initial-key-id", IK_ID), EXIT_INPUT, "not a BDK")
         wait_for_card(reader, 10)
-        assert_error(k("load", "--reader", reader, "--unit", "7e2000ff", "--ref1", "BDK",
+        assert_error(k("load", "--reader", reader, "--sn", "7e2000ff", "--ref1", "BDK",
                        "--ref2", "1", "--initial-key-id", IK_ID), EXIT_INPUT,
                      f"is unit {sn}, not 7e2000ff")
         wait_for_card(reader, 10)
-        out = ok(k("load", "--reader", reader, "--unit", sn, "--ref1", "BDK", "--ref2", "1",
+        out = ok(k("load", "--reader", reader, "--sn", sn, "--ref1", "BDK", "--ref2", "1",
                    "--initial-key-id", IK_ID, "--json")).json()
         stdout, _ = served.communicate(timeout=15)
         assert served.returncode == 0 and stdout.splitlines()[-1] == "3 units served"
@@ -84,7 +84,7 @@ def test_cli_load_an_initial_key_into_the_card_in_a_reader(pcscd: Pcscd, tmp_pat
     assert [(r["sn"], r["ref1"], r["initial_key_id"], r["kcv"]) for r in recs] == \
         [(sn, "BDK", IK_ID, aes_kcv(IK))]
     assert ok(k("receipts")).last_line() == "1 receipts verified, 0 invalid"
-    line = ok(k("load", "--unit", sn, "--ref1", "KEK", "--ref2", "2")).stdout
+    line = ok(k("load", "--sn", sn, "--ref1", "KEK", "--ref2", "2")).stdout
     assert "KEK v1 into unit" in line  # the same unit, emulated: its other slot as usual
 
 

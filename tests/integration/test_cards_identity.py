@@ -230,11 +230,11 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     id_set = ok(k("set", "create", "--name", "plant", "--identity", "--json")).json()["set_id"]
     t_set = ok(k("set", "create", "--name", "plain", "--json")).json()["set_id"]
     ok(k("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0", "--mode",
-         "B", "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "any"))
+         "B", "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "any"))
     made = ok(k("unit", "create", "--set", id_set, "--sn", sn, "--slot", "1=aes256",
                 "--slot", "2=aes256", "--unenrolled", "--json")).json()
     assert made == {"sn": sn, "set_id": id_set, "slots": [1, 2], "enrolled": False}
-    assert ok(k("unit", "list", "--set", id_set, "--json")).json() == []
+    assert ok(k("unit", "list", "--set", id_set, "--json")).json()["units"] == []
     # refused before any card is touched (no card is in the reader yet)
     reader = pcscd.reader_for_port(UNIT_PORT)
     assert_error(k("unit", "enrol", "--reader", reader, "--set", t_set, "--sn", sn),
@@ -246,26 +246,26 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
         out = ok(k("unit", "enrol", "--reader", reader, "--set", id_set, "--sn", sn,
                    "--json")).json()
         stdout, _ = served.communicate(timeout=15)
-        assert served.returncode == 0 and stdout.splitlines()[-1] == "1 units served"
+        assert served.returncode == 0 and stdout.splitlines()[-1] == "1 unit served"
     wait_for_removal(reader, 5)
     assert out["sn"] == sn and out["set_id"] == id_set and out["reader"] == reader
-    assert ok(k("unit", "list", "--set", id_set, "--json")).json() == [
+    assert ok(k("unit", "list", "--set", id_set, "--json")).json()["units"] == [
         {"set_id": id_set, "sn": sn, "status": "active", "certificate": out["certificate"]}]
     assert_error(k("unit", "enrol", "--reader", reader, "--set", id_set, "--sn", sn),
                  EXIT_INPUT, "already certified")
     # the enrolled card loads over PC/SC by suite 0x03 (keyload load --reader) ...
     with serving(home, sn, times=2) as served:
         wait_for_card(reader, 10)
-        assert_error(k("load", "--reader", reader, "--unit", "1dc0000009", "--ref1", "TMK-1",
+        assert_error(k("load", "--reader", reader, "--sn", "1dc0000009", "--ref1", "TMK-1",
                        "--ref2", "1"), EXIT_INPUT, "is unit 1dc0000001, not 1dc0000009")
         wait_for_card(reader, 10)
-        by_card = ok(k("load", "--reader", reader, "--unit", sn, "--ref1", "TMK-1", "--ref2",
+        by_card = ok(k("load", "--reader", reader, "--sn", sn, "--ref1", "TMK-1", "--ref2",
                        "1", "--json")).json()
         stdout, _ = served.communicate(timeout=15)
         assert served.returncode == 0 and stdout.splitlines()[-1] == "2 units served"
     wait_for_removal(reader, 5)
     # ... and it is the emulated unit behind the card: it loads in process too
-    loaded = ok(k("load", "--unit", sn, "--ref1", "TMK-1", "--ref2", "2", "--json")).json()
+    loaded = ok(k("load", "--sn", sn, "--ref1", "TMK-1", "--ref2", "2", "--json")).json()
     for out, ref2 in ((by_card, 1), (loaded, 2)):
         assert out["suite"] == 3 and out["set_id"] == id_set and out["sn"] == sn
         assert out["ref2"] == ref2 and len(bytes.fromhex(out["receipt"])) == 64
@@ -285,7 +285,7 @@ def test_cli_unit_enrol_a_card_served_from_an_unenrolled_unit(pcscd: Pcscd,
     assert ok(k("receipts")).last_line() == "3 receipts verified, 0 invalid"
     usage = k("load", "--ref1", "TMK-1", "--ref2", "1")
     assert usage.rc == 2 and usage.stderr.splitlines()[-1] == \
-        "keyload load: error: one of --unit or --reader is required"
+        "keyload load: error: one of --sn or --reader is required"
 
 
 @pytest.mark.slow
@@ -303,7 +303,7 @@ def test_cli_campaign_run_over_a_reader_of_identity_cards(pcscd: Pcscd, tmp_path
     ok(k("authority", "init"))
     id_set = ok(k("set", "create", "--name", "plant", "--identity", "--json")).json()["set_id"]
     ok(k("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0", "--mode",
-         "B", "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "1"))
+         "B", "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "1"))
     for sn in sns:
         ok(k("unit", "create", "--set", id_set, "--sn", sn, "--slot", "1=aes256"))
     ok(k("campaign", "create", "c3", "--set", id_set, "--load", "TMK-1:1"))

@@ -85,13 +85,13 @@ class Session:
         return r
 
     def keys(self) -> dict[str, dict[str, Any]]:
-        return {k["ref1"]: k for k in self.res["key list json"].json()}
+        return {k["ref1"]: k for k in self.res["key list json"].json()["keys"]}
 
 
 def _key_args(ref1: str, type_: str, usage: str, mode: str, exp: str, version: int,
               sets: str, slots: str) -> list[str]:
     return ["--ref1", ref1, "--type", type_, "--usage", usage, "--mode", mode,
-            "--exportability", exp, "--version", str(version), "--sets", sets,
+            "--exportability", exp, "--key-version", str(version), "--sets", sets,
             "--slots", slots]
 
 
@@ -137,10 +137,10 @@ def session(keyload_script: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     s.step("unit list", "unit", "list", "--json")
     s.step("status before", "unit", "status", "--sn", SN1, "--json")
 
-    s.step("load IMP", "load", "--unit", SN1, "--ref1", "IMP", "--ref2", "1", "--json")
-    s.step("load MAC", "load", "--unit", SN1, "--ref1", "MAC", "--ref2", "2", "--json")
-    s.step("load TMK", "load", "--unit", SN1, "--ref1", "TMK", "--ref2", "4", "--json")
-    s.step("load SGN", "load", "--unit", SN2, "--ref1", "SGN", "--ref2", "1")
+    s.step("load IMP", "load", "--sn", SN1, "--ref1", "IMP", "--ref2", "1", "--json")
+    s.step("load MAC", "load", "--sn", SN1, "--ref1", "MAC", "--ref2", "2", "--json")
+    s.step("load TMK", "load", "--sn", SN1, "--ref1", "TMK", "--ref2", "4", "--json")
+    s.step("load SGN", "load", "--sn", SN2, "--ref1", "SGN", "--ref2", "1")
     s.step("status after", "unit", "status", "--sn", SN1, "--json")
     s.step("status 2 after", "unit", "status", "--sn", SN2, "--json")
     s.step("receipts", "receipts", "--json")
@@ -165,7 +165,7 @@ def test_sets_created_and_listed(session: Session) -> None:
     assert b["name"] == "B" and b["signed"] is True
     assert all(re.fullmatch(r"[0-9a-f]{10}", x) for x in (session.set_a, session.set_b))
     assert session.set_a != session.set_b
-    listed = session.res["set list"].json()
+    listed = session.res["set list"].json()["sets"]
     tk = "transport key"
     assert listed == [{"set_id": session.set_a, "name": "A", "signed": False, "kind": tk},
                       {"set_id": session.set_b, "name": "B", "signed": True, "kind": tk},
@@ -217,7 +217,7 @@ def test_key_import_components_kcvs(session: Session) -> None:
     assert m and m.group(1) == aes_kcv(xor(*comps))
     cmp_ = session.keys()["CMP"]
     assert (cmp_["type"], cmp_["length"], cmp_["kcv"]) == ("aes128", 16, aes_kcv(xor(*comps)))
-    assert cmp_["policy"] == {"sets": None, "slots": None}
+    assert cmp_["policy"] == {"sets": "any", "slots": "any"}
 
 
 def test_key_import_hmac_kcv_is_hmac_of_zero_block(session: Session) -> None:
@@ -267,7 +267,7 @@ def test_units_created(session: Session) -> None:
     assert session.res["unit 1"].json() == {"sn": SN1, "set_id": session.set_a,
                                             "slots": [1, 2, 3, 4, 5]}
     assert session.res["unit 2"].json() == {"sn": SN2, "set_id": session.set_b, "slots": [1]}
-    assert session.res["unit list"].json() == sorted([SN1, SN2])
+    assert session.res["unit list"].json()["units"] == sorted([SN1, SN2])
     before = session.res["status before"].json()
     assert before["set_id"] == session.set_a
     assert [(s["ref2"], s["state"], s["accepts"]) for s in before["slots"]] == [
@@ -366,7 +366,7 @@ REFUSALS = [
 @pytest.mark.parametrize(("sn", "ref1", "ref2", "sw"), REFUSALS)
 def test_load_refused(session: Session, sn: str, ref1: str, ref2: str, sw: str) -> None:
     before = snapshot(session.home)
-    res = run("load", "--unit", sn, "--ref1", ref1, "--ref2", ref2, "--json",
+    res = run("load", "--sn", sn, "--ref1", ref1, "--ref2", ref2, "--json",
               home=session.home)
     assert_error(res, EXIT_REFUSED, sw)
     assert_no_secrets(res.output, session.secrets)
@@ -374,7 +374,7 @@ def test_load_refused(session: Session, sn: str, ref1: str, ref2: str, sw: str) 
 
 
 def test_refused_load_keeps_receipts_valid(session: Session) -> None:
-    assert_error(run("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5", home=session.home),
+    assert_error(run("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5", home=session.home),
                  EXIT_REFUSED, "6986")
     res = ok(run("receipts", "--json", home=session.home)).json()
     assert (res["verified"], res["invalid"], res["invalid_rows"]) == (4, 0, [])
@@ -389,7 +389,7 @@ def test_refused_load_keeps_receipts_valid(session: Session) -> None:
     pytest.param(("key", "list"), id="key-list"),
     pytest.param(("set", "list", "--json"), id="set-list"),
     pytest.param(("unit", "status", "--sn", SN1), id="unit-status"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
 ])
 def test_wrong_passphrase(session: Session, args: tuple[str, ...]) -> None:
     before = snapshot(session.home)
@@ -411,7 +411,7 @@ def damaged_home(session: Session, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("args", [
     pytest.param(("key", "list", "--json"), id="key-list"),
     pytest.param(("authority", "show"), id="authority-show"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "5"), id="load"),
     pytest.param(("receipts",), id="receipts"),
 ])
 def test_damaged_keystore(damaged_home: Path, args: tuple[str, ...]) -> None:
@@ -429,7 +429,7 @@ def test_damaged_keystore(damaged_home: Path, args: tuple[str, ...]) -> None:
     pytest.param(("authority", "show", "--json"), id="authority-show"),
     pytest.param(("authority", "exports"), id="authority-exports"),
     pytest.param(("unit", "status", "--sn", SN1), id="unit-status"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "IMP", "--ref2", "1"), id="load"),
+    pytest.param(("load", "--sn", SN1, "--ref1", "IMP", "--ref2", "1"), id="load"),
     pytest.param(("receipts",), id="receipts"),
     pytest.param(("set", "create", "--name", "A"), id="set-create"),
 ])
@@ -442,7 +442,7 @@ def test_missing_home(keyload_script: Path, tmp_path: Path, args: tuple[str, ...
 
 @pytest.mark.parametrize("args", [
     pytest.param(("unit", "create", "--set", "SET_A", "--sn", "XYZ"), id="unit-create"),
-    pytest.param(("load", "--unit", "01zz", "--ref1", "IMP", "--ref2", "1"), id="load"),
+    pytest.param(("load", "--sn", "01zz", "--ref1", "IMP", "--ref2", "1"), id="load"),
     pytest.param(("unit", "status", "--sn", "zz"), id="unit-status"),
 ])
 def test_bad_hex_sn(session: Session, args: tuple[str, ...]) -> None:
@@ -453,9 +453,9 @@ def test_bad_hex_sn(session: Session, args: tuple[str, ...]) -> None:
 
 
 OUT_OF_RANGE = [
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "0"), "REF2",
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "0"), "REF2",
                  id="load-ref2-0"),
-    pytest.param(("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "255"), "REF2",
+    pytest.param(("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "255"), "REF2",
                  id="load-ref2-255"),
     pytest.param(("unit", "create", "--set", "SET_A", "--sn", "0c", "--slot", "0=aes256"),
                  "REF2", id="unit-create-slot-0"),
@@ -487,7 +487,7 @@ def test_out_of_range_input_exit_code(session: Session, args: tuple[str, ...],
 
 def test_key_generate_without_usage_is_usage_error(session: Session) -> None:
     res = run("key", "generate", "--ref1", "NOUSE", "--type", "aes256", "--mode", "B",
-              "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "any",
+              "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "any",
               home=session.home)
     assert res.rc == EXIT_USAGE, res.describe()
     assert "Traceback" not in res.output and res.stdout == ""
@@ -498,7 +498,7 @@ def test_key_generate_without_usage_is_usage_error(session: Session) -> None:
 
 
 def test_load_ref2_not_a_number_is_usage_error(session: Session) -> None:
-    res = run("load", "--unit", SN1, "--ref1", "CMP", "--ref2", "abc", home=session.home)
+    res = run("load", "--sn", SN1, "--ref1", "CMP", "--ref2", "abc", home=session.home)
     assert res.rc == EXIT_USAGE and "Traceback" not in res.output
     assert "invalid int value" in res.stderr
 
@@ -515,14 +515,15 @@ def test_sas_from_another_authority_is_integrity_failure(keyload_script: Path,
         ok(run("authority", "init", "--signing-key", home=home))
         ok(run("set", "create", "--name", "S", "--signed", "--components", "2", home=home,
                input=comps))
-    set_id = ok(run("set", "list", "--json", home=homes["maker"])).json()[0]["set_id"]
-    assert ok(run("set", "list", "--json", home=homes["other"])).json()[0]["set_id"] == set_id
+    set_id = ok(run("set", "list", "--json", home=homes["maker"])).json()["sets"][0]["set_id"]
+    other = ok(run("set", "list", "--json", home=homes["other"])).json()["sets"]
+    assert other[0]["set_id"] == set_id
     ok(run("unit", "create", "--set", set_id, "--sn", "abcd", home=homes["maker"]))
     ok(run("key", "generate", *_key_args("K", "aes256", "K0", "B", "E", 1, "any", "any"),
            home=homes["other"]))
     shutil.copytree(homes["maker"] / "units", homes["other"] / "units")
     before = ok(run("unit", "status", "--sn", "abcd", "--json", home=homes["other"])).json()
-    res = run("load", "--unit", "abcd", "--ref1", "K", "--ref2", "1", home=homes["other"])
+    res = run("load", "--sn", "abcd", "--ref1", "K", "--ref2", "1", home=homes["other"])
     assert_error(res, EXIT_INTEGRITY, "6988")
     after = ok(run("unit", "status", "--sn", "abcd", "--json", home=homes["other"])).json()
     assert after == before and after["slots"][0]["state"] == "empty"
@@ -714,12 +715,12 @@ def test_key_components_that_cancel_out_are_refused(session: Session, parts: Any
     are refused, and nothing is stored."""
     a, b = secrets.token_bytes(16), secrets.token_bytes(16)
     comps = parts(a, b)
-    before = run("key", "list", "--json", home=session.home).json()
+    before = run("key", "list", "--json", home=session.home).json()["keys"]
     res = run("key", "import", "--components", str(len(comps)),
               *_key_args("ZERO", "aes128", "P0", "E", "N", 1, "any", "any"),
               home=session.home, input="".join(c.hex() + "\n" for c in comps))
     assert_error(res, EXIT_INPUT, why)
-    assert run("key", "list", "--json", home=session.home).json() == before
+    assert run("key", "list", "--json", home=session.home).json()["keys"] == before
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
@@ -731,15 +732,15 @@ def test_serve_port_out_of_range_is_an_input_error(tmp_path: Path, port: str) ->
 
 
 def test_key_for_a_set_the_authority_does_not_have_is_refused(session: Session) -> None:
-    before = run("key", "list", "--json", home=session.home).json()
+    before = run("key", "list", "--json", home=session.home).json()["keys"]
     res = run("key", "generate", *_key_args("TYPO", "aes256", "K0", "B", "E", 1,
                                             f"{session.set_a},ffffffffff", "1"),
               home=session.home)
     assert_error(res, EXIT_INPUT, "--sets", "ffffffffff")
-    assert run("key", "list", "--json", home=session.home).json() == before
+    assert run("key", "list", "--json", home=session.home).json()["keys"] == before
 
 
-@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-3"),
+@pytest.mark.parametrize("flag, value", [("--threads", "0"), ("--threads", "-3"),
                                          ("--batch", "0")])
 def test_campaign_run_counts_below_one_are_refused(tmp_path: Path, flag: str,
                                                    value: str) -> None:
@@ -828,7 +829,7 @@ def test_campaign_status_refuses_a_missing_journal_file(tmp_path: Path) -> None:
 
 
 def test_a_second_set_with_a_name_already_taken_is_refused(session: Session) -> None:
-    before = run("set", "list", "--json", home=session.home).json()
+    before = run("set", "list", "--json", home=session.home).json()["sets"]
     res = run("set", "create", "--name", "A", home=session.home)
     assert_error(res, EXIT_INPUT, "'A' exists already", session.set_a)
-    assert run("set", "list", "--json", home=session.home).json() == before
+    assert run("set", "list", "--json", home=session.home).json()["sets"] == before

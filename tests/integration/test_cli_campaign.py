@@ -30,12 +30,12 @@ def _home(root: Path, units: int = 6) -> Home:
         pytest.skip("the keyload console script is not installed")
     ok(run("authority", "init", "--signing-key", home=root))
     ok(run("set", "create", "--name", "A", "--signed", home=root))
-    set_id = ok(run("set", "list", "--json", home=root)).json()[0]["set_id"]
+    set_id = ok(run("set", "list", "--json", home=root)).json()["sets"][0]["set_id"]
     ok(run("key", "generate", "--ref1", "TMK", "--type", "aes256", "--usage", "K0", "--mode",
-           "B", "--exportability", "E", "--version", "3", "--diversify", "--sets", set_id,
+           "B", "--exportability", "E", "--key-version", "3", "--diversify", "--sets", set_id,
            "--slots", "1", home=root))
     ok(run("key", "generate", "--ref1", "MAC", "--type", "hmac-sha256", "--usage", "M7",
-           "--mode", "C", "--exportability", "N", "--version", "1", "--sets", "any",
+           "--mode", "C", "--exportability", "N", "--key-version", "1", "--sets", "any",
            "--slots", "2", home=root))
     for i in range(units):
         ok(run("unit", "create", "--set", set_id, "--sn", f"C0FFEE{i:02x}", "--slot",
@@ -184,5 +184,5 @@ def test_campaign_errors(tmp_path: Path) -> None:
     assert_error(run("campaign", "create", "c4", "--set", h.set_id, "--load", "TMK:1",
                      "--manifest", bad, home=h.root), EXIT_INPUT, "not a hex SN")
     assert_error(run("campaign", "run", "nope", home=h.root), EXIT_STORE, "no campaign")
-    st = ok(run("campaign", "status", "--json", home=h.root)).json()
+    st = ok(run("campaign", "status", "--json", home=h.root)).json()["campaigns"]
     assert [s["campaign"] for s in st] == ["c1"]  # the refused plans left nothing

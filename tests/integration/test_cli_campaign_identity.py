@@ -91,7 +91,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Home:
     home = Home(path, id_set, t_set)
     for ref1, typ, slot in (("TMK", "aes256", "1"), ("PEK", "aes128", "2")):
         ok(home.run("key", "generate", "--ref1", ref1, "--type", typ, "--usage", "K0",
-                    "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+                    "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
                     "--slots", slot))
     _enrol(home, SERIALS)
     ok(home.run("unit", "create", "--set", t_set, "--sn", "7e000001", "--slot", "1=aes256"))
@@ -185,13 +185,13 @@ def test_the_auditor_verifies_with_certificates_alone(home: Home) -> None:
                 "--manifest", str(_manifest(home, ["7e000001"]))))
     ok(home.run("campaign", "run", "plain", "--quiet"))
     _create(home)
-    ok(home.run("campaign", "run", "spring", "--quiet", "--workers", "3"))  # export3 locked
+    ok(home.run("campaign", "run", "spring", "--quiet", "--threads", "3"))  # export3 locked
     trust = _trust(home)
     _no_authority(home)
     auditor = ("ledger", "verify", "--auditor", "--ca", trust)
     res = ok(home.run(*auditor, passphrase=None))
     assert res.last_line() == f"{2 * UNITS} receipts verified, 0 invalid"
-    assert "1 receipts of suites 0x01/0x02 not verifiable without the authority" in res.stdout
+    assert "1 receipt of suites 0x01/0x02 not verifiable without the authority" in res.stdout
     js = ok(home.run(*auditor, "--json", passphrase=None)).json()
     assert (js["verified"], js["invalid"], js["not_verifiable_without_authority"]) == \
         (2 * UNITS, 0, 1)
@@ -384,10 +384,10 @@ def test_a_slot_holding_another_ref1_is_not_taken_for_the_planned_load(home: Hom
     claimed there is not reconciled as done (the slot answers its REF1), it runs, and
     the unit refuses it (6986: version not higher)."""
     ok(home.run("key", "generate", "--ref1", "OLD", "--type", "aes256", "--usage", "K0",
-                "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+                "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
                 "--slots", "1"))
     sn = SERIALS[0]
-    ok(home.run("load", "--unit", sn, "--ref1", "OLD", "--ref2", "1"))
+    ok(home.run("load", "--sn", sn, "--ref1", "OLD", "--ref2", "1"))
     _create(home, [sn])
     journal = SqliteJournal(home.path / "journal.db")
     try:  # the station took the unit, then died before anything was sent
@@ -406,8 +406,8 @@ def test_a_single_load_keeps_e_a_and_c_u_and_receipts_check_them(home: Home) -> 
     """``keyload load`` records E_A and C_U in station.db; ``keyload receipts`` verifies the
     receipt with them (the same check as the ledger's) and finds an E_A changed there."""
     sn = SERIALS[0]
-    ok(home.run("load", "--unit", sn, "--ref1", "TMK", "--ref2", "1"))
-    ok(home.run("load", "--unit", sn, "--ref1", "PEK", "--ref2", "2"))
+    ok(home.run("load", "--sn", sn, "--ref1", "TMK", "--ref2", "1"))
+    ok(home.run("load", "--sn", sn, "--ref1", "PEK", "--ref2", "2"))
     db = sqlite3.connect(home.path / "station.db")
     rows = db.execute("SELECT id, e_a, c_u FROM loads ORDER BY id").fetchall()
     assert len(rows) == 2 and all(len(bytes.fromhex(e_a)) == 65 for _, e_a, _ in rows)

@@ -45,9 +45,10 @@ def test_demo_suite3_customizes_every_unit(demo3: tuple[Path, Result]) -> None:
 
 def test_demo_suite3_units_are_in_the_register(demo3: tuple[Path, Result]) -> None:
     workdir, _ = demo3
-    sets = ok(run("set", "list", "--json", home=workdir)).json()
+    sets = ok(run("set", "list", "--json", home=workdir)).json()["sets"]
     (ident,) = [s for s in sets if s["kind"] == "identity"]
-    units = ok(run("unit", "list", "--set", ident["set_id"], "--json", home=workdir)).json()
+    units = ok(run("unit", "list", "--set", ident["set_id"], "--json",
+                   home=workdir)).json()["units"]
     assert sorted(u["sn"] for u in units) == [(b"KL" + i.to_bytes(6, "big")).hex()
                                             for i in range(1, 21)]
     assert {u["status"] for u in units} == {"active"}

@@ -44,7 +44,7 @@ class Home:
 
 def _key(ref1: str, type_: str, usage: str, exp: str, slots: str) -> list[str]:
     return ["key", "import", "--ref1", ref1, "--type", type_, "--usage", usage, "--mode", "X",
-            "--exportability", exp, "--version", "1", "--sets", "any", "--slots", slots]
+            "--exportability", exp, "--key-version", "1", "--sets", "any", "--slots", slots]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
 
 @pytest.fixture(scope="module")
 def loaded(home: Home) -> dict[str, Any]:
-    out: dict[str, Any] = ok(run("load", "--unit", "7E0000FF", "--ref1", "BDK", "--ref2", "1",
+    out: dict[str, Any] = ok(run("load", "--sn", "7E0000FF", "--ref1", "BDK", "--ref2", "1",
                                  "--initial-key-id", IK_ID, "--json", home=home.root)).json()
     return out
 
@@ -142,16 +142,16 @@ def test_refused_with_one_line_and_nothing_stored(home: Home, args: list[str], c
                                                   needle: str) -> None:
     sn = "7E000001"
     before = home.status(sn)[2]
-    assert_error(run("load", "--unit", sn, *args, home=home.root), code, needle)
+    assert_error(run("load", "--sn", sn, *args, home=home.root), code, needle)
     assert home.status(sn)[2] == before and before["state"] == "empty"
 
 
 def test_key_list_shows_a_bdk_lets_only_initial_keys_leave(home: Home) -> None:
-    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home.root)).json()}
+    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home.root)).json()["keys"]}
     assert (keys["BDK"]["usage"], keys["BDK"]["exportability"], keys["BDK"]["kcv"]) == \
         ("B0", "N", aes_kcv(BDK))
-    assert keys["BDK"]["policy"] == {"sets": None, "slots": [1], "initial_keys_only": True}
-    assert keys["KEK"]["policy"] == {"sets": None, "slots": [2]}
+    assert keys["BDK"]["policy"] == {"sets": "any", "slots": [1], "initial_keys_only": True}
+    assert keys["KEK"]["policy"] == {"sets": "any", "slots": [2]}
     table = ok(run("key", "list", home=home.root)).stdout
     assert "any set; 1; initial keys only" in table
 
@@ -184,7 +184,7 @@ def test_an_aes128_ik_from_an_aes256_bdk(home: Home) -> None:
     || initial key ID (usage initial key, algorithm AES-128, 128 bits)."""
     bdk = bytes(range(100, 132))
     ok(run(*_key("BDK-256", "aes256", "B0", "N", "2"), home=home.root, input=bdk.hex() + "\n"))
-    ok(run("load", "--unit", "7E000003", "--ref1", "BDK-256", "--ref2", "2",
+    ok(run("load", "--sn", "7E000003", "--ref1", "BDK-256", "--ref2", "2",
            "--initial-key-id", IK_ID, "--ik-type", "aes128", home=home.root))
     enc = Cipher(algorithms.AES(bdk), modes.ECB()).encryptor()  # noqa: S305 - X9.24-3
     ik = enc.update(bytes.fromhex("010180010002008" + "0" + IK_ID)) + enc.finalize()
@@ -201,7 +201,7 @@ def test_a_bdk_load_in_a_reader_is_refused_before_the_reader(home: Home) -> None
 def test_a_bdk_is_never_exportable(home: Home) -> None:
     res = run(*_key("BDK2", "aes128", "B0", "E", "1"), home=home.root, input="22" * 16 + "\n")
     assert_error(res, EXIT_INPUT, "never exported")
-    listed = ok(run("key", "list", "--json", home=home.root)).json()
+    listed = ok(run("key", "list", "--json", home=home.root)).json()["keys"]
     assert "BDK2" not in {k["ref1"] for k in listed}
 
 

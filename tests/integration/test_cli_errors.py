@@ -37,7 +37,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     ok(run("authority", "init", home=root))
     set_id = ok(run("set", "create", "--name", "A", "--json", home=root)).json()["set_id"]
     ok(run("key", "generate", "--ref1", "TMK", "--type", "aes256", "--usage", "K0",
-           "--mode", "B", "--exportability", "E", "--version", "1", "--sets", set_id,
+           "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", set_id,
            "--slots", "1", home=root))
     ok(run("unit", "create", "--set", set_id, "--sn", SN, "--slot", "1=aes256", "--slot",
            "2=aes256", home=root))
@@ -140,7 +140,7 @@ def test_every_reading_command_on_a_missing_home_creates_nothing(tmp_path: Path,
 # -- item 12: input refused at the command ---------------------------------------------
 def _key(ref1: str, usage: str, sets: str) -> list[str]:
     return ["key", "generate", "--ref1", ref1, "--type", "aes128", "--usage", usage, "--mode",
-            "E", "--exportability", "N", "--version", "1", "--sets", sets, "--slots", "any"]
+            "E", "--exportability", "N", "--key-version", "1", "--sets", sets, "--slots", "any"]
 
 
 @pytest.mark.parametrize("usage", ["ZZ", "K9", "00", "k0", "S0"])
@@ -163,7 +163,8 @@ def test_key_usage_in_the_accepted_list_is_taken(home: Home, tmp_path: Path,
     copy = tmp_path / "home"
     shutil.copytree(home.root, copy)
     ok(run(*_key("U" + usage, usage, "any"), home=copy))
-    got = {k["ref1"]: k["usage"] for k in ok(run("key", "list", "--json", home=copy)).json()}
+    listed = ok(run("key", "list", "--json", home=copy)).json()["keys"]
+    got = {k["ref1"]: k["usage"] for k in listed}
     assert got["U" + usage] == usage
 
 
@@ -249,10 +250,10 @@ def test_a_wrong_kek_is_still_a_passphrase_error(kek_home: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [
-    pytest.param(("load", "--unit", "", "--ref1", "TMK", "--ref2", "1"), id="load"),
+    pytest.param(("load", "--sn", "", "--ref1", "TMK", "--ref2", "1"), id="load"),
     pytest.param(("unit", "status", "--sn", ""), id="unit-status"),
     pytest.param(("unit", "serve-card", "--sn", ""), id="unit-serve-card"),
-    pytest.param(("fetch", "--server", "https://127.0.0.1:1", "--unit", "", "--ref1", "TMK",
+    pytest.param(("fetch", "--server", "https://127.0.0.1:1", "--sn", "", "--ref1", "TMK",
                   "--ref2", "1", "--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key"),
                  id="fetch"),
 ])
@@ -265,11 +266,11 @@ def test_an_empty_sn_is_an_input_error(home: Home, args: tuple[str, ...]) -> Non
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    pytest.param(("load", "--unit", SN, "--ref1", "R" * 33, "--ref2", "1"),
+    pytest.param(("load", "--sn", SN, "--ref1", "R" * 33, "--ref2", "1"),
                  "REF1 must be 1 to 32 bytes", id="long-ref1"),
-    pytest.param(("load", "--unit", SN, "--ref1", "0x" + "31" * 33, "--ref2", "1"),
+    pytest.param(("load", "--sn", SN, "--ref1", "0x" + "31" * 33, "--ref2", "1"),
                  "REF1 must be 1 to 32 bytes", id="long-hex-ref1"),
-    pytest.param(("load", "--unit", SN, "--ref1", "TMK", "--ref2", "255"),
+    pytest.param(("load", "--sn", SN, "--ref1", "TMK", "--ref2", "255"),
                  "REF2 must be in 1..254", id="ref2-255"),
 ])
 def test_a_bad_ref_is_an_input_error_not_a_status_word(home: Home, args: tuple[str, ...],
@@ -292,7 +293,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _fetch(pki: Path, server: str, **files_: Path | str) -> tuple[str, ...]:
     f = {"ca": pki / "ca.pem", "cert": pki / "clients" / "client.pem",
          "key": pki / "clients" / "client.key", **files_}
-    return ("fetch", "--server", server, "--unit", SN, "--ref1", "TMK", "--ref2", "1",
+    return ("fetch", "--server", server, "--sn", SN, "--ref1", "TMK", "--ref2", "1",
             "--ca", str(f["ca"]), "--cert", str(f["cert"]), "--key", str(f["key"]))
 
 

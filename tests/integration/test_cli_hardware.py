@@ -178,7 +178,7 @@ def test_pkcs11_demo_home_used_by_later_commands(pkcs11_demo: DemoHome) -> None:
     """Only the PIN is given: backend.json says which module, token and SoftHSM config."""
     home = pkcs11_demo.root
     keys = {k["ref1"]: k for k in ok(keyload("key", "list", "--json", home=home,
-                                             pin=DEMO_PIN)).json()}
+                                             pin=DEMO_PIN)).json()["keys"]}
     assert set(keys) == {"TMK-A", "MAC-A", "PIN-B"}
     assert (keys["TMK-A"]["type"], keys["TMK-A"]["diversify"]) == ("aes256", True)
     assert (keys["MAC-A"]["type"], keys["MAC-A"]["diversify"]) == ("hmac-sha256", False)
@@ -246,7 +246,7 @@ class P11Session:
 def _key_args(ref1: str, type_: str, usage: str, mode: str, exp: str, sets: str,
               slots: str) -> list[str]:
     return ["--ref1", ref1, "--type", type_, "--usage", usage, "--mode", mode,
-            "--exportability", exp, "--version", "1", "--sets", sets, "--slots", slots]
+            "--exportability", exp, "--key-version", "1", "--sets", sets, "--slots", slots]
 
 
 def _make_token(directory: Path) -> Path:
@@ -295,9 +295,9 @@ def p11(tmp_path_factory: pytest.TempPathFactory) -> P11Session:
         *unit_args, home=s.home, pin=PIN, input=s.components[0].hex() + "\n" + wrong.hex())
     s.res["units after wrong"] = keyload("unit", "list", "--json", home=s.home)
     s.step("unit create", *unit_args, input=s.component_input)
-    s.step("load GEN", "load", "--unit", SN, "--ref1", "GEN", "--ref2", "1")
-    s.step("load MAC", "load", "--unit", SN, "--ref1", "MAC", "--ref2", "2", "--json")
-    s.step("load IMP", "load", "--unit", SN, "--ref1", "IMP", "--ref2", "3")
+    s.step("load GEN", "load", "--sn", SN, "--ref1", "GEN", "--ref2", "1")
+    s.step("load MAC", "load", "--sn", SN, "--ref1", "MAC", "--ref2", "2", "--json")
+    s.step("load IMP", "load", "--sn", SN, "--ref1", "IMP", "--ref2", "3")
     s.step("status", "unit", "status", "--sn", SN, "--json")
     s.step("receipts", "receipts")
     s.step("receipts json", "receipts", "--json")
@@ -328,7 +328,7 @@ def test_p11_set_from_components(p11: P11Session) -> None:
 
 
 def test_p11_keys_in_the_token(p11: P11Session) -> None:
-    keys = {k["ref1"]: k for k in p11.res["key list"].json()}
+    keys = {k["ref1"]: k for k in p11.res["key list"].json()["keys"]}
     assert set(keys) == {"GEN", "MAC", "IMP"}
     assert keys["MAC"] == p11.res["key MAC"].json()
     assert (keys["MAC"]["type"], keys["MAC"]["length"]) == ("hmac-sha256", 32)
@@ -342,7 +342,7 @@ def test_p11_keys_in_the_token(p11: P11Session) -> None:
 def test_p11_wrong_component_no_unit(p11: P11Session) -> None:
     assert_error(p11.res["unit wrong component"], EXIT_INPUT,
                  "do not make this set's transport key")
-    assert p11.res["units after wrong"].json() == []
+    assert p11.res["units after wrong"].json() == {"units": []}
     assert p11.res["units after wrong"].rc == 0
     # the right components made exactly one unit, 0102
     assert sorted(p.name for p in (p11.home / "units").glob("*.unit")) == [f"{SN}.unit"]
@@ -358,7 +358,7 @@ def test_p11_loads_kcvs(p11: P11Session) -> None:
         got[m.group(1)] = (int(m.group(2)), m.group(3), m.group(4))
     mac = p11.res["load MAC"].json()
     assert (mac["sn"], mac["set_id"], mac["ref2"], mac["suite"]) == (SN, p11.set_id, 2, 2)
-    keys = {k["ref1"]: k for k in p11.res["key list"].json()}
+    keys = {k["ref1"]: k for k in p11.res["key list"].json()["keys"]}
     assert mac["kcv"] == keys["MAC"]["kcv"]  # not diversified: the key's own KCV
     # IMP is diversified for this unit: TA' = ECBDIV(TA, "KLP1-TA", lv(SN)), computed here
     sn = bytes.fromhex(SN)
@@ -392,7 +392,7 @@ def test_p11_wrong_pin(p11: P11Session) -> None:
     res = keyload("key", "list", home=p11.home, pin="00000000")
     assert_error(res, EXIT_PASSPHRASE, "wrong PIN", LABEL)
     # still fine with the right one (no lockout from one failure)
-    assert len(ok(keyload("key", "list", "--json", home=p11.home, pin=PIN)).json()) == 3
+    assert len(ok(keyload("key", "list", "--json", home=p11.home, pin=PIN)).json()["keys"]) == 3
 
 
 def test_p11_unit_create_without_components(p11: P11Session) -> None:

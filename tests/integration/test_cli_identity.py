@@ -68,7 +68,8 @@ def home(base: Home, tmp_path: Path) -> Home:
 
 
 def register(home: Home) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = home.run("unit", "list", "--set", home.id_set, "--json").json()
+    out: list[dict[str, str]] = home.run("unit", "list", "--set", home.id_set,
+                                         "--json").json()["units"]
     return out
 
 
@@ -76,7 +77,7 @@ def test_set_create_identity_and_set_list_show_its_kind(base: Home) -> None:
     made = base.created.json()
     assert made["name"] == "plant" and made["kind"] == "identity"
     assert len(bytes.fromhex(made["set_id"])) == 5 and made["set_id"] != base.t_set
-    listed = {s["set_id"]: s for s in ok(base.run("set", "list", "--json")).json()}
+    listed = {s["set_id"]: s for s in ok(base.run("set", "list", "--json")).json()["sets"]}
     assert listed[base.id_set]["kind"] == "identity"
     assert listed[base.t_set]["kind"] == "transport key"
     table = ok(base.run("set", "list")).stdout.splitlines()
@@ -219,11 +220,11 @@ def test_set_create_identity_on_a_pkcs11_home_makes_it_in_the_token(tmp_path: Pa
     _require_softhsm()
     root = tmp_path / "work"
     ok(keyload("demo", "--units", "1", "--authority", "pkcs11", "--workdir", root, "--quiet"))
-    sets = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()
+    sets = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()["sets"]
     made = ok(keyload("set", "create", "--name", "plant", "--identity", "--json", home=root,
                       pin=DEMO_PIN)).json()
     assert made["kind"] == "identity" and made["name"] == "plant"
-    after = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()
+    after = ok(keyload("set", "list", "--json", home=root, pin=DEMO_PIN)).json()["sets"]
     def by_id(listed: list[dict[str, str]]) -> list[dict[str, str]]:
         return sorted(listed, key=lambda s: s["set_id"])  # the token's order is its own
 
@@ -236,14 +237,14 @@ def test_set_create_identity_on_a_pkcs11_home_makes_it_in_the_token(tmp_path: Pa
 # -- loads: suite 0x03 chosen because the unit's set is an identity set --------------------
 def _with_key(home: Home) -> None:
     ok(home.run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
-                "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+                "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
                 "--slots", "1"))
 
 
 def test_load_into_a_unit_of_an_identity_set_and_its_receipt_verifies(home: Home) -> None:
     _with_key(home)
-    kcv = next(k["kcv"] for k in home.run("key", "list", "--json").json())
-    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
+    kcv = next(k["kcv"] for k in home.run("key", "list", "--json").json()["keys"])
+    out = ok(home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
     assert (out["sn"], out["set_id"], out["suite"], out["ref2"]) == (SN1, home.id_set, 3, 1)
     assert out["kcv"] == kcv and len(bytes.fromhex(out["receipt"])) == 64  # ECDSA r || s
     exports = ok(home.run("authority", "exports", "--json")).json()["records"]
@@ -253,7 +254,7 @@ def test_load_into_a_unit_of_an_identity_set_and_its_receipt_verifies(home: Home
     assert [(x["ref2"], x["state"], x["kcv"]) for x in st["slots"]] == [
         (1, "loaded", kcv), (2, "empty", None)]
     rec = ok(home.run("receipts"))
-    assert rec.last_line() == "1 receipts verified, 0 invalid"
+    assert rec.last_line() == "1 receipt verified, 0 invalid"
     js = ok(home.run("receipts", "--json")).json()
     assert (js["verified"], js["invalid"], js["exports_without_receipt"]) == (1, 0, 0)
 
@@ -262,7 +263,7 @@ def test_a_tampered_suite_3_receipt_is_invalid(home: Home) -> None:
     import sqlite3
 
     _with_key(home)
-    ok(home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1"))
+    ok(home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1"))
     db = sqlite3.connect(home.path / "station.db")
     (rct,) = db.execute("SELECT rct FROM loads").fetchone()
     db.execute("UPDATE loads SET rct = ?", (rct[:-2] + ("00" if rct[-2:] != "00" else "01"),))
@@ -282,7 +283,7 @@ def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
                 if k.startswith(("units/", "authority/")) and k != "authority/exports.db"}
 
     before = kept()
-    res = home.run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1")
+    res = home.run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1")
     assert_error(res, EXIT_REFUSED, "6983")
     assert kept() == before
     assert home.run("authority", "exports", "--json").json()["total"] == 0
@@ -292,12 +293,12 @@ def test_a_load_to_a_revoked_unit_is_refused_6983(home: Home) -> None:
 
 def test_a_diversified_key_loads_by_suite_3_and_its_receipt_verifies(home: Home) -> None:
     ok(home.run("key", "generate", "--ref1", "TMK-D", "--type", "aes256", "--usage", "K0",
-                "--mode", "B", "--exportability", "E", "--version", "1", "--diversify",
+                "--mode", "B", "--exportability", "E", "--key-version", "1", "--diversify",
                 "--sets", home.id_set, "--slots", "1"))
-    master = next(k["kcv"] for k in home.run("key", "list", "--json").json())
-    out = ok(home.run("load", "--unit", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
+    master = next(k["kcv"] for k in home.run("key", "list", "--json").json()["keys"])
+    out = ok(home.run("load", "--sn", SN1, "--ref1", "TMK-D", "--ref2", "1", "--json")).json()
     assert out["suite"] == 3 and out["kcv"] != master  # TA' = KDF(TA, SN): its own KCV
-    assert ok(home.run("receipts")).last_line() == "1 receipts verified, 0 invalid"
+    assert ok(home.run("receipts")).last_line() == "1 receipt verified, 0 invalid"
 
 
 def test_an_enrolment_the_authority_refuses_leaves_no_unit_behind(home: Home) -> None:

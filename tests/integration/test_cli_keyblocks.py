@@ -49,12 +49,12 @@ class Home:
         return run(*args, home=self.path, input=input)
 
     def keys(self) -> dict[str, Any]:
-        return {k["ref1"]: k for k in ok(self.run("key", "list", "--json")).json()}
+        return {k["ref1"]: k for k in ok(self.run("key", "list", "--json")).json()["keys"]}
 
 
 def _import_value(path: Path, ref1: str, value: bytes, *attrs: str) -> None:
     kt = {16: "aes128", 24: "aes192", 32: "aes256"}[len(value)]
-    ok(run("key", "import", "--ref1", ref1, "--type", kt, *attrs, "--version", "1", *POLICY,
+    ok(run("key", "import", "--ref1", ref1, "--type", kt, *attrs, "--key-version", "1", *POLICY,
            home=path, input=value.hex() + "\n"))
 
 
@@ -66,7 +66,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Home:
     set_id = ok(run("set", "create", "--name", "branch", "--json", home=path)).json()["set_id"]
     parts = [secrets.token_bytes(32), secrets.token_bytes(32)]
     ok(run("key", "import", "--ref1", "BANK-KBPK", "--components", "2", "--type", "aes256",
-           "--usage", "K1", "--mode", "B", "--exportability", "N", "--version", "1",
+           "--usage", "K1", "--mode", "B", "--exportability", "N", "--key-version", "1",
            "--sets", "any", "--slots", "9", home=path,
            input="".join(p.hex() + "\n" for p in parts)))
     kbpks: dict[str, str] = {}
@@ -93,7 +93,7 @@ def test_every_known_block_imports_or_is_refused_plainly(home: Home) -> None:
     for case in TR31["known_values"]:
         ref1 = f"TC-{case['tc_id']}"
         res = home.run("key", "import", "--ref1", ref1, "--tr31", case["key_block"],
-                       "--kbpk", home.kbpks[case["kbpk"]], *POLICY, "--version", "2", "--json")
+                       "--kbpk", home.kbpks[case["kbpk"]], *POLICY, "--key-version", "2", "--json")
         if case["version_id"] != "D":
             assert_error(res, EXIT_INPUT, f"version {case['version_id']}", "TDES")
             continue
@@ -119,7 +119,7 @@ def test_every_bad_version_d_block_is_refused(home: Home) -> None:
     before = home.keys()
     for case in cases:
         res = home.run("key", "import", "--ref1", "FROM-BLOCK", "--tr31", case["key_block"],
-                       "--kbpk", home.kbpks[case["kbpk"]], "--version", "1", *POLICY)
+                       "--kbpk", home.kbpks[case["kbpk"]], "--key-version", "1", *POLICY)
         code = EXIT_INTEGRITY if "MAC doesn't match" in case["psec_error"] else EXIT_INPUT
         assert_error(res, code)
     assert home.keys() == before
@@ -167,7 +167,7 @@ def test_a_tdes_key_in_a_version_d_block_is_refused(home: Home) -> None:
 def test_export_for_backup_opens_with_psec(home: Home, kt: str, usage: str,
                                            kcv_of: Any) -> None:
     ok(home.run("key", "generate", "--ref1", "DATA-1", "--type", kt, "--usage", usage,
-                "--mode", "B", "--exportability", "E", "--version", "12", *POLICY))
+                "--mode", "B", "--exportability", "E", "--key-version", "12", *POLICY))
     want = home.keys()["DATA-1"]["kcv"]
     block = ok(home.run("key", "export", "--ref1", "DATA-1", "--tr31", "--kbpk",
                         "BANK-KBPK")).stdout.strip()
@@ -186,9 +186,9 @@ def test_export_for_backup_opens_with_psec(home: Home, kt: str, usage: str,
 
 def test_export_refusals(home: Home) -> None:
     ok(home.run("key", "generate", "--ref1", "KEEP", "--type", "aes256", "--usage", "P0",
-                "--mode", "E", "--exportability", "N", "--version", "1", *POLICY))
+                "--mode", "E", "--exportability", "N", "--key-version", "1", *POLICY))
     ok(home.run("key", "generate", "--ref1", "OUT", "--type", "aes256", "--usage", "P0",
-                "--mode", "E", "--exportability", "E", "--version", "1", *POLICY))
+                "--mode", "E", "--exportability", "E", "--key-version", "1", *POLICY))
     assert_error(home.run("key", "export", "--ref1", "KEEP", "--tr31", "--kbpk", "BANK-KBPK"),
                  EXIT_INPUT, "not exportable")
     assert_error(home.run("key", "export", "--ref1", "OUT", "--tr31", "--kbpk", "KEEP"),
@@ -202,9 +202,9 @@ def test_export_refusals(home: Home) -> None:
 
 def test_a_kbpk_goes_to_a_unit_only_where_its_policy_allows(home: Home) -> None:
     """BANK-KBPK's policy names slot 9 alone: a load into slot 1 is refused (6986)."""
-    assert_error(home.run("load", "--unit", SN, "--ref1", "BANK-KBPK", "--ref2", "1"),
+    assert_error(home.run("load", "--sn", SN, "--ref1", "BANK-KBPK", "--ref2", "1"),
                  EXIT_REFUSED, "6986")
-    ok(home.run("load", "--unit", SN, "--ref1", "BANK-KBPK", "--ref2", "9"))
+    ok(home.run("load", "--sn", SN, "--ref1", "BANK-KBPK", "--ref2", "9"))
 
 
 def test_tr31_options_are_checked(home: Home) -> None:
@@ -212,7 +212,7 @@ def test_tr31_options_are_checked(home: Home) -> None:
                    "aes128", "--kbpk", "BANK-KBPK", *POLICY)
     assert res.rc == 2 and "header gives the type" in res.stderr
     res = home.run("key", "import", "--ref1", "X", "--type", "aes128", *POLICY)
-    assert res.rc == 2 and "--usage, --mode, --exportability, --version" in res.stderr
+    assert res.rc == 2 and "--usage, --mode, --exportability, --key-version" in res.stderr
 
 
 def test_a_usage_keyload_does_not_take_is_refused(home: Home) -> None:

@@ -37,7 +37,7 @@ def _home(root: Path) -> str:
         pytest.skip("the keyload console script is not installed")
     ok(run("authority", "init", home=root))
     set_id: str = ok(run("set", "create", "--name", "A", "--json", home=root)).json()["set_id"]
-    ok(run("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--version", "1", "--sets", set_id,
+    ok(run("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--key-version", "1", "--sets", set_id,
            "--slots", "1,2", "--label", "zone key", home=root))
     for sn in UNITS:
         ok(run("unit", "create", "--set", set_id, "--sn", sn, "--slot", "1=aes256",
@@ -97,10 +97,10 @@ def rotated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, st
            manifest, home=root))
     ok(run("campaign", "run", "first", "--quiet", home=root))
     for sn in (SINGLE, CURRENT):
-        ok(run("load", "--unit", sn, "--ref1", "ROT", "--ref2", "1", home=root))
+        ok(run("load", "--sn", sn, "--ref1", "ROT", "--ref2", "1", home=root))
     v1 = ok(run("key", "list", "--json", home=root)).json()[0]
     rot = ok(run("key", "rotate", "--ref1", "ROT", "--json", home=root)).json()
-    ok(run("load", "--unit", CURRENT, "--ref1", "ROT", "--ref2", "1", home=root))
+    ok(run("load", "--sn", CURRENT, "--ref1", "ROT", "--ref2", "1", home=root))
     plan = ok(run("campaign", "create", "r2", "--set", set_id, "--rotate", "ROT", "--json",
                   home=root)).json()
     yield root, set_id, {"v1": v1, "v2": rot, "plan": plan}
@@ -146,7 +146,7 @@ def test_rotation_run_killed_then_resumed(rotated: tuple[Path, str, dict[str, An
     root, set_id, facts = rotated
     v2 = facts["v2"]["kcv"]
     # one planned unit gets v2 by a single load after the plan: the run counts it done
-    ok(run("load", "--unit", FIRST[-1], "--ref1", "ROT", "--ref2", "1", home=root))
+    ok(run("load", "--sn", FIRST[-1], "--ref1", "ROT", "--ref2", "1", home=root))
     _killed_part_way(root, "r2")
     assert 1 <= _imported(root, "r2") < 9
     res = ok(run("campaign", "run", "r2", "--json", "--quiet", home=root)).json()
@@ -195,7 +195,7 @@ def test_refusals_leave_state_unchanged(tmp_path: Path) -> None:
     root = tmp_path / "home"
     set_id = _home(root)
     ok(run("key", "import", "--ref1", "BDK", "--type", "aes128", "--usage", "B0", "--mode",
-           "X", "--exportability", "N", "--version", "1", "--sets", "any", "--slots", "3",
+           "X", "--exportability", "N", "--key-version", "1", "--sets", "any", "--slots", "3",
            home=root, input="33" * 16 + "\n"))
     before = _digests(root)
     assert_error(run("key", "rotate", "--ref1", "NOPE", home=root), EXIT_REFUSED, "NOPE")
@@ -203,7 +203,7 @@ def test_refusals_leave_state_unchanged(tmp_path: Path) -> None:
                  "not rotated")
     assert_error(run("key", "rotate", "--ref1", "ROT", home=root, passphrase="wrong"),
                  EXIT_WRONG_SECRET)
-    assert_error(run("key", "rotate", "--ref1", "ROT", "--version", "1", home=root),
+    assert_error(run("key", "rotate", "--ref1", "ROT", "--key-version", "1", home=root),
                  EXIT_INPUT, "higher version")
     # nobody loaded: an empty plan is refused and no journal is made
     assert_error(run("campaign", "create", "r", "--set", set_id, "--rotate", "ROT",
@@ -226,15 +226,15 @@ def test_rotate_takes_the_value_as_key_import_does(tmp_path: Path) -> None:
                  input=value.hex() + "\n")).json()
     assert (out["version"], out["kcv"]) == (2, aes_kcv(value))
     parts = [b"\x11" * 32, b"\x22" * 32]
-    out = ok(run("key", "rotate", "--ref1", "ROT", "--components", "2", "--version", "7",
+    out = ok(run("key", "rotate", "--ref1", "ROT", "--components", "2", "--key-version", "7",
                  "--json", home=root, input="".join(p.hex() + "\n" for p in parts))).json()
     assert (out["version"], out["kcv"]) == (7, aes_kcv(b"\x33" * 32))
-    ok(run("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--version", "8", "--sets", "any",
+    ok(run("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--key-version", "8", "--sets", "any",
            "--slots", "1", home=root))
     # a key block under a KBPK: the header gives the version (09) and attributes
     kbpk, key = b"\x44" * 32, b"\x55" * 32
     ok(run("key", "import", "--ref1", "KBPK", "--type", "aes256", "--usage", "K1", "--mode",
-           "B", "--exportability", "N", "--version", "1", "--sets", "any", "--slots", "9",
+           "B", "--exportability", "N", "--key-version", "1", "--sets", "any", "--slots", "9",
            home=root, input=kbpk.hex() + "\n"))
     block = psec.tr31.wrap(kbpk, psec.tr31.Header("D", "K0", "A", "E", "09", "E"), key)
     out = ok(run("key", "rotate", "--ref1", "ROT", "--tr31", block, "--kbpk", "KBPK",
@@ -272,15 +272,15 @@ def test_the_readme_rotation_session_runs(tmp_path: Path) -> None:
     ok(run("authority", "init", "--signing-key", home=root))
     set_id = ok(run("set", "create", "--name", "operator-a", "--json", home=root)).json()[
         "set_id"]
-    ok(run("key", "generate", "--ref1", "TMK-1", *KEY_OPTS, "--version", "1", "--diversify",
+    ok(run("key", "generate", "--ref1", "TMK-1", *KEY_OPTS, "--key-version", "1", "--diversify",
            "--sets", set_id, "--slots", "1", home=root))
     ok(run("key", "import", "--ref1", "PIN-1", "--type", "aes128", "--usage", "P0", "--mode",
-           "E", "--exportability", "N", "--version", "3", "--sets", "any", "--slots", "2",
+           "E", "--exportability", "N", "--key-version", "3", "--sets", "any", "--slots", "2",
            home=root, input="00112233445566778899aabbccddeeff\n"))
     ok(run("unit", "create", "--set", set_id, "--sn", "0A0B0C0D01", "--slot", "1=aes256",
            "--slot", "2=aes128", "--slot", "3=aes256", "--lock", "3", home=root))
     for ref1, ref2 in (("TMK-1", "1"), ("PIN-1", "2")):
-        ok(run("load", "--unit", "0A0B0C0D01", "--ref1", ref1, "--ref2", ref2, home=root))
+        ok(run("load", "--sn", "0A0B0C0D01", "--ref1", ref1, "--ref2", ref2, home=root))
     kcv = re.compile(r"\b[0-9A-F]{10}\b")
 
     def plain(lines: list[str]) -> list[str]:
@@ -324,9 +324,9 @@ def test_a_token_refuses_a_new_version_plainly(tmp_path: Path) -> None:
     ok(run("authority", "init", "--pkcs11", token.module, "--token", token.label, home=home,
            env_extra=env))
     gen = ("key", "generate", "--ref1", "ROT", *KEY_OPTS, "--sets", "any", "--slots", "1")
-    ok(run(*gen, "--version", "1", home=home, env_extra=env))
+    ok(run(*gen, "--key-version", "1", home=home, env_extra=env))
     before = ok(run("key", "list", "--json", home=home, env_extra=env)).json()
-    for argv in (("key", "rotate", "--ref1", "ROT"), (*gen, "--version", "2")):
+    for argv in (("key", "rotate", "--ref1", "ROT"), (*gen, "--key-version", "2")):
         assert_error(run(*argv, home=home, env_extra=env), EXIT_INPUT, "PKCS#11 token keeps "
                      "one version", "README: rotating a key")
     assert ok(run("key", "list", "--json", home=home, env_extra=env)).json() == before

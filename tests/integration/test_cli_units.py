@@ -48,7 +48,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Home:
     t_set, id_set = (ok(run("set", "create", "--json", *kind, home=path)).json()["set_id"]
                      for kind in (("--name", "plain"), ("--name", "plant", "--identity")))
     ok(run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
-           "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+           "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
            "--slots", "1", home=path))
     ok(run("unit", "create", "--set", t_set, "--sn", EXISTING, home=path))
     return Home(path, t_set, id_set)
@@ -73,7 +73,7 @@ def test_300_units_from_a_start_sn_in_one_call(home: Home,
     assert out == {"set_id": home.t_set, "count": 300, "slots": [1, 2], "enrolled": False,
                    "units": want}
     assert unit_files(home.path) == sorted([*want, EXISTING])
-    loaded = ok(home.run("load", "--unit", want[-1], "--ref1", "TMK-1", "--ref2", "1",
+    loaded = ok(home.run("load", "--sn", want[-1], "--ref1", "TMK-1", "--ref2", "1",
                          "--json")).json()
     assert loaded["sn"] == want[-1]
     status = ok(home.run("unit", "status", "--sn", want[150], "--json")).json()
@@ -103,7 +103,7 @@ def test_units_of_an_identity_set_are_enrolled_in_one_call(home: Home) -> None:
     assert out["enrolled"] is True and out["units"] == [f"1e0{i}" for i in range(5)]
     assert unit_files(home.path) == sorted([*out["units"], EXISTING])
     for sn in ("1e00", "1e04"):  # enrolled: each loads by suite 0x03, its receipt signed
-        loaded = ok(home.run("load", "--unit", sn, "--ref1", "TMK-1", "--ref2", "1",
+        loaded = ok(home.run("load", "--sn", sn, "--ref1", "TMK-1", "--ref2", "1",
                              "--json")).json()
         assert (loaded["sn"], loaded["suite"]) == (sn, 3)
 

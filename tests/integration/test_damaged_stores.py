@@ -27,7 +27,7 @@ AUTHORITY_EXPORTS = ("authority", "exports")
 AUDIT_VERIFY = ("audit", "verify")
 RECEIPTS = ("receipts",)
 # a load that would be accepted: nothing is sent before the stores are read
-LOAD = ("load", "--unit", UNITS[2], "--ref1", "PIN", "--ref2", "2")
+LOAD = ("load", "--sn", UNITS[2], "--ref1", "PIN", "--ref2", "2")
 CAMPAIGN_STATUS = ("campaign", "status", CAMPAIGN)
 LEDGER_VERIFY = ("ledger", "verify")
 

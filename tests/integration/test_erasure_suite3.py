@@ -177,13 +177,13 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Captured]:
         try:
             (ident,) = [s for s in ks.set_infos() if s.identity]
             assert cli("key", "generate", "--ref1", "TMK-C", "--type", "aes256",
-                       "--usage", "K0", "--mode", "B", "--exportability", "E", "--version", "1",
+                       "--usage", "K0", "--mode", "B", "--exportability", "E", "--key-version", "1",
                        "--sets", ident.set_id.hex(), "--slots", "3", "--diversify",
                        "--home", str(home)) == 0, out[-1]
         finally:
             ks.close()
         sn1 = (b"KL" + (1).to_bytes(6, "big")).hex()
-        assert cli("load", "--unit", sn1, "--ref1", "TMK-C", "--ref2", "3",
+        assert cli("load", "--sn", sn1, "--ref1", "TMK-C", "--ref2", "3",
                    "--home", str(home)) == 0, out[-1]
         assert cli("receipts", "--home", str(home)) == 0, out[-1]
         assert cli("unit", "status", "--sn", sn1, "--home", str(home)) == 0, out[-1]

@@ -266,7 +266,7 @@ def test_ctrl_c_at_several_moments_then_resume(tmp_path: Path) -> None:
     # the demo's home, resumed as the demo's station (its claims are its own)
     run_ = [str(KEYLOAD), "campaign", "run", "demo", "--station", "demo", "--home", str(work)]
     for i, more in enumerate(MORE):
-        cmd = demo if i % 2 == 0 else [*run_, "--workers", str(1 + i // 2)]
+        cmd = demo if i % 2 == 0 else [*run_, "--threads", str(1 + i // 2)]
         rc, out, err = _interrupt(cmd, work, more, tmp_path / f"run{i}")
         what = f"{' '.join(cmd[1:3])} #{i}\n--- stdout ---\n{out[-2000:]}\n--- stderr ---\n" \
                f"{err[-2000:]}"

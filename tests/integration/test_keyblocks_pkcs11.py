@@ -38,14 +38,14 @@ def token_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, d
            env_extra=env))
     kbpk = secrets.token_bytes(32)
     ok(run("key", "import", "--ref1", "BANK-KBPK", "--type", "aes256", "--usage", "K1",
-           "--mode", "B", "--exportability", "N", "--version", "1", *POLICY, home=home,
+           "--mode", "B", "--exportability", "N", "--key-version", "1", *POLICY, home=home,
            input=kbpk.hex() + "\n", env_extra=env))
     return home, kbpk, env
 
 
 def _keys(home: Path, env: dict[str, str]) -> dict[str, str]:
     return {k["ref1"]: k["kcv"] for k in ok(run("key", "list", "--json", home=home,
-                                                env_extra=env)).json()}
+                                                env_extra=env)).json()["keys"]}
 
 
 def test_import_needs_open_in_host_and_works_with_it(
@@ -72,7 +72,7 @@ def test_export_needs_open_in_host_and_opens_with_psec(
         token_home: tuple[Path, bytes, dict[str, str]]) -> None:
     home, kbpk, env = token_home
     ok(run("key", "generate", "--ref1", "DATA-T", "--type", "aes256", "--usage", "D0",
-           "--mode", "B", "--exportability", "S", "--version", "4", *POLICY, home=home,
+           "--mode", "B", "--exportability", "S", "--key-version", "4", *POLICY, home=home,
            env_extra=env))
     argv = ("key", "export", "--ref1", "DATA-T", "--tr31", "--kbpk", "BANK-KBPK")
     assert_error(run(*argv, home=home, env_extra=env), EXIT_INPUT, "--open-in-host")
@@ -90,7 +90,7 @@ def test_a_kbpk_generated_in_the_token_makes_and_opens_blocks(
     home, _, env = token_home
     for ref1, usage in (("GEN-KBPK", "K1"), ("MAC-T", "M6")):
         ok(run("key", "generate", "--ref1", ref1, "--type", "aes256", "--usage", usage,
-               "--mode", "B", "--exportability", "E", "--version", "1", *POLICY, home=home,
+               "--mode", "B", "--exportability", "E", "--key-version", "1", *POLICY, home=home,
                env_extra=env))
     block = ok(run("key", "export", "--ref1", "MAC-T", "--tr31", "--kbpk", "GEN-KBPK",
                    "--open-in-host", home=home, env_extra=env)).stdout.strip()

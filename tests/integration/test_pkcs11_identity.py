@@ -425,15 +425,15 @@ def test_cli_identity_set_in_a_pkcs11_home(tmp_path: Path) -> None:
     made = ok(run("set", "create", "--name", "plant", "--identity", "--json")).json()
     set_id = made["set_id"]
     assert made["kind"] == "identity"
-    listed = {s["set_id"]: s["kind"] for s in ok(run("set", "list", "--json")).json()}
+    listed = {s["set_id"]: s["kind"] for s in ok(run("set", "list", "--json")).json()["sets"]}
     assert listed == {set_id: "identity"}
     ok(run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0",
-           "--mode", "B", "--exportability", "E", "--version", "1", "--sets", "any",
+           "--mode", "B", "--exportability", "E", "--key-version", "1", "--sets", "any",
            "--slots", "1"))
     ok(run("key", "generate", "--ref1", "TMK-D", "--type", "aes256", "--usage", "K0",
-           "--mode", "B", "--exportability", "E", "--version", "1", "--diversify",
+           "--mode", "B", "--exportability", "E", "--key-version", "1", "--diversify",
            "--sets", set_id, "--slots", "2"))
-    kcvs = {k["ref1"]: k["kcv"] for k in ok(run("key", "list", "--json")).json()}
+    kcvs = {k["ref1"]: k["kcv"] for k in ok(run("key", "list", "--json")).json()["keys"]}
     for sn in (SN1, SN2):
         ok(run("unit", "create", "--set", set_id, "--sn", sn, "--slot", "1=aes256",
                "--slot", "2=aes256"))
@@ -444,10 +444,10 @@ def test_cli_identity_set_in_a_pkcs11_home(tmp_path: Path) -> None:
     cert = Certificate.decode(bytes.fromhex(c_u))  # its signature: checked in-process above
     assert (cert.role, cert.set_id, cert.subject, cert.public_key) == (
         ROLE_UNIT, bytes.fromhex(set_id), bytes.fromhex(SN3), q)
-    out = ok(run("load", "--unit", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
+    out = ok(run("load", "--sn", SN1, "--ref1", "TMK-1", "--ref2", "1", "--json")).json()
     assert (out["suite"], out["kcv"]) == (3, kcvs["TMK-1"])
     assert len(bytes.fromhex(out["receipt"])) == 64
-    out = ok(run("load", "--unit", SN1, "--ref1", "TMK-D", "--ref2", "2", "--json")).json()
+    out = ok(run("load", "--sn", SN1, "--ref1", "TMK-D", "--ref2", "2", "--json")).json()
     assert out["suite"] == 3 and out["kcv"] != kcvs["TMK-D"]
     st = ok(run("unit", "status", "--sn", SN1, "--json")).json()
     assert [(s["ref2"], s["state"]) for s in st["slots"]] == [(1, "loaded"), (2, "loaded")]
@@ -456,10 +456,10 @@ def test_cli_identity_set_in_a_pkcs11_home(tmp_path: Path) -> None:
     line = ok(run("unit", "revoke", "--set", set_id, "--sn", SN2)).stdout.strip()
     assert line.endswith("revoked: its exports are refused (6983)")
     reg = {r["sn"]: r["status"] for r in ok(run("unit", "list", "--set", set_id,
-                                                "--json")).json()}
+                                                "--json")).json()["units"]}
     assert reg == {SN1: "active", SN2: "revoked", SN3: "active"}
     total = ok(run("authority", "exports", "--json")).json()["total"]
-    assert_error(run("load", "--unit", SN2, "--ref1", "TMK-1", "--ref2", "1"), 6, "6983")
+    assert_error(run("load", "--sn", SN2, "--ref1", "TMK-1", "--ref2", "1"), 6, "6983")
     assert ok(run("authority", "exports", "--json")).json()["total"] == total == 2
     rec = ok(run("receipts"))
     assert rec.last_line() == "2 receipts verified, 0 invalid", rec.describe()

@@ -51,7 +51,7 @@ def test_an_untouched_home_verifies_and_lists_the_refused_export(home: Path) -> 
     assert len(e["set_id"]) == 10 and len(e["kcv"]) == 10 and e["suite"] in (1, 2)
     text = run("receipts", home=home)
     assert text.rc == 0, text.describe()
-    assert text.stdout.splitlines()[-2:] == ["1 exports without receipt",
+    assert text.stdout.splitlines()[-2:] == ["1 export without receipt",
                                               "5 receipts verified, 0 invalid"]
     assert f"export without receipt: unit {UNITS[2]} slot 1 PIN v3" in text.stdout
 

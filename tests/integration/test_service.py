@@ -237,7 +237,7 @@ def test_service_fetch_end_to_end_into_emulated_units(svc: Running) -> None:
     before = ledger_count(svc)
     for sn, ref1, ref2 in ((w.units_a[0], "TMK-1", 1), (w.units_a[0], "PIN-1", 2),
                            (w.units_a[1], "TMK-1", 1)):
-        p = run_cli("fetch", "--home", str(w.home), "--server", svc.url, "--unit", sn.hex(),
+        p = run_cli("fetch", "--home", str(w.home), "--server", svc.url, "--sn", sn.hex(),
                     "--ref1", ref1, "--ref2", str(ref2), "--ca", str(w.pki / "ca.pem"),
                     "--cert", str(cert), "--key", str(key), "--json")
         assert p.returncode == 0, p.stderr

@@ -413,7 +413,7 @@ def test_service_fetch_retries_a_receipt_the_service_could_not_record(tmp_path: 
         flaky = _FailsOnce(audit, 2)  # batch 1: the export; 2: the receipt, lost; 3: again
         run.inst.app.commits = GroupCommit([exports, store, flaky])
         cert, key = w.client_paths("terminal-1")
-        p = run_cli("fetch", "--home", str(w.home), "--server", run.url, "--unit",
+        p = run_cli("fetch", "--home", str(w.home), "--server", run.url, "--sn",
                     w.units_a[0].hex(), "--ref1", "TMK-1", "--ref2", "1", "--ca",
                     str(w.pki / "ca.pem"), "--cert", str(cert), "--key", str(key), "--json")
         assert p.returncode == 0, p.stderr

@@ -157,7 +157,7 @@ def fetch(g: Gated, *args: str, client: str = "terminal-1") -> subprocess.Comple
 
 def load(g: Gated, sn: bytes, *args: str, ref1: str = "TMK-1",
          ref2: int = 1) -> subprocess.CompletedProcess[str]:
-    return fetch(g, "--unit", sn.hex(), "--ref1", ref1, "--ref2", str(ref2), *args)
+    return fetch(g, "--sn", sn.hex(), "--ref1", ref1, "--ref2", str(ref2), *args)
 
 
 def describe(p: subprocess.CompletedProcess[str]) -> str:
@@ -503,11 +503,11 @@ def test_parse_retry_after() -> None:
 
 # -- arguments ------------------------------------------------------------------------
 @pytest.mark.parametrize(("args", "needle"), [
-    (("--resend", "--unit", "0A0B0C0001"), "--resend"),
+    (("--resend", "--sn", "0A0B0C0001"), "--resend"),
     (("--resend", "--ref1", "TMK-1"), "--resend"),
-    (("--unit", "0A0B0C0001", "--ref2", "1"), "--ref1"),
-    (("--unit", "0A0B0C0001", "--ref1", "TMK-1"), "--ref2"),
-    (("--ref1", "TMK-1", "--ref2", "1"), "--unit"),
+    (("--sn", "0A0B0C0001", "--ref2", "1"), "--ref1"),
+    (("--sn", "0A0B0C0001", "--ref1", "TMK-1"), "--ref2"),
+    (("--ref1", "TMK-1", "--ref2", "1"), "--sn"),
     (("--resend", "--receipt-deadline", "-1"), "--receipt-deadline"),
     (("--resend", "--receipt-deadline", "nan"), "--receipt-deadline"),
 ])

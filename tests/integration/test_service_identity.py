@@ -166,7 +166,7 @@ def slot_empty(w: World, sn: bytes, ref2: int) -> bool:
 
 def fetch_cli(w: World, url: str, sn: bytes, ref1: str, ref2: int) -> Any:
     cert, key = w.client_paths("terminal-1")
-    return run_cli("fetch", "--home", str(w.home), "--server", url, "--unit", sn.hex(),
+    return run_cli("fetch", "--home", str(w.home), "--server", url, "--sn", sn.hex(),
                    "--ref1", ref1, "--ref2", str(ref2), "--ca", str(w.pki / "ca.pem"),
                    "--cert", str(cert), "--key", str(key), "--json")
 
@@ -461,7 +461,7 @@ def test_postgres_one_challenge_sent_to_both_services_at_once_is_served_once(
         assert sorted(a[0] for a in answers) == [200, 409, 409, 409], answers
 
 
-# -- keyload serve --workers --------------------------------------------------------------
+# -- keyload serve --processes --------------------------------------------------------------
 def _post(port: int, pki: Path, body: bytes) -> tuple[int, dict[str, Any]]:
     """POST EXPORTKEY bytes on a new connection (the kernel hands it to any worker)."""
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
@@ -478,7 +478,7 @@ def _post(port: int, pki: Path, body: bytes) -> tuple[int, dict[str, Any]]:
         conn.close()
 
 
-@pytest.mark.slow  # keyload serve --workers through the console script
+@pytest.mark.slow  # keyload serve --processes through the console script
 def test_workers_share_the_register_and_see_a_revocation(world: World, tmp_path: Path) -> None:
     if not KEYLOAD.exists():
         pytest.skip("the keyload console script is not installed")
@@ -488,13 +488,13 @@ def test_workers_share_the_register_and_see_a_revocation(world: World, tmp_path:
     srv = subprocess.Popen(
         [str(KEYLOAD), "serve", "--home", str(w.home), "--cert", str(w.pki / "server.pem"),
          "--key", str(w.pki / "server.key"), "--ca", str(w.pki / "ca.pem"), "--policy",
-         str(policy), "--port", "0", "--workers", "2"],
+         str(policy), "--port", "0", "--processes", "2"],
         env=cli_env(PASSPHRASE), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None
         first = srv.stdout.readline()
         found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
-        assert found is not None and "(2 workers)" in first, first
+        assert found is not None and "(2 processes)" in first, first
         port = int(found.group(1))
         url = f"https://127.0.0.1:{port}"
         p = fetch_cli(w, url, w.units_a[8], "TMK-1", 1)

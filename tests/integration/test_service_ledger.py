@@ -74,7 +74,7 @@ def cli(*args: str | Path, home: Path) -> Result:
 
 def fetch_cli(w: World, url: str, sn: bytes, ref1: str, ref2: int) -> None:
     cert, key = w.client_paths("terminal-1")
-    res = cli("fetch", "--server", url, "--unit", sn.hex(), "--ref1", ref1, "--ref2", str(ref2),
+    res = cli("fetch", "--server", url, "--sn", sn.hex(), "--ref1", ref1, "--ref2", str(ref2),
               "--ca", w.pki / "ca.pem", "--cert", cert, "--key", key, "--json", home=w.home)
     assert ok(res).json()["ledger"] is True
 

@@ -105,7 +105,7 @@ def fetch(run: Running, reader: str | None, ref1: str, ref2: int, *,
     if reader is not None:
         args += ["--reader", reader]
     if unit is not None:
-        args += ["--unit", unit.hex()]
+        args += ["--sn", unit.hex()]
     return run_cli(*args)
 
 
@@ -143,7 +143,7 @@ def test_service_fetch_reader_end_to_end(svc: Running, reader: str) -> None:
         p = fetch(svc, reader, "TMK-1", 1, home=home)
         assert p.returncode == 0, p.stderr
         outs[1] = json.loads(p.stdout)
-        # --unit with --reader: the card must be that unit
+        # --sn with --reader: the card must be that unit
         p = fetch(svc, reader, "PIN-1", 2, unit=sn, home=home)
         assert p.returncode == 0, p.stderr
         outs[2] = json.loads(p.stdout)
@@ -246,7 +246,7 @@ def test_service_fetch_needs_unit_or_reader(svc: Running) -> None:
     assert p.returncode == EXIT_USAGE and p.stdout == "", p.stderr
     assert "Traceback" not in p.stderr
     usage, *_, last = p.stderr.strip().splitlines()  # as argparse reports a usage error
-    assert usage.startswith("usage: keyload fetch") and "[--unit SN]" in p.stderr
-    assert last == ("keyload fetch: error: give --unit SN (an emulated unit of the home) or "
+    assert usage.startswith("usage: keyload fetch") and "[--sn SN]" in p.stderr
+    assert last == ("keyload fetch: error: give --sn SN (an emulated unit of the home) or "
                     "--reader READER (the unit in a PC/SC reader)")
     assert exports_count(svc) == n_exports

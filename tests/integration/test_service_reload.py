@@ -65,7 +65,7 @@ def test_sighup_reloads_the_policy_in_every_worker(tmp_path: Path) -> None:
     doc["clients"]["other"]["metrics"] = True
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(doc))
-    p, url = _serve(w, path, "--workers", "2")
+    p, url = _serve(w, path, "--processes", "2")
     try:
         cert, key = w.client_paths("other")
         held = ServiceClient(url, ca=w.pki / "ca.pem", cert=cert, key=key, timeout=10)

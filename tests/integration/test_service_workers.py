@@ -30,9 +30,9 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     home = tmp_path / "home"
     ok(run("authority", "init", home=home))
     ok(run("set", "create", "--name", "A", home=home))
-    set_id = ok(run("set", "list", "--json", home=home)).json()[0]["set_id"]
+    set_id = ok(run("set", "list", "--json", home=home)).json()["sets"][0]["set_id"]
     ok(run("key", "generate", "--ref1", "TMK-1", "--type", "aes256", "--usage", "K0", "--mode",
-           "B", "--exportability", "E", "--version", "1", "--sets", "any", "--slots", "1",
+           "B", "--exportability", "E", "--key-version", "1", "--sets", "any", "--slots", "1",
            home=home))
     sns = [f"0A0B0C0D{i:02x}" for i in range(4)]
     for sn in sns:
@@ -45,12 +45,12 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
     srv = subprocess.Popen(
         [str(KEYLOAD), "serve", "--home", str(home), "--cert", str(pki / "server.pem"),
          "--key", str(pki / "server.key"), "--ca", str(pki / "ca.pem"), "--policy",
-         str(policy), "--port", "0", "--workers", "2"],
+         str(policy), "--port", "0", "--processes", "2"],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None
         first = srv.stdout.readline()  # the port the server bound (no pick-then-bind race)
-        assert "(2 workers)" in first, first
+        assert "(2 processes)" in first, first
         found = re.search(r"listening on https://127\.0\.0\.1:(\d+) ", first)
         assert found is not None, first
         port = int(found.group(1))
@@ -61,7 +61,7 @@ def test_service_workers_share_state_and_stop_together(tmp_path: Path) -> None:
         assert len(workers) == 1  # the parent serves too
         assert "HTTP " in srv.stdout.readline()  # what it runs on, for the operator
         for sn in sns:
-            res = ok(run("fetch", "--server", f"https://localhost:{port}", "--unit", sn,
+            res = ok(run("fetch", "--server", f"https://localhost:{port}", "--sn", sn,
                          "--ref1", "TMK-1", "--ref2", "1", "--ca", pki / "ca.pem", "--cert",
                          pki / "clients" / "terminal-1.pem", "--key",
                          pki / "clients" / "terminal-1.key", "--json", home=home))

@@ -182,7 +182,7 @@ def test_any_change_is_an_integrity_failure(where: str) -> None:
 
 @pytest.mark.parametrize(("header", "version", "why"), [
     (KeyBlockHeader("D", "P0", "T", "E", "01", "E"), None, "TDES"),
-    (KeyBlockHeader("D", "P0", "A", "E", "00", "E"), None, "--version"),
+    (KeyBlockHeader("D", "P0", "A", "E", "00", "E"), None, "--key-version"),
     (KeyBlockHeader("D", "P0", "A", "E", "02", "E"), 3, "says version 2"),
     (KeyBlockHeader("D", "P0", "A", "E", "c1", "E"), None, "component"),
     (KeyBlockHeader("D", "M7", "H", "C", "01", "E"), None, "HM 21"),

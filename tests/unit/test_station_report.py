@@ -27,7 +27,7 @@ def test_receipts_check_lines() -> None:
     assert chk.lines() == [
         "INVALID receipt: campaign c1 unit 0c slot 1 TMK: MAC",
         "export without receipt: unit 0a slot 2 PIN v3 KCV ABCDEF (nothing recorded)",
-        "1 exports without receipt",
+        "1 export without receipt",
         "2 loads reconciled with the unit after a crash: receipt lost, slot status recorded",
         "5 receipts verified, 1 invalid"]
     assert ReceiptsCheck(verified=2).lines() == ["2 receipts verified, 0 invalid"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Callable
-from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeAlias
 
 from ..station.home import Home
 
@@ -20,13 +20,48 @@ def home_of(args: argparse.Namespace) -> Home:
 
 def required(args: argparse.Namespace, *names: str) -> None:
     """argparse's own refusal (exit 2) for options a command needs only in some cases."""
-    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
     if missing:
         args.usage_error(f"the following arguments are required: {', '.join(missing)}")
 
 
+class Usage(Exception):
+    """A usage error (exit 2), argparse's own or a check of a handler's."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """Its usage errors are raised (:class:`Usage`), for ``keyload`` to tell them as it
+    tells every error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise Usage(self, message)
+
+
+class Help(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, off) or says
+    its own (``default …``, or the value in parentheses at the end)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, d = action.help or "", action.default
+        if not action.option_strings or "default" in text or \
+                d is None or d is False or d in ("", [], argparse.SUPPRESS) or \
+                text.endswith(f"({d:g})" if isinstance(d, float) else f"({d})"):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def opt(*flags: str, **kw: Any) -> Opt:
     return flags, kw
+
+
+def given(args: argparse.Namespace, opts: Iterable[Opt]) -> dict[str, Any]:
+    """What ``args`` holds of the options ``opts``, by name (``--a-b``: ``a_b``)."""
+    return {name: getattr(args, name) for name in (
+        kw.get("dest") or flags[0].lstrip("-").replace("-", "_") for flags, kw in opts)}
 
 
 @functools.cache
@@ -42,8 +77,8 @@ def common() -> argparse.ArgumentParser:
 
 def group(sub: Sub, name: str, help_: str) -> Sub:
     """``keyload NAME ACTION``: the actions' subparsers."""
-    g: Sub = sub.add_parser(name, help=help_).add_subparsers(dest="sub", required=True,
-                                                             metavar="ACTION")
+    g: Sub = sub.add_parser(name, help=help_, description=help_, formatter_class=Help
+                            ).add_subparsers(dest="sub", required=True, metavar="ACTION")
     return g
 
 
@@ -52,17 +87,26 @@ def cmd(sub: Sub, name: str, fn: Callable[[argparse.Namespace], int], help_: str
     """A command with ``--home``, ``--json`` and ``opts``; ``usage_error``: its handler
     gets ``args.usage_error`` for the checks argparse cannot make."""
     p: argparse.ArgumentParser = sub.add_parser(name, parents=[common()], help=help_,
-                                                description=help_)
+                                                description=help_, formatter_class=Help)
     p.set_defaults(func=fn)
     if usage_error:
         p.set_defaults(usage_error=p.error)
     for flags, kw in opts:
-        p.add_argument(*flags, **kw)
+        alias(p, p.add_argument(*flags, **{k: v for k, v in kw.items() if k != "old"}),
+              *kw.get("old", ()))
     return p
 
 
-NAME = opt("name")
-QUIET = opt("--quiet", action="store_true")
+def alias(p: argparse.ArgumentParser, action: argparse.Action, *old: str) -> None:
+    """``old`` spellings of ``action``'s option still work, unseen in help, usage and
+    messages (scripts written before a rename keep running)."""
+    for flag in old:
+        p._option_string_actions[flag] = action
+
+
+NAME = opt("name", help="the campaign's name")
+QUIET = opt("--quiet", action="store_true", help="no progress line")
+SN = opt("--sn", required=True, help="the unit's serial number (SN), hex (1-32 bytes)")
 SET_ID = opt("--set", required=True, dest="set_id", help="set id (hex)")
 JOURNAL = opt("--journal", help="journal: a SQLite file (default HOME/journal.db) or a "
                                 "postgresql:// URL shared by stations")

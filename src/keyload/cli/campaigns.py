@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.notation import parse_load, parse_trust
+from ..core.notation import counted, parse_load, parse_trust
 from ..service import ledger
 from ..station import verify
 from ..station.campaign import ATTEMPTS, RunOptions, sigint_deferred
@@ -19,10 +19,10 @@ from ..station.home import Home
 from ..station.plan import open_home_journal, plan_campaign
 from ..station.report import CampaignStatus, build_report, status, write_report
 from ..station.rotation import create_rotation
-from ..station.run import open_work, run_emulated, run_reader
+from ..station.run import run_home
 from .args import CAMPAIGN, JOURNAL, NAME, QUIET, SET_ID, STATE, Sub, cmd, group, home_of, opt
-from .output import aligned, emitted, said, shown, table
-from .progress import Progress
+from .output import aligned, shown, table
+from .progress import bars
 
 
 def campaign_create(args: argparse.Namespace) -> int:
@@ -42,11 +42,12 @@ def campaign_create(args: argparse.Namespace) -> int:
                          ik_type=args.ik_type)
     return shown(args, {"campaign": camp.id, "units": camp.units,
                         "loads": camp.units * len(camp.plan)},
-                 f"campaign {camp.id}: {camp.units:,} units x {len(camp.plan)} loads planned")
+                 f"campaign {camp.id}: {counted(camp.units, 'unit')} x "
+                 f"{counted(len(camp.plan), 'load')} planned")
 
 
 def campaign_run(args: argparse.Namespace) -> int:
-    for flag, v in (("--workers", args.workers), ("--batch", args.batch),
+    for flag, v in (("--threads", args.threads), ("--batch", args.batch),
                     ("--retries", args.retries)):
         if v < 1:
             raise ValueError(f"{flag} {v}: at least 1")
@@ -54,21 +55,13 @@ def campaign_run(args: argparse.Namespace) -> int:
     show = not args.json and not args.quiet
     opts = RunOptions(station=str(args.station or socket.gethostname()),
                       batch_units=args.batch, lease_s=args.lease, retries=args.retries,
-                      workers=args.workers)
+                      workers=args.threads)
     # Ctrl-C: the loads in flight finish and are journaled, the status is printed, then
     # "interrupted" (130); running again resumes
     with sigint_deferred() as intr:
         with contextlib.closing(open_home_journal(home, args.journal)) as journal:
-            if args.reader:
-                with Progress(args.cards or 1, label="cards",
-                              enabled=show and args.cards is not None) as prog:
-                    run = run_reader(home, journal, args.name, opts, args.reader, args.cards,
-                                     on_unit=prog.update, interrupt=intr)
-            else:
-                units = open_work(journal, args.name)[2]
-                with Progress(max(units, 1), enabled=show) as prog:
-                    run = run_emulated(home, journal, args.name, opts, interrupt=intr,
-                                       on_unit=prog.update)
+            run = run_home(home, journal, args.name, opts, reader=args.reader,
+                           cards=args.cards, progress=bars(show), interrupt=intr)
             st = status(journal, args.name)
         _shown(args, {"run": run.to_json(), "status": st.to_json()}, st)
         if run.interrupted or intr.stop.is_set():
@@ -84,7 +77,8 @@ def campaign_status(args: argparse.Namespace) -> int:
     with contextlib.closing(open_home_journal(home_of(args), args.journal,
                                               create=False)) as journal:
         sts = [status(journal, n) for n in ([args.name] if args.name else journal.campaigns())]
-    return _shown(args, sts[0].to_json() if args.name else [st.to_json() for st in sts], *sts)
+    return _shown(args, sts[0].to_json() if args.name else
+                  {"campaigns": [st.to_json() for st in sts]}, *sts)
 
 
 def campaign_report(args: argparse.Namespace) -> int:
@@ -115,42 +109,41 @@ def ledger_verify(args: argparse.Namespace) -> int:
             ledger.ServiceLedgerCheck() if store is None else ledger.verify_service_ledger(
                 store, c, now=time.time(), state=ledger.describe_state(args.state, home.root))))
     camp, svc, wr = chk.campaigns, chk.service, chk.service.without_receipt
-    if not emitted(args, chk.to_json()):
-        said(*camp.invalid_lines(), *svc.invalid_lines(), *camp.notes(), *wr.heading())
-        if wr.total:
-            table(wr.HEADERS, wr.rows())
-        said(f"campaign ledger: {camp.verified} receipts verified, {camp.invalid} invalid",
-             *svc.lines("--auditor checks the campaigns' ledgers" if args.auditor else
-                        "--campaign given" if args.campaign else
-                        f"no {home.root / ledger.SERVICE_DB}"),
-             f"{chk.verified} receipts verified, {chk.invalid} invalid")
+    shown(args, chk.to_json(), *camp.invalid_lines(), *svc.invalid_lines(), *camp.notes(),
+          *wr.heading(), *(table(wr.HEADERS, wr.rows()) if wr.total else ()),
+          f"campaign ledger: {counted(camp.verified, 'receipt')} verified, {camp.invalid:,} "
+          "invalid",
+          *svc.lines("--auditor checks the campaigns' ledgers" if args.auditor else
+                     "--campaign given" if args.campaign else
+                     f"no {home.root / ledger.SERVICE_DB}"),
+          f"{counted(chk.verified, 'receipt')} verified, {chk.invalid:,} invalid")
     return 0 if chk.invalid == 0 else 1
 
 
 def set_ca(args: argparse.Namespace) -> int:
     """An identity set's Q_CA and C_A: what to give an auditor."""
-    info = verify.identity_trust(home_of(args), bytes.fromhex(args.set_id))
-    trust, c_a = f"{info.set_id.hex()}={info.q_ca.hex()}", info.c_a.encode().hex()
-    return shown(args, {"set_id": info.set_id.hex(), "name": info.name,
-                        "q_ca": info.q_ca.hex(), "c_a": c_a, "ca": trust},
-                 *aligned([("set id", info.set_id.hex()), ("name", info.name),
-                           ("Q_CA", info.q_ca.hex()), ("C_A", c_a)]),
-                 f"an auditor verifies this set's receipts with: keyload ledger verify "
-                 f"--auditor --ca {trust}")
+    t = verify.identity_trust(home_of(args), bytes.fromhex(args.set_id))
+    return shown(args, t.to_json(), *aligned(t.rows()), t.hint())
 
 
 def ledger_export(args: argparse.Namespace) -> int:
+    """The ledger in ``--format`` to ``--out`` or stdout; with ``--json`` and no ``--out``,
+    one JSON object holding the entries."""
     home = home_of(args)
     with verify.ledgers(home, args.journal, _state(args, home)) as (store, journal):
-        names = verify.ledger_campaigns(home, journal, args.campaign)
+        camp = verify.campaigns_ledger(journal, verify.ledger_campaigns(home, journal,
+                                                                        args.campaign))
+        svc = ledger.service_ledger(store) if store is not None else ()
+        if args.json and not args.out:
+            return shown(args, verify.ledgers_json(camp, svc))
         with open(args.out, "w", newline="") if args.out else \
                 contextlib.nullcontext(sys.stdout) as out:
-            n_camp, n_svc = verify.write_ledgers(
-                out, args.format, verify.campaigns_ledger(journal, names),
-                ledger.service_ledger(store) if store is not None else ())
+            n_camp, n_svc = verify.write_ledgers(out, args.format or "csv", camp, svc)
     if args.out:
-        print(f"{n_camp + n_svc} ledger entries written to {args.out} "
-              f"({n_camp} from campaigns, {n_svc} from the service)")
+        shown(args, {"out": args.out, "entries": n_camp + n_svc, "from_campaigns": n_camp,
+                     "from_service": n_svc},
+              f"{counted(n_camp + n_svc, 'ledger entry', 'ledger entries')} written to "
+              f"{args.out} ({n_camp:,} from campaigns, {n_svc:,} from the service)")
     return 0
 
 
@@ -160,7 +153,7 @@ def audit_verify(args: argparse.Namespace) -> int:
     shown(args, {"records": n, "problems": [{"seq": p.seq, "problem": p.problem}
                                             for p in problems]},
           *(f"record {p.seq}: {p.problem}" for p in problems),
-          f"{n} audit records checked, {len(problems)} problems")
+          f"{counted(n, 'audit record')} checked, {counted(len(problems), 'problem')}")
     return 0 if not problems else 1
 
 
@@ -179,7 +172,8 @@ def add_parsers(sub: Sub) -> None:
         usage_error=True)
     cmd(c, "run", campaign_run, "run or resume a campaign", JOURNAL, NAME,
         opt("--station", help="this station's name (default: the host name)"),
-        opt("--workers", type=int, default=1, help="units served at once"),
+        opt("--threads", type=int, default=1, old=["--workers"],
+            help="units served at once, each by a thread"),
         opt("--batch", type=int, default=32, help="units claimed per transaction"),
         opt("--lease", type=float, default=60.0, help="seconds a claim is held"),
         opt("--retries", type=int, default=ATTEMPTS, help="attempts per load on transport "
@@ -189,7 +183,8 @@ def add_parsers(sub: Sub) -> None:
             "the home's emulated units, in-process)"),
         opt("--cards", type=int, help="with --reader: stop after this many cards (default: "
             "until the reader stays empty 30 s)"), QUIET)
-    cmd(c, "status", campaign_status, "a campaign's progress", JOURNAL, opt("name", nargs="?"))
+    cmd(c, "status", campaign_status, "a campaign's progress", JOURNAL,
+        opt("name", nargs="?", help="the campaign (default: every campaign)"))
     cmd(c, "report", campaign_report, "JSON, CSV and HTML report", JOURNAL, NAME,
         opt("--out", default="reports", help="output directory"))
 
@@ -208,7 +203,9 @@ def add_parsers(sub: Sub) -> None:
             "(repeatable), as `keyload set ca --set SETID` prints it at the authority; the "
             "set id is SHA-256(\"KLP1-SET\" || Q_CA)[0:5], so a wrong key is refused"))
     cmd(g, "export", ledger_export, "the ledger as CSV or JSON (campaigns' and the service's)",
-        JOURNAL, CAMPAIGN, STATE, opt("--format", choices=["csv", "json"], default="csv"),
+        JOURNAL, CAMPAIGN, STATE, opt("--format", choices=["csv", "json"], help="the export's "
+                                          "form: CSV, or a JSON list (default csv; with "
+                                          "--json and no --out, one JSON object)"),
         opt("--out", help="file (default: standard output)"))
 
     a = group(sub, "audit", "the hash-chained audit log")

@@ -3,83 +3,58 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..core.keys import KeyAttributes, KeyType, kcv
 from ..core.messages import check_ref2
-from ..core.notation import parse_hex, parse_ranges, parse_sets, parse_sn
+from ..core.notation import counted, parse_hex, parse_ranges, parse_sets, parse_sn
 from ..core.ref1 import display_ref1, parse_ref1
 from ..core.secret import Secret
-from ..dashboard.serve import from_options
+from ..dashboard.serve import OPTIONS, from_options
 from ..station import admin, bulk, identity, rotation
 from ..station.dukpt import initial_key_order, working_kcv
 from ..station.keyblocks import export_key_block, import_key_block
 from ..station.readers import ReaderCard, survey
-from ..station.run import load_in_reader, load_one, unit_slots
+from ..station.run import load_unit, unit_slots
 from ..station.verify import check_home_receipts
-from ..units.authority import ExportPolicy, KeyInfo
-from ..units.conformance import run_files
+from ..units.authority import ExportPolicy
+from ..units.conformance import Tally, run_files
 from ..units.keystore import check_usage
-from .args import home_of
+from .args import given, home_of, required
 from .context import read_components, read_secret_hex
-from .output import aligned, listed, shown
-
-
-def _suites(suites: list[int]) -> str:
-    return ", ".join(f"{s:#04x}" for s in suites)
+from .output import aligned, listed, shown, table
 
 
 # -- authority -------------------------------------------------------------------------
 def authority_init(args: argparse.Namespace) -> int:
     made = admin.create_authority(home_of(args), pkcs11=args.pkcs11, token=args.token,
                                   clear_sas=args.clear_sas, signing_key=args.signing_key)
-    pub = made.signing_public_key
-    return shown(args, made.to_json(), f"authority created in {made.where} ({made.backend}; "
-                 f"suites {_suites(made.suites)})",
-                 *([] if pub is None else [f"Ed25519 SAS public key: {pub.hex()}"]))
+    return shown(args, made.to_json(), *made.lines())
 
 
 def authority_show(args: argparse.Namespace) -> int:
     info = admin.authority_facts(home_of(args))
-    return shown(args, info, *aligned([
-        ("backend", info["backend"]), ("suites", _suites(info["suites"])),
-        ("signing key", info["signing_public_key"] or "none"), ("sets", len(info["sets"])),
-        ("application keys", len(info["keys"]))]))
+    return shown(args, info, *aligned(admin.facts_rows(info)))
 
 
 def authority_exports(args: argparse.Namespace) -> int:
     total, rows = admin.export_rows(home_of(args), args.limit)
-    return listed(args, {"total": total, "records": rows},
-                  ["set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID"],
-                  [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
-                    r["kcv"], r["initial_key_id"] or ""] for r in rows],
-                  f"{total} exports recorded")
+    return listed(args, {"total": total, "records": rows}, admin.EXPORT_HEADERS,
+                  admin.export_table(rows), f"{counted(total, 'export')} recorded")
 
 
 # -- sets ----------------------------------------------------------------------------
 def set_create(args: argparse.Namespace) -> int:
-    if args.identity:
-        if args.components or args.signed:
-            raise ValueError("an identity set has no transport key: --identity takes neither "
-                             "--components nor --signed")
-        made = identity.create_identity_set(home_of(args), args.name)
-        return shown(args, admin.set_json(made), f"identity set {made.name} created: set id "
-                     f"{made.set_id.hex()} (from the set CA's key)")
-    info, kcvs = admin.create_set(home_of(args), args.name, signed=args.signed, typed=(
-        (lambda: read_components(args.components, 32)) if args.components else None))
-    kcv_json = [k.hex().upper() for k in kcvs]
-    return shown(args, {**admin.set_json(info), "component_kcvs": kcv_json}, *_kcv_lines(kcvs),
-                 f"set {info.name} created: set id {info.set_id.hex()} (= KCV of T)")
-
-
-def _kcv_lines(kcvs: list[bytes]) -> list[str]:
-    return [f"component {i} KCV  {k.hex().upper()}" for i, k in enumerate(kcvs, 1)]
+    made = admin.create_set(home_of(args), args.name, signed=args.signed, identity=args.identity,
+                            typed=(lambda: read_components(args.components, 32))
+                            if args.components else None)
+    return shown(args, made.to_json(), *made.lines())
 
 
 def set_list(args: argparse.Namespace) -> int:
     sets = admin.read_keystore(home_of(args), lambda ks: ks.set_infos())
-    return listed(args, [admin.set_json(s) for s in sets], ["set id", "name", "kind", "SAS"],
+    return listed(args, {"sets": [admin.set_json(s) for s in sets]},
+                  ["set id", "name", "kind", "SAS"],
                   [[s.set_id.hex(), s.name, "identity" if s.identity else "transport key",
                     "ecdsa" if s.identity else "ed25519" if s.signed else "cmac"]
                    for s in sets])
@@ -98,16 +73,12 @@ def _policy(args: argparse.Namespace) -> ExportPolicy:
     return ExportPolicy(parse_sets(args.sets), parse_ranges(args.slots, "--slots"))
 
 
-def _print_key(args: argparse.Namespace, info: KeyInfo, kcvs: list[bytes]) -> int:
-    a = info.attrs
-    return shown(args, {**admin.key_json(info), **({"component_kcvs": [
-        k.hex().upper() for k in kcvs]} if kcvs else {})}, *_kcv_lines(kcvs),
-                 f"key {display_ref1(info.ref1)}: {info.key_type.label}, {a.usage}/{a.mode}/"
-                 f"{a.exportability}, version {info.version}, KCV {info.kcv.hex().upper()}")
+def _print_key(args: argparse.Namespace, added: admin.KeyAdded) -> int:
+    return shown(args, added.to_json(), *added.lines())
 
 
 def key_generate(args: argparse.Namespace) -> int:
-    return _print_key(args, *admin.add_key(home_of(args), *_key_common(args),
+    return _print_key(args, admin.add_key(home_of(args), *_key_common(args),
                                            version=args.key_version, diversify=args.diversify,
                                            label=args.label, length=args.length))
 
@@ -121,12 +92,9 @@ def key_import(args: argparse.Namespace) -> int:
     exportability."""
     if args.tr31 is not None:
         return _key_import_tr31(args)
-    missing = [f"--{a}" for a in _FROM_HEADER if getattr(args, a) is None]
-    if args.key_version is None:
-        missing.append("--version")
-    if missing or args.kbpk is not None:
-        args.usage_error(f"the following arguments are required: {', '.join(missing)}"
-                         if missing else "--kbpk goes with --tr31")
+    required(args, *_FROM_HEADER, "key_version")
+    if args.kbpk is not None:
+        args.usage_error("--kbpk goes with --tr31")
 
     def typed(length: int | None) -> tuple[Secret, list[bytes]]:
         if args.components > 1:
@@ -134,7 +102,7 @@ def key_import(args: argparse.Namespace) -> int:
         return read_secret_hex("key value (hex): ", length=length), []
 
     ref1, kt, attrs, policy = _key_common(args)
-    return _print_key(args, *admin.add_key(home_of(args), ref1, kt, attrs, policy,
+    return _print_key(args, admin.add_key(home_of(args), ref1, kt, attrs, policy,
                                            version=args.key_version, diversify=args.diversify,
                                            label=args.label, typed=typed))
 
@@ -144,10 +112,10 @@ def _key_import_tr31(args: argparse.Namespace) -> int:
     if given or args.kbpk is None or args.components != 1:
         args.usage_error("--tr31 needs --kbpk; the key block's header gives the type, usage, "
                          "mode and exportability, and it takes no --components")
-    return _print_key(args, import_key_block(
+    return _print_key(args, admin.KeyAdded(import_key_block(
         home_of(args), parse_ref1(args.ref1), args.tr31, parse_ref1(args.kbpk), _policy(args),
         version=args.key_version, diversify=args.diversify, label=args.label,
-        open_in_host=args.open_in_host), [])
+        open_in_host=args.open_in_host)))
 
 
 def key_export(args: argparse.Namespace) -> int:
@@ -167,45 +135,29 @@ def key_rotate(args: argparse.Namespace) -> int:
 
 def key_list(args: argparse.Namespace) -> int:
     keys = rotation.key_versions(home_of(args))
-    return listed(args, [admin.key_json(k, now) for k, now in keys], admin.KEY_COLUMNS,
-                  [admin.key_row(k, now) for k, now in keys])
+    return listed(args, {"keys": [admin.key_json(k, now) for k, now in keys]},
+                  admin.KEY_COLUMNS, [admin.key_row(k, now) for k, now in keys])
 
 
 # -- units ---------------------------------------------------------------------------
 def unit_create(args: argparse.Namespace) -> int:
-    """``unit create``; with ``--unenrolled``, a unit of an identity set without its key
-    and certificate, to be served as a card and enrolled by ``unit enrol --reader``; with
-    ``--sn-start`` and ``--count``, or ``--manifest``, many units (:mod:`.station.bulk`)."""
-    if args.unenrolled and (args.suites is not None or args.components):
-        raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
-                         "--suites nor --components")
+    """``unit create``: one unit (``--sn``; with ``--unenrolled``, a unit of an identity set
+    without its key and certificate, to be served as a card and enrolled by ``unit enrol
+    --reader``), or many (``--sn-start`` and ``--count``, or ``--manifest``)."""
     if [args.sn, args.sn_start, args.manifest].count(None) != 2 or (args.count is None) != (
             args.sn_start is None) or (args.unenrolled and args.sn is None):
         args.usage_error("give --sn SN, --sn-start HEX with --count N, or --manifest CSV "
                          "(--unenrolled: --sn)")
-    home = home_of(args)
-    set_id, slots = parse_hex(args.set_id, "set id"), admin.parse_slots(args.slot, args.lock)
+    home, set_id = home_of(args), parse_hex(args.set_id, "set id")
+    slots = admin.parse_slots(args.slot, args.lock)
     suites = None if args.suites is None else tuple(int(x) for x in args.suites.split(","))
     typed = (lambda: read_components(args.components, 32)) if args.components else None
-    if args.sn is None:
-        made = bulk.create_units(home, set_id, bulk.serials_of(
-            sn_start=args.sn_start, count=args.count, manifest=args.manifest), slots, suites,
-            typed=typed)
-        return shown(args, made.to_json(), made.told())
-    sn = parse_sn(args.sn)
-    if args.unenrolled:
-        identity.create_unenrolled(home, set_id, sn, slots)
-        return shown(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots),
-                            "enrolled": False},
-                     f"unit {sn.hex()} created for set {set_id.hex()} with slots "
-                     f"{', '.join(map(str, sorted(slots)))}, not enrolled: serve it as a card "
-                     "(unit serve-card) and enrol it (unit enrol --reader)")
-    cert = admin.create_unit(home, set_id, sn, slots, suites, typed=typed)
-    out: dict[str, object] = {"sn": sn.hex(), "set_id": set_id.hex(), "slots": sorted(slots)}
-    if cert is not None:
-        out["certificate"] = cert.encode().hex()
-    return shown(args, out, f"unit {sn.hex()} {'created' if cert is None else 'enrolled'} in "
-                 f"set {set_id.hex()} with slots {', '.join(map(str, sorted(slots)))}")
+    made: admin.UnitMade | bulk.UnitsMade = bulk.create_units(
+        home, set_id, bulk.serials_of(sn_start=args.sn_start, count=args.count,
+                                      manifest=args.manifest), slots, suites, typed=typed
+    ) if args.sn is None else admin.create_unit(home, set_id, parse_sn(args.sn), slots, suites,
+                                                typed=typed, unenrolled=args.unenrolled)
+    return shown(args, made.to_json(), made.told())
 
 
 def unit_enrol(args: argparse.Namespace) -> int:
@@ -232,39 +184,30 @@ def unit_certify(args: argparse.Namespace) -> int:
 
 
 def unit_status(args: argparse.Namespace) -> int:
-    home = home_of(args)
-    sn = parse_sn(args.sn)
-    set_id, rows = unit_slots(home, sn)
-    if not args.json:
-        print(f"unit {sn.hex()}, set {set_id.hex()}")
-    return listed(args, {"sn": sn.hex(), "set_id": set_id.hex(), "slots": rows},
-                  ["REF2", "state", "accepts", "type", "usage", "version", "KCV"],
-                  [[r["ref2"], r["state"], ",".join(r["accepts"]), r["type"] or "-",
-                    r["usage"] or "-", "-" if r["version"] is None else r["version"],
-                    r["kcv"] or "-"] for r in rows])
+    st = unit_slots(home_of(args), parse_sn(args.sn))
+    return shown(args, st.to_json(), st.heading(), *table(st.HEADERS, st.rows()))
 
 
 def unit_list(args: argparse.Namespace) -> int:
     if args.set_id is not None:
-        records = identity.unit_records(home_of(args), parse_hex(args.set_id, "set id"))
-        return listed(args, [identity.record_json(r) for r in records], ["SN", "status"],
+        set_id = parse_hex(args.set_id, "set id")
+        records = identity.unit_records(home_of(args), set_id)
+        return listed(args, {"set_id": set_id.hex(), "units": [
+            identity.record_json(r) for r in records]}, ["SN", "status"],
                       [[r.sn.hex(), "revoked" if r.revoked else "active"] for r in records])
     serials = admin.unit_serials(home_of(args))
-    return shown(args, [s.hex() for s in serials], *(s.hex() for s in serials),
-                 f"{len(serials)} units")
+    return shown(args, {"units": [s.hex() for s in serials]}, *(s.hex() for s in serials),
+                 counted(len(serials), "unit"))
 
 
 def unit_serve_card(args: argparse.Namespace) -> int:
     """Serve emulated units as virtual cards to pcscd's vpcd reader, one after another."""
     from ..lab.demo import serve_cards
 
-    home = home_of(args)
-    given = [parse_sn(x) for x in args.sn]
-    served = serve_cards(home, given, args.port, lambda n: print(
-        f"feeding {n} units to the vpcd reader on port {args.port} (Ctrl-C stops)",
+    served = serve_cards(home_of(args), [parse_sn(x) for x in args.sn], args.port, lambda n: print(
+        f"feeding {counted(n, 'unit')} to the vpcd reader on port {args.port} (Ctrl-C stops)",
         flush=True))
-    print(f"{served} units served")
-    return 0
+    return shown(args, {"served": served}, f"{counted(served, 'unit')} served")
 
 
 def readers(args: argparse.Namespace) -> int:
@@ -275,22 +218,18 @@ def readers(args: argparse.Namespace) -> int:
 
 # -- loads ---------------------------------------------------------------------------
 def load(args: argparse.Namespace) -> int:
-    """One key into one unit: the emulated unit ``--unit`` names, or (``--reader``) the
-    card in that PC/SC reader, which must then be ``--unit`` when it is given; with
+    """One key into one unit: the emulated unit ``--sn`` names, or (``--reader``) the
+    card in that PC/SC reader, which must then be ``--sn`` when it is given; with
     ``--initial-key-id``, the unit's IK of BDK ``--ref1``."""
     order = initial_key_order(args.initial_key_id, args.ik_type, reader=args.reader,
-                              unit=args.unit)
-    if args.reader is None and args.unit is None:
-        args.usage_error("one of --unit or --reader is required")
-    sn = None if args.unit is None else parse_sn(args.unit)
+                              unit=args.sn)
+    if args.reader is None and args.sn is None:
+        args.usage_error("one of --sn or --reader is required")
     ref1 = parse_ref1(args.ref1)
     check_ref2(args.ref2)
-    if args.reader is None:
-        assert sn is not None
-        res, where = load_one(home_of(args), sn, ref1, args.ref2, order), ""
-    else:
-        res = load_in_reader(home_of(args), args.reader, ref1, args.ref2, sn, order)
-        where = f" in reader {args.reader!r}"
+    res = load_unit(home_of(args), ref1, args.ref2, reader=args.reader, initial_key=order,
+                    sn=None if args.sn is None else parse_sn(args.sn))
+    where = "" if args.reader is None else f" in reader {args.reader!r}"
     return shown(args, res.to_json(), f"{res.told(where)}, receipt {res.rct.hex()}")
 
 
@@ -320,10 +259,7 @@ def receipts_verify(args: argparse.Namespace) -> int:
 def dashboard(args: argparse.Namespace) -> int:
     """``keyload dashboard``: a read-only web page of the home's campaigns, ledger and
     audit chain (:mod:`keyload.dashboard`)."""
-    d = from_options(home_of(args), host=args.host, port=args.port, journal=args.journal,
-                     cert=args.cert, key=args.key, ca=args.ca, policy=args.policy,
-                     service=args.service, service_cert=args.service_cert,
-                     service_key=args.service_key)
+    d = from_options(home_of(args), journal=args.journal, **given(args, OPTIONS))
     print(f"keyload dashboard on {d.url} (read-only; Ctrl-C stops it)", flush=True)
     d.serve()
     return 0
@@ -331,15 +267,9 @@ def dashboard(args: argparse.Namespace) -> int:
 
 # -- conformance ---------------------------------------------------------------------
 def conformance(args: argparse.Namespace) -> int:
-    failures: list[dict[str, str]]
-    passed, failures = 0, []
+    tally = Tally()
     for r in run_files([Path(f) for f in args.files]):
-        passed += r.passed
-        if not r.passed:
-            failures.append({"file": r.file, "case": r.name, "reason": r.reason})
-            if not args.json:
-                print(f"FAIL {r.name} ({Path(r.file).name}): {r.reason}")
-    shown(args, {"passed": passed, "failed": len(failures), "failures": failures},
-          f"{passed} passed, {len(failures)} failed")
-    sys.stdout.flush()
-    return 0 if not failures else 1
+        if not tally.add(r) and not args.json:
+            print(r.told())
+    shown(args, tally.to_json(), tally.line())
+    return 0 if not tally.failures else 1

@@ -1,17 +1,5 @@
-"""``keyload demo``: an authority, a set of emulated units, two loads per unit.
-
-``--authority``: ``software`` (a sealed keystore), ``pkcs11`` (a private SoftHSM2 token
-made in the workdir; suite 0x02 and Ed25519 SAS entirely in the token) or ``card`` (the
-software authority served as a virtual smart card, reached over PC/SC).
-``--transport``: ``local`` (in-process) or ``pcsc`` (each unit is a virtual card fed
-through a vpcd reader in turn, as a personalization machine feeds cards).
-
-Everything (authority, units, records) lives in ``--workdir`` (or ``--home``, the same) or
-a temporary directory named in the output and removed at the end. The vaults use
-``$KEYLOAD_PASSPHRASE`` (or ``$KEYLOAD_KEK``) when set, else a fixed demo passphrase,
-which the output prints: demo keys are not for production. The demo token's PIN is
-``$KEYLOAD_PKCS11_PIN`` or a demo PIN, likewise.
-"""
+"""``keyload demo``: an authority, a set of emulated units, two loads per unit, set up and
+run by :mod:`keyload.station.demo` with what :mod:`keyload.lab.demo` starts."""
 
 from __future__ import annotations
 
@@ -22,8 +10,8 @@ from pathlib import Path
 from ..lab.demo import DEMO_PIN, PIN_ENV, authority_connect, feed_units, make_authority
 from ..station.campaign import sigint_deferred
 from ..station.demo import open_demo, removed_unless_kept, run_demo
-from .output import aligned, emitted, said, table
-from .progress import Progress
+from .output import aligned, shown, table
+from .progress import bars
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,17 +40,11 @@ def run(args: argparse.Namespace) -> int:
                         feed=None if args.transport != "pcsc" else
                         lambda stack: feed_units(home, stack),
                         say=say, note=say if show else lambda text: None,
-                        progress=lambda n, label: Progress(max(n, 1), label=label,
-                                                           enabled=show and n > 0),
+                        progress=bars(show),
                         interrupt=intr)
         intr.check()
-    s = done.summary
-    if not emitted(args, done.to_json(workdir=str(home.root), authority=args.authority,
-                                      transport=args.transport, suite=args.suite)):
-        said("", *aligned(done.rows()))
-        if s.failures:
-            print()
-            table(["SW", "step", "count"],
-                  [[sw, step, n] for (sw, step), n in s.failures_by_sw().most_common()])
-        said("", f"customized {s.customized} of {s.units} units, {s.failed_units} failed")
+    shown(args, done.to_json(workdir=str(home.root), authority=args.authority,
+                             transport=args.transport, suite=args.suite),
+          "", *aligned(done.rows()), *(["", *table(done.FAILURE_HEADERS, done.failure_rows())]
+                                       if done.failure_rows() else []), "", done.line())
     return 0 if done.ok else 1

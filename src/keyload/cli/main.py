@@ -24,15 +24,19 @@ Every command accepts ``--home DIR`` (default ``$KEYLOAD_HOME`` or ``./keyload-h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from .. import __version__
 from ..core import errors
+from ..dashboard.serve import OPTIONS as DASHBOARD
 from ..service.client import ServiceUnreachable
 from ..station.load import LoadFailed
 from . import campaigns, commands, demo, service_cmds
-from .args import JOURNAL, SET_ID, Opt, cmd, common, group, opt
+from .args import JOURNAL, SET_ID, SN, Help, Opt, Parser, Sub, Usage, cmd, common, group, opt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_STORE, EXIT_PASSPHRASE = 0, 1, 2, 3, 4, 5
 EXIT_REFUSED, EXIT_INTEGRITY, EXIT_UNREACHABLE = 6, 7, 9
@@ -59,11 +63,11 @@ def exit_code(e: BaseException) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keyload", parents=[common()],
+    parser = Parser(
+        prog="keyload", parents=[common()], formatter_class=Help,
         description="Load application keys into fleets of security units over KLP1.")
     parser.add_argument("--version", action="version", version=f"keyload {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = cast(Sub, parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     a = group(sub, "authority", "the software authority (first security unit)")
     cmd(a, "init", commands.authority_init,
@@ -76,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
             "the symmetric SAS needs the key in clear outside the token for an instant"))
     cmd(a, "show", commands.authority_show, "what the authority holds (never key values)")
     cmd(a, "exports", commands.authority_exports, "the authority's export records",
-        opt("--limit", type=int, default=20))
+        opt("--limit", type=int, default=20, help="show the last N records (0: all)"))
 
     s = group(sub, "set", "sets of units and their transport keys")
     cmd(s, "create", commands.set_create, "create a set: generate T or assemble it",
-        opt("--name", required=True), opt("--components", type=int, default=0, metavar="N",
-        help="assemble T from N hex components (read without echo, or from stdin)"),
+        opt("--name", required=True, help="the set's name (unique)"),
+        opt("--components", type=int, default=0, metavar="N", help="assemble T from N hex "
+            "components (read without echo, or from stdin; default: T generated)"),
         opt("--signed", action="store_true", help="exports to this set carry an Ed25519 SAS"),
         opt("--identity", action="store_true", help="an identity set (suite 0x03): a set CA "
             "key and an authority key instead of T; its units hold their own keys"))
@@ -99,18 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
             opt("--type", required=req, help="aes128, aes192, aes256, hmac-sha256"),
             opt("--usage", required=req, help="X9.143 key usage, e.g. K0, P0, M7"),
             opt("--mode", required=req, help="X9.143 mode of use, e.g. B, E, D, C"),
-            opt("--exportability", required=req, choices=["N", "E", "S"]),
-            opt("--version", dest="key_version", type=int, required=req),
+            opt("--exportability", required=req, choices=["E", "N", "S"], help="X9.143 "
+                "exportability, carried in the key's header: E: exportable under a key-"
+                "encryption key in a key block (key export --tr31); N: not exportable; S: "
+                "sensitive, exportable under a KEK in other forms too"),
+            opt("--key-version", type=int, required=req, old=["--version"],
+                help="the key's version (0-255): a unit takes only a higher one into a slot"),
             opt("--diversify", action="store_true",
                 help="diversify per unit: TA' = KDF(TA, SN) (AES only)"),
             opt("--sets", required=policy,
                 help="set ids allowed to receive the key, comma separated, or 'any'"),
             opt("--slots", required=policy, help="REF2 slots allowed, e.g. 1,2,10-20, or 'any'"),
-            opt("--label", default=""))
+            opt("--label", default="", help="a free text kept with the key"))
     length = opt("--length", type=int, help="HMAC key length in bytes (16-64)")
-    typed = (opt("--components", type=int, default=1, metavar="N"),
+    typed = (opt("--components", type=int, default=1, metavar="N", help="type the value as N "
+                 "hex components, each shown with its KCV"),
              opt("--tr31", metavar="BLOCK", help="an X9.143 (TR-31) key block, version D: "
-                 "type, usage, mode, exportability and version from its header (--version "
+                 "type, usage, mode, exportability and version from its header (--key-version "
                  "when it has none)"),
              opt("--kbpk", metavar="REF1", help="(--tr31) the authority key protecting the "
                  "block (usage K1)"), IN_HOST)
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--typed", action="store_true", help="read the value (hex) as key import does"),
         usage_error=True)
     cmd(k, "export", commands.key_export, "print an X9.143 key block (version D) of a key "
-        "whose exportability is E or S", opt("--ref1", required=True),
+        "whose exportability is E or S", opt("--ref1", required=True, help="the key"),
         opt("--tr31", action="store_true", required=True, help="as a TR-31 key block"),
         opt("--kbpk", required=True, metavar="REF1", help="the authority key protecting the "
             "block (usage K1)"), IN_HOST)
@@ -154,15 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         opt("--reader", required=True, help="the PC/SC reader holding the card"),
         opt("--sn", required=True, help="the card's SN, hex (a card tells it only once "
             "enrolled)"))
-    cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)",
-        opt("--sn", required=True))
+    cmd(u, "status", commands.unit_status, "a unit's slots (GET SLOT STATUS)", SN)
     cmd(u, "list", commands.unit_list, "list emulated units; with --set, an identity set's "
         "register (each unit certified, active or revoked)",
         opt("--set", dest="set_id", help="an identity set's id (hex)"))
     cmd(u, "revoke", commands.unit_revoke, "revoke a unit of an identity set: its exports "
-        "are refused (6983) from then on", SET_ID, opt("--sn", required=True))
+        "are refused (6983) from then on", SET_ID, SN)
     cmd(u, "certify", commands.unit_certify, "certify a unit of an identity set enrolled "
-        "elsewhere: print C_U", SET_ID, opt("--sn", required=True),
+        "elsewhere: print C_U", SET_ID, SN,
         opt("--public-key", required=True, help="the unit's Q_U: an uncompressed P-256 point, "
             "hex (65 bytes, 04 || X || Y)"))
     cmd(u, "serve-card", commands.unit_serve_card,
@@ -175,11 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     ik_type = opt("--ik-type", help="the initial key's type (default the BDK's): aes128, "
                   "aes192, aes256, no longer than the BDK")
     cmd(sub, "load", commands.load, "load one key into one unit: an emulated one, or the card "
-        "in a PC/SC reader", opt("--unit", metavar="SN", help="the unit's SN (hex); with "
+        "in a PC/SC reader", opt("--sn", old=["--unit"], help="the unit's SN (hex); with "
                                  "--reader, the card must be this unit"),
         opt("--reader", help="load the card in this PC/SC reader (suite 0x03 for a unit of "
             "an identity set)"),
-        opt("--ref1", required=True), opt("--ref2", required=True, type=int),
+        opt("--ref1", required=True, help="the key (REF1)"),
+        opt("--ref2", required=True, type=int, help="the unit's slot (1-254)"),
         opt("--initial-key-id", metavar="HEX", help="REF1 a BDK (usage B0): load the unit's "
             "AES DUKPT initial key of this ID (8 bytes: BDK ID || derivation ID)"), ik_type,
         usage_error=True)
@@ -187,11 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(d, "derive", commands.dukpt_derive, "the KCV of a transaction's working key",
         opt("--ref1", required=True, help="the BDK"), opt("--ksn", required=True, help="the "
             "terminal's KSN, hex (12 bytes: initial key ID || counter)"),
-        opt("--usage", required=True, choices=["pin", "mac", "data"]), ik_type)
+        opt("--usage", required=True, choices=["pin", "mac", "data"], help="the working "
+            "key's use: PIN encryption, MAC generation, or data encryption"), ik_type)
     cmd(sub, "receipts", commands.receipts_verify,
         "have the authority verify every receipt in the station records")
     cmd(sub, "demo", demo.run, "customize a set of emulated units end to end",
-        opt("--units", type=int, default=1000),
+        opt("--units", type=int, default=1000, help="how many emulated units"),
         opt("--workdir", help="keep everything in this directory, or --home's (default: a "
             "temporary one, removed at the end)"),
         opt("--authority", choices=["software", "pkcs11", "card"], default="software",
@@ -207,17 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cmds.add_parsers(sub)
     cmd(sub, "dashboard", commands.dashboard, "a read-only web page, live: campaigns (progress, "
         "loads/s, ETA, failures), the ledger, the audit chain, and a service's health",
-        JOURNAL, opt("--host", default="127.0.0.1", help="address to listen on (default "
-                     "127.0.0.1: plain HTTP; any other: HTTPS with mutual TLS)"),
-        opt("--port", type=int, default=8080, help="TCP port (default 8080; 0: a free one)"),
-        opt("--cert", help="off loopback: the dashboard's certificate (PEM)"),
-        opt("--key", help="off loopback: its private key (PEM)"),
-        opt("--ca", help="the CA of client certificates (and of --service's certificate)"),
-        opt("--policy", help="off loopback: the service's policy; its clients may look"),
-        opt("--service", metavar="URL", help="a running service: its /v1/health, and its "
-            "/v1/metrics with --service-cert and --service-key"),
-        opt("--service-cert", help="a client certificate the service lets read metrics"),
-        opt("--service-key", help="that certificate's private key"))
+        JOURNAL, *DASHBOARD)
     cmd(sub, "conformance", commands.conformance, "run KLP1 vector files (docs/protocol.md §9)",
         opt("files", nargs="*", metavar="FILE", help="default: the public vectors that come "
             "with keyload"))
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _python_handles_sigint()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         # --home and --json may come before or after the command: unless given, these
         args = build_parser().parse_args(argv, argparse.Namespace(json=False, home=None))
@@ -236,9 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `keyload … | head`: the reader has left; end quietly
         _quiet_stdout()
         return EXIT_PIPE
+    except Usage as e:  # argparse's usage line and message, as argparse prints them
+        e.parser.print_usage(sys.stderr)
+        return _failed("--json" in argv, f"{e.parser.prog}: error: {e}", "usage", str(e),
+                       EXIT_USAGE)
     except (errors.KeyloadError, ValueError, OSError) as e:
-        sys.stderr.write(f"keyload: error: {_one_line(e)}\n")
-        return exit_code(e)
+        return _failed("--json" in argv, f"keyload: error: {errors.one_line(e)}",
+                       errors.error_code(e), errors.one_line(e), exit_code(e))
+    return rc
+
+
+def _failed(as_json: bool, line: str, code: str, message: str, rc: int) -> int:
+    """An error: one line on stderr; with ``--json``, also ``{"error": {"code", "message",
+    "exit"}}`` on stdout (``code``: the status word, or the error's class, or ``usage``)."""
+    sys.stderr.write(line + "\n")
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": message, "exit": rc}}, indent=2))
     return rc
 
 
@@ -259,20 +274,10 @@ def _quiet_stdout() -> None:
     be written raises nothing more."""
     import os
 
-    try:
+    with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
-        pass
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror}{where}"
-    text = str(e) or e.__class__.__name__
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

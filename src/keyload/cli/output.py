@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """``rows`` in columns as wide as their widest cell, under ``headers``."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """``rows`` in columns as wide as their widest cell, under ``headers``: the lines."""
     cells = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for r in [list(headers), ["-" * w for w in widths], *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [list(headers), ["-" * w for w in widths], *cells]]
 
 
 def aligned(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> list[str]:
@@ -22,29 +22,15 @@ def aligned(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> list[str]:
     return [f"{indent}{k.ljust(w)}  {v}" for k, v in pairs]
 
 
-def emitted(args: argparse.Namespace, obj: Any) -> bool:
-    """With ``--json``, ``obj`` is printed as JSON (True); else the caller prints text."""
-    if args.json:
-        print(json.dumps(obj, indent=2, sort_keys=False))
-    return bool(args.json)
-
-
-def said(*lines: str) -> None:
-    for line in lines:
-        print(line)
-
-
 def shown(args: argparse.Namespace, obj: Any, *lines: str) -> int:
     """``obj`` as JSON with ``--json``, else ``lines``; 0, a command's exit code when it
     did its job."""
-    if not emitted(args, obj):
-        said(*lines)
+    if args.json or lines:
+        print(json.dumps(obj, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
 def listed(args: argparse.Namespace, obj: Any, headers: Sequence[str],
            rows: Sequence[Sequence[Any]], *lines: str) -> int:
     """``obj`` as JSON with ``--json``, else ``rows`` as a table and then ``lines``; 0."""
-    if not args.json:
-        table(headers, rows)
-    return shown(args, obj, *lines)
+    return shown(args, obj, *table(headers, rows), *lines)

@@ -8,22 +8,22 @@ block around the run ends the line.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from types import TracebackType
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TextIO
 
 
 def _fmt_time(s: float) -> str:
-    if s != s or s == float("inf"):
+    if not math.isfinite(s):
         return "--:--"
-    s = int(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+    h, rem = divmod(int(s), 3600)
+    return (f"{h}:" if h else "") + f"{rem // 60:02d}:{rem % 60:02d}"
 
 
-class Progress:
+class Progress(AbstractContextManager["Progress"]):
     def __init__(self, total: int, *, label: str = "units", stream: TextIO | None = None,
                  enabled: bool = True, interval: float | None = None) -> None:
         self.total = total
@@ -37,11 +37,7 @@ class Progress:
         self.start = time.monotonic()
         self._last = 0.0
 
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def update(self, ok: bool) -> None:
@@ -78,3 +74,8 @@ class Progress:
         if self.enabled and self.tty and self.done != self.total:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def bars(show: bool) -> Callable[[int, str], Progress]:
+    """A progress line over ``total`` units, shown when ``show`` and there are any."""
+    return lambda total, label: Progress(max(total, 1), label=label, enabled=show and total > 0)

@@ -210,3 +210,18 @@ class TransportError(KeyloadError):
 
 class KcvMismatch(KeyloadError):
     """The KCV answered by the unit differs from the authority's."""
+
+
+def one_line(e: BaseException) -> str:
+    """``e`` told in one line: an OS error's reason and file, else its text (its class when
+    it has none)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    return " ".join((str(e) or e.__class__.__name__).split())
+
+
+def error_code(e: BaseException) -> str:
+    """A short name of ``e`` that stays: the status word it carries (4 hex digits), else
+    its class's name."""
+    sw = getattr(e, "sw", None)
+    return f"{sw:04X}" if isinstance(sw, int) else e.__class__.__name__

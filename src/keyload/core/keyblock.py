@@ -295,7 +295,7 @@ def key_facts(header: KeyBlockHeader, length: int, *,
         raise ValueError("the key block holds a key component, not a key")
     if text == "00":
         if version is None:
-            raise ValueError("the key block carries no key version (00): give --version")
+            raise ValueError("the key block carries no key version (00): give --key-version")
         return kt, attrs, version
     if not text.isdigit():
         raise ValueError(f"the key block's version {text!r} is not a number")

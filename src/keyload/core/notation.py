@@ -91,3 +91,12 @@ def parse_trust(values: list[str]) -> dict[bytes, bytes]:
         except ValueError:
             raise ValueError(f"--ca {v[:24]!r}: expected SETID=Q_CA, both hex") from None
     return out
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` things as text says them: thousands separated, the noun plural unless one.
+
+    >>> counted(1, "unit"), counted(1200, "unit"), counted(0, "entry", "entries")
+    ('1 unit', '1,200 units', '0 entries')
+    """
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"

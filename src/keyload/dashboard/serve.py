@@ -8,6 +8,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -93,6 +94,21 @@ def open_dashboard(home: Home, *, host: str = "127.0.0.1", port: int = 0,
 
 def _path(v: str | None) -> Path | None:
     return Path(v) if v else None
+
+
+#: ``keyload dashboard``'s options, (flags, argparse keywords), read by :func:`from_options`.
+OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--host",), {"default": "127.0.0.1", "help": "address to listen on (127.0.0.1: plain "
+                   "HTTP; any other: HTTPS with mutual TLS)"}),
+    (("--port",), {"type": int, "default": 8080, "help": "TCP port (0: a free one)"}),
+    (("--cert",), {"help": "off loopback: the dashboard's certificate (PEM)"}),
+    (("--key",), {"help": "off loopback: its private key (PEM)"}),
+    (("--ca",), {"help": "the CA of client certificates (and of --service's certificate)"}),
+    (("--policy",), {"help": "off loopback: the service's policy; its clients may look"}),
+    (("--service",), {"metavar": "URL", "help": "a running service: its /v1/health, and its "
+                      "/v1/metrics with --service-cert and --service-key"}),
+    (("--service-cert",), {"help": "a client certificate the service lets read metrics"}),
+    (("--service-key",), {"help": "that certificate's private key"}))
 
 
 def from_options(home: Home, *, host: str, port: int, journal: str | None,

@@ -75,7 +75,7 @@ class SqliteExportLog(SqliteBatch):
         self.db = open_records(path, _SCHEMA)
         try:
             with reading(path):
-                # processes opening a new file at once (serve --workers): the first adds them
+                # processes opening a new file at once (serve --processes): the first adds them
                 add_columns(self.db, "exports", _ADDED_COLUMNS)
                 # the suite-0x03 challenges exported before the register was kept here
                 self.db.execute("INSERT OR IGNORE INTO served (set_id, sn, r) "

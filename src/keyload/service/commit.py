@@ -24,7 +24,7 @@ Where the batch runs depends on what a wait would be:
   run on a database thread; the loop awaits its answers, and a lock held elsewhere
   fails a statement after ``lock_timeout``.
 
-Processes sharing the files (``keyload serve --workers N``, or instances started on one
+Processes sharing the files (``keyload serve --processes N``, or instances started on one
 home) take turns through an exclusive ``flock`` on a lock file, held from the batch's
 begin to its commit.
 

@@ -26,7 +26,7 @@ class IdentityUnit(UnitClient):
 
 
 class ExpectedUnit(UnitClient):
-    """A unit in a reader that must be the one ``--unit`` names: stops before EXPORTKEY."""
+    """A unit in a reader that must be the one ``--sn`` names: stops before EXPORTKEY."""
 
     def __init__(self, conn: Connection, sn: bytes, reader: str) -> None:
         super().__init__(conn)
@@ -35,7 +35,7 @@ class ExpectedUnit(UnitClient):
     def _expected(self, sn: bytes) -> None:
         if sn != self.expected:
             raise ValueError(f"the card in reader {self.reader!r} is unit {sn.hex()}, "
-                             f"not {self.expected.hex()} (--unit)")
+                             f"not {self.expected.hex()} (--sn)")
 
     def initialize(self) -> InitResponse:
         init = super().initialize()
@@ -49,7 +49,7 @@ class ExpectedUnit(UnitClient):
 
 
 class ExpectedIdentityUnit(ExpectedUnit, IdentityUnit):
-    """A card of an identity set that must be the unit ``--unit`` names."""
+    """A card of an identity set that must be the unit ``--sn`` names."""
 
 
 def speaks_suite3(conn: Connection) -> bool:
@@ -102,6 +102,24 @@ def fetch_one(client: ServiceClient, unit: UnitClient, ref1: bytes, ref2: int, *
     return res, deliver_receipt(client, res, until=time.monotonic() + deadline)
 
 
+#: What becomes of a fetch's receipts, and its exit codes (``keyload fetch --help``).
+RECEIPT_RULES = (
+    "Receipts are evidence: the key is in the unit before its receipt is sent, so fetch "
+    "retries a receipt the service cannot take yet (429 after its Retry-After, 503, a "
+    "lost connection) for --receipt-deadline seconds, then keeps it in HOME/outbox/ and "
+    "exits 8 (done, evidence pending). Every fetch to a server first sends that server's "
+    "pending receipts, oldest first; --resend sends only those. A pending receipt the "
+    "service refuses for good (409, 404, 422...) moves to HOME/outbox/refused/ with the "
+    "reason, and fetch exits 1. Exit codes: 0 done, 8 done but a receipt is pending, "
+    "1 a pending receipt was refused, 9 the service is unreachable (no connection, or the "
+    "TLS handshake failed), others as for every keyload command.")
+
+#: ``keyload fetch``'s own exit codes beside every command's: a pending receipt the service
+#: refused for good (the job ran but something failed), and done but evidence pending (the
+#: key is loaded, its receipt kept in HOME/outbox).
+EXIT_FAILED, EXIT_PENDING = 1, 8
+
+
 @dataclass(frozen=True)
 class Fetched:
     """What :func:`fetch_key` did: the pending receipts it sent first (one report each); then,
@@ -112,16 +130,47 @@ class Fetched:
     result: LoadResult | None = None
     delivery: Delivery | None = None
     kept: Path | None = None
+    server: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        """What ``keyload fetch --json`` prints of a key loaded."""
+        """What ``keyload fetch --json`` prints: the key loaded, or (``--resend``) the
+        receipts sent."""
         res, d = self.result, self.delivery
-        assert res is not None and d is not None
+        if res is None or d is None:
+            return {"server": self.server, "resent": self.resent}
         return {**res.to_json(),
                 "ledger": d.outcome == "recorded" and d.answer.get("status") == "recorded",
                 "pending": None if self.kept is None or d.outcome != "pending"
                 else str(self.kept),
                 "resent": self.resent}
+
+    def lines(self, server: str) -> list[str]:
+        """What ``keyload fetch`` prints on stdout (each receipt sent again was told as it
+        went, :func:`resent_told`)."""
+        if self.result is not None:
+            return [self.told(server)]
+        return [] if self.resent else [f"no pending receipts for {server}"]
+
+    def exit_code(self) -> int:
+        """:data:`EXIT_FAILED` when the service refused a pending receipt for good,
+        :data:`EXIT_PENDING` when a receipt stays pending, else 0."""
+        if self.refused_resent():
+            return EXIT_FAILED
+        return EXIT_PENDING if self.pending() else 0
+
+    def warnings(self, server: str, *, resend_note: bool = True) -> list[str]:
+        """What ``keyload fetch`` says on stderr after its output: pending receipts the
+        service refused for good; with ``resend_note``, after ``--resend``, that receipts
+        are still pending."""
+        refused = self.refused_resent()
+        if refused:
+            return [f"keyload: the service refused {len(refused)} pending receipt(s) for "
+                    f"good; kept with its reason in {Path(refused[0]['path']).parent}/ (exit "
+                    f"{EXIT_FAILED})"]
+        if resend_note and self.result is None and self.pending():
+            return [f"keyload: receipts are still pending for {server} (exit {EXIT_PENDING}: "
+                    "evidence pending)"]
+        return []
 
     def refused_resent(self) -> list[dict[str, Any]]:
         """The pending receipts sent that the service refused for good."""
@@ -160,6 +209,11 @@ class Fetched:
         return f"{res.told(f' from {server}')}, receipt {res.rct.hex()} recorded by the service"
 
 
+def damaged_told(path: Path) -> str:
+    """A file of the outbox that is not a pending receipt (left as it is), for people."""
+    return f"keyload: warning: {path} is not a readable pending receipt (left as it is)"
+
+
 def resent_told(p: Pending, entry: dict[str, Any]) -> str:
     """A pending receipt sent again (one report of :func:`send_pending`), for people."""
     what = {"recorded": "recorded by the service",
@@ -181,12 +235,12 @@ def fetch_key(client: ServiceClient, outbox: Outbox, server: str, *, deadline: f
         resent = send_pending(client, outbox, server, deadline, on_damaged=on_damaged,
                               on_sent=on_sent)
         if unit is None:
-            return Fetched(resent)
+            return Fetched(resent, server=server)
         with unit() as u:
             res, d = fetch_one(client, u, ref1, ref2, deadline=deadline)
     finally:
         client.close()
-    return Fetched(resent, res, d, keep_undelivered(outbox, server, res, d))
+    return Fetched(resent, res, d, keep_undelivered(outbox, server, res, d), server)
 
 
 def send_pending(client: ServiceClient, outbox: Outbox, server: str, deadline: float, *,

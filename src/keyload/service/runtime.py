@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..records.audit import AuditLog
 from ..records.exportlog import SqliteExportLog
@@ -55,7 +55,7 @@ def open_instance(backend: AuthorityBackend, policy: Policy, *, home_root: Path,
     a SQLite state the service's tables and the audit chain — are written in batches
     (:class:`~.commit.GroupCommit`), and so is a PostgreSQL state (one transaction per
     batch, holding the audit chain's lock).
-    ``processes``: how many processes serve from this state here (``--workers``); with
+    ``processes``: how many processes serve from this state here (``--processes``); with
     one and SQLite, the rate counters are kept in memory, else in the shared state.
     ``busy_timeout``: how long a database lock held elsewhere is waited for before the
     batch fails (503): short, so that a stuck writer cannot stall the service. With
@@ -230,9 +230,33 @@ def read_policy(path: Path) -> Policy:
     return Policy.load(path)
 
 
-def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
-           policy_file: str, limits: Callable[[], ConnectionLimits], state: str | None,
-           instance: str | None, host: str, port: int, http: str, loop: str, workers: int,
+#: ``keyload serve``'s options but the limits (:data:`~.guard.LIMIT_FLAGS`), as (flags,
+#: argparse keywords): what :func:`listen` takes, by name.
+OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--cert",), {"help": "the server's certificate (PEM; required to serve)"}),
+    (("--key",), {"help": "the server's private key (PEM; required to serve)"}),
+    (("--ca",), {"help": "the CA that issues client certificates (required to serve)"}),
+    (("--policy",), {"help": "authorization policy and limits (JSON; required to serve)"}),
+    (("--host",), {"default": "127.0.0.1", "help": "address to listen on"}),
+    (("--port",), {"type": int, "default": 8443, "help": "TCP port (0: any free one, printed)"}),
+    (("--state",), {"help": "shared state: a SQLite file (default HOME/service.db) or a "
+                    "postgresql:// URL shared by several instances"}),
+    (("--http",), {"choices": ["auto", "h11", "httptools"], "default": "auto",
+                   "help": "HTTP parser (auto: httptools when installed, else h11)"}),
+    (("--loop",), {"choices": ["auto", "asyncio", "uvloop"], "default": "auto",
+                   "help": "event loop (auto: uvloop when installed)"}),
+    (("--instance",), {"help": "this instance's name in audit and metrics (default: the host "
+                       "name)"}),
+    (("--busy-timeout",), {"type": float, "default": 2.0, "metavar": "S", "help": "how long a "
+                           "database lock held elsewhere is waited for before requests are "
+                           "answered 503"}),
+    (("--processes",), {"type": int, "default": 1, "old": ["--workers"], "help": "processes "
+                        "accepting on the same socket (they share the state)"}))
+
+
+def listen(home_of: Callable[[], ServeHome], *, cert: str, key: str, ca: str,
+           policy: str, limits: Callable[[], ConnectionLimits], state: str | None,
+           instance: str | None, host: str, port: int, http: str, loop: str, processes: int,
            busy_timeout: float) -> Listening:
     """Everything ``keyload serve`` checks before it serves, in this order: the flags, the
     TLS files, the policy, the limits, the keystore's passphrase or PIN; then the socket
@@ -241,16 +265,17 @@ def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
     from .pki import check_tls_files
     from .server import bind, raise_fd_limit, runs_on, server_context
 
+    policy_file, workers = policy, processes
     policy_path = Path(policy_file)
     if workers < 1:
-        raise ValueError("--workers must be at least 1")
+        raise ValueError("--processes must be at least 1")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: a TCP port, 0..65535 (0: any free one)")
     home = home_of()
-    check_tls_files(ca=ca, cert=cert, key=key)
-    policy = read_policy(policy_path)
+    check_tls_files(ca=Path(ca), cert=Path(cert), key=Path(key))
+    rules = read_policy(policy_path)
     lim = limits()  # bad limits are refused before anything starts
-    ctx = server_context(cert, key, ca)
+    ctx = server_context(Path(cert), Path(key), Path(ca))
     home.ensure()
     home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
     sock = bind(host, port)
@@ -260,7 +285,7 @@ def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
     audit = "in the state" if is_postgres_url(state) else home.audit_path
     banner = (
         f"keyload service listening on https://{f'[{host}]' if ':' in host else host}:{port}"
-        + (f" ({workers} workers)" if workers > 1 else "") + "\n"
+        + (f" ({workers} processes)" if workers > 1 else "") + "\n"
         f"  HTTP {parser}, event loop {ev}, state {describe_state(state, home.root)}, audit "
         f"{audit}\n"
         f"  handshake and request-head timeouts {lim.handshake_timeout:g} s and "
@@ -274,4 +299,4 @@ def listen(home_of: Callable[[], ServeHome], *, cert: Path, key: Path, ca: Path,
         policy_path=policy_path, state=state, instance=instance or socket.gethostname(),
         limits=lim, host=host, port=port, http=http, loop=loop, workers=workers,
         busy_timeout=busy_timeout)
-    return Listening(opts, home.open_keystore, policy, ctx, sock, banner)
+    return Listening(opts, home.open_keystore, rules, ctx, sock, banner)

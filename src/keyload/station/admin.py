@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,8 @@ from ..units.keystore import SoftwareKeystore
 from ..units.unit import Slot
 from .fleet import EmulatedFleet
 from .home import Home, Keystore
-from .identity import enrol_unit, unique_name
+from .identity import create_identity_set, create_unenrolled, enrol_unit, unique_name
+from .report import iso
 
 T = TypeVar("T")
 # an operator's key value: the value and the KCV of each component typed (none when whole)
@@ -38,7 +39,8 @@ def key_json(i: KeyInfo, current: bool = True) -> dict[str, Any]:
     return {"ref1": display_ref1(i.ref1), "ref1_hex": i.ref1.hex(), "type": i.key_type.label,
             "length": i.length, "usage": i.attrs.usage, "mode": i.attrs.mode,
             "exportability": i.attrs.exportability, "version": i.version,
-            "diversify": i.diversify, "kcv": i.kcv.hex().upper(), "policy": i.policy.to_json(),
+            "diversify": i.diversify, "kcv": i.kcv.hex().upper(),
+            "policy": {k: "any" if v is None else v for k, v in i.policy.to_json().items()},
             "label": i.label, "origin": i.origin or None, "current": current}
 
 
@@ -62,6 +64,30 @@ def set_json(s: SetInfo) -> dict[str, Any]:
             "kind": "identity" if s.identity else "transport key"}
 
 
+def kcv_lines(kcvs: list[bytes]) -> list[str]:
+    """The KCV of each component typed, for people."""
+    return [f"component {i} KCV  {k.hex().upper()}" for i, k in enumerate(kcvs, 1)]
+
+
+@dataclass(frozen=True)
+class KeyAdded:
+    """An application key taken in (``keyload key generate|import``), and the KCV of each
+    component typed (none when whole)."""
+
+    info: KeyInfo
+    component_kcvs: list[bytes] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        kcvs = [k.hex().upper() for k in self.component_kcvs]
+        return {**key_json(self.info), **({"component_kcvs": kcvs} if kcvs else {})}
+
+    def lines(self) -> list[str]:
+        i, a = self.info, self.info.attrs
+        return [*kcv_lines(self.component_kcvs),
+                f"key {display_ref1(i.ref1)}: {i.key_type.label}, {a.usage}/{a.mode}/"
+                f"{a.exportability}, version {i.version}, KCV {i.kcv.hex().upper()}"]
+
+
 # -- the authority -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AuthorityMade:
@@ -74,6 +100,16 @@ class AuthorityMade:
         pub = self.signing_public_key
         return {"authority": self.where, "backend": self.backend, "suites": self.suites,
                 "signing_public_key": None if pub is None else pub.hex()}
+
+    def lines(self) -> list[str]:
+        pub = self.signing_public_key
+        return [f"authority created in {self.where} ({self.backend}; suites "
+                f"{suites_text(self.suites)})",
+                *([] if pub is None else [f"Ed25519 SAS public key: {pub.hex()}"])]
+
+
+def suites_text(suites: list[int]) -> str:
+    return ", ".join(f"{s:#04x}" for s in suites)
 
 
 def create_authority(home: Home, *, pkcs11: str | None = None, token: str | None = None,
@@ -114,6 +150,22 @@ def authority_facts(home: Home) -> dict[str, Any]:
         ks.close()
 
 
+def facts_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
+    """:func:`authority_facts` for people: what it holds, counted."""
+    return [("backend", facts["backend"]), ("suites", suites_text(facts["suites"])),
+            ("signing key", facts["signing_public_key"] or "none"),
+            ("sets", len(facts["sets"])), ("application keys", len(facts["keys"]))]
+
+
+EXPORT_HEADERS = ("set id", "SN", "REF1", "REF2", "suite", "version", "KCV", "initial key ID")
+
+
+def export_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """:func:`export_rows` under :data:`EXPORT_HEADERS`, for people."""
+    return [[r["set_id"], r["sn"], r["ref1"], r["ref2"], r["suite"], r["key_version"],
+             r["kcv"], r["initial_key_id"] or ""] for r in rows]
+
+
 def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
     """How many exports the authority recorded, and the last ``limit`` (all: 0)."""
     path = home.authority_dir / "exports.db"
@@ -126,7 +178,7 @@ def export_rows(home: Home, limit: int) -> tuple[int, list[dict[str, Any]]]:
         log.close()
     shown = recs[-limit:] if limit > 0 else recs
     return len(recs), [
-        {"time": r.time, "set_id": r.set_id.hex(), "sn": r.sn.hex(),
+        {"time": iso(r.time), "set_id": r.set_id.hex(), "sn": r.sn.hex(),
          "ref1": display_ref1(r.ref1), "ref2": r.ref2, "suite": r.suite,
          "key_version": r.key_version, "kcv": r.kcv.hex().upper(),
          "initial_key_id": None if r.initial_key_id is None else r.initial_key_id.hex().upper()}
@@ -143,17 +195,45 @@ def read_keystore(home: Home, read: Callable[[Keystore], T]) -> T:
         ks.close()
 
 
-def create_set(home: Home, name: str, *, signed: bool,
-               typed: Typed | None = None) -> tuple[SetInfo, list[bytes]]:
-    """A new set, its transport key generated, or ``typed`` (in components); names are
-    unique, as sets are told apart by name in lists and reports."""
+@dataclass(frozen=True)
+class SetMade:
+    """A set ``keyload set create`` made, with the KCV of each component of T typed."""
+
+    info: SetInfo
+    component_kcvs: list[bytes] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return set_json(self.info) if self.info.identity else {
+            **set_json(self.info), "component_kcvs": [k.hex().upper()
+                                                      for k in self.component_kcvs]}
+
+    def lines(self) -> list[str]:
+        i = self.info
+        if i.identity:
+            return [f"identity set {i.name} created: set id {i.set_id.hex()} (from the set "
+                    "CA's key)"]
+        return [*kcv_lines(self.component_kcvs),
+                f"set {i.name} created: set id {i.set_id.hex()} (= KCV of T)"]
+
+
+def create_set(home: Home, name: str, *, signed: bool, identity: bool = False,
+               typed: Typed | None = None) -> SetMade:
+    """A new set, its transport key generated, or ``typed`` (in components); or an
+    ``identity`` set (:func:`~keyload.station.identity.create_identity_set`), which has
+    no transport key. Names are unique, as sets are told apart by name in lists and
+    reports."""
+    if identity:
+        if typed is not None or signed:
+            raise ValueError("an identity set has no transport key: --identity takes neither "
+                             "--components nor --signed")
+        return SetMade(create_identity_set(home, name))
     ks = home.open_keystore()
     try:
         unique_name(ks, name)
         if typed is None:
-            return ks.generate_set(name, signed=signed), []
+            return SetMade(ks.generate_set(name, signed=signed))
         value, kcvs = typed()
-        return ks.add_set(value, name, signed=signed), kcvs
+        return SetMade(ks.add_set(value, name, signed=signed), kcvs)
     finally:
         ks.close()
 
@@ -199,7 +279,7 @@ def new_version_of(ks: Keystore, ref1: bytes) -> bool:
 def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: ExportPolicy,
             *, version: int, diversify: bool, label: str, length: int | None = None,
             typed: Callable[[int | None], tuple[Secret, list[bytes]]] | None = None
-            ) -> tuple[KeyInfo, list[bytes]]:
+            ) -> KeyAdded:
     """A new application key, or the next version of an existing REF1
     (:func:`new_version_of`), generated (``length``: HMAC only), or ``typed`` (given the
     length an AES key must have)."""
@@ -209,12 +289,13 @@ def add_key(home: Home, ref1: bytes, kt: KeyType, attrs: KeyAttributes, policy: 
         known_sets(ks, policy)
         replace = new_version_of(ks, ref1)
         if typed is None:
-            return ks.generate_key(ref1, kt, attrs, version=version, diversify=diversify,
-                                   policy=policy, length=length, label=label,
-                                   replace=replace), []
+            return KeyAdded(ks.generate_key(ref1, kt, attrs, version=version,
+                                            diversify=diversify, policy=policy,
+                                            length=length, label=label, replace=replace))
         value, kcvs = typed(kt.default_length if kt.is_aes else None)
-        return ks.add_key(ref1, kt, value, attrs, version=version, diversify=diversify,
-                          policy=policy, label=label, replace=replace), kcvs
+        return KeyAdded(ks.add_key(ref1, kt, value, attrs, version=version,
+                                   diversify=diversify, policy=policy, label=label,
+                                   replace=replace), kcvs)
     finally:
         ks.close()
 
@@ -291,17 +372,55 @@ def unit_key(ks: Keystore, set_id: bytes, suites: tuple[int, ...] | None,
     return UnitKey(False, t, vk, suites or (0x01, 0x02))
 
 
+@dataclass(frozen=True)
+class UnitMade:
+    """A unit ``keyload unit create`` made: enrolled in an identity set (its C_U), not
+    enrolled yet (``enrolled`` false), or of a transport-key set (no certificate)."""
+
+    sn: bytes
+    set_id: bytes
+    slots: list[int]
+    certificate: Certificate | None = None
+    enrolled: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sn": self.sn.hex(), "set_id": self.set_id.hex(),
+                               "slots": self.slots}
+        if not self.enrolled:
+            out["enrolled"] = False
+        if self.certificate is not None:
+            out["certificate"] = self.certificate.encode().hex()
+        return out
+
+    def told(self) -> str:
+        slots = ", ".join(map(str, self.slots))
+        if not self.enrolled:
+            return (f"unit {self.sn.hex()} created for set {self.set_id.hex()} with slots "
+                    f"{slots}, not enrolled: serve it as a card (unit serve-card) and enrol "
+                    "it (unit enrol --reader)")
+        return (f"unit {self.sn.hex()} {'created' if self.certificate is None else 'enrolled'}"
+                f" in set {self.set_id.hex()} with slots {slots}")
+
+
 def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
-                suites: tuple[int, ...] | None, *,
-                typed: Typed | None = None) -> Certificate | None:
+                suites: tuple[int, ...] | None, *, typed: Typed | None = None,
+                unenrolled: bool = False) -> UnitMade:
     """An emulated unit of set ``set_id`` given its :func:`unit_key`. A unit of an
-    identity set is enrolled instead (suite 0x03 only): its C_U is returned."""
+    identity set is enrolled instead (suite 0x03 only), or with ``unenrolled`` left without
+    key and certificate, to be served as a card and enrolled by ``unit enrol --reader``."""
+    made = UnitMade(sn, set_id, sorted(slots), enrolled=not unenrolled)
+    if unenrolled:
+        if suites is not None or typed is not None:
+            raise ValueError("--unenrolled makes a unit of an identity set: it takes neither "
+                             "--suites nor --components")
+        create_unenrolled(home, set_id, sn, slots)
+        return made
     check_unit_suites(suites)
     ks = home.open_keystore()
     try:
         key = unit_key(ks, set_id, suites, typed)
         if key.identity:
-            return enrol_unit(home, ks, set_id, sn, slots)
+            return replace(made, certificate=enrol_unit(home, ks, set_id, sn, slots))
     finally:
         ks.close()
     assert key.t is not None
@@ -311,7 +430,7 @@ def create_unit(home: Home, set_id: bytes, sn: bytes, slots: dict[int, Slot],
     finally:
         key.t.wipe()
         fleet.close()
-    return None
+    return made
 
 
 def unit_serials(home: Home) -> list[bytes]:

@@ -49,7 +49,8 @@ class Summary:
             "units": self.units, "customized": self.customized, "failed": self.failed_units,
             "loads_ok": self.loads_ok, "loads_failed": self.loads_failed,
             "elapsed_s": round(self.elapsed, 3),
-            "units_per_s": round(self.units / self.elapsed, 1) if self.elapsed else None,
+            "units_per_s": round(self.units / self.elapsed, 1) if self.elapsed and self.units
+            else None,
             "loads_by_suite": {f"{k:#04x}": v for k, v in sorted(self.by_suite.items())},
             "failures": [{"unit": f.unit, "ref1": f.ref1.hex(), "ref2": f.ref2,
                           "step": f.step, "sw": f.sw, "reason": f.reason}

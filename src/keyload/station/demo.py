@@ -11,12 +11,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.keys import KeyAttributes, KeyType
+from ..core.notation import counted
 from ..core.ref1 import display_ref1
 from ..core.secret import Secret
 from ..core.suite3 import SUITE_ECDH
@@ -37,7 +38,7 @@ from .journal.model import Journal
 from .plan import create_campaign
 from .receipts import ReceiptsCheck, check_receipts
 from .report import campaign_entries
-from .run import journal_summary, open_work, run_emulated, run_reader
+from .run import Bar, journal_summary, open_work, run_emulated, run_reader
 
 DEMO_PASSPHRASE = "keyload-demo"
 CAMPAIGN = "demo"
@@ -205,16 +206,6 @@ def verify_demo(home: Home, journal: Journal, ks: Keystore) -> ReceiptsCheck:
         log.close()
 
 
-class Tally(Protocol):
-    """A progress line: told once a unit is done (``ok``: customized)."""
-
-    def update(self, ok: bool) -> None: ...
-
-
-#: A progress line over ``total`` units (``label``), for as long as its block lasts.
-Bar = Callable[[int, str], AbstractContextManager[Tally]]
-
-
 def open_demo(workdir: str | None, want: dict[str, Any], *,
               say: Callable[[str], None]) -> tuple[Home, bool]:
     """The demo's home in its workdir (:func:`prepare_workdir`), with the vaults' KEK source
@@ -280,6 +271,17 @@ class DemoRun:
             ("suites", ", ".join(f"{k:#04x}: {v}" for k, v in sorted(s.by_suite.items()))),
             ("this run", f"{n} loads in {t:.2f} s"
                          + (f" ({n / t:,.0f} loads/s)" if t and n else ""))]
+
+    FAILURE_HEADERS = ("SW", "step", "count")
+
+    def failure_rows(self) -> list[tuple[str, str, int]]:
+        """The failed loads counted by status word and step, most frequent first."""
+        return [(sw, step, n) for (sw, step), n in self.summary.failures_by_sw().most_common()]
+
+    def line(self) -> str:
+        s = self.summary
+        return (f"customized {s.customized:,} of {counted(s.units, 'unit')}, "
+                f"{s.failed_units:,} failed")
 
 
 def run_demo(home: Home, want: dict[str, Any], resume: bool, *,

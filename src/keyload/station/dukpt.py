@@ -32,7 +32,7 @@ def initial_key_order(initial_key_id: str | None, ik_type: str | None, *,
             raise ValueError("--ik-type goes with --initial-key-id")
         return None
     if reader is None and unit is None:
-        raise ValueError("--initial-key-id loads into a unit: give --unit or --reader")
+        raise ValueError("--initial-key-id loads into a unit: give --sn or --reader")
     return InitialKeyOrder(InitialKeyId.parse(initial_key_id),
                            None if ik_type is None else KeyType.parse(ik_type))
 
@@ -56,7 +56,7 @@ def refuse_bare_bdk(backend: AuthorityBackend, ref1: bytes) -> None:
         return
     if usage == USAGE_BDK:
         raise ValueError(f"key {display_ref1(ref1)} is a BDK (usage {USAGE_BDK}): a load "
-                         "delivers a unit's initial key, give --initial-key-id (with --unit)")
+                         "delivers a unit's initial key, give --initial-key-id (with --sn)")
 
 
 def campaign_initial_key(camp: Campaign, row: LoadRow) -> InitialKeyId | None:

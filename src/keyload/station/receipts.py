@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import KeyloadError
+from ..core.notation import counted
 from ..core.ref1 import display_ref1
 from ..records.exportlog import ExportRecord
 from ..records.ledger import Export, KeyFacts, LedgerEntry, verify_entries
 from ..units.authority import Authority
+from .report import iso
 
 
 @dataclass
@@ -41,10 +43,10 @@ class ReceiptsCheck:
                 *(f"export without receipt: unit {e['sn']} slot {e['ref2']} {e['ref1']} "
                   f"v{e['key_version']} KCV {e['kcv']} ({e['station'] or 'nothing recorded'})"
                   for e in lost),
-                *([f"{len(lost)} exports without receipt"] if lost else []),
-                *([f"{self.reconciled} loads reconciled with the unit after a crash: receipt "
-                   "lost, slot status recorded"] if self.reconciled else []),
-                f"{self.verified} receipts verified, {self.invalid} invalid"]
+                *([f"{counted(len(lost), 'export')} without receipt"] if lost else []),
+                *([f"{counted(self.reconciled, 'load')} reconciled with the unit after a crash: "
+                   "receipt lost, slot status recorded"] if self.reconciled else []),
+                f"{counted(self.verified, 'receipt')} verified, {self.invalid:,} invalid"]
 
 
 def _download(set_id: bytes, sn: bytes, ref1: bytes, ref2: int, kcv: bytes | None) -> tuple[
@@ -129,7 +131,7 @@ def check_receipts(receipts: Iterable[LedgerEntry], exports: Iterable[ExportReco
         for i in chk.invalid_entries])
     for e in ex.left():
         out.without_receipt.append({
-            "time": e.time, "set_id": e.set_id.hex(), "sn": e.sn.hex(),
+            "time": iso(e.time), "set_id": e.set_id.hex(), "sn": e.sn.hex(),
             "ref1": display_ref1(e.ref1), "ref2": e.ref2, "suite": e.suite,
             "key_version": e.key_version, "kcv": e.kcv.hex().upper(),
             "station": (failures or {}).get((e.sn, e.ref1, e.ref2))})

@@ -47,7 +47,7 @@ def fill_options(options: dict[str, Any], home: Home, ref1: bytes) -> None:
     for name, value in next_version_options(home, ref1,
                                             from_block=options.get("tr31") is not None).items():
         given = options.get(name)
-        if given is None or given is False or given == "":  # (a --version 0 is given)
+        if given is None or given is False or given == "":  # (a --key-version 0 is given)
             options[name] = value
 
 

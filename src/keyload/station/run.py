@@ -5,8 +5,9 @@ load into one emulated unit, and what its slots hold."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from typing import Any
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from ..core import messages as msg
 from ..core import tlv
@@ -118,6 +119,30 @@ def run_reader(home: Home, journal: Journal, name: str, opts: RunOptions, reader
     return summary
 
 
+class Tally(Protocol):
+    """A progress line: told once a unit is done (``ok``: customized)."""
+
+    def update(self, ok: bool) -> None: ...
+
+
+#: A progress line over ``total`` units (``label``), for as long as its block lasts.
+Bar = Callable[[int, str], AbstractContextManager[Tally]]
+
+
+def run_home(home: Home, journal: Journal, name: str, opts: RunOptions, *, reader: str | None,
+             cards: int | None, progress: Bar, interrupt: Interrupt) -> RunSummary:
+    """Run (or resume) campaign ``name`` over the cards presented in ``reader`` (its
+    progress over ``cards``, 0 when not given: until the reader stays empty), or else over
+    the home's emulated units (its progress over the units :func:`open_work` counts)."""
+    if reader:
+        with progress(cards or 0, "cards") as bar:
+            return run_reader(home, journal, name, opts, reader, cards, on_unit=bar.update,
+                              interrupt=interrupt)
+    with progress(open_work(journal, name)[2], "units") as bar:
+        return run_emulated(home, journal, name, opts, interrupt=interrupt,
+                            on_unit=bar.update)
+
+
 def journal_summary(journal: Journal, name: str, run: RunSummary) -> Summary:
     """A campaign's outcome as a :class:`Summary`, read from its journal (every run's
     loads, not only ``run``'s)."""
@@ -174,9 +199,32 @@ def _with_initial_key(res: LoadResult, order: InitialKeyOrder | None) -> LoadRes
     return res if order is None else res._replace(initial_key_id=order.initial_key_id.value)
 
 
-def unit_slots(home: Home, sn: bytes) -> tuple[bytes, list[dict[str, Any]]]:
-    """An emulated unit's set id and its slots as GET SLOT STATUS gives them (with the
-    key types each accepts, and the loaded key's header and KCV; never a value)."""
+@dataclass(frozen=True)
+class UnitSlots:
+    """An emulated unit's set id and its slots as GET SLOT STATUS gives them (with the key
+    types each accepts, and the loaded key's header and KCV; never a value)."""
+
+    sn: bytes
+    set_id: bytes
+    slots: list[dict[str, Any]]
+    HEADERS: ClassVar[tuple[str, ...]] = ("REF2", "state", "accepts", "type", "usage",
+                                          "version", "KCV")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sn": self.sn.hex(), "set_id": self.set_id.hex(), "slots": self.slots}
+
+    def heading(self) -> str:
+        return f"unit {self.sn.hex()}, set {self.set_id.hex()}"
+
+    def rows(self) -> list[list[Any]]:
+        """One row a slot under :attr:`HEADERS` ("-" where a slot holds nothing)."""
+        return [[r["ref2"], r["state"], ",".join(r["accepts"]), r["type"] or "-",
+                 r["usage"] or "-", "-" if r["version"] is None else r["version"],
+                 r["kcv"] or "-"] for r in self.slots]
+
+
+def unit_slots(home: Home, sn: bytes) -> UnitSlots:
+    """Emulated unit ``sn``'s slots, read by GET SLOT STATUS."""
     fleet = EmulatedFleet.open(home.units_dir, home.source)
     try:
         unit = fleet.open_unit(sn)
@@ -201,7 +249,7 @@ def unit_slots(home: Home, sn: bytes) -> tuple[bytes, list[dict[str, Any]]]:
                      "usage": None if h is None else h.usage,
                      "version": None if h is None else h.version,
                      "kcv": None if st.kcv is None else st.kcv.hex().upper()})
-    return set_id, rows
+    return UnitSlots(sn, set_id, rows)
 
 
 def units_in_turn(fleet: EmulatedFleet, serials: list[bytes]) -> Iterator[Unit]:
@@ -264,6 +312,18 @@ def card_facts(unit: UnitClient, reader: str) -> tuple[bytes, bytes, bytes | Non
     if sn is None or suites is None:
         raise MalformedData(f"the card in reader {reader!r} answers no SN or suites")
     return sn, suites, found.get(msg.T_SET)
+
+
+def load_unit(home: Home, ref1: bytes, ref2: int, *, sn: bytes | None, reader: str | None,
+              initial_key: InitialKeyOrder | None = None) -> LoadResult:
+    """One key into one unit (``keyload load``): the card in PC/SC ``reader``
+    (:func:`load_in_reader`, which must then be unit ``sn`` when it is given), or else the
+    emulated unit ``sn`` (:func:`load_one`)."""
+    if reader is not None:
+        return load_in_reader(home, reader, ref1, ref2, sn, initial_key)
+    if sn is None:
+        raise ValueError("no unit: give its SN, or the reader holding it")
+    return load_one(home, sn, ref1, ref2, initial_key)
 
 
 def _card_in_reader(unit: UnitClient, reader: str) -> tuple[bytes, bool]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 from ..core.errors import StoreError
+from ..core.notation import counted
 from ..records.exportlog import SqliteExportLog
 from ..records.ledger import CertificatesOnly, LedgerEntry, ReceiptChecker
 from ..units.authority import IdentityBackend, IdentitySetInfo
@@ -90,7 +91,32 @@ def station_receipts(home: Home) -> tuple[list[LedgerEntry],
     return receipts, failures
 
 
-def identity_trust(home: Home, set_id: bytes) -> IdentitySetInfo:
+@dataclass(frozen=True)
+class AuditorTrust:
+    """An identity set's Q_CA and C_A, as ``keyload set ca`` gives them to an auditor."""
+
+    info: IdentitySetInfo
+
+    def to_json(self) -> dict[str, Any]:
+        i = self.info
+        return {"set_id": i.set_id.hex(), "name": i.name, "q_ca": i.q_ca.hex(),
+                "c_a": i.c_a.encode().hex(), "ca": self.ca()}
+
+    def ca(self) -> str:
+        """The argument of ``keyload ledger verify --auditor --ca``."""
+        return f"{self.info.set_id.hex()}={self.info.q_ca.hex()}"
+
+    def rows(self) -> list[tuple[str, str]]:
+        i = self.info
+        return [("set id", i.set_id.hex()), ("name", i.name), ("Q_CA", i.q_ca.hex()),
+                ("C_A", i.c_a.encode().hex())]
+
+    def hint(self) -> str:
+        return ("an auditor verifies this set's receipts with: keyload ledger verify "
+                f"--auditor --ca {self.ca()}")
+
+
+def identity_trust(home: Home, set_id: bytes) -> AuditorTrust:
     """Q_CA and C_A of identity set ``set_id``: what an auditor trusts to verify its units'
     receipts without the authority (``keyload ledger verify --auditor --ca``). Unknown
     set: 6A82; a transport-key set: ValueError (its receipts are MACs)."""
@@ -100,7 +126,7 @@ def identity_trust(home: Home, set_id: bytes) -> IdentitySetInfo:
             raise ValueError(f"set {set_id.hex()} is a transport-key set, not an identity "
                              "set: its receipts are verified by the authority only")
         return ks.identity_set(set_id)
-    return read_keystore(home, read)
+    return AuditorTrust(read_keystore(home, read))
 
 
 # -- the campaigns' ledgers (``keyload ledger verify|export``) --------------------------
@@ -145,6 +171,14 @@ def write_ledgers(out: TextIO, fmt: str, campaigns: Iterable[dict[str, Any]],
     else:
         out.write(json.dumps(list(entries), indent=1) + "\n")
     return n[0], n[1]
+
+
+def ledgers_json(campaigns: Iterable[dict[str, Any]], service: Iterable[dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """The campaigns' ledger entries, then the service's, as ``keyload ledger export
+    --json`` prints them: one object, the entries under ``entries``, each source counted."""
+    camp, svc = list(campaigns), list(service)
+    return {"entries": camp + svc, "from_campaigns": len(camp), "from_service": len(svc)}
 
 
 def ledger_journal(home: Home, where: str | None) -> Journal | None:
@@ -200,10 +234,11 @@ class CampaignsCheck:
 
     def notes(self) -> list[str]:
         """What was neither verified nor invalid, for people."""
-        return [*([f"{self.reconciled} loads reconciled with the unit after a crash: receipt "
-                   "lost, slot status recorded"] if self.reconciled else []),
-                *([f"{self.unverifiable} receipts of suites 0x01/0x02 not verifiable without "
-                   "the authority (MACs under the set's keys)"] if self.unverifiable else [])]
+        return [*([f"{counted(self.reconciled, 'load')} reconciled with the unit after a "
+                   "crash: receipt lost, slot status recorded"] if self.reconciled else []),
+                *([f"{counted(self.unverifiable, 'receipt')} of suites 0x01/0x02 not verifiable "
+                   "without the authority (MACs under the set's keys)"]
+                  if self.unverifiable else [])]
 
 
 def verify_campaigns(journal: Journal | None, names: list[str],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,32 @@ class CaseResult:
     name: str
     passed: bool
     reason: str = ""
+
+    def told(self) -> str:
+        return f"{'ok' if self.passed else 'FAIL'} {self.name} ({Path(self.file).name})" + \
+            ("" if self.passed else f": {self.reason}")
+
+
+@dataclass
+class Tally:
+    """The cases run so far: how many passed, and the failures."""
+
+    passed: int = 0
+    failures: list[CaseResult] = field(default_factory=list)
+
+    def add(self, r: CaseResult) -> bool:
+        """Count ``r``; whether it passed."""
+        self.passed += r.passed
+        if not r.passed:
+            self.failures.append(r)
+        return r.passed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "failed": len(self.failures), "failures": [
+            {"file": r.file, "case": r.name, "reason": r.reason} for r in self.failures]}
+
+    def line(self) -> str:
+        return f"{self.passed} passed, {len(self.failures)} failed"
 
 
 def load_cases(path: Path) -> list[dict[str, Any]]:
