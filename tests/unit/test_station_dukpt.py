@@ -39,7 +39,7 @@ def test_an_initial_key_goes_to_an_emulated_unit_or_a_card(reader: str | None,
 
 
 def test_an_initial_key_needs_a_unit() -> None:
-    with pytest.raises(ValueError, match="give --unit or --reader"):
+    with pytest.raises(ValueError, match="give --sn or --reader"):
         initial_key_order(IK_ID, None, reader=None, unit=None)
 
 
