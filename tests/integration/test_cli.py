@@ -687,6 +687,14 @@ def test_demo_without_workdir_names_its_temp_dir(keyload_script: Path, tmp_path:
             shutil.rmtree(named)
 
 
+def test_demo_json_without_workdir_names_none(keyload_script: Path, tmp_path: Path) -> None:
+    """Its temporary directory is gone at the end: --json does not name it as if kept."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = ok(run("demo", "--units", "2", "--json", env_extra={"TMPDIR": str(tmp)})).json()
+    assert out["workdir"] is None and out["customized"] == 2 and list(tmp.iterdir()) == []
+
+
 def test_demo_home_is_its_workdir(keyload_script: Path, tmp_path: Path) -> None:
     """``demo --home DIR`` works in DIR as ``--workdir DIR`` does (kept), and DIR is then a
     home for the other commands; --home and --workdir naming two places is a usage error."""

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                         progress=bars(show),
                         interrupt=intr)
         intr.check()
-    shown(args, done.to_json(workdir=str(home.root), authority=args.authority,
+    shown(args, done.to_json(workdir=str(home.root) if workdir else None, authority=args.authority,
                              transport=args.transport, suite=args.suite),
           "", *aligned(done.rows()), *(["", *table(done.FAILURE_HEADERS, done.failure_rows())]
                                        if done.failure_rows() else []), "", done.line())
