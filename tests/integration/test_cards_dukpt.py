@@ -83,7 +83,7 @@ def test_cli_load_an_initial_key_into_the_card_in_a_reader(pcscd: Pcscd, tmp_pat
     recs = ok(k("authority", "exports", "--json")).json()["records"]
     assert [(r["sn"], r["ref1"], r["initial_key_id"], r["kcv"]) for r in recs] == \
         [(sn, "BDK", IK_ID, aes_kcv(IK))]
-    assert ok(k("receipts")).last_line() == "1 receipts verified, 0 invalid"
+    assert ok(k("receipts")).last_line() == "1 receipt verified, 0 invalid"
     line = ok(k("load", "--sn", sn, "--ref1", "KEK", "--ref2", "2")).stdout
     assert "KEK v1 into unit" in line  # the same unit, emulated: its other slot as usual
 

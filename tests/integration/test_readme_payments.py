@@ -112,7 +112,7 @@ def test_the_readme_key_block_session(tmp_path: Path) -> None:
                                  f"{aes_kcv(bytes.fromhex(TR31['key']))}"]
     back = ok(run("key", "import", "--ref1", "DEK-2", "--tr31", exported, "--kbpk",
                   "BANK-KBPK", "--sets", "any", "--slots", "3", "--json", home=home)).json()
-    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home)).json()}
+    keys = {k["ref1"]: k for k in ok(run("key", "list", "--json", home=home)).json()["keys"]}
     assert back["kcv"] == keys["DEK-1"]["kcv"] and keys["PIN-2"]["origin"] == "tr31"
     table = ok(run("key", "list", home=home)).stdout.splitlines()
     assert table[0].split()[-1] == "origin"
