@@ -37,6 +37,7 @@ from ..core.errors import (
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
+    MalformedData,
     NoChallenge,
     NoSuchKey,
     PolicyRefused,
@@ -406,6 +407,8 @@ class Authority:
         self.log = log
         self.clock = clock
         self._caps = backend.capabilities()
+        # the suites a set that is not an identity set is served by (§8)
+        self._plain_suites = self._caps.suites - {SUITE_ECDH}
         # §10.4: the (set id, SN, R) served; by default kept while this authority runs
         self._served: ServedRegister = MemoryServed() if served is None else served
         # Appendix D: the initial keys ordered, by (SN, REF1, REF2), until their EXPORTKEY
@@ -416,9 +419,13 @@ class Authority:
 
     def export(self, request: bytes) -> bytes:
         """EXPORTKEY data in, response data (``E0{…} CD``) out; StatusError on refusal."""
-        req = decode_export_request(request)
-        if isinstance(req, ExportRequest3):
-            return self.export_request3(req).encode()
+        try:  # the section-5 shape, decoded in one pass: the common case
+            req = msg.ExportRequest.decode(request)
+        except MalformedData:
+            either = decode_export_request(request)  # §10.2's shape, else the exact error
+            if isinstance(either, ExportRequest3):
+                return self.export_request3(either).encode()
+            req = either
         return self.export_request(req).encode()
 
     def _offered(self, set_info: SetInfo, suite: int, identity_message: bool) -> None:
@@ -467,9 +474,13 @@ class Authority:
         return order
 
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
-        self._offered(self.backend.set_info(req.set_id), req.suite, False)
+        set_info = self.backend.set_info(req.set_id)
+        if set_info.identity or req.suite not in self._plain_suites:
+            self._offered(set_info, req.suite, False)  # refused: 6A81
         info = self._checked_key(req.ref1, req.set_id, req.ref2)
-        order = self._initial_key(info, req.sn, req.ref2)
+        order = None  # the checks of an initial key only where one can be asked for
+        if self._initial_keys or info.policy.initial_keys_only:
+            order = self._initial_key(info, req.sn, req.ref2)
         if order is None:
             out = self.backend.export(req)
         else:
