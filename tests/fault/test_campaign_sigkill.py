@@ -105,7 +105,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
     assert final is not None
     assert final.returncode == 0, final.stderr[-2000:]
     assert final.stdout.strip().splitlines()[-1] == \
-        f"customized {UNITS} of {UNITS} units, 0 failed"
+        f"customized {UNITS:,} of {UNITS:,} units, 0 failed"
     assert killed == KILLS, f"only {killed} of {KILLS} runs were killed before they ended"
 
     # every receipt verifies, the audit chain is whole

@@ -284,7 +284,7 @@ def test_ctrl_c_at_several_moments_then_resume(tmp_path: Path) -> None:
     final = subprocess.run([*demo, "--quiet"], capture_output=True, text=True, env=cli_env(),
                            timeout=900, check=False)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert final.stdout.splitlines()[-1] == f"customized {UNITS} of {UNITS} units, 0 failed"
+    assert final.stdout.splitlines()[-1] == f"customized {UNITS:,} of {UNITS:,} units, 0 failed"
     # each load exported once and imported once, its receipt kept
     xdb = sqlite3.connect(work / "authority" / "exports.db")
     per_load = [n for (n,) in xdb.execute("SELECT count(*) FROM exports GROUP BY sn, ref2")]
