@@ -10,12 +10,13 @@ them, a failure in CI."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 
 from keyload.lab.pcscd import VPCD_PORTS, Pcscd
-from keyload.transports.pcsc import wait_for_card, wait_for_removal
+from keyload.transports.pcsc import CardTimeout, wait_for_card, wait_for_removal
 
 from .cli_helpers import KEYLOAD, Result, aes_kcv, assert_error, ok, run
 from .test_cards_identity import serving
@@ -27,6 +28,15 @@ pytestmark = pytest.mark.hardware  # SoftHSM2, pcscd + vpcd or PostgreSQL (skips
 UNIT_PORT = VPCD_PORTS[0]
 EXIT_INPUT = 3
 
+
+
+def _next_card(reader: str) -> None:
+    """The next card the feeder inserts once the last one was powered off: pcscd polls
+    every 400 ms, so it may still list the card just taken out; wait for the removal it
+    sees (none when the next card came before its poll), then for a card."""
+    with contextlib.suppress(CardTimeout):
+        wait_for_removal(reader, 1)
+    wait_for_card(reader, 10)
 
 def _home(root: Path, serials: list[str]) -> tuple[str, str]:
     """A home with the vector's BDK (slot 1), a KEK (slot 2) and these units; its set id."""
@@ -65,11 +75,11 @@ def test_cli_load_an_initial_key_into_the_card_in_a_reader(pcscd: Pcscd, tmp_pat
         # anything is exported
         assert_error(k("load", "--reader", reader, "--ref1", "KEK", "--ref2", "2",
                        "--initial-key-id", IK_ID), EXIT_INPUT, "not a BDK")
-        wait_for_card(reader, 10)
+        _next_card(reader)
         assert_error(k("load", "--reader", reader, "--sn", "7e2000ff", "--ref1", "BDK",
                        "--ref2", "1", "--initial-key-id", IK_ID), EXIT_INPUT,
                      f"is unit {sn}, not 7e2000ff")
-        wait_for_card(reader, 10)
+        _next_card(reader)
         out = ok(k("load", "--reader", reader, "--sn", sn, "--ref1", "BDK", "--ref2", "1",
                    "--initial-key-id", IK_ID, "--json")).json()
         stdout, _ = served.communicate(timeout=15)

@@ -11,7 +11,7 @@ checked too.
 Then the refusals through the reader: a REF1, a set or a client the policy refuses
 (exit 6, nothing exported, nothing loaded, nothing in the ledger), an empty reader and a
 reader that does not exist (a one-line transport error, exit 1, the service never
-asked), a card that is not the unit ``--unit`` names (exit 3, nothing asked), and the
+asked), a card that is not the unit ``--sn`` names (exit 3, nothing asked), and the
 same key version fetched twice (the unit refuses with 6986, the ledger is unchanged).
 
 Needs pcscd, the vpcd driver and pyscard: skipped with the reason on a laptop without
@@ -110,13 +110,16 @@ def fetch(run: Running, reader: str | None, ref1: str, ref2: int, *,
 
 
 def failed(p: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    """The command failed with ``code`` and one clear line on stderr (no traceback)."""
+    """The command failed with ``code`` and one clear line on stderr (no traceback); on
+    stdout (``--json``) only that error as JSON."""
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
-    assert p.stdout == ""
     err = p.stderr.strip()
     assert "Traceback" not in p.stderr and len(err.splitlines()) == 1, p.stderr
     for n in needles:
         assert n in err, err
+    js = json.loads(p.stdout)["error"]
+    assert js == {"code": js["code"], "exit": code,
+                  "message": err.removeprefix("keyload: error: ")}, p.stdout
     return err
 
 
@@ -243,9 +246,11 @@ def test_service_fetch_reader_same_version_twice_is_refused_by_the_unit(
 def test_service_fetch_needs_unit_or_reader(svc: Running) -> None:
     n_exports = exports_count(svc)
     p = fetch(svc, None, "TMK-1", 1)
-    assert p.returncode == EXIT_USAGE and p.stdout == "", p.stderr
+    assert p.returncode == EXIT_USAGE, p.stderr
     assert "Traceback" not in p.stderr
     usage, *_, last = p.stderr.strip().splitlines()  # as argparse reports a usage error
+    assert json.loads(p.stdout)["error"] == {
+        "code": "usage", "exit": EXIT_USAGE, "message": last.removeprefix("keyload fetch: error: ")}
     assert usage.startswith("usage: keyload fetch") and "[--sn SN]" in p.stderr
     assert last == ("keyload fetch: error: give --sn SN (an emulated unit of the home) or "
                     "--reader READER (the unit in a PC/SC reader)")
