@@ -37,7 +37,6 @@ from ..core.errors import (
     ClaNotSupported,
     InsNotSupported,
     IntegrityError,
-    MalformedData,
     NoChallenge,
     NoSuchKey,
     PolicyRefused,
@@ -419,13 +418,9 @@ class Authority:
 
     def export(self, request: bytes) -> bytes:
         """EXPORTKEY data in, response data (``E0{…} CD``) out; StatusError on refusal."""
-        try:  # the section-5 shape, decoded in one pass: the common case
-            req = msg.ExportRequest.decode(request)
-        except MalformedData:
-            either = decode_export_request(request)  # §10.2's shape, else the exact error
-            if isinstance(either, ExportRequest3):
-                return self.export_request3(either).encode()
-            req = either
+        req = decode_export_request(request)  # the section-5 shape in one pass first
+        if isinstance(req, ExportRequest3):
+            return self.export_request3(req).encode()
         return self.export_request(req).encode()
 
     def _offered(self, set_info: SetInfo, suite: int, identity_message: bool) -> None:
