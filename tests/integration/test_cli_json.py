@@ -11,6 +11,8 @@ import pytest
 
 from .cli_helpers import assert_error, ok, run
 
+pytestmark = pytest.mark.slow  # every test runs the console script
+
 EXIT_USAGE, EXIT_INPUT, EXIT_STORE = 2, 3, 4
 SN = "0a0b0c0d01"
 

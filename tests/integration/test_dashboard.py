@@ -283,6 +283,7 @@ def _number(text: str) -> int:
     return int(text.replace(",", ""))
 
 
+@pytest.mark.slow  # starts a headless browser
 def test_the_page_in_chromium_shows_the_journal_mid_campaign(running: Running) -> None:
     sync_playwright, expect = _browser()
     d = open_dashboard(running.home, port=0)
@@ -389,6 +390,7 @@ def test_a_service_shows_its_health_and_requests_and_refusals_per_second(
     assert gone["health"] == "unreachable" and "unreachable" in gone["error"]
 
 
+@pytest.mark.slow  # runs the console script
 def test_keyload_dashboard_prints_its_url_and_serves(running: Running) -> None:
     running.finish()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

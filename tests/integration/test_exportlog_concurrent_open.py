@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # processes started together, three rounds
+
 SCRIPT = """
 import sys, time
 from pathlib import Path

@@ -231,6 +231,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 # -- end to end -----------------------------------------------------------------------
+@pytest.mark.slow  # runs the console script
 def test_service_fetch_end_to_end_into_emulated_units(svc: Running) -> None:
     w = svc.world
     cert, key = w.client_paths("terminal-1")

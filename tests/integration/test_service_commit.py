@@ -222,6 +222,7 @@ def test_service_failed_audit_commit_answers_503_and_records_the_export(h: Harne
     h.inst.app.commits = gc
 
 
+@pytest.mark.slow  # waits out a database lock
 def test_service_batch_that_cannot_begin_is_503_and_changes_nothing(h: Harness) -> None:
     store = h.inst.store
     store.db.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
@@ -400,6 +401,7 @@ def test_audit_head_behind_after_a_crash_is_not_a_cut(tmp_path: Path) -> None:
         log.close()
 
 
+@pytest.mark.slow  # runs the console script
 def test_service_fetch_retries_a_receipt_the_service_could_not_record(tmp_path: Path) -> None:
     """The key is in the unit once IMPORTKEY succeeds: a 503 on the receipt is retried."""
     from .test_service import run_cli, slot_state, start_service

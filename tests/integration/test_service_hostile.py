@@ -215,6 +215,7 @@ def _idle_and_trickling(fast: Running) -> None:
     assert export_ok(fast, w.units_a[0]) == 200
 
 
+@pytest.mark.slow  # waits out pool evictions
 def test_anonymous_pool_full_evicts_the_oldest_and_authorized_clients_are_served(
         world: World) -> None:
     limits = ConnectionLimits(anonymous=60, anonymous_per_peer=8, head_timeout=30)
@@ -761,6 +762,7 @@ def test_an_address_that_keeps_connecting_without_a_certificate_gets_no_handshak
         run.stop()
 
 
+@pytest.mark.slow  # waits out the body deadline
 def test_a_body_that_does_not_arrive_in_time_is_408(fast: Running) -> None:
     s = connect(fast, client="other")
     s.settimeout(FAST.body_timeout + 5)

@@ -183,6 +183,7 @@ def last_request(w: World) -> dict[str, Any]:
 
 
 # -- a whole download -------------------------------------------------------------------
+@pytest.mark.slow  # runs the console script
 def test_fetch_loads_a_key_into_a_unit_of_an_identity_set(svc: Running) -> None:
     w = svc.world
     sn = w.units_a[0]
@@ -218,6 +219,7 @@ def test_fetch_loads_a_key_into_a_unit_of_an_identity_set(svc: Running) -> None:
     assert (checked["verified"], checked["invalid"]) == (len(entries), 0), checked
 
 
+@pytest.mark.slow  # runs the console script
 def test_a_receipt_altered_in_the_state_does_not_verify(svc: Running, tmp_path: Path) -> None:
     """The service's ledger, copied and one suite-0x03 receipt altered: ``keyload ledger
     verify --state`` finds it invalid (the unit's signature under its C_U fails)."""
@@ -268,6 +270,7 @@ def test_export_and_receipt_in_json_and_a_forged_receipt_refused(svc: Running) -
     assert verify_receipt3(e)
 
 
+@pytest.mark.slow  # runs the console script
 def test_revoked_unit_is_refused_6983_and_nothing_is_recorded(svc: Running) -> None:
     """``keyload unit revoke`` while the service runs: the next fetch is refused (exit 6)."""
     w = svc.world

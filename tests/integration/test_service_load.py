@@ -22,6 +22,8 @@ from keyload.units.unit import MemoryUnitStore, Slot, Unit, UnitState
 
 from .test_service import Running, build_world, policy_doc, start_service
 
+pytestmark = pytest.mark.slow  # 64 concurrent clients against a real service
+
 CLIENTS, PER_CLIENT, BOUND_S = 64, 6, 120.0
 
 

@@ -67,6 +67,10 @@ class KeyType(IntEnum):
 
 _AES_LEN: dict[int, int] = {KeyType.AES128: 16, KeyType.AES192: 24, KeyType.AES256: 32}
 HMAC_MIN, HMAC_MAX = 16, 64
+# every (type, length) of §3, looked up in one step (length_fits is on every export)
+_FITS: frozenset[tuple[int, int]] = frozenset(
+    [(int(kt), n) for kt, n in _AES_LEN.items()]
+    + [(int(KeyType.HMAC_SHA256), n) for n in range(HMAC_MIN, HMAC_MAX + 1)])
 _TYPE_LABEL = {
     KeyType.AES128: "aes128",
     KeyType.AES192: "aes192",
@@ -84,9 +88,7 @@ def length_fits(key_type: int, length: int) -> bool:
     >>> length_fits(0x03, 32), length_fits(0x03, 16), length_fits(0x10, 5), length_fits(0x07, 16)
     (True, False, False, False)
     """
-    if key_type == KeyType.HMAC_SHA256:
-        return HMAC_MIN <= length <= HMAC_MAX
-    return _AES_LEN.get(key_type) == length
+    return (key_type, length) in _FITS
 
 
 def kcv(key_type: KeyType | int, key: Buf) -> bytes:

@@ -36,6 +36,8 @@ LABEL_TA = b"KLP1-TA"
 LABEL_SAS = b"KLP1-SAS"
 LABEL_CAS = b"KLP1-CAS"
 LABEL_RCT = b"KLP1-RCT"
+_CAS_FORMAT = LABEL_CAS + b"%c%s%s%c%s%s%s"  # one bytes formatting builds a whole message
+_RCT_FORMAT = LABEL_RCT + b"%c%s%s%c%s%s"
 
 # where Kenc, Kmac and Ksas stand in KDF(T1, "KLP1-DL", …, 768) (docs/protocol.md §4)
 KENC, KMAC, KSAS = slice(0, 32), slice(32, 64), slice(64, 96)
@@ -67,8 +69,8 @@ def encode_import_data(ref2: int, h: bytes, w: bytes, sas: bytes, cas: bytes) ->
     """ImportData(ref2, h, w, sas, cas).encode() for W and SAS shorter than 128 bytes."""
     if len(w) >= 0x80 or len(sas) >= 0x80 or len(h) != 12 or len(cas) != 16:
         return ImportData(ref2, h, w, sas, cas).encode()
-    return b"".join((bytes((0xC7, 1, ref2, 0xC8, 12)), h, bytes((0xC9, len(w))), w,
-                     bytes((0xCA, len(sas))), sas, b"\xcb\x10", cas))
+    return b"\xc7\x01%c\xc8\x0c%s\xc9%c%s\xca%c%s\xcb\x10%s" % (
+        ref2, h, len(w), w, len(sas), sas, cas)
 
 
 class Scratch:
@@ -78,11 +80,13 @@ class Scratch:
     every one of them is zero after an operation, and a hot loop allocates nothing.
     """
 
-    __slots__ = ("session", "t1", "ta")
+    __slots__ = ("kenc", "kmac", "ksas", "session", "t1", "ta")
 
     def __init__(self) -> None:
         self.t1 = bytearray(32)
         self.session = bytearray(96)  # Kenc || Kmac || Ksas
+        view = memoryview(self.session)  # the three keys as views, made once
+        self.kenc, self.kmac, self.ksas = view[KENC], view[KMAC], view[KSAS]
         self.ta = bytearray(0)  # diversified TA' (authority) or unwrapped TA' (unit)
 
     def buffers(self) -> list[bytearray]:
@@ -105,7 +109,8 @@ def derive_t1(suite: Suite, t: Buf, sn: bytes, out: bytearray) -> None:
 
 
 def dl_context(sn: bytes, r: bytes, ref2: int) -> bytes:
-    return lv(sn) + r + bytes((ref2,))
+    """lv(SN) || R || REF2."""
+    return b"%c%s%s%c" % (len(sn), sn, r, ref2)
 
 
 def derive_session(suite: Suite, t1: Buf, sn: bytes, r: bytes, ref2: int,
@@ -137,11 +142,13 @@ def symmetric_sas(ksas: Buf, h: bytes, ta: Buf) -> bytes:
 
 
 def cas_message(sn: bytes, r: bytes, ref2: int, h: bytes, w: bytes, sas: bytes) -> bytes:
-    return b"".join((LABEL_CAS, bytes((len(sn),)), sn, r, bytes((ref2,)), h, w, sas))
+    """"KLP1-CAS" || lv(SN) || R || REF2 || H || W || SAS."""
+    return _CAS_FORMAT % (len(sn), sn, r, ref2, h, w, sas)
 
 
 def rct_message(sn: bytes, r: bytes, ref2: int, h: bytes, kcv_: bytes) -> bytes:
-    return b"".join((LABEL_RCT, bytes((len(sn),)), sn, r, bytes((ref2,)), h, kcv_))
+    """"KLP1-RCT" || lv(SN) || R || REF2 || H || KCV."""
+    return _RCT_FORMAT % (len(sn), sn, r, ref2, h, kcv_)
 
 
 class Exported(NamedTuple):
@@ -181,8 +188,7 @@ def export_key(
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, ref2, sc.session)
         sc.t1[:] = _ZERO32  # T1 is no longer needed
-        session = memoryview(sc.session)
-        kenc, kmac, ksas = session[KENC], session[KMAC], session[KSAS]
+        kenc, kmac, ksas = sc.kenc, sc.kmac, sc.ksas
         flags = 0
         if diversify:
             if not key_type.is_aes:
@@ -246,8 +252,7 @@ def open_import(
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, data.ref2, sc.session)
         sc.t1[:] = _ZERO32
-        session = memoryview(sc.session)
-        kenc, kmac, ksas = session[KENC], session[KMAC], session[KSAS]
+        kenc, kmac, ksas = sc.kenc, sc.kmac, sc.ksas
         # 5. CAS before any decryption
         want = aes_cmac(kmac, cas_message(sn, r, data.ref2, data.h, data.w, data.sas))
         if not ct_equal(want, data.cas):
@@ -292,7 +297,7 @@ def receipt(suite: Suite, t: Buf, sn: bytes, r: bytes, ref2: int, h: bytes, kcv_
     try:
         derive_t1(suite, t, sn, sc.t1)
         derive_session(suite, sc.t1, sn, r, ref2, sc.session)
-        return aes_cmac(memoryview(sc.session)[KMAC], rct_message(sn, r, ref2, h, kcv_))
+        return aes_cmac(sc.kmac, rct_message(sn, r, ref2, h, kcv_))
     finally:
         sc.wipe()
 

@@ -107,6 +107,21 @@ class ExportRequest(NamedTuple):
 
     @classmethod
     def decode(cls, data: bytes) -> ExportRequest:
+        # fast path, by offsets: C1 ls SN, C2 10 R, C3 05 set, C4 01 suite, C6 lr REF1,
+        # C7 01 REF2 with every length valid. That is every request the strict path below
+        # accepts (each field is shorter than 128 bytes, so one-byte lengths); anything
+        # else goes there for its exact error.
+        n = len(data)
+        if n >= 36 and data[0] == T_SN and 0 < data[1] <= 32:
+            a = 2 + data[1]
+            if (n >= a + 33 and data[a] == T_R and data[a + 1] == 16 and data[a + 18] == T_SET
+                    and data[a + 19] == 5 and data[a + 25] == T_SUITE and data[a + 26] == 1
+                    and data[a + 28] == T_REF1 and 0 < data[a + 29] <= 32):
+                b = a + 30 + data[a + 29]
+                if (b + 3 == n and data[b] == T_REF2 and data[b + 1] == 1
+                        and 0 < data[b + 2] < 255):
+                    return cls(data[2:a], data[a + 2:a + 18], data[a + 20:a + 25],
+                               data[a + 27], data[a + 30:b], data[b + 2])
         sn, r, set_id, suite, ref1, ref2 = tlv.decode(
             data, (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2))
         if (0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5 and len(suite) == 1
@@ -145,15 +160,20 @@ class ExportResponse(NamedTuple):
     header: bytes = b""  # H, as found in E0 by decode (not part of the encoding)
 
     def encode(self) -> bytes:
-        if len(self.import_data) < 0x80 and len(self.kcv) < 0x80:
-            return b"".join((bytes((T_E0, len(self.import_data))), self.import_data,
-                             bytes((T_KCV, len(self.kcv))), self.kcv))
-        return tlv.tlv(T_E0, self.import_data) + tlv.tlv(T_KCV, self.kcv)
+        return encode_export_response(self.import_data, self.kcv)
 
     @classmethod
     def decode(cls, data: bytes) -> ExportResponse:
         e0, kcv = tlv.decode(data, (T_E0, T_KCV))
         return cls(e0, _fixed(kcv, 5, "KCV"), ImportData.decode(e0).h)
+
+
+def encode_export_response(import_data: bytes, kcv: bytes) -> bytes:
+    """``E0{import_data} CD{kcv}``: ExportResponse(import_data, kcv).encode() without the
+    tuple (the authority's hot path)."""
+    if len(import_data) < 0x80 and len(kcv) < 0x80:
+        return b"\xe0%c%s\xcd%c%s" % (len(import_data), import_data, len(kcv), kcv)
+    return tlv.tlv(T_E0, import_data) + tlv.tlv(T_KCV, kcv)
 
 
 class ImportResponse(NamedTuple):

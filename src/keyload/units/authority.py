@@ -421,7 +421,8 @@ class Authority:
         req = decode_export_request(request)  # the section-5 shape in one pass first
         if isinstance(req, ExportRequest3):
             return self.export_request3(req).encode()
-        return self.export_request(req).encode()
+        out = self._export(req)
+        return msg.encode_export_response(out.import_data, out.kcv)
 
     def _offered(self, set_info: SetInfo, suite: int, identity_message: bool) -> None:
         """§8 and §10.4: the suite offered for this set and matching the message, else 6A81."""
@@ -469,6 +470,11 @@ class Authority:
         return order
 
     def export_request(self, req: msg.ExportRequest) -> msg.ExportResponse:
+        """EXPORTKEY of suite 0x01/0x02, the checks in the order of docs/protocol.md §8."""
+        out = self._export(req)
+        return msg.ExportResponse(out.import_data, out.kcv)
+
+    def _export(self, req: msg.ExportRequest) -> Exported:
         set_info = self.backend.set_info(req.set_id)
         if set_info.identity or req.suite not in self._plain_suites:
             self._offered(set_info, req.suite, False)  # refused: 6A81
@@ -484,7 +490,7 @@ class Authority:
             self.log.append(ExportRecord(
                 self.clock(), req.set_id, req.sn, req.ref1, req.ref2, req.suite, info.version,
                 out.kcv, initial_key_id=None if order is None else order.initial_key_id.value))
-        return msg.ExportResponse(out.import_data, out.kcv)
+        return out
 
     def _identity_backend(self) -> IdentityBackend:
         backend = self.backend
