@@ -204,6 +204,80 @@ def test_the_same_field_in_a_message_is_malformed_data(tag: int, value: bytes,
     assert info.value.sw == SW.MALFORMED and info.value.detail == text
 
 
+def _export_request_by_the_rules(data: bytes) -> ExportRequest | None:
+    """docs/protocol.md §5 read plainly, field by field through the generic TLV reader:
+    the request, or None where the data must be refused with 6A80."""
+    order = (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2)
+    try:
+        sn, r, set_id, suite, ref1, ref2 = tlv.decode(data, order)
+    except MalformedData:
+        return None
+    if not (1 <= len(sn) <= 32 and len(r) == 16 and len(set_id) == 5 and len(suite) == 1
+            and 1 <= len(ref1) <= 32 and len(ref2) == 1 and 1 <= ref2[0] <= 254):
+        return None
+    return ExportRequest(sn, r, set_id, suite[0], ref1, ref2[0])
+
+
+@st.composite
+def _export_request_data(draw: st.DrawFn) -> bytes:
+    """An EXPORTKEY request whose fields are each of a valid length (most often) or just
+    outside it, then perhaps one byte changed, some cut off or some added: what a request
+    decoded by offsets must accept or refuse exactly as the rules do."""
+    def field(lo: int, hi: int) -> bytes:
+        if draw(st.integers(0, 3)):  # three times in four: a valid length
+            return draw(st.binary(min_size=lo, max_size=hi))
+        return draw(st.sampled_from([bytes(max(lo - 1, 0)), bytes(hi + 1)]))
+
+    ref2 = draw(st.sampled_from([b"\x00", b"\x01", b"\x7f", b"\xfe", b"\xff", b"", b"\x01\x01"]))
+    fields = [(T_SN, field(1, 32)), (T_R, field(16, 16)), (T_SET, field(5, 5)),
+              (T_SUITE, field(1, 1)), (T_REF1, field(1, 32)), (T_REF2, ref2)]
+    data = bytearray(tlv.encode(fields))
+    change = draw(st.sampled_from(["none", "none", "byte", "cut", "add"]))
+    if change == "byte":
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif change == "cut":
+        del data[draw(st.integers(0, len(data))):]
+    elif change == "add":
+        data += draw(st.binary(min_size=1, max_size=3))
+    return bytes(data)
+
+
+@given(_export_request_data())
+@settings(max_examples=1500)
+def test_export_request_decode_accepts_and_refuses_as_the_rules(data: bytes) -> None:
+    want = _export_request_by_the_rules(data)
+    if want is None:
+        with pytest.raises(MalformedData):
+            ExportRequest.decode(data)
+    else:
+        got = ExportRequest.decode(data)
+        assert got == want and type(got.sn) is bytes and type(got.ref1) is bytes
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    (0, b""), (0, bytes(33)), (1, bytes(15)), (1, bytes(17)), (2, bytes(4)), (2, bytes(6)),
+    (3, b""), (3, b"\x01\x01"), (4, b""), (4, bytes(33)), (5, b"\x00"), (5, b"\xff"),
+    (5, b"\x01\x01"),
+], ids=["sn-empty", "sn-33", "r-15", "r-17", "set-4", "set-6", "suite-empty", "suite-2",
+        "ref1-empty", "ref1-33", "ref2-0", "ref2-255", "ref2-2-bytes"])
+def test_export_request_decode_refuses_each_field_out_of_its_bounds(field: int,
+                                                                   value: bytes) -> None:
+    fields = [(T_SN, b"SN-1"), (T_R, bytes(16)), (T_SET, b"SET-1"), (T_SUITE, b"\x01"),
+              (T_REF1, b"TMK"), (T_REF2, b"\x01")]
+    fields[field] = (fields[field][0], value)
+    with pytest.raises(MalformedData):
+        ExportRequest.decode(tlv.encode(fields))
+
+
+def test_export_request_decode_takes_every_valid_length() -> None:
+    """Every SN and REF1 length from 1 to 32 (the offsets depend on both) round-trips."""
+    for n_sn in range(1, 33):
+        for n_ref1 in range(1, 33):
+            req = ExportRequest(bytes(range(n_sn)), bytes(16), b"SET-1", 1,
+                                bytes([0x41] * n_ref1), 254 if n_ref1 % 2 else 1)
+            assert ExportRequest.decode(req.encode()) == req
+
+
 TAGS = (0xC7, 0xC8, 0xC9, 0xCA, 0xCB)
 GOOD = [(0xC7, b"\x01"), (0xC8, bytes(12)), (0xC9, bytes(40)), (0xCA, bytes(16)),
         (0xCB, bytes(16))]
