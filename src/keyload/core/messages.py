@@ -90,6 +90,9 @@ class InitResponse(NamedTuple):
                    suites)
 
 
+EXPORT_TAGS = (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2)
+
+
 class ExportRequest(NamedTuple):
     """EXPORTKEY command data: ``C1 C2 C3 C4 C6 C7``."""
 
@@ -101,16 +104,22 @@ class ExportRequest(NamedTuple):
     ref2: int
 
     def encode(self) -> bytes:
-        return tlv.encode([(T_SN, self.sn), (T_R, self.r), (T_SET, self.set_id),
-                           (T_SUITE, bytes((self.suite,))), (T_REF1, self.ref1),
-                           (T_REF2, bytes((self.ref2,)))])
+        return tlv.encode(zip(EXPORT_TAGS, (self.sn, self.r, self.set_id, bytes((self.suite,)),
+                                            self.ref1, bytes((self.ref2,))), strict=True))
 
     @classmethod
     def decode(cls, data: bytes) -> ExportRequest:
-        # fast path, by offsets: C1 ls SN, C2 10 R, C3 05 set, C4 01 suite, C6 lr REF1,
-        # C7 01 REF2 with every length valid. That is every request the strict path below
-        # accepts (each field is shorter than 128 bytes, so one-byte lengths); anything
-        # else goes there for its exact error.
+        req = cls.decode_valid(data)
+        if req is not None:
+            return req
+        return cls.from_values(*tlv.decode(data, EXPORT_TAGS))  # the exact error, if any
+
+    @classmethod
+    def decode_valid(cls, data: bytes) -> ExportRequest | None:
+        """The request when ``data`` is a valid one, else None, read by offsets: C1 ls SN,
+        C2 10 R, C3 05 set, C4 01 suite, C6 lr REF1, C7 01 REF2, every length valid. That
+        is every request :meth:`decode` accepts (each field is shorter than 128 bytes, so
+        all lengths are one byte); for the rest, :meth:`decode` gives the exact error."""
         n = len(data)
         if n >= 36 and data[0] == T_SN and 0 < data[1] <= 32:
             a = 2 + data[1]
@@ -122,8 +131,12 @@ class ExportRequest(NamedTuple):
                         and 0 < data[b + 2] < 255):
                     return cls(data[2:a], data[a + 2:a + 18], data[a + 20:a + 25],
                                data[a + 27], data[a + 30:b], data[b + 2])
-        sn, r, set_id, suite, ref1, ref2 = tlv.decode(
-            data, (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2))
+        return None
+
+    @classmethod
+    def from_values(cls, sn: bytes, r: bytes, set_id: bytes, suite: bytes, ref1: bytes,
+                    ref2: bytes) -> ExportRequest:
+        """The request from the values of its six TLVs, each length checked (MalformedData)."""
         if (0 < len(sn) <= 32 and len(r) == 16 and len(set_id) == 5 and len(suite) == 1
                 and 0 < len(ref1) <= 32 and len(ref2) == 1 and 0 < ref2[0] < 255):
             return cls(sn, r, set_id, suite[0], ref1, ref2[0])  # fast path: all valid

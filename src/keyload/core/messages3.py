@@ -15,6 +15,7 @@ from .ecc import POINT_LEN, SIGNATURE_LEN
 from .errors import MalformedData
 from .identity import T_CERT, T_E_A, T_E_U, T_SIG_U, Certificate, bounded, fixed
 from .messages import (
+    EXPORT_TAGS,
     PROTOCOL_VERSION,
     T_CAS,
     T_E0,
@@ -37,7 +38,7 @@ from .messages import (
 )
 
 _INIT_TAGS = (T_VERSION, T_SN, T_R, T_SET, T_SUITE, T_E_U, T_CERT, T_SIG_U)
-_EXPORT_TAGS = (T_SN, T_R, T_SET, T_SUITE, T_REF1, T_REF2, T_E_U, T_CERT, T_SIG_U)
+_EXPORT_TAGS = (*EXPORT_TAGS, T_E_U, T_CERT, T_SIG_U)
 _IMPORT_TAGS = (T_REF1, T_REF2, T_H, T_W, T_E_A, T_CERT, T_SAS, T_CAS)
 
 
@@ -90,9 +91,14 @@ class ExportRequest3(NamedTuple):
 
     @classmethod
     def decode(cls, data: bytes) -> ExportRequest3:
-        *head, e_u, cert, sig_u = tlv.decode(data, _EXPORT_TAGS)
-        base = ExportRequest.decode(tlv.encode(zip(_EXPORT_TAGS[:6], head, strict=True)))
-        return cls(base, fixed(e_u, POINT_LEN, "E_U"), Certificate.decode_value(cert),
+        return cls.from_values(tlv.decode(data, _EXPORT_TAGS))
+
+    @classmethod
+    def from_values(cls, values: list[bytes]) -> ExportRequest3:
+        """The request from the values of its nine TLVs, each checked (MalformedData)."""
+        sn, r, set_id, suite, ref1, ref2, e_u, cert, sig_u = values
+        return cls(ExportRequest.from_values(sn, r, set_id, suite, ref1, ref2),
+                   fixed(e_u, POINT_LEN, "E_U"), Certificate.decode_value(cert),
                    fixed(sig_u, SIGNATURE_LEN, "sigU"))
 
 
@@ -102,13 +108,12 @@ def decode_export_request(data: bytes) -> ExportRequest | ExportRequest3:
 
     Which shape fits which set and suite (6A81) is the authority's next check.
     """
-    try:  # the section-5 shape first: one pass over the data, the common case
-        return ExportRequest.decode(data)
-    except MalformedData:
-        pass
-    items = tlv.iter_tlv(data)
+    req = ExportRequest.decode_valid(data)  # the section-5 shape, by offsets: the common case
+    if req is not None:
+        return req
+    items = tlv.iter_tlv(data)  # split once
     if len(items) == len(_EXPORT_TAGS) and items[6][0] == T_E_U:
-        return ExportRequest3.decode(data)
+        return ExportRequest3.from_values(tlv.values_of(items, _EXPORT_TAGS))
     return ExportRequest.decode(data)  # its exact error
 
 

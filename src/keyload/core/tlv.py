@@ -95,7 +95,12 @@ def decode(data: bytes, tags: Sequence[int]) -> list[bytes]:
 
 
 def _decode_strict(data: bytes, tags: Sequence[int]) -> list[bytes]:
-    items = iter_tlv(data)
+    return values_of(iter_tlv(data), tags)
+
+
+def values_of(items: Sequence[tuple[int, bytes]], tags: Sequence[int]) -> list[bytes]:
+    """The values of ``items`` (from :func:`iter_tlv`) when their tags are exactly ``tags``,
+    in that order, else MalformedData: :func:`decode` for data already split."""
     if len(items) != len(tags):
         raise MalformedData("unexpected number of TLV objects")
     values: list[bytes] = []

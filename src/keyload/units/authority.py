@@ -408,6 +408,8 @@ class Authority:
         self._caps = backend.capabilities()
         # the suites a set that is not an identity set is served by (§8)
         self._plain_suites = self._caps.suites - {SUITE_ECDH}
+        # a runtime Protocol check costs more than the rest of the checks: made once
+        self._identity = backend if isinstance(backend, IdentityBackend) else None
         # §10.4: the (set id, SN, R) served; by default kept while this authority runs
         self._served: ServedRegister = MemoryServed() if served is None else served
         # Appendix D: the initial keys ordered, by (SN, REF1, REF2), until their EXPORTKEY
@@ -493,10 +495,9 @@ class Authority:
         return out
 
     def _identity_backend(self) -> IdentityBackend:
-        backend = self.backend
-        if not isinstance(backend, IdentityBackend):
+        if self._identity is None:
             raise Unsupported("this authority holds no identity sets")
-        return backend
+        return self._identity
 
     def export_request3(self, req: ExportRequest3, *,
                         served: ServedRegister | None = None) -> ExportResponse3:
@@ -537,11 +538,10 @@ class Authority:
     def q_ca(self, set_id: bytes) -> bytes | None:
         """Q_CA of identity set ``set_id``, under which its units' certificates (and so
         their receipts) are checked; None when no such identity set is held here."""
-        backend = self.backend
-        if not isinstance(backend, IdentityBackend):
+        if self._identity is None:
             return None
         try:
-            return backend.identity_set(set_id).q_ca
+            return self._identity.identity_set(set_id).q_ca
         except UnknownSet:
             return None
 
