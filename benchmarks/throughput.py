@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=2.0,
                     help="timed seconds per repetition of each measurement (default 2)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--suites", choices=["1", "1,3"], default="1,3",
+    ap.add_argument("--suites", choices=["1", "1,3"], default="1,3", metavar="{1 | 1,3}",
                     help="suite 0x01 only, or suite 0x03 as well (default)")
     args = ap.parse_args(argv)
     if args.seconds <= 0:

@@ -197,6 +197,19 @@ def test_a_json_manifest_with_ids_for_some_units_only_is_refused(home: Home) -> 
     assert not (home.path / "journal.db").exists()
 
 
+def test_a_bdk_campaign_on_an_identity_set_is_refused_before_anything_is_planned(
+        home: Home) -> None:
+    """An identity set's EXPORTKEY (suite 0x03) carries no initial key ID, so the authority
+    would refuse every unit's load (6986): the plan says so at once and records nothing."""
+    id_set = ok(home.run("set", "create", "--name", "plant", "--identity",
+                         "--json")).json()["set_id"]
+    path = home.manifest("units.csv", _csv(IDS))
+    assert_error(home.run("campaign", "create", "refused", "--set", id_set, "--load", "BDK:1",
+                          "--manifest", path), EXIT_INPUT, f"set {id_set} is an identity set")
+    assert_error(home.run("campaign", "status", "refused"), EXIT_STORE)
+    assert not (home.path / "journal.db").exists()
+
+
 # -- interrupted and resumed -------------------------------------------------------------
 class _Killed(BaseException):
     """The station dies here (as under SIGKILL: nothing after it is written)."""

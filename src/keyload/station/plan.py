@@ -190,12 +190,13 @@ def plan_loads(home: Home, set_id: bytes, loads: list[tuple[bytes, int]], *,
     of a BDK without its units' initial key IDs: ``initial_key_id_base`` (each of the
     ``units`` receives the IK of the base counted up by its place) or ``initial_key_ids``
     (the manifest's column), not both. Either of them, or ``ik_type``, without a BDK's
-    load is refused, and so is an ``ik_type`` longer than a BDK's."""
+    load is refused, and so is an ``ik_type`` longer than a BDK's, and a BDK's load for an
+    identity set (its EXPORTKEY has no initial key ID)."""
     if len({r2 for _, r2 in loads}) != len(loads):
         raise ValueError("two loads go to the same slot")
     ks = home.open_keystore()
     try:
-        ks.set_info(set_id)
+        identity = ks.set_info(set_id).identity
         keys = [(ks.key_info(r1), r2) for r1, r2 in loads]
     finally:
         ks.close()
@@ -208,6 +209,11 @@ def plan_loads(home: Home, set_id: bytes, loads: list[tuple[bytes, int]], *,
                              f"({info.policy.describe()}) does not allow set "
                              f"{set_id.hex()} slot {r2}") from None
     bdks = [i for i, _ in keys if i.attrs.usage == USAGE_BDK]
+    if bdks and identity:  # the authority would refuse every unit's load (6986)
+        raise ValueError(f"key {display_ref1(bdks[0].ref1)} is a BDK (usage {USAGE_BDK}): "
+                         f"set {set_id.hex()} is an identity set, whose EXPORTKEY (suite "
+                         "0x03) carries no initial key ID; a BDK's initial keys go to units "
+                         "of a transport-key set (docs/protocol.md Appendix D)")
     _check_initial_keys(bdks, initial_key_id_base, initial_key_ids, ik_type, units)
     for bdk in bdks:
         if ik_type is not None:
