@@ -330,3 +330,19 @@ def test_an_enrolment_the_authority_refuses_leaves_no_unit_behind(home: Home) ->
     assert snapshot(home.path) == before
     ok(home.run("unit", "create", "--set", home.id_set, "--sn", SN2, "--slot", "1=aes256"))
     assert [r["sn"] for r in register(home)] == [SN1, SN2]
+
+
+def test_unit_status_of_a_unit_not_enrolled_yet_says_so(home: Home) -> None:
+    """A unit created ``--unenrolled`` has no certificate, so no set id yet: its status says
+    that rather than an empty set id, and its slots answer as they are (empty)."""
+    ok(home.run("unit", "create", "--set", home.id_set, "--sn", SN2, "--slot", "1=aes256",
+                "--unenrolled"))
+    out = ok(home.run("unit", "status", "--sn", SN2, "--json")).json()
+    assert out["sn"] == SN2 and out["set_id"] is None and out["enrolled"] is False
+    assert [(s["ref2"], s["state"]) for s in out["slots"]] == [(1, "empty")]
+    heading = ok(home.run("unit", "status", "--sn", SN2)).stdout.splitlines()[0]
+    assert heading == f"unit {SN2}, not enrolled yet (no certificate, so no set)"
+    enrolled = ok(home.run("unit", "status", "--sn", SN1, "--json")).json()
+    assert (enrolled["set_id"], enrolled["enrolled"]) == (home.id_set, True)
+    assert ok(home.run("unit", "status", "--sn", SN1)).stdout.splitlines()[0] == \
+        f"unit {SN1}, set {home.id_set}"

@@ -210,10 +210,19 @@ class UnitSlots:
     HEADERS: ClassVar[tuple[str, ...]] = ("REF2", "state", "accepts", "type", "usage",
                                           "version", "KCV")
 
+    @property
+    def enrolled(self) -> bool:
+        """False for a unit of an identity set before its enrolment: no certificate, so no
+        set id yet."""
+        return bool(self.set_id)
+
     def to_json(self) -> dict[str, Any]:
-        return {"sn": self.sn.hex(), "set_id": self.set_id.hex(), "slots": self.slots}
+        return {"sn": self.sn.hex(), "set_id": self.set_id.hex() if self.enrolled else None,
+                "enrolled": self.enrolled, "slots": self.slots}
 
     def heading(self) -> str:
+        if not self.enrolled:
+            return f"unit {self.sn.hex()}, not enrolled yet (no certificate, so no set)"
         return f"unit {self.sn.hex()}, set {self.set_id.hex()}"
 
     def rows(self) -> list[list[Any]]:
