@@ -428,6 +428,16 @@ def test_serve_certificate_and_key_that_do_not_match(pki: Path, tmp_path: Path,
     assert not (tmp_path / "h").exists()
 
 
+def test_serve_with_a_postgresql_state_it_cannot_reach_never_says_listening(
+        home: Home, pki: Path, policy: Path) -> None:
+    """The shared state is opened before the socket is bound: a PostgreSQL nobody answers
+    at is a store error (exit 4) naming it, and no "listening" line is printed first."""
+    state = f"postgresql://keyload@127.0.0.1:{_closed_port()}/keyload"
+    res = run(*_serve(pki, policy=policy), "--state", state, home=home.root)
+    assert_error(res, EXIT_STORE, f"service state {state}: cannot connect")
+    assert "listening" not in res.stdout + res.stderr, res.stdout
+
+
 @pytest.mark.parametrize("option, what, other", [
     ("ca", "CA file", "clients/client.key"),
     ("cert", "certificate file", "clients/client.key"),

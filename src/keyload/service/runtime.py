@@ -259,8 +259,9 @@ def listen(home_of: Callable[[], ServeHome], *, cert: str, key: str, ca: str,
            instance: str | None, host: str, port: int, http: str, loop: str, processes: int,
            busy_timeout: float) -> Listening:
     """Everything ``keyload serve`` checks before it serves, in this order: the flags, the
-    TLS files, the policy, the limits, the keystore's passphrase or PIN; then the socket
-    is bound. SIGHUP is ignored from here until the server's own handler is in place."""
+    TLS files, the policy, the limits, the keystore's passphrase or PIN, a PostgreSQL
+    state (reached, its tables made); then the socket is bound. SIGHUP is ignored from
+    here until the server's own handler is in place."""
     from .ledger import describe_state
     from .pki import check_tls_files
     from .server import bind, raise_fd_limit, runs_on, server_context
@@ -278,6 +279,8 @@ def listen(home_of: Callable[[], ServeHome], *, cert: str, key: str, ca: str,
     ctx = server_context(Path(cert), Path(key), Path(ca))
     home.ensure()
     home.open_keystore().close()  # the passphrase or PIN is checked before anything listens
+    if is_postgres_url(state):  # and a shared state that cannot be reached (its schema made)
+        open_store(state, home.root, None, busy_timeout=busy_timeout).close()
     sock = bind(host, port)
     port = sock.getsockname()[1]
     parser, ev = runs_on(http, loop)
