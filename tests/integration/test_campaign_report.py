@@ -157,6 +157,11 @@ def test_failures_by_sw_stations_and_the_failed_loads(tmp_path: Path) -> None:
                                                             for r in failed}
     assert all(f["attempts"] >= 1 for f in js["failures"])
     assert j.counts("c")[IMPORTED] == rep.by_station[hostile]
+    # a load that failed for good names the station it failed on, in the journal and the
+    # report (an operator asks which station's reader or feeder to look at)
+    assert {r.station for r in failed} == {hostile}
+    assert {f["station"] for f in js["failures"]} == {hostile}
+    assert {f.station for f in rep.failures} == {hostile}
 
 
 def test_the_failure_list_says_when_it_is_cut(tmp_path: Path,
@@ -192,6 +197,7 @@ def test_report_files_one_csv_per_table_with_iso_times(tmp_path: Path) -> None:
     assert [(r["ref1"], r["ref2"]) for r in table("c-plan.csv")] == [("DIV", "1"), ("MAC", "2")]
     fails = table("c-failures.csv")
     assert len(fails) == 2 and {r["sw"] for r in fails} == {"6986"}
+    assert {r["station"] for r in fails} == {"s1"}
     tp = table("c-throughput.csv")
     assert sum(int(r["loads"]) for r in tp) == j.counts("c")[IMPORTED]
     pauses = table("c-pauses.csv")

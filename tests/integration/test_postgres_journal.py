@@ -292,7 +292,7 @@ def test_postgres_journal_outcomes_and_counts(backend: Factory) -> None:
         IMPORTED, None, None, None, True, b"H" * 12)
     f = got[(1, 1)]
     assert (f.state, f.sw, f.reason, f.attempts, f.station, f.lease) == (
-        FAILED, "6986", "unit IMPORTKEY: policy", 1, None, None)
+        FAILED, "6986", "unit IMPORTKEY: policy", 1, "a", None)  # the station it failed on
     p = got[(1, 2)]
     assert (p.state, p.sw, p.attempts, p.station, p.lease) == (PLANNED, None, 1, None, None)
     assert [(r.seq, r.ref2) for r in j.rows("c", [FAILED, PLANNED])] == [(1, 1), (1, 2)]

@@ -150,11 +150,12 @@ class FailedLoad:
     reason: str | None
     attempts: int = 0
     time: float | None = None  # when it failed for good (UTC seconds)
+    station: str | None = None  # the station it failed on (None: failed before this was kept)
 
     def to_json(self) -> dict[str, Any]:
         return {"sn": self.sn.hex(), "ref2": self.ref2, "ref1": display_ref1(self.ref1),
                 "sw": self.sw, "meaning": sw_meaning(self.sw), "reason": self.reason,
-                "attempts": self.attempts, "time": iso(self.time)}
+                "attempts": self.attempts, "time": iso(self.time), "station": self.station}
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +278,7 @@ def build_report(journal: Journal, campaign: str) -> CampaignReport:
             by_sw[(row.sw or "-", (row.reason or "").split(":")[0])] += 1
             if len(failures) < MAX_FAILURES:
                 failures.append(FailedLoad(row.sn, row.ref2, row.ref1, row.sw, row.reason,
-                                           row.attempts, row.updated))
+                                           row.attempts, row.updated, row.station))
         else:
             reconciled += int(row.reconciled)
             by_station[row.station or "-"] += 1
@@ -421,9 +422,9 @@ def render_html(rep: CampaignReport) -> str:
     cut = (f"<p>The first {len(rep.failures):,} of {rep.failures_total:,} failed loads.</p>"
            if rep.failures_cut else "")
     failed = cut + _table(
-        ["SN", "REF2", "REF1", "SW", "reason", "attempts", "failed at"],
+        ["SN", "REF2", "REF1", "SW", "reason", "attempts", "failed at", "station"],
         [(f.sn.hex(), f.ref2, display_ref1(f.ref1), f.sw or "-", f.reason or "-",
-          f.attempts, _when(f.time)) for f in rep.failures])
+          f.attempts, _when(f.time), f.station or "-") for f in rep.failures])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>keyload campaign {e(st.campaign)}</title>
 <style>{_CSS}</style></head><body>
@@ -460,10 +461,11 @@ def report_tables(rep: CampaignReport) -> dict[str, list[Sequence[object]]]:
         "-failures-by-sw": [("sw", "meaning", "step", "count"),
                             *((f.sw, sw_meaning(f.sw), f.step, f.count)
                               for f in rep.failures_by_sw)],
-        "-failures": [("sn", "ref2", "ref1", "sw", "meaning", "reason", "attempts", "time"),
+        "-failures": [("sn", "ref2", "ref1", "sw", "meaning", "reason", "attempts", "time",
+                       "station"),
                       *((f.sn.hex(), f.ref2, display_ref1(f.ref1), f.sw or "",
-                         sw_meaning(f.sw), f.reason or "", f.attempts, iso(f.time) or "")
-                        for f in rep.failures)],
+                         sw_meaning(f.sw), f.reason or "", f.attempts, iso(f.time) or "",
+                         f.station or "") for f in rep.failures)],
         "-throughput": [("start", "end", "loads", "loads_per_s"),
                         *((iso(p.time), iso(p.time + p.width), p.loads, p.rate)
                           for p in rep.throughput)],

@@ -167,12 +167,13 @@ def imported_write(row: LoadRow, suite: int | None, r: bytes | None, header: byt
 
 def failed_write(row: LoadRow, sw: str | None, reason: str, now: float,
                  final: bool) -> tuple[str, tuple[Any, ...]]:
-    """A failed attempt. Final: ``failed``. Else released for a retry: back to planned,
-    or, once exported (the unit may hold the key), left exported with an expired lease,
-    so that the next claim reconciles it with the unit before any new export."""
+    """A failed attempt. Final: ``failed``, the row keeping the station it failed on. Else
+    released for a retry: back to planned, or, once exported (the unit may hold the key),
+    left exported with an expired lease, so that the next claim reconciles it with the
+    unit before any new export."""
     if final:
         return ("UPDATE loads SET state = 'failed', sw = ?, reason = ?, "
-                "attempts = attempts + 1, station = NULL, lease = NULL, updated = ? "
+                "attempts = attempts + 1, lease = NULL, updated = ? "
                 "WHERE campaign = ? AND sn = ? AND ref2 = ?",
                 (sw, reason, now, row.campaign, row.sn.hex(), row.ref2))
     return ("UPDATE loads SET state = CASE state WHEN 'exported' THEN 'exported' ELSE "
