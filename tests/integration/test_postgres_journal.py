@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from keyload.core.errors import StoreError
+from keyload.core.errors import DamagedStore, StoreError
 from keyload.core.keys import KeyAttributes, KeyType
 from keyload.lab.pgserver import make_database, postgres_available, private_postgres
 from keyload.records.exportlog import SqliteExportLog
@@ -306,6 +307,58 @@ def test_postgres_journal_outcomes_and_counts(backend: Factory) -> None:
                reconciled=False, now=t + 7)
     done = {(r.seq, r.ref2): r for r in j.rows("c")}[(1, 2)]
     assert (done.state, done.sw, done.reason, done.attempts) == (IMPORTED, None, None, 1)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "sqlite"])
+@pytest.mark.parametrize(("table", "damage", "read"), [
+    ("loads", "state = 'teleported'", "rows"),
+    ("loads", "sn = 'not hex' WHERE seq = 1", "rows"),
+    ("loads", "ref1 = 'zz'", "claim"),
+    ("campaigns", "plan = 'not json'", "campaign"),
+], ids=["state", "sn", "ref1", "plan"])
+def test_a_damaged_row_is_a_damaged_store_naming_the_journal(
+        kind: str, table: str, damage: str, read: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """A row whose columns do not decode (written by hand, or by a bad disk) is one
+    DamagedStore naming the journal, in SQLite and PostgreSQL alike, never a stray
+    ValueError or a row taken as good; nothing is claimed from such a campaign."""
+    if kind == "postgres":
+        import psycopg
+
+        from keyload.records.postgres import describe_url
+        from keyload.station.journal.postgres import PostgresJournal
+
+        url: str = request.getfixturevalue("pg_url")
+        j: Journal = PostgresJournal(url)
+        where = describe_url(url)  # the URL as the journal names it (no password)
+
+        def execute(sql: str) -> None:
+            with psycopg.connect(url, autocommit=True) as db:
+                db.execute(sql)
+    else:
+        path = tmp_path / "journal.db"
+        j = SqliteJournal(path)
+        where = str(path)
+
+        def execute(sql: str) -> None:
+            db = sqlite3.connect(path, isolation_level=None)
+            try:
+                db.execute(sql)
+            finally:
+                db.close()
+    try:
+        make_campaign(j, "c", 3)
+        execute(f"UPDATE {table} SET {damage}")  # noqa: S608 - the test's own literals
+        with pytest.raises(DamagedStore) as info:
+            if read == "rows":
+                list(j.rows("c"))
+            elif read == "claim":
+                j.claim("c", "a", 3, 30.0, time.time())
+            else:
+                j.campaign("c")
+        assert "damaged" in str(info.value) and where in str(info.value), str(info.value)
+    finally:
+        j.close()
 
 
 def test_postgres_journal_events(backend: Factory) -> None:

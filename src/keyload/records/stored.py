@@ -95,15 +95,24 @@ def text_col(value: object, column: str) -> str:
 
 
 @contextmanager
+def decoding(where: str | Path) -> Iterator[None]:
+    """Rows of the record store ``where`` (a file, or a PostgreSQL URL without its
+    password) being decoded: one that does not decode is a DamagedStore naming it."""
+    try:
+        yield
+    except DamagedRow as e:
+        raise DamagedStore(f"damaged store {where}: a record's {e}") from None
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise DamagedStore(f"damaged store {where}: a record does not decode") from None
+
+
+@contextmanager
 def reading(path: Path) -> Iterator[None]:
     """Reads of the record database at ``path``: damage becomes a DamagedStore naming
     it, any other database error a StoreError naming it."""
     try:
-        yield
-    except DamagedRow as e:
-        raise DamagedStore(f"damaged store {path}: a record's {e}") from None
-    except (ValueError, TypeError, KeyError, IndexError):
-        raise DamagedStore(f"damaged store {path}: a record does not decode") from None
+        with decoding(path):
+            yield
     except sqlite3.Error as e:
         if getattr(e, "sqlite_errorcode", 0) & 0xFF in _DAMAGED:
             raise DamagedStore(f"damaged store {path}: {e}") from None

@@ -54,6 +54,7 @@ from psycopg import errors as pgerrors
 
 from ...core.errors import StoreError
 from ...records.postgres import connect_error, describe_url, pg_reason
+from ...records.stored import decoding
 from . import sql as shared
 from .model import PLANNED, Campaign, LoadRow
 
@@ -170,7 +171,8 @@ class PostgresJournal:
                        "WHERE id = %s", (campaign_id,))
         if not rows:
             raise StoreError(f"no campaign {campaign_id!r} in {self.where}")
-        return shared.campaign_from_row(rows[0])
+        with decoding(self.where):
+            return shared.campaign_from_row(rows[0])
 
     def campaigns(self) -> list[str]:
         return [t[0] for t in self._x("SELECT id FROM campaigns ORDER BY created, id")]
@@ -208,7 +210,7 @@ class PostgresJournal:
                   now: float) -> tuple[list[LoadRow], int]:
         out: list[LoadRow] = []
         skipped = 0
-        with self.db.transaction():
+        with decoding(self.where), self.db.transaction():
             # 1. own unfinished claims and expired leases; 2. planned units
             for phase in ("resume", "planned"):
                 after = -1
@@ -262,7 +264,7 @@ class PostgresJournal:
         reader), then the loads are read again and claimed on the latest committed state.
         """
         def tx() -> list[LoadRow]:
-            with self.db.transaction():
+            with decoding(self.where), self.db.transaction():
                 head = self.db.execute(
                     f"SELECT h.sn FROM loads h WHERE h.campaign = %s AND h.sn = %s "  # noqa: S608
                     f"AND h.{_HEAD} FOR UPDATE OF h", (campaign_id, sn.hex())).fetchall()
@@ -355,8 +357,9 @@ class PostgresJournal:
                         batch = cur.fetchmany(self.BATCH)
                         if not batch:
                             return
-                        for t in batch:
-                            yield shared.row_of(t)
+                        with decoding(self.where):
+                            rows = [shared.row_of(t) for t in batch]
+                        yield from rows
                 except psycopg.Error as e:
                     raise StoreError(f"journal {self.where}: {pg_reason(e)}") from None
         finally:

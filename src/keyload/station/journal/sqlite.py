@@ -107,7 +107,7 @@ class SqliteJournal:
               now: float) -> list[LoadRow]:
         """See :meth:`Journal.claim`: one write transaction taken at once, so stations
         on this machine claim one after another."""
-        with self._transaction() as db:
+        with reading(self.path), self._transaction() as db:
             seqs = [t[0] for t in db.execute(
                 "SELECT DISTINCT seq FROM loads WHERE campaign = ? AND state IN "
                 "('claimed', 'exported') AND (station = ? OR lease < ?) "
@@ -133,7 +133,7 @@ class SqliteJournal:
 
     def claim_unit(self, campaign_id: str, sn: bytes, station: str, lease_s: float,
                    now: float) -> list[LoadRow]:
-        with self._transaction() as db:
+        with reading(self.path), self._transaction() as db:
             rows = [row_of(t) for t in db.execute(
                 f"SELECT {COLUMNS} FROM loads WHERE campaign = ? AND sn = ? AND "  # noqa: S608
                 "(state = 'planned' OR (state IN ('claimed', 'exported') AND "
