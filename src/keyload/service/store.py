@@ -35,6 +35,7 @@ from ..core.errors import StoreError
 from ..records.audit import AuditLog, AuditProblem, PostgresAudit
 from ..records.ledger import LedgerEntry
 from ..records.sql import SqliteBatch, is_postgres_url, open_sqlite
+from ..records.stored import decoding
 from .commit import Busy
 from .policy import Rate
 from .rates import RATE_SCHEMA, LogRates, MemoryRates
@@ -182,11 +183,13 @@ def _le(t: Any) -> LedgerEntry:
 
 class _SqlStore(ABC):
     """The SQL both engines share; ``_x(sql, args)`` runs one statement (``?`` style).
+    ``where`` names the state in errors (a row that does not decode: DamagedStore).
 
     The rate counters are ``_rates`` (:mod:`.rates`): sliding logs in the ``rate_log``
     table, or in memory when one process owns the state."""
 
     _rates: MemoryRates | LogRates
+    where: str
 
     @abstractmethod
     def _x(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
@@ -242,16 +245,19 @@ class _SqlStore(ABC):
         rows = self._x("SELECT sn, r, client, set_id, ref1, ref2, suite, state, header, kcv, "
                        "key_version, e_a, c_u FROM challenges WHERE sn = ? AND r = ?",
                        (sn.hex(), r.hex()))
-        return _ch(rows[0]) if rows else None
+        with decoding(self.where):
+            return _ch(rows[0]) if rows else None
 
     def receipt_of(self, sn: bytes, r: bytes) -> bytes | None:
         rows = self._x("SELECT rct FROM ledger WHERE sn = ? AND r = ?", (sn.hex(), r.hex()))
-        return bytes.fromhex(rows[0][0]) if rows else None
+        with decoding(self.where):
+            return bytes.fromhex(rows[0][0]) if rows else None
 
     def ledger(self) -> list[LedgerEntry]:
-        return [_le(t) for t in self._x(
-            "SELECT sn, r, set_id, ref1, ref2, suite, header, key_version, kcv, rct, client, "
-            "time, e_a, c_u FROM ledger ORDER BY time")]
+        rows = self._x("SELECT sn, r, set_id, ref1, ref2, suite, header, key_version, kcv, "
+                       "rct, client, time, e_a, c_u FROM ledger ORDER BY time")
+        with decoding(self.where):
+            return [_le(t) for t in rows]
 
     def unreceipted_exports(self) -> list[tuple[str, str, float]]:
         """(client, state, time) of each challenge left exported or claimed without a
@@ -284,6 +290,7 @@ class SqliteServiceStore(_SqlStore, SqliteBatch):
     memory; worker processes sharing the file count in its ``rate`` table."""
 
     def __init__(self, path: Path, audit: AuditLog, *, shared_rates: bool = True) -> None:
+        self.where = str(path)
         self.path = path
         self.db = open_sqlite(path, SCHEMA)
         try:  # a state made before suite 0x03 (one process at a time: workers share it)
@@ -373,6 +380,9 @@ class PostgresServiceStore(_SqlStore):
     AUDIT_LOCK = PostgresAudit.LOCK
 
     def __init__(self, url: str, *, actor: str = "service", busy_timeout: float = 2.0) -> None:
+        from ..records.postgres import describe_url
+
+        self.where = describe_url(url)  # without its password
         try:
             import psycopg
         except ImportError:
