@@ -103,6 +103,25 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]
         j.close()
 
 
+def raw_sql(store: str | Path) -> Callable[[str], None]:
+    """A writer of raw SQL into a store behind keyload's back (a PostgreSQL URL or a SQLite
+    file), each statement on a connection of its own: how tests damage a row."""
+    def execute(sql: str) -> None:
+        if isinstance(store, str):
+            import psycopg
+
+            with psycopg.connect(store, autocommit=True) as pg:
+                pg.execute(sql.encode())
+            return
+        db = sqlite3.connect(store, isolation_level=None)
+        try:
+            db.execute(sql)
+        finally:
+            db.close()
+
+    return execute
+
+
 def sn_of(i: int) -> bytes:
     return b"KL" + i.to_bytes(6, "big")
 
@@ -323,29 +342,18 @@ def test_a_damaged_row_is_a_damaged_store_naming_the_journal(
     DamagedStore naming the journal, in SQLite and PostgreSQL alike, never a stray
     ValueError or a row taken as good; nothing is claimed from such a campaign."""
     if kind == "postgres":
-        import psycopg
-
         from keyload.records.postgres import describe_url
         from keyload.station.journal.postgres import PostgresJournal
 
         url: str = request.getfixturevalue("pg_url")
         j: Journal = PostgresJournal(url)
         where = describe_url(url)  # the URL as the journal names it (no password)
-
-        def execute(sql: str) -> None:
-            with psycopg.connect(url, autocommit=True) as db:
-                db.execute(sql)
+        execute = raw_sql(url)
     else:
         path = tmp_path / "journal.db"
         j = SqliteJournal(path)
         where = str(path)
-
-        def execute(sql: str) -> None:
-            db = sqlite3.connect(path, isolation_level=None)
-            try:
-                db.execute(sql)
-            finally:
-                db.close()
+        execute = raw_sql(path)
     try:
         make_campaign(j, "c", 3)
         execute(f"UPDATE {table} SET {damage}")  # noqa: S608 - the test's own literals

@@ -4,7 +4,6 @@ or a row taken as good."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from keyload.records.audit import AuditLog
 from keyload.records.postgres import describe_url
 from keyload.service.store import Challenge, PostgresServiceStore, ServiceStore, SqliteServiceStore
 
-from .test_postgres_journal import pg_server, pg_url  # noqa: F401  (the module's server)
+from .test_postgres_journal import pg_server, pg_url, raw_sql  # noqa: F401  (its server)
 
 SN, R = bytes.fromhex("0a0b0c0d01"), bytes(range(16))
 CH = Challenge(SN, R, "client-1", bytes(5), b"TMK", 1, 0x01)
@@ -27,27 +26,13 @@ Opened = tuple[ServiceStore, str, Callable[[str], None]]
 def state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opened]:
     """A state holding one exported, receipted download; its name; a raw SQL writer."""
     if request.param == "postgres":
-        import psycopg
-
         url: str = request.getfixturevalue("pg_url")
         store: ServiceStore = PostgresServiceStore(url)
-        where = describe_url(url)
-
-        def execute(sql: str) -> None:
-            with psycopg.connect(url, autocommit=True) as db:
-                db.execute(sql)
+        where, execute = describe_url(url), raw_sql(url)
     else:
         path = tmp_path / "service.db"
-        audit = AuditLog(tmp_path / "audit.db")
-        store = SqliteServiceStore(path, audit)
-        where = str(path)
-
-        def execute(sql: str) -> None:
-            db = sqlite3.connect(path, isolation_level=None)
-            try:
-                db.execute(sql)
-            finally:
-                db.close()
+        store = SqliteServiceStore(path, AuditLog(tmp_path / "audit.db"))
+        where, execute = str(path), raw_sql(path)
     try:
         assert store.claim(CH, 1.0)
         store.exported(SN, R, bytes(12), bytes(5), 1)
@@ -73,7 +58,9 @@ def _read_damaged(state: Opened, damage: str, read: str) -> None:
     assert "damaged" in str(info.value) and where in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("state", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("state", ["sqlite", pytest.param("postgres",
+                                                            marks=pytest.mark.hardware)],
+                         indirect=True)
 @pytest.mark.parametrize(("damage", "read"), [
     ("UPDATE challenges SET set_id = 'not hex'", "challenge"),
     ("UPDATE ledger SET rct = 'zz'", "receipt"),
