@@ -92,7 +92,9 @@ def test_unreachable_unit_fails_after_its_attempts_and_exported_is_reconciled(
     counts = journal.counts("c")
     assert counts == {"planned": 0, "claimed": 0, "exported": 0, IMPORTED: 6, FAILED: 2}
     ghost = [r for r in journal.rows("c") if r.sn == GHOST]
-    assert [(r.state, r.attempts, r.station) for r in ghost] == [(FAILED, ATTEMPTS, None)] * 2
+    # failed for good, each row keeps the station it failed on
+    assert [(r.state, r.attempts, r.station) for r in ghost] == [(FAILED, ATTEMPTS,
+                                                                  opts.station)] * 2
     # a second run has nothing to do and tries nobody again
     again = run_campaign(journal, "c", w.client(), connect, opts)
     assert again.units_seen == 0 and attempts[GHOST] == ATTEMPTS
